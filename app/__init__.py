@@ -1,0 +1,1 @@
+"""HTTP API of the LoRP service. It never imports torch or transformers."""

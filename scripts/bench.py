@@ -1,0 +1,192 @@
+"""Engine benchmark on the demo model (SmolLM2-135M, 30 blocks): prints tables and records them.
+
+Measured side by side in one run, medians over interleaved repeats (shared machines are noisy):
+1. capture throughput vs a plain forward through the blocks alone (target >= 0.97);
+2. held-out perplexity of every method, auto included, at 2, 4, 6, 8 removed blocks (auto must be
+   within 5% of the best other method);
+3. pruned vs dense decode speed-up against the bound N/(N-n).
+
+    python scripts/bench.py [--out docs/benchmarks.md] [--num-samples 32 --seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from worker.engine import calibration as cal
+from worker.engine.auto import auto_select, pruned_view
+from worker.engine.evaluation import measure_speed, perplexity
+from worker.engine.loading import load_model
+from worker.engine.selection import SelectionOptions, candidate_plans
+from worker.engine.similarity import capture_similarity, run_blocks
+
+METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_capture(model, windows, batch_size: int, repeats: int) -> dict:
+    tokens = int(windows.attention_mask.sum())
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for s in range(0, windows.input_ids.shape[0], batch_size):
+                run_blocks(model, windows.input_ids[s : s + batch_size], windows.attention_mask[s : s + batch_size])
+
+    def capture() -> None:
+        capture_similarity(model, windows, batch_size=batch_size)
+
+    plain()  # warm-up
+    capture()
+    plain_t, capture_t = [], []
+    for _ in range(repeats):
+        plain_t.append(_timed(plain))
+        capture_t.append(_timed(capture))
+    p, c = statistics.median(plain_t), statistics.median(capture_t)
+    return {"tokens": tokens, "plain_tok_s": tokens / p, "capture_tok_s": tokens / c, "ratio": p / c}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--budgets", default="2,4,6,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device="auto")
+    model, tok = loaded.model, loaded.tokenizer
+    data = cal.build_calibration(
+        tok, cal.load_texts(cal.parse_source("builtin")), num_samples=args.num_samples, seq_len=args.seq_len
+    )
+    eval_windows = cal.evaluation_windows(
+        tok,
+        cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
+        seq_len=args.seq_len,
+        max_windows=args.eval_windows,
+    )
+    print(
+        f"loaded {args.model} on {loaded.device} ({loaded.dtype}) in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+
+    cap = bench_capture(model, data.capture, args.batch_size, args.repeats)
+    stats = capture_similarity(model, data.capture, batch_size=args.batch_size)
+    n_blocks = stats.num_blocks
+    opts = SelectionOptions()
+
+    dense_ppl = perplexity(model, eval_windows, batch_size=args.batch_size)
+    table: dict[str, dict[int, tuple[float, list[int]]]] = {m: {} for m in (*METHODS, "auto")}
+    auto_pick: dict[int, str] = {}
+    for n in budgets:
+        plans = candidate_plans(stats.S, stats.D, n, opts)
+        for name in METHODS:
+            if name in plans:
+                with pruned_view(model, plans[name].pruned_layers):
+                    ppl = perplexity(model, eval_windows, batch_size=args.batch_size)
+                table[name][n] = (ppl, plans[name].pruned_layers)
+        result = auto_select(model, stats.S, stats.D, n, data.validation, options=opts, batch_size=args.batch_size)
+        with pruned_view(model, result.chosen.pruned_layers):
+            table["auto"][n] = (
+                perplexity(model, eval_windows, batch_size=args.batch_size),
+                result.chosen.pruned_layers,
+            )
+        auto_pick[n] = result.chosen.method
+        print(f"n={n}: auto chose {result.chosen.method} {result.chosen.pruned_layers}", file=sys.stderr)
+
+    prompt = eval_windows.input_ids[:1, :128]
+    speed_rows = []
+    for n in budgets:
+        blocks = table["auto"][n][1]
+        dense_runs, pruned_runs = [], []
+        for _ in range(args.repeats):
+            dense_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
+            with pruned_view(model, blocks):
+                pruned_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
+        d, p = statistics.median(dense_runs), statistics.median(pruned_runs)
+        speed_rows.append((n, d, p, p / d, n_blocks / (n_blocks - n)))
+
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Recorded {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `make bench` "
+        f"(`python scripts/bench.py --num-samples {args.num_samples} --seq-len {args.seq_len} "
+        f"--batch-size {args.batch_size} --eval-windows {args.eval_windows} --repeats {args.repeats}`).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {loaded.device}, dtype "
+        f"{str(loaded.dtype).removeprefix('torch.')}, torch {torch.__version__}. Model: {args.model} "
+        f"({n_blocks} blocks). Calibration: built-in corpus, {args.num_samples} x {args.seq_len} tokens, seed 0. "
+        f"Held-out: built-in evaluation split, {eval_windows.input_ids.shape[0]} x {args.seq_len} tokens.",
+        "",
+        "## Capture throughput (medians of interleaved repeats)",
+        "",
+        "| tokens | plain forward through the blocks, tok/s | capture (S and D), tok/s | ratio (target >= 0.97) |",
+        "|---:|---:|---:|---:|",
+        f"| {cap['tokens']} | {cap['plain_tok_s']:.0f} | {cap['capture_tok_s']:.0f} | {cap['ratio']:.3f} |",
+        "",
+        f"## Held-out perplexity by method (dense: {dense_ppl:.2f})",
+        "",
+        "| method | " + " | ".join(f"n={n}" for n in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for name in (*METHODS, "auto"):
+        cells = []
+        for n in budgets:
+            if n in table[name]:
+                ppl, blocks = table[name][n]
+                cells.append(f"{ppl:.2f} {blocks}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    verdicts = []
+    for n in budgets:
+        best_other = min(table[m][n][0] for m in METHODS if n in table[m])
+        ratio = table["auto"][n][0] / best_other
+        verdicts.append(
+            f"| {n} | {auto_pick[n]} | {table['auto'][n][0]:.2f} | {best_other:.2f} | {ratio:.3f} | "
+            f"{'yes' if ratio <= 1.05 else 'NO'} |"
+        )
+    lines += [
+        "auto against the best other method on the held-out text (auto chooses on the calibration",
+        "validation slice, never on this text):",
+        "",
+        "| n | auto chose | auto ppl | best other ppl | ratio | within 5% |",
+        "|---:|---|---:|---:|---:|---|",
+        *verdicts,
+        "",
+        "## Decode speed, pruned (auto's plan) vs dense, batch 1, 128-token prompt, 32 new tokens",
+        "",
+        "| n | dense tok/s | pruned tok/s | speed-up | bound N/(N-n) |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {n} | {d:.1f} | {p:.1f} | {s:.3f} | {b:.3f} |" for n, d, p, s, b in speed_rows],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The ``lorp`` CLI: pure selection from saved analyses, errors, and prune end to end on the demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.cli import main
+from worker.engine.report import save_analysis
+from worker.engine.selection import SelectionOptions, select
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drifting_similarity(n_blocks: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """S and D of unit vectors that drift with depth, with two phases."""
+    rng = np.random.default_rng(seed)
+    dim = 64
+    states = []
+    v = rng.normal(size=dim)
+    for i in range(n_blocks + 1):
+        step = 0.15 if i != n_blocks // 2 else 1.5
+        v = v + step * rng.normal(size=dim)
+        states.append(v / np.linalg.norm(v))
+    X = np.stack(states)
+    S = X @ X.T
+    np.fill_diagonal(S, 1.0)
+    D = np.arccos(np.clip(S, -1, 1)) / np.pi
+    np.fill_diagonal(D, 0.0)
+    return S, D
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_select_json_from_npz_matches_the_library(tmp_path, capsys):
+    S, D = drifting_similarity()
+    path = save_analysis(tmp_path / "a.npz", S, D)
+    for method in ("lorp", "shortgpt", "streamline", "angular", "reverse"):
+        code, out, _ = run_cli(
+            ["select", "--similarity", str(path), "--num-layers", "3", "--method", method, "--json"], capsys
+        )
+        assert code == 0
+        payload = json.loads(out)
+        assert set(payload) == {"method", "rls", "k", "clusters", "pruned_layers"}
+        expected = select(method, S, D, 3, SelectionOptions())
+        assert payload["pruned_layers"] == expected.pruned_layers
+        assert payload["clusters"] == expected.structure.clusters and len(payload["clusters"]) == 12
+        assert payload["method"] == method
+
+
+def test_select_bare_npy_and_k_override(tmp_path, capsys):
+    S, _ = drifting_similarity()
+    path = tmp_path / "s.npy"
+    np.save(path, S)
+    code, out, _ = run_cli(
+        ["select", "--similarity", str(path), "--num-layers", "2", "--num-clusters", "5", "--json"], capsys
+    )
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["k"] == 5 and len(set(payload["clusters"])) == 5
+    code, _, err = run_cli(["select", "--similarity", str(path), "--num-layers", "2", "--method", "angular"], capsys)
+    assert code == 2
+    assert "similarity" in err and "D" in err
+
+
+def test_select_errors_name_the_field(tmp_path, capsys):
+    S, D = drifting_similarity()
+    path = save_analysis(tmp_path / "a.npz", S, D)
+    code, _, err = run_cli(["select", "--similarity", str(path), "--num-layers", "11"], capsys)
+    assert code == 2 and "[num_layers]" in err
+    code, _, err = run_cli(["select", "--similarity", str(path), "--num-layers", "2", "--method", "nope"], capsys)
+    assert code == 2 and "[method]" in err
+    code, _, err = run_cli(["select", "--similarity", str(tmp_path / "missing.npz"), "--num-layers", "2"], capsys)
+    assert code == 2 and "[similarity]" in err
+
+
+@pytest.mark.slow
+def test_prune_demo_model_end_to_end(tmp_path):
+    """The README's main job, small: `lorp prune` on SmolLM2-135M and the built-in corpus."""
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "worker.cli", "prune", "--model", "demo", "--num-layers", "2",
+        "--num-samples", "8", "--seq-len", "64", "--eval-windows", "4", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "removed blocks" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["analysis"]["num_blocks"] == 30
+    assert len(report["chosen"]["pruned_layers"]) == 2
+    assert report["metrics"]["pruned"]["num_layers"] == 28
+    # on a real model the chosen plan must keep perplexity sane: within 3x of dense at 2/30 blocks
+    dense, pruned = report["metrics"]["dense"]["perplexity"], report["metrics"]["pruned"]["perplexity"]
+    assert 1 < dense < pruned < 3 * dense
+    assert report["provenance"]["model"]["kind"] == "demo"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 28
+
+    npz = tmp_path / "a.npz"
+    analyze = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "analyze",
+        "--model",
+        "demo",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        str(npz),
+    ]
+    proc = subprocess.run(analyze, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(npz) as data:
+        assert data["S"].shape == (31, 31) and data["D"].shape == (31, 31)

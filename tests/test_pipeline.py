@@ -1,0 +1,217 @@
+"""The whole job on a tiny local model: outputs, report, reload, early validation, cancel, reuse."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from worker.engine.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
+from worker.engine.pipeline import STAGES, run_analysis, run_prune
+from worker.engine.spec import (
+    CalibrationSpec,
+    EvaluationSpec,
+    ModelSpec,
+    PruneSpec,
+    SelectionOptionsSpec,
+    TargetSpec,
+)
+
+WORDS = [
+    "the",
+    "model",
+    "block",
+    "layer",
+    "state",
+    "token",
+    "depth",
+    "phase",
+    "cluster",
+    "prune",
+    "remove",
+    "keep",
+    "similar",
+    "distant",
+    "early",
+    "late",
+    "middle",
+    "signal",
+    "noise",
+    "river",
+    "mountain",
+    "city",
+    "history",
+    "music",
+    "science",
+    "language",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory) -> tuple[Path, Path]:
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("text")
+    cal_file, eval_file = root / "cal.txt", root / "eval.jsonl"
+    cal_file.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
+    eval_file.write_text(
+        "\n".join(json.dumps({"body": " ".join(rng.choice(WORDS) for _ in range(400))}) for _ in range(10)) + "\n"
+    )
+    return cal_file, eval_file
+
+
+def make_spec(model_dir: Path, files: tuple[Path, Path], **overrides) -> PruneSpec:
+    cal_file, eval_file = files
+    fields = {
+        "model": ModelSpec(source=str(model_dir), device="cpu"),
+        "method": "auto",
+        "target": TargetSpec(num_layers=2),
+        "calibration": CalibrationSpec(source=str(cal_file), num_samples=8, seq_len=32, batch_size=4),
+        "evaluation": EvaluationSpec(source=f"{eval_file}#body", max_windows=6, speed_prompt_len=8, speed_new_tokens=4),
+    }
+    fields.update(overrides)
+    return PruneSpec(**fields)
+
+
+def test_run_prune_auto_writes_a_reloadable_model_and_a_full_report(tiny_model_dir, corpus_files, tmp_path):
+    seen: list[tuple[str, float]] = []
+    result = run_prune(
+        make_spec(tiny_model_dir, corpus_files), tmp_path / "run", progress=lambda s, f: seen.append((s, f))
+    )
+    out = result.out_dir
+    assert {p.name for p in out.iterdir()} == {"model", "analysis.npz", "report.json", "heatmap.png"}
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "model").glob("*.bin"))
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "auto"
+    chosen = report["chosen"]
+    assert len(chosen["pruned_layers"]) == 2
+    assert not {0, 7} & set(chosen["pruned_layers"])
+    scores = {k: v["validation_perplexity"] for k, v in report["plans"].items()}
+    assert scores[chosen["candidate"]] == min(scores.values())
+    assert report["plans"][chosen["candidate"]]["pruned_layers"] == chosen["pruned_layers"]
+    assert len(report["analysis"]["clusters"]) == 8
+    assert report["metrics"]["dense"]["num_layers"] == 8
+    assert report["metrics"]["pruned"]["num_layers"] == 6
+    assert report["metrics"]["dense"]["perplexity"] > 1
+    assert report["metrics"]["speedup_bound"] == pytest.approx(8 / 6)
+    prov = report["provenance"]
+    assert prov["model"]["kind"] == "local" and len(prov["model"]["weights_sha256"]) == 64
+    assert prov["calibration"]["num_samples"] == 8 and prov["calibration"]["seq_len"] == 32
+    assert prov["libraries"]["torch"] and prov["libraries"]["transformers"]
+    assert report["reload_check"]["max_abs_logit_diff"] <= 1e-5
+
+    with np.load(out / "analysis.npz") as data:
+        assert data["S"].shape == (9, 9) and data["D"].shape == (9, 9)
+        np.testing.assert_allclose(data["S"], result.stats.S)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.num_hidden_layers == 6
+    assert list(dict.fromkeys(stage for stage, _ in seen)) == list(STAGES)
+    assert all(0.0 <= f <= 1.0 for _, f in seen)
+
+
+def test_named_method_and_ratio(tiny_model_dir, corpus_files, tmp_path):
+    spec = make_spec(
+        tiny_model_dir,
+        corpus_files,
+        method="reverse",
+        target=TargetSpec(ratio=0.3),  # floor(0.3 * 8) = 2
+        evaluation=EvaluationSpec(perplexity=False, speed=False),
+    )
+    report = run_prune(spec, tmp_path / "rev").report
+    assert report["chosen"] == {"candidate": "reverse", "pruned_layers": [5, 6]}
+    assert all(v["validation_perplexity"] is None for v in report["plans"].values())
+
+
+def test_budget_is_checked_before_any_forward_pass(tiny_model_dir, corpus_files, tmp_path, monkeypatch):
+    import worker.engine.pipeline as pipeline
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("capture ran before the budget was validated")
+
+    monkeypatch.setattr(pipeline, "capture_similarity", must_not_run)
+    with pytest.raises(BudgetError) as err:
+        run_prune(make_spec(tiny_model_dir, corpus_files, target=TargetSpec(num_layers=7)), tmp_path / "a")
+    assert err.value.field == "num_layers"
+    with pytest.raises(InvalidRequestError) as err:
+        run_prune(
+            make_spec(tiny_model_dir, corpus_files, options=SelectionOptionsSpec(num_clusters=7)),
+            tmp_path / "b",
+        )
+    assert err.value.field == "options.num_clusters"
+    with pytest.raises(BudgetError):
+        run_prune(make_spec(tiny_model_dir, corpus_files, target=TargetSpec(ratio=0.1)), tmp_path / "c")
+
+
+def test_cancel_stops_the_run_and_refuses_nonempty_out(tiny_model_dir, corpus_files, tmp_path):
+    calls = {"n": 0}
+
+    def cancel_during_capture() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(JobCancelled):
+        run_prune(make_spec(tiny_model_dir, corpus_files), tmp_path / "x", should_cancel=cancel_during_capture)
+    assert not (tmp_path / "x" / "model").exists()
+    with pytest.raises(InvalidRequestError) as err:
+        run_prune(make_spec(tiny_model_dir, corpus_files), tmp_path)  # holds "x"
+    assert err.value.field == "out"
+
+
+def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
+    spec = make_spec(tiny_model_dir, corpus_files, method="shortgpt", evaluation=EvaluationSpec(speed=False))
+    stats, provenance = run_analysis(spec.model, spec.calibration)
+    first = run_prune(spec, tmp_path / "one")
+    assert provenance["fingerprint"] == first.report["provenance"]["fingerprint"]
+    np.testing.assert_allclose(stats.S, first.stats.S, atol=1e-12)
+    import worker.engine.pipeline as pipeline
+
+    original = pipeline.capture_similarity
+    pipeline.capture_similarity = None  # type: ignore[assignment]
+    try:
+        second = run_prune(spec, tmp_path / "two", precomputed=(stats, provenance))
+    finally:
+        pipeline.capture_similarity = original
+    assert second.report["analysis_reused"] is True
+    assert second.report["chosen"] == first.report["chosen"]
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    cfg = LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    state = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    from worker.engine.loading import load_model
+
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path), device="cpu")
+    assert "pickled" in err.value.message and err.value.field == "model"

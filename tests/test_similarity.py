@@ -1,0 +1,162 @@
+"""The one-pass capture equals a brute-force per-token computation (LORP.md §1-2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from worker.engine.calibration import TokenWindows
+from worker.engine.errors import JobCancelled
+from worker.engine.similarity import capture_similarity, run_blocks
+
+VOCAB = 384
+
+
+def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def windows_with_padding() -> TokenWindows:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (5, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding of different lengths
+    mask[3, 5:] = 0
+    ids[mask == 0] = 0
+    return TokenWindows(input_ids=ids, attention_mask=mask)
+
+
+def brute_force(model: torch.nn.Module, states_fn, windows: TokenWindows, last_token_only: bool = False):
+    """Per sequence, per real token, per pair: the definition of S and D written out longhand."""
+    seqs = []
+    with torch.no_grad():
+        for row in range(windows.input_ids.shape[0]):
+            length = int(windows.attention_mask[row].sum())
+            ids = windows.input_ids[row : row + 1, :length]
+            seqs.append([h[0].double() for h in states_fn(model, ids)])  # L x [length, d]
+    n_states = len(seqs[0])
+    s_tot = np.zeros((n_states, n_states))
+    d_tot = np.zeros((n_states, n_states))
+    count = d_count = 0
+    for states in seqs:
+        length = states[0].shape[0]
+        for t in range(length):
+            xs = [h[t] / (h[t].norm() + 1e-8) for h in states]
+            for i in range(n_states):
+                for j in range(n_states):
+                    dot = float(xs[i] @ xs[j])
+                    s_tot[i, j] += dot
+                    if not last_token_only or t == length - 1:
+                        d_tot[i, j] += math.acos(max(-1.0, min(1.0, dot))) / math.pi
+            count += 1
+            d_count += 1 if (not last_token_only or t == length - 1) else 0
+    S, D = s_tot / count, d_tot / d_count
+    np.fill_diagonal(S, 1.0)
+    np.fill_diagonal(D, 0.0)
+    return S, D
+
+
+def llama_states(model, ids):
+    # hidden_states[0..N-1] are the block inputs; the last entry has the final norm applied, so
+    # take h_N with the norm bypassed: an independent path from the capture's hooks.
+    norm = model.model.norm
+    model.model.norm = torch.nn.Identity()
+    try:
+        out = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        model.model.norm = norm
+    return list(out.hidden_states)
+
+
+def test_capture_matches_brute_force_llama_with_padding():
+    model = tiny_llama()
+    windows = windows_with_padding()
+    stats = capture_similarity(model, windows, batch_size=2)
+    S_ref, D_ref = brute_force(model, llama_states, windows)
+    assert stats.S.shape == (6, 6) and stats.S.dtype == np.float64
+    assert stats.num_tokens == int(windows.attention_mask.sum())
+    np.testing.assert_allclose(stats.S, S_ref, atol=1e-5)
+    np.testing.assert_allclose(stats.D, D_ref, atol=1e-5)
+    assert np.all(np.diag(stats.S) == 1.0)
+    np.testing.assert_allclose(stats.S, stats.S.T, atol=1e-12)
+
+
+def test_capture_last_token_angular_variant():
+    model = tiny_llama()
+    windows = windows_with_padding()
+    stats = capture_similarity(model, windows, batch_size=3, angular="last_token")
+    S_ref, D_ref = brute_force(model, llama_states, windows, last_token_only=True)
+    np.testing.assert_allclose(stats.S, S_ref, atol=1e-5)
+    np.testing.assert_allclose(stats.D, D_ref, atol=1e-5)
+
+
+def test_batch_size_does_not_change_the_result():
+    model = tiny_llama()
+    windows = windows_with_padding()
+    a = capture_similarity(model, windows, batch_size=1)
+    b = capture_similarity(model, windows, batch_size=5)
+    np.testing.assert_allclose(a.S, b.S, atol=1e-6)
+    np.testing.assert_allclose(a.D, b.D, atol=1e-6)
+
+
+def test_capture_matches_brute_force_gpt2():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)).eval()
+
+    def gpt2_states(m, ids):
+        ln_f = m.transformer.ln_f
+        m.transformer.ln_f = torch.nn.Identity()
+        try:
+            return list(m(input_ids=ids, output_hidden_states=True).hidden_states)
+        finally:
+            m.transformer.ln_f = ln_f
+
+    windows = windows_with_padding()
+    stats = capture_similarity(model, windows, batch_size=2)
+    S_ref, D_ref = brute_force(model, gpt2_states, windows)
+    np.testing.assert_allclose(stats.S, S_ref, atol=1e-5)
+    np.testing.assert_allclose(stats.D, D_ref, atol=1e-5)
+
+
+def test_capture_stops_after_the_last_block():
+    model = tiny_llama()
+    calls = {"norm": 0, "head": 0}
+    model.model.norm.register_forward_hook(lambda *_: calls.__setitem__("norm", calls["norm"] + 1))
+    model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    windows = windows_with_padding()
+    capture_similarity(model, windows, batch_size=2)
+    run_blocks(model, windows.input_ids, windows.attention_mask)
+    assert calls == {"norm": 0, "head": 0}
+    # hooks are removed afterwards: a normal forward reaches the head again
+    model(input_ids=windows.input_ids[:1])
+    assert calls["head"] == 1
+
+
+def test_progress_and_cancel_between_batches():
+    model = tiny_llama()
+    windows = windows_with_padding()
+    seen: list[tuple[int, int]] = []
+    capture_similarity(model, windows, batch_size=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    batches = {"n": 0}
+
+    def cancel_after_one() -> bool:
+        batches["n"] += 1
+        return batches["n"] > 1
+
+    with pytest.raises(JobCancelled):
+        capture_similarity(model, windows, batch_size=2, should_cancel=cancel_after_one)

@@ -1,0 +1,1 @@
+"""Worker side of the LoRP service: the pruning engine (``worker.engine``) and, later, Celery tasks."""

@@ -1,0 +1,153 @@
+"""Method ``auto``: validate every candidate plan on held-out calibration text and keep the best.
+
+Selection criteria disagree badly on some models (LORP.md §7: on SmolLM2-135M LoRP's published plan
+at 4/30 blocks gives perplexity ~3100 where ShortGPT's gives ~37), so no plan reaches a user
+without being measured. Candidates run as temporary views of the one loaded model: blocks are
+dropped and restored in place, never copied, so validation needs no extra weight memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker.engine.blocks import block_layout, remove_blocks
+from worker.engine.calibration import TokenWindows
+from worker.engine.evaluation import perplexity
+from worker.engine.selection import Selection, SelectionOptions, candidate_plans
+
+# Attributes through which transformers blocks know their own depth (KV-cache slot, RoPE layer
+# scaling ...). remove_blocks renumbers them; the view must put the originals back.
+_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number", "layer_index", "block_idx")
+
+
+def _resolve(obj: Any, dotted: str) -> tuple[Any, str]:
+    *parents, last = dotted.split(".")
+    for name in parents:
+        obj = getattr(obj, name)
+    return obj, last
+
+
+@contextmanager
+def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
+    """Temporarily remove ``blocks`` from ``model`` in place; everything is restored on exit.
+
+    Args:
+        model: A causal LM whose layout ``worker.engine.blocks`` knows.
+        blocks: 0-based block indices to drop while the context is open.
+    """
+    layout = block_layout(model)
+    parent, attr = _resolve(model, layout.path)
+    module_list = getattr(parent, attr)
+    saved_modules = dict(module_list._modules)
+    config = model.config
+    saved_config = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(config).items()}
+    saved_indices = [
+        (module, name, getattr(module, name))
+        for block in module_list
+        for module in block.modules()
+        for name in _INDEX_ATTRS
+        if isinstance(getattr(module, name, None), int)
+    ]
+    try:
+        remove_blocks(model, list(blocks))
+        yield model
+    finally:
+        setattr(parent, attr, module_list)
+        module_list._modules.clear()
+        module_list._modules.update(saved_modules)
+        for key in [k for k in vars(config) if k not in saved_config]:
+            delattr(config, key)
+        config.__dict__.update(saved_config)
+        for module, name, value in saved_indices:
+            setattr(module, name, value)
+
+
+@dataclass
+class AutoResult:
+    """The winning plan and how every candidate scored (held-out perplexity, lower is better)."""
+
+    chosen: Selection
+    candidates: dict[str, Selection]
+    scores: dict[str, float]
+    dense_perplexity: float | None = None
+    duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the one with the same plan
+
+
+def score_candidates(
+    model: Any,
+    candidates: dict[str, Selection],
+    validation: TokenWindows,
+    *,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Held-out perplexity of each candidate plan; identical plans are measured once.
+
+    Returns:
+        (scores by candidate name, {candidate: earlier candidate with the same blocks}).
+    """
+    measured: dict[tuple[int, ...], str] = {}
+    scores: dict[str, float] = {}
+    duplicates: dict[str, str] = {}
+    unique = {tuple(sel.pruned_layers) for sel in candidates.values()}
+    done = 0
+    for name, sel in candidates.items():
+        key = tuple(sel.pruned_layers)
+        if key in measured:
+            scores[name] = scores[measured[key]]
+            duplicates[name] = measured[key]
+            continue
+        with pruned_view(model, key):
+            scores[name] = perplexity(model, validation, batch_size=batch_size, should_cancel=should_cancel)
+        measured[key] = name
+        done += 1
+        if progress is not None:
+            progress(done, len(unique))
+    return scores, duplicates
+
+
+def choose_best(scores: dict[str, float], order: Sequence[str]) -> str:
+    """The candidate with the lowest finite score; ties go to the earlier name in ``order``."""
+    best = min(order, key=lambda name: (scores[name] if math.isfinite(scores[name]) else math.inf, order.index(name)))
+    return best
+
+
+def auto_select(
+    model: Any,
+    S: np.ndarray,
+    D: np.ndarray | None,
+    n: int,
+    validation: TokenWindows,
+    *,
+    options: SelectionOptions | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> AutoResult:
+    """Build every candidate plan from (S, D, n), score each on ``validation`` and keep the best.
+
+    Args:
+        model: The dense model the statistics came from (left unchanged on return).
+        S: (N+1)x(N+1) similarity matrix.
+        D: (N+1)x(N+1) angular distances, or None (the angular baseline is then skipped).
+        n: Number of blocks to remove.
+        validation: Held-out calibration windows (never the evaluation text).
+        options: Selection options shared by all candidates (protected blocks, K override, seed).
+        batch_size: Sequences per forward pass while scoring.
+        progress: Called as ``progress(plans_done, plans_total)``.
+        should_cancel: Checked between batches.
+    """
+    opts = options or SelectionOptions()
+    candidates = candidate_plans(S, D, n, opts)
+    scores, duplicates = score_candidates(
+        model, candidates, validation, batch_size=batch_size, progress=progress, should_cancel=should_cancel
+    )
+    best = choose_best(scores, list(candidates))
+    return AutoResult(chosen=candidates[best], candidates=candidates, scores=scores, duplicates=duplicates)

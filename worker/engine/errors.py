@@ -1,0 +1,67 @@
+"""One error hierarchy for the engine.
+
+Every error a caller can act on carries a stable ``code`` (used by the service for job errors and
+HTTP problem types) and a message a person can act on. ``field`` names the input at fault when there
+is one.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of the engine's errors."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request cannot be satisfied as stated (bad budget, unknown method, bad option)."""
+
+    code = "invalid_request"
+
+
+class BudgetError(InvalidRequestError):
+    """The pruning budget exceeds what the model allows."""
+
+    code = "invalid_budget"
+
+
+class UnsupportedArchitectureError(EngineError, ValueError):
+    """The model's architecture has no known decoder-block layout."""
+
+    code = "unsupported_architecture"
+
+
+class ModelLoadError(EngineError):
+    """The model could not be loaded (missing, unsafe weights, remote code not allowed ...)."""
+
+    code = "model_load_failed"
+
+
+class CalibrationError(EngineError, ValueError):
+    """The calibration or evaluation text cannot provide what was asked (too short, empty ...)."""
+
+    code = "calibration_data"
+
+
+class MissingStatisticError(InvalidRequestError):
+    """A selection method needs a statistic (e.g. D) that the analysis does not hold."""
+
+    code = "missing_statistic"
+
+
+class ReloadCheckError(EngineError):
+    """The saved pruned model does not reload to the same function as the in-memory one."""
+
+    code = "reload_check_failed"
+
+
+class JobCancelled(EngineError):
+    """Raised between batches when the caller's cancel check says stop."""
+
+    code = "cancelled"

@@ -1,0 +1,141 @@
+"""Evaluation (LORP.md §9): held-out perplexity, and decode/prefill speed and memory."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from worker.engine.calibration import TokenWindows
+from worker.engine.errors import InvalidRequestError, JobCancelled
+
+
+def _input_device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def negative_log_likelihood(
+    model: Any,
+    windows: TokenWindows,
+    *,
+    batch_size: int = 4,
+    should_cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
+
+    Args:
+        model: A causal LM.
+        windows: Token windows; a target counts only when it and its context position are real tokens.
+        batch_size: Sequences per forward pass.
+        should_cancel: Checked between batches (raises ``JobCancelled``).
+        progress: Called as ``progress(done, total)`` after each batch.
+    """
+    if batch_size < 1:
+        raise InvalidRequestError("batch_size must be at least 1", field="batch_size")
+    device = _input_device(model)
+    total_nll = 0.0
+    total_tokens = 0
+    count = int(windows.input_ids.shape[0])
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled("cancelled during evaluation")
+            ids = windows.input_ids[start : start + batch_size].to(device)
+            mask = windows.attention_mask[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            targets = ids[:, 1:]
+            nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()
+            total_nll += float(nll[valid].double().sum())
+            total_tokens += int(valid.sum())
+            if progress is not None:
+                progress(min(start + batch_size, count), count)
+    return total_nll, total_tokens
+
+
+def perplexity(model: Any, windows: TokenWindows, **kwargs: Any) -> float:
+    """exp of the mean next-token negative log-likelihood over the windows (see ``negative_log_likelihood``)."""
+    nll, tokens = negative_log_likelihood(model, windows, **kwargs)
+    if tokens == 0:
+        raise InvalidRequestError("no tokens to evaluate", field="evaluation")
+    mean = nll / tokens
+    return math.exp(mean) if mean < 700 else math.inf
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weights_bytes(model: Any) -> int:
+    """Bytes held by the model's parameters and buffers."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return int(params + buffers)
+
+
+def measure_speed(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    *,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Prefill and greedy-decode throughput with the KV cache, medians over repeats.
+
+    Args:
+        model: A causal LM.
+        prompt_ids: int64 ``[batch, prompt_len]`` prompt batch (no padding).
+        new_tokens: Decode steps per repeat.
+        repeats: Timed repeats; the medians are reported.
+        warmup: Untimed runs first (kernel selection, allocator warm-up).
+
+    Returns:
+        ``prefill_tokens_per_s``, ``decode_tokens_per_s``, ``weights_bytes`` and, on CUDA,
+        ``peak_memory_bytes`` (None on CPU, where no per-model peak is measurable in-process).
+    """
+    if new_tokens < 1 or repeats < 1:
+        raise InvalidRequestError("new_tokens and repeats must be at least 1", field="speed")
+    device = _input_device(model)
+    ids = prompt_ids.to(device)
+    batch, prompt_len = ids.shape
+    prefill_times: list[float] = []
+    decode_times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        for run in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            next_tok = out.logits[:, -1:].argmax(-1)
+            cache = out.cache
+            _sync(device)
+            t1 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=next_tok, cache=cache, use_cache=True)
+                cache = out.cache
+                next_tok = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t2 = time.perf_counter()
+            if run >= warmup:
+                prefill_times.append(t1 - t0)
+                decode_times.append(t2 - t1)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return {
+        "prefill_tokens_per_s": batch * prompt_len / statistics.median(prefill_times),
+        "decode_tokens_per_s": batch * new_tokens / statistics.median(decode_times),
+        "weights_bytes": weights_bytes(model),
+        "peak_memory_bytes": peak,
+        "batch": int(batch),
+        "prompt_len": int(prompt_len),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+    }

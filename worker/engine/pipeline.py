@@ -1,0 +1,405 @@
+"""One-call entry points: ``run_prune`` (a whole job) and ``run_analysis`` (capture only).
+
+Validate, plan, then execute: the spec is checked and the budget validated against the loaded
+model before any forward pass; every step is also callable on its own from its module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engine import calibration as cal
+from worker.engine.auto import auto_select
+from worker.engine.blocks import decoder_blocks, remove_blocks
+from worker.engine.errors import InvalidRequestError, JobCancelled
+from worker.engine.evaluation import measure_speed, perplexity
+from worker.engine.export import save_pruned, verify_reload
+from worker.engine.loading import LoadedModel, load_model
+from worker.engine.report import library_versions, plot_heatmap, save_analysis, write_report
+from worker.engine.selection import (
+    Selection,
+    SelectionOptions,
+    candidate_plans,
+    select,
+    validate_budget,
+)
+from worker.engine.similarity import SimilarityStats, capture_similarity
+from worker.engine.spec import CalibrationSpec, ModelSpec, PruneSpec
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+STAGES = (
+    "loading",
+    "calibration",
+    "capture",
+    "selection",
+    "evaluating_dense",
+    "pruning",
+    "evaluating_pruned",
+    "saving",
+    "verifying",
+    "reporting",
+)
+
+MODEL_SUBDIR = "model"
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run produced."""
+
+    out_dir: Path
+    model_dir: Path
+    report: dict[str, Any]
+    stats: SimilarityStats
+    selection: Selection
+
+
+class _Stages:
+    """Progress reporting, stage timing and cancellation checks for one run."""
+
+    def __init__(self, progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+        self.progress = progress
+        self.should_cancel = should_cancel
+        self.timings: dict[str, float] = {}
+
+    def check(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCancelled("the job was cancelled")
+
+    def fraction(self, stage: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            if self.progress is not None:
+                self.progress(stage, done / max(total, 1))
+
+        return report
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.check()
+        if self.progress is not None:
+            self.progress(name, 0.0)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.progress is not None:
+            self.progress(name, 1.0)
+
+
+def _selection_options(spec: PruneSpec) -> SelectionOptions:
+    opts = spec.options
+    return SelectionOptions(num_clusters=opts.num_clusters, protected=opts.protected_layers, seed=opts.cluster_seed)
+
+
+def _check_options(n_blocks: int, spec: PruneSpec) -> None:
+    k = spec.options.num_clusters
+    if k is not None and not 2 <= k <= n_blocks - 2:
+        raise InvalidRequestError(
+            f"num_clusters must be between 2 and N-2 = {n_blocks - 2} for this {n_blocks}-block model, got {k}",
+            field="options.num_clusters",
+        )
+
+
+def _load(spec: ModelSpec) -> LoadedModel:
+    return load_model(
+        spec.source,
+        revision=spec.revision,
+        dtype=spec.dtype,
+        device=spec.device,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+    )
+
+
+def _texts_sha256(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec) -> cal.CalibrationData:
+    source = cal.parse_source(spec.source)
+    texts = cal.load_texts(source, role="calibration")
+    return cal.build_calibration(
+        loaded.tokenizer,
+        texts,
+        num_samples=spec.num_samples,
+        seq_len=spec.seq_len,
+        seed=spec.seed,
+        chat_template=spec.chat_template,
+        validation_fraction=spec.validation_fraction,
+        max_validation_windows=spec.validation_windows,
+    )
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InvalidRequestError(f"output directory {out} is not empty", field="out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def calibration_fingerprint(provenance: dict[str, Any], data: cal.CalibrationData, spec: CalibrationSpec) -> str:
+    """A key for (model, calibration text, sampling settings): equal keys give equal S and D."""
+    parts = [
+        repr(sorted((k, str(v)) for k, v in provenance.items() if k not in ("device",))),
+        data.text_sha256,
+        str(spec.num_samples),
+        str(spec.seq_len),
+        str(spec.seed),
+        str(spec.chat_template),
+        spec.angular,
+        str(spec.validation_fraction),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def capture_provenance(
+    loaded: LoadedModel, data: cal.CalibrationData, spec: CalibrationSpec, stats: SimilarityStats
+) -> dict[str, Any]:
+    """Where S and D came from: the model, the calibration text and sampling, and their fingerprint."""
+    return {
+        "model": loaded.provenance,
+        "calibration": {
+            "source": spec.source,
+            "text_sha256": data.text_sha256,
+            "num_samples": spec.num_samples,
+            "seq_len": spec.seq_len,
+            "seed": spec.seed,
+            "chat_template": spec.chat_template,
+            "num_tokens": stats.num_tokens,
+            "angular": stats.angular_mode,
+        },
+        "fingerprint": calibration_fingerprint(loaded.provenance, data, spec),
+    }
+
+
+def run_analysis(
+    model_spec: ModelSpec,
+    calibration: CalibrationSpec,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    loaded: LoadedModel | None = None,
+) -> tuple[SimilarityStats, dict[str, Any]]:
+    """Load the model (unless given) and capture S and D; returns the statistics and their provenance.
+
+    Args:
+        model_spec: The model to analyse.
+        calibration: Calibration text and sampling settings.
+        progress: Called as ``progress(stage, fraction)``.
+        should_cancel: Checked between stages and batches.
+        loaded: An already loaded model to reuse.
+    """
+    stages = _Stages(progress, should_cancel)
+    if loaded is None:
+        with stages.stage("loading"):
+            loaded = _load(model_spec)
+    with stages.stage("calibration"):
+        data = _calibration_data(loaded, calibration)
+    with stages.stage("capture"):
+        stats = capture_similarity(
+            loaded.model,
+            data.capture,
+            batch_size=calibration.batch_size,
+            angular=calibration.angular,
+            progress=stages.fraction("capture"),
+            should_cancel=should_cancel,
+        )
+    provenance = {
+        **capture_provenance(loaded, data, calibration, stats),
+        "libraries": library_versions(),
+        "timings_s": stages.timings,
+    }
+    return stats, provenance
+
+
+def _speed_prompt(windows: cal.TokenWindows, prompt_len: int, batch: int) -> torch.Tensor:
+    # A prompt longer than an evaluation window is clipped to it; the metrics record the length used.
+    row = windows.input_ids[0][windows.attention_mask[0].bool()]
+    return row[:prompt_len].unsqueeze(0).repeat(batch, 1)
+
+
+def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: str) -> dict:
+    metrics: dict[str, Any] = {}
+    ev = spec.evaluation
+    if eval_windows is not None and ev.perplexity:
+        metrics["perplexity"] = perplexity(
+            model,
+            eval_windows,
+            batch_size=spec.calibration.batch_size,
+            should_cancel=stages.should_cancel,
+            progress=stages.fraction(stage),
+        )
+    if eval_windows is not None and ev.speed:
+        prompt = _speed_prompt(eval_windows, ev.speed_prompt_len, ev.speed_batch)
+        metrics.update(measure_speed(model, prompt, new_tokens=ev.speed_new_tokens))
+    metrics["num_layers"] = len(decoder_blocks(model))
+    metrics["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    return metrics
+
+
+def run_prune(
+    spec: PruneSpec,
+    out_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    precomputed: tuple[SimilarityStats, dict[str, Any]] | None = None,
+) -> PruneResult:
+    """Run a whole pruning job and write its outputs into ``out_dir``.
+
+    Outputs: ``model/`` (the pruned Hugging Face directory, safetensors), ``analysis.npz`` (S, D),
+    ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics) and
+    ``heatmap.png``.
+
+    Args:
+        spec: The job.
+        out_dir: Output directory, missing or empty.
+        progress: Called as ``progress(stage, fraction_of_stage)``; stages are ``STAGES``.
+        should_cancel: Checked between stages and batches; True raises ``JobCancelled``.
+        precomputed: (stats, provenance) of an earlier capture with the same calibration
+            fingerprint; the capture is then skipped (the report says so).
+    """
+    stages = _Stages(progress, should_cancel)
+    out = _prepare_out_dir(out_dir)
+    with stages.stage("loading"):
+        loaded = _load(spec.model)
+    model = loaded.model
+    n_blocks = len(decoder_blocks(model))
+    n = spec.target.blocks_for(n_blocks)
+    opts = _selection_options(spec)
+    validate_budget(n_blocks, n, opts)
+    _check_options(n_blocks, spec)
+
+    with stages.stage("calibration"):
+        data = _calibration_data(loaded, spec.calibration)
+        eval_texts = cal.load_texts(cal.parse_source(spec.evaluation.source), role="evaluation")
+        eval_windows = cal.evaluation_windows(
+            loaded.tokenizer,
+            eval_texts,
+            seq_len=spec.calibration.seq_len,
+            max_windows=spec.evaluation.max_windows,
+        )
+    reused = precomputed is not None
+    if precomputed is not None:
+        stats, provenance = precomputed
+        if stats.num_blocks != n_blocks:
+            raise InvalidRequestError(
+                f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}",
+                field="analysis",
+            )
+    else:
+        with stages.stage("capture"):
+            stats = capture_similarity(
+                model,
+                data.capture,
+                batch_size=spec.calibration.batch_size,
+                angular=spec.calibration.angular,
+                progress=stages.fraction("capture"),
+                should_cancel=should_cancel,
+            )
+        provenance = capture_provenance(loaded, data, spec.calibration, stats)
+    provenance = {
+        **provenance,
+        "libraries": library_versions(),
+        "evaluation_text_sha256": _texts_sha256(eval_texts),
+    }
+
+    with stages.stage("selection"):
+        plans = candidate_plans(stats.S, stats.D, n, opts)
+        scores: dict[str, float] = {}
+        if spec.method == "auto":
+            result = auto_select(
+                model,
+                stats.S,
+                stats.D,
+                n,
+                data.validation,
+                options=opts,
+                batch_size=spec.calibration.batch_size,
+                progress=stages.fraction("selection"),
+                should_cancel=should_cancel,
+            )
+            plans, scores, chosen_name = result.candidates, result.scores, result.chosen.method
+            chosen = result.chosen
+        else:
+            chosen = select(spec.method, stats.S, stats.D, n, opts)
+            chosen_name = spec.method
+
+    with stages.stage("evaluating_dense"):
+        dense = _measure(model, eval_windows, spec, stages, "evaluating_dense")
+    with stages.stage("pruning"):
+        remove_blocks(model, chosen.pruned_layers)
+    with stages.stage("evaluating_pruned"):
+        pruned = _measure(model, eval_windows, spec, stages, "evaluating_pruned")
+    model_dir = out / MODEL_SUBDIR
+    with stages.stage("saving"):
+        save_pruned(model, loaded.tokenizer, model_dir)
+    with stages.stage("verifying"):
+        probe = data.validation.input_ids[:2, : min(32, data.validation.input_ids.shape[1])]
+        reload_check = verify_reload(model_dir, model, probe)
+
+    with stages.stage("reporting"):
+        structure = chosen.structure
+        save_analysis(out / "analysis.npz", stats.S, stats.D)
+        plot_heatmap(
+            out / "heatmap.png",
+            stats.S,
+            clusters=structure.clusters,
+            pruned=chosen.pruned_layers,
+            title=f"{loaded.provenance.get('source')}: {spec.method} removes {chosen.pruned_layers}",
+        )
+        metrics: dict[str, Any] = {
+            "dense": dense,
+            "pruned": pruned,
+            "speedup_bound": n_blocks / (n_blocks - n),
+        }
+        if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
+            metrics["decode_speedup"] = pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            metrics["prefill_speedup"] = pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
+        report: dict[str, Any] = {
+            "request": spec.model_dump(mode="json"),
+            "provenance": provenance,
+            "analysis_reused": reused,
+            "analysis": {
+                "num_blocks": n_blocks,
+                "num_tokens": stats.num_tokens,
+                "rls": structure.rls,
+                "k": structure.k,
+                "clusters": structure.clusters,
+                "redundancy": structure.redundancy,
+            },
+            "num_layers_removed": n,
+            "method": spec.method,
+            "chosen": {"candidate": chosen_name, "pruned_layers": chosen.pruned_layers},
+            "plans": {
+                name: {
+                    "pruned_layers": sel.pruned_layers,
+                    "k": sel.structure.k,
+                    "validation_perplexity": scores.get(name),
+                }
+                for name, sel in plans.items()
+            },
+            "metrics": metrics,
+            "reload_check": reload_check,
+            "timings_s": stages.timings,
+            "files": {"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
+        }
+        write_report(out / "report.json", report)
+    log.info("pruned %s: removed %s -> %s", spec.model.source, chosen.pruned_layers, model_dir)
+    return PruneResult(out_dir=out, model_dir=model_dir, report=report, stats=stats, selection=chosen)

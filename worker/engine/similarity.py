@@ -1,0 +1,231 @@
+"""One-pass capture of the similarity statistics S and D (LORP.md §1-2).
+
+Forward pre-hooks on every decoder block record the hidden state that enters it, a forward hook on
+the last block records its output and then stops the forward pass, so the final norm and the LM
+head never run. Per batch, the normalised states of the real (unpadded) tokens give
+
+* S: one ``[L, tokens*d] x [tokens*d, L]`` product (L = N+1 states), summed in float64;
+* D: the per-token angular distances ``arccos(x_i . x_j) / pi``, summed over tokens in chunks.
+
+Only sums and a token count persist between batches, so memory does not grow with the number of
+calibration sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from worker.engine.blocks import decoder_blocks
+from worker.engine.calibration import TokenWindows
+from worker.engine.errors import InvalidRequestError, JobCancelled
+
+EPS = 1e-8
+AngularMode = Literal["all_tokens", "last_token"]
+# Tokens per chunk of the per-token product for D: bounds the [chunk, L, L] temporary.
+_D_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class SimilarityStats:
+    """S and D over the N+1 hidden states, with what they were computed from."""
+
+    S: np.ndarray  # (N+1, N+1) float64, diagonal exactly 1
+    D: np.ndarray  # (N+1, N+1) float64, diagonal exactly 0
+    num_tokens: int
+    num_sequences: int
+    angular_mode: str = "all_tokens"
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.S.shape[0]) - 1
+
+
+class _StopForward(Exception):
+    """Raised by the last block's hook: nothing after the last block is needed."""
+
+
+def _hidden_from(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError("could not find the hidden state among a decoder block's inputs")
+    return hidden
+
+
+def _output_hidden(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise RuntimeError(f"could not find the hidden state in a decoder block's output ({type(output).__name__})")
+
+
+class _StateRecorder:
+    """Hooks that collect the N+1 normalised states of one batch, restricted to real tokens."""
+
+    def __init__(self, blocks: torch.nn.ModuleList) -> None:
+        self.blocks = blocks
+        self.n_states = len(blocks) + 1
+        self.states: list[torch.Tensor | None] = [None] * self.n_states
+        self.mask: torch.Tensor | None = None
+        self.compute_device: torch.device | None = None
+        self._handles: list[Any] = []
+
+    def _store(self, index: int, hidden: torch.Tensor) -> None:
+        assert self.mask is not None
+        h = hidden.detach()
+        if self.compute_device is not None and h.device != self.compute_device:
+            h = h.to(self.compute_device)
+        h = h[self.mask.to(h.device)].float()  # [tokens, d]
+        self.states[index] = h / (h.norm(dim=-1, keepdim=True) + EPS)
+
+    def __enter__(self) -> _StateRecorder:
+        for idx, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True))
+        self._handles.append(self.blocks[-1].register_forward_hook(self._last_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, idx: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._store(idx, _hidden_from(args, kwargs))
+
+        return hook
+
+    def _last_hook(self, _module: torch.nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+        self._store(self.n_states - 1, _output_hidden(output))
+        raise _StopForward
+
+
+def run_blocks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Run the model up to and including its last decoder block, then stop (no final norm, no head).
+
+    Used by the capture and, with no recording hooks, as the plain-forward baseline of the benchmark.
+    """
+    blocks = decoder_blocks(model)
+    handle = blocks[-1].register_forward_hook(_raise_stop)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def _raise_stop(*_args: Any) -> None:
+    raise _StopForward
+
+
+def _input_device(model: Any) -> torch.device:
+    emb = model.get_input_embeddings()
+    return emb.weight.device
+
+
+def capture_similarity(
+    model: Any,
+    windows: TokenWindows,
+    *,
+    batch_size: int = 8,
+    angular: AngularMode = "all_tokens",
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> SimilarityStats:
+    """Compute S and D over all calibration tokens in one forward pass per batch.
+
+    Args:
+        model: A causal LM whose decoder blocks ``worker.engine.blocks`` can find.
+        windows: Token windows; positions with ``attention_mask == 0`` never count.
+        batch_size: Sequences per forward pass.
+        angular: ``"all_tokens"`` (default) averages D over every real token; ``"last_token"`` over
+            the last real token of each sequence only (Gromov et al.'s variant).
+        progress: Called as ``progress(sequences_done, sequences_total)`` after each batch.
+        should_cancel: Checked between batches; when it returns True, ``JobCancelled`` is raised.
+
+    Returns:
+        SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
+    """
+    if batch_size < 1:
+        raise InvalidRequestError("batch_size must be at least 1", field="batch_size")
+    if angular not in ("all_tokens", "last_token"):
+        raise InvalidRequestError(f"unknown angular mode {angular!r}", field="angular")
+    blocks = decoder_blocks(model)
+    n_states = len(blocks) + 1
+    device = _input_device(model)
+    s_sum = np.zeros((n_states, n_states), dtype=np.float64)
+    d_sum = np.zeros((n_states, n_states), dtype=np.float64)
+    n_tokens = 0
+    n_angular = 0
+    total = int(windows.input_ids.shape[0])
+
+    recorder = _StateRecorder(blocks)
+    recorder.compute_device = device
+    with torch.inference_mode(), recorder:
+        for start in range(0, total, batch_size):
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled("cancelled during similarity capture")
+            ids = windows.input_ids[start : start + batch_size].to(device)
+            mask = windows.attention_mask[start : start + batch_size].to(device)
+            recorder.mask = mask.bool()
+            recorder.states = [None] * n_states
+            with contextlib.suppress(_StopForward):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            if any(s is None for s in recorder.states):
+                raise RuntimeError("a decoder block did not run during capture")
+            x = torch.stack(recorder.states)  # type: ignore[arg-type]  # [L, tokens, d]
+            recorder.states = [None] * n_states
+            tokens = int(x.shape[1])
+            flat = x.reshape(n_states, -1)
+            s_sum += (flat @ flat.T).double().cpu().numpy()
+            n_tokens += tokens
+            if angular == "all_tokens":
+                d_sum += _angular_sum(x)
+                n_angular += tokens
+            else:
+                last = _last_token_positions(mask)
+                d_sum += _angular_sum(x[:, last])
+                n_angular += int(last.numel())
+            if progress is not None:
+                progress(min(start + batch_size, total), total)
+
+    if n_tokens == 0:
+        raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration")
+    S = s_sum / n_tokens
+    D = d_sum / max(n_angular, 1)
+    np.fill_diagonal(S, 1.0)
+    np.fill_diagonal(D, 0.0)
+    return SimilarityStats(S=S, D=D, num_tokens=n_tokens, num_sequences=total, angular_mode=angular)
+
+
+def _last_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Indices, into the flattened real tokens, of each sequence's last real token."""
+    counts = mask.sum(dim=1)
+    ends = torch.cumsum(counts, dim=0) - 1
+    return ends[counts > 0]
+
+
+def _angular_sum(x: torch.Tensor) -> np.ndarray:
+    """Sum over tokens of arccos(x_i . x_j) / pi for all state pairs; x is [L, tokens, d]."""
+    n_states, tokens, _ = x.shape
+    per_token = x.transpose(0, 1)  # [tokens, L, d]
+    chunk = max(1, _D_CHUNK_ELEMENTS // (n_states * n_states))
+    total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
+    for start in range(0, tokens, chunk):
+        part = per_token[start : start + chunk]
+        cos = torch.bmm(part, part.transpose(1, 2)).clamp_(-1.0, 1.0)
+        total += torch.arccos(cos).sum(dim=0, dtype=torch.float64)
+    return (total / math.pi).cpu().numpy()

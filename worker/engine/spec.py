@@ -1,0 +1,117 @@
+"""The job specification: strict pydantic models shared by the CLI, the API and the worker.
+
+Validated wherever a job enters (API, worker, CLI). Checks that need the model (a budget larger than
+the eligible blocks) happen in ``worker.engine.pipeline`` right after loading, before any pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from worker.engine.errors import BudgetError
+
+METHOD_NAMES = ("auto", "lorp", "shortgpt", "streamline", "angular", "reverse")
+Method = Literal["auto", "lorp", "shortgpt", "streamline", "angular", "reverse"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    """Which model to prune and how to load it."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        description='"demo", a local Hugging Face directory, a .gguf file, or a hub model id',
+    )
+    revision: str | None = Field(default=None, max_length=256, description="hub revision (branch, tag, commit)")
+    dtype: DType = "auto"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class TargetSpec(StrictModel):
+    """How many blocks to remove: an absolute count or a ratio of the model's blocks."""
+
+    num_layers: int | None = Field(default=None, ge=1)
+    ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetSpec:
+        if (self.num_layers is None) == (self.ratio is None):
+            raise ValueError("give exactly one of num_layers or ratio")
+        return self
+
+    def blocks_for(self, n_blocks: int) -> int:
+        """The block budget for a model of ``n_blocks`` blocks.
+
+        A ratio rounds down (``floor(ratio * N)``): the service never removes more than asked.
+        """
+        if self.num_layers is not None:
+            return self.num_layers
+        assert self.ratio is not None
+        n = math.floor(self.ratio * n_blocks + 1e-9)
+        if n < 1:
+            raise BudgetError(
+                f"ratio {self.ratio} of {n_blocks} blocks rounds down to 0 blocks; use a larger ratio",
+                field="target.ratio",
+            )
+        return n
+
+
+class CalibrationSpec(StrictModel):
+    """The text the similarity pass and plan validation read."""
+
+    source: str = Field(default="builtin", min_length=1, max_length=1024)
+    num_samples: int = Field(default=64, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=8, le=32768)
+    seed: int = Field(default=0, ge=0)
+    chat_template: bool = False
+    batch_size: int = Field(default=4, ge=1, le=512)
+    angular: Literal["all_tokens", "last_token"] = "all_tokens"
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    validation_windows: int = Field(default=16, ge=1, le=1024)
+
+
+class SelectionOptionsSpec(StrictModel):
+    """Options every selection method shares."""
+
+    num_clusters: int | None = Field(default=None, ge=2)
+    protected_layers: tuple[int, ...] | None = Field(
+        default=None, description="blocks never pruned; default first and last; negative counts from the end"
+    )
+    cluster_seed: int = Field(default=0, ge=0)
+
+
+class EvaluationSpec(StrictModel):
+    """What to measure on the dense and the pruned model."""
+
+    perplexity: bool = True
+    source: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="held-out text; default the built-in corpus's evaluation split",
+    )
+    max_windows: int = Field(default=32, ge=1, le=4096)
+    speed: bool = True
+    speed_prompt_len: int = Field(default=128, ge=1, le=32768)
+    speed_new_tokens: int = Field(default=32, ge=1, le=4096)
+    speed_batch: int = Field(default=1, ge=1, le=256)
+
+
+class PruneSpec(StrictModel):
+    """A whole pruning job."""
+
+    model: ModelSpec
+    method: Method = "auto"
+    target: TargetSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    options: SelectionOptionsSpec = SelectionOptionsSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
