@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_blocks import ARCHS, build, probe
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from worker.engine.auto import auto_select, choose_best, pruned_view, score_candidates
@@ -113,3 +114,19 @@ def test_auto_select_picks_the_lowest_validation_perplexity(qwen3):
     # the model is left dense
     assert len(decoder_blocks(qwen3)) == 6
     assert np.isfinite(best)
+
+
+@pytest.mark.parametrize("name", ["gpt2-inverse-scaling", *sorted(ARCHS)])
+def test_pruned_view_is_exact_and_reversible_for_every_architecture(name):
+    model = build("gpt2", scale_attn_by_inverse_layer_idx=True) if name == "gpt2-inverse-scaling" else build(name)
+    ids = probe()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        real = copy.deepcopy(model)
+        remove_blocks(real, [1, 2])
+        expected = real(input_ids=ids).logits
+        with pruned_view(model, [1, 2]):
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, expected)
+    torch.testing.assert_close(after, before)

@@ -69,7 +69,7 @@ def test_missing_paths_are_clear(source, needle):
 
 
 def test_directory_without_weights_or_config(tmp_path):
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no model weights"):
@@ -91,3 +91,17 @@ def test_device_and_dtype_resolution():
         with pytest.raises(InvalidRequestError) as err:
             resolve_device("cuda")
         assert err.value.field == "device"
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_dequantized_and_saves(tmp_path):
+    """A .gguf path (the real SmolLM2 file): dequantized, quantizer state dropped, savable as safetensors."""
+    from worker.engine.assets import demo_gguf_path
+
+    path = demo_gguf_path()
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    assert loaded.provenance["kind"] == "gguf" and len(loaded.provenance["file_sha256"]) == 64
+    assert loaded.model.config.num_hidden_layers == 30
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    loaded.model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()

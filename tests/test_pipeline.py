@@ -195,10 +195,17 @@ def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
 
     original = pipeline.capture_similarity
     pipeline.capture_similarity = None  # type: ignore[assignment]
+    asked: list[str] = []
+
+    def lookup(fingerprint: str):
+        asked.append(fingerprint)
+        return (stats, provenance) if fingerprint == provenance["fingerprint"] else None
+
     try:
-        second = run_prune(spec, tmp_path / "two", precomputed=(stats, provenance))
+        second = run_prune(spec, tmp_path / "two", lookup_analysis=lookup)
     finally:
         pipeline.capture_similarity = original
+    assert asked == [provenance["fingerprint"]]
     assert second.report["analysis_reused"] is True
     assert second.report["chosen"] == first.report["chosen"]
 

@@ -21,9 +21,9 @@ from worker.engine.calibration import TokenWindows
 from worker.engine.evaluation import perplexity
 from worker.engine.selection import Selection, SelectionOptions, candidate_plans
 
-# Attributes through which transformers blocks know their own depth (KV-cache slot, RoPE layer
-# scaling ...). remove_blocks renumbers them; the view must put the originals back.
-_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number", "layer_index", "block_idx")
+# Plain values a module may hold (per-layer indices, cached flags, attention scaling ...): removal
+# may change any of them, so a view snapshots them all and puts them back.
+_SCALARS = (bool, int, float, str)
 
 
 def _resolve(obj: Any, dotted: str) -> tuple[Any, str]:
@@ -47,12 +47,8 @@ def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
     saved_modules = dict(module_list._modules)
     config = model.config
     saved_config = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(config).items()}
-    saved_indices = [
-        (module, name, getattr(module, name))
-        for block in module_list
-        for module in block.modules()
-        for name in _INDEX_ATTRS
-        if isinstance(getattr(module, name, None), int)
+    saved_scalars = [
+        (module, {k: v for k, v in vars(module).items() if isinstance(v, _SCALARS)}) for module in model.modules()
     ]
     try:
         remove_blocks(model, list(blocks))
@@ -64,8 +60,8 @@ def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
         for key in [k for k in vars(config) if k not in saved_config]:
             delattr(config, key)
         config.__dict__.update(saved_config)
-        for module, name, value in saved_indices:
-            setattr(module, name, value)
+        for module, values in saved_scalars:
+            module.__dict__.update(values)
 
 
 @dataclass

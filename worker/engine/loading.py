@@ -70,21 +70,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _weights_fingerprint(directory: Path) -> dict[str, Any]:
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        digest.update(sha256_file(f).encode())
+        digest.update(assets.file_sha256(f).encode())
     return {"weights_sha256": digest.hexdigest(), "weight_files": [f.name for f in files]}
 
 
@@ -149,7 +140,7 @@ def load_model(
     if source == assets.DEMO_MODEL:
         note("preparing the demo model (converted from GGUF once, then cached)")
         location: str | Path = assets.demo_model_dir(progress=note)
-        provenance.update(kind="demo", gguf_sha256=sha256_file(assets.demo_gguf_path()))
+        provenance.update(kind="demo", gguf_sha256=assets.file_sha256(assets.demo_gguf_path()))
         kwargs["use_safetensors"] = True
     else:
         path = Path(source).expanduser()
@@ -157,7 +148,7 @@ def load_model(
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}", field="model")
             location, gguf_file = path.parent, path.name
-            provenance.update(kind="gguf", file_sha256=sha256_file(path))
+            provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
             kwargs["gguf_file"] = gguf_file
         elif path.is_dir():
             if not (path / "config.json").is_file():

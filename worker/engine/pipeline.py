@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from worker.engine import assets
 from worker.engine import calibration as cal
 from worker.engine.auto import auto_select
 from worker.engine.blocks import decoder_blocks, remove_blocks
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
+AnalysisLookup = Callable[[str], "tuple[SimilarityStats, dict[str, Any]] | None"]
 
 STAGES = (
     "loading",
@@ -121,13 +123,6 @@ def _load(spec: ModelSpec) -> LoadedModel:
         trust_remote_code=spec.trust_remote_code,
         allow_pickle=spec.allow_pickle,
     )
-
-
-def _texts_sha256(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
-    return digest.hexdigest()
 
 
 def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec) -> cal.CalibrationData:
@@ -259,7 +254,7 @@ def run_prune(
     *,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
-    precomputed: tuple[SimilarityStats, dict[str, Any]] | None = None,
+    lookup_analysis: AnalysisLookup | None = None,
 ) -> PruneResult:
     """Run a whole pruning job and write its outputs into ``out_dir``.
 
@@ -272,8 +267,9 @@ def run_prune(
         out_dir: Output directory, missing or empty.
         progress: Called as ``progress(stage, fraction_of_stage)``; stages are ``STAGES``.
         should_cancel: Checked between stages and batches; True raises ``JobCancelled``.
-        precomputed: (stats, provenance) of an earlier capture with the same calibration
-            fingerprint; the capture is then skipped (the report says so).
+        lookup_analysis: Called with the calibration fingerprint once the calibration data is
+            built; when it returns (stats, provenance) of an earlier capture with that fingerprint,
+            the capture is skipped (the report says ``analysis_reused``).
     """
     stages = _Stages(progress, should_cancel)
     out = _prepare_out_dir(out_dir)
@@ -295,6 +291,8 @@ def run_prune(
             seq_len=spec.calibration.seq_len,
             max_windows=spec.evaluation.max_windows,
         )
+    fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration)
+    precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
     reused = precomputed is not None
     if precomputed is not None:
         stats, provenance = precomputed
@@ -317,7 +315,7 @@ def run_prune(
     provenance = {
         **provenance,
         "libraries": library_versions(),
-        "evaluation_text_sha256": _texts_sha256(eval_texts),
+        "evaluation_text_sha256": assets.texts_sha256(eval_texts),
     }
 
     with stages.stage("selection"):

@@ -1,0 +1,105 @@
+"""Service settings: one pydantic-settings object, environment prefix ``LORP_``.
+
+The defaults are the embedded mode (no servers): SQLite, kombu's SQLAlchemy transport over SQLite as
+the broker, artifacts in a local folder, all under ``LORP_DATA_DIR``. Production sets the URLs of
+Postgres, Redis and S3/MinIO instead.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class Settings(BaseSettings):
+    """Every setting, with its default; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="LORP_", extra="ignore")
+
+    env: str = Field(default="development", description="development | production")
+    data_dir: Path = Field(default=Path("var"), description="embedded mode: database, broker, artifacts, work")
+    database_url: str | None = Field(default=None, description="default: sqlite under data_dir")
+    broker_url: str | None = Field(default=None, description="default: kombu sqlalchemy transport under data_dir")
+    storage_url: str | None = Field(default=None, description="file:///dir or s3://bucket/prefix")
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    presign_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    auth_required: bool = Field(default=False, description="require Bearer API keys (always on off loopback)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    model_roots: list[Path] = Field(
+        default_factory=list, description="directories local model paths must resolve into (besides the cache)"
+    )
+    allow_hub_models: bool = True
+    trust_remote_code_models: list[str] = Field(
+        default_factory=list, description="model ids an operator allows to run their own code"
+    )
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    job_time_limit_s: int = Field(default=6 * 3600, ge=10)
+    heartbeat_interval_s: float = Field(default=15.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=180.0, gt=0)
+    queued_timeout_s: float = Field(default=120.0, gt=0, description="re-enqueue a queued job older than this")
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    progress_min_interval_s: float = Field(default=1.0, ge=0)
+    queue_name: str = "gpu"
+
+    @model_validator(mode="after")
+    def _production_needs_servers(self) -> Settings:
+        if self.env == "production":
+            missing = [name for name in ("database_url", "broker_url", "storage_url") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"production needs explicit {', '.join('LORP_' + m.upper() for m in missing)}")
+            if not self.auth_required:
+                raise ValueError("production requires LORP_AUTH_REQUIRED=true")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'lorp.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.resolved_data_dir / 'broker.db'}"
+
+    @property
+    def artifact_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (self.resolved_data_dir / "artifacts").as_uri()
+
+    @property
+    def work_dir(self) -> Path:
+        return self.resolved_data_dir / "work"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.database_url.startswith("sqlite")
+
+    def auth_enabled(self, host: str | None = None) -> bool:
+        """Keys are required when asked for, and always when listening beyond loopback."""
+        return self.auth_required or (host or self.host) not in LOOPBACK_HOSTS
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

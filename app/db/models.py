@@ -1,0 +1,181 @@
+"""The service's tables (DESIGN.md "What the database holds"). Schema changes go through Alembic only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db.base import Base, IdMixin, JsonType, TimestampMixin, utcnow
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class ApiKey(IdMixin, TimestampMixin, Base):
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Dataset(IdMixin, TimestampMixin, Base):
+    __tablename__ = "datasets"
+
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))  # txt | jsonl
+    text_field: Mapped[str | None] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    num_documents: Mapped[int] = mapped_column(Integer)
+
+
+class Analysis(IdMixin, TimestampMixin, Base):
+    """S and D of one (model, calibration text, sampling) fingerprint, reused across jobs."""
+
+    __tablename__ = "analyses"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    model_source: Mapped[str] = mapped_column(String(1024))
+    model_revision: Mapped[str | None] = mapped_column(String(256))
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    num_samples: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    num_tokens: Mapped[int] = mapped_column(BigInteger)
+    num_blocks: Mapped[int] = mapped_column(Integer)
+    similarity: Mapped[list[list[float]]] = mapped_column(JsonType)  # S, (N+1)x(N+1)
+    angular_distance: Mapped[list[list[float]]] = mapped_column(JsonType)  # D
+    rls: Mapped[float | None] = mapped_column(Float)
+    k: Mapped[int] = mapped_column(Integer)
+    clusters: Mapped[list[int]] = mapped_column(JsonType)
+    redundancy: Mapped[list[float | None]] = mapped_column(JsonType)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JsonType)
+
+
+class Job(IdMixin, TimestampMixin, Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_owner_created_at", "owner_id", "created_at"),
+    )
+
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, name="job_status", native_enum=False, length=16), default=JobStatus.queued
+    )
+    stage: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    request: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    model_source: Mapped[str] = mapped_column(String(1024), index=True)
+    method: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    progress_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    analysis_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
+    analysis_reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    chosen_method: Mapped[str | None] = mapped_column(String(32))
+    pruned_layers: Mapped[list[int] | None] = mapped_column(JsonType)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+    analysis: Mapped[Analysis | None] = relationship(lazy="raise")
+    plans: Mapped[list[Plan]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
+    metrics: Mapped[list[Metric]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
+    artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
+
+
+class JobEvent(IdMixin, Base):
+    __tablename__ = "job_events"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # status | stage | attempt | cancel_requested
+    status: Mapped[str | None] = mapped_column(String(16))
+    stage: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+
+
+class Plan(IdMixin, Base):
+    """One candidate plan of a job: which blocks a method would cut, and its validation score."""
+
+    __tablename__ = "plans"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_plans_job_name"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    k: Mapped[int | None] = mapped_column(Integer)
+    pruned_layers: Mapped[list[int]] = mapped_column(JsonType)
+    validation_perplexity: Mapped[float | None] = mapped_column(Float)
+    chosen: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    job: Mapped[Job] = relationship(back_populates="plans")
+
+
+class Metric(IdMixin, Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("job_id", "name", "phase", name="uq_metrics_job_name_phase"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    phase: Mapped[str] = mapped_column(String(16))  # dense | pruned | ratio
+    value: Mapped[float | None] = mapped_column(Float)
+    unit: Mapped[str | None] = mapped_column(String(32))
+
+    job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class Artifact(IdMixin, TimestampMixin, Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(512))  # e.g. "model/config.json", "report.json"
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(128))
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")

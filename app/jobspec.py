@@ -1,0 +1,227 @@
+"""The job request as clients send it (``POST /v1/jobs``), validated at the API and again in the worker.
+
+Strict pydantic models (``extra="forbid"``). Target and selection options reuse the engine's spec
+types (``worker.engine.spec`` imports only pydantic), so the API and the engine cannot drift apart;
+``to_prune_spec`` turns a request into the engine's ``PruneSpec`` once the worker has resolved the
+model and dataset references to local paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.core.config import Settings
+from worker.engine.spec import (
+    CalibrationSpec,
+    DType,
+    EvaluationSpec,
+    Method,
+    ModelSpec,
+    PruneSpec,
+    SelectionOptionsSpec,
+    TargetSpec,
+)
+
+BUILTIN = "builtin"
+DEMO_MODEL = "demo"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_HUB_DATASET = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._/@:#\[\]-]{0,300}$")
+
+
+class RequestError(ValueError):
+    """A request that names something it may not use; ``field`` is the JSON path at fault."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(StrictModel):
+    """Which model: ``demo``, a hub id, a local directory or ``.gguf`` file under the model roots, or ``s3://``."""
+
+    id: str = Field(min_length=1, max_length=1024, examples=["demo", "Qwen/Qwen3-8B", "s3://models/llama-8b/"])
+    revision: str | None = Field(default=None, max_length=256, pattern=r"^[A-Za-z0-9._/-]+$")
+    trust_remote_code: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _no_control_chars(cls, value: str) -> str:
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class CalibrationRef(StrictModel):
+    """Calibration text: the built-in corpus, an uploaded dataset id, or ``hf:DATASET[/CONFIG]:SPLIT#FIELD``."""
+
+    dataset: str = Field(default=BUILTIN, max_length=512)
+    num_samples: int = Field(default=64, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=8, le=32768)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    chat_template: bool = False
+    batch_size: int = Field(default=4, ge=1, le=512)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_reference(cls, value: str) -> str:
+        if value == BUILTIN or _HUB_DATASET.match(value):
+            return value
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise ValueError(
+                'must be "builtin", an uploaded dataset id, or "hf:DATASET[/CONFIG]:SPLIT#FIELD"'
+            ) from None
+        return value
+
+
+class OptionsRef(StrictModel):
+    """Selection options and dtype."""
+
+    num_clusters: int | None = Field(default=None, ge=2, le=1000)
+    protected_layers: tuple[int, ...] | None = Field(default=None, max_length=1000)
+    cluster_seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    dtype: DType = "auto"
+
+
+class EvaluationRef(StrictModel):
+    """What to measure on the dense and pruned model."""
+
+    perplexity: bool = True
+    dataset: str | None = Field(default=None, max_length=512, description="default: built-in evaluation split")
+    max_windows: int = Field(default=32, ge=1, le=4096)
+    speed: bool = True
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_reference(cls, value: str | None) -> str | None:
+        return None if value is None else CalibrationRef._dataset_reference(value)
+
+
+class JobCreate(StrictModel):
+    """A pruning job request."""
+
+    model: ModelRef
+    method: Method = "auto"
+    target: TargetSpec
+    calibration: CalibrationRef = CalibrationRef()
+    options: OptionsRef = OptionsRef()
+    evaluation: EvaluationRef = EvaluationRef()
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical request, for Idempotency-Key comparison."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def model_roots(settings: Settings) -> list[Path]:
+    from worker.engine.assets import cache_dir
+
+    return [p.expanduser().resolve() for p in settings.model_roots] + [cache_dir().resolve()]
+
+
+def check_model_reference(ref: ModelRef, settings: Settings) -> str:
+    """Classify the model reference and refuse what the settings do not allow; returns its kind.
+
+    Kinds: ``demo``, ``hub``, ``local`` (directory or ``.gguf`` under a model root), ``s3`` (a prefix
+    in the configured artifact bucket).
+    """
+    value = ref.id
+    if ref.trust_remote_code and value not in settings.trust_remote_code_models:
+        raise RequestError(
+            f"trust_remote_code is not allowed for {value!r}; "
+            "an operator must list it in LORP_TRUST_REMOTE_CODE_MODELS",
+            "model.trust_remote_code",
+        )
+    if value == DEMO_MODEL:
+        return "demo"
+    if value.startswith("s3://"):
+        bucket = value.removeprefix("s3://").split("/", 1)[0]
+        store = settings.artifact_storage_url
+        if not store.startswith("s3://") or store.removeprefix("s3://").split("/", 1)[0] != bucket:
+            raise RequestError("s3:// models must live in the service's configured bucket", "model.id")
+        if ".." in value.split("/"):
+            raise RequestError("model.id must not contain '..' segments", "model.id")
+        return "s3"
+    if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
+        raw = value.removeprefix("file://").removeprefix("file:")
+        path = Path(raw).expanduser()
+        roots = model_roots(settings)
+        resolved = path.resolve() if path.is_absolute() else path.absolute().resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise RequestError(
+                f"local model paths must lie inside the configured model roots ({', '.join(map(str, roots))})",
+                "model.id",
+            )
+        return "local"
+    if "://" in value:
+        raise RequestError("URLs are not fetched; use a hub id, a path under a model root, or s3://", "model.id")
+    if not _HUB_ID.match(value):
+        raise RequestError("not a valid hub model id (ORG/NAME)", "model.id")
+    if not settings.allow_hub_models:
+        raise RequestError("hub models are disabled on this service (LORP_ALLOW_HUB_MODELS)", "model.id")
+    return "hub"
+
+
+def to_prune_spec(
+    request: JobCreate,
+    *,
+    model_source: str,
+    calibration_source: str,
+    evaluation_source: str | None,
+    device: str = "auto",
+) -> PruneSpec:
+    """The engine's spec for a request whose references the worker resolved to local sources."""
+    return PruneSpec(
+        model=ModelSpec(
+            source=model_source,
+            revision=request.model.revision,
+            dtype=request.options.dtype,
+            device=device,
+            trust_remote_code=request.model.trust_remote_code,
+        ),
+        method=request.method,
+        target=request.target,
+        calibration=CalibrationSpec(
+            source=calibration_source,
+            num_samples=request.calibration.num_samples,
+            seq_len=request.calibration.seq_len,
+            seed=request.calibration.seed,
+            chat_template=request.calibration.chat_template,
+            batch_size=request.calibration.batch_size,
+        ),
+        options=SelectionOptionsSpec(
+            num_clusters=request.options.num_clusters,
+            protected_layers=request.options.protected_layers,
+            cluster_seed=request.options.cluster_seed,
+        ),
+        evaluation=EvaluationSpec(
+            perplexity=request.evaluation.perplexity,
+            source=evaluation_source,
+            max_windows=request.evaluation.max_windows,
+            speed=request.evaluation.speed,
+        ),
+    )
+
+
+DatasetKind = Literal["builtin", "uploaded", "hub"]
+
+
+def dataset_kind(reference: str) -> DatasetKind:
+    if reference == BUILTIN:
+        return "builtin"
+    if reference.startswith("hf:"):
+        return "hub"
+    return "uploaded"

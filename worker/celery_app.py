@@ -1,0 +1,56 @@
+"""The Celery application: configuration only, no engine import (the API imports this to enqueue).
+
+Long GPU jobs: late acknowledgement with redelivery when a worker dies, prefetch 1, one task per
+child process (a fresh CUDA context and no leaked memory between jobs), a ``gpu`` queue, a broker
+visibility timeout longer than the longest job, and no result backend: the job row is the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.core.config import Settings, get_settings
+
+RUN_JOB_TASK = "lorp.run_job"
+RECONCILE_TASK = "lorp.reconcile"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker = settings.celery_broker_url
+    config: dict[str, Any] = {
+        "broker_url": broker,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "task_default_queue": settings.queue_name,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}, RECONCILE_TASK: {"queue": settings.queue_name}},
+        "task_time_limit": settings.job_time_limit_s + 60,
+        "task_soft_time_limit": settings.job_time_limit_s,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s},
+        },
+    }
+    if broker.startswith(("redis://", "rediss://")):
+        # Unacknowledged messages come back after this long; it must outlast the longest job or a
+        # running job would be delivered a second time (the claim would refuse it, but still).
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.job_time_limit_s * 2,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 10,
+        }
+    return config
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    app = Celery("lorp")
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+celery_app = create_celery()
