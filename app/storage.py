@@ -257,12 +257,12 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot create storage folder {root_path}: {exc.strerror or exc}") from exc
         self.root = root_path.resolve()
 
-    def _inside(self, path: Path, key: str) -> Path:
+    def _inside(self, path: Path, key: str, *, allow_root: bool = False) -> Path:
         try:
             resolved = path.resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
             raise StorageError(f"cannot resolve key {key!r} under {self.root}: {exc}") from exc
-        if resolved == self.root or not resolved.is_relative_to(self.root):
+        if (resolved == self.root and not allow_root) or not resolved.is_relative_to(self.root):
             raise StorageError(
                 f"key {key!r} resolves to {resolved}, outside the storage folder {self.root} (a symlink?)"
             )
@@ -286,7 +286,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._os_error(exc, "write", key) from exc
         # A symlink could have appeared between the check and mkdir; the temp file lands in the parent.
-        self._inside(target.parent, key)
+        self._inside(target.parent, key, allow_root=True)
         try:
             size, sha = _write_atomically(src, target)
         except IsADirectoryError as exc:

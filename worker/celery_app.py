@@ -3,6 +3,8 @@
 Long GPU jobs: late acknowledgement with redelivery when a worker dies, prefetch 1, one task per
 child process (a fresh CUDA context and no leaked memory between jobs), a ``gpu`` queue, a broker
 visibility timeout longer than the longest job, and no result backend: the job row is the truth.
+The reconciler is not a Celery task: it runs as its own periodic loop (``lorp reconciler``, or a
+thread of ``lorp serve``), so it never waits in the queue behind a long job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from celery import Celery
 from app.core.config import Settings, get_settings
 
 RUN_JOB_TASK = "lorp.run_job"
-RECONCILE_TASK = "lorp.reconcile"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -27,14 +28,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": 1,
         "task_default_queue": settings.queue_name,
-        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}, RECONCILE_TASK: {"queue": settings.queue_name}},
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
         "task_time_limit": settings.job_time_limit_s + 60,
         "task_soft_time_limit": settings.job_time_limit_s,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "beat_schedule": {
-            "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s},
-        },
     }
     if broker.startswith(("redis://", "rediss://")):
         # Unacknowledged messages come back after this long; it must outlast the longest job or a

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.engine.errors import EngineError
+from worker.engine.errors import EngineError, InvalidRequestError
 
 CALIBRATION_HELP = (
     'calibration text: "builtin" (default: the built-in Wikipedia sample), FILE.txt, FILE.jsonl[#field], '
@@ -90,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--method", default="lorp", help="lorp (default), shortgpt, streamline, angular, reverse")
     _add_selection_args(sel)
     sel.add_argument("--json", action="store_true", help="print one JSON object")
+
+    serve = sub.add_parser("serve", help="run the API and a worker together (embedded mode by default)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (API keys are required off loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+
+    worker = sub.add_parser("worker", help="run a Celery worker on the job queue")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
+    worker.add_argument("--loglevel", default="info")
+
+    recon = sub.add_parser("reconciler", help="periodically re-enqueue lost jobs and retry or fail dead ones")
+    recon.add_argument("--once", action="store_true", help="one pass, then exit")
+
+    sub.add_parser("migrate", help="create or upgrade the database schema (alembic upgrade head)")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--admin", action="store_true", help="the key sees every job and dataset")
+    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
     return parser
 
 
@@ -241,6 +264,99 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_settings(**overrides: Any) -> Any:
+    from app.core.config import Settings
+
+    return Settings(**overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import uvicorn
+
+    from app.db.migrate import upgrade_head
+    from app.main import create_app
+    from worker.service_cli import run_reconciler, start_worker
+
+    settings = _service_settings(host=args.host, port=args.port)
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head(settings.sqlalchemy_url)
+    mode = "embedded" if settings.embedded else "full stack"
+    auth = "API keys required" if settings.auth_enabled() else "open on loopback, no keys"
+    print(f"lorp serve: {mode}, database {settings.sqlalchemy_url}, artifacts {settings.artifact_storage_url}, {auth}")
+    worker = None if args.no_worker else start_worker(settings, loglevel="warning")
+    stop = threading.Event()
+    reconciler = threading.Thread(target=run_reconciler, args=(settings,), kwargs={"stop": stop}, daemon=True)
+    reconciler.start()
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        stop.set()
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except Exception:
+                worker.kill()
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.service_cli import run_worker
+
+    run_worker(_service_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
+
+
+def _cmd_reconciler(args: argparse.Namespace) -> int:
+    from worker.service_cli import run_reconciler
+
+    logging.getLogger("worker").setLevel(logging.INFO)
+    run_reconciler(_service_settings(), once=args.once)
+    return 0
+
+
+def _cmd_migrate(_args: argparse.Namespace) -> int:
+    from app.db.migrate import upgrade_head
+
+    settings = _service_settings()
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head(settings.sqlalchemy_url)
+    print(f"database at head: {settings.sqlalchemy_url}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    import uuid
+
+    from app.core.security import create_api_key, revoke_api_key
+    from app.db.session import session_factory, session_scope
+    from app.repositories.keys import list_keys
+
+    settings = _service_settings()
+    factory = session_factory(settings.sqlalchemy_url)
+    with session_scope(factory) as session:
+        if args.keys_command == "create":
+            plaintext, key = create_api_key(session, args.name, admin=args.admin)
+            session.flush()
+            print(f"id     {key.id}\nname   {key.name}\nadmin  {key.is_admin}")
+            print(f"key    {plaintext}\n(shown once: store it now)")
+        elif args.keys_command == "list":
+            for key in list_keys(session):
+                state = "revoked" if key.revoked_at else "active"
+                print(f"{key.id}  {key.prefix}...  {key.name:<24} admin={key.is_admin!s:<5} {state}")
+        else:
+            try:
+                key_id = uuid.UUID(args.key_id)
+            except ValueError:
+                raise InvalidRequestError(f"not a key id: {args.key_id!r}", field="key_id") from None
+            if not revoke_api_key(session, key_id):
+                raise InvalidRequestError(f"no active key with id {key_id}", field="key_id")
+            print(f"revoked {key_id}")
+    return 0
+
+
 def _describe_validation(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -254,7 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    commands = {"prune": _cmd_prune, "analyze": _cmd_analyze, "select": _cmd_select}
+    commands = {
+        "prune": _cmd_prune,
+        "analyze": _cmd_analyze,
+        "select": _cmd_select,
+        "serve": _cmd_serve,
+        "worker": _cmd_worker,
+        "reconciler": _cmd_reconciler,
+        "migrate": _cmd_migrate,
+        "keys": _cmd_keys,
+    }
     try:
         return commands[args.command](args)
     except ValidationError as exc:

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(default=6 * 3600, ge=10)
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
     heartbeat_timeout_s: float = Field(default=180.0, gt=0)
-    queued_timeout_s: float = Field(default=120.0, gt=0, description="re-enqueue a queued job older than this")
+    queued_timeout_s: float = Field(
+        default=900.0, gt=0, description="re-enqueue a queued job whose message is older than this"
+    )
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=20)
     progress_min_interval_s: float = Field(default=1.0, ge=0)

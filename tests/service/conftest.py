@@ -16,22 +16,12 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
+from app.db.migrate import upgrade_head
+
+from .moto_server import s3_server  # noqa: F401  (one S3 server for the whole session)
 
 PG_ADMIN_URL = os.environ.get("LORP_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("LORP_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def alembic_upgrade(url: str) -> None:
-    """Create the schema the only supported way: ``alembic upgrade head``."""
-    from alembic.config import Config
-
-    from alembic import command
-
-    cfg = Config(str(REPO / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO / "alembic"))
-    cfg.set_main_option("sqlalchemy.url", url)
-    command.upgrade(cfg, "head")
 
 
 def create_test_database(prefix: str = "lorp_test") -> str:
@@ -42,7 +32,7 @@ def create_test_database(prefix: str = "lorp_test") -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    alembic_upgrade(url)
+    upgrade_head(url)
     return url
 
 

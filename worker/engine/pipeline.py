@@ -150,8 +150,12 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
 
 def calibration_fingerprint(provenance: dict[str, Any], data: cal.CalibrationData, spec: CalibrationSpec) -> str:
     """A key for (model, calibration text, sampling settings): equal keys give equal S and D."""
+    # Where the weights sit does not change S; what they are does. With a content hash, the path is
+    # left out, so the same weights downloaded to another folder (an s3:// model) reuse the capture.
+    hashed = any(k in provenance for k in ("weights_sha256", "file_sha256", "gguf_sha256"))
+    ignored = {"device", "source"} if hashed else {"device"}
     parts = [
-        repr(sorted((k, str(v)) for k, v in provenance.items() if k not in ("device",))),
+        repr(sorted((k, str(v)) for k, v in provenance.items() if k not in ignored)),
         data.text_sha256,
         str(spec.num_samples),
         str(spec.seq_len),

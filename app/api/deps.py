@@ -1,0 +1,130 @@
+"""Typed dependencies: settings, the request's unit of work, storage, and the calling principal.
+
+The request's session comes from ``session_scope``, which commits when the route returns (before
+the response is sent) and rolls back on any error. A route that must act after its writes are
+durable (enqueueing a job) calls ``Database.commit()`` first; that is the only other commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.errors import Unauthorized
+from app.core.security import ANONYMOUS, Principal, verify_api_key
+from app.db.session import session_factory, session_scope
+from app.storage import Storage, storage_from_url
+
+
+class ServiceState:
+    """What one app instance shares between requests; built lazily so creating the app does no I/O."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self._factory = factory
+        self._storage: Storage | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def sessionmaker(self) -> sessionmaker[Session]:
+        with self._lock:
+            if self._factory is None:
+                self._factory = session_factory(self.settings.sqlalchemy_url)
+            return self._factory
+
+    @property
+    def storage(self) -> Storage:
+        with self._lock:
+            if self._storage is None:
+                self._storage = build_storage(self.settings)
+            return self._storage
+
+
+def build_storage(settings: Settings) -> Storage:
+    """The artifact store the settings name (S3 options are ignored by the local backend)."""
+    url = settings.artifact_storage_url
+    if url.startswith("s3://"):
+        return storage_from_url(
+            url,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+        )
+    return storage_from_url(url)
+
+
+def service_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+class Database:
+    """The request's unit of work; services only flush, and ``commit`` makes the writes durable now."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def commit(self) -> None:
+        self.session.commit()
+
+
+def get_database(request: Request) -> Iterator[Database]:
+    with session_scope(service_state(request).sessionmaker) as session:
+        yield Database(session)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return service_state(request).settings
+
+
+def get_storage(request: Request) -> Storage:
+    return service_state(request).storage
+
+
+# scope="function": the session commits when the route returns, before the response goes out, so a
+# client never sees a job that is not yet visible to the next request.
+DatabaseDep = Annotated[Database, Depends(get_database, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def get_session(db: DatabaseDep) -> Session:
+    return db.session
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+# Declared for the OpenAPI "Authorize" button; the header itself is checked below, so that a
+# malformed Authorization header is refused rather than treated as absent.
+_bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer lorp_...")
+
+
+def get_principal(
+    request: Request,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    header = request.headers.get("authorization")
+    if header is None:
+        if settings.auth_enabled():
+            raise Unauthorized("an API key is required: send Authorization: Bearer <key>")
+        return ANONYMOUS
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("the Authorization header must be: Bearer <key>")
+    key = verify_api_key(db.session, token)
+    if key is None:
+        raise Unauthorized("the API key is not valid or has been revoked")
+    return Principal(key_id=key.id, is_admin=key.is_admin, name=key.name)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal, scope="function")]

@@ -1,0 +1,105 @@
+"""/healthz (process up), /readyz (database, broker, storage reachable), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import create_engine, text
+
+from app.api.deps import SettingsDep, service_state
+from app.core.errors import PROBLEM_JSON, PROBLEM_TYPE_BASE
+from app.db.session import session_scope
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+PROBE_TIMEOUT_S = 2
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def check_broker(url: str) -> None:
+    """Raise unless the broker answers within a couple of seconds."""
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    if url.startswith("sqla+"):
+        engine = create_engine(url.removeprefix("sqla+"))
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+        return
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=PROBE_TIMEOUT_S) as conn:
+        conn.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (no I/O)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
+def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    """Database, broker and storage are reachable."""
+    state = service_state(request)
+    checks: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, probe: Any) -> None:
+        try:
+            probe()
+        except Exception as exc:
+            logger.warning("readiness: %s failed: %s", name, _reason(exc))
+            checks[name] = {"ok": False, "error": _reason(exc)}
+        else:
+            checks[name] = {"ok": True}
+
+    def database() -> None:
+        with session_scope(state.sessionmaker) as session:
+            session.execute(text("SELECT 1"))
+
+    run("database", database)
+    run("broker", lambda: check_broker(settings.celery_broker_url))
+    run("storage", lambda: state.storage.check())
+    failed = [name for name, result in checks.items() if not result["ok"]]
+    if not failed:
+        return JSONResponse({"status": "ok", "checks": checks})
+    return JSONResponse(
+        {
+            "type": PROBLEM_TYPE_BASE + "not_ready",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": f"not ready: {', '.join(failed)} unreachable",
+            "instance": request.url.path,
+            "code": "not_ready",
+            "errors": [{"field": name, "message": checks[name]["error"]} for name in failed],
+            "checks": checks,
+        },
+        status_code=503,
+        media_type=PROBLEM_JSON,
+    )
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    body = request.app.state.metrics.render()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

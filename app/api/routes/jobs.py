@@ -1,0 +1,140 @@
+"""/v1/jobs: submit, list, inspect, cancel, and fetch a job's analysis and files."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+
+from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
+from app.db.models import Artifact, JobStatus
+from app.jobspec import JobCreate
+from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page
+from app.services import jobs as jobs_service
+from app.storage import Storage
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=jobs_service.MAX_IDEMPOTENCY_KEY_LEN,
+        description="the same key and body return the same job; the same key with another body is 409",
+    ),
+]
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={200: {"description": "idempotent replay"}})
+def create_job(
+    spec: JobCreate,
+    response: Response,
+    db: DatabaseDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    """Submit a pruning job; it is queued and runs on a GPU worker."""
+    submission = jobs_service.submit_job(db.session, spec, principal, settings, idempotency_key)
+    # The row must be durable before a worker can receive its id.
+    db.commit()
+    if submission.created:
+        jobs_service.enqueue_submitted(db.session, submission.job.id, settings)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = jobs_service.job_path(submission.job.id)
+    return jobs_service.job_out(db.session, submission.job)
+
+
+@router.get("", response_model=Page[JobListItem])
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status: JobStatus | None = None,
+    model: Annotated[str | None, Query(max_length=1024, description="exact model id")] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[JobListItem]:
+    """List jobs newest first, filtered by status and model, one page at a time."""
+    return jobs_service.list_jobs(session, principal, status=status, model=model, cursor=cursor, limit=limit)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    """A job's state, and its summary once available."""
+    return jobs_service.job_out(session, jobs_service.get_job(session, job_id, principal))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={202: {"description": "running: stop requested"}})
+def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JSONResponse:
+    """Cancel a queued job at once (200) or ask a running one to stop at its next checkpoint (202)."""
+    job, final = jobs_service.cancel_job(session, job_id, principal)
+    body = jobs_service.job_out(session, job)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if final else 202)
+
+
+@router.get("/{job_id}/analysis", response_model=AnalysisOut)
+def get_analysis(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> AnalysisOut:
+    """S, D, clusters and per-block scores of the job's analysis."""
+    return jobs_service.get_analysis(session, job_id, principal)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+def list_artifacts(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> list[ArtifactOut]:
+    """A succeeded job's files with size, sha256 and a download link."""
+    return jobs_service.list_artifacts(session, job_id, principal)
+
+
+def _download(artifact: Artifact, storage: Storage, settings: SettingsDep) -> Response:
+    filename = artifact.name.rsplit("/", 1)[-1]
+    url = storage.presigned_url(artifact.storage_key, expires_s=settings.presign_expires_s, filename=filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=302)
+    chunks = storage.iter_chunks(artifact.storage_key)  # opens now: a missing object fails before streaming
+    return StreamingResponse(
+        chunks,
+        media_type=artifact.content_type,
+        headers={
+            "Content-Length": str(artifact.size_bytes),
+            "Content-Disposition": f'attachment; filename="{_ascii_filename(filename)}"',
+            "X-Content-SHA256": artifact.sha256,
+        },
+    )
+
+
+def _ascii_filename(name: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name) or "download"
+
+
+@router.get(
+    "/{job_id}/heatmap.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
+)
+def get_heatmap(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
+    """The similarity heat map of a succeeded job (PNG)."""
+    artifact = jobs_service.get_artifact(session, job_id, jobs_service.HEATMAP, principal)
+    return _download(artifact, storage, settings)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 302: {"description": "presigned storage URL"}},
+)
+def download_artifact(
+    job_id: uuid.UUID,
+    name: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """Redirect to (S3) or stream (local storage) one of a succeeded job's files."""
+    artifact = jobs_service.get_artifact(session, job_id, name, principal)
+    return _download(artifact, storage, settings)

@@ -1,0 +1,23 @@
+"""Queries on uploaded calibration datasets."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.security import Principal
+from app.db.models import Dataset
+from app.repositories.jobs import owned_by
+
+
+def get_visible(session: Session, dataset_id: uuid.UUID, principal: Principal) -> Dataset | None:
+    stmt = select(Dataset).where(Dataset.id == dataset_id, owned_by(Dataset.owner_id, principal))
+    return session.scalars(stmt).one_or_none()
+
+
+def add(session: Session, dataset: Dataset) -> Dataset:
+    session.add(dataset)
+    session.flush()
+    return dataset

@@ -1,0 +1,177 @@
+"""Queries on jobs, their events, plans, metrics and artifacts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, true, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from app.core.security import Principal
+from app.db.models import Artifact, Job, JobEvent, JobStatus, Metric, Plan
+
+
+def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Principal) -> ColumnElement[bool]:
+    """Rows the principal may see: all for an admin, else its own (NULL-owned for the anonymous owner)."""
+    if principal.is_admin:
+        return true()
+    if principal.owner_id is None:
+        return column.is_(None)
+    return column == principal.owner_id
+
+
+def get_visible(session: Session, job_id: uuid.UUID, principal: Principal) -> Job | None:
+    stmt = select(Job).where(Job.id == job_id, owned_by(Job.owner_id, principal))
+    return session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
+
+
+def get_by_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str) -> Job | None:
+    owner = Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id
+    stmt = select(Job).where(owner, Job.idempotency_key == key).order_by(Job.created_at).limit(1)
+    return session.scalars(stmt.execution_options(populate_existing=True)).first()
+
+
+def lock_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str) -> None:
+    """Serialize submissions that carry the same (owner, Idempotency-Key) until this transaction ends.
+
+    The unique constraint alone does not cover the anonymous owner: NULLs are distinct in unique
+    constraints, so two NULL-owned rows with one key would both insert.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        digest = hashlib.sha256(f"lorp-idempotency:{owner_id}:{key}".encode()).digest()
+        session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True))))
+    elif dialect == "sqlite":
+        # SQLite has one writer at a time: a (no-op) write takes the write lock now, so the check
+        # that follows and the insert run as one unit.
+        session.execute(text("UPDATE jobs SET idempotency_key = idempotency_key WHERE 1 = 0"))
+
+
+def add_job(session: Session, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    return job
+
+
+def add_event(
+    session: Session,
+    job_id: uuid.UUID,
+    kind: str,
+    *,
+    status: str | None = None,
+    stage: str | None = None,
+    message: str | None = None,
+    at: dt.datetime | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, kind=kind, status=status, stage=stage, message=message)
+    if at is not None:
+        event.at = at
+    session.add(event)
+    session.flush()
+    return event
+
+
+def events_for(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.at)))
+
+
+def list_jobs(
+    session: Session,
+    principal: Principal,
+    *,
+    status: JobStatus | None,
+    model: str | None,
+    after: tuple[dt.datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Job]:
+    """Newest first; ``after`` is the (created_at, id) of the last row of the previous page."""
+    stmt = select(Job).where(owned_by(Job.owner_id, principal))
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if model is not None:
+        stmt = stmt.where(Job.model_source == model)
+    if after is not None:
+        created_at, job_id = after
+        stmt = stmt.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def mark_enqueued(session: Session, job_id: uuid.UUID, at: dt.datetime) -> None:
+    # Only this column: the worker may already have claimed the row and be writing others.
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.enqueued_at.is_(None))
+        .values(enqueued_at=at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def cancel_if_queued(session: Session, job_id: uuid.UUID, at: dt.datetime) -> bool:
+    """queued -> cancelled in one conditional UPDATE, so a worker's claim and a cancel cannot both win."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested_at=at, finished_at=at, updated_at=at, progress_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def request_cancel_if_running(session: Session, job_id: uuid.UUID, at: dt.datetime) -> bool:
+    """Ask a running job to stop at its next checkpoint; keeps the first request's time."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running)
+        .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, at), updated_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def reload(session: Session, job_id: uuid.UUID) -> Job:
+    stmt = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    return session.scalars(stmt).one()
+
+
+def plans_for(session: Session, job_id: uuid.UUID) -> list[Plan]:
+    return list(session.scalars(select(Plan).where(Plan.job_id == job_id).order_by(Plan.name)))
+
+
+def metrics_for(session: Session, job_id: uuid.UUID) -> list[Metric]:
+    return list(session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.phase, Metric.name)))
+
+
+def artifacts_for(session: Session, job_id: uuid.UUID) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def artifact_by_name(session: Session, job_id: uuid.UUID, name: str) -> Artifact | None:
+    stmt = select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    return session.scalars(stmt).one_or_none()
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {str(JobStatus(status).value): int(count) for status, count in rows}
+
+
+def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.datetime, dt.datetime]]:
+    """(stage, started, ended) for every stage that ended since ``since``.
+
+    A stage starts at its ``stage`` event and ends at the job's next event of any kind (the next
+    stage, or the final status).
+    """
+    next_at = func.lead(JobEvent.at).over(partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id))
+    inner = (
+        select(JobEvent.kind, JobEvent.stage, JobEvent.at, next_at.label("next_at"))
+        .where(JobEvent.at >= since)
+        .subquery()
+    )
+    stmt = select(inner.c.stage, inner.c.at, inner.c.next_at).where(
+        inner.c.kind == "stage", inner.c.stage.is_not(None), inner.c.next_at.is_not(None)
+    )
+    return [(str(stage), started, ended) for stage, started, ended in session.execute(stmt).all()]

@@ -1,0 +1,398 @@
+"""Every SQL statement of a job's life after submission: claim, progress, heartbeat, finish, reconcile.
+
+State changes are conditional UPDATEs on the job row, fenced by the attempt number the worker
+claimed: a worker whose job was taken away (requeued by the reconciler after a missed heartbeat, or
+cancelled) finds its writes matching no row instead of overwriting another attempt's state. These
+functions only flush; ``session_scope`` commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
+
+MAX_ERROR_MESSAGE = 4000
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One candidate plan of a finished job."""
+
+    name: str
+    k: int | None
+    pruned_layers: list[int]
+    validation_perplexity: float | None
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One measured value: ``phase`` is dense, pruned or ratio."""
+
+    name: str
+    phase: str
+    value: float | None
+    unit: str | None
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    """One uploaded output file."""
+
+    name: str
+    storage_key: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+
+
+def add_event(
+    session: Session,
+    job_id: uuid.UUID,
+    kind: str,
+    *,
+    status: str | None = None,
+    stage: str | None = None,
+    message: str | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, kind=kind, status=status, stage=stage, message=message)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def _owned(job_id: uuid.UUID, attempt: int) -> list[Any]:
+    # The fencing condition: still running, and still the attempt this worker claimed.
+    return [Job.id == job_id, Job.status == JobStatus.running, Job.attempts == attempt]
+
+
+def claim(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """Move a queued job to running for this worker; None if it is not claimable (a duplicate delivery).
+
+    One conditional UPDATE: of two deliveries racing for the same job, exactly one matches the row.
+    """
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, Job.cancel_requested_at.is_(None))
+        .values(
+            status=JobStatus.running,
+            attempts=Job.attempts + 1,
+            worker=worker[:255],
+            started_at=now,
+            heartbeat_at=now,
+            progress_at=now,
+            stage=None,
+            progress=0.0,
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+        )
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )
+    job = session.scalars(stmt).one_or_none()
+    if job is None:
+        return None
+    add_event(session, job_id, "status", status=JobStatus.running.value, message=f"attempt {job.attempts} on {worker}")
+    return job
+
+
+def cancel_if_requested_while_queued(session: Session, job_id: uuid.UUID) -> bool:
+    """A queued job whose cancellation was asked for ends cancelled without running."""
+    now = utcnow()
+    done = session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, Job.cancel_requested_at.is_not(None))
+        .values(status=JobStatus.cancelled, finished_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if done is None:
+        return False
+    add_event(session, job_id, "status", status=JobStatus.cancelled.value, message="cancelled before it started")
+    return True
+
+
+def heartbeat(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """Record that the worker is alive; False when the job is no longer this attempt's to run."""
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt))
+        .values(heartbeat_at=utcnow())
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return found is not None
+
+
+def set_progress(session: Session, job_id: uuid.UUID, attempt: int, stage: str, progress: float) -> bool:
+    """Write the current stage and overall progress (0..1); False when the job is no longer ours."""
+    now = utcnow()
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt))
+        .values(stage=stage, progress=min(max(progress, 0.0), 1.0), progress_at=now, heartbeat_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return found is not None
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a running worker needs to know at a checkpoint."""
+
+    cancel_requested: bool
+    owned: bool  # still running under this attempt
+    status: JobStatus | None  # None: the job row is gone
+
+
+def run_state(session: Session, job_id: uuid.UUID, attempt: int) -> RunState:
+    row = session.execute(
+        select(Job.cancel_requested_at, Job.status, Job.attempts).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None:  # deleted under us
+        return RunState(cancel_requested=True, owned=False, status=None)
+    cancel_at, status, attempts = row
+    return RunState(
+        cancel_requested=cancel_at is not None,
+        owned=status == JobStatus.running and attempts == attempt,
+        status=status,
+    )
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    """Whether someone asked to cancel the job (a missing job counts as cancelled)."""
+    row = session.execute(select(Job.cancel_requested_at).where(Job.id == job_id)).one_or_none()
+    return row is None or row[0] is not None
+
+
+def _truncate(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_MESSAGE else message[: MAX_ERROR_MESSAGE - 3] + "..."
+
+
+def finish_succeeded(
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    *,
+    analysis_id: uuid.UUID | None,
+    analysis_reused: bool,
+    chosen_method: str | None,
+    pruned_layers: list[int],
+    plans: Sequence[PlanRow],
+    metrics: Sequence[MetricRow],
+    artifacts: Sequence[ArtifactRow],
+    summary: dict[str, Any],
+) -> bool:
+    """Publish a finished job: status, plans, metrics, artifacts and summary in one transaction.
+
+    Refused (False) when the job is no longer this attempt's or a cancellation was requested
+    meanwhile; the caller then treats the run as cancelled or lost.
+    """
+    now = utcnow()
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt), Job.cancel_requested_at.is_(None))
+        .values(
+            status=JobStatus.succeeded,
+            progress=1.0,
+            progress_at=now,
+            finished_at=now,
+            analysis_id=analysis_id,
+            analysis_reused=analysis_reused,
+            chosen_method=chosen_method,
+            pruned_layers=list(pruned_layers),
+            summary=summary,
+            error_code=None,
+            error_message=None,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if found is None:
+        return False
+    # Rows can only exist from an earlier attempt if it published, which ends the job; clearing them
+    # keeps a retry from ever showing a mixed set.
+    for model in (Plan, Metric, Artifact):
+        session.execute(delete(model).where(model.job_id == job_id).execution_options(synchronize_session=False))
+    session.add_all(
+        Plan(
+            job_id=job_id,
+            name=p.name,
+            k=p.k,
+            pruned_layers=list(p.pruned_layers),
+            validation_perplexity=p.validation_perplexity,
+            chosen=p.chosen,
+        )
+        for p in plans
+    )
+    session.add_all(Metric(job_id=job_id, name=m.name, phase=m.phase, value=m.value, unit=m.unit) for m in metrics)
+    session.add_all(
+        Artifact(
+            job_id=job_id,
+            name=a.name,
+            storage_key=a.storage_key,
+            size_bytes=a.size_bytes,
+            sha256=a.sha256,
+            content_type=a.content_type,
+        )
+        for a in artifacts
+    )
+    add_event(session, job_id, "status", status=JobStatus.succeeded.value)
+    return True
+
+
+def finish_failed(session: Session, job_id: uuid.UUID, attempt: int, code: str, message: str) -> bool:
+    """Mark this attempt's job failed with a code and a message a person can act on."""
+    now = utcnow()
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt))
+        .values(status=JobStatus.failed, finished_at=now, error_code=code[:64], error_message=_truncate(message))
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if found is None:
+        return False
+    add_event(session, job_id, "status", status=JobStatus.failed.value, message=f"{code}: {_truncate(message)}")
+    return True
+
+
+def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """Mark this attempt's job cancelled."""
+    now = utcnow()
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt))
+        .values(status=JobStatus.cancelled, finished_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if found is None:
+        return False
+    add_event(session, job_id, "status", status=JobStatus.cancelled.value, message="cancelled while running")
+    return True
+
+
+def find_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def find_analysis(session: Session, fingerprint: str) -> Analysis | None:
+    return session.scalars(select(Analysis).where(Analysis.fingerprint == fingerprint)).one_or_none()
+
+
+def store_analysis(session: Session, *, fingerprint: str, **fields: Any) -> Analysis:
+    """Insert the analysis of ``fingerprint``, or return the one another job stored first.
+
+    The insert runs in a savepoint: when a concurrent job wins the unique fingerprint, only the
+    savepoint rolls back and the winner's row is read instead.
+    """
+    existing = find_analysis(session, fingerprint)
+    if existing is not None:
+        return existing
+    analysis = Analysis(fingerprint=fingerprint, **fields)
+    try:
+        with session.begin_nested():
+            session.add(analysis)
+    except IntegrityError:
+        winner = find_analysis(session, fingerprint)
+        if winner is None:
+            raise
+        return winner
+    return analysis
+
+
+# -- reconciler -------------------------------------------------------------------------------------
+
+
+def stale_queued(
+    session: Session,
+    older_than: dt.datetime,
+    *,
+    unenqueued_before: dt.datetime | None = None,
+    limit: int = 100,
+) -> list[uuid.UUID]:
+    """Queued jobs enqueued before ``older_than``, or never enqueued (and queued before ``unenqueued_before``).
+
+    The rows are locked, skipping rows another reconciler holds. ``unenqueued_before`` gives the API
+    a moment between committing a job and recording its enqueue.
+    """
+    never: ColumnElement[bool] = Job.enqueued_at.is_(None)
+    if unenqueued_before is not None:
+        never = and_(never, Job.queued_at < unenqueued_before)
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.queued,
+            or_(never, Job.enqueued_at < older_than),
+        )
+        .order_by(Job.queued_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(stmt))
+
+
+def stale_running(session: Session, heartbeat_older_than: dt.datetime, *, limit: int = 100) -> list[Job]:
+    """Running jobs whose heartbeat stopped before the cutoff; locked, skipping rows others hold."""
+    stmt = (
+        select(Job)
+        .where(
+            Job.status == JobStatus.running,
+            or_(
+                Job.heartbeat_at < heartbeat_older_than,
+                Job.heartbeat_at.is_(None) & (Job.started_at < heartbeat_older_than),
+            ),
+        )
+        .order_by(Job.heartbeat_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(stmt))
+
+
+def mark_enqueued(session: Session, job_id: uuid.UUID) -> bool:
+    """Record that a run message for the queued job was just sent."""
+    found = session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(enqueued_at=utcnow())
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return found is not None
+
+
+def requeue(session: Session, job_id: uuid.UUID, attempt: int, reason: str) -> bool:
+    """Put a running job whose worker vanished back in the queue for another attempt."""
+    found = session.scalars(
+        update(Job)
+        .where(*_owned(job_id, attempt))
+        .values(
+            status=JobStatus.queued,
+            stage=None,
+            progress=0.0,
+            worker=None,
+            heartbeat_at=None,
+            enqueued_at=None,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if found is None:
+        return False
+    add_event(session, job_id, "attempt", status=JobStatus.queued.value, message=_truncate(reason))
+    return True

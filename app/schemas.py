@@ -1,0 +1,204 @@
+"""Response (and small request) models of the HTTP API; job requests are ``app.jobspec.JobCreate``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.db.models import JobStatus
+
+T = TypeVar("T")
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # SQLite (embedded mode) returns naive datetimes; every stored time is UTC.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+UtcDateTime = Annotated[dt.datetime, AfterValidator(_as_utc)]
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: every error response has this shape (application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    code: str = Field(description="stable machine-readable error code")
+    errors: list[dict[str, str | None]] = Field(description="[{field, message}]: the inputs at fault")
+
+
+DEFAULT_PLAN_METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a newest-first listing; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str
+    analysis: str | None = None
+    heatmap: str | None = None
+    artifacts: str | None = None
+
+
+class PlanOut(BaseModel):
+    """One candidate plan of a job: the blocks it cuts and, when validated, its held-out perplexity."""
+
+    name: str
+    k: int | None
+    pruned_layers: list[int]
+    validation_perplexity: float | None
+    chosen: bool
+
+
+class JobSummary(BaseModel):
+    """What a job found and produced, filled in as the worker stores it."""
+
+    rls: float | None = None
+    k: int | None = None
+    clusters: list[int] | None = None
+    num_blocks: int | None = None
+    analysis_reused: bool = False
+    plans: list[PlanOut] = Field(default_factory=list)
+    chosen_method: str | None = None
+    pruned_layers: list[int] | None = None
+    metrics: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="{phase: {metric: value}}; phase is dense, pruned or ratio"
+    )
+    metric_units: dict[str, str | None] = Field(default_factory=dict, description="{metric: unit}")
+    report: dict[str, Any] | None = Field(default=None, description="the worker's own summary, as stored")
+    links: JobLinks
+
+
+class JobListItem(BaseModel):
+    """A job as listed: state without the request and summary."""
+
+    id: uuid.UUID
+    status: JobStatus
+    stage: str | None
+    progress: float
+    model: str
+    method: str
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    finished_at: UtcDateTime | None
+    error: JobError | None
+    links: JobLinks
+
+
+class JobOut(BaseModel):
+    """A job's full state."""
+
+    id: uuid.UUID
+    status: JobStatus
+    stage: str | None
+    progress: float = Field(ge=0.0, le=1.0)
+    model: str
+    method: str
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    queued_at: UtcDateTime | None
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
+    heartbeat_at: UtcDateTime | None
+    cancel_requested_at: UtcDateTime | None
+    attempts: int
+    max_attempts: int
+    error: JobError | None
+    request: dict[str, Any]
+    summary: JobSummary | None = None
+    links: JobLinks
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+    url: str = Field(description="download link on this API (redirects to storage where it presigns)")
+
+
+class AnalysisOut(BaseModel):
+    """S and D with LoRP's structure, the job's plans and every method's per-block scores."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    fingerprint: str
+    num_blocks: int
+    similarity: list[list[float]] = Field(description="S, (N+1) x (N+1); index l < N is block l's input")
+    angular_distance: list[list[float]] = Field(description="D, (N+1) x (N+1), mean angular distances")
+    rls: float | None
+    k: int
+    clusters: list[int]
+    redundancy: list[float | None] = Field(description="r(l); null for a block alone in its cluster")
+    plans: list[PlanOut]
+    scores: dict[str, dict[str, list[float | None]]] = Field(
+        description="{method: {score name: values}} for the job's budget"
+    )
+    provenance: dict[str, Any]
+    created_at: UtcDateTime
+
+
+class DatasetOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    format: str
+    text_field: str | None
+    size_bytes: int
+    sha256: str
+    num_documents: int
+    created_at: UtcDateTime
+    reference: str = Field(description="the value to put in a job's calibration.dataset")
+
+
+class PlansRequest(BaseModel):
+    """Budgets and methods to plan on a job's stored S and D (no model is loaded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: uuid.UUID
+    budgets: list[int] | None = Field(default=None, min_length=1, max_length=64, description="blocks to remove")
+    ratios: list[float] | None = Field(default=None, min_length=1, max_length=64, description="fractions of N")
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_PLAN_METHODS), min_length=1, max_length=16)
+    num_clusters: int | None = Field(default=None, ge=2, le=1000, description="default: the job's option")
+    protected_layers: list[int] | None = Field(default=None, max_length=1000, description="default: the job's")
+    cluster_seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="default: the job's")
+
+    @model_validator(mode="after")
+    def _one_budget_kind(self) -> PlansRequest:
+        if (self.budgets is None) == (self.ratios is None):
+            raise ValueError("give exactly one of budgets or ratios")
+        return self
+
+
+class PlanResult(BaseModel):
+    method: str
+    budget: int = Field(description="blocks removed")
+    ratio: float | None = None
+    pruned_layers: list[int]
+    rls: float | None
+    k: int
+    clusters: list[int]
+
+
+class PlansResponse(BaseModel):
+    job_id: uuid.UUID
+    analysis_id: uuid.UUID
+    num_blocks: int
+    plans: list[PlanResult]
+    elapsed_ms: float

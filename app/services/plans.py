@@ -1,0 +1,115 @@
+"""What-if planning on a job's stored S and D: pure selection, no model, no GPU."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, Unprocessable
+from app.core.security import Principal
+from app.jobspec import JobCreate
+from app.repositories import analyses as analyses_repo
+from app.schemas import PlanResult, PlansRequest, PlansResponse
+from app.services.jobs import get_job
+from worker.engine.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
+from worker.engine.selection import METHODS, SelectionOptions, analyze_structure, select
+from worker.engine.spec import TargetSpec
+
+
+def _options(request: PlansRequest, job_request: dict[str, object]) -> SelectionOptions:
+    # Unset options default to the job's own, so the job's budget reproduces the job's plan.
+    try:
+        job_options = JobCreate.model_validate(job_request).options
+        num_clusters, protected, seed = job_options.num_clusters, job_options.protected_layers, job_options.cluster_seed
+    except ValueError:
+        num_clusters, protected, seed = None, None, 0
+    return SelectionOptions(
+        num_clusters=request.num_clusters if request.num_clusters is not None else num_clusters,
+        protected=tuple(request.protected_layers) if request.protected_layers is not None else protected,
+        seed=request.cluster_seed if request.cluster_seed is not None else seed,
+    )
+
+
+def _budgets(request: PlansRequest, num_blocks: int) -> list[tuple[int, float | None, str]]:
+    """(blocks, ratio, field) per requested budget."""
+    if request.budgets is not None:
+        return [(n, None, f"budgets.{i}") for i, n in enumerate(request.budgets)]
+    assert request.ratios is not None
+    out: list[tuple[int, float | None, str]] = []
+    for i, ratio in enumerate(request.ratios):
+        field = f"ratios.{i}"
+        try:
+            n = TargetSpec(ratio=ratio).blocks_for(num_blocks)
+        except BudgetError as exc:
+            raise Unprocessable(exc.message, field=field) from None
+        except ValueError:
+            raise Unprocessable(f"ratio {ratio} must lie strictly between 0 and 1", field=field) from None
+        out.append((n, ratio, field))
+    return out
+
+
+def _check_methods(request: PlansRequest, S: np.ndarray, D: np.ndarray | None) -> None:
+    for i, name in enumerate(request.methods):
+        if name in METHODS:
+            continue
+        try:
+            select(name, S, D, 1)  # raises the engine's own explanation for "auto" and unknown names
+        except InvalidRequestError as exc:
+            raise Unprocessable(exc.message, field=f"methods.{i}") from None
+        raise Unprocessable(f"unknown method {name!r}", field=f"methods.{i}")
+
+
+def plan(session: Session, request: PlansRequest, principal: Principal) -> PlansResponse:
+    """Every (method, budget) plan on the job's stored statistics, in milliseconds."""
+    started = time.perf_counter()
+    job = get_job(session, request.job_id, principal)
+    analysis = analyses_repo.get(session, job.analysis_id) if job.analysis_id is not None else None
+    if analysis is None:
+        raise Conflict(
+            f"job {job.id} has no similarity analysis yet (status {job.status.value}); plan once it has one",
+            field="job_id",
+            code="analysis_not_ready",
+        )
+    S = np.asarray(analysis.similarity, dtype=np.float64)
+    D = np.asarray(analysis.angular_distance, dtype=np.float64) if analysis.angular_distance else None
+    num_blocks = S.shape[0] - 1
+    options = _options(request, job.request)
+    budgets = _budgets(request, num_blocks)
+    _check_methods(request, S, D)
+    try:
+        structure = analyze_structure(S, options)
+    except EngineError as exc:
+        raise Unprocessable(exc.message, field=exc.field) from None
+
+    results: list[PlanResult] = []
+    for i, name in enumerate(request.methods):
+        fn = METHODS[name]
+        for n, ratio, budget_field in budgets:
+            try:
+                selection = fn(S, D, n, options, structure=structure)
+            except MissingStatisticError as exc:
+                raise Unprocessable(exc.message, field=f"methods.{i}") from None
+            except BudgetError as exc:
+                raise Unprocessable(exc.message, field=budget_field) from None
+            except EngineError as exc:
+                raise Unprocessable(exc.message, field=exc.field) from None
+            results.append(
+                PlanResult(
+                    method=name,
+                    budget=n,
+                    ratio=ratio,
+                    pruned_layers=selection.pruned_layers,
+                    rls=selection.structure.rls,
+                    k=selection.structure.k,
+                    clusters=selection.structure.clusters,
+                )
+            )
+    return PlansResponse(
+        job_id=job.id,
+        analysis_id=analysis.id,
+        num_blocks=num_blocks,
+        plans=results,
+        elapsed_ms=(time.perf_counter() - started) * 1000.0,
+    )

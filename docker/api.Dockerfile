@@ -1,0 +1,14 @@
+# API image: FastAPI + SQLAlchemy + Celery client, no torch (the API never imports it).
+FROM python:3.11-slim
+WORKDIR /srv/lorp
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+COPY pyproject.toml README.md alembic.ini ./
+COPY app ./app
+COPY worker ./worker
+COPY alembic ./alembic
+COPY docker/api-requirements.txt ./
+# The project's own dependency list includes torch for the worker; the API installs its subset.
+RUN pip install --no-cache-dir -r api-requirements.txt && pip install --no-cache-dir --no-deps .
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --retries=5 CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

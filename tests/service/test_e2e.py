@@ -1,0 +1,240 @@
+"""The whole service over HTTP with real processes, in both run modes.
+
+- full stack: `lorp serve --no-worker` (API) + `lorp worker` (a Celery worker process), Postgres,
+  Redis, and moto's S3 server on loopback; downloads follow presigned URLs;
+- embedded: `lorp serve` alone (API + worker, SQLite, kombu's SQLAlchemy broker, local artifacts).
+
+A client uploads a dataset, submits a job on a tiny model, watches it progress to `succeeded`,
+downloads every artifact through the API's links and loads the pruned model with transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
+
+REPO = Path(__file__).resolve().parents[2]
+LORP = str(Path(sys.executable).with_name("lorp"))
+WORDS = "the model block layer state token depth phase cluster prune river city music science language".split()
+N_LAYERS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "tiny")
+    tiny_tokenizer.save_pretrained(root / "tiny")
+    return root
+
+
+class Processes:
+    """Started subprocesses, stopped (SIGINT, then kill) at the end; their logs kept for failures."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+def wait_ready(base: str, procs: Processes, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, proc in procs.procs:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited early ({proc.returncode})\n{procs.logs()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"service not ready\n{procs.logs()}")
+
+
+def start_stack(mode: str, tmp_path: Path, procs: Processes, model_root: Path, request: pytest.FixtureRequest) -> dict:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
+    env.update(
+        LORP_DATA_DIR=str(tmp_path / "data"),
+        LORP_MODEL_ROOTS=json.dumps([str(model_root)]),
+        LORP_QUEUE_NAME=f"e2e-{uuid.uuid4().hex[:8]}",
+        LORP_HEARTBEAT_INTERVAL_S="1",
+        LORP_PROGRESS_MIN_INTERVAL_S="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    info: dict[str, Any] = {"base": f"http://127.0.0.1:{port}", "mode": mode}
+    if mode == "full":
+        pg_url = request.getfixturevalue("pg_url")
+        endpoint = request.getfixturevalue("s3_server")
+        bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+        create_bucket(endpoint, bucket)
+        env.update(
+            LORP_DATABASE_URL=pg_url,
+            LORP_BROKER_URL=request.getfixturevalue("redis_url"),
+            LORP_STORAGE_URL=f"s3://{bucket}/artifacts",
+            LORP_S3_ENDPOINT_URL=endpoint,
+            LORP_S3_ACCESS_KEY=ACCESS_KEY,
+            LORP_S3_SECRET_KEY=SECRET_KEY,
+            LORP_S3_REGION=REGION,
+        )
+        info.update(pg_url=pg_url, endpoint=endpoint)
+        procs.start("api", [LORP, "serve", "--no-worker", "--port", str(port)], env)
+        procs.start("worker", [LORP, "worker", "--loglevel", "warning"], env)
+    else:
+        procs.start("serve", [LORP, "serve", "--port", str(port)], env)
+    wait_ready(info["base"], procs)
+    return info
+
+
+def corpus() -> bytes:
+    rng = random.Random(0)
+    return " ".join(rng.choice(WORDS) for _ in range(6000)).encode()
+
+
+@pytest.mark.parametrize("mode", ["full", "embedded"])
+def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request):
+    stack = start_stack(mode, tmp_path, processes, model_root, request)
+    base = stack["base"]
+    client = httpx.Client(base_url=base, timeout=30)
+
+    upload = client.post("/v1/datasets", files={"file": ("corpus.txt", corpus(), "text/plain")})
+    assert upload.status_code == 201, upload.text
+    dataset_id = upload.json()["id"]
+
+    body = {
+        "model": {"id": str(model_root / "tiny")},
+        "method": "auto",
+        "target": {"num_layers": 2},
+        "calibration": {"dataset": dataset_id, "num_samples": 8, "seq_len": 32, "batch_size": 2},
+        "evaluation": {"dataset": dataset_id, "max_windows": 4, "speed": False},
+    }
+    created = client.post("/v1/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert created.headers["location"].endswith(f"/v1/jobs/{job_id}")
+
+    seen: list[tuple[str, str | None, float]] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append((job["status"], job["stage"], job["progress"]))
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"job did not finish: {seen[-3:]}\n{processes.logs()}")
+    assert job["status"] == "succeeded", f"{job.get('error')}\n{processes.logs()}"
+    progress = [p for _, _, p in seen]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert "running" in {s for s, _, _ in seen}
+    assert job["attempts"] == 1
+
+    summary = job["summary"]
+    assert len(summary["pruned_layers"]) == 2 and len(summary["clusters"]) == N_LAYERS
+    scored = {p["name"]: p["validation_perplexity"] for p in summary["plans"]}
+    assert scored[summary["chosen_method"]] == min(v for v in scored.values() if v is not None)
+
+    artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
+    names = {a["name"] for a in artifacts}
+    assert {"report.json", "analysis.npz", "heatmap.png", "model/config.json", "model/model.safetensors"} <= names
+    out = tmp_path / "downloaded"
+    for art in artifacts:
+        resp = client.get(art["url"], follow_redirects=False)
+        if mode == "full":
+            assert resp.status_code == 302, resp.text
+            assert resp.headers["location"].startswith(stack["endpoint"])
+            resp = httpx.get(resp.headers["location"], timeout=30)
+        assert resp.status_code == 200
+        assert hashlib.sha256(resp.content).hexdigest() == art["sha256"]
+        assert len(resp.content) == art["size_bytes"]
+        target = out / art["name"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(resp.content)
+    pruned = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert pruned.config.num_hidden_layers == N_LAYERS - 2
+    heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)
+    assert heatmap.content[:4] == b"\x89PNG"
+    analysis = client.get(f"/v1/jobs/{job_id}/analysis").json()
+    assert len(analysis["similarity"]) == N_LAYERS + 1 and len(analysis["angular_distance"]) == N_LAYERS + 1
+
+    query = (
+        "select a.num_blocks, (select count(*) from plans p where p.job_id = j.id), "
+        "(select count(*) from metrics m where m.job_id = j.id) "
+        "from jobs j join analyses a on a.id = j.analysis_id where j.id = :id"
+    )
+    if mode == "full":
+        engine = create_engine(stack["pg_url"])
+        with engine.connect() as conn:
+            num_blocks, plans, metrics = conn.execute(text(query), {"id": job_id}).one()
+        engine.dispose()
+    else:
+        db = sqlite3.connect(tmp_path / "data" / "lorp.db")
+        num_blocks, plans, metrics = db.execute(query.replace(":id", "?"), (uuid.UUID(job_id).hex,)).fetchone()
+        db.close()
+    assert num_blocks == N_LAYERS and plans >= 5 and metrics >= 4

@@ -1,0 +1,257 @@
+"""The reconciler against real Postgres and Redis: lost messages re-enqueued, dead workers' jobs retried or failed."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from app.core.config import Settings
+from app.db.models import Job, JobEvent, JobStatus
+from app.db.session import session_factory, session_scope
+from app.jobspec import JobCreate
+from app.repositories import lifecycle
+from worker import service_cli
+from worker.reconciler import reconcile_once
+
+LONG_AGO = dt.timedelta(hours=1)
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, pg_url: str, redis_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=pg_url,
+        broker_url=redis_url,
+        storage_url=(tmp_path / "artifacts").as_uri(),
+        queue_name=f"gpu-test-{uuid.uuid4().hex[:8]}",
+        heartbeat_timeout_s=60,
+        queued_timeout_s=60,
+    )
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def insert_job(settings: Settings, **values: Any) -> uuid.UUID:
+    request = JobCreate.model_validate({"model": {"id": "demo"}, "target": {"num_layers": 2}})
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        job = Job(
+            request=request.model_dump(mode="json"),
+            request_hash=request.fingerprint(),
+            model_source="demo",
+            method="auto",
+            **values,
+        )
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def load(settings: Settings, job_id: uuid.UUID) -> Job:
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def events(settings: Settings, job_id: uuid.UUID, kind: str) -> list[JobEvent]:
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind)))
+
+
+def _job_id_of(message: bytes | str) -> str:
+    envelope = json.loads(message)
+    body = envelope["body"]
+    if envelope.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, _kwargs, _embed = json.loads(body)
+    return str(args[0])
+
+
+def queued_messages(settings: Settings) -> list[str]:
+    """Job ids of the run messages waiting in the queue (kombu's Redis transport keeps a list per queue)."""
+    client = redis.Redis.from_url(settings.celery_broker_url)
+    try:
+        return [_job_id_of(m) for m in client.lrange(settings.queue_name, 0, -1)]
+    finally:
+        client.close()
+
+
+def test_queued_job_never_enqueued_is_enqueued(settings: Settings) -> None:
+    lost = insert_job(settings, queued_at=now() - LONG_AGO)
+    fresh = insert_job(settings)  # the API may not have enqueued it yet: left alone
+    recent = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now())
+    counts = reconcile_once(settings)
+    assert counts["enqueued"] >= 1
+    assert str(lost) in queued_messages(settings)
+    assert str(fresh) not in queued_messages(settings) and str(recent) not in queued_messages(settings)
+    assert load(settings, lost).enqueued_at is not None
+    # Enqueued a moment ago: the next pass leaves it alone.
+    reconcile_once(settings)
+    assert queued_messages(settings).count(str(lost)) == 1
+
+
+def test_queued_job_enqueued_long_ago_is_enqueued_again(settings: Settings) -> None:
+    stale = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - LONG_AGO)
+    reconcile_once(settings)
+    assert str(stale) in queued_messages(settings)
+
+
+def test_queued_job_with_a_cancel_request_is_cancelled_not_enqueued(settings: Settings) -> None:
+    job_id = insert_job(settings, queued_at=now() - LONG_AGO, cancel_requested_at=now())
+    reconcile_once(settings)
+    assert load(settings, job_id).status == JobStatus.cancelled
+    assert str(job_id) not in queued_messages(settings)
+
+
+def test_running_job_with_old_heartbeat_is_requeued(settings: Settings) -> None:
+    old = now() - LONG_AGO
+    job_id = insert_job(
+        settings,
+        status=JobStatus.running,
+        attempts=1,
+        max_attempts=3,
+        worker="gone",
+        started_at=old,
+        heartbeat_at=old,
+        queued_at=old,
+        enqueued_at=old,
+    )
+    alive = insert_job(settings, status=JobStatus.running, attempts=1, started_at=old, heartbeat_at=now())
+    counts = reconcile_once(settings)
+    assert counts["requeued"] >= 1
+    job = load(settings, job_id)
+    assert job.status == JobStatus.queued and job.attempts == 1 and job.worker is None
+    assert job.enqueued_at is not None and str(job_id) in queued_messages(settings)
+    attempt_events = events(settings, job_id, "attempt")
+    assert len(attempt_events) == 1 and "gone" in (attempt_events[0].message or "")
+    assert load(settings, alive).status == JobStatus.running
+    # The retry is claimable: the next attempt is number 2.
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        claimed = lifecycle.claim(session, job_id, "new-worker")
+        assert claimed is not None and claimed.attempts == 2
+
+
+def test_running_job_out_of_attempts_fails_worker_lost(settings: Settings) -> None:
+    old = now() - LONG_AGO
+    job_id = insert_job(
+        settings, status=JobStatus.running, attempts=3, max_attempts=3, worker="w1", started_at=old, heartbeat_at=old
+    )
+    counts = reconcile_once(settings)
+    assert counts["failed"] >= 1
+    job = load(settings, job_id)
+    assert job.status == JobStatus.failed and job.error_code == "worker_lost"
+    assert "heartbeat" in (job.error_message or "") and job.finished_at is not None
+    assert str(job_id) not in queued_messages(settings)
+
+
+def test_old_attempt_cannot_overwrite_after_requeue(settings: Settings) -> None:
+    old = now() - LONG_AGO
+    job_id = insert_job(settings, status=JobStatus.running, attempts=1, started_at=old, heartbeat_at=old)
+    reconcile_once(settings)
+    factory = session_factory(settings.sqlalchemy_url)
+    with session_scope(factory) as session:
+        # The first worker was only slow: its heartbeat and its final write now match nothing.
+        assert lifecycle.heartbeat(session, job_id, 1) is False
+        assert lifecycle.finish_failed(session, job_id, 1, "internal_error", "late") is False
+    assert load(settings, job_id).status == JobStatus.queued
+
+
+def test_concurrent_passes_requeue_a_job_once(settings: Settings) -> None:
+    old = now() - LONG_AGO
+    job_id = insert_job(settings, status=JobStatus.running, attempts=1, started_at=old, heartbeat_at=old)
+    barrier = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            reconcile_once(settings)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert len(events(settings, job_id, "attempt")) == 1
+    job = load(settings, job_id)
+    assert job.status == JobStatus.queued and job.attempts == 1
+    assert queued_messages(settings).count(str(job_id)) == 1
+
+
+def test_store_analysis_is_insert_or_get(settings: Settings) -> None:
+    fingerprint = uuid.uuid4().hex
+    fields: dict[str, Any] = {
+        "model_source": "demo",
+        "model_revision": None,
+        "dataset_sha256": "0" * 64,
+        "num_samples": 4,
+        "seq_len": 32,
+        "seed": 0,
+        "num_tokens": 128,
+        "num_blocks": 2,
+        "similarity": [[1.0, 0.5, 0.2], [0.5, 1.0, 0.4], [0.2, 0.4, 1.0]],
+        "angular_distance": [[0.0, 0.3, 0.4], [0.3, 0.0, 0.2], [0.4, 0.2, 0.0]],
+        "rls": 0.5,
+        "k": 2,
+        "clusters": [0, 1],
+        "redundancy": [None, None],
+        "provenance": {"fingerprint": fingerprint},
+    }
+    factory = session_factory(settings.sqlalchemy_url)
+    barrier = threading.Barrier(3)
+    ids: list[uuid.UUID] = []
+
+    def store() -> None:
+        with session_scope(factory) as session:
+            barrier.wait()
+            ids.append(lifecycle.store_analysis(session, fingerprint=fingerprint, **fields).id)
+
+    threads = [threading.Thread(target=store) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(ids) == 3 and len(set(ids)) == 1
+    with session_scope(factory) as session:
+        found = lifecycle.find_analysis(session, fingerprint)
+        assert found is not None and found.id == ids[0]
+
+
+def test_worker_command_and_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = service_cli.worker_command(settings, concurrency=2)
+    assert argv[1:5] == ["-m", "celery", "-A", "worker.tasks"]
+    assert ["-Q", settings.queue_name] == argv[argv.index("-Q") : argv.index("-Q") + 2]
+    assert "--pool" in argv and "prefork" in argv and argv[argv.index("--concurrency") + 1] == "2"
+    env = service_cli.settings_env(settings, base={"PATH": "/bin", "LORP_S3_ACCESS_KEY": "stale"})
+    assert env["PATH"] == "/bin" and "LORP_S3_ACCESS_KEY" not in env
+    assert env["LORP_DATABASE_URL"] == settings.database_url and env["LORP_QUEUE_NAME"] == settings.queue_name
+    # The child rebuilds the same settings from its environment.
+    for key in [k for k in os.environ if k.startswith("LORP_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("LORP_"):
+            monkeypatch.setenv(key, value)
+    assert Settings() == settings
+
+
+def test_mark_enqueued_only_touches_queued_jobs(settings: Settings) -> None:
+    job_id = insert_job(settings, status=JobStatus.succeeded)
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        assert lifecycle.mark_enqueued(session, job_id) is False
+        session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued))
+        assert lifecycle.mark_enqueued(session, job_id) is True

@@ -1,0 +1,115 @@
+"""The reconciler: no job stays queued without a message, and none stays running without a worker.
+
+The broker only carries "run job X", so a message can be lost (a broker restart, an enqueue that
+failed after the commit). Each pass re-enqueues queued jobs that were never enqueued or were
+enqueued longer than ``queued_timeout_s`` ago (a duplicate message is harmless: the claim refuses
+it), and takes back running jobs whose heartbeat is older than ``heartbeat_timeout_s``: requeued
+while attempts remain, else failed with ``worker_lost``. Rows are locked with SKIP LOCKED and every
+change is a conditional update, so passes may run concurrently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+
+from app.core.config import Settings
+from app.db.base import utcnow
+from app.db.session import session_factory, session_scope
+from app.queue import enqueue_job
+from app.repositories import lifecycle
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+# A job the API committed a moment ago may not be enqueued yet; leave it this long first.
+ENQUEUE_GRACE_S = 10.0
+
+
+def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | None, heartbeat_at: object) -> str:
+    return (
+        f"the worker running this job ({worker or 'unknown'}) stopped sending heartbeats (last at {heartbeat_at}) "
+        f"on attempt {job_attempts} of {max_attempts}, so it was not retried again. Check that worker's logs "
+        "(killed for memory? machine lost?) and submit the job again, perhaps with a smaller batch_size."
+    )
+
+
+def _remove_outputs(settings: Settings, job_ids: list[uuid.UUID]) -> None:
+    if not job_ids:
+        return
+    from worker.runner import artifact_storage, job_prefix
+
+    try:
+        storage = artifact_storage(settings)
+        for job_id in job_ids:
+            storage.delete_prefix(job_prefix(job_id))
+    except Exception:
+        # Leftover objects without artifact rows are invisible to clients; the next run overwrites them.
+        log.warning("could not remove partial outputs of %s", [str(j) for j in job_ids], exc_info=True)
+
+
+def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, int]:
+    """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled."""
+    factory = session_factory(settings.sqlalchemy_url)
+    now = now or utcnow()
+    counts = {"enqueued": 0, "requeued": 0, "failed": 0, "cancelled": 0, "enqueue_errors": 0}
+    finished: list[uuid.UUID] = []
+    requeued: list[uuid.UUID] = []
+
+    with session_scope(factory) as session:
+        cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
+        for job in lifecycle.stale_running(session, cutoff, limit=BATCH):
+            if job.cancel_requested_at is not None:
+                if lifecycle.finish_cancelled(session, job.id, job.attempts):
+                    counts["cancelled"] += 1
+                    finished.append(job.id)
+            elif job.attempts < job.max_attempts:
+                reason = (
+                    f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
+                    f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+                )
+                if lifecycle.requeue(session, job.id, job.attempts, reason):
+                    counts["requeued"] += 1
+                    requeued.append(job.id)
+                    log.warning("job %s: %s", job.id, reason)
+            else:
+                message = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
+                if lifecycle.finish_failed(session, job.id, job.attempts, "worker_lost", message):
+                    counts["failed"] += 1
+                    finished.append(job.id)
+                    log.error("job %s failed: %s", job.id, message)
+    _remove_outputs(settings, finished)
+
+    # Sent only after the requeue is committed, so the claim can find the job queued.
+    for job_id in requeued:
+        try:
+            enqueue_job(job_id, settings)
+        except Exception:
+            # It stays queued and never enqueued: the queued sweep below (or the next pass) sends it.
+            counts["enqueue_errors"] += 1
+            log.warning("could not enqueue requeued job %s", job_id, exc_info=True)
+            continue
+        with session_scope(factory) as session:
+            lifecycle.mark_enqueued(session, job_id)
+        counts["enqueued"] += 1
+
+    with session_scope(factory) as session:
+        cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
+        grace = now - dt.timedelta(seconds=min(settings.queued_timeout_s, ENQUEUE_GRACE_S))
+        for job_id in lifecycle.stale_queued(session, cutoff, unenqueued_before=grace, limit=BATCH):
+            if lifecycle.cancel_if_requested_while_queued(session, job_id):
+                counts["cancelled"] += 1
+                continue
+            try:
+                # Sent while the row is locked, so a concurrent pass skips this job instead of sending again.
+                enqueue_job(job_id, settings)
+            except Exception:
+                counts["enqueue_errors"] += 1
+                log.warning("could not enqueue job %s; the next pass retries", job_id, exc_info=True)
+                break
+            lifecycle.mark_enqueued(session, job_id)
+            counts["enqueued"] += 1
+    if any(counts.values()):
+        log.info("reconcile: %s", counts)
+    return counts
