@@ -52,9 +52,14 @@ def bench_capture(model, windows, batch_size: int, repeats: int) -> dict:
     plain()  # warm-up
     capture()
     plain_t, capture_t = [], []
-    for _ in range(repeats):
-        plain_t.append(_timed(plain))
-        capture_t.append(_timed(capture))
+    for rep in range(repeats):
+        # Alternate which runs first: on a shared machine, a fixed order biases the ratio.
+        if rep % 2 == 0:
+            plain_t.append(_timed(plain))
+            capture_t.append(_timed(capture))
+        else:
+            capture_t.append(_timed(capture))
+            plain_t.append(_timed(plain))
     p, c = statistics.median(plain_t), statistics.median(capture_t)
     return {"tokens": tokens, "plain_tok_s": tokens / p, "capture_tok_s": tokens / c, "ratio": p / c}
 
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--budgets", default="2,4,6,8")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
 

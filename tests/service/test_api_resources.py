@@ -328,6 +328,28 @@ def test_plans_match_the_engine(api_settings, rollback_sessionmaker):
     assert plan["pruned_layers"] == expected.pruned_layers
 
 
+def test_plans_agree_with_the_lorp_select_cli(api_settings, rollback_sessionmaker, tmp_path):
+    """/v1/plans on a job's stored S and D gives what `lorp select` gives on the exported analysis."""
+    job_id, _ = _finished_job(rollback_sessionmaker)
+    client = client_for(api_settings, rollback_sessionmaker)
+    analysis = client.get(f"/v1/jobs/{job_id}/analysis").json()
+    npz = tmp_path / "analysis.npz"
+    np.savez(npz, S=np.array(analysis["similarity"]), D=np.array(analysis["angular_distance"]))
+    plans = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [3]}).json()["plans"]
+    for plan in plans:
+        argv = ["select", "--similarity", str(npz), "--num-layers", "3", "--method", plan["method"], "--json"]
+        cli = subprocess.run(
+            [sys.executable, "-m", "worker.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0, cli.stderr
+        printed = json.loads(cli.stdout)
+        assert printed["pruned_layers"] == plan["pruned_layers"]
+        assert printed["k"] == plan["k"] and printed["clusters"] == plan["clusters"]
+
+
 @pytest.mark.parametrize(
     ("extra", "status", "field"),
     [

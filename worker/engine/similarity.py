@@ -2,10 +2,10 @@
 
 Forward pre-hooks on every decoder block record the hidden state that enters it, a forward hook on
 the last block records its output and then stops the forward pass, so the final norm and the LM
-head never run. Per batch, the normalised states of the real (unpadded) tokens give
-
-* S: one ``[L, tokens*d] x [tokens*d, L]`` product (L = N+1 states), summed in float64;
-* D: the per-token angular distances ``arccos(x_i . x_j) / pi``, summed over tokens in chunks.
+head never run. Per batch, the normalised states of the real (unpadded) tokens (L = N+1 of them per
+token) go through one batched product giving every token's L x L dot products; summed over tokens
+they are S's ``[L, tokens*d] x [tokens*d, L]`` product, and their ``arccos / pi`` summed over tokens
+is D. Sums accumulate in float64.
 
 Only sums and a token count persist between batches, so memory does not grow with the number of
 calibration sequences.
@@ -72,23 +72,39 @@ def _output_hidden(output: Any) -> torch.Tensor:
 
 
 class _StateRecorder:
-    """Hooks that collect the N+1 normalised states of one batch, restricted to real tokens."""
+    """Hooks that copy the N+1 hidden states of one batch, real tokens only, into one float32 buffer.
+
+    The buffer is token-major, ``[tokens, L, d]``, so that the per-token products for S and D are
+    one batched matrix product over contiguous memory, with no stacking copy.
+    """
 
     def __init__(self, blocks: torch.nn.ModuleList) -> None:
         self.blocks = blocks
         self.n_states = len(blocks) + 1
-        self.states: list[torch.Tensor | None] = [None] * self.n_states
+        self.buffer: torch.Tensor | None = None
+        self.filled: list[bool] = [False] * self.n_states
         self.mask: torch.Tensor | None = None
+        self.all_real = False
         self.compute_device: torch.device | None = None
         self._handles: list[Any] = []
 
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.bool()
+        self.all_real = bool(self.mask.all())
+        self.buffer = None
+        self.filled = [False] * self.n_states
+
     def _store(self, index: int, hidden: torch.Tensor) -> None:
+        # Only a copy here (the forward pass waits on it); normalisation happens on the products.
         assert self.mask is not None
         h = hidden.detach()
         if self.compute_device is not None and h.device != self.compute_device:
             h = h.to(self.compute_device)
-        h = h[self.mask.to(h.device)].float()  # [tokens, d]
-        self.states[index] = h / (h.norm(dim=-1, keepdim=True) + EPS)
+        h = h.reshape(-1, h.shape[-1]) if self.all_real else h[self.mask.to(h.device)]  # [tokens, d]
+        if self.buffer is None:
+            self.buffer = torch.empty((h.shape[0], self.n_states, h.shape[1]), dtype=torch.float32, device=h.device)
+        self.buffer[:, index].copy_(h)
+        self.filled[index] = True
 
     def __enter__(self) -> _StateRecorder:
         for idx, block in enumerate(self.blocks):
@@ -180,25 +196,19 @@ def capture_similarity(
                 raise JobCancelled("cancelled during similarity capture")
             ids = windows.input_ids[start : start + batch_size].to(device)
             mask = windows.attention_mask[start : start + batch_size].to(device)
-            recorder.mask = mask.bool()
-            recorder.states = [None] * n_states
+            recorder.start_batch(mask)
             with contextlib.suppress(_StopForward):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            if any(s is None for s in recorder.states):
+            if not all(recorder.filled) or recorder.buffer is None:
                 raise RuntimeError("a decoder block did not run during capture")
-            x = torch.stack(recorder.states)  # type: ignore[arg-type]  # [L, tokens, d]
-            recorder.states = [None] * n_states
-            tokens = int(x.shape[1])
-            flat = x.reshape(n_states, -1)
-            s_sum += (flat @ flat.T).double().cpu().numpy()
-            n_tokens += tokens
-            if angular == "all_tokens":
-                d_sum += _angular_sum(x)
-                n_angular += tokens
-            else:
-                last = _last_token_positions(mask)
-                d_sum += _angular_sum(x[:, last])
-                n_angular += int(last.numel())
+            x = recorder.buffer  # [tokens, L, d]
+            recorder.buffer = None
+            last = _last_token_positions(mask) if angular == "last_token" else None
+            batch_s, batch_d = _pair_sums(x, last)
+            s_sum += batch_s
+            d_sum += batch_d
+            n_tokens += int(x.shape[0])
+            n_angular += int(x.shape[0]) if last is None else int(last.numel())
             if progress is not None:
                 progress(min(start + batch_size, total), total)
 
@@ -218,14 +228,32 @@ def _last_token_positions(mask: torch.Tensor) -> torch.Tensor:
     return ends[counts > 0]
 
 
-def _angular_sum(x: torch.Tensor) -> np.ndarray:
-    """Sum over tokens of arccos(x_i . x_j) / pi for all state pairs; x is [L, tokens, d]."""
-    n_states, tokens, _ = x.shape
-    per_token = x.transpose(0, 1)  # [tokens, L, d]
+def _pair_sums(x: torch.Tensor, last: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sums over tokens of x_i . x_j (for S) and of arccos(x_i . x_j) / pi (for D).
+
+    ``x`` holds the raw states, ``[tokens, L, d]``. One batched product gives every token's L x L
+    Gram matrix G; its diagonal holds the squared norms, so the normalised products are
+    ``G_ij / ((|h_i| + eps)(|h_j| + eps))`` without a separate normalisation pass. D needs these
+    per-token products anyway, and their sum over tokens is exactly S's
+    ``[L, tokens*d] x [tokens*d, L]`` product: one product serves both. Chunks bound the
+    ``[chunk, L, L]`` temporary; ``last`` restricts D to those tokens (the last-token variant).
+    """
+    tokens, n_states, _ = x.shape
     chunk = max(1, _D_CHUNK_ELEMENTS // (n_states * n_states))
-    total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
-    for start in range(0, tokens, chunk):
-        part = per_token[start : start + chunk]
-        cos = torch.bmm(part, part.transpose(1, 2)).clamp_(-1.0, 1.0)
-        total += torch.arccos(cos).sum(dim=0, dtype=torch.float64)
-    return (total / math.pi).cpu().numpy()
+    s_total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
+    d_total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
+
+    def cosines(part: torch.Tensor) -> torch.Tensor:
+        gram = torch.bmm(part, part.transpose(1, 2))  # [chunk, L, L], float32
+        scale = gram.diagonal(dim1=1, dim2=2).sqrt().add_(EPS)  # |h| + eps, [chunk, L]
+        return gram.div_(scale.unsqueeze(2)).div_(scale.unsqueeze(1))
+
+    for begin in range(0, tokens, chunk):
+        cos = cosines(x[begin : begin + chunk])
+        s_total += cos.sum(dim=0, dtype=torch.float64)
+        if last is None:
+            d_total += torch.arccos(cos.clamp_(-1.0, 1.0)).sum(dim=0, dtype=torch.float64)
+    if last is not None:
+        cos = cosines(x[last]).clamp_(-1.0, 1.0)
+        d_total += torch.arccos(cos).sum(dim=0, dtype=torch.float64)
+    return s_total.cpu().numpy(), (d_total / math.pi).cpu().numpy()
