@@ -6,6 +6,8 @@ made on first use, so importing this module (``app.main:app`` for uvicorn) never
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +27,7 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 _PROBLEMS: dict[int | str, dict[str, object]] = {
     status: {"model": Problem, "description": f"{phrase} (application/problem+json)"}
     for status, phrase in (
+        (400, "unparseable body or headers"),
         (401, "missing, unknown or revoked API key"),
         (404, "unknown, or another owner's"),
         (413, "body too large"),
@@ -102,6 +105,17 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+def _problem_media_type(schema: dict[str, Any]) -> dict[str, Any]:
+    """Error responses are served as application/problem+json (RFC 9457): document them so."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status[:1] in ("4", "5") and "application/json" in content:
+                    content["application/problem+json"] = content.pop("application/json")
+    return schema
+
+
 def create_app(settings: Settings | None = None, *, sessionmaker: sessionmaker[Session] | None = None) -> FastAPI:
     """Build the API; ``sessionmaker`` overrides the one made from ``settings`` (tests pass a rollback one)."""
     settings = settings or get_settings()
@@ -128,6 +142,13 @@ def create_app(settings: Settings | None = None, *, sessionmaker: sessionmaker[S
     # The middleware added last is outermost: latency is measured around everything, 413s included.
     app.add_middleware(BodySizeLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_media_type(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

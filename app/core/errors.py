@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobspec import RequestError
@@ -263,6 +264,14 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("storage error: %s", exc)
         return problem_response(
             request, status=503, code="storage_unavailable", detail="object storage is unavailable; retry later"
+        )
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+        # Every pooled connection is busy (or the database stalls): a temporary condition, not a bug.
+        logger.error("database connection pool exhausted: %s", exc)
+        return problem_response(
+            request, status=503, code="database_unavailable", detail="the database is busy; retry later"
         )
 
     @app.exception_handler(DBAPIError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +67,20 @@ class _JsonlChecker:
                 field="text_field",
             )
         self.documents += 1
+
+
+def _has_control_chars(value: str) -> bool:
+    # Postgres text cannot hold NUL, and control characters in a display name only mislead.
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
+def _display_name(name: str | None, filename: str | None) -> str:
+    if name is not None and _has_control_chars(name):
+        raise Unprocessable("name must not contain control characters", field="name")
+    # Only the last component of the client's filename is kept (a path like ../../x.txt is never used
+    # as a path: the object key is derived from the dataset id).
+    fallback = "".join(c for c in Path((filename or "dataset").replace("\\", "/")).name if not _has_control_chars(c))
+    return (name or fallback).strip()[:255] or "dataset"
 
 
 def _format_of(filename: str | None) -> tuple[str, str]:
@@ -136,7 +151,9 @@ def upload_dataset(
         text_field = DEFAULT_TEXT_FIELD if text_field is None else text_field
         if not text_field.strip() or len(text_field) > MAX_TEXT_FIELD_LEN:
             raise Unprocessable(f"text_field must hold 1 to {MAX_TEXT_FIELD_LEN} characters", field="text_field")
-    display_name = (name or Path(filename or "dataset").name).strip()[:255] or "dataset"
+        if _has_control_chars(text_field):
+            raise Unprocessable("text_field must not contain control characters", field="text_field")
+    display_name = _display_name(name, filename)
 
     dataset_id = uuid.uuid4()
     key = f"datasets/{dataset_id}/data.{fmt}"
@@ -159,7 +176,13 @@ def upload_dataset(
         storage_key=key,
         num_documents=documents,
     )
-    return datasets_repo.add(session, dataset)
+    try:
+        return datasets_repo.add(session, dataset)
+    except Exception:
+        # The row was refused: the stored object would be listed by nothing, so remove it.
+        with contextlib.suppress(Exception):
+            storage.delete_prefix(f"datasets/{dataset_id}")
+        raise
 
 
 def get_dataset(session: Session, dataset_id: uuid.UUID, principal: Principal) -> Dataset:

@@ -8,7 +8,10 @@ leaves weights uninitialised is refused instead of silently getting random block
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +95,152 @@ def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{directory} holds no model weights (*.safetensors)", field="model")
 
 
+# Bytes per element of the safetensors dtypes (sub-byte float formats are not stored by HF checkpoints).
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# More decoder blocks than any published model has by two orders of magnitude: a config claiming more
+# is refused before a single module is built.
+MAX_BLOCKS = 10_000
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_GGUF_MAGIC = b"GGUF"
+
+
+def _corrupt(path: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(f"{path.name} is not a valid safetensors file: {why}", field="model")
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensor table of one safetensors file, checked against the file's size without reading data.
+
+    Catches truncated files and headers that lie about shapes (a shape whose byte size differs from
+    the tensor's data span), with the file and tensor named.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length (truncated)")
+        length = int.from_bytes(raw, "little")
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise _corrupt(path, f"its header claims {length} bytes but the file holds {size} (truncated)")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise _corrupt(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_size = size - 8 - length
+    tensors: dict[str, Any] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            itemsize = _SAFETENSORS_ITEMSIZE[dtype]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"tensor {name!r} has a malformed entry in the header") from None
+        needed = math.prod(shape) * itemsize
+        if end - begin != needed:
+            raise _corrupt(
+                path,
+                f"tensor {name!r}: the header's shape {shape} ({dtype}) needs {needed} bytes "
+                f"but its data span {end - begin}",
+            )
+        if end > data_size:
+            raise _corrupt(
+                path, f"tensor {name!r} ends at byte {end} of the data but the file holds {data_size} (truncated)"
+            )
+        tensors[name] = shape
+    return tensors
+
+
+def _claimed_blocks(config: dict[str, Any]) -> int | None:
+    for holder in (config, config.get("text_config") or {}):
+        if isinstance(holder, dict):
+            for key in _LAYER_KEYS:
+                value = holder.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+    return None
+
+
+def _preflight_local(directory: Path) -> None:
+    """Cheap checks before transformers builds anything: config sanity and intact weight files.
+
+    A config claiming far more blocks than the weights hold (10^6 layers) would otherwise build a
+    million modules before the missing-weights check could refuse it.
+    """
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{directory}/config.json is not readable JSON: {exc}", field="model") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{directory}/config.json is not a JSON object", field="model")
+    claimed = _claimed_blocks(config)
+    if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
+        raise ModelLoadError(
+            f"{directory}/config.json claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted",
+            field="model",
+        )
+    indices: set[int] = set()
+    files = sorted(directory.glob("*.safetensors"))
+    for f in files:
+        for name in _safetensors_header(f):
+            match = _LAYER_INDEX.search(name)
+            if match:
+                indices.add(int(match.group(1)))
+    if claimed is not None and files and indices and claimed > max(indices) + 1:
+        raise ModelLoadError(
+            f"{directory}/config.json claims {claimed} decoder blocks but the weights hold {max(indices) + 1}; "
+            "the config and the checkpoint do not belong together",
+            field="model",
+        )
+
+
+def _preflight_gguf(path: Path) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(24)
+    if head[:4] != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path.name} is not a GGUF file (it does not start with the GGUF magic)", field="model")
+    if len(head) < 24:
+        raise ModelLoadError(f"{path.name} is truncated: {len(head)} bytes, shorter than a GGUF header", field="model")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLoadError:
+    text = str(exc)
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    if "trust_remote_code" in text:
+        return ModelLoadError(
+            f"{source} needs custom code from its repository (trust_remote_code), which is off; "
+            "an operator must allow this model explicitly",
+            field="model",
+        )
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return ModelLoadError(
+            f"{source}: tensor shapes in the checkpoint do not match the model its config.json describes; "
+            "the weights file or the config is inconsistent",
+            field="model",
+        )
+    if gguf_file is not None:
+        return ModelLoadError(
+            f"{source} is not a readable GGUF checkpoint (truncated or corrupt?): {type(exc).__name__}: {first}",
+            field="model",
+        )
+    return ModelLoadError(f"could not load {source}: {first}", field="model")
+
+
 def _drop_quantizer_state(model: Any) -> None:
     # GGUF checkpoints load dequantized but keep the quantizer attached, and save_pretrained then
     # refuses the model; the weights are plain tensors by now, so the state is only a label.
@@ -147,6 +296,7 @@ def load_model(
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}", field="model")
+            _preflight_gguf(path)
             location, gguf_file = path.parent, path.name
             provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
             kwargs["gguf_file"] = gguf_file
@@ -154,6 +304,7 @@ def load_model(
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)", field="model")
             _check_local_weights(path, allow_pickle)
+            _preflight_local(path)
             location = path
             provenance.update(kind="local", **_weights_fingerprint(path))
             kwargs["use_safetensors"] = None if allow_pickle else True
@@ -171,14 +322,13 @@ def load_model(
         model, info = loaded
         tok_kwargs = {k: kwargs[k] for k in ("revision", "gguf_file", "trust_remote_code") if k in kwargs}
         tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelLoadError(
-                f"{source} needs custom code from its repository (trust_remote_code), which is off; "
-                "an operator must allow this model explicitly",
-                field="model",
-            ) from exc
-        raise ModelLoadError(f"could not load {source}: {exc}", field="model") from exc
+    except Exception as exc:
+        # Any failure to read the checkpoint is the model's fault, reported as such (a corrupt file
+        # raises SafetensorError, struct.error ... which are none of the usual types); running out of
+        # memory is not, and keeps its own classification.
+        if _is_out_of_memory(exc):
+            raise
+        raise _load_failure(source, exc, gguf_file) from exc
 
     missing = [k for k in (info.get("missing_keys") or []) if k]
     if missing:

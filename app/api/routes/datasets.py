@@ -8,13 +8,19 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
-from app.schemas import DatasetOut
+from app.schemas import DatasetOut, Problem
 from app.services import datasets as datasets_service
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+# Besides the problems every /v1 route documents (app.main): a body that is not valid multipart is a 400.
+_UPLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": Problem, "description": "the body is not valid multipart/form-data (application/problem+json)"},
+}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses=_UPLOAD_RESPONSES)
 def upload_dataset(
     file: Annotated[UploadFile, File(description=".txt (UTF-8) or .jsonl (one JSON object per line)")],
     response: Response,

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from app.db.models import Artifact, JobStatus
 from app.jobspec import JobCreate
-from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page
+from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page, Problem
 from app.services import jobs as jobs_service
 from app.storage import Storage
 
@@ -27,7 +27,15 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post("", status_code=202, response_model=JobOut, responses={200: {"description": "idempotent replay"}})
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        200: {"description": "idempotent replay"},
+        409: {"model": Problem, "description": "Idempotency-Key reused with another body"},
+    },
+)
 def create_job(
     spec: JobCreate,
     response: Response,
@@ -54,7 +62,9 @@ def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
-    model: Annotated[str | None, Query(max_length=1024, description="exact model id")] = None,
+    model: Annotated[
+        str | None, Query(max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*$", description="exact model id")
+    ] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page[JobListItem]:
@@ -68,7 +78,14 @@ def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> 
     return jobs_service.job_out(session, jobs_service.get_job(session, job_id, principal))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses={202: {"description": "running: stop requested"}})
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={
+        202: {"description": "running: stop requested"},
+        409: {"model": Problem, "description": "the job already finished"},
+    },
+)
 def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JSONResponse:
     """Cancel a queued job at once (200) or ask a running one to stop at its next checkpoint (202)."""
     job, final = jobs_service.cancel_job(session, job_id, principal)
