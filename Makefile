@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup services demo demo-cli serve worker reconciler migrate test test-fast lint bench clean
+.PHONY: setup services demo demo-cli serve worker reconciler migrate test test-fast reliability lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -38,6 +38,11 @@ services:
 
 test: setup services
 	$(PY) -m pytest -q
+
+# Fault-injection, load and hostile-input suites only; then docs/reliability.md from their results.
+reliability: setup services
+	$(PY) -m pytest -q -m reliability tests/reliability
+	$(PY) scripts/reliability_report.py > /dev/null
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" --ignore=tests/service

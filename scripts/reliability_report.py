@@ -20,7 +20,9 @@ SUITES = {
 
 def _fmt(value: object) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+        items = list(value.items())
+        shown = ", ".join(f"{k}: {_fmt(v)}" for k, v in items[:12])
+        return shown if len(items) <= 12 else f"{shown}, ... ({len(items)} entries)"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list) and len(value) > 8:

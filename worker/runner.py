@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
@@ -155,6 +157,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+def is_database_outage(exc: BaseException) -> bool:
+    """A lost or refused database connection (a restart, a network cut, an exhausted pool)."""
+    if isinstance(exc, OperationalError | PoolTimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
 def classify_failure(exc: BaseException, settings: Settings) -> tuple[str, str]:
     """The job error code and a message a person can act on, for an exception that ended a run."""
     if isinstance(exc, JobFailure):
@@ -268,6 +277,10 @@ class _JobRun:
                 owned = lifecycle.set_progress(session, self.job_id, self.attempt, stage, self._overall)
                 if owned and changed:
                     lifecycle.add_event(session, self.job_id, "stage", status="running", stage=stage)
+        except SoftTimeLimitExceeded:
+            # Celery's time limit lands wherever the job happens to be, this write included: it must
+            # end the job, not be taken for a failed write.
+            raise
         except Exception:
             # Progress is advisory; a failed write must not fail the job (the next one may succeed).
             log.warning("could not record progress of job %s", self.job_id, exc_info=True)
@@ -288,6 +301,8 @@ class _JobRun:
         try:
             with session_scope(self.factory) as session:
                 state = lifecycle.run_state(session, self.job_id, self.attempt)
+        except SoftTimeLimitExceeded:
+            raise  # the time limit, arriving during this read: not a failed read (see _write_progress)
         except Exception:
             log.warning("could not read the cancel flag of job %s", self.job_id, exc_info=True)
             return self._cancel_seen
@@ -506,6 +521,11 @@ class _JobRun:
                 # The worker is shutting down hard: leave the job running; the reconciler retries it.
                 log.warning("job %s interrupted by worker shutdown; the reconciler will retry it", self.job_id)
                 raise
+            if is_database_outage(exc):
+                # A database outage is nobody's mistake and no reason to fail the job for good: leave
+                # it running without heartbeats, and the reconciler requeues it (attempts are bounded).
+                log.warning("job %s lost its database (%s); the reconciler will retry it", self.job_id, exc)
+                return "lost"
             return self._failed(exc)
 
     def _cancelled(self) -> str:

@@ -382,6 +382,28 @@ def test_runner_twice_runs_once(local_settings: Settings, model_root: Path, corp
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
 
 
+def test_database_outage_mid_job_leaves_it_for_the_reconciler(
+    local_settings: Settings, model_root: Path, corpus_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost database connection is no reason to fail a job for good: it stays running, unrecorded."""
+    from sqlalchemy.exc import OperationalError
+
+    settings = local_settings
+    dataset_id = upload_dataset(settings, corpus_bytes)
+    job_id = create_job(settings, job_request(str(model_root / "tiny-llama"), dataset_id, method="lorp"))
+
+    def database_down(*_args: Any, **_kwargs: Any) -> None:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(runner.lifecycle, "find_analysis", database_down)
+    assert runner.run_job(job_id, settings) == "lost"
+    job = load_job(settings, job_id)
+    assert job.status == JobStatus.running and job.attempts == 1
+    assert job.error_code is None and job.error_message is None
+    assert rows(settings, Artifact, job_id) == []
+    assert not (settings.work_dir / str(job_id)).exists()
+
+
 def test_queued_job_cancelled_before_start_never_runs(local_settings: Settings, model_root: Path) -> None:
     settings = local_settings
     job_id = create_job(settings, job_request(str(model_root / "tiny-llama"), "builtin"))

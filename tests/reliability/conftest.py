@@ -1,0 +1,359 @@
+"""Fixtures and helpers shared by the reliability suites (real processes, all on loopback).
+
+Fixtures:
+- ``pg_url``, ``pg_engine``, ``s3_server``: re-exported from ``tests/service`` (a fresh migrated
+  Postgres database per session; moto's S3 server on loopback for the session).
+- ``reliability_redis_url``: the local Redis on a database of its own (``LORP_TEST_RELIABILITY_REDIS_URL``,
+  default db 13). It is never flushed: other suites may share it, so every stack uses its own queue.
+- ``tiny_model_root``: a model root holding ``tiny-llama`` (6 blocks, 32 wide: jobs of seconds).
+- ``corpus_bytes``: a calibration text of 8,000 words, enough for hundreds of 32-token windows.
+
+Helpers:
+- ``stack_settings(...)``: ``Settings`` for Postgres + Redis + a fresh bucket on an S3 endpoint, a
+  private queue and short heartbeat/reconcile timings.
+- ``save_llama(...)``: save a random Llama of any size with the tiny tokenizer under a model root.
+- ``upload_dataset``, ``job_request``, ``create_job``, ``submit_job``, ``load_job``, ``job_rows``,
+  ``stage_events``, ``wait_for``: jobs as rows, the way the API records them.
+- ``Fleet``: real ``celery worker`` processes (each in its own process group, so ``kill_hard`` is a
+  ``kill -9`` of the main process and its pool child) and an in-process reconciler loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import select
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from app.core.config import Settings
+from app.db.models import Dataset, Job, JobEvent
+from app.db.session import session_factory, session_scope
+from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
+from app.queue import enqueue_job
+from tests.service.conftest import pg_engine, pg_url  # noqa: F401  (re-exported fixtures)
+from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket, s3_server  # noqa: F401
+from worker import runner, service_cli
+from worker.engine.spec import TargetSpec
+
+REPO = Path(__file__).resolve().parents[2]
+RELIABILITY_REDIS_URL = os.environ.get("LORP_TEST_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")
+WORDS = [
+    *("the", "model", "block", "layer", "state", "token", "depth", "phase", "cluster", "prune", "remove"),
+    *("keep", "similar", "distant", "early", "late", "middle", "signal", "noise", "river", "mountain"),
+    *("city", "history", "music", "science", "language"),
+]
+TINY_LAYERS = 6
+
+# Short timings: a dead worker's job is taken back within a few seconds.
+FAST_TIMINGS: dict[str, Any] = {
+    "heartbeat_interval_s": 0.5,
+    "heartbeat_timeout_s": 3.0,
+    "reconcile_interval_s": 0.5,
+    "progress_min_interval_s": 0.0,
+}
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def reliability_redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(RELIABILITY_REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    return RELIABILITY_REDIS_URL
+
+
+def save_llama(root: Path, name: str, tokenizer: Any, *, seed: int = 0, **config: Any) -> Path:
+    """A random Llama saved (safetensors) with ``tokenizer`` under ``root/name``; ``config`` overrides sizes."""
+    values: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": TINY_LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    values.update(config)
+    torch.manual_seed(seed)
+    path = root / name
+    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    """A model root holding ``tiny-llama`` (6 blocks, hidden size 32)."""
+    root = tmp_path_factory.mktemp("models")
+    save_llama(root, "tiny-llama", tiny_tokenizer)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus_bytes() -> bytes:
+    rng = random.Random(0)
+    return " ".join(rng.choice(WORDS) for _ in range(8000)).encode()
+
+
+# -- settings and jobs ------------------------------------------------------------------------------
+
+
+def stack_settings(
+    tmp_path: Path, database_url: str, redis_url: str, s3_endpoint: str, model_root: Path, **overrides: Any
+) -> Settings:
+    """Postgres, Redis (a private queue), a fresh bucket on ``s3_endpoint``, short timings."""
+    bucket = f"lorp-{uuid.uuid4().hex[:12]}"
+    create_bucket(s3_endpoint, bucket)
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "database_url": database_url,
+        "broker_url": redis_url,
+        "storage_url": f"s3://{bucket}/artifacts",
+        "s3_endpoint_url": s3_endpoint,
+        "s3_region": REGION,
+        "s3_access_key": ACCESS_KEY,
+        "s3_secret_key": SECRET_KEY,
+        "model_roots": [model_root],
+        "queue_name": f"gpu-rel-{uuid.uuid4().hex[:8]}",
+        **FAST_TIMINGS,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def upload_dataset(settings: Settings, data: bytes) -> uuid.UUID:
+    """Put a .txt corpus into storage and register it, as ``POST /v1/datasets`` does."""
+    dataset_id = uuid.uuid4()
+    key = f"datasets/{dataset_id}.txt"
+    stored = runner.artifact_storage(settings).put_bytes(key, data, content_type="text/plain")
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        session.add(
+            Dataset(
+                id=dataset_id,
+                name="corpus.txt",
+                format="txt",
+                text_field=None,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
+                storage_key=key,
+                num_documents=1,
+            )
+        )
+    return dataset_id
+
+
+def job_request(
+    model_id: str,
+    dataset: uuid.UUID | str,
+    *,
+    num_layers: int = 2,
+    method: str = "lorp",
+    num_samples: int = 8,
+    seq_len: int = 32,
+    batch_size: int = 4,
+    seed: int = 0,
+    eval_windows: int = 2,
+    perplexity: bool = True,
+) -> JobCreate:
+    return JobCreate.model_validate(
+        {
+            "model": ModelRef(id=model_id),
+            "method": method,
+            "target": TargetSpec(num_layers=num_layers),
+            "calibration": CalibrationRef(
+                dataset=str(dataset), num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
+            ),
+            "evaluation": EvaluationRef(max_windows=eval_windows, perplexity=perplexity, speed=False),
+        }
+    )
+
+
+def create_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:
+    """Insert and commit a queued job row, as the API does before enqueueing."""
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        job = Job(
+            request=request.model_dump(mode="json"),
+            request_hash=request.fingerprint(),
+            model_source=request.model.id,
+            method=request.method,
+            max_attempts=max_attempts,
+        )
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def submit_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:
+    """Commit the row, then send the message (the API's order)."""
+    job_id = create_job(settings, request, max_attempts=max_attempts)
+    enqueue_job(job_id, settings)
+    return job_id
+
+
+def load_job(settings: Settings, job_id: uuid.UUID) -> Job:
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def job_rows(settings: Settings, model: Any, job_id: uuid.UUID) -> list[Any]:
+    """The rows of ``model`` (Artifact, Plan, Metric, JobEvent ...) that belong to the job."""
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        return list(session.scalars(select(model).where(model.job_id == job_id)))
+
+
+def stage_events(settings: Settings, job_id: uuid.UUID) -> list[JobEvent]:
+    return sorted((e for e in job_rows(settings, JobEvent, job_id) if e.kind == "stage"), key=lambda e: e.at)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProc:
+    """One ``celery worker`` (prefork, concurrency 1) in its own process group."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def pool_children(self) -> list[int]:
+        """Pids of the main process's children (the prefork pool)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        wait_for(lambda: " ready." in self.log() or not self.alive, timeout, f"worker {self.name} to start", 0.1)
+        assert self.alive, f"worker {self.name} exited at start:\n{self.log()[-3000:]}"
+
+    def kill_hard(self) -> None:
+        """``kill -9`` of the whole process group: the Celery main process and its pool child."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Warm shutdown (TERM), then kill -9 if it lingers."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill_hard()
+        # Pool children left behind by a hard kill of the main process only.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@dataclass
+class Fleet:
+    """Worker processes and a reconciler loop for one test; ``close`` stops them all."""
+
+    settings: Settings
+    log_dir: Path
+    workers: list[WorkerProc] = field(default_factory=list)
+    _reconciler_stop: threading.Event | None = None
+    _reconciler: threading.Thread | None = None
+
+    def start_worker(self, name: str | None = None, *, wait: bool = True, **env_overrides: str) -> WorkerProc:
+        """Start ``lorp worker``'s Celery command with this fleet's settings (plus ``env_overrides``)."""
+        name = name or f"worker-{len(self.workers) + 1}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        log_path = self.log_dir / f"{name}.log"
+        settings_env = service_cli.settings_env(self.settings, env)
+        settings_env.update(env_overrides)
+        # A node name per worker, so the job row says which one ran an attempt.
+        argv = [*service_cli.worker_command(self.settings, concurrency=1, loglevel="info"), "--hostname", f"{name}@%h"]
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                env=settings_env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProc(name, proc, log_path)
+        self.workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    def start_reconciler(self) -> None:
+        """``run_reconciler`` in a thread of this process, with the fleet's (short) timings."""
+        assert self._reconciler is None
+        self._reconciler_stop = threading.Event()
+        self._reconciler = threading.Thread(
+            target=service_cli.run_reconciler,
+            args=(self.settings,),
+            kwargs={"stop": self._reconciler_stop},
+            name="reconciler",
+            daemon=True,
+        )
+        self._reconciler.start()
+
+    def logs(self, tail: int = 4000) -> str:
+        return "\n".join(f"---- {w.name} ----\n{w.log()[-tail:]}" for w in self.workers)
+
+    def close(self) -> None:
+        if self._reconciler_stop is not None and self._reconciler is not None:
+            self._reconciler_stop.set()
+            self._reconciler.join(timeout=30)
+        for worker in self.workers:
+            worker.stop()
+
+
+@contextlib.contextmanager
+def fleet_of(settings: Settings, log_dir: Path, *, reconciler: bool = True) -> Iterator[Fleet]:
+    """A ``Fleet`` (with its reconciler running, unless told otherwise) that is closed on exit."""
+    fleet = Fleet(settings, log_dir)
+    try:
+        if reconciler:
+            fleet.start_reconciler()
+        yield fleet
+    finally:
+        fleet.close()
