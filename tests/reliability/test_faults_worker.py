@@ -40,6 +40,7 @@ from worker import runner
 from worker.engine.pipeline import STAGES
 
 from .conftest import (
+    WORDS,
     Fleet,
     WorkerProc,
     fleet_of,
@@ -374,10 +375,20 @@ def test_time_limit_fails_the_job_and_the_worker_runs_the_next(
     with fleet_of(settings, tmp_path) as fleet:
         worker = fleet.start_worker("w1")
         main_pid = worker.proc.pid
-        # Hundreds of windows one at a time on the 8-block model: minutes of capture, far past 10 s.
+        # 4,096 windows of 128 tokens, one at a time, on the 8-block model: minutes of capture on any
+        # CPU, far past the limit, however idle the machine (a job of seconds made this test flaky).
+        big_corpus = " ".join(random.Random(4000).choice(WORDS) for _ in range(400_000)).encode()
+        big_dataset = upload_dataset(settings, big_corpus)
         slow = submit_job(
             settings,
-            job_request(str(fault_model_root / "mid-llama"), dataset_id, num_samples=512, batch_size=1, seed=4000),
+            job_request(
+                str(fault_model_root / "mid-llama"),
+                big_dataset,
+                num_samples=4096,
+                seq_len=128,
+                batch_size=1,
+                seed=4000,
+            ),
         )
         wait_for(lambda: load_job(settings, slow).status.terminal, limit + 60, "the time limit", 0.1)
         job = load_job(settings, slow)
