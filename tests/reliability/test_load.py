@@ -256,9 +256,10 @@ def test_queued_jobs_across_two_workers_run_once_each(stack: Stack) -> None:
         command=f"LORP_LOAD_JOBS={N_JOBS} " + COMMAND.format(k="queued"),
         notes=(
             "Cheapest real job (reverse, 1 of 2 blocks, 2 windows of 16 tokens, no evaluation). "
-            "worker_max_tasks_per_child=1: each job starts a fresh prefork child that imports torch and "
-            "transformers again, which dominates the per-job time on this machine (claim_to_model_loaded_s); "
-            "the issue asks for 1,000 jobs, which at this rate takes hours on 2 cores."
+            "worker_max_tasks_per_child=1: each job runs in a fresh prefork child; the worker's main process "
+            "preloads torch, transformers and the engine before forking, so claim_to_model_loaded_s is the "
+            "fork, the claim, the dataset download and building the model. The issue's 1,000 jobs take about "
+            "an hour at this rate on 2 cores: LORP_LOAD_JOBS=1000 runs it."
         ),
         figures={
             "jobs_per_s": round(rate, 3),
