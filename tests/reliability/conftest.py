@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import select
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny_llama
 
 from app.core.config import Settings
 from app.db.models import Dataset, Job, JobEvent
@@ -83,23 +82,7 @@ def reliability_redis_url() -> str:
 
 def save_llama(root: Path, name: str, tokenizer: Any, *, seed: int = 0, **config: Any) -> Path:
     """A random Llama saved (safetensors) with ``tokenizer`` under ``root/name``; ``config`` overrides sizes."""
-    values: dict[str, Any] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": TINY_LAYERS,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    values.update(config)
-    torch.manual_seed(seed)
-    path = root / name
-    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(root, name, tokenizer, seed=seed, **{"num_hidden_layers": TINY_LAYERS, **config})
 
 
 @pytest.fixture(scope="module")

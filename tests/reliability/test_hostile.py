@@ -25,7 +25,8 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny_llama
+from transformers import LlamaForCausalLM
 
 from app.core.config import Settings
 from app.core.security import revoke_api_key
@@ -79,20 +80,7 @@ def _record_outcomes() -> Iterator[None]:
 def model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
     """A model root holding one tiny, valid Llama that the hostile variants are copied from."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
-    tiny_tokenizer.save_pretrained(root / "tiny-llama")
+    save_tiny_llama(root, "tiny-llama", tiny_tokenizer, num_hidden_layers=NUM_LAYERS, max_position_embeddings=256)
     return root
 
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from sqlalchemy import create_engine, text
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny_llama
+from transformers import AutoModelForCausalLM
 
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 
@@ -48,20 +48,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(root / "tiny")
-    tiny_tokenizer.save_pretrained(root / "tiny")
+    save_tiny_llama(root, "tiny", tiny_tokenizer, num_hidden_layers=N_LAYERS, max_position_embeddings=256)
     return root
 
 

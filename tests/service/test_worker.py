@@ -24,7 +24,8 @@ import boto3
 import pytest
 import torch
 from sqlalchemy import select, update
-from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny_llama
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from app.core.config import Settings
 from app.db.models import Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
@@ -54,20 +55,7 @@ WORDS = [
 def model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
     """A model root holding a tiny Llama (supported) and a tiny Bloom (an unknown architecture)."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    llama = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(llama).save_pretrained(root / "tiny-llama")
-    tiny_tokenizer.save_pretrained(root / "tiny-llama")
+    save_tiny_llama(root, "tiny-llama", tiny_tokenizer, num_hidden_layers=NUM_LAYERS, max_position_embeddings=256)
     bloom = BloomConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=4, n_head=4)
     BloomForCausalLM(bloom).save_pretrained(root / "tiny-bloom")
     tiny_tokenizer.save_pretrained(root / "tiny-bloom")
