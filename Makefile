@@ -45,7 +45,7 @@ reliability: setup services
 	$(PY) scripts/reliability_report.py > /dev/null
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" --ignore=tests/service
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/service --ignore=tests/reliability
 
 lint: setup
 	$(PY) -m ruff check .
