@@ -38,13 +38,14 @@ from sqlalchemy import select
 from tiny import save_tiny_llama
 
 from app.core.config import Settings
-from app.db.models import Dataset, Job, JobEvent
+from app.db.models import Job, JobEvent
 from app.db.session import session_factory, session_scope
 from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
 from app.queue import enqueue_job
 from tests.service.conftest import pg_engine, pg_url  # noqa: F401  (re-exported fixtures)
+from tests.service.helpers import upload_dataset  # noqa: F401  (re-exported for the suites)
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket, s3_server  # noqa: F401
-from worker import runner, service_cli
+from worker import service_cli
 from worker.engine.spec import TargetSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,27 +124,6 @@ def stack_settings(
     }
     values.update(overrides)
     return Settings(**values)
-
-
-def upload_dataset(settings: Settings, data: bytes) -> uuid.UUID:
-    """Put a .txt corpus into storage and register it, as ``POST /v1/datasets`` does."""
-    dataset_id = uuid.uuid4()
-    key = f"datasets/{dataset_id}.txt"
-    stored = runner.artifact_storage(settings).put_bytes(key, data, content_type="text/plain")
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        session.add(
-            Dataset(
-                id=dataset_id,
-                name="corpus.txt",
-                format="txt",
-                text_field=None,
-                size_bytes=stored.size,
-                sha256=stored.sha256,
-                storage_key=key,
-                num_documents=1,
-            )
-        )
-    return dataset_id
 
 
 def job_request(

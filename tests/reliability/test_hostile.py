@@ -35,6 +35,7 @@ from app.db.session import session_factory, session_scope
 from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
 from tests.reliability.record import record
 from tests.service.conftest import REDIS_TEST_URL
+from tests.service.helpers import upload_dataset
 from tests.service.test_api import assert_problem, bearer, client_for, insert_job, new_key
 from worker import runner
 from worker.engine import assets
@@ -611,28 +612,6 @@ def test_config_claiming_too_many_layers_fails_fast(
     _note(f"config claiming {claimed} layers", outcome)
 
 
-def _dataset_row(settings: Settings, data: bytes) -> str:
-    """A stored .txt dataset written straight to storage (bypassing the upload checks, as a corrupted or
-    older object would be)."""
-    dataset_id = uuid.uuid4()
-    key = f"datasets/{dataset_id}/data.txt"
-    stored = runner.artifact_storage(settings).put_bytes(key, data, content_type="text/plain")
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        session.add(
-            Dataset(
-                id=dataset_id,
-                name="hostile.txt",
-                format="txt",
-                text_field=None,
-                size_bytes=stored.size,
-                sha256=stored.sha256,
-                storage_key=key,
-                num_documents=1,
-            )
-        )
-    return str(dataset_id)
-
-
 @pytest.mark.parametrize(
     ("case", "data", "needle"),
     [
@@ -644,7 +623,7 @@ def _dataset_row(settings: Settings, data: bytes) -> str:
 def test_unusable_calibration_text_fails_the_job(
     case: str, data: bytes, needle: str, job_settings: Settings, model_root: Path
 ) -> None:
-    dataset = _dataset_row(job_settings, data)
+    dataset = str(upload_dataset(job_settings, data, name="hostile.txt"))
     job_id = _create_job(job_settings, str(model_root / "tiny-llama"), dataset=dataset, seq_len=64)
     outcome = _run_failed(job_settings, job_id, "calibration_data", needle)
     _note(f"calibration text {case}", outcome)

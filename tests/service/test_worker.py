@@ -28,7 +28,7 @@ from tiny import save_tiny_llama
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from app.core.config import Settings
-from app.db.models import Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, Plan
 from app.db.session import session_factory, session_scope
 from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
 from app.queue import enqueue_job
@@ -37,6 +37,7 @@ from app.storage import Storage, storage_from_url
 from worker import runner, service_cli
 from worker.engine.spec import TargetSpec
 
+from .helpers import upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,27 +114,6 @@ def s3_settings(tmp_path: Path, pg_url: str, redis_url: str, model_root: Path, s
 
 def storage_of(settings: Settings) -> Storage:
     return runner.artifact_storage(settings)
-
-
-def upload_dataset(settings: Settings, data: bytes) -> uuid.UUID:
-    """Put a .txt corpus into storage and register it, as ``POST /v1/datasets`` does."""
-    dataset_id = uuid.uuid4()
-    key = f"datasets/{dataset_id}.txt"
-    stored = storage_of(settings).put_bytes(key, data, content_type="text/plain")
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        session.add(
-            Dataset(
-                id=dataset_id,
-                name="corpus.txt",
-                format="txt",
-                text_field=None,
-                size_bytes=stored.size,
-                sha256=stored.sha256,
-                storage_key=key,
-                num_documents=1,
-            )
-        )
-    return dataset_id
 
 
 def job_request(
