@@ -249,6 +249,8 @@ class _JobRun:
         self._cancel_seen = False
         self._fingerprint: str | None = None
         self._reused_analysis_id: uuid.UUID | None = None
+        # Local copies of the job's inputs, by the name the client knows them by (for error messages).
+        self._public_names: dict[str, str] = {}
 
     @property
     def storage(self) -> Storage:
@@ -382,6 +384,7 @@ class _JobRun:
             fmt, text_field, key = dataset.format, dataset.text_field, dataset.storage_key
         suffix = ".jsonl" if fmt == "jsonl" else ".txt"
         local = self.work_dir / "data" / f"{dataset_id}{suffix}"
+        self._public_names[str(local)] = f"dataset {reference}"
         if not local.exists():
             with_storage_retries(f"downloading dataset {reference}", lambda: self.storage.download_to(key, local))
         return f"{local}#{text_field or 'text'}" if fmt == "jsonl" else str(local)
@@ -399,6 +402,7 @@ class _JobRun:
                 "model_load_failed", f"no objects under {reference}; upload the model directory there first"
             )
         dest = self.work_dir / "model-source"
+        self._public_names[str(dest)] = reference
         for key in keys:
             target = dest.joinpath(*key.split("/"))
             with_storage_retries(f"downloading {reference}/{key}", functools.partial(store.download_to, key, target))
@@ -541,6 +545,7 @@ class _JobRun:
 
     def _failed(self, exc: BaseException) -> str:
         code, message = classify_failure(exc, self.settings)
+        message = self.public_message(message)
         if code == "internal_error":
             log.error("job %s failed unexpectedly", self.job_id, exc_info=exc)
         else:
@@ -551,6 +556,12 @@ class _JobRun:
             return self._after_refused_finish()
         self.delete_outputs()
         return "failed"
+
+    def public_message(self, message: str) -> str:
+        """``message`` with the worker's own paths replaced by the names the client gave the inputs."""
+        for local in sorted(self._public_names, key=len, reverse=True):
+            message = message.replace(local, self._public_names[local])
+        return message.replace(str(self.work_dir), "<job folder>")
 
     def _after_refused_finish(self) -> str:
         """Our final write matched nothing: a cancel arrived, or another attempt owns the job now."""

@@ -495,6 +495,7 @@ def _run_failed(settings: Settings, job_id: uuid.UUID, code: str, *needles: str)
     assert error_code == code, (error_code, message)
     for needle in needles:
         assert needle in message, message
+    assert str(settings.work_dir) not in message, f"the message exposes the worker's folders: {message}"
     assert artifacts == 0
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
     assert runner.artifact_storage(settings).list(f"jobs/{job_id}") == []
@@ -625,5 +626,7 @@ def test_unusable_calibration_text_fails_the_job(
 ) -> None:
     dataset = str(upload_dataset(job_settings, data, name="hostile.txt"))
     job_id = _create_job(job_settings, str(model_root / "tiny-llama"), dataset=dataset, seq_len=64)
-    outcome = _run_failed(job_settings, job_id, "calibration_data", needle)
+    # The client knows the file as its dataset id, not as the worker's local copy.
+    needles = (needle, f"dataset {dataset}") if case == "binary" else (needle,)
+    outcome = _run_failed(job_settings, job_id, "calibration_data", *needles)
     _note(f"calibration text {case}", outcome)
