@@ -223,6 +223,17 @@ def test_tokenize_stream_joins_with_eos(tiny_tokenizer) -> None:
     assert tokenize_stream(tiny_tokenizer, []).numel() == 0
 
 
+def test_tokenize_stream_prefix_stops_early(tiny_tokenizer, texts: list[str]) -> None:
+    """With min_tokens the stream is a prefix of the whole one, long enough, and not the whole."""
+    whole = tokenize_stream(tiny_tokenizer, texts)
+    first_doc = len(tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    prefix = tokenize_stream(tiny_tokenizer, texts, min_tokens=first_doc)
+    assert first_doc <= prefix.numel() < whole.numel()
+    assert torch.equal(prefix, whole[: prefix.numel()])
+    # More than there is: everything.
+    assert torch.equal(tokenize_stream(tiny_tokenizer, texts, min_tokens=whole.numel() + 1), whole)
+
+
 def test_capture_and_validation_shapes(tiny_tokenizer, texts: list[str]) -> None:
     data = build_calibration(tiny_tokenizer, texts, num_samples=8, seq_len=64, max_validation_windows=4)
     stream = tokenize_stream(tiny_tokenizer, texts)

@@ -98,6 +98,11 @@ def _supported_text() -> str:
     return ", ".join(sorted(_LAYOUTS))
 
 
+def supported_families() -> list[str]:
+    """The transformers model packages (``transformers.models.<family>``) whose blocks we can find."""
+    return sorted({family for family, _ in _LAYOUTS.values()})
+
+
 def _model_type(model: Any) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) if config is not None else None

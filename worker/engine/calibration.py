@@ -305,27 +305,31 @@ class CalibrationData:
     num_stream_tokens: int
 
 
-def tokenize_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+def tokenize_stream(tokenizer: Any, texts: list[str], *, min_tokens: int | None = None) -> torch.Tensor:
     """Tokenize documents into one stream.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
         texts: the documents; each is tokenized without special tokens.
+        min_tokens: stop once the stream holds at least this many tokens (documents are tokenized in
+            order, a few at a time); the result is a prefix of the whole stream. ``None`` tokenizes all.
 
     Returns:
         A 1-D int64 tensor: the documents' tokens, consecutive documents separated by the
         tokenizer's end-of-sequence id (no separator when the tokenizer has none).
     """
-    if not texts:
-        return torch.zeros(0, dtype=torch.int64)
-    # verbose=False: documents are longer than the model's context on purpose; windows cut them.
-    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     pieces: list[int] = []
-    for index, ids in enumerate(encoded):
-        if index and eos is not None:
-            pieces.append(int(eos))
-        pieces.extend(ids)
+    step = len(texts) if min_tokens is None else 4
+    for start in range(0, len(texts), max(step, 1)):
+        # verbose=False: documents are longer than the model's context on purpose; windows cut them.
+        encoded = tokenizer(list(texts[start : start + step]), add_special_tokens=False, verbose=False)["input_ids"]
+        for offset, ids in enumerate(encoded):
+            if start + offset and eos is not None:
+                pieces.append(int(eos))
+            pieces.extend(ids)
+        if min_tokens is not None and len(pieces) >= min_tokens:
+            break
     return torch.tensor(pieces, dtype=torch.int64)
 
 
@@ -480,7 +484,9 @@ def evaluation_windows(
             ``seq_len`` < 2; (field ``max_windows``) when ``max_windows`` < 1.
     """
     _check_sizes(seq_len=seq_len, max_windows=max_windows)
-    stream = tokenize_stream(tokenizer, texts)
+    # The windows are the stream's first ones: only that prefix needs tokenizing.
+    needed = None if max_windows is None else max_windows * seq_len
+    stream = tokenize_stream(tokenizer, texts, min_tokens=needed)
     count = int(stream.numel()) // seq_len
     if count == 0:
         raise CalibrationError(
