@@ -4,7 +4,7 @@ and Celery worker processes.
 - 50 clients post the same body with the same Idempotency-Key at once: one job row, one job id.
 - N queued jobs across 2 worker processes on a 2-block tiny model: all succeed, none runs twice.
   N is ``LORP_LOAD_JOBS`` (default 20, CI-sized; each job takes ~1 s in its prefork child plus the
-  child's replacement, ~3.5 s per job and worker on a 2-core machine).
+  child's replacement, ~2.5 s per job and worker on a 2-core machine).
 - Status polling: ``GET /v1/jobs/{id}`` at 100 concurrent clients for a bounded time, beside
   ``/healthz`` of the same app in the same run: p50, p99, req/s, and the ratio.
 
@@ -267,8 +267,8 @@ def test_queued_jobs_across_two_workers_run_once_each(stack: Stack) -> None:
             "worker_max_tasks_per_child=1: each job runs in a fresh prefork child; the worker's main process "
             "imports the engine and warms transformers before forking (scripts/bench_worker.py), so "
             "claim_to_model_loaded_s is the dataset download and building the model. dispatch_s runs from the "
-            "worker receiving a message to a child claiming it: Celery replaces the exited child first, at once "
-            "or on its 5 s pool-maintenance timer."
+            "worker receiving a message to a child claiming it, including the exited child's replacement "
+            "(worker/pool.py)."
             + (" CI runs this size; the issue's 1,000 is a LORP_LOAD_JOBS=1000 run." if N_JOBS < 1000 else "")
         ),
         figures={
