@@ -91,38 +91,27 @@ class JobListItem(BaseModel):
     id: uuid.UUID
     status: JobStatus
     stage: str | None
-    progress: float
-    model: str
-    method: str
-    created_at: UtcDateTime
-    updated_at: UtcDateTime
-    finished_at: UtcDateTime | None
-    error: JobError | None
-    links: JobLinks
-
-
-class JobOut(BaseModel):
-    """A job's full state."""
-
-    id: uuid.UUID
-    status: JobStatus
-    stage: str | None
     progress: float = Field(ge=0.0, le=1.0)
     model: str
     method: str
     created_at: UtcDateTime
     updated_at: UtcDateTime
+    finished_at: UtcDateTime | None
+    error: JobError | None
+    links: JobLinks
+
+
+class JobOut(JobListItem):
+    """A job's full state: the listed fields, its timeline, attempts, request and summary."""
+
     queued_at: UtcDateTime | None
     started_at: UtcDateTime | None
-    finished_at: UtcDateTime | None
     heartbeat_at: UtcDateTime | None
     cancel_requested_at: UtcDateTime | None
     attempts: int
     max_attempts: int
-    error: JobError | None
     request: dict[str, Any]
     summary: JobSummary | None = None
-    links: JobLinks
 
 
 class ArtifactOut(BaseModel):

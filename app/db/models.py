@@ -77,6 +77,8 @@ class Analysis(IdMixin, TimestampMixin, Base):
     num_blocks: Mapped[int] = mapped_column(Integer)
     similarity: Mapped[list[list[float]]] = mapped_column(JsonType)  # S, (N+1)x(N+1)
     angular_distance: Mapped[list[list[float]]] = mapped_column(JsonType)  # D
+    # LoRP's structure with the options of the job that captured S; GET .../analysis recomputes it
+    # with each job's own options (a K override changes k and clusters).
     rls: Mapped[float | None] = mapped_column(Float)
     k: Mapped[int] = mapped_column(Integer)
     clusters: Mapped[list[int]] = mapped_column(JsonType)

@@ -46,7 +46,7 @@ from app.schemas import (
     PlanOut,
 )
 from worker.engine.errors import EngineError
-from worker.engine.selection import METHODS, SelectionOptions, analyze_structure
+from worker.engine.selection import METHODS, SelectionOptions, Structure, analyze_structure
 
 logger = logging.getLogger(__name__)
 
@@ -237,46 +237,41 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
     )
 
 
+def _listed_fields(job: Job, links: JobLinks) -> dict[str, Any]:
+    """The fields a job shows in a list; the full view adds to them."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "stage": job.stage,
+        "progress": min(max(job.progress or 0.0, 0.0), 1.0),
+        "model": job.model_source,
+        "method": job.method,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "error": _error(job),
+        "links": links,
+    }
+
+
 def job_out(session: Session, job: Job) -> JobOut:
     """The full view of a job, with its summary once the worker has stored one."""
     links = _links(job)
     return JobOut(
-        id=job.id,
-        status=job.status,
-        stage=job.stage,
-        progress=min(max(job.progress or 0.0, 0.0), 1.0),
-        model=job.model_source,
-        method=job.method,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
+        **_listed_fields(job, links),
         queued_at=job.queued_at,
         started_at=job.started_at,
-        finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at,
         cancel_requested_at=job.cancel_requested_at,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        error=_error(job),
         request=job.request,
         summary=_summary(session, job, links),
-        links=links,
     )
 
 
 def _list_item(job: Job) -> JobListItem:
-    return JobListItem(
-        id=job.id,
-        status=job.status,
-        stage=job.stage,
-        progress=min(max(job.progress or 0.0, 0.0), 1.0),
-        model=job.model_source,
-        method=job.method,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        finished_at=job.finished_at,
-        error=_error(job),
-        links=_links(job),
-    )
+    return JobListItem(**_listed_fields(job, _links(job)))
 
 
 def encode_cursor(job: Job) -> str:
@@ -350,14 +345,19 @@ def _job_budget(request: dict[str, Any], num_blocks: int) -> tuple[int | None, S
         return None, options
 
 
-def _scores(S: np.ndarray, D: np.ndarray | None, n: int | None, options: SelectionOptions) -> dict[str, Any]:
-    if n is None:
+def _structure(S: np.ndarray, options: SelectionOptions) -> Structure | None:
+    try:
+        return analyze_structure(S, options)
+    except EngineError:
+        return None
+
+
+def _scores(
+    S: np.ndarray, D: np.ndarray | None, n: int | None, options: SelectionOptions, structure: Structure | None
+) -> dict[str, Any]:
+    if n is None or structure is None:
         return {}
     out: dict[str, dict[str, list[float | None]]] = {}
-    try:
-        structure = analyze_structure(S, options)
-    except EngineError:
-        return {}
     for name in DEFAULT_PLAN_METHODS:
         try:
             selection = METHODS[name](S, D, n, options, structure=structure)
@@ -376,6 +376,14 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
     S = np.asarray(analysis.similarity, dtype=np.float64)
     D = np.asarray(analysis.angular_distance, dtype=np.float64) if analysis.angular_distance else None
     n, options = _job_budget(job.request, analysis.num_blocks)
+    # One analysis row serves every job with the same calibration; LoRP's structure depends on each
+    # job's own options (a K override, the clustering seed), so it is this job's, not the first one's.
+    structure = _structure(S, options)
+    rls, k, clusters, redundancy = (
+        (structure.rls, structure.k, structure.clusters, structure.redundancy)
+        if structure is not None
+        else (analysis.rls, analysis.k, analysis.clusters, analysis.redundancy)
+    )
     plans = jobs_repo.plans_for(session, job.id)
     return AnalysisOut(
         id=analysis.id,
@@ -384,10 +392,10 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
         num_blocks=analysis.num_blocks,
         similarity=analysis.similarity,
         angular_distance=analysis.angular_distance,
-        rls=_finite(analysis.rls),
-        k=analysis.k,
-        clusters=list(analysis.clusters),
-        redundancy=[_finite(v) for v in analysis.redundancy],
+        rls=_finite(rls),
+        k=k,
+        clusters=list(clusters),
+        redundancy=[_finite(v) for v in redundancy],
         plans=[
             PlanOut(
                 name=p.name,
@@ -398,7 +406,7 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
             )
             for p in plans
         ],
-        scores=_scores(S, D, n, options),
+        scores=_scores(S, D, n, options, structure),
         provenance=analysis.provenance,
         created_at=analysis.created_at,
     )

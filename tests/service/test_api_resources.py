@@ -17,7 +17,7 @@ from sqlalchemy import select
 from app.api.deps import build_storage
 from app.db.models import Artifact, Dataset, JobEvent, JobStatus, Metric, Plan
 from app.storage import storage_from_url
-from worker.engine.selection import SelectionOptions
+from worker.engine.selection import SelectionOptions, analyze_structure
 from worker.engine.selection import select as engine_select
 
 from .test_api import (
@@ -296,6 +296,29 @@ def test_analysis_returns_s_d_structure_and_scores(api_settings, rollback_sessio
     expected = engine_select("shortgpt", S, D, 2, SelectionOptions())
     assert body["scores"]["shortgpt"]["block_influence"] == pytest.approx(expected.scores["block_influence"])
     assert set(body["scores"]) == {"lorp", "shortgpt", "streamline", "angular", "reverse"}
+
+
+def test_analysis_structure_follows_each_jobs_options(api_settings, rollback_sessionmaker):
+    """Jobs sharing one stored analysis each see LoRP's structure for their own K override."""
+    analysis_id = insert_analysis(rollback_sessionmaker, n_blocks=12)
+    base = {"model": {"id": "demo"}, "target": {"num_layers": 2}}
+    plain = insert_job(rollback_sessionmaker, status=JobStatus.succeeded, analysis_id=analysis_id, request=base)
+    forced = insert_job(
+        rollback_sessionmaker,
+        status=JobStatus.succeeded,
+        analysis_id=analysis_id,
+        request={**base, "options": {"num_clusters": 5}},
+    )
+    client = client_for(api_settings, rollback_sessionmaker)
+    S, _ = similarity_stats(12)
+    for job_id, options in ((plain, SelectionOptions()), (forced, SelectionOptions(num_clusters=5))):
+        body = client.get(f"/v1/jobs/{job_id}/analysis").json()
+        expected = analyze_structure(S, options)
+        assert body["id"] == str(analysis_id)
+        assert body["k"] == expected.k and body["clusters"] == expected.clusters, job_id
+        assert body["rls"] == pytest.approx(expected.rls)
+    assert client.get(f"/v1/jobs/{forced}/analysis").json()["k"] == 5
+    assert client.get(f"/v1/jobs/{plain}/analysis").json()["k"] != 5
 
 
 def test_plans_match_the_engine(api_settings, rollback_sessionmaker):
