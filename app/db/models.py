@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -90,6 +91,14 @@ class Job(IdMixin, TimestampMixin, Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        # NULLs are distinct in the constraint above: anonymous jobs (no API keys) need their own index.
+        Index(
+            "uq_jobs_anonymous_idempotency",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("owner_id IS NULL AND idempotency_key IS NOT NULL"),
+            sqlite_where=text("owner_id IS NULL AND idempotency_key IS NOT NULL"),
+        ),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_owner_created_at", "owner_id", "created_at"),
     )

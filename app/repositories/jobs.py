@@ -37,8 +37,9 @@ def get_by_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: st
 def lock_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str) -> None:
     """Serialize submissions that carry the same (owner, Idempotency-Key) until this transaction ends.
 
-    The unique constraint alone does not cover the anonymous owner: NULLs are distinct in unique
-    constraints, so two NULL-owned rows with one key would both insert.
+    The second submission then finds the first one's job instead of failing its insert. The database
+    enforces the rule regardless: a unique constraint for owners and a partial unique index for the
+    anonymous owner (NULLs are distinct in a unique constraint); the caller handles the violation.
     """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
