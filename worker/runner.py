@@ -214,6 +214,8 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat of job %s failed", self._run.job_id, exc_info=True)
                 continue
             if not owned:
+                if self._run.finishing.is_set():
+                    return  # our own final write got there first
                 log.warning("job %s is no longer attempt %d's to run; stopping it", self._run.job_id, self._run.attempt)
                 self._run.lost.set()
                 return
@@ -241,6 +243,8 @@ class _JobRun:
         self.factory = factory
         self.work_dir = settings.work_dir / str(job_id)
         self.lost = threading.Event()
+        # Set before the final write: from then on the job leaving this attempt is expected.
+        self.finishing = threading.Event()
         self._storage: Storage | None = None
         self._stage: str | None = None
         self._overall = 0.0
@@ -514,6 +518,7 @@ class _JobRun:
                 lookup_analysis=self.lookup_analysis,
             )
             artifacts = self.upload(result.out_dir)
+            self.finishing.set()
             if self.publish(request, result, artifacts):
                 log.info("job %s succeeded: removed blocks %s", self.job_id, result.report["chosen"]["pruned_layers"])
                 return "succeeded"
@@ -533,6 +538,7 @@ class _JobRun:
             return self._failed(exc)
 
     def _cancelled(self) -> str:
+        self.finishing.set()
         if self.lost.is_set():
             return self._after_refused_finish()
         with session_scope(self.factory) as session:
@@ -544,6 +550,7 @@ class _JobRun:
         return "cancelled"
 
     def _failed(self, exc: BaseException) -> str:
+        self.finishing.set()
         code, message = classify_failure(exc, self.settings)
         message = self.public_message(message)
         if code == "internal_error":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import random
 import subprocess
@@ -348,6 +349,33 @@ def test_runner_twice_runs_once(local_settings: Settings, model_root: Path, corp
     artifacts = rows(settings, Artifact, job_id)
     assert sorted(storage_of(settings).list(f"jobs/{job_id}")) == sorted(a.storage_key for a in artifacts)
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
+
+
+def test_heartbeat_after_publish_is_quiet(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    model_root: Path,
+    corpus_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A beat that lands after the job's own final write is expected, not a lost job."""
+    settings = make_settings(tmp_path, pg_url, redis_url, model_root, heartbeat_interval_s=0.005)
+    publish = runner._JobRun.publish
+
+    def publish_then_linger(self: Any, *args: Any, **kwargs: Any) -> bool:
+        done = publish(self, *args, **kwargs)
+        time.sleep(0.3)  # the heartbeat beats many times against the finished job meanwhile
+        return done
+
+    monkeypatch.setattr(runner._JobRun, "publish", publish_then_linger)
+    dataset_id = upload_dataset(settings, corpus_bytes)
+    job_id = create_job(settings, job_request(str(model_root / "tiny-llama"), dataset_id, method="shortgpt"))
+    with caplog.at_level(logging.WARNING, logger=runner.__name__):
+        assert runner.run_job(job_id, settings) == "succeeded"
+    assert not [r for r in caplog.records if "no longer attempt" in r.getMessage()]
+    assert load_job(settings, job_id).status == JobStatus.succeeded
 
 
 def test_database_outage_mid_job_leaves_it_for_the_reconciler(
