@@ -80,7 +80,9 @@ def get_database(request: Request) -> Iterator[Database]:
         yield Database(session)
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in the thread
+# pool, a hop that costs more than the work here (get_database and get_principal may block, so they hop).
+async def get_settings_dep(request: Request) -> Settings:
     return service_state(request).settings
 
 
@@ -95,7 +97,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_session(db: DatabaseDep) -> Session:
+async def get_session(db: DatabaseDep) -> Session:
     return db.session
 
 

@@ -200,10 +200,27 @@ def _finite(value: float | None) -> float | None:
     return float(value)
 
 
+def _job_structure(session: Session, job: Job) -> dict[str, Any] | None:
+    """RLS, K, clusters and N as this job's worker computed them (its summary), else the analysis row's.
+
+    The analysis row is shared by every job with the same calibration, and holds the structure for the
+    options of the job that captured it; a job with its own K override has its own in its summary.
+    """
+    own = job.summary or {}
+    if all(own.get(key) is not None for key in ("k", "clusters", "num_blocks")):
+        clusters = list(own["clusters"])
+        return {"rls": own.get("rls"), "k": own["k"], "clusters": clusters, "num_blocks": own["num_blocks"]}
+    return analyses_repo.structure_of(session, job.analysis_id) if job.analysis_id is not None else None
+
+
 def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
+    # Plans, metrics and the analysis are written with the success, in one transaction: a job that
+    # has not succeeded has none, and polling it costs one query, not four.
+    if job.status != JobStatus.succeeded and job.analysis_id is None and job.summary is None:
+        return None
     plans = jobs_repo.plans_for(session, job.id)
     metrics = jobs_repo.metrics_for(session, job.id)
-    structure = analyses_repo.structure_of(session, job.analysis_id) if job.analysis_id is not None else None
+    structure = _job_structure(session, job)
     if structure is None and not plans and not metrics and job.chosen_method is None and job.summary is None:
         return None
     grouped: dict[str, dict[str, float | None]] = {}

@@ -276,6 +276,24 @@ def test_job_summary_once_finished(api_settings, rollback_sessionmaker):
     assert summary["links"]["analysis"] == f"/v1/jobs/{job_id}/analysis"
 
 
+def test_job_summary_shows_its_own_structure(api_settings, rollback_sessionmaker):
+    """The analysis row is shared; a job's summary shows the RLS/K/clusters its own worker computed."""
+    own = {"rls": 0.3, "k": 5, "clusters": [0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4], "num_blocks": 12}
+    job_id, _ = _finished_job(rollback_sessionmaker, summary=own)
+    client = client_for(api_settings, rollback_sessionmaker)
+    summary = client.get(f"/v1/jobs/{job_id}").json()["summary"]
+    assert summary["k"] == 5 and summary["rls"] == pytest.approx(0.3) and summary["clusters"] == own["clusters"]
+    assert summary["report"] == own
+
+
+def test_unfinished_job_has_no_summary(api_settings, rollback_sessionmaker):
+    client = client_for(api_settings, rollback_sessionmaker)
+    for status in (JobStatus.queued, JobStatus.running, JobStatus.failed, JobStatus.cancelled):
+        job_id = insert_job(rollback_sessionmaker, status=status)
+        body = client.get(f"/v1/jobs/{job_id}").json()
+        assert body["status"] == status.value and body["summary"] is None
+
+
 def test_analysis_is_404_until_it_exists(api_settings, rollback_sessionmaker):
     client = client_for(api_settings, rollback_sessionmaker)
     job_id = client.post("/v1/jobs", json=DEMO_JOB).json()["id"]
