@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import other_sections, replace_section
 
 from worker.engine import calibration as cal
 from worker.engine.auto import auto_select, pruned_view
@@ -30,6 +31,7 @@ from worker.engine.selection import SelectionOptions, candidate_plans
 from worker.engine.similarity import capture_similarity, run_blocks
 
 METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
+CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"
 
 
 def _timed(fn) -> float:
@@ -66,7 +68,7 @@ def bench_capture(model, windows, batch_size: int, repeats: int) -> dict:
 
 def _capture_section(cap: dict, args: argparse.Namespace, when: str) -> list[str]:
     return [
-        "## Capture throughput (medians of interleaved repeats)",
+        CAPTURE_HEADING,
         "",
         f"{when}: {args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.repeats} repeats, "
         "plain and capture runs alternating.",
@@ -82,14 +84,7 @@ def _replace_capture_section(out: Path, cap: dict, args: argparse.Namespace) -> 
     when = f"Re-measured alone {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC (`python scripts/bench.py --capture-only`)"
     section = _capture_section(cap, args, when)
     print("\n".join(section))
-    lines = out.read_text().splitlines() if out.is_file() else []
-    start = next((i for i, line in enumerate(lines) if line.startswith("## Capture throughput")), None)
-    if start is None:
-        lines += ["", *section]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    out.write_text("\n".join(lines) + "\n")
+    replace_section(out, CAPTURE_HEADING, section)
     return 0
 
 
@@ -216,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {n} | {d:.1f} | {p:.1f} | {s:.3f} | {b:.3f} |" for n, d, p, s, b in speed_rows],
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
     if args.out:
+        # The worker and API sections come from their own scripts: keep them.
+        kept = other_sections(Path(args.out))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        Path(args.out).write_text("\n".join([*lines, *kept]).rstrip() + "\n")
     return 0
 
 

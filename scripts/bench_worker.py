@@ -29,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import WORKER_HEADING as HEADING
+from benchdoc import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Worker: a job in a freshly forked pool child"
 
 
 def _tiny_model(root: Path) -> Path:
@@ -158,15 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     print("\n".join(section))
-    out = ROOT / args.out
-    lines = out.read_text().splitlines() if out.is_file() else []
-    start = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
-    if start is None:
-        lines += ["", *section]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    replace_section(ROOT / args.out, HEADING, section)
     return 0
 
 

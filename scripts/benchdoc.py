@@ -1,0 +1,40 @@
+"""docs/benchmarks.md is written by several scripts, each owning its ``## `` sections.
+
+``replace_section`` swaps one section in place (or appends it); ``other_sections`` gives back the
+sections a full rewrite by ``bench.py`` must keep because other scripts wrote them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORKER_HEADING = "## Worker: a job in a freshly forked pool child"  # scripts/bench_worker.py
+API_HEADING = "## API: server-side cost of a poll"  # scripts/bench_api.py
+OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING)
+
+
+def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return start, end
+
+
+def replace_section(out: Path, heading: str, section: list[str]) -> None:
+    """Put ``section`` (starting with ``heading``) in place of the file's section of that heading."""
+    lines = out.read_text().splitlines() if out.is_file() else []
+    span = _span(lines, heading)
+    if span is None:
+        lines += ["", *section]
+    else:
+        lines[span[0] : span[1]] = section
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def other_sections(out: Path, headings: tuple[str, ...] = OWNED_ELSEWHERE) -> list[str]:
+    """The lines of the file's sections with these headings, in file order (empty when absent)."""
+    lines = out.read_text().splitlines() if out.is_file() else []
+    spans = sorted(span for heading in headings if (span := _span(lines, heading)) is not None)
+    return [line for start, end in spans for line in lines[start:end]]
