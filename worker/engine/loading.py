@@ -21,6 +21,7 @@ import torch
 
 from worker.engine import assets
 from worker.engine.errors import InvalidRequestError, ModelLoadError
+from worker.engine.gguf_header import block_count, check_gguf
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_BLOCKS = 10_000
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_GGUF_MAGIC = b"GGUF"
 
 
 def _corrupt(path: Path, why: str) -> ModelLoadError:
@@ -206,12 +206,13 @@ def _preflight_local(directory: Path) -> None:
 
 
 def _preflight_gguf(path: Path) -> None:
-    with path.open("rb") as fh:
-        head = fh.read(24)
-    if head[:4] != _GGUF_MAGIC:
-        raise ModelLoadError(f"{path.name} is not a GGUF file (it does not start with the GGUF magic)", field="model")
-    if len(head) < 24:
-        raise ModelLoadError(f"{path.name} is truncated: {len(head)} bytes, shorter than a GGUF header", field="model")
+    """The GGUF header and tensor table against the file's size, and the block count it claims."""
+    header = check_gguf(path)
+    claimed = block_count(header)
+    if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
+        raise ModelLoadError(
+            f"{path.name} claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted", field="model"
+        )
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
