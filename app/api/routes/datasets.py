@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep, UnitOfWorkRoute
 from app.schemas import DatasetOut, Problem
 from app.services import datasets as datasets_service
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=UnitOfWorkRoute)
 
 
 # Besides the problems every /v1 route documents (app.main): a body that is not valid multipart is a 400.

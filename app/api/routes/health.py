@@ -10,13 +10,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import create_engine, text
 
-from app.api.deps import SettingsDep, service_state
+from app.api.deps import SettingsDep, UnitOfWorkRoute, service_state
 from app.core.errors import PROBLEM_JSON, PROBLEM_TYPE_BASE
 from app.db.session import session_scope
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=UnitOfWorkRoute)
 
 PROBE_TIMEOUT_S = 2
 

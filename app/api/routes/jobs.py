@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep, UnitOfWorkRoute
 from app.db.models import Artifact, JobStatus
 from app.jobspec import JobCreate
 from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page, Problem
 from app.services import jobs as jobs_service
 from app.storage import Storage
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
 
 IdempotencyKey = Annotated[
     str | None,

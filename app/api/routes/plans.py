@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import PrincipalDep, SessionDep
+from app.api.deps import PrincipalDep, SessionDep, UnitOfWorkRoute
 from app.schemas import PlansRequest, PlansResponse, Problem
 from app.services import plans as plans_service
 
-router = APIRouter(prefix="/plans", tags=["plans"])
+router = APIRouter(prefix="/plans", tags=["plans"], route_class=UnitOfWorkRoute)
 
 
 # Besides the problems every /v1 route documents (app.main): a body that is not JSON at all is a 400,
