@@ -57,3 +57,41 @@ def test_concurrent_posts_with_one_key_make_one_job(api_settings, pg_url, redis_
             if key_id is not None:
                 session.execute(delete(ApiKey).where(ApiKey.id == key_id))
             session.commit()
+
+
+def test_routes_give_their_connection_back_before_the_dependency_exit(api_settings, pg_url):
+    """Many concurrent polls with fewer connections than requests: none waits for the pool (no 503)."""
+    from sqlalchemy import create_engine
+
+    from app.api.deps import _ends_its_unit_of_work
+
+    engine = create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=1)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    try:
+        session = factory()
+
+        def route(session):
+            return session.scalar(select(func.count()).select_from(Job))
+
+        count = _ends_its_unit_of_work(route)(session=session)
+        assert count is not None
+        assert engine.pool.checkedout() == 0, "the route's thread must return the connection itself"
+        assert not session.in_transaction()
+
+        def failing(session):
+            session.scalar(select(func.count()).select_from(Job))
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            _ends_its_unit_of_work(failing)(session=session)
+        assert engine.pool.checkedout() == 0
+        session.close()
+
+        # Through the app: 40 concurrent reads on a pool of one connection, with a 1 s pool timeout.
+        client = client_for(api_settings, factory)
+        job_id = client.post("/v1/jobs", json=DEMO_JOB).json()["id"]
+        with ThreadPoolExecutor(40) as pool:
+            statuses = list(pool.map(lambda _: client.get(f"/v1/jobs/{job_id}").status_code, range(200)))
+        assert statuses == [200] * 200
+    finally:
+        engine.dispose()
