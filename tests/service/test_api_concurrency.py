@@ -65,8 +65,12 @@ def test_routes_give_their_connection_back_before_the_dependency_exit(api_settin
 
     from app.api.deps import _ends_its_unit_of_work
 
-    engine = create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=1)
+    # Without the fix this deadlocks until the pool timeout: every pool thread waits for the one
+    # connection, held by a request whose dependency exit waits for a thread. With it, waits are
+    # short; 10 s leaves room for a loaded machine.
+    engine = create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=10)
     factory = sessionmaker(bind=engine, expire_on_commit=False)
+    job_id = None
     try:
         session = factory()
 
@@ -87,11 +91,17 @@ def test_routes_give_their_connection_back_before_the_dependency_exit(api_settin
         assert engine.pool.checkedout() == 0
         session.close()
 
-        # Through the app: 40 concurrent reads on a pool of one connection, with a 1 s pool timeout.
-        client = client_for(api_settings, factory)
-        job_id = client.post("/v1/jobs", json=DEMO_JOB).json()["id"]
-        with ThreadPoolExecutor(40) as pool:
-            statuses = list(pool.map(lambda _: client.get(f"/v1/jobs/{job_id}").status_code, range(200)))
-        assert statuses == [200] * 200
+        # Through the app: more concurrent reads (100) than the thread pool has threads (40), on a
+        # pool of one connection.
+        # The client as a context manager runs the app on one event loop (one thread pool) for all.
+        with client_for(api_settings, factory) as client:
+            job_id = client.post("/v1/jobs", json=DEMO_JOB).json()["id"]
+            with ThreadPoolExecutor(100) as pool:
+                statuses = list(pool.map(lambda _: client.get(f"/v1/jobs/{job_id}").status_code, range(300)))
+        assert statuses == [200] * 300
     finally:
+        if job_id is not None:  # committed for real: other tests count jobs
+            with factory() as cleanup:
+                cleanup.execute(delete(Job).where(Job.id == uuid.UUID(job_id)))
+                cleanup.commit()
         engine.dispose()
