@@ -21,6 +21,7 @@ Helpers:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -40,13 +41,13 @@ from tiny import save_tiny_llama
 from app.core.config import Settings
 from app.db.models import Job, JobEvent
 from app.db.session import session_factory, session_scope
-from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
+from app.jobspec import JobCreate
 from app.queue import enqueue_job
 from tests.service.conftest import pg_engine, pg_url  # noqa: F401  (re-exported fixtures)
-from tests.service.helpers import upload_dataset  # noqa: F401  (re-exported for the suites)
+from tests.service.helpers import create_job, upload_dataset  # noqa: F401  (re-exported for the suites)
+from tests.service.helpers import job_request as _job_request
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket, s3_server  # noqa: F401
 from worker import service_cli
-from worker.engine.spec import TargetSpec
 
 REPO = Path(__file__).resolve().parents[2]
 RELIABILITY_REDIS_URL = os.environ.get("LORP_TEST_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -126,45 +127,8 @@ def stack_settings(
     return Settings(**values)
 
 
-def job_request(
-    model_id: str,
-    dataset: uuid.UUID | str,
-    *,
-    num_layers: int = 2,
-    method: str = "lorp",
-    num_samples: int = 8,
-    seq_len: int = 32,
-    batch_size: int = 4,
-    seed: int = 0,
-    eval_windows: int = 2,
-    perplexity: bool = True,
-) -> JobCreate:
-    return JobCreate.model_validate(
-        {
-            "model": ModelRef(id=model_id),
-            "method": method,
-            "target": TargetSpec(num_layers=num_layers),
-            "calibration": CalibrationRef(
-                dataset=str(dataset), num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
-            ),
-            "evaluation": EvaluationRef(max_windows=eval_windows, perplexity=perplexity, speed=False),
-        }
-    )
-
-
-def create_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:
-    """Insert and commit a queued job row, as the API does before enqueueing."""
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        job = Job(
-            request=request.model_dump(mode="json"),
-            request_hash=request.fingerprint(),
-            model_source=request.model.id,
-            method=request.method,
-            max_attempts=max_attempts,
-        )
-        session.add(job)
-        session.flush()
-        return job.id
+# The fault suites default to LoRP (the service tests to auto): one capture, no candidate scoring.
+job_request = functools.partial(_job_request, method="lorp")
 
 
 def submit_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:

@@ -32,14 +32,12 @@ from app.core.config import Settings
 from app.core.security import revoke_api_key
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
-from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
 from tests.reliability.record import record
 from tests.service.conftest import REDIS_TEST_URL
-from tests.service.helpers import upload_dataset
+from tests.service.helpers import create_job, job_request, upload_dataset
 from tests.service.test_api import assert_problem, bearer, client_for, insert_job, new_key
 from worker import runner
 from worker.engine import assets
-from worker.engine.spec import TargetSpec
 
 pytestmark = pytest.mark.reliability
 
@@ -462,23 +460,8 @@ def _variant(model_root: Path, tmp_path: Path, name: str) -> Path:
 
 
 def _create_job(settings: Settings, model_id: str, dataset: str = "builtin", seq_len: int = 32) -> uuid.UUID:
-    request = JobCreate(
-        model=ModelRef(id=model_id),
-        target=TargetSpec(num_layers=1),
-        calibration=CalibrationRef(dataset=dataset, num_samples=4, seq_len=seq_len, batch_size=4),
-        evaluation=EvaluationRef(max_windows=1, speed=False),
-    )
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        job = Job(
-            request=request.model_dump(mode="json"),
-            request_hash=request.fingerprint(),
-            model_source=request.model.id,
-            method=request.method,
-            max_attempts=1,
-        )
-        session.add(job)
-        session.flush()
-        return job.id
+    request = job_request(model_id, dataset, num_layers=1, num_samples=4, seq_len=seq_len, eval_windows=1)
+    return create_job(settings, request, max_attempts=1)
 
 
 def _run_failed(settings: Settings, job_id: uuid.UUID, code: str, *needles: str) -> str:

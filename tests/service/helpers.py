@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 
 from app.core.config import Settings
-from app.db.models import Dataset
+from app.db.models import Dataset, Job
 from app.db.session import session_factory, session_scope
+from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef, TargetSpec
 from worker import runner
 
 
@@ -29,3 +30,46 @@ def upload_dataset(settings: Settings, data: bytes, *, name: str = "corpus.txt")
             )
         )
     return dataset_id
+
+
+def job_request(
+    model_id: str,
+    dataset: uuid.UUID | str,
+    *,
+    num_layers: int = 2,
+    method: str = "auto",
+    num_samples: int = 8,
+    seq_len: int = 32,
+    batch_size: int = 4,
+    seed: int = 0,
+    eval_windows: int = 2,
+    perplexity: bool = True,
+    speed: bool = False,
+) -> JobCreate:
+    """A small, valid job on ``model_id`` calibrated on ``dataset`` (an uploaded id or a source)."""
+    return JobCreate.model_validate(
+        {
+            "model": ModelRef(id=model_id),
+            "method": method,
+            "target": TargetSpec(num_layers=num_layers),
+            "calibration": CalibrationRef(
+                dataset=str(dataset), num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
+            ),
+            "evaluation": EvaluationRef(max_windows=eval_windows, perplexity=perplexity, speed=speed),
+        }
+    )
+
+
+def create_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:
+    """Insert and commit a queued job row, as the API does before enqueueing (enqueueing is the caller's)."""
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        job = Job(
+            request=request.model_dump(mode="json"),
+            request_hash=request.fingerprint(),
+            model_source=request.model.id,
+            method=request.method,
+            max_attempts=max_attempts,
+        )
+        session.add(job)
+        session.flush()
+        return job.id

@@ -31,14 +31,12 @@ from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 from app.core.config import Settings
 from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, Plan
 from app.db.session import session_factory, session_scope
-from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef
 from app.queue import enqueue_job
 from app.repositories import lifecycle
 from app.storage import Storage, storage_from_url
 from worker import runner, service_cli
-from worker.engine.spec import TargetSpec
 
-from .helpers import upload_dataset
+from .helpers import create_job, job_request, upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,45 +113,6 @@ def s3_settings(tmp_path: Path, pg_url: str, redis_url: str, model_root: Path, s
 
 def storage_of(settings: Settings) -> Storage:
     return runner.artifact_storage(settings)
-
-
-def job_request(
-    model_id: str,
-    dataset: uuid.UUID | str,
-    *,
-    num_layers: int = 2,
-    method: str = "auto",
-    num_samples: int = 8,
-    batch_size: int = 4,
-    seed: int = 0,
-    speed: bool = False,
-) -> JobCreate:
-    return JobCreate.model_validate(
-        {
-            "model": ModelRef(id=model_id),
-            "method": method,
-            "target": TargetSpec(num_layers=num_layers),
-            "calibration": CalibrationRef(
-                dataset=str(dataset), num_samples=num_samples, seq_len=32, seed=seed, batch_size=batch_size
-            ),
-            "evaluation": EvaluationRef(max_windows=2, speed=speed),
-        }
-    )
-
-
-def create_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3) -> uuid.UUID:
-    """Insert and commit a queued job row (enqueueing is the caller's next step)."""
-    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
-        job = Job(
-            request=request.model_dump(mode="json"),
-            request_hash=request.fingerprint(),
-            model_source=request.model.id,
-            method=request.method,
-            max_attempts=max_attempts,
-        )
-        session.add(job)
-        session.flush()
-        return job.id
 
 
 def load_job(settings: Settings, job_id: uuid.UUID) -> Job:
