@@ -114,6 +114,14 @@ def test_redis_restart_loses_no_job(tmp_path: Path, model_root: Path, processes:
         drop_test_database(db_url)
 
 
+def _api_and_worker(procs: Processes, env: dict[str, str], model_root: Path) -> tuple[httpx.Client, str, Path]:
+    """The API and one worker on ``env``; returns a client, the uploaded corpus's id and the model."""
+    base = start_api(procs, env)
+    start_worker(procs, env, "w1")
+    client = httpx.Client(base_url=base, timeout=30)
+    return client, upload_corpus(client), model_root / "tiny"
+
+
 def _redis_scenario(tmp_path: Path, model_root: Path, procs: Processes, redis: RedisServer, db_url: str) -> None:
     env = service_env(
         tmp_path / "data",
@@ -124,11 +132,7 @@ def _redis_scenario(tmp_path: Path, model_root: Path, procs: Processes, redis: R
         reconcile_interval_s=1,
         heartbeat_timeout_s=60,
     )
-    base = start_api(procs, env)
-    start_worker(procs, env, "w1")
-    client = httpx.Client(base_url=base, timeout=30)
-    dataset = upload_corpus(client)
-    model = model_root / "tiny"
+    client, dataset, model = _api_and_worker(procs, env, model_root)
 
     # One job running (more windows so it lasts), three queued behind it (one worker, prefetch 1).
     running = client.post("/v1/jobs", json=cheap_job(model, dataset, seed=100, num_samples=64)).json()["id"]
@@ -259,11 +263,7 @@ def _postgres_scenario(
         heartbeat_timeout_s=20,
         max_attempts=3,
     )
-    base = start_api(procs, env)
-    start_worker(procs, env, "w1")
-    client = httpx.Client(base_url=base, timeout=30)
-    dataset = upload_corpus(client)
-    model = model_root / "tiny"
+    client, dataset, model = _api_and_worker(procs, env, model_root)
     job_id = client.post("/v1/jobs", json=cheap_job(model, dataset, seed=7, num_samples=64)).json()["id"]
     wait_until("job running", lambda: _job(client, job_id)["status"] == "running", 90)
     warm = client.get(f"/v1/jobs/{job_id}")  # the pool holds live connections that the restart will kill
