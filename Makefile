@@ -39,9 +39,10 @@ services:
 test: setup services
 	$(PY) -m pytest -q
 
-# Fault-injection, load and hostile-input suites only; then docs/reliability.md from their results.
+# Fault-injection, load and hostile-input suites only, recorded into docs/reliability/ (a plain
+# `make test` writes its records under the ignored var/reliability/); then docs/reliability.md.
 reliability: setup services
-	$(PY) -m pytest -q -m reliability tests/reliability
+	LORP_RELIABILITY_RESULTS=docs/reliability $(PY) -m pytest -q -m reliability tests/reliability
 	$(PY) scripts/reliability_report.py > /dev/null
 
 test-fast: setup

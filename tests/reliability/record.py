@@ -1,7 +1,9 @@
 """Figures of the reliability suites: each scenario records what was tried and what happened.
 
-Every scenario writes one JSON file under docs/reliability/ (committed with the code that produced
-it); `python scripts/reliability_report.py` renders them into docs/reliability.md.
+Every scenario writes one JSON file. A plain test run (`make test`) writes them under the ignored
+folder `var/reliability/`, so running the tests never rewrites committed files; `make reliability`,
+the deliberate recording, sets `LORP_RELIABILITY_RESULTS=docs/reliability` and then renders those
+files into docs/reliability.md with `python scripts/reliability_report.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "reliability"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS = REPO / "var" / "reliability"
+
+
+def results_dir() -> Path:
+    """Where this run's records go: ``LORP_RELIABILITY_RESULTS`` (relative to the repository), else var/."""
+    configured = os.environ.get("LORP_RELIABILITY_RESULTS")
+    return (REPO / configured).resolve() if configured else DEFAULT_RESULTS
 
 
 def record(
@@ -40,7 +49,8 @@ def record(
         notes: one or two sentences a reader needs.
         figures: numbers to show (latencies, throughput ...).
     """
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{suite}-{scenario}".lower()).strip("-")
     payload = {
         "suite": suite,
@@ -54,6 +64,6 @@ def record(
         "recorded_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    path = RESULTS / f"{slug}.json"
+    path = results / f"{slug}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     return path
