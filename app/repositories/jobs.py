@@ -166,7 +166,10 @@ def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.
     A stage starts at its ``stage`` event and ends at the job's next event of any kind (the next
     stage, or the final status).
     """
-    next_at = func.lead(JobEvent.at).over(partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id))
+    # The window function's result type must be given: untyped, SQLite hands back its text form.
+    next_at = func.lead(JobEvent.at, type_=JobEvent.at.type).over(
+        partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id)
+    )
     inner = (
         select(JobEvent.kind, JobEvent.stage, JobEvent.at, next_at.label("next_at"))
         .where(JobEvent.at >= since)

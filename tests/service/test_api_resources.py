@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from app.api.deps import build_storage
+from app.core.config import Settings
 from app.db.models import Artifact, Dataset, JobEvent, JobStatus, Metric, Plan
 from app.storage import storage_from_url
 from worker.engine.selection import SelectionOptions, analyze_structure
@@ -470,6 +471,52 @@ def test_metrics_expose_http_jobs_queue_and_stages(api_settings, rollback_sessio
     assert 'lorp_stage_duration_seconds_bucket{le="60.0",stage="similarity"} 1.0' in text
     assert 'lorp_stage_duration_seconds_gsum{stage="selection"} 2.0' in text
     assert 'stage="evaluation"' not in text  # still running: no duration yet
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_database(request, api_settings, rollback_sessionmaker, tmp_path):
+    """(settings, sessionmaker) on Postgres (rolled back) or on the embedded mode's SQLite database."""
+    if request.param == "postgres":
+        return api_settings, rollback_sessionmaker
+    from app.db.migrate import upgrade_head
+    from app.db.session import session_factory
+
+    settings = Settings(data_dir=tmp_path / "embedded")
+    settings.resolved_data_dir.mkdir(parents=True)
+    upgrade_head(settings.sqlalchemy_url)
+    assert settings.sqlalchemy_url.startswith("sqlite")
+    return settings, session_factory(settings.sqlalchemy_url)
+
+
+def test_metrics_with_jobs_in_every_state(any_database):
+    settings, factory = any_database
+    now = dt.datetime.now(dt.UTC)
+    for status in JobStatus:
+        job_id = insert_job(factory, status=status, stage="capture", finished_at=now if status.terminal else None)
+        with factory() as session:
+            session.add_all(
+                [
+                    JobEvent(job_id=job_id, kind="status", status="queued", at=now - dt.timedelta(seconds=100)),
+                    JobEvent(job_id=job_id, kind="stage", stage="loading", at=now - dt.timedelta(seconds=90)),
+                    JobEvent(job_id=job_id, kind="stage", stage="capture", at=now - dt.timedelta(seconds=70)),
+                ]
+            )
+            if status.terminal:
+                session.add(
+                    JobEvent(job_id=job_id, kind="status", status=status.value, at=now - dt.timedelta(seconds=20))
+                )
+            session.commit()
+    client = client_for(settings, factory)
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    text = response.text
+    for status in JobStatus:
+        assert f'lorp_jobs{{status="{status.value}"}} 1.0' in text
+    # Five jobs spent 20 s loading; the three that ended spent 50 s in capture.
+    assert 'lorp_stage_duration_seconds_gcount{stage="loading"} 5.0' in text
+    assert 'lorp_stage_duration_seconds_gsum{stage="loading"} 100.0' in text
+    assert 'lorp_stage_duration_seconds_bucket{le="30.0",stage="capture"} 0.0' in text
+    assert 'lorp_stage_duration_seconds_bucket{le="60.0",stage="capture"} 3.0' in text
 
 
 def test_api_never_imports_torch():
