@@ -132,6 +132,11 @@ def model_roots(settings: Settings) -> list[Path]:
     return [p.expanduser().resolve() for p in settings.model_roots] + [cache_dir().resolve()]
 
 
+def local_model_path(value: str) -> Path:
+    """The path a local model reference (``/abs``, ``./rel``, ``~/x``, ``file:...``, ``x.gguf``) names."""
+    return Path(value.removeprefix("file://").removeprefix("file:")).expanduser().absolute()
+
+
 def check_model_reference(ref: ModelRef, settings: Settings) -> str:
     """Classify the model reference and refuse what the settings do not allow; returns its kind.
 
@@ -156,10 +161,8 @@ def check_model_reference(ref: ModelRef, settings: Settings) -> str:
             raise RequestError("model.id must not contain '..' segments", "model.id")
         return "s3"
     if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
-        raw = value.removeprefix("file://").removeprefix("file:")
-        path = Path(raw).expanduser()
         roots = model_roots(settings)
-        resolved = path.resolve() if path.is_absolute() else path.absolute().resolve()
+        resolved = local_model_path(value).resolve()
         if not any(resolved.is_relative_to(root) for root in roots):
             raise RequestError(
                 f"local model paths must lie inside the configured model roots ({', '.join(map(str, roots))})",

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.models import JobStatus
 from app.db.session import session_factory, session_scope
-from app.jobspec import JobCreate, RequestError, check_model_reference, dataset_kind, to_prune_spec
+from app.jobspec import JobCreate, RequestError, check_model_reference, dataset_kind, local_model_path, to_prune_spec
 from app.repositories import lifecycle
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow
 from app.storage import Storage, StorageError, storage_from_url
@@ -81,17 +81,8 @@ def job_prefix(job_id: uuid.UUID) -> str:
     return f"{JOBS_PREFIX}/{job_id}"
 
 
-def s3_options(settings: Settings) -> dict[str, Any]:
-    return {
-        "endpoint_url": settings.s3_endpoint_url,
-        "region": settings.s3_region,
-        "access_key": settings.s3_access_key,
-        "secret_key": settings.s3_secret_key,
-    }
-
-
 def artifact_storage(settings: Settings) -> Storage:
-    return storage_from_url(settings.artifact_storage_url, **s3_options(settings))
+    return storage_from_url(settings.artifact_storage_url, **settings.s3_options())
 
 
 def default_worker_name() -> str:
@@ -365,7 +356,7 @@ class _JobRun:
         if kind == "s3":
             model_source = str(self._download_model(request.model.id))
         elif kind == "local":
-            model_source = model_source.removeprefix("file://").removeprefix("file:")
+            model_source = str(local_model_path(model_source))
         calibration = self._resolve_dataset(request.calibration.dataset, "calibration.dataset")
         evaluation = (
             None
@@ -399,7 +390,7 @@ class _JobRun:
         if not path:
             raise RequestError("an s3:// model must name a folder inside the bucket, not the bucket", "model.id")
         # A store rooted at the model's folder: its keys are the files' paths inside the model directory.
-        store = storage_from_url(f"s3://{bucket}/{path}", **s3_options(self.settings))
+        store = storage_from_url(f"s3://{bucket}/{path}", **self.settings.s3_options())
         keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
         if not keys:
             raise JobFailure(
@@ -556,7 +547,9 @@ class _JobRun:
         if code == "internal_error":
             log.error("job %s failed unexpectedly", self.job_id, exc_info=exc)
         else:
-            log.warning("job %s failed: %s: %s", self.job_id, code, message, exc_info=exc)
+            # An expected failure (a bad budget, an unknown architecture, storage down): the message
+            # says what to do, and a traceback would only bury it.
+            log.warning("job %s failed: %s: %s", self.job_id, code, message)
         with session_scope(self.factory) as session:
             done = lifecycle.finish_failed(session, self.job_id, self.attempt, code, message)
         if not done:

@@ -52,15 +52,7 @@ class ServiceState:
 def build_storage(settings: Settings) -> Storage:
     """The artifact store the settings name (S3 options are ignored by the local backend)."""
     url = settings.artifact_storage_url
-    if url.startswith("s3://"):
-        return storage_from_url(
-            url,
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-        )
-    return storage_from_url(url)
+    return storage_from_url(url, **settings.s3_options()) if url.startswith("s3://") else storage_from_url(url)
 
 
 def service_state(request: Request) -> ServiceState:

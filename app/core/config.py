@@ -89,6 +89,15 @@ class Settings(BaseSettings):
             return self.storage_url
         return (self.resolved_data_dir / "artifacts").as_uri()
 
+    def s3_options(self) -> dict[str, str | None]:
+        """The S3 connection settings, as ``storage_from_url`` takes them."""
+        return {
+            "endpoint_url": self.s3_endpoint_url,
+            "region": self.s3_region,
+            "access_key": self.s3_access_key,
+            "secret_key": self.s3_secret_key,
+        }
+
     @property
     def work_dir(self) -> Path:
         return self.resolved_data_dir / "work"

@@ -45,6 +45,7 @@ from app.schemas import (
     Page,
     PlanOut,
 )
+from app.services import preflight
 from worker.engine.errors import EngineError
 from worker.engine.selection import METHODS, SelectionOptions, Structure, analyze_structure
 
@@ -101,7 +102,8 @@ def submit_job(
             raise Unprocessable(
                 f"Idempotency-Key must hold 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters", field="Idempotency-Key"
             )
-    check_model_reference(spec.model, settings)
+    kind = check_model_reference(spec.model, settings)
+    preflight.check_against_model(spec, kind, settings)
     _check_dataset_reference(session, spec.calibration.dataset, principal, "calibration.dataset")
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
 

@@ -442,14 +442,23 @@ def test_unknown_architecture_fails_with_its_name(local_settings: Settings, mode
     assert storage_of(settings).list(f"jobs/{job_id}") == []
 
 
-def test_budget_too_large_fails_before_capture(local_settings: Settings, model_root: Path) -> None:
+def test_budget_too_large_fails_before_capture(
+    local_settings: Settings, model_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The API refuses this at submission when it can read the model's depth; a row inserted directly
+    # stands for a model it could not (the worker is the last line).
     settings = local_settings
     job_id = create_job(settings, job_request(str(model_root / "tiny-llama"), "builtin", num_layers=NUM_LAYERS))
-    assert runner.run_job(job_id, settings) == "failed"
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        assert runner.run_job(job_id, settings) == "failed"
     job = load_job(settings, job_id)
     assert job.error_code == "invalid_budget", job.error_message
     assert job.error_message
     assert "capture" not in stage_events(settings, job_id)
+    # An expected failure is one log line with the code and message, not a traceback.
+    failed = [r for r in caplog.records if r.name == "worker.runner" and str(job_id) in r.getMessage()]
+    assert len(failed) == 1 and "invalid_budget" in failed[0].getMessage()
+    assert failed[0].exc_info is None and "Traceback" not in caplog.text
 
 
 def test_model_outside_the_roots_is_an_invalid_request(local_settings: Settings, tmp_path: Path) -> None:
@@ -505,7 +514,7 @@ def test_second_job_reuses_the_stored_analysis(local_settings: Settings, model_r
 def test_model_from_the_configured_bucket(s3_settings: Settings, model_root: Path, corpus_bytes: bytes) -> None:
     settings = s3_settings
     bucket = settings.artifact_storage_url.removeprefix("s3://").split("/", 1)[0]
-    models = storage_from_url(f"s3://{bucket}/models/tiny-llama", **runner.s3_options(settings))
+    models = storage_from_url(f"s3://{bucket}/models/tiny-llama", **settings.s3_options())
     for path in sorted((model_root / "tiny-llama").iterdir()):
         models.put_file(path.name, path)
     dataset_id = upload_dataset(settings, corpus_bytes)

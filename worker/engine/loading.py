@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from worker.engine import assets
+from worker.engine.depth import MAX_BLOCKS, blocks_in_config
 from worker.engine.errors import InvalidRequestError, ModelLoadError
 from worker.engine.gguf_header import block_count, check_gguf
 
@@ -104,10 +105,6 @@ _SAFETENSORS_ITEMSIZE = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-# More decoder blocks than any published model has by two orders of magnitude: a config claiming more
-# is refused before a single module is built.
-MAX_BLOCKS = 10_000
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -162,16 +159,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return tensors
 
 
-def _claimed_blocks(config: dict[str, Any]) -> int | None:
-    for holder in (config, config.get("text_config") or {}):
-        if isinstance(holder, dict):
-            for key in _LAYER_KEYS:
-                value = holder.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    return value
-    return None
-
-
 def _preflight_local(directory: Path) -> None:
     """Cheap checks before transformers builds anything: config sanity and intact weight files.
 
@@ -184,7 +171,7 @@ def _preflight_local(directory: Path) -> None:
         raise ModelLoadError(f"{directory}/config.json is not readable JSON: {exc}", field="model") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory}/config.json is not a JSON object", field="model")
-    claimed = _claimed_blocks(config)
+    claimed = blocks_in_config(config)
     if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
         raise ModelLoadError(
             f"{directory}/config.json claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted",

@@ -1,0 +1,148 @@
+"""Checks a job's budget against its model's depth at submission, where the depth can be known cheaply.
+
+The block count is read without loading any weights: the demo model's GGUF header, a local
+directory's ``config.json`` or a local ``.gguf`` header, the ``config.json`` under an ``s3://``
+model prefix, or a hub model's ``config.json`` that is already in the local Hugging Face cache. Where
+none of these answers (a hub model never downloaded here, an ``s3://`` GGUF, storage unreachable),
+the job is accepted and the worker checks the budget right after loading, before any pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+from app.core.config import Settings
+from app.core.errors import Unprocessable
+from app.jobspec import JobCreate, ModelRef, local_model_path
+from app.storage import StorageError, storage_from_url
+from worker.engine.depth import blocks_in_config, blocks_in_gguf, plausible
+from worker.engine.errors import BudgetError, EngineError, InvalidRequestError
+from worker.engine.selection import SelectionOptions, protected_set
+
+logger = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _config_blocks(raw: bytes) -> int | None:
+    config = json.loads(raw)
+    return blocks_in_config(config) if isinstance(config, dict) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _gguf_blocks(path: str, size: int, mtime_ns: int) -> int | None:
+    # Keyed by size and mtime as well: a file replaced in place is read again.
+    return blocks_in_gguf(Path(path))
+
+
+def _file_blocks(path: Path) -> int | None:
+    if path.is_dir():
+        config = path / "config.json"
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        return _config_blocks(config.read_bytes())
+    stat = path.stat()
+    return _gguf_blocks(str(path), stat.st_size, stat.st_mtime_ns) if path.suffix == ".gguf" else None
+
+
+def _demo_blocks() -> int | None:
+    from worker.engine.assets import demo_gguf_path
+
+    return _file_blocks(demo_gguf_path())
+
+
+def _s3_blocks(reference: str, settings: Settings) -> int | None:
+    bucket, _, path = reference.removeprefix("s3://").partition("/")
+    path = path.strip("/")
+    if not path:
+        return None
+    store = storage_from_url(f"s3://{bucket}/{path}", **settings.s3_options())
+    if store.size("config.json") > MAX_CONFIG_BYTES:
+        return None
+    with store.open("config.json") as fh:
+        return _config_blocks(fh.read(MAX_CONFIG_BYTES + 1))
+
+
+def _hub_blocks(ref: ModelRef) -> int | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # the API image may not ship the hub client
+        return None
+    cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
+    return _file_blocks(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def known_block_count(ref: ModelRef, kind: str, settings: Settings) -> int | None:
+    """The model's decoder block count where it can be read without loading weights, else None."""
+    try:
+        if kind == "demo":
+            count = _demo_blocks()
+        elif kind == "local":
+            count = _file_blocks(local_model_path(ref.id))
+        elif kind == "s3":
+            count = _s3_blocks(ref.id, settings)
+        elif kind == "hub":
+            count = _hub_blocks(ref)
+        else:
+            count = None
+    except (OSError, ValueError, StorageError, EngineError) as exc:
+        # Missing or unreadable: the worker loads the model and reports what is wrong with it.
+        logger.debug("block count of %s not known at submission: %s", ref.id, exc)
+        return None
+    return plausible(count)
+
+
+def _allowed_ratios(eligible: int, num_blocks: int) -> str:
+    low, high = 1 / num_blocks, (eligible + 1) / num_blocks
+    return f"{low:.4g} <= target.ratio < {high:.4g}"
+
+
+def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
+    """Refuse a target or option the model's depth cannot satisfy, naming the field and the allowed range."""
+    options = SelectionOptions(
+        num_clusters=spec.options.num_clusters, protected=spec.options.protected_layers, seed=spec.options.cluster_seed
+    )
+    try:
+        protected = sorted(protected_set(num_blocks, options))
+    except InvalidRequestError as exc:
+        raise Unprocessable(
+            f"{model} has {num_blocks} decoder blocks: {exc.message}", field="options.protected_layers"
+        ) from None
+    eligible = num_blocks - len(protected)
+    guarded = f"blocks {protected} are protected" if protected else "no block is protected"
+    where = f"{model} has {num_blocks} decoder blocks and {guarded}, so {eligible} can be removed"
+    if eligible < 1:
+        raise Unprocessable(f"{where}; protect fewer blocks", field="options.protected_layers")
+    target = spec.target
+    if target.num_layers is not None and target.num_layers > eligible:
+        raise Unprocessable(
+            f"cannot remove {target.num_layers} blocks: {where}; choose 1 <= target.num_layers <= {eligible}",
+            field="target.num_layers",
+        )
+    if target.ratio is not None:
+        try:
+            n = target.blocks_for(num_blocks)
+        except BudgetError:
+            n = 0
+        if n > eligible or n < 1:
+            raise Unprocessable(
+                f"target.ratio {target.ratio} of {num_blocks} blocks is {n} blocks (rounded down): {where}; "
+                f"choose {_allowed_ratios(eligible, num_blocks)}",
+                field="target.ratio",
+            )
+    k = spec.options.num_clusters
+    if k is not None and not 2 <= k <= num_blocks - 2:
+        raise Unprocessable(
+            f"{model} has {num_blocks} decoder blocks: choose 2 <= options.num_clusters <= {num_blocks - 2}",
+            field="options.num_clusters",
+        )
+
+
+def check_against_model(spec: JobCreate, kind: str, settings: Settings) -> None:
+    """``check_budget`` where the model's depth is known; otherwise the worker checks after loading."""
+    num_blocks = known_block_count(spec.model, kind, settings)
+    if num_blocks is not None:
+        check_budget(spec, num_blocks, f"model {spec.model.id!r}")
