@@ -77,8 +77,9 @@ class JobSummary(BaseModel):
     plans: list[PlanOut] = Field(default_factory=list)
     chosen_method: str | None = None
     pruned_layers: list[int] | None = None
-    metrics: dict[str, dict[str, float | None]] = Field(
-        default_factory=dict, description="{phase: {metric: value}}; phase is dense, pruned or ratio"
+    metrics: dict[str, dict[str, int | float | None]] = Field(
+        default_factory=dict,
+        description="{phase: {metric: value}}; phase is dense, pruned or ratio; counts (blocks, bytes) are integers",
     )
     metric_units: dict[str, str | None] = Field(default_factory=dict, description="{metric: unit}")
     report: dict[str, Any] | None = Field(default=None, description="the worker's own summary, as stored")
@@ -90,7 +91,11 @@ class JobListItem(BaseModel):
 
     id: uuid.UUID
     status: JobStatus
-    stage: str | None
+    stage: str | None = Field(
+        description="loading, calibration, capture, selection, evaluating_dense, pruning, evaluating_pruned, "
+        "saving, verifying, reporting, uploading while running; done once succeeded; a failed or cancelled job "
+        "keeps the stage it stopped in"
+    )
     progress: float = Field(ge=0.0, le=1.0)
     model: str
     method: str

@@ -38,6 +38,11 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+# A running job's stage is the engine's current step (loading ... reporting), then "uploading"; a
+# succeeded job says "done"; a failed or cancelled one keeps the stage it stopped in.
+DONE_STAGE = "done"
+
+
 class ApiKey(IdMixin, TimestampMixin, Base):
     __tablename__ = "api_keys"
 

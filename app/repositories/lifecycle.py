@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import DONE_STAGE, Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
 
 MAX_ERROR_MESSAGE = 4000
 
@@ -207,6 +207,7 @@ def finish_succeeded(
         .where(*_owned(job_id, attempt), Job.cancel_requested_at.is_(None))
         .values(
             status=JobStatus.succeeded,
+            stage=DONE_STAGE,
             progress=1.0,
             progress_at=now,
             finished_at=now,

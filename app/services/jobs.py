@@ -202,6 +202,17 @@ def _finite(value: float | None) -> float | None:
     return float(value)
 
 
+# Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.
+COUNT_METRICS = frozenset({"num_layers", "num_parameters", "weights_bytes", "peak_memory_bytes"})
+
+
+def _metric_value(name: str, value: float | None) -> int | float | None:
+    finite = _finite(value)
+    if finite is not None and name in COUNT_METRICS and finite.is_integer():
+        return int(finite)
+    return finite
+
+
 def _job_structure(session: Session, job: Job) -> dict[str, Any] | None:
     """RLS, K, clusters and N as this job's worker computed them (its summary), else the analysis row's.
 
@@ -225,10 +236,10 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
     structure = _job_structure(session, job)
     if structure is None and not plans and not metrics and job.chosen_method is None and job.summary is None:
         return None
-    grouped: dict[str, dict[str, float | None]] = {}
+    grouped: dict[str, dict[str, int | float | None]] = {}
     units: dict[str, str | None] = {}
     for metric in metrics:
-        grouped.setdefault(metric.phase, {})[metric.name] = _finite(metric.value)
+        grouped.setdefault(metric.phase, {})[metric.name] = _metric_value(metric.name, metric.value)
         if metric.unit is not None or metric.name not in units:
             units[metric.name] = metric.unit
     return JobSummary(

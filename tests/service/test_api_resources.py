@@ -252,6 +252,9 @@ def _finished_job(factory, **fields) -> tuple[uuid.UUID, uuid.UUID]:
                 Metric(job_id=job_id, name="perplexity", phase="pruned", value=22.0, unit="ppl"),
                 Metric(job_id=job_id, name="perplexity", phase="ratio", value=1.1, unit=None),
                 Metric(job_id=job_id, name="tokens_per_s", phase="dense", value=100.0, unit="tokens/s"),
+                Metric(job_id=job_id, name="num_layers", phase="dense", value=12.0, unit=""),
+                Metric(job_id=job_id, name="num_layers", phase="pruned", value=10.0, unit=""),
+                Metric(job_id=job_id, name="weights_bytes", phase="pruned", value=123456789.0, unit="B"),
             ]
         )
         session.commit()
@@ -269,10 +272,14 @@ def test_job_summary_once_finished(api_settings, rollback_sessionmaker):
     assert plans["lorp"]["chosen"] and plans["lorp"]["validation_perplexity"] == 21.5
     assert not plans["shortgpt"]["chosen"] and plans["shortgpt"]["pruned_layers"] == [8, 9]
     assert summary["metrics"] == {
-        "dense": {"perplexity": 20.0, "tokens_per_s": 100.0},
-        "pruned": {"perplexity": 22.0},
+        "dense": {"perplexity": 20.0, "tokens_per_s": 100.0, "num_layers": 12},
+        "pruned": {"perplexity": 22.0, "num_layers": 10, "weights_bytes": 123456789},
         "ratio": {"perplexity": 1.1},
     }
+    # Counts are integers in the JSON itself (12, not 12.0), as they are in report.json.
+    assert type(summary["metrics"]["dense"]["num_layers"]) is int
+    assert type(summary["metrics"]["pruned"]["weights_bytes"]) is int
+    assert type(summary["metrics"]["dense"]["tokens_per_s"]) is float
     assert summary["metric_units"]["tokens_per_s"] == "tokens/s"
     assert summary["links"]["analysis"] == f"/v1/jobs/{job_id}/analysis"
 

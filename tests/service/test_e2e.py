@@ -181,6 +181,7 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert "running" in {s for s, _, _ in seen}
     assert job["attempts"] == 1
+    assert job["stage"] == "done"
 
     summary = job["summary"]
     assert len(summary["pruned_layers"]) == 2 and len(summary["clusters"]) == N_LAYERS
@@ -203,6 +204,10 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
         target = out / art["name"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(resp.content)
+    report = json.loads((out / "report.json").read_text())
+    for phase in ("dense", "pruned"):
+        assert summary["metrics"][phase]["num_layers"] == report["metrics"][phase]["num_layers"]
+        assert type(summary["metrics"][phase]["num_layers"]) is int
     pruned = AutoModelForCausalLM.from_pretrained(out / "model")
     assert pruned.config.num_hidden_layers == N_LAYERS - 2
     heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)

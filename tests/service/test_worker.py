@@ -205,6 +205,7 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
     job = load_job(settings, job_id)
     assert job.attempts == 1
     assert job.progress == 1.0 and job.finished_at is not None and job.worker
+    assert job.stage == "done"  # not the last step it ran ("uploading")
 
     # Progress rose while running and stages changed.
     running = [(stage, progress) for status, stage, progress in samples if status == "running"]
