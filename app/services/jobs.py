@@ -397,12 +397,24 @@ def _scores(
     return out
 
 
+def no_analysis_reason(job: Job) -> str:
+    """Why a job has no analysis: still coming (queued, running), or never (it ended before its capture)."""
+    if job.status.terminal:
+        return (
+            f"job {job.id} {job.status.value} before its similarity analysis was computed, so it has none; "
+            "submit the job again to get one"
+        )
+    return (
+        f"job {job.id} has no similarity analysis yet (status {job.status.value}); it is stored when the job succeeds"
+    )
+
+
 def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> AnalysisOut:
     """S, D, LoRP's structure, the job's plans and per-block scores; 404 until the analysis exists."""
     job = get_job(session, job_id, principal)
     analysis = analyses_repo.get(session, job.analysis_id) if job.analysis_id is not None else None
     if analysis is None:
-        raise NotFound(f"job {job.id} has no analysis yet (status {job.status.value})", code="analysis_not_ready")
+        raise NotFound(no_analysis_reason(job), code="analysis_not_ready")
     S = np.asarray(analysis.similarity, dtype=np.float64)
     D = np.asarray(analysis.angular_distance, dtype=np.float64) if analysis.angular_distance else None
     n, options = _job_budget(job.request, analysis.num_blocks)

@@ -12,7 +12,7 @@ from app.core.security import Principal
 from app.jobspec import JobCreate
 from app.repositories import analyses as analyses_repo
 from app.schemas import PlanResult, PlansRequest, PlansResponse
-from app.services.jobs import get_job
+from app.services.jobs import get_job, no_analysis_reason
 from worker.engine.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
 from worker.engine.selection import METHODS, SelectionOptions, analyze_structure, select
 from worker.engine.spec import TargetSpec
@@ -67,11 +67,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
     job = get_job(session, request.job_id, principal)
     analysis = analyses_repo.get(session, job.analysis_id) if job.analysis_id is not None else None
     if analysis is None:
-        raise Conflict(
-            f"job {job.id} has no similarity analysis yet (status {job.status.value}); plan once it has one",
-            field="job_id",
-            code="analysis_not_ready",
-        )
+        raise Conflict(no_analysis_reason(job), field="job_id", code="analysis_not_ready")
     S = np.asarray(analysis.similarity, dtype=np.float64)
     D = np.asarray(analysis.angular_distance, dtype=np.float64) if analysis.angular_distance else None
     num_blocks = S.shape[0] - 1

@@ -425,8 +425,22 @@ def test_bad_plan_requests(api_settings, rollback_sessionmaker, extra, status, f
 def test_plans_need_an_analysis(api_settings, rollback_sessionmaker):
     client = client_for(api_settings, rollback_sessionmaker)
     job_id = client.post("/v1/jobs", json=DEMO_JOB).json()["id"]
-    assert_problem(client.post("/v1/plans", json={"job_id": job_id, "budgets": [2]}), 409, "job_id")
+    problem = assert_problem(client.post("/v1/plans", json={"job_id": job_id, "budgets": [2]}), 409, "job_id")
+    assert "yet (status queued)" in problem["detail"]
     assert_problem(client.post("/v1/plans", json={"job_id": str(uuid.uuid4()), "budgets": [2]}), 404, "job_id")
+
+
+@pytest.mark.parametrize("status", [JobStatus.failed, JobStatus.cancelled])
+def test_a_job_that_ended_without_an_analysis_says_it_will_not_get_one(api_settings, rollback_sessionmaker, status):
+    job_id = insert_job(rollback_sessionmaker, status=status, error_code="calibration_data", error_message="no text")
+    client = client_for(api_settings, rollback_sessionmaker)
+    for response, code in (
+        (client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [2]}), 409),
+        (client.get(f"/v1/jobs/{job_id}/analysis"), 404),
+    ):
+        detail = assert_problem(response, code)["detail"]
+        assert f"{status.value} before its similarity analysis was computed" in detail, detail
+        assert "yet" not in detail
 
 
 # ------------------------------------------------------------------------------------------------------
