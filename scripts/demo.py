@@ -1,15 +1,17 @@
 """The README's first command: start the embedded service, prune the demo model through the API.
 
-Starts `lorp serve` (API + worker, SQLite, local artifacts under LORP_DATA_DIR, default var/demo),
-submits a job on the demo model (SmolLM2-135M) with the built-in corpus, shows its progress, prints
-the summary and where the pruned model is, then stops the service.
+Starts `lorp serve` (API + worker, SQLite, local artifacts under LORP_DATA_DIR, default var/demo; its
+log goes to service.log there), submits a job on the demo model (SmolLM2-135M) with the built-in
+corpus, shows its progress, stops the service, and prints what the job found and the local files
+it made.
 
-    python scripts/demo.py [--num-layers 4] [--method auto] [--num-samples 32] [--seq-len 256]
+    python scripts/demo.py [--model demo] [--num-layers 4] [--method auto] [--num-samples 32] [--seq-len 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import signal
 import socket
@@ -17,10 +19,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+FILES = {
+    "model": "the pruned model, a Hugging Face directory",
+    "report.json": "everything below, with provenance and stage timings",
+    "heatmap.png": "S with LoRP's clusters (white lines) and the removed blocks (red)",
+    "analysis.npz": "S and D, the similarity and angular-distance matrices",
+}
 
 
 def free_port() -> int:
@@ -29,18 +38,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited with status {proc.returncode}; see its log above")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the service exited with status {proc.returncode}; the end of {log}:\n{tail}")
         try:
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("the service did not become ready in time")
+    raise SystemExit(f"the service did not become ready in time; see {log}")
 
 
 def bar(fraction: float, width: int = 30) -> str:
@@ -48,44 +58,115 @@ def bar(fraction: float, width: int = 30) -> str:
     return "#" * done + "-" * (width - done)
 
 
-def print_summary(job: dict, base: str, data_dir: Path) -> None:
+def human_bytes(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def duration(job: dict[str, Any]) -> str:
+    created = dt.datetime.fromisoformat(job["created_at"])
+    finished = dt.datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else created
+    seconds = round((finished - created).total_seconds())
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def why_chosen(summary: dict[str, Any]) -> str | None:
+    """One line on how ``auto`` chose, naming LoRP's own plan when another one won."""
+    scored = {p["name"]: p["validation_perplexity"] for p in summary.get("plans", [])}
+    chosen = summary.get("chosen_method")
+    if chosen not in scored or scored[chosen] is None:
+        return None
+    if chosen == "lorp":
+        return f"auto kept LoRP's own plan: the lowest validation perplexity ({scored['lorp']:.2f})"
+    lorp = scored.get("lorp")
+    if lorp is None:
+        return f"auto chose {chosen} (validation perplexity {scored[chosen]:.2f}); LoRP's plan was not scored"
+    return (
+        f"auto chose {chosen} over LoRP's own plan: validation perplexity {scored[chosen]:.2f} "
+        f"vs LoRP's {lorp:.2f} (lower is better)"
+    )
+
+
+def print_summary(job: dict[str, Any]) -> None:
     summary = job.get("summary") or {}
-    print()
-    print(f"job {job['id']}: {job['status']}")
-    if job["status"] != "succeeded":
-        print(f"error: {job.get('error')}")
-        return
-    print(f"RLS / K          {summary.get('rls')} / {summary.get('k')}")
-    print(f"chosen           {summary.get('chosen_method')} -> blocks {summary.get('pruned_layers')}")
-    plans = [p for p in summary.get("plans", []) if p.get("validation_perplexity") is not None]
-    if plans:
-        print("candidates       (validation perplexity on held-out calibration text)")
-        for plan in sorted(plans, key=lambda p: p["validation_perplexity"]):
-            mark = "*" if plan.get("chosen") else " "
-            print(f"  {mark} {plan['name']:<11} {plan['validation_perplexity']:>10.2f}  {plan['pruned_layers']}")
     metrics = summary.get("metrics", {})
     dense, pruned, ratio = metrics.get("dense", {}), metrics.get("pruned", {}), metrics.get("ratio", {})
-
-    def value(group: dict, name: str) -> float | None:
-        item = group.get(name)
-        return item.get("value") if isinstance(item, dict) else item
-
-    if value(dense, "perplexity") is not None:
-        print(f"perplexity       dense {value(dense, 'perplexity'):.2f} -> pruned {value(pruned, 'perplexity'):.2f}")
-    if value(ratio, "decode_speedup") is not None:
+    n = summary.get("num_blocks")
+    if summary.get("rls") is not None:
+        print(f"RLS / K          {summary['rls']:.3f} / {summary['k']}")
+    removed = summary.get("pruned_layers") or []
+    print(f"chosen           {summary.get('chosen_method')}: removes {len(removed)} of {n} blocks {removed}")
+    reason = why_chosen(summary) if job["request"].get("method") == "auto" else None
+    if reason:
+        print(f"                 {reason}")
+    plans = [p for p in summary.get("plans", []) if p.get("validation_perplexity") is not None]
+    if plans:
+        print("candidates       validation perplexity on held-out calibration text")
+        for plan in sorted(plans, key=lambda p: p["validation_perplexity"]):
+            mark = "*" if plan.get("chosen") else " "
+            print(f"  {mark} {plan['name']:<11} {plan['validation_perplexity']:>9.2f}  {plan['pruned_layers']}")
+    if dense.get("perplexity") is not None and pruned.get("perplexity") is not None:
+        print(f"perplexity       dense {dense['perplexity']:.2f} -> pruned {pruned['perplexity']:.2f} (held-out text)")
+    if ratio.get("decode_speedup") is not None:
         print(
-            f"decode speed-up  x{value(ratio, 'decode_speedup'):.2f} "
-            f"(bound N/(N-n) = {value(ratio, 'speedup_bound'):.2f})"
+            f"decode speed-up  x{ratio['decode_speedup']:.2f} "
+            f"(bound N/(N-n) = {ratio['speedup_bound']:.2f}; measured on this machine's CPU)"
         )
-    artifacts = httpx.get(f"{base}/v1/jobs/{job['id']}/artifacts", timeout=10).json()
-    model_dir = data_dir / "artifacts" / "jobs" / job["id"] / "model"
-    print(f"artifacts        {len(artifacts)} files, e.g. {base}/v1/jobs/{job['id']}/artifacts/report.json")
-    print(f"pruned model     {model_dir.resolve()}")
-    print(f"                 (AutoModelForCausalLM.from_pretrained('{model_dir.resolve()}'))")
+
+
+def print_outputs(folder: Path) -> None:
+    print(f"outputs in       {folder}/")
+    for name, what in FILES.items():
+        path = folder / name
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            size = f"{len(files)} files, {human_bytes(sum(p.stat().st_size for p in files))}"
+            shown = name + "/"
+        elif path.is_file():
+            size, shown = human_bytes(path.stat().st_size), name
+        else:
+            continue
+        print(f"  {shown:<14} {size:>20}  {what}")
+    print(f"load it with     AutoModelForCausalLM.from_pretrained('{folder / 'model'}')")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_job(base: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    resp = httpx.post(f"{base}/v1/jobs", json=body, timeout=30)
+    if resp.status_code >= 400:
+        print(f"the service refused the job ({resp.status_code}): {resp.text}", file=sys.stderr)
+        return None
+    job: dict[str, Any] = resp.json()
+    print(f"submitted job    {job['id']}", flush=True)
+    last = None
+    while True:
+        job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=10).json()
+        line = f"\r{job['status']:<10} {job.get('stage') or '':<18} [{bar(job['progress'])}] {job['progress']:6.1%}"
+        if line != last:
+            print(line, end="", flush=True)
+            last = line
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            print(flush=True)
+            return job
+        time.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="demo, or a model under LORP_MODEL_ROOTS")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--method", default="auto")
     parser.add_argument("--num-samples", type=int, default=32)
@@ -93,45 +174,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("LORP_DATA_DIR", "var/demo"))
     args = parser.parse_args(argv)
 
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "service.log"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "LORP_DATA_DIR": str(data_dir)}
+    # The embedded mode whatever the shell exports: everything under the data folder.
+    env = {k: v for k, v in os.environ.items() if k not in ("LORP_DATABASE_URL", "LORP_BROKER_URL", "LORP_STORAGE_URL")}
+    env.update(LORP_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
     lorp = Path(sys.executable).with_name("lorp")
-    print(f"starting the embedded service on {base} (data in {data_dir}/)", flush=True)
-    proc = subprocess.Popen([str(lorp), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO)
+    print(f"starting         the embedded service on {base} (data in {data_dir}/, log in {log.name})", flush=True)
+    with log.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [str(lorp), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, log)
         body = {
-            "model": {"id": "demo"},
+            "model": {"id": args.model},
             "method": args.method,
             "target": {"num_layers": args.num_layers},
             "calibration": {"dataset": "builtin", "num_samples": args.num_samples, "seq_len": args.seq_len},
         }
-        resp = httpx.post(f"{base}/v1/jobs", json=body, timeout=30)
-        if resp.status_code >= 400:
-            print(resp.text, file=sys.stderr)
-            return 1
-        job = resp.json()
-        print(f"submitted job {job['id']} ({resp.headers.get('location')})", flush=True)
-        last = None
-        while True:
-            job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=10).json()
-            line = f"\r{job['status']:<10} {job.get('stage') or '':<18} [{bar(job['progress'])}] {job['progress']:5.1%}"
-            if line != last:
-                print(line, end="", flush=True)
-                last = line
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(1.0)
-        print_summary(job, base, data_dir)
-        return 0 if job["status"] == "succeeded" else 1
+        job = run_job(base, body)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+    if job is None:
+        return 1
+    print(f"job {job['id']}: {job['status']} in {duration(job)}")
+    if job["status"] != "succeeded":
+        print(f"error            {job.get('error')}")
+        print(f"service log      {log}")
+        return 1
+    print_summary(job)
+    prefix = ((job["summary"].get("report") or {}).get("artifacts") or {}).get("prefix", f"jobs/{job['id']}")
+    print_outputs(data_dir / "artifacts" / prefix)
+    print(f"the service has stopped; `LORP_DATA_DIR={args.data_dir} lorp serve` serves this job again")
+    return 0
 
 
 if __name__ == "__main__":

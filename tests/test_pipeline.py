@@ -222,3 +222,11 @@ def test_pickled_weights_are_refused(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(str(tmp_path), device="cpu")
     assert "pickled" in err.value.message and err.value.field == "model"
+
+
+def test_the_heatmap_title_names_the_plan_that_won() -> None:
+    from worker.engine.pipeline import _heatmap_title
+
+    assert _heatmap_title("demo", "auto", "shortgpt", [12, 13]) == "demo: auto chose shortgpt, removing blocks [12, 13]"
+    # A local path shows as its folder name, not the worker's work folder.
+    assert _heatmap_title("/srv/work/job/model-source", "lorp", "lorp", [3]).startswith("model-source: lorp,")

@@ -270,6 +270,17 @@ def _service_settings(**overrides: Any) -> Any:
     return Settings(**overrides)
 
 
+def _announce(server: Any, host: str, port: int) -> None:
+    """Print the address once uvicorn has bound it (its own start-up lines are below the log level)."""
+    import time
+
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"lorp serve: listening on http://{shown}:{port} (API docs at /docs)", flush=True)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -285,13 +296,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     upgrade_head(settings.sqlalchemy_url)
     mode = "embedded" if settings.embedded else "full stack"
     auth = "API keys required" if settings.auth_enabled() else "open on loopback, no keys"
-    print(f"lorp serve: {mode}, database {settings.sqlalchemy_url}, artifacts {settings.artifact_storage_url}, {auth}")
-    worker = None if args.no_worker else start_worker(settings, loglevel="warning")
+    print(
+        f"lorp serve: {mode}, database {settings.sqlalchemy_url}, artifacts {settings.artifact_storage_url}, {auth}",
+        flush=True,
+    )
+    worker = None if args.no_worker else start_worker(settings, loglevel="warning", banner=False)
     stop = threading.Event()
     reconciler = threading.Thread(target=run_reconciler, args=(settings,), kwargs={"stop": stop}, daemon=True)
     reconciler.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="warning"))
+    threading.Thread(target=_announce, args=(server, args.host, args.port), daemon=True).start()
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         stop.set()
         if worker is not None and worker.poll() is None:

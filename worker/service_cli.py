@@ -42,8 +42,13 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
     return env
 
 
-def worker_command(settings: Settings, *, concurrency: int = 1, loglevel: str = "info") -> list[str]:
-    """The argv of a Celery worker on the job queue (prefork: one child process per job)."""
+def worker_command(
+    settings: Settings, *, concurrency: int = 1, loglevel: str = "info", banner: bool = True
+) -> list[str]:
+    """The argv of a Celery worker on the job queue (prefork: one child process per job).
+
+    ``banner=False`` drops Celery's start-up banner (``lorp serve`` prints its own summary line).
+    """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     argv = [
@@ -52,6 +57,7 @@ def worker_command(settings: Settings, *, concurrency: int = 1, loglevel: str = 
         "celery",
         "-A",
         CELERY_APP,
+        *([] if banner else ["--quiet"]),
         "worker",
         "-Q",
         settings.queue_name,
@@ -70,10 +76,11 @@ def start_worker(
     *,
     concurrency: int = 1,
     loglevel: str = "info",
+    banner: bool = True,
     **popen: Any,
 ) -> subprocess.Popen[bytes]:
     """Start a worker as a child process (``lorp serve`` runs one beside the API); ``popen`` goes to Popen."""
-    argv = worker_command(settings, concurrency=concurrency, loglevel=loglevel)
+    argv = worker_command(settings, concurrency=concurrency, loglevel=loglevel, banner=banner)
     return subprocess.Popen(argv, env=settings_env(settings, popen.pop("env", None)), **popen)
 
 

@@ -252,6 +252,12 @@ def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec,
     return metrics
 
 
+def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int]) -> str:
+    name = Path(source).name if "/" in source else source
+    plan = f"auto chose {chosen}" if method == "auto" else method
+    return f"{name}: {plan}, removing blocks {pruned}"
+
+
 def run_prune(
     spec: PruneSpec,
     out_dir: str | Path,
@@ -364,7 +370,7 @@ def run_prune(
             stats.S,
             clusters=structure.clusters,
             pruned=chosen.pruned_layers,
-            title=f"{loaded.provenance.get('source')}: {spec.method} removes {chosen.pruned_layers}",
+            title=_heatmap_title(str(loaded.provenance.get("source")), spec.method, chosen_name, chosen.pruned_layers),
         )
         metrics: dict[str, Any] = {
             "dense": dense,

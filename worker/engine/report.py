@@ -111,12 +111,12 @@ def plot_heatmap(
     pruned: Sequence[int] = (),
     title: str = "",
 ) -> Path:
-    """Draw S with cluster boundaries (white lines) and the cut blocks marked (red ticks).
+    """Draw S with LoRP's cluster boundaries (white lines) and the cut blocks marked (red), with a legend.
 
     Args:
         path: Output PNG.
         S: (N+1)x(N+1) similarity matrix; state l is the input of block l, state N the last output.
-        clusters: Cluster label per block (length N), boundaries drawn where the label changes.
+        clusters: LoRP's cluster label per block (length N), boundaries drawn where the label changes.
         pruned: Removed blocks, marked on both axes.
         title: Figure title.
     """
@@ -124,6 +124,7 @@ def plot_heatmap(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     n_states = S.shape[0]
     fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=110)
@@ -142,7 +143,15 @@ def plot_heatmap(
     ax.set_ylim(n_states - 0.5, -1.2)
     ax.set_xlabel("hidden state (input of block l; last = output of the last block)")
     ax.set_ylabel("hidden state")
-    ax.set_title(title or f"S over {n_states - 1} blocks; red: removed", fontsize=10)
+    ax.set_title(title or f"S over {n_states - 1} blocks", fontsize=10)
+    legend = []
+    if clusters is not None:
+        k = len(set(clusters))
+        legend.append(Line2D([], [], color="white", linewidth=1.2, label=f"LoRP's K = {k} clusters (boundaries)"))
+    if len(pruned):
+        legend.append(Line2D([], [], color="red", marker="s", fillstyle="none", linestyle="", label="removed blocks"))
+    if legend:
+        ax.legend(handles=legend, loc="lower left", fontsize=8, facecolor="#444444", labelcolor="white", framealpha=0.9)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
