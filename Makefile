@@ -36,7 +36,9 @@ migrate: setup
 services:
 	bash scripts/services.sh
 
+# The import contracts (pyproject.toml, [tool.importlinter]) are part of the tests: a crossing fails.
 test: setup services
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # Fault-injection, load and hostile-input suites only, recorded into docs/reliability/ (a plain
@@ -52,6 +54,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) scripts/bench.py --out docs/benchmarks.md

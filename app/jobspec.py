@@ -1,7 +1,7 @@
 """The job request as clients send it (``POST /v1/jobs``), validated at the API and again in the worker.
 
 Strict pydantic models (``extra="forbid"``). Target and selection options reuse the engine's spec
-types (``worker.engine.spec`` imports only pydantic), so the API and the engine cannot drift apart;
+types (``lorp.spec`` imports only pydantic), so the API and the engine cannot drift apart;
 ``to_prune_spec`` turns a request into the engine's ``PruneSpec`` once the worker has resolved the
 model and dataset references to local paths.
 """
@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.config import Settings
-from worker.engine.spec import (
+from lorp.spec import (
     CalibrationSpec,
     DType,
     EvaluationSpec,
@@ -127,7 +127,7 @@ class JobCreate(StrictModel):
 
 
 def model_roots(settings: Settings) -> list[Path]:
-    from worker.engine.assets import cache_dir
+    from lorp.assets.cache import cache_dir
 
     return [p.expanduser().resolve() for p in settings.model_roots] + [cache_dir().resolve()]
 

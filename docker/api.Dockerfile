@@ -1,10 +1,11 @@
-# API image: FastAPI + SQLAlchemy + Celery client, no torch (the API never imports it).
+# API image: FastAPI + SQLAlchemy + a producer-only Celery client, no torch and no worker code: the API
+# imports only the engine's torch-free modules (lorp.spec, lorp.selection, lorp.errors, lorp.depth).
 FROM python:3.11-slim
 WORKDIR /srv/lorp
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
-COPY worker ./worker
+COPY lorp ./lorp
 COPY alembic ./alembic
 COPY docker/api-requirements.txt ./
 # The project's own dependency list includes torch for the worker; the API installs its subset.

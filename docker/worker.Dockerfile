@@ -4,6 +4,7 @@ WORKDIR /srv/lorp
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 LORP_CACHE_DIR=/var/cache/lorp
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
+COPY lorp ./lorp
 COPY worker ./worker
 COPY alembic ./alembic
 # torch comes from the base image and already satisfies the project's range; nothing pulls another.

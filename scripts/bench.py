@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from benchdoc import other_sections, replace_section
 
-from worker.engine import calibration as cal
-from worker.engine.auto import auto_select, pruned_view
-from worker.engine.evaluation import measure_speed, perplexity
-from worker.engine.loading import load_model
-from worker.engine.selection import SelectionOptions, candidate_plans
-from worker.engine.similarity import capture_similarity, run_blocks
+from lorp import calibration as cal
+from lorp.auto import auto_select, pruned_view
+from lorp.evaluation import measure_speed, perplexity
+from lorp.loading import load_model
+from lorp.selection import SelectionOptions, candidate_plans
+from lorp.similarity import capture_similarity, run_blocks
 
 METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"

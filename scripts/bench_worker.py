@@ -5,7 +5,7 @@ main process imported before forking, the child has for free; what it did not, e
 again. This compares two parents side by side, interleaved over rounds:
 
 - ``engine``: the parent imports torch and the engine modules only;
-- ``warm``:   the parent also runs ``worker.engine.warmup.warm_imports`` (what ``lorp worker`` does).
+- ``warm``:   the parent also runs ``worker.warmup.warm_imports`` (what ``lorp worker`` does).
 
 Each parent forks children one after another; each child runs the cheapest real job (a 2-block tiny
 Llama, 2 windows of 16 tokens, the ``reverse`` plan, no evaluation) through ``run_prune`` and reports
@@ -39,7 +39,7 @@ def _tiny_model(root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from worker.engine.loading import load_model
+    from lorp.loading import load_model
 
     tokenizer = load_model("demo").tokenizer
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def _tiny_model(root: Path) -> Path:
 
 
 def _spec(model: Path) -> object:
-    from worker.engine.spec import PruneSpec
+    from lorp.spec import PruneSpec
 
     return PruneSpec.model_validate(
         {
@@ -78,11 +78,10 @@ def _spec(model: Path) -> object:
 def parent(kind: str, model: Path, children: int, work: Path) -> dict:
     """Import like a worker's main process, then fork ``children`` jobs one after another."""
     started = time.perf_counter()
-    import worker.engine.pipeline
-    import worker.runner
+    import lorp.pipeline
 
     if kind == "warm":
-        from worker.engine.warmup import warm_imports
+        from worker.warmup import warm_imports
 
         warm_imports()
     preload_s = time.perf_counter() - started
@@ -94,7 +93,7 @@ def parent(kind: str, model: Path, children: int, work: Path) -> dict:
         if pid == 0:  # the pool child: one job, then exit
             os.close(read_end)
             t = time.perf_counter()
-            worker.engine.pipeline.run_prune(spec, work / f"{kind}-{os.getppid()}-{index}")  # type: ignore[arg-type]
+            lorp.pipeline.run_prune(spec, work / f"{kind}-{os.getppid()}-{index}")  # type: ignore[arg-type]
             os.write(write_end, f"{time.perf_counter() - t}".encode())
             os._exit(0)
         os.close(write_end)

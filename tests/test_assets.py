@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine import assets
-from worker.engine.errors import CalibrationError, ModelLoadError
+from lorp import assets
+from lorp.assets import corpus as corpus_module
+from lorp.assets import demo_model
+from lorp.errors import CalibrationError, ModelLoadError
 
 # --- packaged files --------------------------------------------------------------------------------
 
@@ -157,7 +159,7 @@ def test_corpus_deterministic_and_cached(
     def boom(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the cached corpus should not be parsed again")
 
-    monkeypatch.setattr(assets, "_parse_dump", boom)
+    monkeypatch.setattr(corpus_module, "_parse_dump", boom)
     started = time.perf_counter()
     cached = assets.builtin_corpus()
     assert time.perf_counter() - started < 1.0
@@ -186,7 +188,7 @@ def fake_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF fake weights")
     monkeypatch.setenv("LORP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(assets, "demo_gguf_path", lambda: gguf)
+    monkeypatch.setattr(demo_model, "demo_gguf_path", lambda: gguf)
     calls = {"n": 0}
 
     def convert(src: Path, out_dir: Path) -> None:
@@ -194,7 +196,7 @@ def fake_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
         time.sleep(0.2)  # long enough for a concurrent caller to wait on the lock
         (out_dir / "config.json").write_text('{"num_hidden_layers": 30}', encoding="utf-8")
 
-    monkeypatch.setattr(assets, "_convert_gguf", convert)
+    monkeypatch.setattr(demo_model, "_convert_gguf", convert)
     return calls
 
 
@@ -244,7 +246,7 @@ def test_demo_dir_failed_conversion_leaves_nothing(
         (out_dir / "partial").write_text("x", encoding="utf-8")
         raise ModelLoadError("boom", field="model")
 
-    monkeypatch.setattr(assets, "_convert_gguf", failing)
+    monkeypatch.setattr(demo_model, "_convert_gguf", failing)
     with pytest.raises(ModelLoadError, match="boom"):
         assets.demo_model_dir()
     models = tmp_path / "cache" / "models"

@@ -10,12 +10,12 @@ import torch
 from test_blocks import ARCHS, build, probe
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from worker.engine.auto import auto_select, choose_best, pruned_view, score_candidates
-from worker.engine.blocks import decoder_blocks, remove_blocks
-from worker.engine.calibration import TokenWindows
-from worker.engine.evaluation import perplexity
-from worker.engine.selection import SelectionOptions
-from worker.engine.similarity import capture_similarity
+from lorp.auto import auto_select, choose_best, pruned_view, score_candidates
+from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.calibration import TokenWindows
+from lorp.evaluation import perplexity
+from lorp.selection import SelectionOptions
+from lorp.similarity import capture_similarity
 
 VOCAB = 384
 
@@ -74,7 +74,7 @@ def test_pruned_view_restores_on_error(qwen3):
 
 
 def _fake_selection(name: str, blocks: list[int]):
-    from worker.engine.selection import Selection, Structure
+    from lorp.selection import Selection, Structure
 
     structure = Structure(rls=1.0, k=2, clusters=[0] * 6, redundancy=[0.0] * 6)
     return Selection(method=name, pruned_layers=blocks, structure=structure, scores={})

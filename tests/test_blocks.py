@@ -11,9 +11,9 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from worker.engine.blocks import BlockLayout, block_layout, decoder_blocks, remove_blocks
-from worker.engine.errors import InvalidRequestError, ReloadCheckError, UnsupportedArchitectureError
-from worker.engine.export import save_pruned, verify_reload
+from lorp.blocks import BlockLayout, block_layout, decoder_blocks, remove_blocks
+from lorp.errors import InvalidRequestError, ReloadCheckError, UnsupportedArchitectureError
+from lorp.export import save_pruned, verify_reload
 
 VOCAB = 384
 # Short enough to be fast, longer than the sliding windows below so that a misassigned layer type

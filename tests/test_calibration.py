@@ -1,4 +1,4 @@
-"""Text sources and token windows (worker.engine.calibration), on the tiny in-memory tokenizer."""
+"""Text sources and token windows (lorp.calibration), on the tiny in-memory tokenizer."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import calibration
-from worker.engine.calibration import (
+from lorp import calibration
+from lorp.calibration import (
     TextSource,
     build_calibration,
     evaluation_windows,
@@ -20,7 +20,7 @@ from worker.engine.calibration import (
     parse_source,
     tokenize_stream,
 )
-from worker.engine.errors import CalibrationError
+from lorp.errors import CalibrationError
 
 _WORDS = [
     *str.split("the quick brown fox jumps over lazy dog depth pruning removes whole decoder blocks"),
@@ -202,7 +202,7 @@ def test_load_hub_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_load_builtin_roles(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.engine.assets import Corpus
+    from lorp.assets import Corpus
 
     fake = Corpus(name="builtin:enwiki-sample", calibration=["cal a", " "], evaluation=["eval b"], sha256="x")
     monkeypatch.setattr(calibration, "builtin_corpus", lambda: fake)

@@ -6,7 +6,8 @@ from celery import concurrency
 from celery.concurrency.asynpool import AsynPool
 
 from app.core.config import Settings
-from worker.celery_app import RUN_JOB_TASK, celery_config
+from app.queue import RUN_JOB_TASK
+from worker.celery_app import celery_config
 from worker.pool import MAINTAIN_INTERVAL_S, JobPool, PromptAsynPool
 
 

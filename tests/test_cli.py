@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.cli import main
-from worker.engine.report import save_analysis
-from worker.engine.selection import SelectionOptions, select
+from lorp.cli import main
+from lorp.report import save_analysis
+from lorp.selection import SelectionOptions, select
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_prune_demo_model_end_to_end(tmp_path):
     """The README's main job, small: `lorp prune` on SmolLM2-135M and the built-in corpus."""
     out = tmp_path / "demo"
     cmd = [
-        sys.executable, "-m", "worker.cli", "prune", "--model", "demo", "--num-layers", "2",
+        sys.executable, "-m", "lorp", "prune", "--model", "demo", "--num-layers", "2",
         "--num-samples", "8", "--seq-len", "64", "--eval-windows", "4", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
@@ -112,7 +112,7 @@ def test_prune_demo_model_end_to_end(tmp_path):
     analyze = [
         sys.executable,
         "-m",
-        "worker.cli",
+        "lorp",
         "analyze",
         "--model",
         "demo",

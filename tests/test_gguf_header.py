@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
-from worker.engine import assets
-from worker.engine.errors import ModelLoadError
-from worker.engine.gguf_header import block_count, check_gguf, read_gguf_header
-from worker.engine.loading import load_model
+from lorp import assets
+from lorp.errors import ModelLoadError
+from lorp.gguf_header import block_count, check_gguf, read_gguf_header
+from lorp.loading import load_model
 
 
 def _small_gguf(path: Path, *, blocks: int = 2) -> Path:

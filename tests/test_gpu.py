@@ -8,11 +8,11 @@ import torch
 from test_blocks import build, probe
 from test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
 
-from worker.engine.auto import auto_select
-from worker.engine.blocks import remove_blocks
-from worker.engine.calibration import TokenWindows
-from worker.engine.export import save_pruned, verify_reload
-from worker.engine.similarity import capture_similarity
+from lorp.auto import auto_select
+from lorp.blocks import remove_blocks
+from lorp.calibration import TokenWindows
+from lorp.export import save_pruned, verify_reload
+from lorp.similarity import capture_similarity
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from worker.engine.errors import InvalidRequestError, ModelLoadError
-from worker.engine.loading import load_model, resolve_device, resolve_dtype
+from lorp.errors import InvalidRequestError, ModelLoadError
+from lorp.loading import load_model, resolve_device, resolve_dtype
 
 
 @pytest.fixture()
@@ -96,7 +96,7 @@ def test_device_and_dtype_resolution():
 @pytest.mark.slow
 def test_gguf_file_loads_dequantized_and_saves(tmp_path):
     """A .gguf path (the real SmolLM2 file): dequantized, quantizer state dropped, savable as safetensors."""
-    from worker.engine.assets import demo_gguf_path
+    from lorp.assets import demo_gguf_path
 
     path = demo_gguf_path()
     loaded = load_model(str(path), device="cpu", dtype="float32")

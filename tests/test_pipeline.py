@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from worker.engine.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
-from worker.engine.pipeline import STAGES, run_analysis, run_prune
-from worker.engine.spec import (
+from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
+from lorp.pipeline import STAGES, run_analysis, run_prune
+from lorp.spec import (
     CalibrationSpec,
     EvaluationSpec,
     ModelSpec,
@@ -151,7 +151,7 @@ def test_named_method_and_ratio(tiny_model_dir, corpus_files, tmp_path):
 
 
 def test_budget_is_checked_before_any_forward_pass(tiny_model_dir, corpus_files, tmp_path, monkeypatch):
-    import worker.engine.pipeline as pipeline
+    import lorp.pipeline as pipeline
 
     def must_not_run(*_a, **_k):
         raise AssertionError("capture ran before the budget was validated")
@@ -191,7 +191,7 @@ def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
     first = run_prune(spec, tmp_path / "one")
     assert provenance["fingerprint"] == first.report["provenance"]["fingerprint"]
     np.testing.assert_allclose(stats.S, first.stats.S, atol=1e-12)
-    import worker.engine.pipeline as pipeline
+    import lorp.pipeline as pipeline
 
     original = pipeline.capture_similarity
     pipeline.capture_similarity = None  # type: ignore[assignment]
@@ -217,7 +217,7 @@ def test_pickled_weights_are_refused(tmp_path):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    from worker.engine.loading import load_model
+    from lorp.loading import load_model
 
     with pytest.raises(ModelLoadError) as err:
         load_model(str(tmp_path), device="cpu")
@@ -225,7 +225,7 @@ def test_pickled_weights_are_refused(tmp_path):
 
 
 def test_the_heatmap_title_names_the_plan_that_won() -> None:
-    from worker.engine.pipeline import _heatmap_title
+    from lorp.pipeline import _heatmap_title
 
     assert _heatmap_title("demo", "auto", "shortgpt", [12, 13]) == "demo: auto chose shortgpt, removing blocks [12, 13]"
     # A local path shows as its folder name, not the worker's work folder.

@@ -1,4 +1,4 @@
-"""Selection rules of LORP.md §3-7, pinned on hand-built matrices.
+"""Selection rules of docs/algorithm.md §3-7, pinned on hand-built matrices.
 
 Most matrices use dyadic values (multiples of 1/8) so that the means the rules compare are exact in
 floating point and intended ties really are ties.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import SpectralClustering
 
-from worker.engine.errors import BudgetError, InvalidRequestError, MissingStatisticError
-from worker.engine.selection import (
+from lorp.errors import BudgetError, InvalidRequestError, MissingStatisticError
+from lorp.selection import (
     METHODS,
     Selection,
     SelectionOptions,

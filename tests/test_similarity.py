@@ -1,4 +1,4 @@
-"""The one-pass capture equals a brute-force per-token computation (LORP.md §1-2)."""
+"""The one-pass capture equals a brute-force per-token computation (docs/algorithm.md §1-2)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from worker.engine.calibration import TokenWindows
-from worker.engine.errors import JobCancelled
-from worker.engine.similarity import capture_similarity, run_blocks
+from lorp.calibration import TokenWindows
+from lorp.errors import JobCancelled
+from lorp.similarity import capture_similarity, run_blocks
 
 VOCAB = 384
 

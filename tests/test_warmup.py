@@ -7,19 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lorp.blocks import supported_families
 from tests.tiny import save_tiny_llama
-from worker.engine.blocks import supported_families
 
 # Run in a fresh interpreter: this test process has imported everything already.
 SCRIPT = """
 import gc, json, sys
 from pathlib import Path
-import worker.engine.pipeline
-from worker.engine.warmup import warm_imports
+import lorp.pipeline
+from worker.warmup import warm_imports
 steps = warm_imports()
 frozen = gc.get_freeze_count()
 before = set(sys.modules)
-from worker.engine.spec import PruneSpec
+from lorp.spec import PruneSpec
 spec = PruneSpec.model_validate({
     "model": {"source": sys.argv[1]},
     "method": "lorp",
@@ -27,7 +27,7 @@ spec = PruneSpec.model_validate({
     "calibration": {"source": sys.argv[2], "num_samples": 4, "seq_len": 16, "batch_size": 2},
     "evaluation": {"max_windows": 2, "speed": False},
 })
-worker.engine.pipeline.run_prune(spec, Path(sys.argv[3]))
+lorp.pipeline.run_prune(spec, Path(sys.argv[3]))
 print(json.dumps({"steps": steps, "frozen": frozen, "new": sorted(set(sys.modules) - before),
                   "loaded": sorted(m for m in sys.modules if m.startswith("transformers.models."))}))
 """

@@ -1,1 +1,2 @@
-"""Worker side of the LoRP service: the pruning engine (``worker.engine``) and, later, Celery tasks."""
+"""The worker process of the LoRP service: the Celery app and task, the job runner, the reconciler,
+and the service's commands (``lorp serve|worker|reconciler|migrate|keys``)."""

@@ -1,10 +1,11 @@
-"""The Celery application: configuration only, no engine import (the API imports this to enqueue).
+"""The worker's Celery application: the shared broker settings (``app.queue``) plus the consumer's.
 
 Long GPU jobs: late acknowledgement with redelivery when a worker dies, prefetch 1, one task per
 child process (a fresh CUDA context and no leaked memory between jobs), a ``gpu`` queue, a broker
 visibility timeout longer than the longest job, and no result backend: the job row is the truth.
 The reconciler is not a Celery task: it runs as its own periodic loop (``lorp reconciler``, or a
-thread of ``lorp serve``), so it never waits in the queue behind a long job.
+thread of ``lorp serve``), so it never waits in the queue behind a long job. Importing this module
+imports no torch.
 """
 
 from __future__ import annotations
@@ -14,37 +15,22 @@ from typing import Any
 from celery import Celery
 
 from app.core.config import Settings, get_settings
-
-RUN_JOB_TASK = "lorp.run_job"
+from app.queue import broker_config
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    broker = settings.celery_broker_url
-    config: dict[str, Any] = {
-        "broker_url": broker,
-        "task_ignore_result": True,
+    return {
+        **broker_config(settings),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": 1,
         # Prefork, replacing each job's exited child at once rather than on a 5 s timer (worker/pool.py).
         "worker_pool": "worker.pool:JobPool",
-        "task_default_queue": settings.queue_name,
-        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
         "task_time_limit": settings.job_time_limit_s + 60,
         "task_soft_time_limit": settings.job_time_limit_s,
-        "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
     }
-    if broker.startswith(("redis://", "rediss://")):
-        # Unacknowledged messages come back after this long; it must outlast the longest job or a
-        # running job would be delivered a second time (the claim would refuse it, but still).
-        config["broker_transport_options"] = {
-            "visibility_timeout": settings.job_time_limit_s * 2,
-            "socket_connect_timeout": 5,
-            "socket_timeout": 10,
-        }
-    return config
 
 
 def create_celery(settings: Settings | None = None) -> Celery:

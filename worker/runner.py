@@ -36,12 +36,12 @@ from app.jobspec import JobCreate, RequestError, check_model_reference, dataset_
 from app.repositories import lifecycle
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow
 from app.storage import Storage, StorageError, storage_from_url
-from worker.engine.errors import EngineError, JobCancelled
+from lorp.errors import EngineError, JobCancelled
 
 if TYPE_CHECKING:
-    from worker.engine.pipeline import PruneResult
-    from worker.engine.similarity import SimilarityStats
-    from worker.engine.spec import PruneSpec
+    from lorp.pipeline import PruneResult
+    from lorp.similarity import SimilarityStats
+    from lorp.spec import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class _JobRun:
 
     def progress(self, stage: str, fraction: float) -> None:
         """Engine progress: overall fraction from the stage order; stage changes always written."""
-        from worker.engine.pipeline import STAGES
+        from lorp.pipeline import STAGES
 
         if stage in STAGES:
             done = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
@@ -313,7 +313,7 @@ class _JobRun:
         """The stored S and D for this calibration fingerprint, when an earlier job computed them."""
         import numpy as np
 
-        from worker.engine.similarity import SimilarityStats
+        from lorp.similarity import SimilarityStats
 
         self._fingerprint = fingerprint
         with session_scope(self.factory) as session:
@@ -499,7 +499,7 @@ class _JobRun:
             self._prepare_work_dir()
             request = JobCreate.model_validate(self.request_json)
             spec = self.resolve(request)
-            from worker.engine.pipeline import run_prune
+            from lorp.pipeline import run_prune
 
             result = run_prune(
                 spec,

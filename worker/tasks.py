@@ -15,7 +15,8 @@ from typing import Any
 from celery.signals import worker_init
 
 from app.core.config import get_settings
-from worker.celery_app import RUN_JOB_TASK, celery_app
+from app.queue import RUN_JOB_TASK
+from worker.celery_app import celery_app
 
 # Library progress bars (weights loading, shard writing) only clutter a worker's log; the job row
 # carries the progress.
@@ -38,9 +39,8 @@ def preload_engine(**_: Any) -> None:
     started = time.perf_counter()
     import torch
 
-    import worker.engine.pipeline
     import worker.runner  # noqa: F401
-    from worker.engine.warmup import warm_imports
+    from worker.warmup import warm_imports
 
     steps = warm_imports()
     if torch.cuda.is_initialized():  # pragma: no cover - a guard for future imports

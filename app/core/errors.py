@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobspec import RequestError
 from app.storage import ObjectNotFound, StorageError
-from worker.engine.errors import EngineError, InvalidRequestError
+from lorp.errors import EngineError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

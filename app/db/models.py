@@ -1,4 +1,4 @@
-"""The service's tables (DESIGN.md "What the database holds"). Schema changes go through Alembic only."""
+"""The service's tables (docs/architecture.md). Schema changes go through Alembic only (alembic/versions/)."""
 
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ from app.schemas import (
     PlanOut,
 )
 from app.services import preflight
-from worker.engine.errors import EngineError
-from worker.engine.selection import METHODS, SelectionOptions, Structure, analyze_structure
+from lorp.errors import EngineError
+from lorp.selection import METHODS, SelectionOptions, Structure, analyze_structure
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from app.jobspec import JobCreate
 from app.repositories import analyses as analyses_repo
 from app.schemas import PlanResult, PlansRequest, PlansResponse
 from app.services.jobs import get_job, no_analysis_reason
-from worker.engine.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
-from worker.engine.selection import METHODS, SelectionOptions, analyze_structure, select
-from worker.engine.spec import TargetSpec
+from lorp.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
+from lorp.selection import METHODS, SelectionOptions, analyze_structure, select
+from lorp.spec import TargetSpec
 
 
 def _options(request: PlansRequest, job_request: dict[str, object]) -> SelectionOptions:

@@ -18,9 +18,9 @@ from app.core.config import Settings
 from app.core.errors import Unprocessable
 from app.jobspec import JobCreate, ModelRef, local_model_path
 from app.storage import StorageError, storage_from_url
-from worker.engine.depth import blocks_in_config, blocks_in_gguf, plausible
-from worker.engine.errors import BudgetError, EngineError, InvalidRequestError
-from worker.engine.selection import SelectionOptions, protected_set
+from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
+from lorp.errors import BudgetError, EngineError, InvalidRequestError
+from lorp.selection import SelectionOptions, protected_set
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _file_blocks(path: Path) -> int | None:
 
 
 def _demo_blocks() -> int | None:
-    from worker.engine.assets import demo_gguf_path
+    from lorp.assets.packaged import demo_gguf_path
 
     return _file_blocks(demo_gguf_path())
 

@@ -34,10 +34,10 @@ from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, 
 from app.db.session import session_factory, session_scope
 from app.main import create_app
 from app.repositories import lifecycle
+from lorp.pipeline import STAGES
 from tests.reliability.record import record
 from tests.service.moto_server import MotoServer
 from worker import runner
-from worker.engine.pipeline import STAGES
 
 from .conftest import (
     WORDS,

@@ -32,12 +32,12 @@ from app.core.config import Settings
 from app.core.security import revoke_api_key
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from lorp import assets
 from tests.reliability.record import record
 from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request, upload_dataset
 from tests.service.test_api import assert_problem, bearer, client_for, insert_job, new_key
 from worker import runner
-from worker.engine import assets
 
 pytestmark = pytest.mark.reliability
 

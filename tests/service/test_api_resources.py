@@ -18,8 +18,8 @@ from app.api.deps import build_storage
 from app.core.config import Settings
 from app.db.models import Artifact, Dataset, JobEvent, JobStatus, Metric, Plan
 from app.storage import storage_from_url
-from worker.engine.selection import SelectionOptions, analyze_structure
-from worker.engine.selection import select as engine_select
+from lorp.selection import SelectionOptions, analyze_structure
+from lorp.selection import select as engine_select
 
 from .test_api import (
     DEMO_JOB,
@@ -540,9 +540,23 @@ def test_metrics_with_jobs_in_every_state(any_database):
     assert 'lorp_stage_duration_seconds_bucket{le="60.0",stage="capture"} 3.0' in text
 
 
-def test_api_never_imports_torch():
-    code = "import app.main, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+def test_api_never_imports_torch_or_the_worker(tmp_path):
+    # Serving a submission runs the budget preflight and the enqueue path too, not just the imports.
+    code = (
+        "import sys, uuid\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.core.config import Settings\n"
+        "from app.db.migrate import upgrade_head\n"
+        "from app.main import create_app\n"
+        "s = Settings(data_dir=sys.argv[1])\n"
+        "s.resolved_data_dir.mkdir(parents=True)\n"
+        "upgrade_head(s.sqlalchemy_url)\n"
+        "r = TestClient(create_app(s)).post('/v1/jobs', json={'model': {'id': 'demo'}, 'target': {'num_layers': 99}})\n"
+        "assert r.status_code == 422, r.text\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'worker'})\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")], check=True, cwd=REPO)
 
 
 def test_openapi_documents_the_routes(api_settings, rollback_sessionmaker):

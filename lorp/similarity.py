@@ -1,4 +1,4 @@
-"""One-pass capture of the similarity statistics S and D (LORP.md §1-2).
+"""One-pass capture of the similarity statistics S and D (docs/algorithm.md §1-2).
 
 Forward pre-hooks on every decoder block record the hidden state that enters it, a forward hook on
 the last block records its output and then stops the forward pass, so the final norm and the LM
@@ -22,9 +22,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from worker.engine.blocks import decoder_blocks
-from worker.engine.calibration import TokenWindows
-from worker.engine.errors import InvalidRequestError, JobCancelled
+from lorp.blocks import decoder_blocks
+from lorp.calibration import TokenWindows
+from lorp.errors import InvalidRequestError, JobCancelled
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -164,7 +164,7 @@ def capture_similarity(
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
     Args:
-        model: A causal LM whose decoder blocks ``worker.engine.blocks`` can find.
+        model: A causal LM whose decoder blocks ``lorp.blocks`` can find.
         windows: Token windows; positions with ``attention_mask == 0`` never count.
         batch_size: Sequences per forward pass.
         angular: ``"all_tokens"`` (default) averages D over every real token; ``"last_token"`` over

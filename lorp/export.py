@@ -1,6 +1,6 @@
 """Saving a pruned model, and the reload-and-compare check that must pass before it is published.
 
-LORP.md §8: a saved directory can look fine and still be wrong. With a stale block count in the
+docs/algorithm.md §8: a saved directory can look fine and still be wrong. With a stale block count in the
 config, transformers 5.x reloads it by creating the missing blocks with random weights and only prints
 a load report; so the check reloads the directory with ``AutoModelForCausalLM`` and compares logits
 and cached greedy generation against the in-memory model, and also fails on any missing, unexpected
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from worker.engine.blocks import block_layout, decoder_blocks
-from worker.engine.errors import InvalidRequestError, ReloadCheckError
+from lorp.blocks import block_layout, decoder_blocks
+from lorp.errors import InvalidRequestError, ReloadCheckError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
 
     Args:
         model: the in-memory Hugging Face causal LM, already pruned with
-            :func:`worker.engine.blocks.remove_blocks`. Leftover quantization state of a model whose
+            :func:`lorp.blocks.remove_blocks`. Leftover quantization state of a model whose
             weights are dense (a GGUF file dequantized at load time) is removed from it in place, since
             ``save_pretrained`` refuses to save while it is present.
         tokenizer: the model's tokenizer (anything with ``save_pretrained``), or ``None`` to skip it.

@@ -1,6 +1,6 @@
 """Decoder-block discovery per architecture, and block removal that leaves a consistent model.
 
-LORP.md §8: the block list is found by architecture (never by assuming ``model.model.layers``), and
+docs/algorithm.md §8: the block list is found by architecture (never by assuming ``model.model.layers``), and
 removing blocks means more than dropping modules. The kept blocks' per-layer indices are renumbered
 (the KV cache is indexed by them), the config's block count is updated (a reload would otherwise
 silently re-create the removed blocks with random weights), and every per-layer config list is trimmed
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.errors import InvalidRequestError, UnsupportedArchitectureError
+from lorp.errors import InvalidRequestError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def _refresh_model_flags(model: Any, config: Any) -> None:
 
 
 def remove_blocks(model: Any, blocks: Sequence[int]) -> list[int]:
-    """Remove decoder blocks from ``model`` in place and make the model consistent again (LORP.md §8).
+    """Remove decoder blocks from ``model`` in place and make the model consistent again (docs/algorithm.md §8).
 
     Drops the blocks from the block ``ModuleList``, renumbers every kept block's per-layer index
     attributes (``layer_idx`` on any submodule), sets the config's block count, trims the per-layer

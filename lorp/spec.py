@@ -1,7 +1,7 @@
 """The job specification: strict pydantic models shared by the CLI, the API and the worker.
 
 Validated wherever a job enters (API, worker, CLI). Checks that need the model (a budget larger than
-the eligible blocks) happen in ``worker.engine.pipeline`` right after loading, before any pass.
+the eligible blocks) happen in ``lorp.pipeline`` right after loading, before any pass.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from worker.engine.errors import BudgetError
+from lorp.errors import BudgetError
 
 METHOD_NAMES = ("auto", "lorp", "shortgpt", "streamline", "angular", "reverse")
 Method = Literal["auto", "lorp", "shortgpt", "streamline", "angular", "reverse"]

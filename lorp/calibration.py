@@ -5,10 +5,10 @@ documents become one token stream (documents joined by the end-of-sequence token
 into windows of ``seq_len`` tokens:
 
 - capture windows: ``num_samples`` non-overlapping windows drawn with a seeded generator from the
-  first part of the stream, for the similarity capture (LORP.md §1-2);
+  first part of the stream, for the similarity capture (docs/algorithm.md §1-2);
 - validation windows: consecutive windows over the last part of the stream, held out from capture,
   on which ``auto`` scores candidate plans;
-- evaluation windows: consecutive non-overlapping windows over held-out text (LORP.md §9).
+- evaluation windows: consecutive non-overlapping windows over held-out text (docs/algorithm.md §9).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from worker.engine.assets import builtin_corpus, texts_sha256
-from worker.engine.errors import CalibrationError
+from lorp.assets import builtin_corpus, texts_sha256
+from lorp.errors import CalibrationError
 
 SourceKind = Literal["builtin", "text", "jsonl", "hub"]
 Role = Literal["calibration", "evaluation"]
@@ -468,7 +468,7 @@ def build_calibration(
 def evaluation_windows(
     tokenizer: Any, texts: list[str], *, seq_len: int, max_windows: int | None = None
 ) -> TokenWindows:
-    """Consecutive non-overlapping windows of ``seq_len`` over held-out text (LORP.md §9).
+    """Consecutive non-overlapping windows of ``seq_len`` over held-out text (docs/algorithm.md §9).
 
     Args:
         tokenizer: a Hugging Face tokenizer.

@@ -1,4 +1,4 @@
-"""Block selection: LoRP (LORP.md §3-6) and its baselines (§7) as pure functions of (S, D, n, options).
+"""Block selection: LoRP (docs/algorithm.md §3-6) and its baselines (§7) as pure functions of (S, D, n, options).
 
 ``S`` is the (N+1) x (N+1) mean cosine-similarity matrix of the hidden states (row/column ``l < N`` is
 the input of block ``l``, row/column ``N`` the output of the last block) and ``D`` the matching mean
@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from worker.engine.errors import BudgetError, InvalidRequestError, MissingStatisticError
+from lorp.errors import BudgetError, InvalidRequestError, MissingStatisticError
 
 Matrix = npt.NDArray[np.float64]
 
@@ -29,7 +29,7 @@ Matrix = npt.NDArray[np.float64]
 _RANGE_TOLERANCE = 1e-6
 _SYMMETRY_TOLERANCE = 1e-6
 
-# The K values that "auto" validates besides LoRP's own choice (LORP.md §7).
+# The K values that "auto" validates besides LoRP's own choice (docs/algorithm.md §7).
 AUTO_K_VALUES = (2, 3, 4, 5, 6)
 
 
@@ -57,7 +57,7 @@ class Structure:
         rls: Representation Locality Score, ``None`` when the mean off-diagonal similarity is <= 0.
         k: the granularity used (the override, or the RLS table clamped to N).
         clusters: cluster of every block (length N), numbered by the depth of the first member.
-        redundancy: r(l) of every block (LORP.md §6); ``-inf`` for a block alone in its cluster.
+        redundancy: r(l) of every block (docs/algorithm.md §6); ``-inf`` for a block alone in its cluster.
     """
 
     rls: float | None
@@ -292,7 +292,7 @@ def _mean_upper(m: Matrix) -> float:
 
 
 def representation_locality_score(S: npt.ArrayLike) -> float | None:
-    """Representation Locality Score over the N x N block-input part of S (LORP.md §3).
+    """Representation Locality Score over the N x N block-input part of S (docs/algorithm.md §3).
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.
@@ -309,7 +309,7 @@ def representation_locality_score(S: npt.ArrayLike) -> float | None:
 
 
 def granularity(rls: float | None) -> int:
-    """LoRP's number of clusters K from the RLS (LORP.md §4).
+    """LoRP's number of clusters K from the RLS (docs/algorithm.md §4).
 
     Args:
         rls: the Representation Locality Score; ``None`` (undefined) counts as localized.
@@ -334,7 +334,7 @@ def _relabel_by_depth(labels: Sequence[int]) -> list[int]:
 
 
 def cluster_blocks(S: npt.ArrayLike, k: int, seed: int = 0) -> list[int]:
-    """Cluster the N blocks into k representational phases (LORP.md §5).
+    """Cluster the N blocks into k representational phases (docs/algorithm.md §5).
 
     Spectral clustering with scikit-learn on the affinity A = (S_NxN + 1) / 2 (diagonal 1), exactly as
     the reference does, then renumbered by the depth of each cluster's first member.
@@ -377,7 +377,7 @@ def cluster_blocks(S: npt.ArrayLike, k: int, seed: int = 0) -> list[int]:
 
 
 def block_redundancy(S: npt.ArrayLike, clusters: Sequence[int]) -> list[float]:
-    """r(l) = mean S[l, m] over the cluster mates m != l of every block l (LORP.md §6).
+    """r(l) = mean S[l, m] over the cluster mates m != l of every block l (docs/algorithm.md §6).
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.
@@ -435,7 +435,7 @@ def analyze_structure(S: npt.ArrayLike, options: SelectionOptions | None = None)
 def allocate_budget(
     S: npt.ArrayLike, clusters: Sequence[int], protected: frozenset[int] | set[int], n: int
 ) -> list[int]:
-    """LoRP's two-stage allocation of the budget n over the clusters (LORP.md §6).
+    """LoRP's two-stage allocation of the budget n over the clusters (docs/algorithm.md §6).
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.
@@ -523,7 +523,7 @@ def select_lorp(
     *,
     structure: Structure | None = None,
 ) -> Selection:
-    """LoRP: cluster the blocks into phases and allocate n over them (LORP.md §3-6).
+    """LoRP: cluster the blocks into phases and allocate n over them (docs/algorithm.md §3-6).
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.

@@ -1,6 +1,6 @@
 """Method ``auto``: validate every candidate plan on held-out calibration text and keep the best.
 
-Selection criteria disagree badly on some models (LORP.md §7: on SmolLM2-135M LoRP's published plan
+Selection criteria disagree badly on some models (docs/algorithm.md §7: on SmolLM2-135M LoRP's published plan
 at 4/30 blocks gives perplexity ~3100 where ShortGPT's gives ~37), so no plan reaches a user
 without being measured. Candidates run as temporary views of the one loaded model: blocks are
 dropped and restored in place, never copied, so validation needs no extra weight memory.
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine.blocks import block_layout, remove_blocks
-from worker.engine.calibration import TokenWindows
-from worker.engine.evaluation import perplexity
-from worker.engine.selection import Selection, SelectionOptions, candidate_plans
+from lorp.blocks import block_layout, remove_blocks
+from lorp.calibration import TokenWindows
+from lorp.evaluation import perplexity
+from lorp.selection import Selection, SelectionOptions, candidate_plans
 
 # Plain values a module may hold (per-layer indices, cached flags, attention scaling ...): removal
 # may change any of them, so a view snapshots them all and puts them back.
@@ -38,7 +38,7 @@ def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
     """Temporarily remove ``blocks`` from ``model`` in place; everything is restored on exit.
 
     Args:
-        model: A causal LM whose layout ``worker.engine.blocks`` knows.
+        model: A causal LM whose layout ``lorp.blocks`` knows.
         blocks: 0-based block indices to drop while the context is open.
     """
     layout = block_layout(model)

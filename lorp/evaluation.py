@@ -1,4 +1,4 @@
-"""Evaluation (LORP.md §9): held-out perplexity, and decode/prefill speed and memory."""
+"""Evaluation (docs/algorithm.md §9): held-out perplexity, and decode/prefill speed and memory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from worker.engine.calibration import TokenWindows
-from worker.engine.errors import InvalidRequestError, JobCancelled
+from lorp.calibration import TokenWindows
+from lorp.errors import InvalidRequestError, JobCancelled
 
 
 def _input_device(model: Any) -> torch.device:

@@ -17,7 +17,7 @@ import importlib
 import logging
 import time
 
-from worker.engine.blocks import supported_families
+from lorp.blocks import supported_families
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Model loading: a local Hugging Face directory, a hub id at a revision, a GGUF file, or the demo model.
 
-Safety defaults (DESIGN.md): weights load from safetensors only unless pickled weights are allowed
-explicitly, and ``trust_remote_code`` stays off unless the caller allows it. A checkpoint that
-leaves weights uninitialised is refused instead of silently getting random blocks.
+Safety defaults (the README's "Engine defaults"): weights load from safetensors only unless pickled
+weights are allowed explicitly, and ``trust_remote_code`` stays off unless the caller allows it. A
+checkpoint that leaves weights uninitialised is refused instead of silently getting random blocks.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from worker.engine import assets
-from worker.engine.depth import MAX_BLOCKS, blocks_in_config
-from worker.engine.errors import InvalidRequestError, ModelLoadError
-from worker.engine.gguf_header import block_count, check_gguf
+from lorp import assets
+from lorp.depth import MAX_BLOCKS, blocks_in_config
+from lorp.errors import InvalidRequestError, ModelLoadError
+from lorp.gguf_header import block_count, check_gguf
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.engine.gguf_header import block_count, read_gguf_header
+from lorp.gguf_header import block_count, read_gguf_header
 
 # Where each supported family's config keeps the count: most say num_hidden_layers, GPT-2 says
 # n_layer; the others cover configs written by older or third-party tooling.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine.errors import InvalidRequestError, MissingStatisticError
+from lorp.errors import InvalidRequestError, MissingStatisticError
 
 _VERSIONED = (
     "torch",

@@ -17,24 +17,24 @@ from typing import Any
 
 import torch
 
-from worker.engine import assets
-from worker.engine import calibration as cal
-from worker.engine.auto import auto_select
-from worker.engine.blocks import decoder_blocks, remove_blocks
-from worker.engine.errors import InvalidRequestError, JobCancelled
-from worker.engine.evaluation import measure_speed, perplexity
-from worker.engine.export import save_pruned, verify_reload
-from worker.engine.loading import LoadedModel, load_model
-from worker.engine.report import library_versions, plot_heatmap, save_analysis, write_report
-from worker.engine.selection import (
+from lorp import assets
+from lorp import calibration as cal
+from lorp.auto import auto_select
+from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.evaluation import measure_speed, perplexity
+from lorp.export import save_pruned, verify_reload
+from lorp.loading import LoadedModel, load_model
+from lorp.report import library_versions, plot_heatmap, save_analysis, write_report
+from lorp.selection import (
     Selection,
     SelectionOptions,
     candidate_plans,
     select,
     validate_budget,
 )
-from worker.engine.similarity import SimilarityStats, capture_similarity
-from worker.engine.spec import CalibrationSpec, ModelSpec, PruneSpec
+from lorp.similarity import SimilarityStats, capture_similarity
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""``python -m lorp``: the engine's command line."""
+
+import sys
+
+from lorp.cli import main
+
+sys.exit(main())

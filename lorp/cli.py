@@ -1,0 +1,282 @@
+"""The engine's command line: ``python -m lorp`` (and the ``lorp`` command, which adds the service's).
+
+lorp prune   --model M --num-layers n|--ratio r [--method auto] [--calibration SPEC] --out DIR
+lorp analyze --model M [--calibration SPEC] --out FILE.npz
+lorp select  --similarity FILE --num-layers n --method NAME [--num-clusters K] [--json]
+
+Errors name the input at fault (``lorp: error [num_layers]: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from lorp.errors import EngineError
+
+Handler = Callable[[argparse.Namespace], int]
+# Adds subcommands to the parser's subparsers and returns their handlers by name.
+Extension = Callable[[Any], dict[str, Handler]]
+
+CALIBRATION_HELP = (
+    'calibration text: "builtin" (default: the built-in Wikipedia sample), FILE.txt, FILE.jsonl[#field], '
+    'or "hf:DATASET[@REV][/CONFIG]:SPLIT#FIELD" (needs the hub)'
+)
+
+
+def _protected(value: str) -> tuple[int, ...]:
+    if value.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {value!r}") from exc
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help='"demo", a local HF directory, a .gguf file, or a hub id')
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default="builtin", help=CALIBRATION_HELP)
+    p.add_argument("--num-samples", type=int, default=64, help="calibration windows M (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window T (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--chat-template", action="store_true", help="wrap windows in the tokenizer's chat template")
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-clusters", type=int, help="fix LoRP's K (2..N-2) instead of deriving it from RLS")
+    p.add_argument(
+        "--protect", type=_protected, help="comma-separated protected blocks (default 0,-1; 'none' for none)"
+    )
+    p.add_argument("--cluster-seed", type=int, default=0, help="spectral clustering random_state (default 0)")
+
+
+def add_engine_commands(sub: Any) -> dict[str, Handler]:
+    """``prune``, ``analyze`` and ``select`` on ``sub`` (an argparse subparsers object)."""
+    prune = sub.add_parser("prune", help="analyse, select, remove blocks, verify, evaluate, save")
+    _add_model_args(prune)
+    target = prune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--num-layers", type=int, help="blocks to remove")
+    target.add_argument("--ratio", type=float, help="fraction of blocks to remove (rounded down)")
+    prune.add_argument("--method", default="auto", help="auto (default), lorp, shortgpt, streamline, angular, reverse")
+    _add_calibration_args(prune)
+    _add_selection_args(prune)
+    prune.add_argument("--eval", dest="eval_source", help="held-out text (default: built-in evaluation split)")
+    prune.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
+    prune.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity")
+    prune.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    prune.add_argument("--out", required=True, help="output directory (missing or empty)")
+    prune.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    analyze = sub.add_parser("analyze", help="capture S and D only")
+    _add_model_args(analyze)
+    _add_calibration_args(analyze)
+    analyze.add_argument("--out", required=True, help="output .npz (S, D)")
+
+    sel = sub.add_parser("select", help="pure selection from a saved analysis (.npz with S and D, or .npy S)")
+    sel.add_argument("--similarity", required=True, help=".npz with S and D, or .npy with S")
+    sel.add_argument("--num-layers", type=int, required=True, help="blocks to remove")
+    sel.add_argument("--method", default="lorp", help="lorp (default), shortgpt, streamline, angular, reverse")
+    _add_selection_args(sel)
+    sel.add_argument("--json", action="store_true", help="print one JSON object")
+
+    return {"prune": _cmd_prune, "analyze": _cmd_analyze, "select": _cmd_select}
+
+
+def build_parser(extend: Extension | None = None) -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """The parser and the handler of each command: the engine's, plus what ``extend`` adds."""
+    parser = argparse.ArgumentParser(prog="lorp", description="Depth pruning of causal LMs with LoRP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers = add_engine_commands(sub)
+    if extend is not None:
+        handlers.update(extend(sub))
+    return parser, handlers
+
+
+class _Bars:
+    """One tqdm bar per stage, on stderr."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar: Any = None
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = self._tqdm(total=100, desc=f"{stage:<18}", unit="%", file=sys.stderr, leave=True)
+        pos = round(100 * min(max(fraction, 0.0), 1.0))
+        if self._bar is not None and pos > self._bar.n:
+            self._bar.update(pos - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    from lorp.spec import ModelSpec
+
+    return ModelSpec(
+        source=args.model,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
+
+
+def _calibration_spec(args: argparse.Namespace) -> Any:
+    from lorp.spec import CalibrationSpec
+
+    return CalibrationSpec(
+        source=args.calibration,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        chat_template=args.chat_template,
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from lorp.pipeline import run_prune
+    from lorp.spec import EvaluationSpec, PruneSpec, SelectionOptionsSpec, TargetSpec
+
+    spec = PruneSpec(
+        model=_model_spec(args),
+        method=args.method,
+        target=TargetSpec(num_layers=args.num_layers, ratio=args.ratio),
+        calibration=_calibration_spec(args),
+        options=SelectionOptionsSpec(
+            num_clusters=args.num_clusters, protected_layers=args.protect, cluster_seed=args.cluster_seed
+        ),
+        evaluation=EvaluationSpec(
+            source=args.eval_source,
+            max_windows=args.eval_windows,
+            perplexity=not args.no_perplexity,
+            speed=not args.no_speed,
+        ),
+    )
+    bars = _Bars()
+    try:
+        result = run_prune(spec, args.out, progress=bars)
+    finally:
+        bars.close()
+    report = result.report
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(_summary(report, str(result.out_dir)))
+    return 0
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _summary(report: dict[str, Any], out_dir: str) -> str:
+    analysis, metrics = report["analysis"], report["metrics"]
+    dense, pruned = metrics["dense"], metrics["pruned"]
+    lines = [
+        f"model           {report['request']['model']['source']} ({analysis['num_blocks']} blocks)",
+        f"RLS / K         {_fmt(analysis['rls'], '.3f')} / {analysis['k']}",
+        f"method          {report['method']} -> {report['chosen']['candidate']}",
+        f"removed blocks  {report['chosen']['pruned_layers']}",
+    ]
+    scored = {k: v for k, v in report["plans"].items() if v["validation_perplexity"] is not None}
+    if scored:
+        lines.append("candidates      (validation perplexity, lower is better)")
+        for name, plan in sorted(scored.items(), key=lambda kv: kv[1]["validation_perplexity"]):
+            lines.append(f"  {name:<12} {plan['validation_perplexity']:>10.2f}  {plan['pruned_layers']}")
+    if "perplexity" in dense:
+        lines.append(f"perplexity      dense {_fmt(dense['perplexity'])} -> pruned {_fmt(pruned['perplexity'])}")
+    if "decode_speedup" in metrics:
+        lines.append(
+            f"decode speed    x{metrics['decode_speedup']:.2f} (bound N/(N-n) = {metrics['speedup_bound']:.2f})"
+        )
+    lines.append(f"pruned model    {out_dir}/model")
+    lines.append(f"report          {out_dir}/report.json, heatmap {out_dir}/heatmap.png")
+    return "\n".join(lines)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from lorp.pipeline import run_analysis
+    from lorp.report import save_analysis
+
+    bars = _Bars()
+    try:
+        stats, provenance = run_analysis(_model_spec(args), _calibration_spec(args), progress=bars)
+    finally:
+        bars.close()
+    out = save_analysis(args.out, stats.S, stats.D, provenance=json.dumps(provenance))
+    print(f"wrote {out}: S and D over {stats.num_blocks + 1} states from {stats.num_tokens} tokens")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from lorp.report import load_analysis
+    from lorp.selection import SelectionOptions, select
+
+    S, D = load_analysis(args.similarity)
+    options = SelectionOptions(num_clusters=args.num_clusters, protected=args.protect, seed=args.cluster_seed)
+    result = select(args.method, S, D, args.num_layers, options)
+    payload = {
+        "method": result.method,
+        "rls": result.structure.rls,
+        "k": result.structure.k,
+        "clusters": result.structure.clusters,
+        "pruned_layers": result.pruned_layers,
+    }
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        for key, value in payload.items():
+            print(f"{key:<14}{value}")
+    return 0
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None, *, extend: Extension | None = None) -> int:
+    """Run one command; input errors print ``lorp: error [field]: ...`` and return 2."""
+    parser, handlers = build_parser(extend)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return handlers[args.command](args)
+    except ValidationError as exc:
+        print(f"lorp: error: {_describe_validation(exc)}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        where = f" [{exc.field}]" if exc.field else ""
+        print(f"lorp: error{where}: {exc.message}", file=sys.stderr)
+        return 2
