@@ -76,6 +76,14 @@ def _announce(server: Any, host: str, port: int) -> None:
         print(f"lorp serve: listening on http://{shown}:{port} (API docs at /docs)", flush=True)
 
 
+class _Terminated(Exception):
+    """SIGTERM as an exception, so that ``lorp serve`` unwinds through the code that stops its worker."""
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise _Terminated(signum)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -84,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from app.db.migrate import upgrade_head
     from app.main import create_app
-    from worker.service_cli import run_reconciler, start_worker
+    from worker.service_cli import run_reconciler, start_worker, stop_worker
 
     settings = _service_settings(host=args.host, port=args.port)
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,22 +103,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"lorp serve: {mode}, database {settings.sqlalchemy_url}, artifacts {settings.artifact_storage_url}, {auth}",
         flush=True,
     )
-    worker = None if args.no_worker else start_worker(settings, loglevel="warning", banner=False)
+    # Before any thread starts: the worker is forked with a parent-death signal (see start_worker).
+    worker = None if args.no_worker else start_worker(settings, loglevel="warning", banner=False, owned=True)
     stop = threading.Event()
     reconciler = threading.Thread(target=run_reconciler, args=(settings,), kwargs={"stop": stop}, daemon=True)
     reconciler.start()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="warning"))
     threading.Thread(target=_announce, args=(server, args.host, args.port), daemon=True).start()
+    # uvicorn shuts down on SIGINT/SIGTERM, puts back the handlers it found and raises the signal
+    # again. Python's SIGINT handler turns that into KeyboardInterrupt; this one does the same for
+    # SIGTERM, whose default action would end the process before the worker is stopped.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         server.run()
+    except (_Terminated, KeyboardInterrupt):
+        pass
     finally:
         stop.set()
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except Exception:
-                worker.kill()
+        if worker is not None:
+            stop_worker(worker)
     return 0
 
 

@@ -6,9 +6,12 @@ The child reads its settings from ``LORP_*`` environment variables, so the setti
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +20,10 @@ from typing import Any, NoReturn
 from app.core.config import Settings
 
 CELERY_APP = "worker.tasks"
+# How long `lorp serve` lets a running job finish when it stops, before a cold shutdown.
+WARM_SHUTDOWN_S = 30.0
+COLD_SHUTDOWN_S = 10.0
+_PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +78,69 @@ def worker_command(
     return argv
 
 
+def _die_with_parent() -> None:
+    """In a forked child before exec: ask the kernel for SIGTERM when the parent dies (Linux).
+
+    SIGTERM is Celery's warm shutdown: the worker stops taking jobs, lets a running one finish and
+    exits, so even a ``kill -9`` of ``lorp serve`` leaves no worker consuming its queue.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent stops the worker on its own way out
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def start_worker(
     settings: Settings,
     *,
     concurrency: int = 1,
     loglevel: str = "info",
     banner: bool = True,
+    owned: bool = False,
     **popen: Any,
 ) -> subprocess.Popen[bytes]:
-    """Start a worker as a child process (``lorp serve`` runs one beside the API); ``popen`` goes to Popen."""
+    """Start a worker as a child process (``lorp serve`` runs one beside the API); ``popen`` goes to Popen.
+
+    ``owned=True`` ties the worker to this process: its own process group (so :func:`stop_worker`
+    reaches its pool children too) and SIGTERM when this process dies, however it dies. Start an
+    owned worker before this process starts threads (the parent-death signal is set between fork
+    and exec, and follows the thread that forked).
+    """
     argv = worker_command(settings, concurrency=concurrency, loglevel=loglevel, banner=banner)
+    if owned:
+        popen.setdefault("start_new_session", True)
+        popen.setdefault("preexec_fn", _die_with_parent)
     return subprocess.Popen(argv, env=settings_env(settings, popen.pop("env", None)), **popen)
+
+
+def stop_worker(worker: subprocess.Popen[bytes], *, grace_s: float = WARM_SHUTDOWN_S) -> int | None:
+    """Stop an owned worker: warm shutdown, then cold, then SIGKILL of its process group.
+
+    Warm (SIGTERM) lets a running job finish within ``grace_s``; cold (SIGQUIT) ends it at once and
+    leaves its message unacknowledged, so the job is delivered again (or the reconciler takes it
+    back once its heartbeat is stale). Returns the worker's exit status.
+    """
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGQUIT, COLD_SHUTDOWN_S)):
+        if worker.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            worker.send_signal(signum)
+        try:
+            worker.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %d still running %.0f s after %s", worker.pid, wait_s, signal.Signals(signum).name)
+    if worker.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    # Whatever of its group outlived it (a pool child whose parent was killed) goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    return worker.returncode
 
 
 def run_worker(settings: Settings, *, concurrency: int = 1, loglevel: str = "info") -> NoReturn:
