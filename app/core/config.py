@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +22,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORP_", extra="ignore")
 
-    env: str = Field(default="development", description="development | production")
+    # A closed set: a typo ("prod") is an error at start-up, not a silent development mode.
+    env: Literal["development", "production"] = Field(default="development", description="development | production")
     data_dir: Path = Field(default=Path("var"), description="embedded mode: database, broker, artifacts, work")
     database_url: str | None = Field(default=None, description="default: sqlite under data_dir")
     broker_url: str | None = Field(default=None, description="default: kombu sqlalchemy transport under data_dir")

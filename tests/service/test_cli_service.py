@@ -74,5 +74,40 @@ def test_compose_file_is_valid_and_runs_real_commands():
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose is not installed; the structure above was checked")
-    result = subprocess.run([tool, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    example = dict(
+        line.split("=", 1) for line in (REPO / "docker" / "compose.env.example").read_text().splitlines() if "=" in line
+    )
+    result = subprocess.run(
+        [tool, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, **example}
+    )
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_runs_production_with_no_secret_in_the_file():
+    text = (REPO / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert compose["x-lorp-env"]["LORP_ENV"] == "production"
+    # Every credential is a required substitution (${NAME:?why}), never a literal value.
+    for service in compose["services"].values():
+        for name, value in (service.get("environment") or {}).items():
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", name):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (name, value)
+    env = compose["x-lorp-env"]
+    assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env["LORP_S3_SECRET_KEY"])
+    assert ":${POSTGRES_PASSWORD:?" in env["LORP_DATABASE_URL"]
+    for secret in ("lorp-secret-key", "lorp:lorp@"):
+        assert secret not in text
+    example = (REPO / "docker" / "compose.env.example").read_text()
+    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        assert f"{name}=" in example and "${" + name + ":?" in text
+
+
+def test_an_unknown_lorp_env_is_an_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
+    env.update(LORP_DATA_DIR=str(tmp_path / "data"), LORP_ENV="prod")
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "migrate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "env:" in result.stderr and "'development' or 'production'" in result.stderr, result.stderr
+    assert not (tmp_path / "data" / "lorp.db").exists()
