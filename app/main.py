@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ServiceState
+from app.api.problems import BodyTooLarge, install_error_handlers, problem_response
 from app.api.routes import datasets, health, jobs, plans
 from app.core.config import Settings, get_settings
-from app.core.errors import BodyTooLarge, install_error_handlers, problem_response
 from app.observability import Metrics, MetricsMiddleware
 from app.schemas import Problem
 

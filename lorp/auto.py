@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lorp.blocks import block_layout, remove_blocks
+from lorp.blocks import block_layout, remove_blocks, resolve_path
 from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
 from lorp.selection import Selection, SelectionOptions, candidate_plans
@@ -24,13 +24,6 @@ from lorp.selection import Selection, SelectionOptions, candidate_plans
 # Plain values a module may hold (per-layer indices, cached flags, attention scaling ...): removal
 # may change any of them, so a view snapshots them all and puts them back.
 _SCALARS = (bool, int, float, str)
-
-
-def _resolve(obj: Any, dotted: str) -> tuple[Any, str]:
-    *parents, last = dotted.split(".")
-    for name in parents:
-        obj = getattr(obj, name)
-    return obj, last
 
 
 @contextmanager
@@ -42,7 +35,8 @@ def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
         blocks: 0-based block indices to drop while the context is open.
     """
     layout = block_layout(model)
-    parent, attr = _resolve(model, layout.path)
+    parent_path, _, attr = layout.path.rpartition(".")
+    parent = resolve_path(model, parent_path) if parent_path else model
     module_list = getattr(parent, attr)
     saved_modules = dict(module_list._modules)
     config = model.config
@@ -71,7 +65,6 @@ class AutoResult:
     chosen: Selection
     candidates: dict[str, Selection]
     scores: dict[str, float]
-    dense_perplexity: float | None = None
     duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the one with the same plan
 
 

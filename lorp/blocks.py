@@ -114,11 +114,16 @@ def _architectures(model: Any) -> list[str]:
     return archs
 
 
-def _resolve(model: Any, path: str) -> Any:
-    obj = model
+def resolve_path(obj: Any, path: str) -> Any:
+    """The attribute at a dotted ``path`` below ``obj`` (``"model.layers"``)."""
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def input_device(model: Any) -> Any:
+    """The device a model's inputs go to: where its input embeddings live (the first shard)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _num_layers_attr(config: Any) -> str:
@@ -166,7 +171,7 @@ def block_layout(model: Any) -> BlockLayout:
     for start in range(len(parts)):
         candidate = ".".join(parts[start:])
         try:
-            found = _resolve(model, candidate)
+            found = resolve_path(model, candidate)
         except AttributeError:
             continue
         if isinstance(found, torch.nn.ModuleList):
@@ -191,7 +196,7 @@ def decoder_blocks(model: Any) -> torch.nn.ModuleList:
         UnsupportedArchitectureError: see :func:`block_layout`.
     """
     layout = block_layout(model)
-    blocks = _resolve(model, layout.path)
+    blocks = resolve_path(model, layout.path)
     assert isinstance(blocks, torch.nn.ModuleList)
     return blocks
 
@@ -317,7 +322,7 @@ def remove_blocks(model: Any, blocks: Sequence[int]) -> list[int]:
         UnsupportedArchitectureError: see :func:`block_layout`.
     """
     layout = block_layout(model)
-    module_list = _resolve(model, layout.path)
+    module_list = resolve_path(model, layout.path)
     n_old = len(module_list)
     removed = set(_validate_indices(blocks, n_old))
     kept = [i for i in range(n_old) if i not in removed]

@@ -7,6 +7,8 @@ is one.
 
 from __future__ import annotations
 
+import sys
+
 
 class EngineError(Exception):
     """Base class of the engine's errors."""
@@ -65,3 +67,17 @@ class JobCancelled(EngineError):
     """Raised between batches when the caller's cancel check says stop."""
 
     code = "cancelled"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the process ran out of memory: host (MemoryError, "cannot allocate
+    memory") or accelerator (torch's OutOfMemoryError), without importing torch."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError | OSError):
+        text = str(exc).lower()
+        return any(phrase in text for phrase in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+    return False

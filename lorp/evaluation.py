@@ -10,12 +10,9 @@ from typing import Any
 
 import torch
 
+from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
-
-
-def _input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def negative_log_likelihood(
@@ -37,7 +34,7 @@ def negative_log_likelihood(
     """
     if batch_size < 1:
         raise InvalidRequestError("batch_size must be at least 1", field="batch_size")
-    device = _input_device(model)
+    device = input_device(model)
     total_nll = 0.0
     total_tokens = 0
     count = int(windows.input_ids.shape[0])
@@ -103,7 +100,7 @@ def measure_speed(
     """
     if new_tokens < 1 or repeats < 1:
         raise InvalidRequestError("new_tokens and repeats must be at least 1", field="speed")
-    device = _input_device(model)
+    device = input_device(model)
     ids = prompt_ids.to(device)
     batch, prompt_len = ids.shape
     prefill_times: list[float] = []

@@ -39,7 +39,14 @@ def _is_plain_float_model(model: torch.nn.Module) -> bool:
     return all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point for p in model.parameters())
 
 
-def _drop_quantization_state(model: Any) -> None:
+def drop_leftover_quantization(model: Any) -> None:
+    """Forget the quantizer of a model whose weights are dense by now, so that it saves as a plain one.
+
+    A GGUF checkpoint loads dequantized but keeps its quantizer attached (``hf_quantizer``, the
+    ``is_quantized`` marks, ``config.quantization_config``), and ``save_pretrained`` then refuses
+    the model. Models that really hold quantized weights keep their state (saved with their config
+    where transformers can, refused here where it cannot).
+    """
     hf_quantizer = getattr(model, "hf_quantizer", None)
     has_qconfig = getattr(model.config, "quantization_config", None) is not None
     if hf_quantizer is None and not has_qconfig:
@@ -55,6 +62,9 @@ def _drop_quantization_state(model: Any) -> None:
         return
     logger.info("dropping leftover quantization state (%s): the weights are dense", type(hf_quantizer).__name__)
     model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -85,7 +95,7 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
             raise InvalidRequestError(f"output directory {out} is not empty", field="out_dir")
     out.mkdir(parents=True, exist_ok=True)
 
-    _drop_quantization_state(model)
+    drop_leftover_quantization(model)
     # save_pretrained writes generation_config.json only when the model has one; models built from a
     # config (not loaded from a checkpoint) may lack it, and the artifact should always carry one.
     if getattr(model, "generation_config", None) is None:

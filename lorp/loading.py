@@ -21,7 +21,8 @@ import torch
 
 from lorp import assets
 from lorp.depth import MAX_BLOCKS, blocks_in_config
-from lorp.errors import InvalidRequestError, ModelLoadError
+from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
+from lorp.export import drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
 
 log = logging.getLogger(__name__)
@@ -202,10 +203,6 @@ def _preflight_gguf(path: Path) -> None:
         )
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLoadError:
     text = str(exc)
     first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -227,18 +224,6 @@ def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLo
             field="model",
         )
     return ModelLoadError(f"could not load {source}: {first}", field="model")
-
-
-def _drop_quantizer_state(model: Any) -> None:
-    # GGUF checkpoints load dequantized but keep the quantizer attached, and save_pretrained then
-    # refuses the model; the weights are plain tensors by now, so the state is only a label.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def load_model(
@@ -314,7 +299,7 @@ def load_model(
         # Any failure to read the checkpoint is the model's fault, reported as such (a corrupt file
         # raises SafetensorError, struct.error ... which are none of the usual types); running out of
         # memory is not, and keeps its own classification.
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise
         raise _load_failure(source, exc, gguf_file) from exc
 
@@ -325,7 +310,7 @@ def load_model(
             "the model would run with random weights",
             field="model",
         )
-    _drop_quantizer_state(model)
+    drop_leftover_quantization(model)
     if gguf_file is not None and model.dtype != torch_dtype:
         model = model.to(torch_dtype)
     if device_map is None:

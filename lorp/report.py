@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 from collections.abc import Sequence
 from importlib import metadata
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lorp.errors import InvalidRequestError, MissingStatisticError
+from lorp.jsonable import json_safe
 
 _VERSIONED = (
     "torch",
@@ -81,25 +81,10 @@ def load_analysis(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return S, D
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    if isinstance(value, np.generic):
-        return _clean(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     """Write the run report as pretty JSON (non-finite numbers become null)."""
     out = Path(path)
-    out.write_text(json.dumps(_clean(report), indent=2, sort_keys=False) + "\n")
+    out.write_text(json.dumps(json_safe(report), indent=2, sort_keys=False) + "\n")
     return out
 
 

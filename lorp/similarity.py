@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lorp.blocks import decoder_blocks
+from lorp.blocks import decoder_blocks, input_device
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
 
@@ -147,11 +147,6 @@ def _raise_stop(*_args: Any) -> None:
     raise _StopForward
 
 
-def _input_device(model: Any) -> torch.device:
-    emb = model.get_input_embeddings()
-    return emb.weight.device
-
-
 def capture_similarity(
     model: Any,
     windows: TokenWindows,
@@ -181,7 +176,7 @@ def capture_similarity(
         raise InvalidRequestError(f"unknown angular mode {angular!r}", field="angular")
     blocks = decoder_blocks(model)
     n_states = len(blocks) + 1
-    device = _input_device(model)
+    device = input_device(model)
     s_sum = np.zeros((n_states, n_states), dtype=np.float64)
     d_sum = np.zeros((n_states, n_states), dtype=np.float64)
     n_tokens = 0

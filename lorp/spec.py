@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorp.errors import BudgetError
 
-METHOD_NAMES = ("auto", "lorp", "shortgpt", "streamline", "angular", "reverse")
 Method = Literal["auto", "lorp", "shortgpt", "streamline", "angular", "reverse"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 

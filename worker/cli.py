@@ -152,9 +152,9 @@ def _cmd_migrate(_args: argparse.Namespace) -> int:
 def _cmd_keys(args: argparse.Namespace) -> int:
     import uuid
 
-    from app.core.security import create_api_key, revoke_api_key
     from app.db.session import session_factory, session_scope
     from app.repositories.keys import list_keys
+    from app.services.keys import create_api_key, revoke_api_key
 
     settings = _service_settings()
     factory = session_factory(settings.sqlalchemy_url)

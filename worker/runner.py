@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -30,13 +28,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.db.models import JobStatus
+from app.db.models import EventKind, JobStatus
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate, RequestError, check_model_reference, dataset_kind, local_model_path, to_prune_spec
 from app.repositories import lifecycle
+from app.repositories.events import add_event
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow
 from app.storage import Storage, StorageError, storage_from_url
-from lorp.errors import EngineError, JobCancelled
+from lorp.errors import EngineError, JobCancelled, is_out_of_memory
+from lorp.jsonable import finite, json_safe
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
@@ -108,44 +108,10 @@ def with_storage_retries(what: str, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def json_safe(value: Any) -> Any:
-    """Plain JSON values: numpy scalars and arrays unwrapped, NaN and infinities as null (JSONB refuses them)."""
-    if hasattr(value, "tolist") and callable(value.tolist):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    return str(value)
-
-
 def _first_line(exc: BaseException, limit: int = 500) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    if isinstance(exc, RuntimeError):
-        text = str(exc).lower()
-        return "out of memory" in text or "can't allocate memory" in text
-    return False
 
 
 def is_database_outage(exc: BaseException) -> bool:
@@ -169,7 +135,7 @@ def classify_failure(exc: BaseException, settings: Settings) -> tuple[str, str]:
             f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()[:5]
         )
         return "invalid_request", f"the stored request is not valid for this worker: {problems}"
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         return (
             "out_of_memory",
             f"the job ran out of memory ({_first_line(exc, 300)}); lower calibration.batch_size or "
@@ -273,7 +239,7 @@ class _JobRun:
             with session_scope(self.factory) as session:
                 owned = lifecycle.set_progress(session, self.job_id, self.attempt, stage, self._overall)
                 if owned and changed:
-                    lifecycle.add_event(session, self.job_id, "stage", status="running", stage=stage)
+                    add_event(session, self.job_id, EventKind.stage, status=JobStatus.running.value, stage=stage)
         except SoftTimeLimitExceeded:
             # Celery's time limit lands wherever the job happens to be, this write included: it must
             # end the job, not be taken for a failed write.
@@ -470,7 +436,7 @@ class _JobRun:
                     num_blocks=int(result.stats.num_blocks),
                     similarity=json_safe(result.stats.S),
                     angular_distance=json_safe(result.stats.D),
-                    rls=_finite(analysis.get("rls")),
+                    rls=finite(analysis.get("rls")),
                     k=int(analysis["k"]),
                     clusters=json_safe(analysis.get("clusters") or []),
                     redundancy=json_safe(analysis.get("redundancy") or []),
@@ -598,7 +564,7 @@ def plan_rows(report: dict[str, Any]) -> list[PlanRow]:
             name=str(name),
             k=None if plan.get("k") is None else int(plan["k"]),
             pruned_layers=[int(i) for i in plan["pruned_layers"]],
-            validation_perplexity=_finite(plan.get("validation_perplexity")),
+            validation_perplexity=finite(plan.get("validation_perplexity")),
             chosen=name == chosen,
         )
         for name, plan in report["plans"].items()
@@ -611,11 +577,11 @@ def metric_rows(report: dict[str, Any]) -> list[MetricRow]:
     for phase in ("dense", "pruned"):
         values = metrics.get(phase) or {}
         for name, unit in METRIC_UNITS.items():
-            value = _finite(values.get(name))
+            value = finite(values.get(name))
             if value is not None:
                 rows.append(MetricRow(name=name, phase=phase, value=value, unit=unit))
     for name in RATIO_METRICS:
-        value = _finite(metrics.get(name))
+        value = finite(metrics.get(name))
         if value is not None:
             rows.append(MetricRow(name=name, phase="ratio", value=value, unit=RATIO_UNIT))
     return rows

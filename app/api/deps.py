@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.errors import Unauthorized
-from app.core.security import ANONYMOUS, Principal, verify_api_key
+from app.core.security import ANONYMOUS, Principal
 from app.db.session import session_factory, session_scope
+from app.services.keys import verify_api_key
 from app.storage import Storage, storage_from_url
 
 

@@ -38,6 +38,15 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class EventKind(enum.StrEnum):
+    """What a ``job_events`` row records."""
+
+    status = "status"  # the job's status changed
+    stage = "stage"  # a running job entered a stage
+    attempt = "attempt"  # an attempt was taken back and the job queued again
+    cancel_requested = "cancel_requested"  # someone asked a running job to stop
+
+
 # A running job's stage is the engine's current step (loading ... reporting), then "uploading"; a
 # succeeded job says "done"; a failed or cancelled one keeps the stage it stopped in.
 DONE_STAGE = "done"
@@ -148,7 +157,7 @@ class JobEvent(IdMixin, Base):
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))  # status | stage | attempt | cancel_requested
+    kind: Mapped[str] = mapped_column(String(32))  # an EventKind
     status: Mapped[str | None] = mapped_column(String(16))
     stage: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)

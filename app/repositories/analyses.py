@@ -15,10 +15,6 @@ def get(session: Session, analysis_id: uuid.UUID) -> Analysis | None:
     return session.get(Analysis, analysis_id)
 
 
-def get_by_fingerprint(session: Session, fingerprint: str) -> Analysis | None:
-    return session.scalars(select(Analysis).where(Analysis.fingerprint == fingerprint)).one_or_none()
-
-
 def structure_of(session: Session, analysis_id: uuid.UUID) -> dict[str, Any] | None:
     """RLS, K, clusters and N without loading S and D, which can be large."""
     row = session.execute(
@@ -27,9 +23,3 @@ def structure_of(session: Session, analysis_id: uuid.UUID) -> dict[str, Any] | N
     if row is None:
         return None
     return {"rls": row.rls, "k": row.k, "clusters": list(row.clusters), "num_blocks": row.num_blocks}
-
-
-def add(session: Session, analysis: Analysis) -> Analysis:
-    session.add(analysis)
-    session.flush()
-    return analysis

@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, text, true, updat
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.security import Principal
-from app.db.models import Artifact, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan
 
 
 def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Principal) -> ColumnElement[bool]:
@@ -57,28 +57,6 @@ def add_job(session: Session, job: Job) -> Job:
     return job
 
 
-def add_event(
-    session: Session,
-    job_id: uuid.UUID,
-    kind: str,
-    *,
-    status: str | None = None,
-    stage: str | None = None,
-    message: str | None = None,
-    at: dt.datetime | None = None,
-) -> JobEvent:
-    event = JobEvent(job_id=job_id, kind=kind, status=status, stage=stage, message=message)
-    if at is not None:
-        event.at = at
-    session.add(event)
-    session.flush()
-    return event
-
-
-def events_for(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
-    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.at)))
-
-
 def list_jobs(
     session: Session,
     principal: Principal,
@@ -99,16 +77,6 @@ def list_jobs(
         stmt = stmt.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
     stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     return list(session.scalars(stmt))
-
-
-def mark_enqueued(session: Session, job_id: uuid.UUID, at: dt.datetime) -> None:
-    # Only this column: the worker may already have claimed the row and be writing others.
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.enqueued_at.is_(None))
-        .values(enqueued_at=at)
-        .execution_options(synchronize_session=False)
-    )
 
 
 def cancel_if_queued(session: Session, job_id: uuid.UUID, at: dt.datetime) -> bool:
@@ -176,6 +144,6 @@ def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.
         .subquery()
     )
     stmt = select(inner.c.stage, inner.c.at, inner.c.next_at).where(
-        inner.c.kind == "stage", inner.c.stage.is_not(None), inner.c.next_at.is_not(None)
+        inner.c.kind == EventKind.stage.value, inner.c.stage.is_not(None), inner.c.next_at.is_not(None)
     )
     return [(str(stage), started, ended) for stage, started, ended in session.execute(stmt).all()]

@@ -15,10 +15,6 @@ def get_by_hash(session: Session, key_hash: str) -> ApiKey | None:
     return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
 
 
-def get(session: Session, key_id: uuid.UUID) -> ApiKey | None:
-    return session.get(ApiKey, key_id)
-
-
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
 

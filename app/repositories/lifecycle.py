@@ -19,7 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import DONE_STAGE, Analysis, Artifact, Dataset, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import DONE_STAGE, Analysis, Artifact, Dataset, EventKind, Job, JobStatus, Metric, Plan
+from app.repositories.events import add_event
 
 MAX_ERROR_MESSAGE = 4000
 
@@ -56,21 +57,6 @@ class ArtifactRow:
     content_type: str
 
 
-def add_event(
-    session: Session,
-    job_id: uuid.UUID,
-    kind: str,
-    *,
-    status: str | None = None,
-    stage: str | None = None,
-    message: str | None = None,
-) -> JobEvent:
-    event = JobEvent(job_id=job_id, kind=kind, status=status, stage=stage, message=message)
-    session.add(event)
-    session.flush()
-    return event
-
-
 def _owned(job_id: uuid.UUID, attempt: int) -> list[Any]:
     # The fencing condition: still running, and still the attempt this worker claimed.
     return [Job.id == job_id, Job.status == JobStatus.running, Job.attempts == attempt]
@@ -104,7 +90,9 @@ def claim(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     job = session.scalars(stmt).one_or_none()
     if job is None:
         return None
-    add_event(session, job_id, "status", status=JobStatus.running.value, message=f"attempt {job.attempts} on {worker}")
+    add_event(
+        session, job_id, EventKind.status, status=JobStatus.running.value, message=f"attempt {job.attempts} on {worker}"
+    )
     return job
 
 
@@ -120,7 +108,9 @@ def cancel_if_requested_while_queued(session: Session, job_id: uuid.UUID) -> boo
     ).one_or_none()
     if done is None:
         return False
-    add_event(session, job_id, "status", status=JobStatus.cancelled.value, message="cancelled before it started")
+    add_event(
+        session, job_id, EventKind.status, status=JobStatus.cancelled.value, message="cancelled before it started"
+    )
     return True
 
 
@@ -170,12 +160,6 @@ def run_state(session: Session, job_id: uuid.UUID, attempt: int) -> RunState:
         owned=status == JobStatus.running and attempts == attempt,
         status=status,
     )
-
-
-def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
-    """Whether someone asked to cancel the job (a missing job counts as cancelled)."""
-    row = session.execute(select(Job.cancel_requested_at).where(Job.id == job_id)).one_or_none()
-    return row is None or row[0] is not None
 
 
 def _truncate(message: str) -> str:
@@ -251,7 +235,7 @@ def finish_succeeded(
         )
         for a in artifacts
     )
-    add_event(session, job_id, "status", status=JobStatus.succeeded.value)
+    add_event(session, job_id, EventKind.status, status=JobStatus.succeeded.value)
     return True
 
 
@@ -267,7 +251,7 @@ def finish_failed(session: Session, job_id: uuid.UUID, attempt: int, code: str, 
     ).one_or_none()
     if found is None:
         return False
-    add_event(session, job_id, "status", status=JobStatus.failed.value, message=f"{code}: {_truncate(message)}")
+    add_event(session, job_id, EventKind.status, status=JobStatus.failed.value, message=f"{code}: {_truncate(message)}")
     return True
 
 
@@ -283,7 +267,7 @@ def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
     ).one_or_none()
     if found is None:
         return False
-    add_event(session, job_id, "status", status=JobStatus.cancelled.value, message="cancelled while running")
+    add_event(session, job_id, EventKind.status, status=JobStatus.cancelled.value, message="cancelled while running")
     return True
 
 
@@ -395,5 +379,5 @@ def requeue(session: Session, job_id: uuid.UUID, attempt: int, reason: str) -> b
     ).one_or_none()
     if found is None:
         return False
-    add_event(session, job_id, "attempt", status=JobStatus.queued.value, message=_truncate(reason))
+    add_event(session, job_id, EventKind.attempt, status=JobStatus.queued.value, message=_truncate(reason))
     return True

@@ -12,7 +12,6 @@ import binascii
 import datetime as dt
 import json
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +26,14 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.security import Principal
 from app.db.base import utcnow
-from app.db.models import Artifact, Job, JobStatus
+from app.db.models import Artifact, EventKind, Job, JobStatus
 from app.jobspec import JobCreate, check_model_reference, dataset_kind
 from app.queue import enqueue_job
 from app.repositories import analyses as analyses_repo
 from app.repositories import datasets as datasets_repo
+from app.repositories import events as events_repo
 from app.repositories import jobs as jobs_repo
+from app.repositories import lifecycle
 from app.schemas import (
     DEFAULT_PLAN_METHODS,
     AnalysisOut,
@@ -47,6 +48,7 @@ from app.schemas import (
 )
 from app.services import preflight
 from lorp.errors import EngineError
+from lorp.jsonable import finite
 from lorp.selection import METHODS, SelectionOptions, Structure, analyze_structure
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def _replay(existing: Job, fingerprint: str) -> Submission:
 
 def _record(session: Session, job: Job, at: dt.datetime) -> None:
     jobs_repo.add_job(session, job)
-    jobs_repo.add_event(session, job.id, "status", status=JobStatus.queued.value, at=at)
+    events_repo.add_event(session, job.id, EventKind.status, status=JobStatus.queued.value, at=at)
 
 
 def submit_job(
@@ -155,7 +157,7 @@ def enqueue_submitted(session: Session, job_id: uuid.UUID, settings: Settings) -
         # The job row is committed and queued with enqueued_at NULL: the reconciler re-sends it.
         logger.warning("could not enqueue job %s (the reconciler will retry): %s", job_id, exc)
         return False
-    jobs_repo.mark_enqueued(session, job_id, utcnow())
+    lifecycle.mark_enqueued(session, job_id)
     return True
 
 
@@ -196,21 +198,15 @@ def _error(job: Job) -> JobError | None:
     return JobError(code=job.error_code or "error", message=job.error_message or "")
 
 
-def _finite(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 # Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.
 COUNT_METRICS = frozenset({"num_layers", "num_parameters", "weights_bytes", "peak_memory_bytes"})
 
 
 def _metric_value(name: str, value: float | None) -> int | float | None:
-    finite = _finite(value)
-    if finite is not None and name in COUNT_METRICS and finite.is_integer():
-        return int(finite)
-    return finite
+    number = finite(value)
+    if number is not None and name in COUNT_METRICS and number.is_integer():
+        return int(number)
+    return number
 
 
 def _job_structure(session: Session, job: Job) -> dict[str, Any] | None:
@@ -243,7 +239,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
         if metric.unit is not None or metric.name not in units:
             units[metric.name] = metric.unit
     return JobSummary(
-        rls=_finite(structure["rls"]) if structure else None,
+        rls=finite(structure["rls"]) if structure else None,
         k=structure["k"] if structure else None,
         clusters=structure["clusters"] if structure else None,
         num_blocks=structure["num_blocks"] if structure else None,
@@ -253,7 +249,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
                 name=p.name,
                 k=p.k,
                 pruned_layers=list(p.pruned_layers),
-                validation_perplexity=_finite(p.validation_perplexity),
+                validation_perplexity=finite(p.validation_perplexity),
                 chosen=p.chosen,
             )
             for p in plans
@@ -345,10 +341,12 @@ def cancel_job(session: Session, job_id: uuid.UUID, principal: Principal) -> tup
     job = get_job(session, job_id, principal)
     now = utcnow()
     if jobs_repo.cancel_if_queued(session, job.id, now):
-        jobs_repo.add_event(session, job.id, "status", status=JobStatus.cancelled.value, message="cancelled", at=now)
+        events_repo.add_event(
+            session, job.id, EventKind.status, status=JobStatus.cancelled.value, message="cancelled", at=now
+        )
         return jobs_repo.reload(session, job.id), True
     if jobs_repo.request_cancel_if_running(session, job.id, now):
-        jobs_repo.add_event(session, job.id, "cancel_requested", status=JobStatus.running.value, at=now)
+        events_repo.add_event(session, job.id, EventKind.cancel_requested, status=JobStatus.running.value, at=now)
         return jobs_repo.reload(session, job.id), False
     job = jobs_repo.reload(session, job.id)
     if job.status == JobStatus.cancelled:
@@ -393,7 +391,7 @@ def _scores(
             selection = METHODS[name](S, D, n, options, structure=structure)
         except EngineError:
             continue
-        out[name] = {key: [_finite(v) for v in values] for key, values in selection.scores.items()}
+        out[name] = {key: [finite(v) for v in values] for key, values in selection.scores.items()}
     return out
 
 
@@ -434,16 +432,16 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
         num_blocks=analysis.num_blocks,
         similarity=analysis.similarity,
         angular_distance=analysis.angular_distance,
-        rls=_finite(rls),
+        rls=finite(rls),
         k=k,
         clusters=list(clusters),
-        redundancy=[_finite(v) for v in redundancy],
+        redundancy=[finite(v) for v in redundancy],
         plans=[
             PlanOut(
                 name=p.name,
                 k=p.k,
                 pruned_layers=list(p.pruned_layers),
-                validation_perplexity=_finite(p.validation_perplexity),
+                validation_perplexity=finite(p.validation_perplexity),
                 chosen=p.chosen,
             )
             for p in plans

@@ -35,20 +35,16 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint to fp32 and save it as a safetensors Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from lorp.export import drop_leftover_quantization
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types here; the caller needs one
         raise ModelLoadError(f"could not load the GGUF file {gguf}: {exc}", field="model") from exc
     # The weights are already dequantized to fp32, but transformers still marks the model as
-    # gguf-quantized and refuses to serialize it; dropping the marks makes it an ordinary model
-    # whose saved config has no quantization_config either.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in model.__dict__:
-            del model.__dict__[attr]
+    # gguf-quantized and refuses to serialize it: without the marks it saves as an ordinary model.
+    drop_leftover_quantization(model)
     # The GGUF tokenizer carries no length limit; without one every long calibration document
     # triggers a "sequence longer than the maximum" warning.
     max_positions = getattr(model.config, "max_position_embeddings", None)

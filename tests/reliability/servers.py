@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LORP = str(Path(sys.executable).with_name("lorp"))
@@ -32,12 +33,6 @@ HOST = "127.0.0.1"
 WORDS = "the model block layer state token depth phase cluster prune river city music science language".split()
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def port_open(port: int, timeout: float = 0.5) -> bool:

@@ -29,9 +29,9 @@ from tiny import save_tiny_llama
 from transformers import LlamaForCausalLM
 
 from app.core.config import Settings
-from app.core.security import revoke_api_key
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from app.services.keys import revoke_api_key
 from lorp import assets
 from tests.reliability.record import record
 from tests.service.conftest import REDIS_TEST_URL

@@ -35,13 +35,13 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import create_engine, text
 
+from app.api.problems import PROBLEM_TYPE_BASE
 from app.core.config import Settings
-from app.core.errors import PROBLEM_TYPE_BASE
-from app.core.security import create_api_key
 from app.db.migrate import upgrade_head
 from app.db.session import session_scope
 from app.main import create_app
 from app.schemas import Problem
+from app.services.keys import create_api_key
 from tests.reliability.record import record
 from tests.service.conftest import PG_ADMIN_URL, REDIS_TEST_URL, drop_test_database
 

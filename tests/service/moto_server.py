@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,17 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 HOST = "127.0.0.1"
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
-
-
-def _free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _answers(url: str, timeout: float) -> bool:
@@ -62,7 +56,7 @@ class MotoServer:
         for _ in range(attempts):
             # The port is picked, released, then bound by the child: another process may win the race,
             # in which case the child exits and we try a new port.
-            port = _free_port(self.host)
+            port = free_port(self.host)
             fd, log_name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
             os.close(fd)
             self._log_path = Path(log_name)

@@ -19,9 +19,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.core.security import create_api_key
 from app.db.models import Analysis, Job, JobEvent, JobStatus
 from app.main import create_app
+from app.services.keys import create_api_key
 
 DEMO_JOB: dict[str, Any] = {"model": {"id": "demo"}, "target": {"num_layers": 2}}
 PROBLEM = "application/problem+json"
@@ -343,7 +343,7 @@ def test_auth_refuses_missing_or_wrong_keys(api_settings, rollback_sessionmaker,
 
 
 def test_revoked_key_is_refused(api_settings, rollback_sessionmaker):
-    from app.core.security import revoke_api_key
+    from app.services.keys import revoke_api_key
 
     settings = api_settings.model_copy(update={"auth_required": True})
     key, key_id = new_key(rollback_sessionmaker, "soon-gone")

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from ports import free_port
 from sqlalchemy import create_engine, text
 from tiny import save_tiny_llama
 from transformers import AutoModelForCausalLM
@@ -37,12 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 LORP = str(Path(sys.executable).with_name("lorp"))
 WORDS = "the model block layer state token depth phase cluster prune river city music science language".split()
 N_LAYERS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

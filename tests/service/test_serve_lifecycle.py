@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LORP = str(Path(sys.executable).with_name("lorp"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process]]:

@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import create_engine, text
 
 from app.api.deps import SettingsDep, UnitOfWorkRoute, service_state
-from app.core.errors import PROBLEM_JSON, PROBLEM_TYPE_BASE
+from app.api.problems import problem_response
+from app.core.errors import FieldError
 from app.db.session import session_scope
 
 logger = logging.getLogger(__name__)
@@ -82,19 +83,13 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     failed = [name for name, result in checks.items() if not result["ok"]]
     if not failed:
         return JSONResponse({"status": "ok", "checks": checks})
-    return JSONResponse(
-        {
-            "type": PROBLEM_TYPE_BASE + "not_ready",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": f"not ready: {', '.join(failed)} unreachable",
-            "instance": request.url.path,
-            "code": "not_ready",
-            "errors": [{"field": name, "message": checks[name]["error"]} for name in failed],
-            "checks": checks,
-        },
-        status_code=503,
-        media_type=PROBLEM_JSON,
+    return problem_response(
+        request,
+        status=503,
+        code="not_ready",
+        detail=f"not ready: {', '.join(failed)} unreachable",
+        errors=[FieldError(name, checks[name]["error"]) for name in failed],
+        extra={"checks": checks},
     )
 
 

@@ -1,0 +1,224 @@
+"""Every error as an RFC 9457 problem (application/problem+json), from one place.
+
+A problem body holds ``type``, ``title``, ``status``, ``detail``, ``instance``, a stable ``code`` and
+``errors: [{field, message}]`` naming the input at fault. Caller mistakes are 4xx; a database or
+storage outage is 503; anything else is a 500 that reveals no internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import FieldError, ServiceError
+from app.jobspec import RequestError
+from app.storage import ObjectNotFound, StorageError
+from lorp.errors import EngineError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:lorp:problem:"
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body is read: an HTTPException so FastAPI's body parsing lets it through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+def problem_response(
+    request: Request | None,
+    *,
+    status: int,
+    code: str,
+    title: str | None = None,
+    detail: str | None = None,
+    errors: Sequence[FieldError] = (),
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    instance: str | None = None,
+) -> JSONResponse:
+    """A problem+json response; ``instance`` defaults to the request's path."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title or _phrase(status),
+        "status": status,
+        "detail": detail or _phrase(status),
+        "instance": instance if instance is not None else (request.url.path if request is not None else None),
+        "code": code,
+        "errors": [e.as_dict() for e in errors],
+    }
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def field_from_loc(loc: Sequence[int | str]) -> str:
+    """``("body", "model", "id")`` -> ``"model.id"``; list indexes stay as path segments."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts) if parts else "body"
+
+
+def _validation_message(error: dict[str, Any]) -> str:
+    message = str(error.get("msg", "invalid value"))
+    # pydantic prefixes messages of ValueError-raising validators; the prefix tells a caller nothing.
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+    if error.get("type") == "extra_forbidden":
+        message = "unknown field (not allowed)"
+    return message
+
+
+def validation_errors(exc: RequestValidationError) -> list[FieldError]:
+    out: list[FieldError] = []
+    for error in exc.errors():
+        loc = tuple(error.get("loc", ()))
+        field = "body" if error.get("type") == "json_invalid" else field_from_loc(loc)
+        out.append(FieldError(field, _validation_message(error)))
+    return out
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+}
+
+
+def _is_connection_failure(exc: DBAPIError) -> bool:
+    return isinstance(exc, OperationalError) or bool(getattr(exc, "connection_invalidated", False))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register one handler per error family; together they cover every exception."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return problem_response(
+            request,
+            status=exc.status,
+            code=exc.code,
+            title=exc.title,
+            detail=exc.detail,
+            errors=exc.errors,
+            headers=exc.headers or None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = validation_errors(exc)
+        fields = ", ".join(sorted({e.field for e in errors if e.field}))
+        return problem_response(
+            request,
+            status=422,
+            code="validation_error",
+            title="Unprocessable Content",
+            detail=f"the request is not valid ({fields})" if fields else "the request is not valid",
+            errors=errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
+        return problem_response(
+            request,
+            status=exc.status_code,
+            code=_HTTP_CODES.get(exc.status_code, "http_error"),
+            detail=detail,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return problem_response(
+            request,
+            status=422,
+            code="invalid_request",
+            title="Unprocessable Content",
+            detail=exc.message,
+            errors=[FieldError(exc.field, exc.message)],
+        )
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        status = 422 if isinstance(exc, InvalidRequestError) else 400
+        return problem_response(
+            request,
+            status=status,
+            code=exc.code,
+            detail=exc.message,
+            errors=[FieldError(exc.field, exc.message)] if exc.field else [],
+        )
+
+    @app.exception_handler(ObjectNotFound)
+    async def _object_missing(request: Request, exc: ObjectNotFound) -> JSONResponse:
+        # A row points at an object the store no longer holds: the caller cannot fix that, but it is
+        # a missing resource rather than a crash.
+        logger.warning("object missing from storage: %s", exc)
+        return problem_response(request, status=404, code="object_missing", detail="the stored file is missing")
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
+        logger.error("storage error: %s", exc)
+        return problem_response(
+            request, status=503, code="storage_unavailable", detail="object storage is unavailable; retry later"
+        )
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+        # Every pooled connection is busy (or the database stalls): a temporary condition, not a bug.
+        logger.error("database connection pool exhausted: %s", exc)
+        return problem_response(
+            request, status=503, code="database_unavailable", detail="the database is busy; retry later"
+        )
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if isinstance(exc, IntegrityError):
+            logger.warning("integrity error: %s", exc.orig)
+            return problem_response(
+                request, status=409, code="conflict", detail="the request conflicts with the current state"
+            )
+        if _is_connection_failure(exc):
+            logger.error("database unavailable: %s", exc.orig)
+            return problem_response(
+                request, status=503, code="database_unavailable", detail="the database is unavailable; retry later"
+            )
+        logger.exception("database error", exc_info=exc)
+        return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
