@@ -1,8 +1,5 @@
-"""Object storage for artifacts and uploaded datasets: an S3-compatible backend and a local folder.
-
-Both backends take the same slash-separated keys (validated by `validate_key`). boto3 is imported only
-inside `S3Storage`, so the embedded mode runs without it being importable.
-"""
+"""An S3-compatible object store (AWS, MinIO, moto): streamed and multipart uploads, presigned links,
+retries of transient errors. boto3 is imported only when a store is created."""
 
 from __future__ import annotations
 
@@ -10,45 +7,26 @@ import builtins
 import contextlib
 import hashlib
 import io
-import mimetypes
 import os
 import re
-import shutil
-import tempfile
 import threading
 import unicodedata
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
-__all__ = [
-    "MAX_KEY_LENGTH",
-    "LocalStorage",
-    "ObjectNotFound",
-    "S3Storage",
-    "Storage",
-    "StorageError",
-    "StoredObject",
-    "storage_from_url",
-    "validate_key",
-]
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, Storage, StorageError, StoredObject, guess_content_type
+from app.storage.keys import MAX_KEY_LENGTH, key_problem, validate_key, validate_prefix
 
-MAX_KEY_LENGTH = 1024  # S3's limit, in UTF-8 bytes; applied to the local backend too so keys stay portable
-CHUNK_SIZE = 1 << 20
 _MIB = 1 << 20
 _S3_MIN_PART = 5 * _MIB
 _S3_MAX_PART = 5 << 30
 _S3_MAX_PARTS = 10_000
 _S3_MAX_PRESIGN_S = 7 * 24 * 3600
 _S3_DELETE_BATCH = 1000
-# Temp files of in-progress local writes carry this name prefix; keys may not use it, so a listing can
-# tell them apart from objects.
-_TMP_MARK = ".lorp-partial-"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _RETRYABLE_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "Throttling"}
@@ -56,91 +34,9 @@ _RETRYABLE_CODES = frozenset(
 _AUTH_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AllAccessDisabled"}
 )
-_CONTENT_TYPES = {".jsonl": "application/x-ndjson", ".md": "text/markdown", ".safetensors": "application/octet-stream"}
 
 
-@dataclass(frozen=True)
-class StoredObject:
-    """An object as written: key, size in bytes, hex sha256 of its content, content type."""
-
-    key: str
-    size: int
-    sha256: str
-    content_type: str
-
-
-class StorageError(Exception):
-    """A storage operation failed; `retryable` says whether the same call may succeed later."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class ObjectNotFound(StorageError):
-    """No object exists under the key."""
-
-    def __init__(self, key: str, where: str = "") -> None:
-        super().__init__(f"object {key!r} not found" + (f" in {where}" if where else ""), retryable=False)
-        self.key = key
-
-
-def _key_problem(key: object) -> str | None:
-    if not isinstance(key, str):
-        return "not a string"
-    if not key:
-        return "empty"
-    try:
-        encoded = key.encode("utf-8")
-    except UnicodeEncodeError:
-        return "not valid UTF-8"
-    if len(encoded) > MAX_KEY_LENGTH:
-        return f"longer than {MAX_KEY_LENGTH} bytes"
-    if any(unicodedata.category(c) == "Cc" for c in key):
-        return "contains a NUL or control character"
-    if key.startswith("/"):
-        return "absolute (starts with '/')"
-    if "\\" in key:
-        return "contains a backslash"
-    for segment in key.split("/"):
-        if segment == "":
-            return "has an empty segment ('//' or a trailing '/')"
-        if segment in (".", ".."):
-            return f"has a {segment!r} segment"
-    return None
-
-
-def validate_key(key: str) -> str:
-    """Return `key` if it is a safe relative object key, else raise ValueError naming it."""
-    problem = _key_problem(key)
-    if problem is not None:
-        raise ValueError(f"invalid storage key {key!r}: {problem}")
-    return key
-
-
-def _validate_prefix(prefix: str, *, allow_empty: bool) -> str:
-    # A prefix names a folder: "a/b" and "a/b/" are the same, and "" (when allowed) means everything.
-    if not isinstance(prefix, str):
-        raise ValueError(f"invalid storage prefix {prefix!r}: not a string")
-    stripped = prefix[:-1] if prefix.endswith("/") else prefix
-    if not stripped:
-        if allow_empty:
-            return ""
-        raise ValueError("invalid storage prefix '': refusing to operate on the whole store")
-    problem = _key_problem(stripped)
-    if problem is not None:
-        raise ValueError(f"invalid storage prefix {prefix!r}: {problem}")
-    return stripped
-
-
-def _guess_content_type(key: str) -> str:
-    suffix = Path(key).suffix.lower()
-    if suffix in _CONTENT_TYPES:
-        return _CONTENT_TYPES[suffix]
-    return mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
-
-
-def _read_exactly(src: BinaryIO, n: int) -> bytes:
+def read_exactly(src: BinaryIO, n: int) -> bytes:
     # A raw or socket-backed stream may return short reads; a multipart part must be full-sized.
     buf = bytearray()
     while len(buf) < n:
@@ -151,37 +47,7 @@ def _read_exactly(src: BinaryIO, n: int) -> bytes:
     return bytes(buf)
 
 
-def _write_atomically(src: BinaryIO, target: Path) -> tuple[int, str]:
-    """Copy `src` into `target` via a temp file in the same folder; returns (size, sha256)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_MARK, dir=target.parent)
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK_SIZE):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            # fsync before the rename: otherwise a crash can leave a complete-looking but empty file.
-            os.fsync(out.fileno())
-        # mkstemp creates 0600; the API and the worker may run as different users over a shared folder.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return size, digest.hexdigest()
-
-
-def _iter_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    with stream:
-        while chunk := stream.read(chunk_size):
-            yield chunk
-
-
-def _content_disposition(filename: str) -> str:
+def content_disposition(filename: str) -> str:
     # Only the last path component, without quotes or control characters: the header must not be
     # injectable and the browser must not be told to write outside its download folder.
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
@@ -189,214 +55,6 @@ def _content_disposition(filename: str) -> str:
     name = name.strip() or "download"
     ascii_name = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-class Storage(ABC):
-    """One interface over object stores; keys are slash-separated relative paths."""
-
-    @abstractmethod
-    def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> StoredObject:
-        """Store the file at `path` under `key`, streaming it and computing its sha256."""
-
-    @abstractmethod
-    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> StoredObject:
-        """Store `data` under `key`."""
-
-    @abstractmethod
-    def open(self, key: str) -> BinaryIO:
-        """Open the object for streaming reads; raises ObjectNotFound at once if it is missing."""
-
-    @abstractmethod
-    def download_to(self, key: str, path: Path) -> None:
-        """Write the object to `path` atomically, creating parent folders."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool:
-        """Whether an object exists under `key`."""
-
-    @abstractmethod
-    def size(self, key: str) -> int:
-        """The object's size in bytes; raises ObjectNotFound if it is missing."""
-
-    @abstractmethod
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete the object named `prefix` and everything under `prefix/`; returns how many objects went."""
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        """Sorted keys equal to `prefix` or under `prefix/` ("" lists everything)."""
-
-    @abstractmethod
-    def presigned_url(self, key: str, *, expires_s: int = 3600, filename: str | None = None) -> str | None:
-        """A time-limited GET URL for the object, or None where the backend has none."""
-
-    @abstractmethod
-    def check(self) -> None:
-        """Readiness probe: raise StorageError if the store cannot be used."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """Where objects go, for logs and errors (no credentials)."""
-
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Iterate the object's bytes; the object is opened now so a missing key fails before streaming."""
-        return _iter_chunks(self.open(key), chunk_size)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.describe()}>"
-
-
-class LocalStorage(Storage):
-    """Objects as files under a root folder; writes are atomic and no path leaves the root."""
-
-    def __init__(self, root: Path | str) -> None:
-        root_path = Path(root).expanduser()
-        try:
-            root_path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create storage folder {root_path}: {exc.strerror or exc}") from exc
-        self.root = root_path.resolve()
-
-    def _inside(self, path: Path, key: str, *, allow_root: bool = False) -> Path:
-        try:
-            resolved = path.resolve()
-        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
-            raise StorageError(f"cannot resolve key {key!r} under {self.root}: {exc}") from exc
-        if (resolved == self.root and not allow_root) or not resolved.is_relative_to(self.root):
-            raise StorageError(
-                f"key {key!r} resolves to {resolved}, outside the storage folder {self.root} (a symlink?)"
-            )
-        return resolved
-
-    def _path(self, key: str) -> Path:
-        validate_key(key)
-        if any(segment.startswith(_TMP_MARK) for segment in key.split("/")):
-            raise ValueError(f"invalid storage key {key!r}: segments starting with {_TMP_MARK!r} are reserved")
-        return self._inside(self.root.joinpath(*key.split("/")), key)
-
-    def _os_error(self, exc: OSError, action: str, key: str) -> StorageError:
-        return StorageError(f"cannot {action} {key!r} in {self.describe()}: {exc.strerror or exc}")
-
-    def _write(self, key: str, src: BinaryIO, content_type: str | None) -> StoredObject:
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise StorageError(f"cannot write {key!r}: a parent of it is an object, not a folder") from exc
-        except OSError as exc:
-            raise self._os_error(exc, "write", key) from exc
-        # A symlink could have appeared between the check and mkdir; the temp file lands in the parent.
-        self._inside(target.parent, key, allow_root=True)
-        try:
-            size, sha = _write_atomically(src, target)
-        except IsADirectoryError as exc:
-            raise StorageError(f"cannot write {key!r}: a folder of objects already has that name") from exc
-        except OSError as exc:
-            raise self._os_error(exc, "write", key) from exc
-        return StoredObject(key=key, size=size, sha256=sha, content_type=content_type or _guess_content_type(key))
-
-    def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> StoredObject:
-        """Copy the file at `path` into the store under `key`."""
-        validate_key(key)
-        with Path(path).open("rb") as src:
-            return self._write(key, src, content_type)
-
-    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> StoredObject:
-        """Store `data` under `key`."""
-        return self._write(key, io.BytesIO(data), content_type)
-
-    def open(self, key: str) -> BinaryIO:
-        """Open the object's file for reading."""
-        target = self._path(key)
-        try:
-            return target.open("rb")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise ObjectNotFound(key, self.describe()) from exc
-        except OSError as exc:
-            raise self._os_error(exc, "read", key) from exc
-
-    def download_to(self, key: str, path: Path) -> None:
-        """Copy the object to `path` atomically."""
-        dest = Path(path)
-        with self.open(key) as src:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(src, dest)
-
-    def exists(self, key: str) -> bool:
-        """Whether a file exists under `key`."""
-        return self._path(key).is_file()
-
-    def size(self, key: str) -> int:
-        """The file's size in bytes."""
-        target = self._path(key)
-        if not target.is_file():
-            raise ObjectNotFound(key, self.describe())
-        try:
-            return target.stat().st_size
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(key, self.describe()) from exc
-        except OSError as exc:
-            raise self._os_error(exc, "stat", key) from exc
-
-    def _count_objects(self, base: Path) -> int:
-        return sum(
-            1 for _, _, names in os.walk(base, followlinks=False) for name in names if not name.startswith(_TMP_MARK)
-        )
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete the file named `prefix` or the folder `prefix/` with everything in it."""
-        stripped = _validate_prefix(prefix, allow_empty=False)
-        base = self._path(stripped)
-        try:
-            if base.is_dir():
-                count = self._count_objects(base)
-                # rmtree never follows symlinks inside the folder, so nothing outside the root is touched.
-                shutil.rmtree(base)
-            elif base.exists():
-                base.unlink()
-                count = 1
-            else:
-                return 0
-        except OSError as exc:
-            raise self._os_error(exc, "delete", prefix) from exc
-        # Empty parent folders are left by per-job prefixes; removing them keeps the tree browsable.
-        parent = base.parent
-        while parent != self.root and parent.is_relative_to(self.root):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-            parent = parent.parent
-        return count
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        """Keys of the files equal to `prefix` or under `prefix/`, sorted."""
-        stripped = _validate_prefix(prefix, allow_empty=True)
-        base = self._path(stripped) if stripped else self.root
-        if base.is_file():
-            return [stripped]
-        keys: builtins.list[str] = []
-        for dirpath, _, names in os.walk(base, followlinks=False):
-            for name in names:
-                if not name.startswith(_TMP_MARK):
-                    keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
-        return sorted(keys)
-
-    def presigned_url(self, key: str, *, expires_s: int = 3600, filename: str | None = None) -> str | None:
-        """None: a local folder has no URL of its own, so the API streams the file instead."""
-        self._path(key)
-        return None
-
-    def check(self) -> None:
-        """Raise StorageError unless the root folder exists and is writable."""
-        if not self.root.is_dir():
-            raise StorageError(f"storage folder {self.root} is missing or not a folder")
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageError(f"storage folder {self.root} is not writable by this process (uid {os.getuid()})")
-
-    def describe(self) -> str:
-        """The root as a file:// URL."""
-        return self.root.as_uri()
 
 
 class _S3Raw(io.RawIOBase):
@@ -454,7 +112,7 @@ class S3Storage(Storage):
             raise ValueError(f"invalid S3 bucket name {bucket!r}: 3-63 lowercase letters, digits, '.' or '-'")
         stripped = prefix.strip("/") if prefix else ""
         if stripped:
-            problem = _key_problem(stripped)
+            problem = key_problem(stripped)
             if problem is not None:
                 raise ValueError(f"invalid S3 prefix {prefix!r}: {problem}")
         if not _S3_MIN_PART <= part_size <= _S3_MAX_PART:
@@ -599,7 +257,7 @@ class S3Storage(Storage):
 
     def _put_stream(self, key: str, src: BinaryIO, size: int, content_type: str | None) -> StoredObject:
         full = self._full(key)
-        ctype = content_type or _guess_content_type(key)
+        ctype = content_type or guess_content_type(key)
         if size > self.multipart_threshold:
             return self._put_multipart(key, full, src, size, ctype)
         data = src.read()  # at most multipart_threshold bytes in memory
@@ -638,7 +296,7 @@ class S3Storage(Storage):
                 pending: deque[Future[dict[str, Any]]] = deque()
                 number = 0
                 while True:
-                    chunk = _read_exactly(src, part_size)
+                    chunk = read_exactly(src, part_size)
                     if not chunk and number > 0:
                         break
                     number += 1
@@ -754,12 +412,12 @@ class S3Storage(Storage):
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Keys equal to `prefix` or under `prefix/`, without the storage prefix, sorted."""
-        stripped = _validate_prefix(prefix, allow_empty=True)
+        stripped = validate_prefix(prefix, allow_empty=True)
         return sorted(self._relative(k) for k in self._matching_full_keys(stripped, "list"))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete the object `prefix` and all objects under `prefix/`, and abort unfinished uploads there."""
-        stripped = _validate_prefix(prefix, allow_empty=False)
+        stripped = validate_prefix(prefix, allow_empty=False)
         keys = self._matching_full_keys(stripped, "delete")
         client = self._client()
         for start in range(0, len(keys), _S3_DELETE_BATCH):
@@ -805,7 +463,7 @@ class S3Storage(Storage):
             raise ValueError(f"expires_s {expires_s} must be between 1 and {_S3_MAX_PRESIGN_S} (7 days)")
         params: dict[str, str] = {"Bucket": self.bucket, "Key": self._full(key)}
         if filename:
-            params["ResponseContentDisposition"] = _content_disposition(filename)
+            params["ResponseContentDisposition"] = content_disposition(filename)
         client = self._client("public" if self.public_endpoint_url else "main")
         url = self._call(
             "sign", key, client.generate_presigned_url, ClientMethod="get_object", Params=params, ExpiresIn=expires_s
@@ -820,28 +478,3 @@ class S3Storage(Storage):
         """s3://bucket/prefix @ endpoint."""
         location = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         return f"{location} @ {self.endpoint_url or f'AWS {self.region}'}"
-
-
-def storage_from_url(url: str, **s3_options: Any) -> Storage:
-    """Build a store from "s3://bucket[/prefix]", "file:///abs/dir" or a plain path; s3_options go to S3Storage."""
-    if not isinstance(url, str) or not url.strip():
-        raise ValueError("storage URL is empty: use s3://bucket[/prefix], file:///absolute/folder or a folder path")
-    url = url.strip()
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "s3":
-        if not parts.netloc:
-            raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        if parts.query or parts.fragment:
-            raise ValueError(f"storage URL {url!r}: query strings and fragments are not supported")
-        return S3Storage(parts.netloc, prefix=unquote(parts.path).strip("/"), **s3_options)
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"storage URL {url!r} names a remote host; file URLs must be local (file:///abs/dir)")
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise ValueError(f"storage URL {url!r} must hold an absolute path (file:///abs/dir)")
-        return LocalStorage(Path(path))
-    if "://" in url:
-        raise ValueError(f"storage URL {url!r}: unsupported scheme {parts.scheme!r}; use s3:// or file://")
-    return LocalStorage(Path(url))
