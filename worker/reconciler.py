@@ -38,7 +38,7 @@ def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | Non
 def _remove_outputs(settings: Settings, job_ids: list[uuid.UUID]) -> None:
     if not job_ids:
         return
-    from worker.runner import artifact_storage, job_prefix
+    from worker.outputs import artifact_storage, job_prefix
 
     try:
         storage = artifact_storage(settings)

@@ -37,7 +37,7 @@ from app.repositories import lifecycle
 from lorp.pipeline import STAGES
 from tests.reliability.record import record
 from tests.service.moto_server import MotoServer
-from worker import runner
+from worker import outputs, retries, runner
 
 from .conftest import (
     WORDS,
@@ -109,7 +109,7 @@ def claim_to_first_stage(settings: Settings, job_id: uuid.UUID) -> list[float]:
 
 
 def stored_keys(settings: Settings, job_id: uuid.UUID) -> list[str]:
-    return sorted(runner.artifact_storage(settings).list(runner.job_prefix(job_id)))
+    return sorted(outputs.artifact_storage(settings).list(outputs.job_prefix(job_id)))
 
 
 def check_one_artifact_set(settings: Settings, job_id: uuid.UUID) -> dict[str, int]:
@@ -123,7 +123,7 @@ def check_one_artifact_set(settings: Settings, job_id: uuid.UUID) -> dict[str, i
     keys = [a.storage_key for a in artifacts]
     assert all(k == f"jobs/{job_id}/{a.name}" for k, a in zip(keys, artifacts, strict=True))
     assert stored_keys(settings, job_id) == sorted(keys), "objects under the job's prefix differ from its rows"
-    storage = runner.artifact_storage(settings)
+    storage = outputs.artifact_storage(settings)
     for artifact in artifacts:
         digest = hashlib.sha256()
         for chunk in storage.iter_chunks(artifact.storage_key):
@@ -313,7 +313,7 @@ def test_storage_unavailable_during_upload_fails_cleanly(
             assert job.status == JobStatus.failed, (job.status, job.error_message, fleet.logs())
             assert job.error_code == "storage_unavailable"
             message = job.error_message or ""
-            assert f"after {runner.STORAGE_ATTEMPTS} attempts" in message and "object store is reachable" in message
+            assert f"after {retries.STORAGE_ATTEMPTS} attempts" in message and "object store is reachable" in message
             assert job.attempts == 1
             assert job_rows(settings, Artifact, job_id) == []
             assert job_rows(settings, Plan, job_id) == [] and job_rows(settings, Metric, job_id) == []
@@ -323,8 +323,8 @@ def test_storage_unavailable_during_upload_fails_cleanly(
                 shown = client.get(f"/v1/jobs/{job_id}").json()
                 assert shown["status"] == "failed" and shown["error"]["code"] == "storage_unavailable"
             log = worker.log()
-            retries = log.count("retrying in")
-            assert retries >= runner.STORAGE_ATTEMPTS - 1, log[-3000:]
+            retry_warnings = log.count("retrying in")
+            assert retry_warnings >= retries.STORAGE_ATTEMPTS - 1, log[-3000:]
             assert worker.alive, "the worker process died with the object store"
             wait_for(lambda: len(worker.pool_children()) == 1, 30, "a fresh pool child")
 
@@ -343,13 +343,13 @@ def test_storage_unavailable_during_upload_fails_cleanly(
         command=COMMAND.format("storage_unavailable"),
         notes=(
             "moto's S3 server stopped while the worker uploaded a 33 MB model; the upload call is retried "
-            f"{runner.STORAGE_ATTEMPTS} times with exponential backoff from {runner.STORAGE_BACKOFF_S} s "
+            f"{retries.STORAGE_ATTEMPTS} times with exponential backoff from {retries.STORAGE_BACKOFF_S} s "
             "(each try also has botocore's own retries), then the job fails with storage_unavailable and a "
             "message saying what to check; no artifact row is written, GET /v1/jobs/{id}/artifacts lists nothing."
         ),
         figures={
             "storage_stop_to_failed_s": to_failure,
-            "retry_warnings_in_worker_log": retries,
+            "retry_warnings_in_worker_log": retry_warnings,
             "error_message": message,
         },
     )

@@ -37,7 +37,7 @@ from tests.reliability.record import record
 from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request, upload_dataset
 from tests.service.test_api import assert_problem, bearer, client_for, insert_job, new_key
-from worker import runner
+from worker import outputs, runner
 
 pytestmark = pytest.mark.reliability
 
@@ -306,7 +306,7 @@ def test_artifact_name_traversal_is_404(
     client, auth = api
     key_id = _key_id(factory, auth)
     job_id = insert_job(factory, status=JobStatus.succeeded, owner_id=key_id)
-    storage = runner.artifact_storage(settings)
+    storage = outputs.artifact_storage(settings)
     stored = storage.put_bytes(f"jobs/{job_id}/report.json", b"{}", content_type="application/json")
     with factory() as session:
         session.add(
@@ -481,7 +481,7 @@ def _run_failed(settings: Settings, job_id: uuid.UUID, code: str, *needles: str)
     assert str(settings.work_dir) not in message, f"the message exposes the worker's folders: {message}"
     assert artifacts == 0
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
-    assert runner.artifact_storage(settings).list(f"jobs/{job_id}") == []
+    assert outputs.artifact_storage(settings).list(f"jobs/{job_id}") == []
     return f"failed {error_code} in {elapsed:.1f}s: {message[:120]}"
 
 

@@ -34,7 +34,7 @@ from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
 from app.storage import Storage, storage_from_url
-from worker import runner, service_cli
+from worker import failures, outputs, runner, service_cli
 
 from .helpers import create_job, job_request, upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
@@ -112,7 +112,7 @@ def s3_settings(tmp_path: Path, pg_url: str, redis_url: str, model_root: Path, s
 
 
 def storage_of(settings: Settings) -> Storage:
-    return runner.artifact_storage(settings)
+    return outputs.artifact_storage(settings)
 
 
 def load_job(settings: Settings, job_id: uuid.UUID) -> Job:
@@ -482,10 +482,10 @@ def test_missing_uploaded_dataset_is_an_invalid_request(local_settings: Settings
 
 def test_failure_classification() -> None:
     settings = Settings()
-    code, message = runner.classify_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"), settings)
+    code, message = failures.classify_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"), settings)
     assert code == "out_of_memory" and "batch_size" in message and "GPU" in message
-    assert runner.classify_failure(MemoryError(), settings)[0] == "out_of_memory"
-    code, message = runner.classify_failure(KeyError("boom"), settings)
+    assert failures.classify_failure(MemoryError(), settings)[0] == "out_of_memory"
+    code, message = failures.classify_failure(KeyError("boom"), settings)
     assert code == "internal_error" and "KeyError" in message
 
 

@@ -1,0 +1,226 @@
+"""A finished attempt's outputs: uploaded under ``jobs/{id}/``, then published with the status in one
+transaction (plans, metrics, the analysis, the artifact list and the job's summary)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.db.session import session_scope
+from app.jobspec import JobCreate
+from app.repositories import lifecycle
+from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow
+from app.storage import Storage, storage_from_url
+from lorp.errors import JobCancelled
+from lorp.jsonable import finite, json_safe
+from worker.failures import JobFailure
+from worker.retries import with_storage_retries
+
+if TYPE_CHECKING:
+    from lorp.pipeline import PruneResult
+
+log = logging.getLogger(__name__)
+
+JOBS_PREFIX = "jobs"
+METRIC_UNITS: dict[str, str] = {
+    "perplexity": "",
+    "prefill_tokens_per_s": "tok/s",
+    "decode_tokens_per_s": "tok/s",
+    "weights_bytes": "B",
+    "peak_memory_bytes": "B",
+    "num_layers": "",
+    "num_parameters": "",
+}
+RATIO_METRICS = ("decode_speedup", "prefill_speedup", "speedup_bound")
+RATIO_UNIT = "x"
+
+
+def job_prefix(job_id: uuid.UUID) -> str:
+    """Where a job's outputs live in the artifact store."""
+    return f"{JOBS_PREFIX}/{job_id}"
+
+
+def artifact_storage(settings: Settings) -> Storage:
+    return storage_from_url(settings.artifact_storage_url, **settings.s3_options())
+
+
+def upload(
+    storage: Storage,
+    job_id: uuid.UUID,
+    out_dir: Path,
+    *,
+    should_cancel: Callable[[], bool],
+    on_progress: Callable[[float], None],
+) -> list[ArtifactRow]:
+    """Every output file under ``jobs/{job_id}/{relative name}``, replacing what an earlier attempt left.
+
+    ``on_progress`` gets the fraction of bytes uploaded after each file; ``should_cancel`` is asked
+    before each one.
+    """
+    prefix = job_prefix(job_id)
+    with_storage_retries(f"clearing {prefix}", lambda: storage.delete_prefix(prefix))
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files) or 1
+    sent = 0
+    rows: list[ArtifactRow] = []
+    for path in files:
+        if should_cancel():
+            raise JobCancelled("the job was cancelled during upload")
+        name = path.relative_to(out_dir).as_posix()
+        key = f"{prefix}/{name}"
+        stored = with_storage_retries(f"uploading {name}", functools.partial(storage.put_file, key, path))
+        rows.append(
+            ArtifactRow(
+                name=name,
+                storage_key=key,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
+                content_type=stored.content_type,
+            )
+        )
+        sent += stored.size
+        on_progress(sent / total)
+    return rows
+
+
+def delete_outputs(storage: Storage, job_id: uuid.UUID) -> None:
+    """Remove whatever an attempt uploaded (after a failure or a cancel); logged, never raised."""
+    prefix = job_prefix(job_id)
+    try:
+        removed = with_storage_retries(f"deleting {prefix}", lambda: storage.delete_prefix(prefix))
+    except JobFailure:
+        log.error("job %s: uploaded objects under %s could not be removed", job_id, prefix, exc_info=True)
+        return
+    if removed:
+        log.info("job %s: removed %d uploaded object(s) under %s", job_id, removed, prefix)
+
+
+def publish(
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    attempt: int,
+    request: JobCreate,
+    result: PruneResult,
+    artifacts: list[ArtifactRow],
+    *,
+    fingerprint: str | None,
+    reused_analysis_id: uuid.UUID | None,
+) -> bool:
+    """Store (or link) the analysis and publish plans, metrics, artifacts and status together."""
+    report = result.report
+    analysis = report["analysis"]
+    provenance = json_safe(report.get("provenance") or {})
+    chosen = report["chosen"]
+    fingerprint = fingerprint or str(provenance.get("fingerprint"))
+    with session_scope(factory) as session:
+        if reused_analysis_id is not None:
+            analysis_id = reused_analysis_id
+        else:
+            stored = lifecycle.store_analysis(
+                session,
+                fingerprint=fingerprint,
+                model_source=request.model.id,
+                model_revision=(provenance.get("model") or {}).get("commit") or request.model.revision,
+                dataset_sha256=str((provenance.get("calibration") or {}).get("text_sha256", "")),
+                num_samples=request.calibration.num_samples,
+                seq_len=request.calibration.seq_len,
+                seed=request.calibration.seed,
+                num_tokens=int(result.stats.num_tokens),
+                num_blocks=int(result.stats.num_blocks),
+                similarity=json_safe(result.stats.S),
+                angular_distance=json_safe(result.stats.D),
+                rls=finite(analysis.get("rls")),
+                k=int(analysis["k"]),
+                clusters=json_safe(analysis.get("clusters") or []),
+                redundancy=json_safe(analysis.get("redundancy") or []),
+                provenance=provenance,
+            )
+            analysis_id = stored.id
+        return lifecycle.finish_succeeded(
+            session,
+            job_id,
+            attempt,
+            analysis_id=analysis_id,
+            analysis_reused=reused_analysis_id is not None,
+            chosen_method=str(chosen["candidate"]),
+            pruned_layers=[int(i) for i in chosen["pruned_layers"]],
+            plans=plan_rows(report),
+            metrics=metric_rows(report),
+            artifacts=artifacts,
+            summary=summary_of(report, artifacts, analysis_id, reused_analysis_id is not None, job_id),
+        )
+
+
+def plan_rows(report: dict[str, Any]) -> list[PlanRow]:
+    chosen = report["chosen"]["candidate"]
+    return [
+        PlanRow(
+            name=str(name),
+            k=None if plan.get("k") is None else int(plan["k"]),
+            pruned_layers=[int(i) for i in plan["pruned_layers"]],
+            validation_perplexity=finite(plan.get("validation_perplexity")),
+            chosen=name == chosen,
+        )
+        for name, plan in report["plans"].items()
+    ]
+
+
+def metric_rows(report: dict[str, Any]) -> list[MetricRow]:
+    metrics = report.get("metrics") or {}
+    rows: list[MetricRow] = []
+    for phase in ("dense", "pruned"):
+        values = metrics.get(phase) or {}
+        for name, unit in METRIC_UNITS.items():
+            value = finite(values.get(name))
+            if value is not None:
+                rows.append(MetricRow(name=name, phase=phase, value=value, unit=unit))
+    for name in RATIO_METRICS:
+        value = finite(metrics.get(name))
+        if value is not None:
+            rows.append(MetricRow(name=name, phase="ratio", value=value, unit=RATIO_UNIT))
+    return rows
+
+
+def summary_of(
+    report: dict[str, Any], artifacts: list[ArtifactRow], analysis_id: uuid.UUID, reused: bool, job_id: uuid.UUID
+) -> dict[str, Any]:
+    """The small JSON a job shows once finished; the full detail lives in the tables and report.json."""
+    analysis = report["analysis"]
+    metrics = report.get("metrics") or {}
+    return json_safe(
+        {
+            "num_blocks": analysis["num_blocks"],
+            "num_layers_removed": report.get("num_layers_removed"),
+            "rls": analysis.get("rls"),
+            "k": analysis.get("k"),
+            "clusters": analysis.get("clusters"),
+            "method": report.get("method"),
+            "chosen": report["chosen"],
+            "plans": {
+                name: {"pruned_layers": p["pruned_layers"], "validation_perplexity": p.get("validation_perplexity")}
+                for name, p in report["plans"].items()
+            },
+            "metrics": {
+                "dense": {k: (metrics.get("dense") or {}).get(k) for k in METRIC_UNITS},
+                "pruned": {k: (metrics.get("pruned") or {}).get(k) for k in METRIC_UNITS},
+                "ratio": {k: metrics.get(k) for k in RATIO_METRICS},
+            },
+            "analysis_id": str(analysis_id),
+            "analysis_reused": reused,
+            "fingerprint": (report.get("provenance") or {}).get("fingerprint"),
+            "artifacts": {
+                "prefix": job_prefix(job_id),
+                "count": len(artifacts),
+                "total_bytes": sum(a.size_bytes for a in artifacts),
+                "model_dir": "model",
+            },
+            "timings_s": report.get("timings_s"),
+        }
+    )
