@@ -14,11 +14,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from lorp.errors import EngineError
+
+if TYPE_CHECKING:
+    from lorp.result import PruneReport
 
 Handler = Callable[[argparse.Namespace], int]
 # Adds subcommands to the parser's subparsers and returns their handlers by name.
@@ -185,7 +188,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         bars.close()
     report = result.report
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
         return 0
     print(_summary(report, str(result.out_dir)))
     return 0
@@ -195,26 +198,25 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _summary(report: dict[str, Any], out_dir: str) -> str:
-    analysis, metrics = report["analysis"], report["metrics"]
-    dense, pruned = metrics["dense"], metrics["pruned"]
+def _summary(report: PruneReport, out_dir: str) -> str:
+    structure, metrics = report.analysis, report.metrics
     lines = [
-        f"model           {report['request']['model']['source']} ({analysis['num_blocks']} blocks)",
-        f"RLS / K         {_fmt(analysis['rls'], '.3f')} / {analysis['k']}",
-        f"method          {report['method']} -> {report['chosen']['candidate']}",
-        f"removed blocks  {report['chosen']['pruned_layers']}",
+        f"model           {report.request['model']['source']} ({structure.num_blocks} blocks)",
+        f"RLS / K         {_fmt(structure.rls, '.3f')} / {structure.k}",
+        f"method          {report.method} -> {report.chosen.candidate}",
+        f"removed blocks  {report.chosen.pruned_layers}",
     ]
-    scored = {k: v for k, v in report["plans"].items() if v["validation_perplexity"] is not None}
+    scored = {name: p for name, p in report.plans.items() if p.validation_perplexity is not None}
     if scored:
         lines.append("candidates      (validation perplexity, lower is better)")
-        for name, plan in sorted(scored.items(), key=lambda kv: kv[1]["validation_perplexity"]):
-            lines.append(f"  {name:<12} {plan['validation_perplexity']:>10.2f}  {plan['pruned_layers']}")
-    if "perplexity" in dense:
-        lines.append(f"perplexity      dense {_fmt(dense['perplexity'])} -> pruned {_fmt(pruned['perplexity'])}")
-    if "decode_speedup" in metrics:
+        for name, plan in sorted(scored.items(), key=lambda kv: kv[1].validation_perplexity or 0.0):
+            lines.append(f"  {name:<12} {plan.validation_perplexity:>10.2f}  {plan.pruned_layers}")
+    if "perplexity" in metrics.dense:
         lines.append(
-            f"decode speed    x{metrics['decode_speedup']:.2f} (bound N/(N-n) = {metrics['speedup_bound']:.2f})"
+            f"perplexity      dense {_fmt(metrics.dense['perplexity'])} -> pruned {_fmt(metrics.pruned['perplexity'])}"
         )
+    if metrics.decode_speedup is not None:
+        lines.append(f"decode speed    x{metrics.decode_speedup:.2f} (bound N/(N-n) = {metrics.speedup_bound:.2f})")
     lines.append(f"pruned model    {out_dir}/model")
     lines.append(f"report          {out_dir}/report.json, heatmap {out_dir}/heatmap.png")
     return "\n".join(lines)

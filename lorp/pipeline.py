@@ -6,6 +6,7 @@ model before any forward pass; every step is also callable on its own from its m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -26,6 +27,7 @@ from lorp.evaluation import measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, load_model
 from lorp.report import library_versions, plot_heatmap, save_analysis, write_report
+from lorp.result import ChosenPlan, Metrics, PlanScore, PruneReport, StructureSummary
 from lorp.selection import (
     Selection,
     SelectionOptions,
@@ -64,7 +66,7 @@ class PruneResult:
 
     out_dir: Path
     model_dir: Path
-    report: dict[str, Any]
+    report: PruneReport
     stats: SimilarityStats
     selection: Selection
 
@@ -372,42 +374,39 @@ def run_prune(
             pruned=chosen.pruned_layers,
             title=_heatmap_title(str(loaded.provenance.get("source")), spec.method, chosen_name, chosen.pruned_layers),
         )
-        metrics: dict[str, Any] = {
-            "dense": dense,
-            "pruned": pruned,
-            "speedup_bound": n_blocks / (n_blocks - n),
-        }
+        metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
         if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
-            metrics["decode_speedup"] = pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
-            metrics["prefill_speedup"] = pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
-        report: dict[str, Any] = {
-            "request": spec.model_dump(mode="json"),
-            "provenance": provenance,
-            "analysis_reused": reused,
-            "analysis": {
-                "num_blocks": n_blocks,
-                "num_tokens": stats.num_tokens,
-                "rls": structure.rls,
-                "k": structure.k,
-                "clusters": structure.clusters,
-                "redundancy": structure.redundancy,
-            },
-            "num_layers_removed": n,
-            "method": spec.method,
-            "chosen": {"candidate": chosen_name, "pruned_layers": chosen.pruned_layers},
-            "plans": {
-                name: {
-                    "pruned_layers": sel.pruned_layers,
-                    "k": sel.structure.k,
-                    "validation_perplexity": scores.get(name),
-                }
+            metrics = dataclasses.replace(
+                metrics,
+                decode_speedup=pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+                prefill_speedup=pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            )
+        report = PruneReport(
+            request=spec.model_dump(mode="json"),
+            provenance=provenance,
+            analysis_reused=reused,
+            analysis=StructureSummary(
+                num_blocks=n_blocks,
+                num_tokens=stats.num_tokens,
+                rls=structure.rls,
+                k=structure.k,
+                clusters=list(structure.clusters),
+                redundancy=list(structure.redundancy),
+            ),
+            num_layers_removed=n,
+            method=spec.method,
+            chosen=ChosenPlan(candidate=chosen_name, pruned_layers=list(chosen.pruned_layers)),
+            plans={
+                name: PlanScore(
+                    pruned_layers=list(sel.pruned_layers), k=sel.structure.k, validation_perplexity=scores.get(name)
+                )
                 for name, sel in plans.items()
             },
-            "metrics": metrics,
-            "reload_check": reload_check,
-            "timings_s": stages.timings,
-            "files": {"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
-        }
-        write_report(out / "report.json", report)
+            metrics=metrics,
+            reload_check=reload_check,
+            timings_s=stages.timings,
+            files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
+        )
+        write_report(out / "report.json", report.to_json())
     log.info("pruned %s: removed %s -> %s", spec.model.source, chosen.pruned_layers, model_dir)
     return PruneResult(out_dir=out, model_dir=model_dir, report=report, stats=stats, selection=chosen)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
 from lorp.pipeline import STAGES, run_analysis, run_prune
+from lorp.result import ChosenPlan
 from lorp.spec import (
     CalibrationSpec,
     EvaluationSpec,
@@ -146,8 +147,11 @@ def test_named_method_and_ratio(tiny_model_dir, corpus_files, tmp_path):
         evaluation=EvaluationSpec(perplexity=False, speed=False),
     )
     report = run_prune(spec, tmp_path / "rev").report
-    assert report["chosen"] == {"candidate": "reverse", "pruned_layers": [5, 6]}
-    assert all(v["validation_perplexity"] is None for v in report["plans"].values())
+    assert report.chosen == ChosenPlan(candidate="reverse", pruned_layers=[5, 6])
+    assert all(plan.validation_perplexity is None for plan in report.plans.values())
+    on_disk = json.loads((tmp_path / "rev" / "report.json").read_text())
+    assert on_disk["chosen"] == {"candidate": "reverse", "pruned_layers": [5, 6]}
+    assert "decode_speedup" not in on_disk["metrics"]  # not measured: left out, not null
 
 
 def test_budget_is_checked_before_any_forward_pass(tiny_model_dir, corpus_files, tmp_path, monkeypatch):
@@ -189,7 +193,7 @@ def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
     spec = make_spec(tiny_model_dir, corpus_files, method="shortgpt", evaluation=EvaluationSpec(speed=False))
     stats, provenance = run_analysis(spec.model, spec.calibration)
     first = run_prune(spec, tmp_path / "one")
-    assert provenance["fingerprint"] == first.report["provenance"]["fingerprint"]
+    assert provenance["fingerprint"] == first.report.fingerprint
     np.testing.assert_allclose(stats.S, first.stats.S, atol=1e-12)
     import lorp.pipeline as pipeline
 
@@ -206,8 +210,8 @@ def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
     finally:
         pipeline.capture_similarity = original
     assert asked == [provenance["fingerprint"]]
-    assert second.report["analysis_reused"] is True
-    assert second.report["chosen"] == first.report["chosen"]
+    assert second.report.analysis_reused is True
+    assert second.report.chosen == first.report.chosen
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -25,6 +25,7 @@ from worker.retries import with_storage_retries
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
+    from lorp.result import PruneReport
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ METRIC_UNITS: dict[str, str] = {
     "num_layers": "",
     "num_parameters": "",
 }
-RATIO_METRICS = ("decode_speedup", "prefill_speedup", "speedup_bound")
 RATIO_UNIT = "x"
 
 
@@ -115,10 +115,9 @@ def publish(
 ) -> bool:
     """Store (or link) the analysis and publish plans, metrics, artifacts and status together."""
     report = result.report
-    analysis = report["analysis"]
-    provenance = json_safe(report.get("provenance") or {})
-    chosen = report["chosen"]
-    fingerprint = fingerprint or str(provenance.get("fingerprint"))
+    structure = report.analysis
+    provenance = json_safe(report.provenance)
+    fingerprint = fingerprint or report.fingerprint or ""
     with session_scope(factory) as session:
         if reused_analysis_id is not None:
             analysis_id = reused_analysis_id
@@ -136,10 +135,10 @@ def publish(
                 num_blocks=int(result.stats.num_blocks),
                 similarity=json_safe(result.stats.S),
                 angular_distance=json_safe(result.stats.D),
-                rls=finite(analysis.get("rls")),
-                k=int(analysis["k"]),
-                clusters=json_safe(analysis.get("clusters") or []),
-                redundancy=json_safe(analysis.get("redundancy") or []),
+                rls=finite(structure.rls),
+                k=int(structure.k),
+                clusters=json_safe(structure.clusters),
+                redundancy=json_safe(structure.redundancy),
                 provenance=provenance,
             )
             analysis_id = stored.id
@@ -149,8 +148,8 @@ def publish(
             attempt,
             analysis_id=analysis_id,
             analysis_reused=reused_analysis_id is not None,
-            chosen_method=str(chosen["candidate"]),
-            pruned_layers=[int(i) for i in chosen["pruned_layers"]],
+            chosen_method=report.chosen.candidate,
+            pruned_layers=[int(i) for i in report.chosen.pruned_layers],
             plans=plan_rows(report),
             metrics=metric_rows(report),
             artifacts=artifacts,
@@ -158,69 +157,65 @@ def publish(
         )
 
 
-def plan_rows(report: dict[str, Any]) -> list[PlanRow]:
-    chosen = report["chosen"]["candidate"]
+def plan_rows(report: PruneReport) -> list[PlanRow]:
     return [
         PlanRow(
-            name=str(name),
-            k=None if plan.get("k") is None else int(plan["k"]),
-            pruned_layers=[int(i) for i in plan["pruned_layers"]],
-            validation_perplexity=finite(plan.get("validation_perplexity")),
-            chosen=name == chosen,
+            name=name,
+            k=plan.k,
+            pruned_layers=[int(i) for i in plan.pruned_layers],
+            validation_perplexity=finite(plan.validation_perplexity),
+            chosen=name == report.chosen.candidate,
         )
-        for name, plan in report["plans"].items()
+        for name, plan in report.plans.items()
     ]
 
 
-def metric_rows(report: dict[str, Any]) -> list[MetricRow]:
-    metrics = report.get("metrics") or {}
+def metric_rows(report: PruneReport) -> list[MetricRow]:
     rows: list[MetricRow] = []
-    for phase in ("dense", "pruned"):
-        values = metrics.get(phase) or {}
+    for phase, values in (("dense", report.metrics.dense), ("pruned", report.metrics.pruned)):
         for name, unit in METRIC_UNITS.items():
             value = finite(values.get(name))
             if value is not None:
                 rows.append(MetricRow(name=name, phase=phase, value=value, unit=unit))
-    for name in RATIO_METRICS:
-        value = finite(metrics.get(name))
+    for name, ratio in report.metrics.ratios().items():
+        value = finite(ratio)
         if value is not None:
             rows.append(MetricRow(name=name, phase="ratio", value=value, unit=RATIO_UNIT))
     return rows
 
 
 def summary_of(
-    report: dict[str, Any], artifacts: list[ArtifactRow], analysis_id: uuid.UUID, reused: bool, job_id: uuid.UUID
+    report: PruneReport, artifacts: list[ArtifactRow], analysis_id: uuid.UUID, reused: bool, job_id: uuid.UUID
 ) -> dict[str, Any]:
     """The small JSON a job shows once finished; the full detail lives in the tables and report.json."""
-    analysis = report["analysis"]
-    metrics = report.get("metrics") or {}
+    structure, metrics = report.analysis, report.metrics
     return json_safe(
         {
-            "num_blocks": analysis["num_blocks"],
-            "num_layers_removed": report.get("num_layers_removed"),
-            "rls": analysis.get("rls"),
-            "k": analysis.get("k"),
-            "clusters": analysis.get("clusters"),
-            "method": report.get("method"),
-            "chosen": report["chosen"],
+            "num_blocks": structure.num_blocks,
+            "num_layers_removed": report.num_layers_removed,
+            "rls": structure.rls,
+            "k": structure.k,
+            "clusters": structure.clusters,
+            "method": report.method,
+            "chosen": {"candidate": report.chosen.candidate, "pruned_layers": report.chosen.pruned_layers},
             "plans": {
-                name: {"pruned_layers": p["pruned_layers"], "validation_perplexity": p.get("validation_perplexity")}
-                for name, p in report["plans"].items()
+                name: {"pruned_layers": p.pruned_layers, "validation_perplexity": p.validation_perplexity}
+                for name, p in report.plans.items()
             },
             "metrics": {
-                "dense": {k: (metrics.get("dense") or {}).get(k) for k in METRIC_UNITS},
-                "pruned": {k: (metrics.get("pruned") or {}).get(k) for k in METRIC_UNITS},
-                "ratio": {k: metrics.get(k) for k in RATIO_METRICS},
+                "dense": {k: metrics.dense.get(k) for k in METRIC_UNITS},
+                "pruned": {k: metrics.pruned.get(k) for k in METRIC_UNITS},
+                "ratio": metrics.ratios(),
             },
             "analysis_id": str(analysis_id),
             "analysis_reused": reused,
-            "fingerprint": (report.get("provenance") or {}).get("fingerprint"),
+            "fingerprint": report.fingerprint,
             "artifacts": {
                 "prefix": job_prefix(job_id),
                 "count": len(artifacts),
                 "total_bytes": sum(a.size_bytes for a in artifacts),
                 "model_dir": "model",
             },
-            "timings_s": report.get("timings_s"),
+            "timings_s": report.timings_s,
         }
     )

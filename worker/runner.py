@@ -232,7 +232,7 @@ class _JobRun:
             artifacts = self.upload(result.out_dir)
             self.finishing.set()
             if self.publish(request, result, artifacts):
-                log.info("job %s succeeded: removed blocks %s", self.job_id, result.report["chosen"]["pruned_layers"])
+                log.info("job %s succeeded: removed blocks %s", self.job_id, result.report.chosen.pruned_layers)
                 return "succeeded"
             return self._after_refused_finish()
         except JobCancelled:

@@ -1,0 +1,98 @@
+"""What a pruning run found and produced, as typed values; ``report.json`` is written from them.
+
+Readers (the worker, the CLI, tests) use the fields; ``PruneReport.to_json()`` is the one place
+that knows the layout of ``report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorp.jsonable import json_safe
+
+
+@dataclass(frozen=True)
+class StructureSummary:
+    """LoRP's view of the model from S (``analysis`` in report.json); see docs/algorithm.md §3-6."""
+
+    num_blocks: int
+    num_tokens: int
+    rls: float | None
+    k: int
+    clusters: list[int]
+    redundancy: list[float]
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """One candidate plan: the blocks it removes, its K (LoRP's plans) and its validation perplexity."""
+
+    pruned_layers: list[int]
+    k: int | None
+    validation_perplexity: float | None
+
+
+@dataclass(frozen=True)
+class ChosenPlan:
+    """The plan that was applied: the candidate's name (a method, or ``lorp_k3`` ...) and its blocks."""
+
+    candidate: str
+    pruned_layers: list[int]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Dense and pruned measurements (perplexity, speed, memory, sizes) and their ratios."""
+
+    dense: dict[str, Any]
+    pruned: dict[str, Any]
+    speedup_bound: float
+    decode_speedup: float | None = None
+    prefill_speedup: float | None = None
+
+    def ratios(self) -> dict[str, float | None]:
+        return {
+            "decode_speedup": self.decode_speedup,
+            "prefill_speedup": self.prefill_speedup,
+            "speedup_bound": self.speedup_bound,
+        }
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Everything a run reports: the request, provenance, structure, every plan, the chosen one,
+    the metrics, the reload check and the stage timings."""
+
+    request: dict[str, Any]
+    provenance: dict[str, Any]
+    analysis_reused: bool
+    analysis: StructureSummary
+    num_layers_removed: int
+    method: str
+    chosen: ChosenPlan
+    plans: dict[str, PlanScore]
+    metrics: Metrics
+    reload_check: dict[str, Any]
+    timings_s: dict[str, float]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The calibration fingerprint (equal fingerprints give equal S and D)."""
+        value = self.provenance.get("fingerprint")
+        return str(value) if value is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as ``report.json`` holds it (plain JSON; ratios that were not measured left out)."""
+        out = dataclasses.asdict(self)
+        metrics = out.pop("metrics")
+        out["metrics"] = {
+            "dense": metrics["dense"],
+            "pruned": metrics["pruned"],
+            **{name: value for name, value in self.metrics.ratios().items() if value is not None},
+        }
+        # Keep the file's key order: metrics sit after the plans, as they always have.
+        ordered = {key: out[key] for key in (f.name for f in dataclasses.fields(self))}
+        return json_safe(ordered)
