@@ -3,9 +3,10 @@
 The broker only carries "run job X", so a message can be lost (a broker restart, an enqueue that
 failed after the commit). Each pass re-enqueues queued jobs that were never enqueued or were
 enqueued longer than ``queued_timeout_s`` ago (a duplicate message is harmless: the claim refuses
-it), and takes back running jobs whose heartbeat is older than ``heartbeat_timeout_s``: requeued
-while attempts remain, else failed with ``worker_lost``. Rows are locked with SKIP LOCKED and every
-change is a conditional update, so passes may run concurrently.
+it), and takes back running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (the worker
+died) or whose progress has not moved for ``stall_timeout_s`` (the worker lives but the job hangs):
+requeued while attempts remain, else failed with ``worker_lost`` or ``stalled``. Rows are locked
+with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled."""
     factory = session_factory(settings.sqlalchemy_url)
     now = now or utcnow()
-    counts = {"enqueued": 0, "requeued": 0, "failed": 0, "cancelled": 0, "enqueue_errors": 0}
+    counts = {"enqueued": 0, "requeued": 0, "failed": 0, "cancelled": 0, "stalled": 0, "enqueue_errors": 0}
     finished: list[uuid.UUID] = []
     requeued: list[uuid.UUID] = []
 
@@ -76,6 +77,35 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
             else:
                 message = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
                 if lifecycle.finish_failed(session, job.id, job.attempts, "worker_lost", message):
+                    counts["failed"] += 1
+                    finished.append(job.id)
+                    log.error("job %s failed: %s", job.id, message)
+
+        stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
+        for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
+            counts["stalled"] += 1
+            quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"
+            if job.cancel_requested_at is not None:
+                if lifecycle.finish_cancelled(session, job.id, job.attempts):
+                    counts["cancelled"] += 1
+                    finished.append(job.id)
+            elif job.attempts < job.max_attempts:
+                reason = (
+                    f"{quiet} on {job.worker or 'unknown'} (LORP_STALL_TIMEOUT_S); "
+                    f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+                )
+                if lifecycle.requeue(session, job.id, job.attempts, reason):
+                    counts["requeued"] += 1
+                    requeued.append(job.id)
+                    log.warning("job %s: %s", job.id, reason)
+            else:
+                message = (
+                    f"the job stalled: {quiet} on attempt {job.attempts} of {job.max_attempts} (worker "
+                    f"{job.worker or 'unknown'} kept beating, so it was alive but stuck: a hung read of the model "
+                    "or the data, or a deadlock). Check that the model and data are readable from the worker, "
+                    "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
+                )
+                if lifecycle.finish_failed(session, job.id, job.attempts, "stalled", message):
                     counts["failed"] += 1
                     finished.append(job.id)
                     log.error("job %s failed: %s", job.id, message)

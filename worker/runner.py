@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -306,11 +307,20 @@ class _JobRun:
         return "lost"
 
 
-def run_job(job_id: uuid.UUID | str, settings: Settings, *, worker: str | None = None) -> str:
+def run_job(
+    job_id: uuid.UUID | str,
+    settings: Settings,
+    *,
+    worker: str | None = None,
+    abandon: Callable[[], None] | None = None,
+) -> str:
     """Claim and run one job; returns the outcome (succeeded, failed, cancelled, skipped or lost).
 
     Job failures are recorded on the job, not raised; an exception escapes only when the database
     cannot record the outcome (the reconciler then retries the job once its heartbeat is stale).
+    ``abandon`` is called (from the heartbeat thread) when the job was taken from this attempt and
+    the run did not stop (see ``worker.heartbeat.Heartbeat``); a process that runs nothing else
+    passes one that exits.
     """
     job_id = uuid.UUID(str(job_id))
     worker = worker or default_worker_name()
@@ -330,7 +340,7 @@ def run_job(job_id: uuid.UUID | str, settings: Settings, *, worker: str | None =
 
     log.info("job %s: attempt %d on %s", job_id, attempt, worker)
     run = _JobRun(job_id, attempt, request, settings, factory)
-    heartbeat = Heartbeat(settings, factory, job_id, attempt, lost=run.lost, finishing=run.finishing)
+    heartbeat = Heartbeat(settings, factory, job_id, attempt, lost=run.lost, finishing=run.finishing, abandon=abandon)
     heartbeat.start()
     try:
         return run.execute()

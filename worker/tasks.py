@@ -26,6 +26,8 @@ app = celery_app
 
 log = logging.getLogger(__name__)
 
+ABANDONED_EXIT_CODE = 75  # EX_TEMPFAIL: the job was taken back and will run again (or has failed)
+
 
 @worker_init.connect
 def preload_engine(**_: Any) -> None:
@@ -49,9 +51,16 @@ def preload_engine(**_: Any) -> None:
     log.info("engine preloaded in %.1f s (%s)", time.perf_counter() - started, shown)
 
 
+def _exit_pool_child() -> None:
+    """End this pool child at once: it runs one job only (``worker_max_tasks_per_child=1``), and that
+    job was taken from it while it hung. Celery forks a fresh child for the next job."""
+    logging.shutdown()
+    os._exit(ABANDONED_EXIT_CODE)
+
+
 @celery_app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True)
 def run_job(self: Any, job_id: str) -> str:
     """Run the pruning job with this id; a duplicate delivery finds it claimed and does nothing."""
     from worker.runner import run_job as run
 
-    return run(job_id, get_settings(), worker=self.request.hostname)
+    return run(job_id, get_settings(), worker=self.request.hostname, abandon=_exit_pool_child)

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     queued_timeout_s: float = Field(
         default=900.0, gt=0, description="re-enqueue a queued job whose message is older than this"
     )
+    stall_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="take back a running job whose progress has not moved for this long (its heartbeat alive)",
+    )
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=20)
     progress_min_interval_s: float = Field(default=1.0, ge=0)

@@ -349,6 +349,19 @@ def stale_running(session: Session, heartbeat_older_than: dt.datetime, *, limit:
     return list(session.scalars(stmt))
 
 
+def stalled_running(session: Session, progress_older_than: dt.datetime, *, limit: int = 100) -> list[Job]:
+    """Running jobs whose progress last moved before the cutoff (heartbeat or not); locked, skipping
+    rows others hold. A live heartbeat with no progress is a hung job: a deadlock, a stuck read."""
+    stmt = (
+        select(Job)
+        .where(Job.status == JobStatus.running, Job.progress_at < progress_older_than)
+        .order_by(Job.progress_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(stmt))
+
+
 def mark_enqueued(session: Session, job_id: uuid.UUID) -> bool:
     """Record that a run message for the queued job was just sent."""
     found = session.scalars(
