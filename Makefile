@@ -47,8 +47,9 @@ reliability: setup services
 	LORP_RELIABILITY_RESULTS=docs/reliability $(PY) -m pytest -q -m reliability tests/reliability
 	$(PY) scripts/reliability_report.py > /dev/null
 
+# Engine and other server-free tests only (markers set per folder in tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" --ignore=tests/service --ignore=tests/reliability
+	$(PY) -m pytest -q -m "unit and not slow"
 
 lint: setup
 	$(PY) -m ruff check .

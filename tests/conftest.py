@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny tokenizer trained in memory, so tiny-model tests need no hub."""
+"""Shared fixtures (a tiny tokenizer trained in memory, so tiny-model tests need no hub) and the
+markers each folder's tests carry: tests/engine/ are ``unit``, tests/service/ ``integration`` (unless
+a module says ``unit``), tests/reliability/ ``reliability``. Select with ``-m``, e.g. ``make test-fast``
+runs ``-m "unit and not slow"``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,3 +49,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
+
+
+_TESTS = Path(__file__).resolve().parent
+_FOLDER_MARKERS = {"engine": "unit", "service": "integration", "reliability": "reliability"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.path)).resolve().relative_to(_TESTS).parts[0]
+        marker = _FOLDER_MARKERS.get(folder)
+        if marker is None or any(item.get_closest_marker(m) for m in ("unit", "integration", "reliability")):
+            continue
+        item.add_marker(marker)

@@ -34,9 +34,9 @@ from app.db.session import session_factory, session_scope
 from app.services.keys import revoke_api_key
 from lorp import assets
 from tests.reliability.record import record
+from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
 from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request, upload_dataset
-from tests.service.test_api import assert_problem, bearer, client_for, insert_job, new_key
 from worker import outputs, runner
 
 pytestmark = pytest.mark.reliability

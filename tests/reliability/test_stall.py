@@ -1,9 +1,10 @@
 """A job that hangs while its worker lives is taken back on its stall timeout, not its time limit.
 
 The hang is real: the model's weights file is a named pipe that nothing ever writes, so the worker's
-read blocks in the kernel (as a read from a hung network filesystem would). Its heartbeat thread keeps beating, so only the stalled progress shows it.
-The reconciler requeues the job (attempts left) or fails it with ``stalled``; the stuck pool child
-ends itself once the job is no longer its own, and the same worker then runs the next job.
+read blocks in the kernel, as a read from a hung network filesystem would. Its heartbeat thread
+keeps beating, so only the stalled progress shows it. The reconciler requeues the job (attempts
+left) or fails it with ``stalled``; the stuck pool child ends itself once the job is no longer its
+own, and the same worker then runs the next job.
 """
 
 from __future__ import annotations

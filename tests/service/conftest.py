@@ -101,6 +101,12 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture()
+def api_settings(service_settings: Settings) -> Settings:
+    """The service settings with a queue of their own: a worker another test runs must not take our messages."""
+    return service_settings.model_copy(update={"queue_name": f"api-test-{uuid.uuid4().hex[:10]}"})
+
+
+@pytest.fixture()
 def service_settings(tmp_path: Path, pg_url: str, redis_url: str) -> Settings:
     """Settings for the full stack on this machine: Postgres, Redis, artifacts in a local folder."""
     return Settings(

@@ -13,14 +13,9 @@ from sqlalchemy.orm import sessionmaker
 from app.db.models import ApiKey, Job
 from app.db.session import get_engine
 
-from .test_api import DEMO_JOB, bearer, client_for, isolated_queue, new_key, queued_messages
+from .api_helpers import DEMO_JOB, bearer, client_for, new_key, queued_messages
 
 THREADS = 8
-
-
-@pytest.fixture()
-def api_settings(service_settings):
-    return isolated_queue(service_settings)
 
 
 @pytest.mark.parametrize("owner", ["anonymous", "keyed"])

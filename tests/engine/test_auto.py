@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_blocks import ARCHS, build, probe
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lorp.auto import auto_select, choose_best, pruned_view, score_candidates
@@ -16,6 +15,8 @@ from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
 from lorp.selection import SelectionOptions
 from lorp.similarity import capture_similarity
+
+from .test_blocks import ARCHS, build, probe
 
 VOCAB = 384
 

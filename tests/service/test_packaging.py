@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.unit  # no server: it belongs with the service code it checks, not its suite
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_installing_the_project_warns_of_nothing() -> None:

@@ -21,15 +21,10 @@ from sqlalchemy import func, select
 from app.core.config import Settings
 from app.db.models import Job
 
+from .api_helpers import assert_problem, client_for, queued_messages
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
-from .test_api import assert_problem, client_for, isolated_queue, queued_messages
 
 DEMO_BLOCKS = 30  # SmolLM2-135M; blocks 0 and 29 are protected by default, so 28 may go
-
-
-@pytest.fixture()
-def api_settings(service_settings: Settings) -> Settings:
-    return isolated_queue(service_settings)
 
 
 def submit(settings: Settings, factory: Any, model: str, **body: Any) -> Any:

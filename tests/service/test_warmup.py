@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lorp.blocks import supported_families
 from tests.tiny import save_tiny_llama
+
+pytestmark = pytest.mark.unit  # no server: it belongs with the service code it checks, not its suite
 
 # Run in a fresh interpreter: this test process has imported everything already.
 SCRIPT = """
@@ -43,7 +47,7 @@ def test_a_job_after_warm_imports_imports_no_library_code(tmp_path: Path, tiny_t
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

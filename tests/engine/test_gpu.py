@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_blocks import build, probe
-from test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
 
 from lorp.auto import auto_select
 from lorp.blocks import remove_blocks
 from lorp.calibration import TokenWindows
 from lorp.export import save_pruned, verify_reload
 from lorp.similarity import capture_similarity
+
+from .test_blocks import build, probe
+from .test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,7 +15,7 @@ from lorp.cli import main
 from lorp.report import save_analysis
 from lorp.selection import SelectionOptions, select
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def drifting_similarity(n_blocks: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from celery import concurrency
 from celery.concurrency.asynpool import AsynPool
 
@@ -9,6 +10,8 @@ from app.core.config import Settings
 from app.queue import RUN_JOB_TASK
 from worker.celery_app import celery_config
 from worker.pool import MAINTAIN_INTERVAL_S, JobPool, PromptAsynPool
+
+pytestmark = pytest.mark.unit  # no server: it belongs with the service code it checks, not its suite
 
 
 def test_long_job_settings() -> None:

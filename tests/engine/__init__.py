@@ -1,0 +1,1 @@
+"""Engine tests: the lorp library on tiny models built from configs, and on the real demo model."""
