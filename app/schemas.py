@@ -8,7 +8,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.db.models import JobStatus
+from app.db.models import DONE_STAGE, UPLOADING_STAGE, JobStatus
+from lorp.stages import STAGES
 
 T = TypeVar("T")
 
@@ -92,9 +93,8 @@ class JobListItem(BaseModel):
     id: uuid.UUID
     status: JobStatus
     stage: str | None = Field(
-        description="loading, calibration, capture, selection, evaluating_dense, pruning, evaluating_pruned, "
-        "saving, verifying, reporting, uploading while running; done once succeeded; a failed or cancelled job "
-        "keeps the stage it stopped in"
+        description=f"{', '.join(STAGES)}, {UPLOADING_STAGE} while running; {DONE_STAGE} once succeeded; a "
+        "failed or cancelled job keeps the stage it stopped in"
     )
     progress: float = Field(ge=0.0, le=1.0)
     model: str

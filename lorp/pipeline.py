@@ -37,6 +37,7 @@ from lorp.selection import (
 )
 from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec
+from lorp.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,6 @@ ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 AnalysisLookup = Callable[[str], "tuple[SimilarityStats, dict[str, Any]] | None"]
 
-STAGES = (
-    "loading",
-    "calibration",
-    "capture",
-    "selection",
-    "evaluating_dense",
-    "pruning",
-    "evaluating_pruned",
-    "saving",
-    "verifying",
-    "reporting",
-)
 
 MODEL_SUBDIR = "model"
 
@@ -83,7 +72,7 @@ class _Stages:
         if self.should_cancel is not None and self.should_cancel():
             raise JobCancelled("the job was cancelled")
 
-    def fraction(self, stage: str) -> Callable[[int, int], None]:
+    def fraction(self, stage: Stage) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
             if self.progress is not None:
                 self.progress(stage, done / max(total, 1))
@@ -91,7 +80,7 @@ class _Stages:
         return report
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: Stage) -> Iterator[None]:
         self.check()
         if self.progress is not None:
             self.progress(name, 0.0)
@@ -208,17 +197,17 @@ def run_analysis(
     """
     stages = _Stages(progress, should_cancel)
     if loaded is None:
-        with stages.stage("loading"):
+        with stages.stage(Stage.loading):
             loaded = _load(model_spec)
-    with stages.stage("calibration"):
+    with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, calibration)
-    with stages.stage("capture"):
+    with stages.stage(Stage.capture):
         stats = capture_similarity(
             loaded.model,
             data.capture,
             batch_size=calibration.batch_size,
             angular=calibration.angular,
-            progress=stages.fraction("capture"),
+            progress=stages.fraction(Stage.capture),
             should_cancel=should_cancel,
         )
     provenance = {
@@ -235,7 +224,7 @@ def _speed_prompt(windows: cal.TokenWindows, prompt_len: int, batch: int) -> tor
     return row[:prompt_len].unsqueeze(0).repeat(batch, 1)
 
 
-def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: str) -> dict:
+def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: Stage) -> dict:
     metrics: dict[str, Any] = {}
     ev = spec.evaluation
     if eval_windows is not None and ev.perplexity:
@@ -285,7 +274,7 @@ def run_prune(
     """
     stages = _Stages(progress, should_cancel)
     out = _prepare_out_dir(out_dir)
-    with stages.stage("loading"):
+    with stages.stage(Stage.loading):
         loaded = _load(spec.model)
     model = loaded.model
     n_blocks = len(decoder_blocks(model))
@@ -294,7 +283,7 @@ def run_prune(
     validate_budget(n_blocks, n, opts)
     _check_options(n_blocks, spec)
 
-    with stages.stage("calibration"):
+    with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration)
         eval_texts = cal.load_texts(cal.parse_source(spec.evaluation.source), role="evaluation")
         eval_windows = cal.evaluation_windows(
@@ -314,13 +303,13 @@ def run_prune(
                 field="analysis",
             )
     else:
-        with stages.stage("capture"):
+        with stages.stage(Stage.capture):
             stats = capture_similarity(
                 model,
                 data.capture,
                 batch_size=spec.calibration.batch_size,
                 angular=spec.calibration.angular,
-                progress=stages.fraction("capture"),
+                progress=stages.fraction(Stage.capture),
                 should_cancel=should_cancel,
             )
         provenance = capture_provenance(loaded, data, spec.calibration, stats)
@@ -330,7 +319,7 @@ def run_prune(
         "evaluation_text_sha256": assets.texts_sha256(eval_texts),
     }
 
-    with stages.stage("selection"):
+    with stages.stage(Stage.selection):
         plans = candidate_plans(stats.S, stats.D, n, opts)
         scores: dict[str, float] = {}
         if spec.method == "auto":
@@ -342,7 +331,7 @@ def run_prune(
                 data.validation,
                 options=opts,
                 batch_size=spec.calibration.batch_size,
-                progress=stages.fraction("selection"),
+                progress=stages.fraction(Stage.selection),
                 should_cancel=should_cancel,
             )
             plans, scores, chosen_name = result.candidates, result.scores, result.chosen.method
@@ -351,20 +340,20 @@ def run_prune(
             chosen = select(spec.method, stats.S, stats.D, n, opts)
             chosen_name = spec.method
 
-    with stages.stage("evaluating_dense"):
-        dense = _measure(model, eval_windows, spec, stages, "evaluating_dense")
-    with stages.stage("pruning"):
+    with stages.stage(Stage.evaluating_dense):
+        dense = _measure(model, eval_windows, spec, stages, Stage.evaluating_dense)
+    with stages.stage(Stage.pruning):
         remove_blocks(model, chosen.pruned_layers)
-    with stages.stage("evaluating_pruned"):
-        pruned = _measure(model, eval_windows, spec, stages, "evaluating_pruned")
+    with stages.stage(Stage.evaluating_pruned):
+        pruned = _measure(model, eval_windows, spec, stages, Stage.evaluating_pruned)
     model_dir = out / MODEL_SUBDIR
-    with stages.stage("saving"):
+    with stages.stage(Stage.saving):
         save_pruned(model, loaded.tokenizer, model_dir)
-    with stages.stage("verifying"):
+    with stages.stage(Stage.verifying):
         probe = data.validation.input_ids[:2, : min(32, data.validation.input_ids.shape[1])]
         reload_check = verify_reload(model_dir, model, probe)
 
-    with stages.stage("reporting"):
+    with stages.stage(Stage.reporting):
         structure = chosen.structure
         save_analysis(out / "analysis.npz", stats.S, stats.D)
         plot_heatmap(

@@ -24,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.db.models import EventKind, JobStatus
+from app.db.models import UPLOADING_STAGE, EventKind, JobStatus
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
 from app.repositories import lifecycle
@@ -32,6 +32,7 @@ from app.repositories.events import add_event
 from app.repositories.lifecycle import ArtifactRow
 from app.storage import Storage
 from lorp.errors import JobCancelled
+from lorp.stages import STAGES
 from worker import outputs
 from worker.failures import classify_failure, is_database_outage
 from worker.heartbeat import Heartbeat
@@ -92,8 +93,6 @@ class _JobRun:
 
     def progress(self, stage: str, fraction: float) -> None:
         """Engine progress: overall fraction from the stage order; stage changes always written."""
-        from lorp.pipeline import STAGES
-
         if stage in STAGES:
             done = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
             self._overall = max(self._overall, done * ENGINE_SHARE)
@@ -191,7 +190,7 @@ class _JobRun:
 
         def on_progress(fraction: float) -> None:
             self._overall = max(self._overall, ENGINE_SHARE + (1 - ENGINE_SHARE) * fraction * 0.99)
-            self._write_progress("uploading")
+            self._write_progress(UPLOADING_STAGE)
 
         return outputs.upload(
             self.storage, self.job_id, out_dir, should_cancel=self.should_cancel, on_progress=on_progress

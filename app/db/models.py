@@ -47,8 +47,9 @@ class EventKind(enum.StrEnum):
     cancel_requested = "cancel_requested"  # someone asked a running job to stop
 
 
-# A running job's stage is the engine's current step (loading ... reporting), then "uploading"; a
-# succeeded job says "done"; a failed or cancelled one keeps the stage it stopped in.
+# A running job's stage is the engine's current step (lorp.stages.Stage: loading ... reporting), then
+# "uploading"; a succeeded job says "done"; a failed or cancelled one keeps the stage it stopped in.
+UPLOADING_STAGE = "uploading"
 DONE_STAGE = "done"
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorp import calibration
 from lorp.calibration import (
     TextSource,
     build_calibration,
@@ -20,6 +19,7 @@ from lorp.calibration import (
     parse_source,
     tokenize_stream,
 )
+from lorp.calibration import sources as calibration_sources
 from lorp.errors import CalibrationError
 
 _WORDS = [
@@ -205,7 +205,7 @@ def test_load_builtin_roles(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorp.assets import Corpus
 
     fake = Corpus(name="builtin:enwiki-sample", calibration=["cal a", " "], evaluation=["eval b"], sha256="x")
-    monkeypatch.setattr(calibration, "builtin_corpus", lambda: fake)
+    monkeypatch.setattr(calibration_sources, "builtin_corpus", lambda: fake)
     assert load_texts(parse_source(None)) == ["cal a"]
     assert load_texts(parse_source("builtin"), role="evaluation") == ["eval b"]
 

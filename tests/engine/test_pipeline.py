@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
-from lorp.pipeline import STAGES, run_analysis, run_prune
+from lorp.pipeline import run_analysis, run_prune
 from lorp.result import ChosenPlan
 from lorp.spec import (
     CalibrationSpec,
@@ -22,6 +22,7 @@ from lorp.spec import (
     SelectionOptionsSpec,
     TargetSpec,
 )
+from lorp.stages import STAGES
 
 WORDS = [
     "the",

@@ -34,7 +34,7 @@ from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, 
 from app.db.session import session_factory, session_scope
 from app.main import create_app
 from app.repositories import lifecycle
-from lorp.pipeline import STAGES
+from lorp.stages import STAGES
 from tests.reliability.record import record
 from tests.service.moto_server import MotoServer
 from worker import outputs, retries, runner

@@ -1,0 +1,247 @@
+"""Where calibration and evaluation text comes from: the built-in corpus, a text file, a JSONL file
+(one document per line) or a hub dataset, parsed from one source string and loaded as documents."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lorp.assets import builtin_corpus
+from lorp.errors import CalibrationError
+
+SourceKind = Literal["builtin", "text", "jsonl", "hub"]
+Role = Literal["calibration", "evaluation"]
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_BUILTIN_SPECS = ("builtin", "builtin:enwiki-sample")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where calibration or evaluation text comes from.
+
+    Attributes:
+        kind: ``"builtin"`` (the built-in Wikipedia sample), ``"text"`` (one UTF-8 file, one
+            document), ``"jsonl"`` (one JSON object per line) or ``"hub"`` (a Hugging Face dataset).
+        path: the file, for ``text`` and ``jsonl``.
+        text_field: the JSONL field or the hub dataset column holding the text.
+        dataset: the hub dataset id, for ``hub``.
+        config: the hub dataset's configuration, if any.
+        split: the hub dataset's split (slicing syntax such as ``train[:1000]`` allowed).
+        revision: the hub dataset's revision, if pinned.
+    """
+
+    kind: SourceKind
+    path: str | None = None
+    text_field: str = "text"
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+def _bad_spec(spec: str, why: str) -> CalibrationError:
+    return CalibrationError(f"invalid calibration source {spec!r}: {why}", field="calibration")
+
+
+def _parse_hub(spec: str) -> TextSource:
+    rest = spec[len("hf:") :]
+    rest, hash_sign, text_field = rest.partition("#")
+    if hash_sign and not text_field.strip():
+        raise _bad_spec(spec, "empty text field after '#'")
+    # Dataset ids, revisions and configs never hold ':', so the first one starts the split, which
+    # may itself hold ':' in slicing syntax (train[:1000]).
+    ref, colon, split = rest.partition(":")
+    if colon and not split.strip():
+        raise _bad_spec(spec, "empty split after ':'")
+    revision: str | None = None
+    config: str | None = None
+    if "@" in ref:
+        dataset, _, after = ref.partition("@")
+        revision, slash, config_part = after.partition("/")
+        if not revision or (slash and not config_part):
+            raise _bad_spec(spec, "expected 'dataset@revision' or 'dataset@revision/config'")
+        config = config_part or None
+    else:
+        parts = ref.split("/")
+        if len(parts) > 3:
+            raise _bad_spec(spec, "too many '/' (expected 'name', 'owner/name' or 'owner/name/config')")
+        if len(parts) == 3:
+            dataset, config = f"{parts[0]}/{parts[1]}", parts[2]
+        else:
+            dataset = ref
+    if not dataset or any(not piece for piece in dataset.split("/")) or dataset.count("/") > 1:
+        raise _bad_spec(spec, "missing or malformed dataset id")
+    if config is not None and not config:
+        raise _bad_spec(spec, "empty config")
+    return TextSource(
+        kind="hub",
+        dataset=dataset,
+        config=config,
+        split=split.strip() or "train",
+        revision=revision,
+        text_field=text_field.strip() or "text",
+    )
+
+
+def parse_source(spec: str | None) -> TextSource:
+    """Parse a calibration-source string as the CLI and the API take it.
+
+    Grammar::
+
+        None | "builtin" | "builtin:enwiki-sample"   the built-in corpus
+        PATH.jsonl | PATH.ndjson                      JSONL, text in the field "text"
+        PATH.jsonl#FIELD                              JSONL, text in FIELD
+        PATH                                          any other existing file: one UTF-8 text document
+        hf:DATASET[@REVISION][/CONFIG][:SPLIT][#FIELD]
+                                                      a Hugging Face dataset (needs `datasets` and
+                                                      the hub); SPLIT defaults to "train", FIELD to
+                                                      "text"
+
+    ``DATASET`` is ``name`` or ``owner/name``. Without ``@REVISION``, a config follows a
+    namespaced id as a third part (``hf:Salesforce/wikitext/wikitext-2-raw-v1:test``); a
+    non-namespaced id takes its config after a revision (``hf:wikitext@main/wikitext-2-raw-v1:test``),
+    since ``hf:name/x`` means the dataset ``name/x``. ``~`` in paths is expanded.
+
+    Args:
+        spec: the source string, or ``None`` for the built-in corpus.
+
+    Returns:
+        The parsed :class:`TextSource`.
+
+    Raises:
+        CalibrationError: (field ``calibration``) on a malformed string or a file that does not
+            exist.
+    """
+    if spec is None:
+        return TextSource(kind="builtin")
+    spec = spec.strip()
+    if not spec:
+        raise _bad_spec(spec, "empty")
+    if spec in _BUILTIN_SPECS:
+        return TextSource(kind="builtin")
+    if spec.startswith("hf:"):
+        return _parse_hub(spec)
+
+    path_str, text_field = spec, "text"
+    base, hash_sign, after = spec.rpartition("#")
+    if hash_sign and base.lower().endswith(_JSONL_SUFFIXES):
+        if not after.strip():
+            raise _bad_spec(spec, "empty JSONL field after '#'")
+        path_str, text_field = base, after.strip()
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        why = "is a directory, not a file" if path.is_dir() else "no such file"
+        raise CalibrationError(f"calibration source {path_str!r}: {why}", field="calibration")
+    if path.suffix.lower() in _JSONL_SUFFIXES:
+        return TextSource(kind="jsonl", path=str(path), text_field=text_field)
+    return TextSource(kind="text", path=str(path))
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"cannot read {path}: {exc.strerror}", field="calibration") from exc
+    # Text never holds NUL bytes; many binary formats happen to decode as UTF-8 in places.
+    if b"\x00" in data:
+        raise CalibrationError(f"{path} looks like a binary file, not UTF-8 text", field="calibration")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"{path} is not valid UTF-8 text (byte offset {exc.start})", field="calibration"
+        ) from exc
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts: list[str] = []
+    for number, line in enumerate(_read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path} line {number}: invalid JSON ({exc.msg})", field="calibration") from exc
+        if not isinstance(record, dict):
+            raise CalibrationError(f"{path} line {number}: expected a JSON object", field="calibration")
+        if text_field not in record:
+            raise CalibrationError(
+                f"{path} line {number}: no field {text_field!r} (fields: {', '.join(map(str, record))})",
+                field="calibration",
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise CalibrationError(
+                f"{path} line {number}: field {text_field!r} is {type(value).__name__}, not a string",
+                field="calibration",
+            )
+        texts.append(value)
+    return texts
+
+
+def _load_hub(source: TextSource) -> list[str]:
+    try:
+        import datasets  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise CalibrationError(
+            "hub datasets need the `datasets` package: `pip install datasets` (or the `hub` extra), "
+            "and a machine that reaches the Hugging Face hub",
+            field="calibration",
+        ) from None
+    try:
+        data = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision)
+    except Exception as exc:  # network, auth, unknown config: the caller needs one error
+        raise CalibrationError(
+            f"could not load hub dataset {source.dataset!r} (config {source.config!r}, split {source.split!r}): {exc}",
+            field="calibration",
+        ) from exc
+    columns = list(getattr(data, "column_names", None) or [])
+    if source.text_field not in columns:
+        raise CalibrationError(
+            f"hub dataset {source.dataset!r} has no column {source.text_field!r} (columns: {', '.join(columns)})",
+            field="calibration",
+        )
+    return [str(text) for text in data[source.text_field] if text is not None]
+
+
+def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
+    """Load the documents of a text source.
+
+    Args:
+        source: where the text comes from (see :func:`parse_source`).
+        role: for the built-in corpus, which split: ``"calibration"`` or the held-out
+            ``"evaluation"`` articles. Other sources return the same documents for both roles (the
+            caller holds out part of them, e.g. :func:`build_calibration`'s validation slice).
+
+    Returns:
+        The non-empty documents, in source order: one per built-in article, the whole file for a
+        text file, one per JSONL line, one per hub dataset row.
+
+    Raises:
+        CalibrationError: (field ``calibration``) on a missing or unreadable file, a binary or
+            non-UTF-8 file, a JSONL line without the field, a hub failure, or no text at all.
+    """
+    if source.kind == "builtin":
+        corpus = builtin_corpus()
+        texts = corpus.evaluation if role == "evaluation" else corpus.calibration
+        texts = list(texts)
+    elif source.kind in ("text", "jsonl"):
+        if not source.path:
+            raise CalibrationError(f"a {source.kind} source needs a path", field="calibration")
+        path = Path(source.path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration source {source.path!r}: no such file", field="calibration")
+        texts = [_read_text_file(path)] if source.kind == "text" else _read_jsonl(path, source.text_field)
+    elif source.kind == "hub":
+        if not source.dataset:
+            raise CalibrationError("a hub source needs a dataset id", field="calibration")
+        texts = _load_hub(source)
+    else:
+        raise CalibrationError(f"unknown calibration source kind {source.kind!r}", field="calibration")
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise CalibrationError(f"the {source.kind} calibration source holds no text", field="calibration")
+    return texts
