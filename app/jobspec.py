@@ -1,9 +1,12 @@
 """The job request as clients send it (``POST /v1/jobs``), validated at the API and again in the worker.
 
-Strict pydantic models (``extra="forbid"``). Target and selection options reuse the engine's spec
-types (``lorp.spec`` imports only pydantic), so the API and the engine cannot drift apart;
-``to_prune_spec`` turns a request into the engine's ``PruneSpec`` once the worker has resolved the
-model and dataset references to local paths.
+Built from the engine's spec (``lorp.spec``, which imports only pydantic): the target and the
+selection options are the engine's own models, every other bound is the engine's type, and the
+field names are the same, so an engine error's field is the request's path. What the request adds
+is what only a service has: references (an uploaded dataset id, an ``s3://`` model, the hub) that
+the worker resolves into local sources, and the absence of the engine's operator-only knobs
+(device, pickled weights, validation sizes). ``to_prune_spec`` turns a resolved request into the
+engine's ``PruneSpec``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.config import Settings
 from lorp.spec import (
+    BatchSize,
     CalibrationSpec,
     DType,
     EvaluationSpec,
+    MaxWindows,
     Method,
     ModelSpec,
+    NumSamples,
     PruneSpec,
-    SelectionOptionsSpec,
+    Revision,
+    Seed,
+    SelectionOptions,
+    SeqLen,
     TargetSpec,
 )
 
@@ -52,7 +61,7 @@ class ModelRef(StrictModel):
     """Which model: ``demo``, a hub id, a local directory or ``.gguf`` file under the model roots, or ``s3://``."""
 
     id: str = Field(min_length=1, max_length=1024, examples=["demo", "Qwen/Qwen3-8B", "s3://models/llama-8b/"])
-    revision: str | None = Field(default=None, max_length=256, pattern=r"^[A-Za-z0-9._/-]+$")
+    revision: Revision | None = None
     trust_remote_code: bool = False
 
     @field_validator("id")
@@ -67,11 +76,11 @@ class CalibrationRef(StrictModel):
     """Calibration text: the built-in corpus, an uploaded dataset id, or ``hf:DATASET[/CONFIG]:SPLIT#FIELD``."""
 
     dataset: str = Field(default=BUILTIN, max_length=512)
-    num_samples: int = Field(default=64, ge=1, le=4096)
-    seq_len: int = Field(default=256, ge=8, le=32768)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    num_samples: NumSamples = 64
+    seq_len: SeqLen = 256
+    seed: Seed = 0
     chat_template: bool = False
-    batch_size: int = Field(default=4, ge=1, le=512)
+    batch_size: BatchSize = 4
 
     @field_validator("dataset")
     @classmethod
@@ -87,12 +96,9 @@ class CalibrationRef(StrictModel):
         return value
 
 
-class OptionsRef(StrictModel):
-    """Selection options and dtype."""
+class OptionsRef(SelectionOptions):
+    """The engine's selection options, plus the dtype the worker loads the model in."""
 
-    num_clusters: int | None = Field(default=None, ge=2, le=1000)
-    protected_layers: tuple[int, ...] | None = Field(default=None, max_length=1000)
-    cluster_seed: int = Field(default=0, ge=0, le=2**31 - 1)
     dtype: DType = "auto"
 
 
@@ -101,7 +107,7 @@ class EvaluationRef(StrictModel):
 
     perplexity: bool = True
     dataset: str | None = Field(default=None, max_length=512, description="default: built-in evaluation split")
-    max_windows: int = Field(default=32, ge=1, le=4096)
+    max_windows: MaxWindows = 32
     speed: bool = True
 
     @field_validator("dataset")
@@ -187,9 +193,11 @@ def to_prune_spec(
     device: str = "auto",
 ) -> PruneSpec:
     """The engine's spec for a request whose references the worker resolved to local sources."""
+    calibration = request.calibration.model_dump(exclude={"dataset"})
+    evaluation = request.evaluation.model_dump(exclude={"dataset"})
     return PruneSpec(
         model=ModelSpec(
-            source=model_source,
+            id=model_source,
             revision=request.model.revision,
             dtype=request.options.dtype,
             device=device,
@@ -197,25 +205,9 @@ def to_prune_spec(
         ),
         method=request.method,
         target=request.target,
-        calibration=CalibrationSpec(
-            source=calibration_source,
-            num_samples=request.calibration.num_samples,
-            seq_len=request.calibration.seq_len,
-            seed=request.calibration.seed,
-            chat_template=request.calibration.chat_template,
-            batch_size=request.calibration.batch_size,
-        ),
-        options=SelectionOptionsSpec(
-            num_clusters=request.options.num_clusters,
-            protected_layers=request.options.protected_layers,
-            cluster_seed=request.options.cluster_seed,
-        ),
-        evaluation=EvaluationSpec(
-            perplexity=request.evaluation.perplexity,
-            source=evaluation_source,
-            max_windows=request.evaluation.max_windows,
-            speed=request.evaluation.speed,
-        ),
+        calibration=CalibrationSpec(dataset=calibration_source, **calibration),
+        options=SelectionOptions.model_validate(request.options.model_dump(exclude={"dtype"})),
+        evaluation=EvaluationSpec(dataset=evaluation_source, **evaluation),
     )
 
 

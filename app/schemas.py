@@ -9,6 +9,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.db.models import DONE_STAGE, UPLOADING_STAGE, JobStatus
+from lorp.spec import NumClusters, ProtectedLayers, Seed
 from lorp.stages import STAGES
 
 T = TypeVar("T")
@@ -169,9 +170,10 @@ class PlansRequest(BaseModel):
     budgets: list[int] | None = Field(default=None, min_length=1, max_length=64, description="blocks to remove")
     ratios: list[float] | None = Field(default=None, min_length=1, max_length=64, description="fractions of N")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_PLAN_METHODS), min_length=1, max_length=16)
-    num_clusters: int | None = Field(default=None, ge=2, le=1000, description="default: the job's option")
-    protected_layers: list[int] | None = Field(default=None, max_length=1000, description="default: the job's")
-    cluster_seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="default: the job's")
+    # The engine's option types (the same bounds as a job's options); unset means the job's own.
+    num_clusters: NumClusters | None = None
+    protected_layers: ProtectedLayers | None = None
+    cluster_seed: Seed | None = None
 
     @model_validator(mode="after")
     def _one_budget_kind(self) -> PlansRequest:

@@ -162,7 +162,7 @@ def block_layout(model: Any) -> BlockLayout:
         raise UnsupportedArchitectureError(
             f"unsupported architecture: model_type={model_type!r}, architectures={archs!r} "
             f"(class {type(model).__name__}); supported model types: {_supported_text()}",
-            field="model",
+            field="model.id",
         )
     family, full_path = _LAYOUTS[key]
     parts = full_path.split(".")
@@ -179,7 +179,7 @@ def block_layout(model: Any) -> BlockLayout:
     raise UnsupportedArchitectureError(
         f"model_type={model_type!r} (architectures={archs!r}, class {type(model).__name__}) is a known "
         f"family ({family}) but no decoder block list was found at {full_path!r}",
-        field="model",
+        field="model.id",
     )
 
 

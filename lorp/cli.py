@@ -140,7 +140,7 @@ def _model_spec(args: argparse.Namespace) -> Any:
     from lorp.spec import ModelSpec
 
     return ModelSpec(
-        source=args.model,
+        id=args.model,
         revision=args.revision,
         dtype=args.dtype,
         device=args.device,
@@ -153,7 +153,7 @@ def _calibration_spec(args: argparse.Namespace) -> Any:
     from lorp.spec import CalibrationSpec
 
     return CalibrationSpec(
-        source=args.calibration,
+        dataset=args.calibration,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         seed=args.seed,
@@ -164,18 +164,18 @@ def _calibration_spec(args: argparse.Namespace) -> Any:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from lorp.pipeline import run_prune
-    from lorp.spec import EvaluationSpec, PruneSpec, SelectionOptionsSpec, TargetSpec
+    from lorp.spec import EvaluationSpec, PruneSpec, SelectionOptions, TargetSpec
 
     spec = PruneSpec(
         model=_model_spec(args),
         method=args.method,
         target=TargetSpec(num_layers=args.num_layers, ratio=args.ratio),
         calibration=_calibration_spec(args),
-        options=SelectionOptionsSpec(
+        options=SelectionOptions(
             num_clusters=args.num_clusters, protected_layers=args.protect, cluster_seed=args.cluster_seed
         ),
         evaluation=EvaluationSpec(
-            source=args.eval_source,
+            dataset=args.eval_source,
             max_windows=args.eval_windows,
             perplexity=not args.no_perplexity,
             speed=not args.no_speed,
@@ -201,7 +201,7 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 def _summary(report: PruneReport, out_dir: str) -> str:
     structure, metrics = report.analysis, report.metrics
     lines = [
-        f"model           {report.request['model']['source']} ({structure.num_blocks} blocks)",
+        f"model           {report.request['model']['id']} ({structure.num_blocks} blocks)",
         f"RLS / K         {_fmt(structure.rls, '.3f')} / {structure.k}",
         f"method          {report.method} -> {report.chosen.candidate}",
         f"removed blocks  {report.chosen.pruned_layers}",
@@ -241,7 +241,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from lorp.selection import SelectionOptions, select
 
     S, D = load_analysis(args.similarity)
-    options = SelectionOptions(num_clusters=args.num_clusters, protected=args.protect, seed=args.cluster_seed)
+    options = SelectionOptions(
+        num_clusters=args.num_clusters, protected_layers=args.protect, cluster_seed=args.cluster_seed
+    )
     result = select(args.method, S, D, args.num_layers, options)
     payload = {
         "method": result.method,

@@ -33,7 +33,7 @@ def negative_log_likelihood(
         progress: Called as ``progress(done, total)`` after each batch.
     """
     if batch_size < 1:
-        raise InvalidRequestError("batch_size must be at least 1", field="batch_size")
+        raise InvalidRequestError("batch_size must be at least 1", field="calibration.batch_size")
     device = input_device(model)
     total_nll = 0.0
     total_tokens = 0
@@ -60,7 +60,7 @@ def perplexity(model: Any, windows: TokenWindows, **kwargs: Any) -> float:
     """exp of the mean next-token negative log-likelihood over the windows (see ``negative_log_likelihood``)."""
     nll, tokens = negative_log_likelihood(model, windows, **kwargs)
     if tokens == 0:
-        raise InvalidRequestError("no tokens to evaluate", field="evaluation")
+        raise InvalidRequestError("no tokens to evaluate", field="evaluation.dataset")
     mean = nll / tokens
     return math.exp(mean) if mean < 700 else math.inf
 
@@ -99,7 +99,7 @@ def measure_speed(
         ``peak_memory_bytes`` (None on CPU, where no per-model peak is measurable in-process).
     """
     if new_tokens < 1 or repeats < 1:
-        raise InvalidRequestError("new_tokens and repeats must be at least 1", field="speed")
+        raise InvalidRequestError("new_tokens and repeats must be at least 1", field="evaluation.speed")
     device = input_device(model)
     ids = prompt_ids.to(device)
     batch, prompt_len = ids.shape

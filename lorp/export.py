@@ -56,7 +56,7 @@ def drop_leftover_quantization(model: Any) -> None:
             raise InvalidRequestError(
                 "the model holds quantized weights that transformers cannot serialize "
                 f"({type(hf_quantizer).__name__}); load it unquantized (or dequantized) to save it",
-                field="model",
+                field="model.id",
             )
         # Serializable quantized weights: let save_pretrained write them with their config.
         return
@@ -85,7 +85,7 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
 
     Raises:
         InvalidRequestError: ``out_dir`` exists and is not an empty directory (field ``"out_dir"``), or
-            the model holds quantized weights that cannot be serialized (field ``"model"``).
+            the model holds quantized weights that cannot be serialized (field ``"model.id"``).
     """
     out = Path(out_dir)
     if out.exists():

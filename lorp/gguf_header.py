@@ -98,7 +98,7 @@ class _Cursor:
 
 
 def _bad(path: Path, why: str) -> ModelLoadError:
-    return ModelLoadError(f"{path.name} is not a valid GGUF file: {why}", field="model")
+    return ModelLoadError(f"{path.name} is not a valid GGUF file: {why}", field="model.id")
 
 
 def read_gguf_header(path: Path) -> GGUFHeader:

@@ -61,9 +61,9 @@ def resolve_device(device: str = "auto") -> tuple[torch.device, str | None]:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise InvalidRequestError(f"unknown device {device!r}", field="device") from exc
+        raise InvalidRequestError(f"unknown device {device!r}", field="model.device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device 'cuda' was requested but no CUDA device is present", field="device")
+        raise InvalidRequestError("device 'cuda' was requested but no CUDA device is present", field="model.device")
     return dev, None
 
 
@@ -72,7 +72,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}", field="dtype")
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}", field="model.dtype")
     return DTYPES[dtype]
 
 
@@ -92,10 +92,10 @@ def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
         raise ModelLoadError(
             f"{directory} holds only pickled weights (.bin/.pt); they can run arbitrary code when loaded. "
             "Convert them to safetensors, or allow pickled weights explicitly.",
-            field="model",
+            field="model.id",
         )
     if not has_safetensors and not has_pickle:
-        raise ModelLoadError(f"{directory} holds no model weights (*.safetensors)", field="model")
+        raise ModelLoadError(f"{directory} holds no model weights (*.safetensors)", field="model.id")
 
 
 # Bytes per element of the safetensors dtypes (sub-byte float formats are not stored by HF checkpoints).
@@ -110,7 +110,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def _corrupt(path: Path, why: str) -> ModelLoadError:
-    return ModelLoadError(f"{path.name} is not a valid safetensors file: {why}", field="model")
+    return ModelLoadError(f"{path.name} is not a valid safetensors file: {why}", field="model.id")
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -169,14 +169,14 @@ def _preflight_local(directory: Path) -> None:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{directory}/config.json is not readable JSON: {exc}", field="model") from None
+        raise ModelLoadError(f"{directory}/config.json is not readable JSON: {exc}", field="model.id") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{directory}/config.json is not a JSON object", field="model")
+        raise ModelLoadError(f"{directory}/config.json is not a JSON object", field="model.id")
     claimed = blocks_in_config(config)
     if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
         raise ModelLoadError(
             f"{directory}/config.json claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted",
-            field="model",
+            field="model.id",
         )
     indices: set[int] = set()
     files = sorted(directory.glob("*.safetensors"))
@@ -189,7 +189,7 @@ def _preflight_local(directory: Path) -> None:
         raise ModelLoadError(
             f"{directory}/config.json claims {claimed} decoder blocks but the weights hold {max(indices) + 1}; "
             "the config and the checkpoint do not belong together",
-            field="model",
+            field="model.id",
         )
 
 
@@ -199,7 +199,7 @@ def _preflight_gguf(path: Path) -> None:
     claimed = block_count(header)
     if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
         raise ModelLoadError(
-            f"{path.name} claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted", field="model"
+            f"{path.name} claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted", field="model.id"
         )
 
 
@@ -210,20 +210,20 @@ def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLo
         return ModelLoadError(
             f"{source} needs custom code from its repository (trust_remote_code), which is off; "
             "an operator must allow this model explicitly",
-            field="model",
+            field="model.id",
         )
     if "ignore_mismatched_sizes" in text or "size mismatch" in text:
         return ModelLoadError(
             f"{source}: tensor shapes in the checkpoint do not match the model its config.json describes; "
             "the weights file or the config is inconsistent",
-            field="model",
+            field="model.id",
         )
     if gguf_file is not None:
         return ModelLoadError(
             f"{source} is not a readable GGUF checkpoint (truncated or corrupt?): {type(exc).__name__}: {first}",
-            field="model",
+            field="model.id",
         )
-    return ModelLoadError(f"could not load {source}: {first}", field="model")
+    return ModelLoadError(f"could not load {source}: {first}", field="model.id")
 
 
 def load_model(
@@ -268,21 +268,21 @@ def load_model(
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
-                raise ModelLoadError(f"GGUF file not found: {path}", field="model")
+                raise ModelLoadError(f"GGUF file not found: {path}", field="model.id")
             _preflight_gguf(path)
             location, gguf_file = path.parent, path.name
             provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
             kwargs["gguf_file"] = gguf_file
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)", field="model")
+                raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)", field="model.id")
             _check_local_weights(path, allow_pickle)
             _preflight_local(path)
             location = path
             provenance.update(kind="local", **_weights_fingerprint(path))
             kwargs["use_safetensors"] = None if allow_pickle else True
         elif source.startswith((".", "/", "~")) or path.exists():
-            raise ModelLoadError(f"model path not found or not a directory: {source}", field="model")
+            raise ModelLoadError(f"model path not found or not a directory: {source}", field="model.id")
         else:
             location = source
             provenance.update(kind="hub", revision=revision or "main")
@@ -308,7 +308,7 @@ def load_model(
         raise ModelLoadError(
             f"{source}: {len(missing)} weights are missing from the checkpoint (first: {sorted(missing)[:3]}); "
             "the model would run with random weights",
-            field="model",
+            field="model.id",
         )
     drop_leftover_quantization(model)
     if gguf_file is not None and model.dtype != torch_dtype:

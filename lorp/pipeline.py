@@ -30,7 +30,6 @@ from lorp.report import library_versions, plot_heatmap, save_analysis, write_rep
 from lorp.result import ChosenPlan, Metrics, PlanScore, PruneReport, StructureSummary
 from lorp.selection import (
     Selection,
-    SelectionOptions,
     candidate_plans,
     select,
     validate_budget,
@@ -91,11 +90,6 @@ class _Stages:
             self.progress(name, 1.0)
 
 
-def _selection_options(spec: PruneSpec) -> SelectionOptions:
-    opts = spec.options
-    return SelectionOptions(num_clusters=opts.num_clusters, protected=opts.protected_layers, seed=opts.cluster_seed)
-
-
 def _check_options(n_blocks: int, spec: PruneSpec) -> None:
     k = spec.options.num_clusters
     if k is not None and not 2 <= k <= n_blocks - 2:
@@ -107,7 +101,7 @@ def _check_options(n_blocks: int, spec: PruneSpec) -> None:
 
 def _load(spec: ModelSpec) -> LoadedModel:
     return load_model(
-        spec.source,
+        spec.id,
         revision=spec.revision,
         dtype=spec.dtype,
         device=spec.device,
@@ -117,7 +111,7 @@ def _load(spec: ModelSpec) -> LoadedModel:
 
 
 def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec) -> cal.CalibrationData:
-    source = cal.parse_source(spec.source)
+    source = cal.parse_source(spec.dataset)
     texts = cal.load_texts(source, role="calibration")
     return cal.build_calibration(
         loaded.tokenizer,
@@ -165,7 +159,7 @@ def capture_provenance(
     return {
         "model": loaded.provenance,
         "calibration": {
-            "source": spec.source,
+            "source": spec.dataset,
             "text_sha256": data.text_sha256,
             "num_samples": spec.num_samples,
             "seq_len": spec.seq_len,
@@ -279,13 +273,13 @@ def run_prune(
     model = loaded.model
     n_blocks = len(decoder_blocks(model))
     n = spec.target.blocks_for(n_blocks)
-    opts = _selection_options(spec)
+    opts = spec.options
     validate_budget(n_blocks, n, opts)
     _check_options(n_blocks, spec)
 
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration)
-        eval_texts = cal.load_texts(cal.parse_source(spec.evaluation.source), role="evaluation")
+        eval_texts = cal.load_texts(cal.parse_source(spec.evaluation.dataset), role="evaluation")
         eval_windows = cal.evaluation_windows(
             loaded.tokenizer,
             eval_texts,
@@ -397,5 +391,5 @@ def run_prune(
             files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
         )
         write_report(out / "report.json", report.to_json())
-    log.info("pruned %s: removed %s -> %s", spec.model.source, chosen.pruned_layers, model_dir)
+    log.info("pruned %s: removed %s -> %s", spec.model.id, chosen.pruned_layers, model_dir)
     return PruneResult(out_dir=out, model_dir=model_dir, report=report, stats=stats, selection=chosen)

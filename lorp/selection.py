@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lorp.errors import BudgetError, InvalidRequestError, MissingStatisticError
+from lorp.spec import SelectionOptions
 
 Matrix = npt.NDArray[np.float64]
 
@@ -31,22 +32,6 @@ _SYMMETRY_TOLERANCE = 1e-6
 
 # The K values that "auto" validates besides LoRP's own choice (docs/algorithm.md §7).
 AUTO_K_VALUES = (2, 3, 4, 5, 6)
-
-
-@dataclass(frozen=True)
-class SelectionOptions:
-    """Options shared by every selection method.
-
-    Attributes:
-        num_clusters: LoRP's granularity K, overriding the RLS table; must satisfy 2 <= K <= N-2.
-        protected: blocks never pruned. ``None`` means the default {0, N-1}; an explicit tuple replaces
-            the default (it may be empty). Negative entries count from the end (-1 is block N-1).
-        seed: ``random_state`` of the spectral clustering.
-    """
-
-    num_clusters: int | None = None
-    protected: tuple[int, ...] | None = None
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,29 +193,31 @@ def protected_set(n_blocks: int, options: SelectionOptions | None = None) -> fro
 
     Args:
         n_blocks: N, the number of decoder blocks.
-        options: ``options.protected`` ``None`` gives the default {0, N-1}; an explicit tuple replaces
+        options: ``options.protected_layers`` ``None`` gives the default {0, N-1}; an explicit tuple replaces
             it, negative entries counting from the end (-1 is N-1).
 
     Returns:
         The protected block indices, normalised to 0..N-1.
 
     Raises:
-        InvalidRequestError: (field ``protected_layers``) for an entry outside -N..N-1 or not an int.
+        InvalidRequestError: (field ``options.protected_layers``) for an entry outside -N..N-1 or not an int.
     """
     opts = _options(options)
-    if opts.protected is None:
+    if opts.protected_layers is None:
         return frozenset({0, n_blocks - 1})
     result: set[int] = set()
-    for p in opts.protected:
+    for p in opts.protected_layers:
         # bool is an int subclass, but True as a block index is surely a mistake in the request.
         if isinstance(p, bool) or not isinstance(p, int | np.integer):
-            raise InvalidRequestError(f"protected layer {p!r} is not an integer block index", field="protected_layers")
+            raise InvalidRequestError(
+                f"protected layer {p!r} is not an integer block index", field="options.protected_layers"
+            )
         idx = int(p)
         if not -n_blocks <= idx < n_blocks:
             raise InvalidRequestError(
                 f"protected layer {idx} is out of range for a model with N = {n_blocks} blocks "
                 f"(valid: 0..{n_blocks - 1}, or -{n_blocks}..-1 counting from the end)",
-                field="protected_layers",
+                field="options.protected_layers",
             )
         result.add(idx % n_blocks)
     return frozenset(result)
@@ -256,18 +243,18 @@ def validate_budget(n_blocks: int, n: int, options: SelectionOptions | None = No
         options: selection options (for the protected set).
 
     Raises:
-        BudgetError: (field ``num_layers``) when n < 1 or n exceeds the number of eligible blocks.
+        BudgetError: (field ``target.num_layers``) when n < 1 or n exceeds the number of eligible blocks.
         InvalidRequestError: when the protected set itself is invalid.
     """
     protected = protected_set(n_blocks, options)
     eligible = n_blocks - len(protected)
     if isinstance(n, bool) or not isinstance(n, int | np.integer):
-        raise BudgetError(f"the number of layers to prune must be an integer, got {n!r}", field="num_layers")
+        raise BudgetError(f"the number of layers to prune must be an integer, got {n!r}", field="target.num_layers")
     if n < 1 or n > eligible:
         raise BudgetError(
             f"cannot prune {n} block(s): the model has N = {n_blocks} blocks, protected "
             f"{sorted(protected)}, so {eligible} are eligible; choose 1 <= num_layers <= {eligible}",
-            field="num_layers",
+            field="target.num_layers",
         )
 
 
@@ -276,7 +263,7 @@ def _validate_k(k: int, n_blocks: int) -> None:
         raise InvalidRequestError(
             f"num_clusters must be an integer with 2 <= K <= N-2 = {n_blocks - 2} for a model with "
             f"N = {n_blocks} blocks; got {k!r}",
-            field="num_clusters",
+            field="options.num_clusters",
         )
 
 
@@ -352,7 +339,7 @@ def cluster_blocks(S: npt.ArrayLike, k: int, seed: int = 0) -> list[int]:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 2 <= k <= n_blocks:
         raise InvalidRequestError(
             f"cannot cluster N = {n_blocks} blocks into K = {k!r} clusters (need 2 <= K <= N)",
-            field="num_clusters",
+            field="options.num_clusters",
         )
     if k == n_blocks:
         # The only partition into N non-empty clusters is all singletons; sklearn would reach it only
@@ -424,7 +411,7 @@ def analyze_structure(S: npt.ArrayLike, options: SelectionOptions | None = None)
     else:
         # The spec bounds only a caller's K; the table's K is clamped so that N = 2 or 3 still works.
         k = min(granularity(rls), n_blocks)
-    return _structure_for_k(m, rls, k, opts.seed)
+    return _structure_for_k(m, rls, k, opts.cluster_seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,7 +436,7 @@ def allocate_budget(
     m = _as_similarity(S)
     labels = list(clusters)
     if n > len(labels) - len(protected & set(range(len(labels)))):
-        raise BudgetError(f"cannot prune {n} blocks: not enough eligible blocks", field="num_layers")
+        raise BudgetError(f"cannot prune {n} blocks: not enough eligible blocks", field="target.num_layers")
     redundancy = block_redundancy(m, labels)
     n_clusters = max(labels) + 1 if labels else 0
     members = [[b for b, c in enumerate(labels) if c == cl] for cl in range(n_clusters)]
@@ -510,7 +497,7 @@ def _no_run_error(n_blocks: int, n: int, protected: frozenset[int]) -> BudgetErr
     return BudgetError(
         f"no contiguous run of {n} block(s) avoids the protected blocks {sorted(protected)} in a model "
         f"with N = {n_blocks} blocks; lower num_layers or change protected_layers",
-        field="num_layers",
+        field="target.num_layers",
     )
 
 
@@ -743,7 +730,7 @@ def candidate_plans(
         if not 2 <= k <= n_blocks - 2:
             continue
         if k not in by_k:
-            by_k[k] = _structure_for_k(m, base.rls, k, opts.seed)
+            by_k[k] = _structure_for_k(m, base.rls, k, opts.cluster_seed)
         keep(f"lorp_k{k}", select_lorp(m, D, n, opts, structure=by_k[k]))
 
     baselines: list[tuple[str, MethodFn]] = [("shortgpt", select_shortgpt), ("streamline", select_streamline)]

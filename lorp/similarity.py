@@ -171,9 +171,9 @@ def capture_similarity(
         SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
     """
     if batch_size < 1:
-        raise InvalidRequestError("batch_size must be at least 1", field="batch_size")
+        raise InvalidRequestError("batch_size must be at least 1", field="calibration.batch_size")
     if angular not in ("all_tokens", "last_token"):
-        raise InvalidRequestError(f"unknown angular mode {angular!r}", field="angular")
+        raise InvalidRequestError(f"unknown angular mode {angular!r}", field="calibration.angular")
     blocks = decoder_blocks(model)
     n_states = len(blocks) + 1
     device = input_device(model)
@@ -208,7 +208,7 @@ def capture_similarity(
                 progress(min(start + batch_size, total), total)
 
     if n_tokens == 0:
-        raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration")
+        raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration.dataset")
     S = s_sum / n_tokens
     D = d_sum / max(n_angular, 1)
     np.fill_diagonal(S, 1.0)

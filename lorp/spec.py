@@ -1,13 +1,17 @@
 """The job specification: strict pydantic models shared by the CLI, the API and the worker.
 
-Validated wherever a job enters (API, worker, CLI). Checks that need the model (a budget larger than
-the eligible blocks) happen in ``lorp.pipeline`` right after loading, before any pass.
+Every bound and every method name is defined here once: the service's request (``app.jobspec``)
+is built from these types and models. Field names follow the request's (``model.id``,
+``calibration.dataset``, ``target.num_layers``, ``options.protected_layers``), and so do the
+``field`` paths of the engine's errors. Validated wherever a job enters (API, worker, CLI). Checks
+that need the model (a budget larger than the eligible blocks) happen in ``lorp.pipeline`` right
+after loading, before any pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +19,20 @@ from lorp.errors import BudgetError
 
 Method = Literal["auto", "lorp", "shortgpt", "streamline", "angular", "reverse"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# The bounds, once. A seed is a 31-bit integer because that is what every RNG here accepts.
+MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+NumSamples = Annotated[int, Field(ge=1, le=4096, description="calibration windows M")]
+SeqLen = Annotated[int, Field(ge=8, le=32768, description="tokens per window T")]
+BatchSize = Annotated[int, Field(ge=1, le=512, description="sequences per forward pass")]
+MaxWindows = Annotated[int, Field(ge=1, le=4096, description="evaluation windows")]
+NumClusters = Annotated[int, Field(ge=2, le=1000, description="LoRP's K, 2 <= K <= N-2 for the model")]
+ProtectedLayers = Annotated[
+    tuple[int, ...],
+    Field(max_length=1000, description="blocks never pruned; default first and last; negative counts from the end"),
+]
+Revision = Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9._/-]+$", description="branch, tag or commit")]
 
 
 class StrictModel(BaseModel):
@@ -24,12 +42,12 @@ class StrictModel(BaseModel):
 class ModelSpec(StrictModel):
     """Which model to prune and how to load it."""
 
-    source: str = Field(
+    id: str = Field(
         min_length=1,
         max_length=1024,
         description='"demo", a local Hugging Face directory, a .gguf file, or a hub model id',
     )
-    revision: str | None = Field(default=None, max_length=256, description="hub revision (branch, tag, commit)")
+    revision: Revision | None = None
     dtype: DType = "auto"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     trust_remote_code: bool = False
@@ -68,37 +86,47 @@ class TargetSpec(StrictModel):
 class CalibrationSpec(StrictModel):
     """The text the similarity pass and plan validation read."""
 
-    source: str = Field(default="builtin", min_length=1, max_length=1024)
-    num_samples: int = Field(default=64, ge=1, le=4096)
-    seq_len: int = Field(default=256, ge=8, le=32768)
-    seed: int = Field(default=0, ge=0)
+    dataset: str = Field(
+        default="builtin",
+        min_length=1,
+        max_length=1024,
+        description='"builtin", FILE.txt, FILE.jsonl[#field] or hf:DATASET[/CONFIG]:SPLIT#FIELD',
+    )
+    num_samples: NumSamples = 64
+    seq_len: SeqLen = 256
+    seed: Seed = 0
     chat_template: bool = False
-    batch_size: int = Field(default=4, ge=1, le=512)
+    batch_size: BatchSize = 4
     angular: Literal["all_tokens", "last_token"] = "all_tokens"
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     validation_windows: int = Field(default=16, ge=1, le=1024)
 
 
-class SelectionOptionsSpec(StrictModel):
-    """Options every selection method shares."""
+class SelectionOptions(StrictModel):
+    """Options every selection method shares (``lorp.selection`` takes them as they are).
 
-    num_clusters: int | None = Field(default=None, ge=2)
-    protected_layers: tuple[int, ...] | None = Field(
-        default=None, description="blocks never pruned; default first and last; negative counts from the end"
-    )
-    cluster_seed: int = Field(default=0, ge=0)
+    Attributes:
+        num_clusters: LoRP's granularity K, overriding the RLS table; must satisfy 2 <= K <= N-2.
+        protected_layers: blocks never pruned. ``None`` means the default {0, N-1}; an explicit tuple
+            replaces the default (it may be empty). Negative entries count from the end (-1 is N-1).
+        cluster_seed: ``random_state`` of the spectral clustering.
+    """
+
+    num_clusters: NumClusters | None = None
+    protected_layers: ProtectedLayers | None = None
+    cluster_seed: Seed = 0
 
 
 class EvaluationSpec(StrictModel):
     """What to measure on the dense and the pruned model."""
 
     perplexity: bool = True
-    source: str | None = Field(
+    dataset: str | None = Field(
         default=None,
         max_length=1024,
         description="held-out text; default the built-in corpus's evaluation split",
     )
-    max_windows: int = Field(default=32, ge=1, le=4096)
+    max_windows: MaxWindows = 32
     speed: bool = True
     speed_prompt_len: int = Field(default=128, ge=1, le=32768)
     speed_new_tokens: int = Field(default=32, ge=1, le=4096)
@@ -112,5 +140,5 @@ class PruneSpec(StrictModel):
     method: Method = "auto"
     target: TargetSpec
     calibration: CalibrationSpec = CalibrationSpec()
-    options: SelectionOptionsSpec = SelectionOptionsSpec()
+    options: SelectionOptions = SelectionOptions()
     evaluation: EvaluationSpec = EvaluationSpec()

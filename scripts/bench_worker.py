@@ -65,10 +65,10 @@ def _spec(model: Path) -> object:
 
     return PruneSpec.model_validate(
         {
-            "model": {"source": str(model)},
+            "model": {"id": str(model)},
             "method": "reverse",
             "target": {"num_layers": 1},
-            "calibration": {"source": "builtin", "num_samples": 2, "seq_len": 16, "batch_size": 2},
+            "calibration": {"dataset": "builtin", "num_samples": 2, "seq_len": 16, "batch_size": 2},
             "options": {"protected_layers": []},
             "evaluation": {"perplexity": False, "speed": False, "max_windows": 1},
         }

@@ -362,11 +362,7 @@ def _job_budget(request: dict[str, Any], num_blocks: int) -> tuple[int | None, S
         spec = JobCreate.model_validate(request)
     except ValidationError:
         return None, SelectionOptions()
-    options = SelectionOptions(
-        num_clusters=spec.options.num_clusters,
-        protected=spec.options.protected_layers,
-        seed=spec.options.cluster_seed,
-    )
+    options = spec.options
     try:
         return spec.target.blocks_for(num_blocks), options
     except EngineError:

@@ -21,14 +21,12 @@ from lorp.spec import TargetSpec
 def _options(request: PlansRequest, job_request: dict[str, object]) -> SelectionOptions:
     # Unset options default to the job's own, so the job's budget reproduces the job's plan.
     try:
-        job_options = JobCreate.model_validate(job_request).options
-        num_clusters, protected, seed = job_options.num_clusters, job_options.protected_layers, job_options.cluster_seed
+        job_options: SelectionOptions = JobCreate.model_validate(job_request).options
     except ValueError:
-        num_clusters, protected, seed = None, None, 0
-    return SelectionOptions(
-        num_clusters=request.num_clusters if request.num_clusters is not None else num_clusters,
-        protected=tuple(request.protected_layers) if request.protected_layers is not None else protected,
-        seed=request.cluster_seed if request.cluster_seed is not None else seed,
+        job_options = SelectionOptions()
+    given = request.model_dump(include={"num_clusters", "protected_layers", "cluster_seed"}, exclude_none=True)
+    return SelectionOptions.model_validate(
+        {**job_options.model_dump(include=set(SelectionOptions.model_fields)), **given}
     )
 
 
@@ -61,6 +59,11 @@ def _check_methods(request: PlansRequest, S: np.ndarray, D: np.ndarray | None) -
         raise Unprocessable(f"unknown method {name!r}", field=f"methods.{i}")
 
 
+def _body_field(field: str | None) -> str | None:
+    # A job's options sit under "options" in the job request, at the top level of a plans request.
+    return field.removeprefix("options.") if field else field
+
+
 def plan(session: Session, request: PlansRequest, principal: Principal) -> PlansResponse:
     """Every (method, budget) plan on the job's stored statistics, in milliseconds."""
     started = time.perf_counter()
@@ -77,7 +80,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
     try:
         structure = analyze_structure(S, options)
     except EngineError as exc:
-        raise Unprocessable(exc.message, field=exc.field) from None
+        raise Unprocessable(exc.message, field=_body_field(exc.field)) from None
 
     results: list[PlanResult] = []
     for i, name in enumerate(request.methods):
@@ -90,7 +93,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
             except BudgetError as exc:
                 raise Unprocessable(exc.message, field=budget_field) from None
             except EngineError as exc:
-                raise Unprocessable(exc.message, field=exc.field) from None
+                raise Unprocessable(exc.message, field=_body_field(exc.field)) from None
             results.append(
                 PlanResult(
                     method=name,

@@ -20,7 +20,7 @@ from app.jobspec import JobCreate, ModelRef, local_model_path
 from app.storage import StorageError, storage_from_url
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
-from lorp.selection import SelectionOptions, protected_set
+from lorp.selection import protected_set
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ def _allowed_ratios(eligible: int, num_blocks: int) -> str:
 
 def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
     """Refuse a target or option the model's depth cannot satisfy, naming the field and the allowed range."""
-    options = SelectionOptions(
-        num_clusters=spec.options.num_clusters, protected=spec.options.protected_layers, seed=spec.options.cluster_seed
-    )
+    options = spec.options
     try:
         protected = sorted(protected_set(num_blocks, options))
     except InvalidRequestError as exc:

@@ -69,7 +69,7 @@ def builtin_corpus() -> Corpus:
 
     articles = [(title, text) for title, text in _parse_dump(bz2_path)]
     if not articles:
-        raise CalibrationError(f"no usable article in {bz2_path}", field="calibration")
+        raise CalibrationError(f"no usable article in {bz2_path}", field="calibration.dataset")
     ranked = sorted(articles, key=lambda item: hashlib.sha256(item[0].encode("utf-8")).hexdigest())
     n_eval = max(1, round(len(articles) / _EVALUATION_SHARE))
     held_out = {title for title, _ in ranked[:n_eval]}

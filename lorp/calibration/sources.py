@@ -43,7 +43,7 @@ class TextSource:
 
 
 def _bad_spec(spec: str, why: str) -> CalibrationError:
-    return CalibrationError(f"invalid calibration source {spec!r}: {why}", field="calibration")
+    return CalibrationError(f"invalid calibration source {spec!r}: {why}", field="calibration.dataset")
 
 
 def _parse_hub(spec: str) -> TextSource:
@@ -112,7 +112,7 @@ def parse_source(spec: str | None) -> TextSource:
         The parsed :class:`TextSource`.
 
     Raises:
-        CalibrationError: (field ``calibration``) on a malformed string or a file that does not
+        CalibrationError: (field ``calibration.dataset``) on a malformed string or a file that does not
             exist.
     """
     if spec is None:
@@ -134,7 +134,7 @@ def parse_source(spec: str | None) -> TextSource:
     path = Path(path_str).expanduser()
     if not path.is_file():
         why = "is a directory, not a file" if path.is_dir() else "no such file"
-        raise CalibrationError(f"calibration source {path_str!r}: {why}", field="calibration")
+        raise CalibrationError(f"calibration source {path_str!r}: {why}", field="calibration.dataset")
     if path.suffix.lower() in _JSONL_SUFFIXES:
         return TextSource(kind="jsonl", path=str(path), text_field=text_field)
     return TextSource(kind="text", path=str(path))
@@ -144,15 +144,15 @@ def _read_text_file(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CalibrationError(f"cannot read {path}: {exc.strerror}", field="calibration") from exc
+        raise CalibrationError(f"cannot read {path}: {exc.strerror}", field="calibration.dataset") from exc
     # Text never holds NUL bytes; many binary formats happen to decode as UTF-8 in places.
     if b"\x00" in data:
-        raise CalibrationError(f"{path} looks like a binary file, not UTF-8 text", field="calibration")
+        raise CalibrationError(f"{path} looks like a binary file, not UTF-8 text", field="calibration.dataset")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CalibrationError(
-            f"{path} is not valid UTF-8 text (byte offset {exc.start})", field="calibration"
+            f"{path} is not valid UTF-8 text (byte offset {exc.start})", field="calibration.dataset"
         ) from exc
 
 
@@ -164,19 +164,21 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path} line {number}: invalid JSON ({exc.msg})", field="calibration") from exc
+            raise CalibrationError(
+                f"{path} line {number}: invalid JSON ({exc.msg})", field="calibration.dataset"
+            ) from exc
         if not isinstance(record, dict):
-            raise CalibrationError(f"{path} line {number}: expected a JSON object", field="calibration")
+            raise CalibrationError(f"{path} line {number}: expected a JSON object", field="calibration.dataset")
         if text_field not in record:
             raise CalibrationError(
                 f"{path} line {number}: no field {text_field!r} (fields: {', '.join(map(str, record))})",
-                field="calibration",
+                field="calibration.dataset",
             )
         value = record[text_field]
         if not isinstance(value, str):
             raise CalibrationError(
                 f"{path} line {number}: field {text_field!r} is {type(value).__name__}, not a string",
-                field="calibration",
+                field="calibration.dataset",
             )
         texts.append(value)
     return texts
@@ -189,20 +191,20 @@ def _load_hub(source: TextSource) -> list[str]:
         raise CalibrationError(
             "hub datasets need the `datasets` package: `pip install datasets` (or the `hub` extra), "
             "and a machine that reaches the Hugging Face hub",
-            field="calibration",
+            field="calibration.dataset",
         ) from None
     try:
         data = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision)
     except Exception as exc:  # network, auth, unknown config: the caller needs one error
         raise CalibrationError(
             f"could not load hub dataset {source.dataset!r} (config {source.config!r}, split {source.split!r}): {exc}",
-            field="calibration",
+            field="calibration.dataset",
         ) from exc
     columns = list(getattr(data, "column_names", None) or [])
     if source.text_field not in columns:
         raise CalibrationError(
             f"hub dataset {source.dataset!r} has no column {source.text_field!r} (columns: {', '.join(columns)})",
-            field="calibration",
+            field="calibration.dataset",
         )
     return [str(text) for text in data[source.text_field] if text is not None]
 
@@ -221,7 +223,7 @@ def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
         text file, one per JSONL line, one per hub dataset row.
 
     Raises:
-        CalibrationError: (field ``calibration``) on a missing or unreadable file, a binary or
+        CalibrationError: (field ``calibration.dataset``) on a missing or unreadable file, a binary or
             non-UTF-8 file, a JSONL line without the field, a hub failure, or no text at all.
     """
     if source.kind == "builtin":
@@ -230,18 +232,18 @@ def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
         texts = list(texts)
     elif source.kind in ("text", "jsonl"):
         if not source.path:
-            raise CalibrationError(f"a {source.kind} source needs a path", field="calibration")
+            raise CalibrationError(f"a {source.kind} source needs a path", field="calibration.dataset")
         path = Path(source.path)
         if not path.is_file():
-            raise CalibrationError(f"calibration source {source.path!r}: no such file", field="calibration")
+            raise CalibrationError(f"calibration source {source.path!r}: no such file", field="calibration.dataset")
         texts = [_read_text_file(path)] if source.kind == "text" else _read_jsonl(path, source.text_field)
     elif source.kind == "hub":
         if not source.dataset:
-            raise CalibrationError("a hub source needs a dataset id", field="calibration")
+            raise CalibrationError("a hub source needs a dataset id", field="calibration.dataset")
         texts = _load_hub(source)
     else:
-        raise CalibrationError(f"unknown calibration source kind {source.kind!r}", field="calibration")
+        raise CalibrationError(f"unknown calibration source kind {source.kind!r}", field="calibration.dataset")
     texts = [text for text in texts if text.strip()]
     if not texts:
-        raise CalibrationError(f"the {source.kind} calibration source holds no text", field="calibration")
+        raise CalibrationError(f"the {source.kind} calibration source holds no text", field="calibration.dataset")
     return texts

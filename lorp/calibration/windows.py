@@ -95,11 +95,11 @@ def tokenize_stream(tokenizer: Any, texts: list[str], *, min_tokens: int | None 
 
 def _check_sizes(*, seq_len: int, num_samples: int | None = None, max_windows: int | None = None) -> None:
     if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
-        raise CalibrationError(f"num_samples must be at least 1, got {num_samples}", field="num_samples")
+        raise CalibrationError(f"num_samples must be at least 1, got {num_samples}", field="calibration.num_samples")
     if isinstance(seq_len, bool) or seq_len < 2:
-        raise CalibrationError(f"seq_len must be at least 2, got {seq_len}", field="seq_len")
+        raise CalibrationError(f"seq_len must be at least 2, got {seq_len}", field="calibration.seq_len")
     if max_windows is not None and max_windows < 1:
-        raise CalibrationError(f"max_windows must be at least 1, got {max_windows}", field="max_windows")
+        raise CalibrationError(f"max_windows must be at least 1, got {max_windows}", field="evaluation.max_windows")
 
 
 def _consecutive_windows(stream: torch.Tensor, offset: int, seq_len: int, count: int) -> TokenWindows:
@@ -116,11 +116,13 @@ def _chat_wrap(tokenizer: Any, windows: TokenWindows, seq_len: int) -> TokenWind
     if not getattr(tokenizer, "chat_template", None):
         raise CalibrationError(
             "chat_template=True needs a tokenizer with a chat template; this one has none",
-            field="chat_template",
+            field="calibration.chat_template",
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise CalibrationError("the tokenizer has neither a pad nor an eos token to pad with", field="chat_template")
+        raise CalibrationError(
+            "the tokenizer has neither a pad nor an eos token to pad with", field="calibration.chat_template"
+        )
     ids = torch.full((windows.num_windows, seq_len), int(pad), dtype=torch.int64)
     mask = torch.zeros((windows.num_windows, seq_len), dtype=torch.int64)
     for row, window in enumerate(windows.input_ids.tolist()):
@@ -178,12 +180,12 @@ def build_calibration(
     _check_sizes(seq_len=seq_len, num_samples=num_samples)
     if not 0.0 <= validation_fraction < 1.0:
         raise CalibrationError(
-            f"validation_fraction must be in [0, 1), got {validation_fraction}", field="validation_fraction"
+            f"validation_fraction must be in [0, 1), got {validation_fraction}", field="calibration.validation_fraction"
         )
     if max_validation_windows < 0:
         raise CalibrationError(
             f"max_validation_windows must be at least 0, got {max_validation_windows}",
-            field="max_validation_windows",
+            field="calibration.validation_windows",
         )
     stream = tokenize_stream(tokenizer, texts)
     total = int(stream.numel())
@@ -196,7 +198,7 @@ def build_calibration(
     available = total - held_out
     slots = available // seq_len
     if slots < num_samples:
-        field_at_fault = "seq_len" if slots == 0 else "num_samples"
+        field_at_fault = "calibration.seq_len" if slots == 0 else "calibration.num_samples"
         raise CalibrationError(
             f"the calibration text has {total} tokens; after holding out {held_out} for validation, "
             f"{available} remain, which fit {slots} non-overlapping windows of seq_len={seq_len}, "
@@ -240,8 +242,8 @@ def evaluation_windows(
         The windows, in stream order; a tail shorter than ``seq_len`` is dropped.
 
     Raises:
-        CalibrationError: (field ``seq_len``) when the text is too short for one window or
-            ``seq_len`` < 2; (field ``max_windows``) when ``max_windows`` < 1.
+        CalibrationError: (field ``calibration.seq_len``) when the text is too short for one window or
+            ``seq_len`` < 2; (field ``evaluation.max_windows``) when ``max_windows`` < 1.
     """
     _check_sizes(seq_len=seq_len, max_windows=max_windows)
     # The windows are the stream's first ones: only that prefix needs tokenizing.
@@ -251,7 +253,7 @@ def evaluation_windows(
     if count == 0:
         raise CalibrationError(
             f"the evaluation text has {int(stream.numel())} tokens, fewer than one window of seq_len={seq_len}",
-            field="seq_len",
+            field="calibration.seq_len",
         )
     if max_windows is not None:
         count = min(count, max_windows)

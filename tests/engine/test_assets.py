@@ -28,10 +28,10 @@ def test_distribution_files_found() -> None:
 def test_distribution_missing() -> None:
     with pytest.raises(ModelLoadError, match="make setup") as info:
         assets.distribution_file("no-such-distribution-lorp", "x.gguf")
-    assert info.value.field == "model"
+    assert info.value.field == "model.id"
     with pytest.raises(CalibrationError, match="make setup") as cal_info:
-        assets.distribution_file("gensim", "no/such/file.bz2", error=CalibrationError, field="calibration")
-    assert cal_info.value.field == "calibration"
+        assets.distribution_file("gensim", "no/such/file.bz2", error=CalibrationError, field="calibration.dataset")
+    assert cal_info.value.field == "calibration.dataset"
 
 
 def test_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,14 +103,14 @@ def test_parse_hub(spec: str, expected: TextSource) -> None:
 def test_parse_malformed(spec: str) -> None:
     with pytest.raises(CalibrationError) as info:
         parse_source(spec)
-    assert info.value.field == "calibration"
+    assert info.value.field == "calibration.dataset"
 
 
 def test_parse_missing_file(tmp_path: Path) -> None:
     for spec in (str(tmp_path / "nope.txt"), f"{tmp_path / 'nope.jsonl'}#text", str(tmp_path)):
         with pytest.raises(CalibrationError) as info:
             parse_source(spec)
-        assert info.value.field == "calibration"
+        assert info.value.field == "calibration.dataset"
 
 
 def test_parse_jsonl_empty_field(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_load_jsonl_missing_field(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError) as info:
         load_texts(parse_source(str(path)))
     assert "'text'" in info.value.message and "line 2" in info.value.message
-    assert info.value.field == "calibration"
+    assert info.value.field == "calibration.dataset"
 
 
 def test_load_jsonl_bad_lines(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_load_binary_or_undecodable(tmp_path: Path, payload: bytes) -> None:
     path.write_bytes(payload)
     with pytest.raises(CalibrationError) as info:
         load_texts(parse_source(str(path)))
-    assert info.value.field == "calibration"
+    assert info.value.field == "calibration.dataset"
 
 
 def test_load_file_vanished(tmp_path: Path) -> None:
@@ -287,25 +287,25 @@ def test_capture_fills_exactly(tiny_tokenizer, texts: list[str]) -> None:
     assert data.capture.input_ids.shape == (slots, seq_len)
     with pytest.raises(CalibrationError) as info:
         build_calibration(tiny_tokenizer, texts, num_samples=slots + 1, seq_len=seq_len)
-    assert info.value.field == "num_samples"
+    assert info.value.field == "calibration.num_samples"
     assert str(total) in info.value.message and f"fit {slots} " in info.value.message
 
 
 def test_too_short_seq_len(tiny_tokenizer) -> None:
     with pytest.raises(CalibrationError) as info:
         build_calibration(tiny_tokenizer, ["a short text"], num_samples=1, seq_len=512)
-    assert info.value.field == "seq_len"
+    assert info.value.field == "calibration.seq_len"
     assert "fit 0 " in info.value.message
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"num_samples": 0, "seq_len": 16}, "num_samples"),
-        ({"num_samples": 2, "seq_len": 1}, "seq_len"),
-        ({"num_samples": 2, "seq_len": 16, "validation_fraction": 1.0}, "validation_fraction"),
-        ({"num_samples": 2, "seq_len": 16, "validation_fraction": -0.1}, "validation_fraction"),
-        ({"num_samples": 2, "seq_len": 16, "max_validation_windows": -1}, "max_validation_windows"),
+        ({"num_samples": 0, "seq_len": 16}, "calibration.num_samples"),
+        ({"num_samples": 2, "seq_len": 1}, "calibration.seq_len"),
+        ({"num_samples": 2, "seq_len": 16, "validation_fraction": 1.0}, "calibration.validation_fraction"),
+        ({"num_samples": 2, "seq_len": 16, "validation_fraction": -0.1}, "calibration.validation_fraction"),
+        ({"num_samples": 2, "seq_len": 16, "max_validation_windows": -1}, "calibration.validation_windows"),
     ],
 )
 def test_bad_arguments(tiny_tokenizer, texts: list[str], kwargs: dict, field: str) -> None:
@@ -369,7 +369,7 @@ def test_chat_template_missing(tiny_tokenizer, texts: list[str]) -> None:
     tok.chat_template = None
     with pytest.raises(CalibrationError) as info:
         build_calibration(tok, texts, num_samples=2, seq_len=32, chat_template=True)
-    assert info.value.field == "chat_template"
+    assert info.value.field == "calibration.chat_template"
 
 
 def test_evaluation_windows(tiny_tokenizer, texts: list[str]) -> None:
@@ -387,10 +387,10 @@ def test_evaluation_windows(tiny_tokenizer, texts: list[str]) -> None:
 def test_evaluation_windows_errors(tiny_tokenizer) -> None:
     with pytest.raises(CalibrationError) as info:
         evaluation_windows(tiny_tokenizer, ["tiny"], seq_len=64)
-    assert info.value.field == "seq_len"
+    assert info.value.field == "calibration.seq_len"
     with pytest.raises(CalibrationError) as info:
         evaluation_windows(tiny_tokenizer, ["tiny text"], seq_len=1)
-    assert info.value.field == "seq_len"
+    assert info.value.field == "calibration.seq_len"
     with pytest.raises(CalibrationError) as info:
         evaluation_windows(tiny_tokenizer, _texts(1), seq_len=4, max_windows=0)
-    assert info.value.field == "max_windows"
+    assert info.value.field == "evaluation.max_windows"

@@ -77,7 +77,7 @@ def test_select_errors_name_the_field(tmp_path, capsys):
     S, D = drifting_similarity()
     path = save_analysis(tmp_path / "a.npz", S, D)
     code, _, err = run_cli(["select", "--similarity", str(path), "--num-layers", "11"], capsys)
-    assert code == 2 and "[num_layers]" in err
+    assert code == 2 and "[target.num_layers]" in err
     code, _, err = run_cli(["select", "--similarity", str(path), "--num-layers", "2", "--method", "nope"], capsys)
     assert code == 2 and "[method]" in err
     code, _, err = run_cli(["select", "--similarity", str(tmp_path / "missing.npz"), "--num-layers", "2"], capsys)

@@ -73,7 +73,7 @@ def test_truncated_files_are_refused_at_once(cut: str, tmp_path: Path) -> None:
     broken.write_bytes(whole[:keep])
     with pytest.raises(ModelLoadError, match="truncated") as info:
         check_gguf(broken)
-    assert info.value.field == "model" and "broken.gguf" in str(info.value)
+    assert info.value.field == "model.id" and "broken.gguf" in str(info.value)
 
 
 def test_a_header_lying_about_a_shape_is_refused(tmp_path: Path) -> None:

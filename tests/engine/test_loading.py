@@ -44,7 +44,7 @@ def test_missing_weights_are_refused_not_randomly_initialised(tiny_dir):
     (tiny_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError) as err:
         load_model(str(tiny_dir), device="cpu")
-    assert "missing" in err.value.message and err.value.field == "model"
+    assert "missing" in err.value.message and err.value.field == "model.id"
 
 
 def test_remote_code_is_refused_by_default(tiny_dir):
@@ -86,11 +86,11 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(InvalidRequestError) as err:
         resolve_dtype("int8", torch.device("cpu"))
-    assert err.value.field == "dtype"
+    assert err.value.field == "model.dtype"
     if not torch.cuda.is_available():
         with pytest.raises(InvalidRequestError) as err:
             resolve_device("cuda")
-        assert err.value.field == "device"
+        assert err.value.field == "model.device"
 
 
 @pytest.mark.slow

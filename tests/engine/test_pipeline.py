@@ -19,7 +19,7 @@ from lorp.spec import (
     EvaluationSpec,
     ModelSpec,
     PruneSpec,
-    SelectionOptionsSpec,
+    SelectionOptions,
     TargetSpec,
 )
 from lorp.stages import STAGES
@@ -89,11 +89,13 @@ def corpus_files(tmp_path_factory) -> tuple[Path, Path]:
 def make_spec(model_dir: Path, files: tuple[Path, Path], **overrides) -> PruneSpec:
     cal_file, eval_file = files
     fields = {
-        "model": ModelSpec(source=str(model_dir), device="cpu"),
+        "model": ModelSpec(id=str(model_dir), device="cpu"),
         "method": "auto",
         "target": TargetSpec(num_layers=2),
-        "calibration": CalibrationSpec(source=str(cal_file), num_samples=8, seq_len=32, batch_size=4),
-        "evaluation": EvaluationSpec(source=f"{eval_file}#body", max_windows=6, speed_prompt_len=8, speed_new_tokens=4),
+        "calibration": CalibrationSpec(dataset=str(cal_file), num_samples=8, seq_len=32, batch_size=4),
+        "evaluation": EvaluationSpec(
+            dataset=f"{eval_file}#body", max_windows=6, speed_prompt_len=8, speed_new_tokens=4
+        ),
     }
     fields.update(overrides)
     return PruneSpec(**fields)
@@ -164,10 +166,10 @@ def test_budget_is_checked_before_any_forward_pass(tiny_model_dir, corpus_files,
     monkeypatch.setattr(pipeline, "capture_similarity", must_not_run)
     with pytest.raises(BudgetError) as err:
         run_prune(make_spec(tiny_model_dir, corpus_files, target=TargetSpec(num_layers=7)), tmp_path / "a")
-    assert err.value.field == "num_layers"
+    assert err.value.field == "target.num_layers"
     with pytest.raises(InvalidRequestError) as err:
         run_prune(
-            make_spec(tiny_model_dir, corpus_files, options=SelectionOptionsSpec(num_clusters=7)),
+            make_spec(tiny_model_dir, corpus_files, options=SelectionOptions(num_clusters=7)),
             tmp_path / "b",
         )
     assert err.value.field == "options.num_clusters"
@@ -226,7 +228,7 @@ def test_pickled_weights_are_refused(tmp_path):
 
     with pytest.raises(ModelLoadError) as err:
         load_model(str(tmp_path), device="cpu")
-    assert "pickled" in err.value.message and err.value.field == "model"
+    assert "pickled" in err.value.message and err.value.field == "model.id"
 
 
 def test_the_heatmap_title_names_the_plan_that_won() -> None:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from sklearn.cluster import SpectralClustering
 
 from lorp.errors import BudgetError, InvalidRequestError, MissingStatisticError
@@ -101,7 +102,7 @@ def raw_spectral_labels(s: np.ndarray, k: int, seed: int = 0) -> list[int]:
 
 
 def lorp(s: np.ndarray, n: int, k: int, protected: tuple[int, ...] | None = None) -> list[int]:
-    return select("lorp", s, None, n, SelectionOptions(num_clusters=k, protected=protected)).pruned_layers
+    return select("lorp", s, None, n, SelectionOptions(num_clusters=k, protected_layers=protected)).pruned_layers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,7 +199,14 @@ def test_table_k_is_clamped_to_the_number_of_blocks() -> None:
     assert st.clusters == [0, 1, 2]
 
 
-@pytest.mark.parametrize(("k", "ok"), [(1, False), (2, True), (4, True), (5, False), (0, False)])
+@pytest.mark.parametrize("k", [1, 0, -3])
+def test_num_clusters_below_two_is_refused_by_the_spec(k: int) -> None:
+    with pytest.raises(ValidationError) as err:
+        SelectionOptions(num_clusters=k)
+    assert err.value.errors()[0]["loc"] == ("num_clusters",)
+
+
+@pytest.mark.parametrize(("k", "ok"), [(2, True), (4, True), (5, False), (30, False)])
 def test_num_clusters_override_bounds(k: int, ok: bool) -> None:
     s = phases([[0, 1, 2], [3, 4, 5]])  # N = 6: 2 <= K <= 4
     opts = SelectionOptions(num_clusters=k)
@@ -208,10 +216,10 @@ def test_num_clusters_override_bounds(k: int, ok: bool) -> None:
     else:
         with pytest.raises(InvalidRequestError) as err:
             analyze_structure(s, opts)
-        assert err.value.field == "num_clusters"
+        assert err.value.field == "options.num_clusters"
         with pytest.raises(InvalidRequestError) as err:
             select("lorp", s, None, 1, opts)
-        assert err.value.field == "num_clusters"
+        assert err.value.field == "options.num_clusters"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ def test_clustering_is_deterministic_for_a_seed() -> None:
     for seed in (0, 3):
         first = cluster_blocks(s, 4, seed=seed)
         assert cluster_blocks(s, 4, seed=seed) == first
-        assert analyze_structure(s, SelectionOptions(num_clusters=4, seed=seed)).clusters == first
+        assert analyze_structure(s, SelectionOptions(num_clusters=4, cluster_seed=seed)).clusters == first
         assert first[0] == 0
 
 
@@ -356,7 +364,7 @@ def test_lorp_reports_redundancy_scores() -> None:
     [(None, {0, 5}), ((), set()), ((1, 2), {1, 2}), ((-1,), {5}), ((-6, 3, -3), {0, 3})],
 )
 def test_protected_set(protected: tuple[int, ...] | None, expected: set[int]) -> None:
-    opts = SelectionOptions(protected=protected)
+    opts = SelectionOptions(protected_layers=protected)
     assert protected_set(6, opts) == frozenset(expected)
     assert eligible_blocks(6, opts) == [b for b in range(6) if b not in expected]
 
@@ -364,18 +372,18 @@ def test_protected_set(protected: tuple[int, ...] | None, expected: set[int]) ->
 @pytest.mark.parametrize("bad", [(6,), (-7,), (0, 100)])
 def test_protected_out_of_range(bad: tuple[int, ...]) -> None:
     with pytest.raises(InvalidRequestError) as err:
-        protected_set(6, SelectionOptions(protected=bad))
-    assert err.value.field == "protected_layers"
+        protected_set(6, SelectionOptions(protected_layers=bad))
+    assert err.value.field == "options.protected_layers"
     with pytest.raises(InvalidRequestError) as err:
-        select("reverse", sym(6, {}), None, 1, SelectionOptions(protected=bad))
-    assert err.value.field == "protected_layers"
+        select("reverse", sym(6, {}), None, 1, SelectionOptions(protected_layers=bad))
+    assert err.value.field == "options.protected_layers"
 
 
 @pytest.mark.parametrize("protected", [None, (), (1, 2), (-2,), (0, -1, 3)])
 @pytest.mark.parametrize("method", ["lorp", "shortgpt", "reverse"])
 def test_protected_blocks_are_never_pruned(method: str, protected: tuple[int, ...] | None) -> None:
     s, _ = random_statistics(np.random.default_rng(3), 10)
-    opts = SelectionOptions(protected=protected)
+    opts = SelectionOptions(protected_layers=protected)
     prot = protected_set(10, opts)
     for n in range(1, 10 - len(prot) + 1):
         sel = select(method, s, None, n, opts)
@@ -388,7 +396,7 @@ def test_budget_errors(n: int) -> None:
     s = sym(6, {})
     with pytest.raises(BudgetError) as err:
         validate_budget(6, n, None)
-    assert err.value.field == "num_layers"
+    assert err.value.field == "target.num_layers"
     assert "N = 6" in err.value.message and "[0, 5]" in err.value.message and "4 are eligible" in err.value.message
     for method in method_names():
         with pytest.raises(BudgetError):
@@ -398,10 +406,10 @@ def test_budget_errors(n: int) -> None:
 
 
 def test_budget_counts_the_custom_protected_set() -> None:
-    validate_budget(6, 6, SelectionOptions(protected=()))
-    validate_budget(6, 5, SelectionOptions(protected=(2,)))
+    validate_budget(6, 6, SelectionOptions(protected_layers=()))
+    validate_budget(6, 5, SelectionOptions(protected_layers=(2,)))
     with pytest.raises(BudgetError):
-        validate_budget(6, 5, SelectionOptions(protected=(2, 3)))
+        validate_budget(6, 5, SelectionOptions(protected_layers=(2, 3)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,7 +429,7 @@ def test_shortgpt_prunes_lowest_block_influence(n: int, expected: list[int]) -> 
 
 
 def test_shortgpt_without_protection_takes_block_zero() -> None:
-    assert select("shortgpt", SHORTGPT_S, None, 2, SelectionOptions(protected=())).pruned_layers == [0, 5]
+    assert select("shortgpt", SHORTGPT_S, None, 2, SelectionOptions(protected_layers=())).pruned_layers == [0, 5]
 
 
 # Runs of n = 2 over N = 6: S[s, s+2] = 0.99, 0.6, 0.8, 0.8, 0.95 for s = 0..4.
@@ -433,7 +441,7 @@ STREAMLINE_S = sym(6, {(0, 2): 0.99, (1, 3): 0.6, (2, 4): 0.8, (3, 5): 0.8, (4, 
     [(None, [2, 3]), ((), [0, 1]), ((2,), [0, 1]), ((0,), [4, 5]), ((0, -2), [2, 3])],
 )
 def test_streamline_maximises_run_similarity(protected: tuple[int, ...] | None, expected: list[int]) -> None:
-    sel = select("streamline", STREAMLINE_S, None, 2, SelectionOptions(protected=protected))
+    sel = select("streamline", STREAMLINE_S, None, 2, SelectionOptions(protected_layers=protected))
     assert sel.pruned_layers == expected
     assert sel.scores["run_similarity"] == [0.99, 0.6, 0.8, 0.8, 0.95]
 
@@ -448,7 +456,7 @@ np.fill_diagonal(ANGULAR_D, 0.0)
     [(None, [2, 3]), ((), [0, 1]), ((-3,), [0, 1]), ((0,), [4, 5]), ((0, 4), [2, 3])],
 )
 def test_angular_minimises_run_distance(protected: tuple[int, ...] | None, expected: list[int]) -> None:
-    sel = select("angular", STREAMLINE_S, ANGULAR_D, 2, SelectionOptions(protected=protected))
+    sel = select("angular", STREAMLINE_S, ANGULAR_D, 2, SelectionOptions(protected_layers=protected))
     assert sel.pruned_layers == expected
     assert sel.scores["run_angular_distance"] == [0.01, 0.3, 0.2, 0.2, 0.05]
 
@@ -470,16 +478,16 @@ def test_angular_rejects_d_of_the_wrong_shape() -> None:
     [(None, 2, [3, 4]), (None, 4, [1, 2, 3, 4]), ((), 2, [4, 5]), ((-2,), 2, [3, 5]), ((5, 4), 3, [1, 2, 3])],
 )
 def test_reverse_cuts_deepest_unprotected(protected: tuple[int, ...] | None, n: int, expected: list[int]) -> None:
-    sel = select("reverse", sym(6, {}), None, n, SelectionOptions(protected=protected))
+    sel = select("reverse", sym(6, {}), None, n, SelectionOptions(protected_layers=protected))
     assert sel.pruned_layers == expected
 
 
 @pytest.mark.parametrize("method", ["streamline", "angular"])
 def test_run_methods_without_a_valid_run_raise(method: str) -> None:
-    opts = SelectionOptions(protected=(0, 2, 4))
+    opts = SelectionOptions(protected_layers=(0, 2, 4))
     with pytest.raises(BudgetError) as err:
         select(method, STREAMLINE_S, ANGULAR_D, 2, opts)
-    assert err.value.field == "num_layers"
+    assert err.value.field == "target.num_layers"
 
 
 def test_baselines_report_the_structure() -> None:
@@ -545,7 +553,7 @@ def test_candidate_plans_skip_k_beyond_n_minus_2_and_angular_without_d() -> None
 
 
 def test_candidate_plans_leave_out_run_methods_without_a_run() -> None:
-    plans = candidate_plans(STREAMLINE_S, ANGULAR_D, 2, SelectionOptions(protected=(0, 2, 4)))
+    plans = candidate_plans(STREAMLINE_S, ANGULAR_D, 2, SelectionOptions(protected_layers=(0, 2, 4)))
     assert list(plans) == ["lorp", "lorp_k2", "lorp_k3", "lorp_k4", "shortgpt", "reverse"]
 
 
@@ -574,7 +582,7 @@ def test_every_method_on_random_matrices(seed: int) -> None:
         tuple(int(x) for x in rng.choice(n_blocks, size=2, replace=False)),
     ]
     for protected in protected_options:
-        opts = SelectionOptions(protected=protected, seed=seed)
+        opts = SelectionOptions(protected_layers=protected, cluster_seed=seed)
         prot = protected_set(n_blocks, opts)
         n_eligible = n_blocks - len(prot)
         st = analyze_structure(s, opts)

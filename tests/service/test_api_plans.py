@@ -49,7 +49,7 @@ def test_plans_match_the_engine(api_settings, rollback_sessionmaker):
     )
     assert with_options.status_code == 200, with_options.text
     plan = with_options.json()["plans"][0]
-    expected = engine_select("lorp", S, D, 3, SelectionOptions(num_clusters=4, protected=()))
+    expected = engine_select("lorp", S, D, 3, SelectionOptions(num_clusters=4, protected_layers=()))
     assert plan["budget"] == 3 and plan["ratio"] == 0.25 and plan["k"] == 4
     assert plan["pruned_layers"] == expected.pruned_layers
 

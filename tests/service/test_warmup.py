@@ -25,10 +25,10 @@ frozen = gc.get_freeze_count()
 before = set(sys.modules)
 from lorp.spec import PruneSpec
 spec = PruneSpec.model_validate({
-    "model": {"source": sys.argv[1]},
+    "model": {"id": sys.argv[1]},
     "method": "lorp",
     "target": {"num_layers": 1},
-    "calibration": {"source": sys.argv[2], "num_samples": 4, "seq_len": 16, "batch_size": 2},
+    "calibration": {"dataset": sys.argv[2], "num_samples": 4, "seq_len": 16, "batch_size": 2},
     "evaluation": {"max_windows": 2, "speed": False},
 })
 lorp.pipeline.run_prune(spec, Path(sys.argv[3]))
