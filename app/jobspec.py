@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.config import Settings
+from app.core.errors import Unprocessable
 from lorp.spec import (
     BatchSize,
     CalibrationSpec,
@@ -44,13 +45,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._
 _HUB_DATASET = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._/@:#\[\]-]{0,300}$")
 
 
-class RequestError(ValueError):
-    """A request that names something it may not use; ``field`` is the JSON path at fault."""
+class RequestError(Unprocessable):
+    """A request that names something it may not use (422 ``invalid_request``); ``field`` is the JSON path."""
+
+    code = "invalid_request"
 
     def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
+        super().__init__(message, field=field)
 
 
 class StrictModel(BaseModel):

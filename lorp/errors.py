@@ -1,8 +1,11 @@
-"""One error hierarchy for the engine.
+"""The project's one error tree, rooted here: ``LorpError``.
 
-Every error a caller can act on carries a stable ``code`` (used by the service for job errors and
-HTTP problem types) and a message a person can act on. ``field`` names the input at fault when there
-is one.
+Every error raised on purpose carries a stable ``code`` (a job's error code, a problem's type), a
+message a person can act on, and ``field``, the path of the input at fault in the job spec (the
+same path the service's request uses: ``target.num_layers``). The engine's errors derive from
+``EngineError``; the service's (``app.core.errors.ServiceError``: HTTP statuses, storage, request
+references) derive from ``LorpError`` too, so the API maps the whole tree to problem+json in one
+place and the worker records any of them on a failed job the same way.
 """
 
 from __future__ import annotations
@@ -10,15 +13,26 @@ from __future__ import annotations
 import sys
 
 
-class EngineError(Exception):
-    """Base class of the engine's errors."""
+class LorpError(Exception):
+    """An error with a stable code, a message a person can act on and the field at fault."""
 
-    code = "engine_error"
+    code = "error"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+
+    @property
+    def public_message(self) -> str:
+        """What a client may be shown (subclasses that hold internal detail say less)."""
+        return self.message
+
+
+class EngineError(LorpError):
+    """Base class of the engine's errors."""
+
+    code = "engine_error"
 
 
 class InvalidRequestError(EngineError, ValueError):

@@ -8,18 +8,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.core.config import Settings
-from app.jobspec import RequestError
 from app.storage import StorageError
-from lorp.errors import EngineError, is_out_of_memory
+from lorp.errors import LorpError, is_out_of_memory
 
 
-class JobFailure(Exception):
+class JobFailure(LorpError):
     """A failure the runner itself detects, with the job error code to record."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
 
 
 def first_line(exc: BaseException, limit: int = 500) -> str:
@@ -37,13 +35,11 @@ def is_database_outage(exc: BaseException) -> bool:
 
 def classify_failure(exc: BaseException, settings: Settings) -> tuple[str, str]:
     """The job error code and a message a person can act on, for an exception that ended a run."""
-    if isinstance(exc, JobFailure):
-        return exc.code, exc.message
-    if isinstance(exc, EngineError):
+    if isinstance(exc, StorageError):
+        return exc.code, f"object storage failed: {exc.message}"
+    if isinstance(exc, LorpError):
         where = f" (field {exc.field})" if exc.field else ""
         return exc.code, f"{exc.message}{where}"
-    if isinstance(exc, RequestError):
-        return "invalid_request", f"{exc.message} (field {exc.field})"
     if isinstance(exc, ValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()[:5]
@@ -55,8 +51,6 @@ def classify_failure(exc: BaseException, settings: Settings) -> tuple[str, str]:
             f"the job ran out of memory ({first_line(exc, 300)}); lower calibration.batch_size or "
             "calibration.seq_len, use a smaller dtype (options.dtype), or run it on a GPU with more memory",
         )
-    if isinstance(exc, StorageError):
-        return "storage_unavailable", f"object storage failed: {exc}"
     if isinstance(exc, SoftTimeLimitExceeded):
         return (
             "time_limit_exceeded",

@@ -20,9 +20,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import FieldError, ServiceError
-from app.jobspec import RequestError
-from app.storage import ObjectNotFound, StorageError
-from lorp.errors import EngineError, InvalidRequestError
+from app.storage import ObjectNotFound
+from lorp.errors import InvalidRequestError, LorpError
 
 logger = logging.getLogger(__name__)
 
@@ -121,18 +120,33 @@ def _is_connection_failure(exc: DBAPIError) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register one handler per error family; together they cover every exception."""
+    """Register one handler per error family (the project's own tree, request validation, HTTP, the
+    database, anything else); together they cover every exception."""
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    @app.exception_handler(LorpError)
+    async def _lorp_error(request: Request, exc: LorpError) -> JSONResponse:
+        # The project's one error tree: the service's errors carry their status; the engine's are the
+        # caller's to fix (422) when the request cannot be satisfied as stated, else 400.
+        if isinstance(exc, ServiceError):
+            status, title, errors, headers = exc.status, exc.title, exc.errors, exc.headers or None
+        else:
+            status = 422 if isinstance(exc, InvalidRequestError) else 400
+            title, headers = _phrase(status), None
+            errors = [FieldError(exc.field, exc.public_message)] if exc.field else []
+        if status >= 500:
+            logger.error("%s: %s", exc.code, exc.message)
+        elif isinstance(exc, ObjectNotFound):
+            # A row points at an object the store no longer holds: not the caller's doing, but a missing
+            # resource rather than a crash.
+            logger.warning("object missing from storage: %s", exc.message)
         return problem_response(
             request,
-            status=exc.status,
+            status=status,
             code=exc.code,
-            title=exc.title,
-            detail=exc.detail,
-            errors=exc.errors,
-            headers=exc.headers or None,
+            title=title,
+            detail=exc.public_message,
+            errors=errors,
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -157,42 +171,6 @@ def install_error_handlers(app: FastAPI) -> None:
             code=_HTTP_CODES.get(exc.status_code, "http_error"),
             detail=detail,
             headers=dict(exc.headers) if exc.headers else None,
-        )
-
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return problem_response(
-            request,
-            status=422,
-            code="invalid_request",
-            title="Unprocessable Content",
-            detail=exc.message,
-            errors=[FieldError(exc.field, exc.message)],
-        )
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        status = 422 if isinstance(exc, InvalidRequestError) else 400
-        return problem_response(
-            request,
-            status=status,
-            code=exc.code,
-            detail=exc.message,
-            errors=[FieldError(exc.field, exc.message)] if exc.field else [],
-        )
-
-    @app.exception_handler(ObjectNotFound)
-    async def _object_missing(request: Request, exc: ObjectNotFound) -> JSONResponse:
-        # A row points at an object the store no longer holds: the caller cannot fix that, but it is
-        # a missing resource rather than a crash.
-        logger.warning("object missing from storage: %s", exc)
-        return problem_response(request, status=404, code="object_missing", detail="the stored file is missing")
-
-    @app.exception_handler(StorageError)
-    async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
-        logger.error("storage error: %s", exc)
-        return problem_response(
-            request, status=503, code="storage_unavailable", detail="object storage is unavailable; retry later"
         )
 
     @app.exception_handler(PoolTimeoutError)

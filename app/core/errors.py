@@ -1,5 +1,6 @@
-"""The service's own errors: each fixes an HTTP status, a stable code and a title, and names the
-input at fault. ``app/api/problems.py`` renders them (and every other error) as problem+json.
+"""The service's own errors, a branch of the project's one error tree (``lorp.errors.LorpError``):
+each fixes an HTTP status, a stable code and a title, and names the input at fault.
+``app/api/problems.py`` renders the whole tree (and every other error) as problem+json.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from lorp.errors import LorpError
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class FieldError:
         return {"field": self.field, "message": self.message}
 
 
-class ServiceError(Exception):
+class ServiceError(LorpError):
     """Base of the service's errors; each subclass fixes the HTTP status, a stable code and a title."""
 
     status: int = 500
@@ -36,13 +39,15 @@ class ServiceError(Exception):
         errors: Sequence[FieldError] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.field = field
+        super().__init__(detail, field=field)
         if code is not None:
             self.code = code
         self.errors = list(errors) if errors is not None else ([FieldError(field, detail)] if field else [])
         self.headers = headers or {}
+
+    @property
+    def detail(self) -> str:
+        return self.message
 
 
 class Unauthorized(ServiceError):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from app.core.errors import ServiceError
+
 CHUNK_SIZE = 1 << 20
 _CONTENT_TYPES = {".jsonl": "application/x-ndjson", ".md": "text/markdown", ".safetensors": "application/octet-stream"}
 
@@ -24,20 +26,35 @@ class StoredObject:
     content_type: str
 
 
-class StorageError(Exception):
-    """A storage operation failed; `retryable` says whether the same call may succeed later."""
+class StorageError(ServiceError):
+    """A storage operation failed; `retryable` says whether the same call may succeed later.
+
+    Clients are told only that storage is unavailable: the message names buckets and keys.
+    """
+
+    status, code, title = 503, "storage_unavailable", "Service Unavailable"
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
 
+    @property
+    def public_message(self) -> str:
+        return "object storage is unavailable; retry later"
+
 
 class ObjectNotFound(StorageError):
-    """No object exists under the key."""
+    """No object exists under the key (a row points at an object the store no longer holds)."""
+
+    status, code, title = 404, "object_missing", "Not Found"
 
     def __init__(self, key: str, where: str = "") -> None:
         super().__init__(f"object {key!r} not found" + (f" in {where}" if where else ""), retryable=False)
         self.key = key
+
+    @property
+    def public_message(self) -> str:
+        return "the stored file is missing"
 
 
 def guess_content_type(key: str) -> str:

@@ -67,3 +67,36 @@ def test_unexpected_errors_are_500_problems_without_internals(api_settings, roll
     client = client_for(api_settings, rollback_sessionmaker, raise_server_exceptions=False)
     body = assert_problem(client.get("/v1/jobs"), 500)
     assert "secret" not in json.dumps(body)
+
+
+def test_storage_errors_map_to_problems_without_keys_or_buckets(api_settings, rollback_sessionmaker):
+    """The one mapping of the error tree: a missing object is 404, an unreachable store 503, and neither
+    names the key, the bucket or the endpoint."""
+    from app.api.deps import build_storage
+    from app.db.models import JobStatus
+
+    from .api_helpers import FILES, insert_job, publish_files
+
+    job_id = insert_job(rollback_sessionmaker, status=JobStatus.succeeded)
+    storage = build_storage(api_settings)
+    publish_files(rollback_sessionmaker, storage, job_id, FILES)
+    storage.delete_prefix(f"jobs/{job_id}/heatmap.png")  # the row stays, the object goes
+    client = client_for(api_settings, rollback_sessionmaker)
+    missing = assert_problem(client.get(f"/v1/jobs/{job_id}/artifacts/heatmap.png"), 404)
+    assert missing["code"] == "object_missing" and missing["detail"] == "the stored file is missing"
+    assert str(job_id) not in json.dumps({k: v for k, v in missing.items() if k != "instance"})
+
+    unreachable = api_settings.model_copy(
+        update={
+            "storage_url": "s3://secret-bucket-name/x",
+            "s3_endpoint_url": "http://127.0.0.1:9",
+            "s3_access_key": "k",
+            "s3_secret_key": "s",
+        }
+    )
+    upload = client_for(unreachable, rollback_sessionmaker).post(
+        "/v1/datasets", files={"file": ("a.txt", b"some calibration text", "text/plain")}
+    )
+    down = assert_problem(upload, 503)
+    assert down["code"] == "storage_unavailable" and "retry later" in down["detail"]
+    assert "secret-bucket-name" not in upload.text and "127.0.0.1:9" not in upload.text
