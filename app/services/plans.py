@@ -12,7 +12,8 @@ from app.core.security import Principal
 from app.jobspec import JobCreate
 from app.repositories import analyses as analyses_repo
 from app.schemas import PlanResult, PlansRequest, PlansResponse
-from app.services.jobs import get_job, no_analysis_reason
+from app.services.analysis import no_analysis_reason
+from app.services.jobs import get_job
 from lorp.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
 from lorp.selection import METHODS, SelectionOptions, analyze_structure, select
 from lorp.spec import TargetSpec

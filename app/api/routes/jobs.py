@@ -12,6 +12,9 @@ from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, Sto
 from app.db.models import Artifact, JobStatus
 from app.jobspec import JobCreate
 from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page, Problem
+from app.services import analysis as analysis_service
+from app.services import artifacts as artifacts_service
+from app.services import job_views
 from app.services import jobs as jobs_service
 from app.storage import Storage
 
@@ -53,8 +56,8 @@ def create_job(
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = jobs_service.job_path(submission.job.id)
-    return jobs_service.job_out(db.session, submission.job)
+    response.headers["Location"] = job_views.job_path(submission.job.id)
+    return job_views.job_out(db.session, submission.job)
 
 
 @router.get("", response_model=Page[JobListItem])
@@ -75,7 +78,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """A job's state, and its summary once available."""
-    return jobs_service.job_out(session, jobs_service.get_job(session, job_id, principal))
+    return job_views.job_out(session, jobs_service.get_job(session, job_id, principal))
 
 
 @router.post(
@@ -89,20 +92,20 @@ def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> 
 def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JSONResponse:
     """Cancel a queued job at once (200) or ask a running one to stop at its next checkpoint (202)."""
     job, final = jobs_service.cancel_job(session, job_id, principal)
-    body = jobs_service.job_out(session, job)
+    body = job_views.job_out(session, job)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if final else 202)
 
 
 @router.get("/{job_id}/analysis", response_model=AnalysisOut)
 def get_analysis(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> AnalysisOut:
     """S, D, clusters and per-block scores of the job's analysis."""
-    return jobs_service.get_analysis(session, job_id, principal)
+    return analysis_service.get_analysis(session, job_id, principal)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def list_artifacts(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> list[ArtifactOut]:
     """A succeeded job's files with size, sha256 and a download link."""
-    return jobs_service.list_artifacts(session, job_id, principal)
+    return artifacts_service.list_artifacts(session, job_id, principal)
 
 
 def _download(artifact: Artifact, storage: Storage, settings: SettingsDep) -> Response:
@@ -135,7 +138,7 @@ def get_heatmap(
     job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
 ) -> Response:
     """The similarity heat map of a succeeded job (PNG)."""
-    artifact = jobs_service.get_artifact(session, job_id, jobs_service.HEATMAP, principal)
+    artifact = artifacts_service.get_artifact(session, job_id, job_views.HEATMAP, principal)
     return _download(artifact, storage, settings)
 
 
@@ -153,5 +156,5 @@ def download_artifact(
     settings: SettingsDep,
 ) -> Response:
     """Redirect to (S3) or stream (local storage) one of a succeeded job's files."""
-    artifact = jobs_service.get_artifact(session, job_id, name, principal)
+    artifact = artifacts_service.get_artifact(session, job_id, name, principal)
     return _download(artifact, storage, settings)

@@ -1,0 +1,153 @@
+"""How a job looks through the API: its full view (timeline, request, summary with plans, metrics
+and LoRP's structure), its list item and its links."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy.orm import Session
+
+from app.db.models import Job, JobStatus
+from app.repositories import analyses as analyses_repo
+from app.repositories import jobs as jobs_repo
+from app.schemas import (
+    JobError,
+    JobLinks,
+    JobListItem,
+    JobOut,
+    JobSummary,
+    PlanOut,
+)
+from lorp.jsonable import finite
+
+HEATMAP = "heatmap.png"
+
+
+def job_path(job_id: uuid.UUID) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def artifact_url(job_id: uuid.UUID, name: str) -> str:
+    return f"{job_path(job_id)}/artifacts/{quote(name, safe='/')}"
+
+
+def _links(job: Job) -> JobLinks:
+    base = job_path(job.id)
+    succeeded = job.status == JobStatus.succeeded
+    return JobLinks(
+        self=base,
+        cancel=f"{base}/cancel",
+        analysis=f"{base}/analysis" if job.analysis_id is not None else None,
+        heatmap=f"{base}/{HEATMAP}" if succeeded else None,
+        artifacts=f"{base}/artifacts" if succeeded else None,
+    )
+
+
+def _error(job: Job) -> JobError | None:
+    if job.error_code is None and job.error_message is None:
+        return None
+    return JobError(code=job.error_code or "error", message=job.error_message or "")
+
+
+# Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.
+COUNT_METRICS = frozenset({"num_layers", "num_parameters", "weights_bytes", "peak_memory_bytes"})
+
+
+def _metric_value(name: str, value: float | None) -> int | float | None:
+    number = finite(value)
+    if number is not None and name in COUNT_METRICS and number.is_integer():
+        return int(number)
+    return number
+
+
+def _job_structure(session: Session, job: Job) -> dict[str, Any] | None:
+    """RLS, K, clusters and N as this job's worker computed them (its summary), else the analysis row's.
+
+    The analysis row is shared by every job with the same calibration, and holds the structure for the
+    options of the job that captured it; a job with its own K override has its own in its summary.
+    """
+    own = job.summary or {}
+    if all(own.get(key) is not None for key in ("k", "clusters", "num_blocks")):
+        clusters = list(own["clusters"])
+        return {"rls": own.get("rls"), "k": own["k"], "clusters": clusters, "num_blocks": own["num_blocks"]}
+    return analyses_repo.structure_of(session, job.analysis_id) if job.analysis_id is not None else None
+
+
+def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
+    # Plans, metrics and the analysis are written with the success, in one transaction: a job that
+    # has not succeeded has none, and polling it costs one query, not four.
+    if job.status != JobStatus.succeeded and job.analysis_id is None and job.summary is None:
+        return None
+    plans = jobs_repo.plans_for(session, job.id)
+    metrics = jobs_repo.metrics_for(session, job.id)
+    structure = _job_structure(session, job)
+    if structure is None and not plans and not metrics and job.chosen_method is None and job.summary is None:
+        return None
+    grouped: dict[str, dict[str, int | float | None]] = {}
+    units: dict[str, str | None] = {}
+    for metric in metrics:
+        grouped.setdefault(metric.phase, {})[metric.name] = _metric_value(metric.name, metric.value)
+        if metric.unit is not None or metric.name not in units:
+            units[metric.name] = metric.unit
+    return JobSummary(
+        rls=finite(structure["rls"]) if structure else None,
+        k=structure["k"] if structure else None,
+        clusters=structure["clusters"] if structure else None,
+        num_blocks=structure["num_blocks"] if structure else None,
+        analysis_reused=job.analysis_reused,
+        plans=[
+            PlanOut(
+                name=p.name,
+                k=p.k,
+                pruned_layers=list(p.pruned_layers),
+                validation_perplexity=finite(p.validation_perplexity),
+                chosen=p.chosen,
+            )
+            for p in plans
+        ],
+        chosen_method=job.chosen_method,
+        pruned_layers=list(job.pruned_layers) if job.pruned_layers is not None else None,
+        metrics=grouped,
+        metric_units=units,
+        report=job.summary,
+        links=links,
+    )
+
+
+def _listed_fields(job: Job, links: JobLinks) -> dict[str, Any]:
+    """The fields a job shows in a list; the full view adds to them."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "stage": job.stage,
+        "progress": min(max(job.progress or 0.0, 0.0), 1.0),
+        "model": job.model_source,
+        "method": job.method,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "error": _error(job),
+        "links": links,
+    }
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    """The full view of a job, with its summary once the worker has stored one."""
+    links = _links(job)
+    return JobOut(
+        **_listed_fields(job, links),
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        heartbeat_at=job.heartbeat_at,
+        cancel_requested_at=job.cancel_requested_at,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        request=job.request,
+        summary=_summary(session, job, links),
+    )
+
+
+def list_item(job: Job) -> JobListItem:
+    return JobListItem(**_listed_fields(job, _links(job)))
