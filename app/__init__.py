@@ -1,1 +1,4 @@
-"""HTTP API of the LoRP service. It never imports torch or transformers."""
+"""The LoRP service: settings, errors, database, repositories, storage, enqueueing and the HTTP API.
+
+It never imports torch, transformers or the worker (import-linter checks it).
+"""
