@@ -9,53 +9,16 @@ dropped and restored in place, never copied, so validation needs no extra weight
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lorp.blocks import block_layout, remove_blocks, resolve_path
+from lorp.blocks import pruned_view
 from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
 from lorp.selection import Selection, SelectionOptions, candidate_plans
-
-# Plain values a module may hold (per-layer indices, cached flags, attention scaling ...): removal
-# may change any of them, so a view snapshots them all and puts them back.
-_SCALARS = (bool, int, float, str)
-
-
-@contextmanager
-def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
-    """Temporarily remove ``blocks`` from ``model`` in place; everything is restored on exit.
-
-    Args:
-        model: A causal LM whose layout ``lorp.blocks`` knows.
-        blocks: 0-based block indices to drop while the context is open.
-    """
-    layout = block_layout(model)
-    parent_path, _, attr = layout.path.rpartition(".")
-    parent = resolve_path(model, parent_path) if parent_path else model
-    module_list = getattr(parent, attr)
-    saved_modules = dict(module_list._modules)
-    config = model.config
-    saved_config = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(config).items()}
-    saved_scalars = [
-        (module, {k: v for k, v in vars(module).items() if isinstance(v, _SCALARS)}) for module in model.modules()
-    ]
-    try:
-        remove_blocks(model, list(blocks))
-        yield model
-    finally:
-        setattr(parent, attr, module_list)
-        module_list._modules.clear()
-        module_list._modules.update(saved_modules)
-        for key in [k for k in vars(config) if k not in saved_config]:
-            delattr(config, key)
-        config.__dict__.update(saved_config)
-        for module, values in saved_scalars:
-            module.__dict__.update(values)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,3 +340,62 @@ def remove_blocks(model: Any, blocks: Sequence[int]) -> list[int]:
         _renumber_block(block, new_idx)
     _refresh_model_flags(model, config)
     return kept
+
+
+# Plain values a module may hold (per-layer indices, cached flags, attention scaling ...): removal
+# may change any of them, so a view snapshots them all and puts them back.
+_SCALARS = (bool, int, float, str)
+
+
+@contextmanager
+def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
+    """Temporarily remove ``blocks`` from ``model`` in place; everything is restored on exit.
+
+    Args:
+        model: A causal LM whose layout ``lorp.blocks`` knows.
+        blocks: 0-based block indices to drop while the context is open.
+    """
+    layout = block_layout(model)
+    parent_path, _, attr = layout.path.rpartition(".")
+    parent = resolve_path(model, parent_path) if parent_path else model
+    module_list = getattr(parent, attr)
+    saved_modules = dict(module_list._modules)
+    config = model.config
+    saved_config = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(config).items()}
+    saved_scalars = [
+        (module, {k: v for k, v in vars(module).items() if isinstance(v, _SCALARS)}) for module in model.modules()
+    ]
+    try:
+        remove_blocks(model, list(blocks))
+        yield model
+    finally:
+        setattr(parent, attr, module_list)
+        module_list._modules.clear()
+        module_list._modules.update(saved_modules)
+        for key in [k for k in vars(config) if k not in saved_config]:
+            delattr(config, key)
+        config.__dict__.update(saved_config)
+        for module, values in saved_scalars:
+            module.__dict__.update(values)
+
+
+def block_input_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden state a decoder block receives, from a forward pre-hook's arguments."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError("could not find the hidden state among a decoder block's inputs")
+    return hidden
+
+
+def block_output_hidden(output: Any) -> torch.Tensor:
+    """The hidden state a decoder block returns (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise RuntimeError(f"could not find the hidden state in a decoder block's output ({type(output).__name__})")

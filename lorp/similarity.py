@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lorp.blocks import decoder_blocks, input_device
+from lorp.blocks import block_input_hidden, block_output_hidden, decoder_blocks, input_device
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
 
@@ -49,26 +49,6 @@ class SimilarityStats:
 
 class _StopForward(Exception):
     """Raised by the last block's hook: nothing after the last block is needed."""
-
-
-def _hidden_from(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    hidden = kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor):
-        raise RuntimeError("could not find the hidden state among a decoder block's inputs")
-    return hidden
-
-
-def _output_hidden(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    hidden = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    raise RuntimeError(f"could not find the hidden state in a decoder block's output ({type(output).__name__})")
 
 
 class _StateRecorder:
@@ -119,12 +99,12 @@ class _StateRecorder:
 
     def _pre_hook(self, idx: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._store(idx, _hidden_from(args, kwargs))
+            self._store(idx, block_input_hidden(args, kwargs))
 
         return hook
 
     def _last_hook(self, _module: torch.nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
-        self._store(self.n_states - 1, _output_hidden(output))
+        self._store(self.n_states - 1, block_output_hidden(output))
         raise _StopForward
 
 

@@ -24,7 +24,8 @@ import torch
 from benchdoc import other_sections, replace_section
 
 from lorp import calibration as cal
-from lorp.auto import auto_select, pruned_view
+from lorp.auto import auto_select
+from lorp.blocks import pruned_view
 from lorp.evaluation import measure_speed, perplexity
 from lorp.loading import load_model
 from lorp.selection import SelectionOptions, candidate_plans

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from lorp.auto import auto_select, choose_best, pruned_view, score_candidates
-from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.auto import auto_select, choose_best, score_candidates
+from lorp.blocks import decoder_blocks, pruned_view, remove_blocks
 from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
 from lorp.selection import SelectionOptions
