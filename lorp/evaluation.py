@@ -15,6 +15,25 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
 
 
+def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of one batch and its number of predicted tokens.
+
+    A target counts only when it and its context position are real (unmasked) tokens.
+    """
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    return float(nll[valid].double().sum()), int(valid.sum())
+
+
+def mean_to_perplexity(nll: float, tokens: int) -> float:
+    """exp of the mean negative log-likelihood (inf past float range); refuses zero tokens."""
+    if tokens == 0:
+        raise InvalidRequestError("no tokens to evaluate", field="evaluation.dataset")
+    mean = nll / tokens
+    return math.exp(mean) if mean < 700 else math.inf
+
+
 def negative_log_likelihood(
     model: Any,
     windows: TokenWindows,
@@ -45,12 +64,9 @@ def negative_log_likelihood(
             ids = windows.input_ids[start : start + batch_size].to(device)
             mask = windows.attention_mask[start : start + batch_size].to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = ids[:, 1:]
-            nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            total_nll += float(nll[valid].double().sum())
-            total_tokens += int(valid.sum())
+            nll, tokens = batch_nll(logits, ids, mask)
+            total_nll += nll
+            total_tokens += tokens
             if progress is not None:
                 progress(min(start + batch_size, count), count)
     return total_nll, total_tokens
@@ -58,11 +74,7 @@ def negative_log_likelihood(
 
 def perplexity(model: Any, windows: TokenWindows, **kwargs: Any) -> float:
     """exp of the mean next-token negative log-likelihood over the windows (see ``negative_log_likelihood``)."""
-    nll, tokens = negative_log_likelihood(model, windows, **kwargs)
-    if tokens == 0:
-        raise InvalidRequestError("no tokens to evaluate", field="evaluation.dataset")
-    mean = nll / tokens
-    return math.exp(mean) if mean < 700 else math.inf
+    return mean_to_perplexity(*negative_log_likelihood(model, windows, **kwargs))
 
 
 def _sync(device: torch.device) -> None:

@@ -132,7 +132,7 @@ def fold(projection: Any, kind: str, T: torch.Tensor) -> None:
             bias.copy_((bias.to(torch.float64) @ t).to(bias.dtype))
 
 
-class _Statistics:
+class FitStatistics:
     """M^T M, M^T Z and the sums of squares a fit and its residuals need (Z = h_e - Y), in float64."""
 
     def __init__(self, device: torch.device) -> None:
@@ -192,7 +192,7 @@ def _original_weights(saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
                     projection.bias.copy_(bias)
 
 
-def _real_tokens(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+def real_tokens(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The rows of the real (unpadded) tokens, ``[tokens, d]``, whether ``hidden`` is ``[B, T, d]`` or
     already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
     return hidden.detach().reshape(-1, hidden.shape[-1])[real.reshape(-1).to(hidden.device)]
@@ -216,7 +216,7 @@ def _dense_targets(model: Any, ends: Sequence[int], ids: torch.Tensor, mask: tor
     handles = []
 
     def keep(end: int, hidden: torch.Tensor) -> None:
-        found[end] = _real_tokens(hidden, real)
+        found[end] = real_tokens(hidden, real)
         if end == last:
             raise _Stop
 
@@ -250,10 +250,10 @@ def _anchor_outputs(
         projection, _ = output_projection(model, block)
 
         def on_projection(_m: Any, _a: Any, out: torch.Tensor, i: int = i) -> None:
-            records[i]["m"] = _real_tokens(out, real)
+            records[i]["m"] = real_tokens(out, real)
 
         def on_block(_m: Any, _a: Any, out: Any, i: int = i) -> None:
-            records[i]["h"] = _real_tokens(block_output_hidden(out), real)
+            records[i]["h"] = real_tokens(block_output_hidden(out), real)
             if i == len(anchors) - 1:
                 raise _Stop
 
@@ -311,7 +311,7 @@ def heal_cuts(
     fits: list[SpanFit] = []
     removed: list[int] = []
     for group in groups:
-        stats = [_Statistics(device) for _ in group]
+        stats = [FitStatistics(device) for _ in group]
         anchors = [blocks[start - 1] for start, _ in group]
         for begin in range(0, windows.num_windows, batch_size):
             if should_cancel is not None and should_cancel():

@@ -19,7 +19,7 @@ from lorp.errors import InvalidRequestError
 from lorp.export import save_pruned, verify_reload
 from lorp.heal import (
     _anchor_outputs,
-    _Statistics,
+    FitStatistics,
     contiguous_spans,
     fold,
     heal_cuts,
@@ -114,7 +114,7 @@ def test_the_fit_recovers_a_known_map_from_the_statistics() -> None:
     g = torch.Generator().manual_seed(7)
     m = torch.randn(500, 8, generator=g, dtype=torch.float64)
     A = torch.randn(8, 8, generator=g, dtype=torch.float64)
-    stats = _Statistics(torch.device("cpu"))
+    stats = FitStatistics(torch.device("cpu"))
     for part in range(5):  # accumulated batch by batch, as over calibration windows
         rows = slice(100 * part, 100 * (part + 1))
         stats.add(m[rows], m[rows] @ A)

@@ -1,0 +1,239 @@
+"""Scoring plans as they will ship, from cached dense states: healed or not, each computation done once.
+
+``CachedHealer`` fits the linear map of every removed span (``lorp.heal``'s fit) from a
+``StateCache`` of the heal windows: a fit runs only the blocks from its first anchor to its own
+anchor, and a fit any candidate shares with an earlier one (the same span, and in ``sequential``
+mode the same spans before it) is reused. ``PlanScorer`` measures a plan's perplexity on a
+``StateCache`` of the validation windows, running only the blocks from the plan's first change
+onward; a plan already scored is not measured again. Both say how much they did (fits,
+evaluations, seconds) for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorp.blocks import block_output_hidden, decoder_blocks
+from lorp.errors import JobCancelled
+from lorp.evaluation import batch_nll, mean_to_perplexity
+from lorp.heal import (
+    DEFAULT_RIDGE,
+    FitStatistics,
+    HealMode,
+    SpanFit,
+    contiguous_spans,
+    fold,
+    output_projection,
+    real_tokens,
+)
+from lorp.states import StateCache, StopForward, started_at
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A span's fitted map ``T`` (d x d, float64) and how well it fits."""
+
+    T: torch.Tensor
+    span: SpanFit
+
+    @property
+    def anchor(self) -> int:
+        return self.span.anchor
+
+
+def healable_spans(plan: Sequence[int]) -> list[tuple[int, int]]:
+    """The plan's removed spans that have a block before them to fold into."""
+    return [(s, e) for s, e in contiguous_spans(plan) if s > 0]
+
+
+@contextmanager
+def folded(model: Any, fits: Sequence[Fit]) -> Iterator[None]:
+    """The fits folded into their anchor blocks for the length of the block, then the weights restored."""
+    blocks = decoder_blocks(model)
+    saved: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = []
+    try:
+        for fit in fits:
+            projection, kind = output_projection(model, blocks[fit.anchor])
+            bias = getattr(projection, "bias", None)
+            kept_bias = None if bias is None else bias.detach().clone()
+            saved.append((projection, projection.weight.detach().clone(), kept_bias))
+            fold(projection, kind, fit.T)
+        yield
+    finally:
+        with torch.no_grad():
+            for projection, weight, bias in reversed(saved):
+                projection.weight.copy_(weight)
+                if bias is not None:
+                    projection.bias.copy_(bias)
+
+
+def apply_fits(model: Any, fits: Sequence[Fit]) -> None:
+    """Fold the fits into the model for good (before its blocks are removed)."""
+    blocks = decoder_blocks(model)
+    for fit in fits:
+        projection, kind = output_projection(model, blocks[fit.anchor])
+        fold(projection, kind, fit.T)
+
+
+def _check(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise JobCancelled("the job was cancelled")
+
+
+class CachedHealer:
+    """The heal fits of any plan, from the dense states of the heal windows.
+
+    Args:
+        model: the dense model (left unchanged).
+        cache: dense states on the heal windows (never the validation windows the plans are scored on).
+        mode: ``sequential`` (each span fitted on the model pruned and healed before it) or ``dense``.
+        ridge: the pull toward the identity (``lorp.heal``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: StateCache,
+        *,
+        mode: HealMode = "sequential",
+        ridge: float = DEFAULT_RIDGE,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.mode = mode
+        self.ridge = ridge
+        self.should_cancel = should_cancel
+        self._fits: dict[tuple[tuple[int, int], ...], Fit] = {}
+        self.fits_computed = 0
+        self.seconds = 0.0
+
+    def fits(self, plan: Sequence[int]) -> list[Fit]:
+        """One fit per healable span of ``plan``, in depth order (computed now or reused)."""
+        spans = healable_spans(plan)
+        out: list[Fit] = []
+        for k, span in enumerate(spans):
+            key = (span,) if self.mode == "dense" or k == 0 else tuple(spans[: k + 1])
+            if key not in self._fits:
+                started = time.perf_counter()
+                self._fits[key] = self._fit(span, spans[:k], out)
+                self.fits_computed += 1
+                self.seconds += time.perf_counter() - started
+            out.append(self._fits[key])
+        return out
+
+    def _fit(self, span: tuple[int, int], earlier: list[tuple[int, int]], earlier_fits: list[Fit]) -> Fit:
+        start, end = span
+        anchor = start - 1
+        blocks = decoder_blocks(self.model)
+        block = blocks[anchor]
+        projection, _ = output_projection(self.model, block)
+        if self.mode == "dense" or not earlier:
+            first, removed, applied = anchor, [], []
+        else:
+            first = earlier_fits[0].anchor
+            removed = [b for s, e in earlier for b in range(s, e)]
+            applied = earlier_fits
+        record: dict[str, torch.Tensor] = {}
+        stats = FitStatistics(self.cache.state(0, 0).device)
+
+        def on_projection(_m: Any, _a: Any, out: torch.Tensor) -> None:
+            record["m"] = out.detach().clone()  # Falcon adds the attention output into it in place
+
+        def on_block(_m: Any, _a: Any, out: Any) -> None:
+            record["h"] = block_output_hidden(out).detach()
+            raise StopForward
+
+        handles = [projection.register_forward_hook(on_projection), block.register_forward_hook(on_block)]
+        try:
+            with folded(self.model, applied), started_at(self.model, self.cache, first, removed) as run:
+                for batch in range(self.cache.num_batches):
+                    _check(self.should_cancel)
+                    with suppress(StopForward):
+                        run(batch)
+                    real = self.cache.batches[batch][1].bool()
+                    m, h = real_tokens(record["m"], real), real_tokens(record["h"], real)
+                    target = real_tokens(self.cache.state(batch, end), real)
+                    stats.add(m, target - (h - m))
+        finally:
+            for handle in handles:
+                handle.remove()
+        T = stats.solve(self.ridge)
+        return Fit(
+            T=T,
+            span=SpanFit(
+                start=start,
+                end=end,
+                anchor=anchor,
+                num_tokens=stats.tokens,
+                residual_before=stats.relative(stats.squared_error(None)),
+                residual_after=stats.relative(stats.squared_error(T)),
+            ),
+        )
+
+
+class PlanScorer:
+    """Validation perplexity of plans, from the dense states of the validation windows.
+
+    Args:
+        model: the dense model (left unchanged).
+        cache: dense states on the validation windows.
+        healer: fits for healed scores (None: plans are scored unhealed only).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: StateCache,
+        *,
+        healer: CachedHealer | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.healer = healer
+        self.should_cancel = should_cancel
+        self._scores: dict[tuple[tuple[int, ...], bool], float] = {}
+        self.evaluations = 0
+        self.seconds = 0.0
+
+    @property
+    def heals(self) -> bool:
+        return self.healer is not None
+
+    def fits(self, plan: Sequence[int]) -> list[Fit]:
+        return self.healer.fits(plan) if self.healer is not None else []
+
+    def score(self, plan: Sequence[int]) -> float:
+        """The plan's validation perplexity, healed when this scorer heals."""
+        key = (tuple(sorted(set(plan))), self.heals)
+        if key not in self._scores:
+            fits = self.fits(key[0])
+            started = time.perf_counter()
+            self._scores[key] = self._measure(key[0], fits)
+            self.evaluations += 1
+            self.seconds += time.perf_counter() - started
+        return self._scores[key]
+
+    def _measure(self, plan: tuple[int, ...], fits: list[Fit]) -> float:
+        n_blocks = self.cache.num_blocks
+        changed = [*plan, *(fit.anchor for fit in fits)]
+        start = min(changed) if changed else n_blocks - 1
+        removed = set(plan)
+        if all(b in removed for b in range(start, n_blocks)):
+            start = max(b for b in range(start) if b not in removed)
+        nll, tokens = 0.0, 0
+        with folded(self.model, fits), started_at(self.model, self.cache, start, plan) as run:
+            for batch in range(self.cache.num_batches):
+                _check(self.should_cancel)
+                ids, mask = self.cache.batches[batch]
+                batch_sum, batch_tokens = batch_nll(run(batch).logits, ids, mask)
+                nll += batch_sum
+                tokens += batch_tokens
+        return mean_to_perplexity(nll, tokens)

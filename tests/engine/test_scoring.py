@@ -1,0 +1,107 @@
+"""Cached-prefix scoring (lorp.states, lorp.scoring) equals running the whole pruned model.
+
+- a plan's score from the cached dense states equals its perplexity with the blocks removed, on
+  every architecture (sliding windows, ALiBi, learned positions, GPT-2's layer scaling);
+- healed scores and fits from the cache equal ``lorp.heal.heal_cuts`` on the same windows, in both
+  modes, and a fit a plan shares with an earlier one is reused;
+- cancelling between batches raises ``JobCancelled``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorp.blocks import pruned_view
+from lorp.errors import JobCancelled
+from lorp.evaluation import perplexity
+from lorp.heal import heal_cuts
+from lorp.scoring import CachedHealer, PlanScorer
+from lorp.states import StateCache
+
+from .test_blocks import ARCHS, build
+from .test_heal import FOLDABLE, windows
+
+PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]
+
+
+def six_blocks(name: str) -> torch.nn.Module:
+    overrides: dict = {ARCHS[name][4]: 6}
+    if "layer_types" in ARCHS[name][1]:
+        overrides["layer_types"] = ["sliding_attention", "full_attention"] * 3
+    if "no_rope_layers" in ARCHS[name][1]:
+        overrides["no_rope_layers"] = [1, 0, 1, 1, 0, 1]
+    return build(name, **overrides)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_cached_prefix_scores_equal_full_re_evaluation(name: str) -> None:
+    model = six_blocks(name)
+    data = windows(batch=5, length=12, seed=4)
+    scorer = PlanScorer(model, StateCache(model, data, batch_size=2))
+    for plan in PLANS:
+        with pruned_view(model, plan):
+            full = perplexity(model, data, batch_size=2)
+        assert scorer.score(plan) == pytest.approx(full, rel=1e-5), plan
+    assert scorer.evaluations == len(PLANS)
+    scorer.score([2])
+    assert scorer.evaluations == len(PLANS)  # a plan already scored is not measured again
+
+
+@pytest.mark.parametrize("mode", ["sequential", "dense"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "falcon"])
+def test_cached_heal_fits_and_healed_scores_equal_heal_cuts(name: str, mode: str) -> None:
+    assert name in FOLDABLE
+    fit_on, score_on = windows(batch=6, length=12, seed=3), windows(batch=4, length=12, seed=9)
+    for plan in ([2, 3], [1, 4], [2, 4, 5]):
+        model = six_blocks(name)
+        healer = CachedHealer(model, StateCache(model, fit_on, batch_size=4), mode=mode)  # type: ignore[arg-type]
+        scorer = PlanScorer(model, StateCache(model, score_on, batch_size=3), healer=healer)
+        cached = scorer.score(plan)
+        spans = [fit.span for fit in healer.fits(plan)]
+
+        reference = six_blocks(name)
+        expected = heal_cuts(reference, plan, fit_on, batch_size=4, mode=mode)  # type: ignore[arg-type]
+        with pruned_view(reference, plan):
+            full = perplexity(reference, score_on, batch_size=3)
+        assert cached == pytest.approx(full, rel=1e-4), plan
+        assert [(s.start, s.end, s.anchor, s.num_tokens) for s in spans] == [
+            (s.start, s.end, s.anchor, s.num_tokens) for s in expected
+        ]
+        for got, want in zip(spans, expected, strict=True):
+            assert got.residual_after == pytest.approx(want.residual_after, rel=1e-4, abs=1e-6)
+        # the dense model is left as it was
+        dense = six_blocks(name)
+        for (key, a), b in zip(model.state_dict().items(), dense.state_dict().values(), strict=True):
+            assert torch.equal(a, b), key
+
+
+def test_fits_a_plan_shares_with_an_earlier_one_are_reused() -> None:
+    model = six_blocks("llama")
+    healer = CachedHealer(model, StateCache(model, windows(), batch_size=3), mode="sequential")
+    healer.fits([2, 3])
+    assert healer.fits_computed == 1
+    healer.fits([2, 3, 5])  # shares the first span and its fit; the second span is new
+    assert healer.fits_computed == 2
+    healer.fits([1, 3])  # a new first span, and so a new context for the second
+    assert healer.fits_computed == 4
+    dense = CachedHealer(model, StateCache(model, windows(), batch_size=3), mode="dense")
+    dense.fits([2, 5])
+    assert dense.fits_computed == 2
+    dense.fits([1, 5])  # in dense mode a span's fit does not depend on the spans before it
+    assert dense.fits_computed == 3
+
+
+def test_cancel_between_batches_raises() -> None:
+    model = six_blocks("llama")
+    calls = {"n": 0}
+
+    def cancel_on_second() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    scorer = PlanScorer(model, StateCache(model, windows(), batch_size=2), should_cancel=cancel_on_second)
+    with pytest.raises(JobCancelled):
+        scorer.score([2])
+    with pytest.raises(JobCancelled):
+        StateCache(model, windows(), batch_size=2, should_cancel=lambda: True)
