@@ -75,7 +75,19 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--num-layers", type=int, help="blocks to remove")
     target.add_argument("--ratio", type=float, help="fraction of blocks to remove (rounded down)")
-    prune.add_argument("--method", default="auto", help="auto (default), lorp, shortgpt, streamline, angular, reverse")
+    target.add_argument(
+        "--max-perplexity-ratio",
+        type=float,
+        help="remove the most blocks whose best plan keeps validation perplexity within this multiple of dense",
+    )
+    prune.add_argument(
+        "--method", default="auto", help="auto (default), search, lorp, shortgpt, streamline, angular, reverse"
+    )
+    prune.add_argument(
+        "--heal",
+        choices=["linear", "none"],
+        help="fold a fitted linear map into the block before each cut (default: linear where the architecture allows)",
+    )
     _add_calibration_args(prune)
     _add_selection_args(prune)
     prune.add_argument("--eval", dest="eval_source", help="held-out text (default: built-in evaluation split)")
@@ -169,10 +181,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     spec = PruneSpec(
         model=_model_spec(args),
         method=args.method,
-        target=TargetSpec(num_layers=args.num_layers, ratio=args.ratio),
+        target=TargetSpec(num_layers=args.num_layers, ratio=args.ratio, max_perplexity_ratio=args.max_perplexity_ratio),
         calibration=_calibration_spec(args),
         options=SelectionOptions(
-            num_clusters=args.num_clusters, protected_layers=args.protect, cluster_seed=args.cluster_seed
+            num_clusters=args.num_clusters,
+            protected_layers=args.protect,
+            cluster_seed=args.cluster_seed,
+            heal=args.heal,
         ),
         evaluation=EvaluationSpec(
             dataset=args.eval_source,
@@ -206,9 +221,32 @@ def _summary(report: PruneReport, out_dir: str) -> str:
         f"method          {report.method} -> {report.chosen.candidate}",
         f"removed blocks  {report.chosen.pruned_layers}",
     ]
+    quality = report.selection.quality_target if report.selection is not None else None
+    if quality is not None:
+        after = _fmt(quality["next_ratio"], ".3f")
+        lines.append(
+            f"quality target  {report.num_layers_removed} blocks within {quality['max_perplexity_ratio']}x dense "
+            f"validation perplexity (ratio {quality['ratio']:.3f}; one block more: {after})"
+        )
+    heal = report.heal
+    if heal.method != "none":
+        for span in heal.spans:
+            lines.append(
+                f"healed span     [{span['start']}, {span['end']}) into block {span['anchor']}: residual "
+                f"{span['residual_before']:.3f} -> {span['residual_after']:.3f}"
+            )
+    else:
+        lines.append("healed          no (blocks removed as they are)")
+    if report.selection is not None:
+        lines.append(
+            f"plans scored    {report.selection.evaluations} in full, {report.selection.screenings} screened "
+            f"({report.selection.heal_fits} heal fits) "
+            f"in {report.selection.cache_s + report.selection.scoring_s:.1f} s"
+        )
     scored = {name: p for name, p in report.plans.items() if p.validation_perplexity is not None}
     if scored:
-        lines.append("candidates      (validation perplexity, lower is better)")
+        healed = " healed," if heal.method != "none" else ""
+        lines.append(f"candidates      (validation perplexity,{healed} lower is better)")
         for name, plan in sorted(scored.items(), key=lambda kv: kv[1].validation_perplexity or 0.0):
             lines.append(f"  {name:<12} {plan.validation_perplexity:>10.2f}  {plan.pruned_layers}")
     if "perplexity" in metrics.dense:

@@ -20,8 +20,9 @@ def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tu
 
     A target counts only when it and its context position are real (unmasked) tokens.
     """
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # -log softmax(z)[t] = logsumexp(z) - z[t], without writing the whole log-softmax out
+    z = logits[:, :-1].float()
+    nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     return float(nll[valid].double().sum()), int(valid.sum())
 

@@ -20,23 +20,28 @@ import torch
 
 from lorp import assets
 from lorp import calibration as cal
-from lorp.auto import auto_select
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, load_model
+from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
 from lorp.report import library_versions, plot_heatmap, save_analysis, write_report
-from lorp.result import ChosenPlan, Metrics, PlanScore, PruneReport, StructureSummary
-from lorp.selection import (
-    Selection,
-    candidate_plans,
-    select,
-    validate_budget,
+from lorp.result import (
+    ChosenPlan,
+    HealSummary,
+    Metrics,
+    PlanScore,
+    PruneReport,
+    SelectionSummary,
+    StructureSummary,
 )
+from lorp.scoring import apply_fits
+from lorp.selection import Selection, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
-from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec
+from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
 from lorp.stages import Stage
+from lorp.states import StateSink
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +242,32 @@ def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec,
     return metrics
 
 
+def _heal_summary(choice: PlanChoice) -> HealSummary:
+    if choice.heal == "none":
+        return HealSummary(method="none", reason=choice.heal_reason)
+    return HealSummary(
+        method=choice.heal,
+        mode=HEAL_MODE,
+        num_tokens=choice.heal_tokens,
+        spans=[dataclasses.asdict(fit.span) for fit in choice.fits],
+    )
+
+
+def _selection_summary(choice: PlanChoice) -> SelectionSummary:
+    return SelectionSummary(
+        evaluations=choice.evaluations,
+        screenings=choice.screenings,
+        heal_fits=choice.heal_fits,
+        cache_s=choice.cache_s,
+        scoring_s=choice.scoring_s,
+        search_path=[dataclasses.asdict(step) for step in choice.search_path],
+        quality_target=dataclasses.asdict(choice.quality) if choice.quality is not None else None,
+    )
+
+
 def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int]) -> str:
     name = Path(source).name if "/" in source else source
-    plan = f"auto chose {chosen}" if method == "auto" else method
+    plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS else method
     return f"{name}: {plan}, removing blocks {pruned}"
 
 
@@ -272,10 +300,11 @@ def run_prune(
         loaded = _load(spec.model)
     model = loaded.model
     n_blocks = len(decoder_blocks(model))
-    n = spec.target.blocks_for(n_blocks)
     opts = spec.options
-    validate_budget(n_blocks, n, opts)
+    if not spec.target.is_quality_bound:
+        validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
     _check_options(n_blocks, spec)
+    resolve_heal(model, opts.heal)
 
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration)
@@ -286,6 +315,9 @@ def run_prune(
             seq_len=spec.calibration.seq_len,
             max_windows=spec.evaluation.max_windows,
         )
+    fit_on = heal_windows(data.capture)
+    heal = resolve_heal(model, opts.heal, fit_on.num_tokens)  # refuses before the capture
+    sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration)
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
     reused = precomputed is not None
@@ -305,6 +337,7 @@ def run_prune(
                 angular=spec.calibration.angular,
                 progress=stages.fraction(Stage.capture),
                 should_cancel=should_cancel,
+                keep_states=sink,
             )
         provenance = capture_provenance(loaded, data, spec.calibration, stats)
     provenance = {
@@ -314,29 +347,23 @@ def run_prune(
     }
 
     with stages.stage(Stage.selection):
-        plans = candidate_plans(stats.S, stats.D, n, opts)
-        scores: dict[str, float] = {}
-        if spec.method == "auto":
-            result = auto_select(
-                model,
-                stats.S,
-                stats.D,
-                n,
-                data.validation,
-                options=opts,
-                batch_size=spec.calibration.batch_size,
-                progress=stages.fraction(Stage.selection),
-                should_cancel=should_cancel,
-            )
-            plans, scores, chosen_name = result.candidates, result.scores, result.chosen.method
-            chosen = result.chosen
-        else:
-            chosen = select(spec.method, stats.S, stats.D, n, opts)
-            chosen_name = spec.method
+        choice = choose_plan(
+            model,
+            stats.S,
+            stats.D,
+            data,
+            spec,
+            n_blocks,
+            progress=stages.fraction(Stage.selection),
+            should_cancel=should_cancel,
+            heal_cache=sink.cache() if sink is not None and sink.windows else None,
+        )
+    n, chosen, chosen_name = choice.n, choice.chosen, choice.chosen_name
 
     with stages.stage(Stage.evaluating_dense):
         dense = _measure(model, eval_windows, spec, stages, Stage.evaluating_dense)
     with stages.stage(Stage.pruning):
+        apply_fits(model, choice.fits)
         remove_blocks(model, chosen.pruned_layers)
     with stages.stage(Stage.evaluating_pruned):
         pruned = _measure(model, eval_windows, spec, stages, Stage.evaluating_pruned)
@@ -355,6 +382,7 @@ def run_prune(
             stats.S,
             clusters=structure.clusters,
             pruned=chosen.pruned_layers,
+            healed=[(fit.span.start, fit.span.end) for fit in choice.fits],
             title=_heatmap_title(str(loaded.provenance.get("source")), spec.method, chosen_name, chosen.pruned_layers),
         )
         metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
@@ -381,14 +409,18 @@ def run_prune(
             chosen=ChosenPlan(candidate=chosen_name, pruned_layers=list(chosen.pruned_layers)),
             plans={
                 name: PlanScore(
-                    pruned_layers=list(sel.pruned_layers), k=sel.structure.k, validation_perplexity=scores.get(name)
+                    pruned_layers=list(sel.pruned_layers),
+                    k=sel.structure.k if name != "search" else None,
+                    validation_perplexity=choice.scores.get(name),
                 )
-                for name, sel in plans.items()
+                for name, sel in choice.plans.items()
             },
             metrics=metrics,
             reload_check=reload_check,
             timings_s=stages.timings,
             files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
+            heal=_heal_summary(choice),
+            selection=_selection_summary(choice),
         )
         write_report(out / "report.json", report.to_json())
     log.info("pruned %s: removed %s -> %s", spec.model.id, chosen.pruned_layers, model_dir)

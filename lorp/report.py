@@ -94,6 +94,7 @@ def plot_heatmap(
     *,
     clusters: Sequence[int] | None = None,
     pruned: Sequence[int] = (),
+    healed: Sequence[tuple[int, int]] = (),
     title: str = "",
 ) -> Path:
     """Draw S with LoRP's cluster boundaries (white lines) and the cut blocks marked (red), with a legend.
@@ -103,6 +104,8 @@ def plot_heatmap(
         S: (N+1)x(N+1) similarity matrix; state l is the input of block l, state N the last output.
         clusters: LoRP's cluster label per block (length N), boundaries drawn where the label changes.
         pruned: Removed blocks, marked on both axes.
+        healed: Healed spans [start, end): the square from state start-1 to state end is outlined
+            (orange): block start-1 carries the fitted map that stands in for the span.
         title: Figure title.
     """
     import matplotlib
@@ -124,6 +127,13 @@ def plot_heatmap(
         ax.plot([block], [-0.9], marker="v", color="red", markersize=6, clip_on=False)
         ax.plot([-0.9], [block], marker=">", color="red", markersize=6, clip_on=False)
         ax.add_patch(plt.Rectangle((block - 0.5, block - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    for start, end in healed:
+        side = end - start + 2
+        ax.add_patch(
+            plt.Rectangle(
+                (start - 1.5, start - 1.5), side, side, fill=False, edgecolor="orange", linewidth=1.4, linestyle="--"
+            )
+        )
     ax.set_xlim(-1.2, n_states - 0.5)
     ax.set_ylim(n_states - 0.5, -1.2)
     ax.set_xlabel("hidden state (input of block l; last = output of the last block)")
@@ -135,6 +145,10 @@ def plot_heatmap(
         legend.append(Line2D([], [], color="white", linewidth=1.2, label=f"LoRP's K = {k} clusters (boundaries)"))
     if len(pruned):
         legend.append(Line2D([], [], color="red", marker="s", fillstyle="none", linestyle="", label="removed blocks"))
+    if len(healed):
+        legend.append(
+            Line2D([], [], color="orange", linestyle="--", label="healed spans (map folded into the block before)")
+        )
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8, facecolor="#444444", labelcolor="white", framealpha=0.9)
     fig.tight_layout()

@@ -61,6 +61,35 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class HealSummary:
+    """How the cuts were healed (``none``: blocks removed as they are) and each span's fit.
+
+    Each span: ``start``, ``end``, ``anchor`` (the block the map is folded into), ``num_tokens`` and
+    ``residual_before`` / ``residual_after``: the anchor's distance from the dense target relative to
+    the part its MLP must supply, without and with the map (how much of the gap the map closed).
+    """
+
+    method: str
+    mode: str | None = None
+    num_tokens: int = 0
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None  # why the cuts ship unhealed, when they do
+
+
+@dataclass(frozen=True)
+class SelectionSummary:
+    """What choosing the plan cost: plans scored, heal maps fitted, seconds, and the search's path."""
+
+    evaluations: int
+    screenings: int
+    heal_fits: int
+    cache_s: float
+    scoring_s: float
+    search_path: list[dict[str, Any]] = field(default_factory=list)
+    quality_target: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class PruneReport:
     """Everything a run reports: the request, provenance, structure, every plan, the chosen one,
     the metrics, the reload check and the stage timings."""
@@ -77,6 +106,8 @@ class PruneReport:
     reload_check: dict[str, Any]
     timings_s: dict[str, float]
     files: dict[str, str] = field(default_factory=dict)
+    heal: HealSummary = field(default_factory=lambda: HealSummary(method="none"))
+    selection: SelectionSummary | None = None
 
     @property
     def fingerprint(self) -> str | None:

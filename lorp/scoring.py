@@ -181,10 +181,15 @@ class CachedHealer:
 class PlanScorer:
     """Validation perplexity of plans, from the dense states of the validation windows.
 
+    ``score(plan, screen=True)`` measures only the first ``screen_windows`` windows: a search
+    compares closely related plans on the same tokens, where a few windows rank them well, and
+    measures its finalists on all of them.
+
     Args:
         model: the dense model (left unchanged).
         cache: dense states on the validation windows.
         healer: fits for healed scores (None: plans are scored unhealed only).
+        screen_windows: windows a screening score reads (rounded up to whole batches).
     """
 
     def __init__(
@@ -194,13 +199,16 @@ class PlanScorer:
         *,
         healer: CachedHealer | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        screen_windows: int = 4,
     ) -> None:
         self.model = model
         self.cache = cache
         self.healer = healer
         self.should_cancel = should_cancel
-        self._scores: dict[tuple[tuple[int, ...], bool], float] = {}
+        self.screen_batches = min(cache.num_batches, max(1, -(-screen_windows // cache.batch_size)))
+        self._scores: dict[tuple[tuple[int, ...], bool, int], float] = {}
         self.evaluations = 0
+        self.screenings = 0
         self.seconds = 0.0
 
     @property
@@ -210,18 +218,26 @@ class PlanScorer:
     def fits(self, plan: Sequence[int]) -> list[Fit]:
         return self.healer.fits(plan) if self.healer is not None else []
 
-    def score(self, plan: Sequence[int]) -> float:
-        """The plan's validation perplexity, healed when this scorer heals."""
-        key = (tuple(sorted(set(plan))), self.heals)
+    def score(self, plan: Sequence[int], *, healed: bool | None = None, screen: bool = False) -> float:
+        """The plan's validation perplexity, healed when this scorer heals (``healed=False``: as cut).
+
+        ``screen``: on the first windows only (``screen_windows``).
+        """
+        heal = self.heals if healed is None else healed and self.heals
+        batches = self.screen_batches if screen else self.cache.num_batches
+        key = (tuple(sorted(set(plan))), heal, batches)
         if key not in self._scores:
-            fits = self.fits(key[0])
+            fits = self.fits(key[0]) if heal else []
             started = time.perf_counter()
-            self._scores[key] = self._measure(key[0], fits)
-            self.evaluations += 1
+            self._scores[key] = self._measure(key[0], fits, batches)
+            if batches == self.cache.num_batches:
+                self.evaluations += 1
+            else:
+                self.screenings += 1
             self.seconds += time.perf_counter() - started
         return self._scores[key]
 
-    def _measure(self, plan: tuple[int, ...], fits: list[Fit]) -> float:
+    def _measure(self, plan: tuple[int, ...], fits: list[Fit], batches: int) -> float:
         n_blocks = self.cache.num_blocks
         changed = [*plan, *(fit.anchor for fit in fits)]
         start = min(changed) if changed else n_blocks - 1
@@ -230,7 +246,7 @@ class PlanScorer:
             start = max(b for b in range(start) if b not in removed)
         nll, tokens = 0.0, 0
         with folded(self.model, fits), started_at(self.model, self.cache, start, plan) as run:
-            for batch in range(self.cache.num_batches):
+            for batch in range(batches):
                 _check(self.should_cancel)
                 ids, mask = self.cache.batches[batch]
                 batch_sum, batch_tokens = batch_nll(run(batch).logits, ids, mask)

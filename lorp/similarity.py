@@ -135,6 +135,7 @@ def capture_similarity(
     angular: AngularMode = "all_tokens",
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    keep_states: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> SimilarityStats:
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
@@ -146,6 +147,9 @@ def capture_similarity(
             the last real token of each sequence only (Gromov et al.'s variant).
         progress: Called as ``progress(sequences_done, sequences_total)`` after each batch.
         should_cancel: Checked between batches; when it returns True, ``JobCancelled`` is raised.
+        keep_states: Called per batch as ``keep_states(ids, mask, states)`` with the raw states of
+            the real tokens, ``[tokens, N+1, d]`` float32 (``lorp.states.StateSink`` keeps them, so
+            healing needs no second pass).
 
     Returns:
         SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
@@ -178,6 +182,8 @@ def capture_similarity(
                 raise RuntimeError("a decoder block did not run during capture")
             x = recorder.buffer  # [tokens, L, d]
             recorder.buffer = None
+            if keep_states is not None:
+                keep_states(ids, mask, x)
             last = _last_token_positions(mask) if angular == "last_token" else None
             batch_s, batch_d = _pair_sums(x, last)
             s_sum += batch_s

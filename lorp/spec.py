@@ -17,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorp.errors import BudgetError
 
-Method = Literal["auto", "lorp", "shortgpt", "streamline", "angular", "reverse"]
+Method = Literal["auto", "search", "lorp", "shortgpt", "streamline", "angular", "reverse"]
+Heal = Literal["linear", "none"]
+# Methods that score plans on the model itself (the others need only S and D).
+VALIDATED_METHODS = ("auto", "search")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # The bounds, once. A seed is a 31-bit integer because that is what every RNG here accepts.
@@ -55,25 +58,46 @@ class ModelSpec(StrictModel):
 
 
 class TargetSpec(StrictModel):
-    """How many blocks to remove: an absolute count or a ratio of the model's blocks."""
+    """How many blocks to remove: a count, a ratio of the model's blocks, or a quality bound.
+
+    ``max_perplexity_ratio`` cuts the most blocks whose best plan keeps validation perplexity within
+    that multiple of the dense model's; the count is then found by scoring, after the capture.
+    """
 
     num_layers: int | None = Field(default=None, ge=1)
     ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
+    max_perplexity_ratio: float | None = Field(
+        default=None,
+        gt=1.0,
+        le=1000.0,
+        description="validation perplexity of the pruned model over the dense one, at most this",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetSpec:
-        if (self.num_layers is None) == (self.ratio is None):
-            raise ValueError("give exactly one of num_layers or ratio")
+        given = [v for v in (self.num_layers, self.ratio, self.max_perplexity_ratio) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of num_layers, ratio or max_perplexity_ratio")
         return self
+
+    @property
+    def is_quality_bound(self) -> bool:
+        return self.max_perplexity_ratio is not None
 
     def blocks_for(self, n_blocks: int) -> int:
         """The block budget for a model of ``n_blocks`` blocks.
 
-        A ratio rounds down (``floor(ratio * N)``): the service never removes more than asked.
+        A ratio rounds down (``floor(ratio * N)``): the service never removes more than asked. A
+        quality bound has no budget before plans are scored (``BudgetError``, field
+        ``target.max_perplexity_ratio``).
         """
         if self.num_layers is not None:
             return self.num_layers
-        assert self.ratio is not None
+        if self.ratio is None:
+            raise BudgetError(
+                "a max_perplexity_ratio target has no block count until plans are scored",
+                field="target.max_perplexity_ratio",
+            )
         n = math.floor(self.ratio * n_blocks + 1e-9)
         if n < 1:
             raise BudgetError(
@@ -110,11 +134,16 @@ class SelectionOptions(StrictModel):
         protected_layers: blocks never pruned. ``None`` means the default {0, N-1}; an explicit tuple
             replaces the default (it may be empty). Negative entries count from the end (-1 is N-1).
         cluster_seed: ``random_state`` of the spectral clustering.
+        heal: ``linear`` folds a fitted linear map into the block before each removed span
+            (``lorp.heal``), ``none`` removes the blocks as they are. Unset: ``linear`` where the
+            architecture can fold one, ``none`` where it cannot (Gemma 2/3, OLMo 2/3). Validated
+            methods score every plan healed the same way it will ship.
     """
 
     num_clusters: NumClusters | None = None
     protected_layers: ProtectedLayers | None = None
     cluster_seed: Seed = 0
+    heal: Heal | None = None
 
 
 class EvaluationSpec(StrictModel):

@@ -64,6 +64,24 @@ class StateCache:
             if progress is not None:
                 progress(i + 1, len(starts))
 
+    @classmethod
+    def from_batches(
+        cls,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        states: list[list[torch.Tensor]],
+        batch_size: int,
+    ) -> StateCache:
+        """A cache of states recorded elsewhere (``StateSink``): per batch, (ids, mask) and N+1 states."""
+        cache = cls.__new__(cls)
+        ids = torch.cat([b[0].cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
+        mask = torch.cat([b[1].cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
+        cache.windows = TokenWindows(input_ids=ids, attention_mask=mask)
+        cache.batch_size = batch_size
+        cache.num_blocks = len(states[0]) - 1 if states else 0
+        cache.batches = batches
+        cache.states = states
+        return cache
+
     @property
     def num_batches(self) -> int:
         return len(self.batches)
@@ -75,6 +93,46 @@ class StateCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for states in self.states for t in states)
+
+
+class StateSink:
+    """Keeps the states a capture pass records for its first ``max_windows`` windows (``keep_states``).
+
+    The capture hands over real tokens only; padded positions are filled with zeros, which nothing
+    reads (no real token attends to padding, and padded positions are never scored or fitted).
+
+    Args:
+        max_windows: windows to keep (from the first).
+        batch_size: the capture's batch size (the cache's batches are its batches).
+        dtype: the model's dtype, the states' dtype in a ``StateCache``.
+    """
+
+    def __init__(self, max_windows: int, batch_size: int, dtype: torch.dtype) -> None:
+        self.max_windows = max_windows
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: list[list[torch.Tensor]] = []
+        self.windows = 0
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, real_states: torch.Tensor) -> None:
+        take = min(int(ids.shape[0]), self.max_windows - self.windows)
+        if take <= 0:
+            return
+        ids, mask = ids[:take], mask[:take]
+        real = mask.bool()
+        rows = real_states[: int(real.sum())]  # real tokens are in window order
+        batch: list[torch.Tensor] = []
+        for j in range(rows.shape[1]):
+            full = torch.zeros((*ids.shape, rows.shape[2]), dtype=self.dtype, device=rows.device)
+            full[real.to(rows.device)] = rows[:, j].to(self.dtype)
+            batch.append(full.to(ids.device))
+        self.batches.append((ids.clone(), mask.clone()))
+        self.states.append(batch)
+        self.windows += take
+
+    def cache(self) -> StateCache:
+        return StateCache.from_batches(self.batches, self.states, self.batch_size)
 
 
 def _dense_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

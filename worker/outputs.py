@@ -3,6 +3,7 @@ transaction (plans, metrics, the analysis, the artifact list and the job's summa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import uuid
@@ -217,5 +218,7 @@ def summary_of(
                 "model_dir": "model",
             },
             "timings_s": report.timings_s,
+            "heal": dataclasses.asdict(report.heal),
+            "selection": dataclasses.asdict(report.selection) if report.selection is not None else None,
         }
     )

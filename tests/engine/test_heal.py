@@ -18,8 +18,8 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.export import save_pruned, verify_reload
 from lorp.heal import (
-    _anchor_outputs,
     FitStatistics,
+    _anchor_outputs,
     contiguous_spans,
     fold,
     heal_cuts,

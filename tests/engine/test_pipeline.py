@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -23,67 +22,6 @@ from lorp.spec import (
     TargetSpec,
 )
 from lorp.stages import STAGES
-
-WORDS = [
-    "the",
-    "model",
-    "block",
-    "layer",
-    "state",
-    "token",
-    "depth",
-    "phase",
-    "cluster",
-    "prune",
-    "remove",
-    "keep",
-    "similar",
-    "distant",
-    "early",
-    "late",
-    "middle",
-    "signal",
-    "noise",
-    "river",
-    "mountain",
-    "city",
-    "history",
-    "music",
-    "science",
-    "language",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory) -> tuple[Path, Path]:
-    rng = random.Random(0)
-    root = tmp_path_factory.mktemp("text")
-    cal_file, eval_file = root / "cal.txt", root / "eval.jsonl"
-    cal_file.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
-    eval_file.write_text(
-        "\n".join(json.dumps({"body": " ".join(rng.choice(WORDS) for _ in range(400))}) for _ in range(10)) + "\n"
-    )
-    return cal_file, eval_file
 
 
 def make_spec(model_dir: Path, files: tuple[Path, Path], **overrides) -> PruneSpec:
@@ -151,7 +89,9 @@ def test_named_method_and_ratio(tiny_model_dir, corpus_files, tmp_path):
     )
     report = run_prune(spec, tmp_path / "rev").report
     assert report.chosen == ChosenPlan(candidate="reverse", pruned_layers=[5, 6])
-    assert all(plan.validation_perplexity is None for plan in report.plans.values())
+    # a named method's plan is still scored on the validation windows, healed as it ships
+    assert list(report.plans) == ["reverse"] and report.plans["reverse"].validation_perplexity is not None
+    assert report.heal.method == "linear" and [s["anchor"] for s in report.heal.spans] == [4]
     on_disk = json.loads((tmp_path / "rev" / "report.json").read_text())
     assert on_disk["chosen"] == {"candidate": "reverse", "pruned_layers": [5, 6]}
     assert "decode_speedup" not in on_disk["metrics"]  # not measured: left out, not null

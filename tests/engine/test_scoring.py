@@ -105,3 +105,25 @@ def test_cancel_between_batches_raises() -> None:
         scorer.score([2])
     with pytest.raises(JobCancelled):
         StateCache(model, windows(), batch_size=2, should_cancel=lambda: True)
+
+
+def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass() -> None:
+    from lorp.similarity import capture_similarity
+    from lorp.states import StateSink
+
+    model = six_blocks("llama")
+    data = windows(batch=6, length=12, seed=3)
+    sink = StateSink(max_windows=5, batch_size=4, dtype=torch.float32)
+    capture_similarity(model, data, batch_size=4, keep_states=sink)
+    kept = sink.cache()
+    assert kept.windows.num_windows == 5 and [ids.shape[0] for ids, _ in kept.batches] == [4, 1]
+    first_five = windows(batch=6, length=12, seed=3)
+    first_five = type(first_five)(first_five.input_ids[:5], first_five.attention_mask[:5])
+    direct = StateCache(model, first_five, batch_size=4)
+    for b in range(direct.num_batches):
+        real = direct.batches[b][1].bool()
+        for j in range(direct.num_blocks + 1):
+            assert torch.allclose(kept.state(b, j)[real], direct.state(b, j)[real], atol=1e-6)
+    from_capture = CachedHealer(model, kept).fits([2, 3])[0].span
+    from_pass = CachedHealer(model, direct).fits([2, 3])[0].span
+    assert from_capture.residual_after == pytest.approx(from_pass.residual_after, rel=1e-5)

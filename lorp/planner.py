@@ -1,0 +1,304 @@
+"""Choosing the plan that ships: the method's plan (or the best validated one), healed or not, and its size.
+
+Every plan is scored as it will ship: from cached dense states of the validation windows
+(``lorp.scoring.PlanScorer``), and healed with maps fitted on the heal windows (the first capture
+windows, at most ``HEAL_MAX_TOKENS`` tokens) when healing is on. ``auto`` keeps the best of the
+one-pass plans, ``search`` grows a plan block by block (``lorp.search``) and keeps the best of it
+and the one-pass plans, any other method's plan is scored for the report. A quality target
+(``target.max_perplexity_ratio``) raises the budget one block at a time and keeps the largest
+whose best plan stays within the bound (docs/algorithm.md §8b).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lorp.auto import choose_best
+from lorp.calibration import CalibrationData, TokenWindows
+from lorp.errors import BudgetError, InvalidRequestError
+from lorp.heal import HealMode, heal_refusal
+from lorp.scoring import CachedHealer, Fit, PlanScorer
+from lorp.search import GreedySearch, Step
+from lorp.selection import Selection, analyze_structure, candidate_plans, eligible_blocks, select, validate_budget
+from lorp.spec import Heal, PruneSpec
+from lorp.states import StateCache
+
+HEAL_MAX_TOKENS = 8192
+FINALIST_SEEDS = 2  # one-pass plans measured in full beside the searched one
+MIN_TOKENS_PER_WIDTH = 4
+# Measured against "sequential" in docs/benchmarks.md: as good on average, and a span's fit is then
+# shared by every plan that cuts that span, whatever it cuts before it.
+HEAL_MODE: HealMode = "dense"
+
+
+@dataclass(frozen=True)
+class QualityOutcome:
+    """What a ``max_perplexity_ratio`` target chose: the budget, its ratio, and the ratio one block further."""
+
+    max_perplexity_ratio: float
+    dense_validation_perplexity: float
+    num_layers: int
+    ratio: float
+    next_ratio: float | None  # None when no further block could be removed
+
+
+@dataclass
+class PlanChoice:
+    """The plan to apply, the candidates it was chosen from, its heal fits and what choosing cost."""
+
+    n: int
+    chosen: Selection
+    chosen_name: str
+    plans: dict[str, Selection]
+    scores: dict[str, float]
+    heal: Heal
+    fits: list[Fit]
+    heal_tokens: int
+    evaluations: int
+    screenings: int
+    heal_fits: int
+    cache_s: float
+    scoring_s: float
+    quality: QualityOutcome | None = None
+    search_path: list[Step] = field(default_factory=list)
+    heal_reason: str | None = None  # why the cuts ship unhealed, when they do
+
+
+def heal_unavailable(model: Any, heal_tokens: int | None = None) -> str | None:
+    """Why this model's cuts cannot be healed here (architecture, or too few heal tokens), or None.
+
+    A span's map has d x d entries, so the fit needs well over d calibration tokens: with fewer than
+    ``MIN_TOKENS_PER_WIDTH * d`` heal tokens a map overfits them and hurts held-out text.
+    """
+    why = heal_refusal(model)
+    if why is None and heal_tokens is not None:
+        width = int(model.get_input_embeddings().embedding_dim)
+        needed = MIN_TOKENS_PER_WIDTH * width
+        if heal_tokens < needed:
+            why = (
+                f"fitting a {width} x {width} map needs at least {needed} calibration tokens "
+                f"({MIN_TOKENS_PER_WIDTH} x the hidden size) and this job's capture windows give {heal_tokens}; "
+                "raise calibration.num_samples or calibration.seq_len"
+            )
+    return why
+
+
+def resolve_heal(model: Any, requested: Heal | None, heal_tokens: int | None = None) -> Heal:
+    """``linear`` or ``none``: unset means ``linear`` wherever ``heal_unavailable`` finds no reason against.
+
+    An explicit ``linear`` that cannot be applied is refused (field ``options.heal``).
+    """
+    why = heal_unavailable(model, heal_tokens)
+    if requested == "linear" and why is not None:
+        message = f"options.heal 'linear' cannot be applied: {why}; or use 'none'"
+        raise InvalidRequestError(message, field="options.heal")
+    if requested is None:
+        return "none" if why is not None else "linear"
+    return requested
+
+
+def heal_windows(capture: TokenWindows, max_tokens: int = HEAL_MAX_TOKENS) -> TokenWindows:
+    """The first capture windows, at most ``max_tokens`` tokens (and at least one window)."""
+    count = max(1, min(capture.num_windows, max_tokens // max(int(capture.input_ids.shape[1]), 1)))
+    return TokenWindows(
+        input_ids=capture.input_ids[:count],
+        attention_mask=capture.attention_mask[:count],
+        starts=capture.starts[:count],
+    )
+
+
+class _Chooser:
+    def __init__(
+        self,
+        spec: PruneSpec,
+        scorer: PlanScorer,
+        S: np.ndarray,
+        D: np.ndarray | None,
+        n_blocks: int,
+        should_cancel: Callable[[], bool] | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.spec, self.scorer, self.S, self.D = spec, scorer, S, D
+        self.progress = progress
+        self.expected = spec.target.num_layers or max(1, n_blocks // 3)
+        self.opts = spec.options
+        self.n_blocks = n_blocks
+        self.search = GreedySearch(scorer, S, eligible_blocks(n_blocks, self.opts), should_cancel=should_cancel)
+
+    def best_at(self, n: int, *, final: bool = True) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
+        """(winner's name, its plan, every candidate, their scores) at budget ``n``."""
+        method, opts = self.spec.method, self.opts
+        if method == "search":
+            return self._search_at(n, final=final)
+        if method == "auto":
+            candidates = candidate_plans(self.S, self.D, n, opts)
+        else:
+            candidates = {method: select(method, self.S, self.D, n, opts)}
+        scores = {name: self.scorer.score(sel.pruned_layers, screen=not final) for name, sel in candidates.items()}
+        best = choose_best(scores, list(candidates))
+        return best, candidates[best], candidates, scores
+
+    def _search_at(self, n: int, *, final: bool) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
+        while len(self.search.plan) < n:
+            self.search.step()
+            if self.progress is not None:
+                self.progress(len(self.search.plan), self.expected)
+        step = self.search.path[n - 1]
+        structure = analyze_structure(self.S, self.opts)
+        plans: dict[str, Selection] = {"search": Selection("search", list(step.pruned_layers), structure, {})}
+        if not final:
+            return "search", plans["search"], plans, {"search": step.validation_perplexity}
+        seeds = candidate_plans(self.S, self.D, n, self.opts)
+        screened = {name: self.scorer.score(sel.pruned_layers, screen=True) for name, sel in seeds.items()}
+        finalists = ["search", *sorted(screened, key=lambda name: screened[name])[:FINALIST_SEEDS]]
+        plans.update(seeds)
+        scores = {name: self.scorer.score(plans[name].pruned_layers) for name in finalists}
+        best = choose_best(scores, finalists)
+        # Seeds that were only screened keep their screening score out of the report: it reads
+        # fewer windows than the others and would not compare.
+        return best, plans[best], plans, scores
+
+
+def choose_plan(
+    model: Any,
+    S: np.ndarray,
+    D: np.ndarray | None,
+    data: CalibrationData,
+    spec: PruneSpec,
+    n_blocks: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    heal_cache: StateCache | None = None,
+) -> PlanChoice:
+    """Score the method's candidates on ``data.validation`` (healed as they will ship) and pick the plan.
+
+    Args:
+        model: the dense model (left dense on return; the chosen plan's fits are in the result).
+        S, D: the captured statistics.
+        data: the calibration data: heal fits use its capture windows, scores its validation windows.
+        spec: the job (method, target, options, batch size).
+        n_blocks: the model's block count.
+        progress: called as ``progress(done, total)``; ``total`` is an estimate for a quality target.
+        should_cancel: checked between batches.
+        heal_cache: the dense states of ``heal_windows(data.capture)`` when the capture kept them
+            (``lorp.states.StateSink``); built here otherwise.
+    """
+    fit_on = heal_windows(data.capture)
+    heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)
+    heal_refusal_reason = (
+        "options.heal is none" if spec.options.heal == "none" else heal_unavailable(model, fit_on.num_tokens)
+    )
+    batch = spec.calibration.batch_size
+    started = time.perf_counter()
+    healer = None
+    if heal == "linear":
+        if heal_cache is None:
+            heal_cache = StateCache(model, fit_on, batch_size=batch, should_cancel=should_cancel)
+        healer = CachedHealer(model, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel)
+    scorer = PlanScorer(
+        model, StateCache(model, data.validation, batch_size=batch), healer=healer, should_cancel=should_cancel
+    )
+    cache_s = time.perf_counter() - started
+    chooser = _Chooser(spec, scorer, S, D, n_blocks, should_cancel, progress)
+    target = spec.target
+    quality: QualityOutcome | None = None
+    if target.max_perplexity_ratio is not None:
+        n, best, quality = _largest_within(chooser, scorer, target.max_perplexity_ratio, n_blocks, spec, progress)
+        name, chosen, plans, scores = best
+    else:
+        n = target.blocks_for(n_blocks)
+        name, chosen, plans, scores = chooser.best_at(n)
+    fits = scorer.fits(chosen.pruned_layers)
+    reason = heal_refusal_reason if heal == "none" else None
+    unhealed = scorer.score(chosen.pruned_layers, healed=False) if fits else None
+    if unhealed is not None and unhealed < scores[name]:
+        # A map can hurt held-out text (a long span it cannot stand in for): ship the plan unhealed.
+        reason = f"the chosen plan scored better unhealed ({unhealed:.4g}) than healed ({scores[name]:.4g})"
+        heal, fits = "none", []
+        scores = {**scores, name: unhealed}
+    if progress is not None:
+        progress(1, 1)
+    return PlanChoice(
+        n=n,
+        chosen=chosen,
+        chosen_name=name,
+        plans=plans,
+        scores=scores,
+        heal=heal,
+        fits=fits,
+        heal_tokens=fit_on.num_tokens if healer is not None else 0,
+        evaluations=scorer.evaluations,
+        screenings=scorer.screenings,
+        heal_fits=healer.fits_computed if healer is not None else 0,
+        cache_s=round(cache_s, 3),
+        scoring_s=round(scorer.seconds + (healer.seconds if healer is not None else 0.0), 3),
+        quality=quality,
+        search_path=list(chooser.search.path),
+        heal_reason=reason,
+    )
+
+
+Best = tuple[str, Selection, dict[str, Selection], dict[str, float]]
+
+
+def _largest_within(
+    chooser: _Chooser,
+    scorer: PlanScorer,
+    bound: float,
+    n_blocks: int,
+    spec: PruneSpec,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, Best, QualityOutcome]:
+    """Raise the budget while the best plan's screened ratio stays within ``bound``, then confirm in full.
+
+    The scan compares screening scores (the first validation windows, dense screened alike); the
+    chosen budget is then measured on every window and stepped down while it exceeds the bound.
+    ``next_ratio`` is the full-window ratio of the best screened plan one block further.
+    """
+    dense_screen, dense = scorer.score([], screen=True), scorer.score([])
+    limit = len(eligible_blocks(n_blocks, spec.options))
+    within = 0
+    over: Selection | None = None
+    for n in range(1, limit + 1):
+        try:
+            validate_budget(n_blocks, n, spec.options)
+        except BudgetError:
+            break
+        name, plan, _, scores = chooser.best_at(n, final=False)
+        if progress is not None:
+            progress(n, limit)
+        if scores[name] / dense_screen > bound:
+            over = plan
+            break
+        within = n
+    while within >= 1:
+        best = chooser.best_at(within, final=True)
+        if best[3][best[0]] / dense <= bound:
+            break
+        over, within = best[1], within - 1
+    if within < 1:
+        first = scorer.score(over.pruned_layers) / dense if over is not None else math.inf
+        raise BudgetError(
+            f"removing even one block raises validation perplexity to {first:.3g}x the dense model's, "
+            f"above target.max_perplexity_ratio {bound}",
+            field="target.max_perplexity_ratio",
+        )
+    name, _, _, scores = best
+    return (
+        within,
+        best,
+        QualityOutcome(
+            max_perplexity_ratio=bound,
+            dense_validation_perplexity=dense,
+            num_layers=within,
+            ratio=scores[name] / dense,
+            next_ratio=scorer.score(over.pruned_layers) / dense if over is not None else None,
+        ),
+    )
