@@ -41,27 +41,10 @@ from lorp.blocks import (
 )
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.foldable import PROJECTIONS, fold_refusal
 
 HealMode = Literal["sequential", "dense"]
 
-# Where each family's MLP output projection sits inside a decoder block, and its kind.
-_PROJECTIONS: dict[str, tuple[str, str]] = {
-    **{
-        family: ("mlp.down_proj", "linear")
-        for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "smollm3")
-    },
-    "gpt2": ("mlp.c_proj", "conv1d"),
-    "gpt_neox": ("mlp.dense_4h_to_h", "linear"),
-    "falcon": ("mlp.dense_4h_to_h", "linear"),
-    "opt": ("fc2", "linear"),
-}
-# Families whose MLP output is normalised before it joins the residual stream.
-_POST_NORM = {
-    "gemma2": "Gemma 2 normalises the MLP output (post_feedforward_layernorm) before the residual add",
-    "gemma3": "Gemma 3 normalises the MLP output (post_feedforward_layernorm) before the residual add",
-    "olmo2": "OLMo 2 normalises the MLP output (post_feedforward_layernorm) before the residual add",
-    "olmo3": "OLMo 3 normalises the MLP output (post_feedforward_layernorm) before the residual add",
-}
 DEFAULT_RIDGE = 1e-4
 
 
@@ -99,14 +82,7 @@ def contiguous_spans(pruned: Sequence[int]) -> list[tuple[int, int]]:
 
 def heal_refusal(model: Any) -> str | None:
     """Why this model's cuts cannot be healed by a folded linear map, or None when they can."""
-    family = block_layout(model).family
-    if family in _POST_NORM:
-        return _POST_NORM[family]
-    if family == "opt" and not getattr(model.config, "do_layer_norm_before", True):
-        return "this OPT model normalises after the residual add (do_layer_norm_before is false)"
-    if family not in _PROJECTIONS:
-        return f"no MLP output projection is known for the {family} family"
-    return None
+    return fold_refusal(block_layout(model).family, vars(model.config))
 
 
 def output_projection(model: Any, block: torch.nn.Module) -> tuple[Any, str]:
@@ -114,7 +90,7 @@ def output_projection(model: Any, block: torch.nn.Module) -> tuple[Any, str]:
     why = heal_refusal(model)
     if why is not None:
         raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
-    path, kind = _PROJECTIONS[block_layout(model).family]
+    path, kind = PROJECTIONS[block_layout(model).family]
     return resolve_path(block, path), kind
 
 

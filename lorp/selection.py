@@ -675,10 +675,10 @@ def select(
             invalid S, options or budget (:class:`BudgetError`), or a missing D
             (:class:`MissingStatisticError`).
     """
-    if method == "auto":
+    if method in ("auto", "search"):
         raise InvalidRequestError(
-            "method 'auto' scores every candidate plan by perplexity and so needs the model, not just "
-            "the similarity matrix; use `lorp prune` with method auto, or pick one of "
+            f"method {method!r} scores candidate plans by perplexity and so needs the model, not just "
+            f"the similarity matrix; use `lorp prune` with method {method}, or pick one of "
             f"{', '.join(method_names())}",
             field="method",
         )
@@ -686,7 +686,7 @@ def select(
     if fn is None:
         raise InvalidRequestError(
             f"unknown selection method {method!r}; known methods: {', '.join(method_names())} "
-            "(and 'auto', which needs the model)",
+            "(and 'auto' and 'search', which need the model)",
             field="method",
         )
     return fn(S, D, n, options)

@@ -1,8 +1,13 @@
-"""What-if planning on a job's stored S and D: pure selection, no model, no GPU."""
+"""What-if planning on a job's stored S and D: pure selection, no model, no GPU.
+
+A job that ran ``search`` also has validated plans: its search path (the best plan at each budget
+up to the job's) is listed as method ``search`` for the requested budgets it reached.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -17,6 +22,8 @@ from app.services.jobs import get_job
 from lorp.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
 from lorp.selection import METHODS, SelectionOptions, analyze_structure, select
 from lorp.spec import TargetSpec
+
+SEARCH = "search"
 
 
 def _options(request: PlansRequest, job_request: dict[str, object]) -> SelectionOptions:
@@ -49,9 +56,24 @@ def _budgets(request: PlansRequest, num_blocks: int) -> list[tuple[int, float | 
     return out
 
 
-def _check_methods(request: PlansRequest, S: np.ndarray, D: np.ndarray | None) -> None:
+def _search_path(summary: dict[str, Any] | None) -> dict[int, list[int]]:
+    """The best plan at each budget of a job that ran ``search`` (from its summary), else empty."""
+    selection = (summary or {}).get("selection") or {}
+    path = selection.get("search_path") or []
+    return {int(step["num_layers"]): [int(b) for b in step["pruned_layers"]] for step in path}
+
+
+def _check_methods(request: PlansRequest, S: np.ndarray, D: np.ndarray | None, searched: dict[int, list[int]]) -> None:
     for i, name in enumerate(request.methods):
         if name in METHODS:
+            continue
+        if name == SEARCH:
+            if not searched:
+                raise Unprocessable(
+                    "method 'search' scores plans on the model; this job did not run it, so it has no "
+                    "searched plans to list (submit a job with method search)",
+                    field=f"methods.{i}",
+                )
             continue
         try:
             select(name, S, D, 1)  # raises the engine's own explanation for "auto" and unknown names
@@ -77,7 +99,8 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
     num_blocks = S.shape[0] - 1
     options = _options(request, job.request)
     budgets = _budgets(request, num_blocks)
-    _check_methods(request, S, D)
+    searched = _search_path(job.summary)
+    _check_methods(request, S, D, searched)
     try:
         structure = analyze_structure(S, options)
     except EngineError as exc:
@@ -85,6 +108,8 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
 
     results: list[PlanResult] = []
     for i, name in enumerate(request.methods):
+        if name == SEARCH:
+            continue
         fn = METHODS[name]
         for n, ratio, budget_field in budgets:
             try:
@@ -106,6 +131,22 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
                     clusters=selection.structure.clusters,
                 )
             )
+    listed = SEARCH in request.methods or "methods" not in request.model_fields_set
+    if searched and listed:
+        # The job's own search: its best plan at each budget it reached (validated when it ran).
+        for n, ratio, _ in budgets:
+            if n in searched:
+                results.append(
+                    PlanResult(
+                        method=SEARCH,
+                        budget=n,
+                        ratio=ratio,
+                        pruned_layers=searched[n],
+                        rls=structure.rls,
+                        k=structure.k,
+                        clusters=structure.clusters,
+                    )
+                )
     return PlansResponse(
         job_id=job.id,
         analysis_id=analysis.id,

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import Unprocessable
@@ -20,6 +21,7 @@ from app.jobspec import JobCreate, ModelRef, local_model_path
 from app.storage import StorageError, storage_from_url
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
+from lorp.foldable import fold_refusal
 from lorp.selection import protected_set
 
 logger = logging.getLogger(__name__)
@@ -139,8 +141,60 @@ def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
         )
 
 
+def _config_dict(raw: bytes) -> dict[str, Any] | None:
+    config = json.loads(raw)
+    return config if isinstance(config, dict) else None
+
+
+def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any] | None:
+    """The model's ``config.json`` where it can be read without loading weights (not for GGUF), else None."""
+    try:
+        directory: Path | None = None
+        if kind == "local":
+            directory = local_model_path(ref.id)
+        elif kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
+            directory = Path(cached).parent if isinstance(cached, str) else None
+        elif kind == "s3":
+            bucket, _, path = ref.id.removeprefix("s3://").partition("/")
+            if not path.strip("/"):
+                return None
+            store = storage_from_url(f"s3://{bucket}/{path.strip('/')}", **settings.s3_options())
+            if store.size("config.json") > MAX_CONFIG_BYTES:
+                return None
+            with store.open("config.json") as fh:
+                return _config_dict(fh.read(MAX_CONFIG_BYTES + 1))
+        if directory is None or not (directory / "config.json").is_file():
+            return None
+        if (directory / "config.json").stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        return _config_dict((directory / "config.json").read_bytes())
+    except (ImportError, OSError, ValueError, StorageError) as exc:
+        logger.debug("config of %s not known at submission: %s", ref.id, exc)
+        return None
+
+
+def check_heal(spec: JobCreate, kind: str, settings: Settings) -> None:
+    """Refuse ``options.heal: "linear"`` where the model's config says a map cannot be folded."""
+    if spec.options.heal != "linear":
+        return
+    config = known_config(spec.model, kind, settings)
+    if config is None:
+        return
+    why = fold_refusal(config.get("model_type"), config)
+    if why is not None:
+        raise Unprocessable(
+            f"options.heal 'linear' cannot be applied to model {spec.model.id!r}: {why}; use 'none'",
+            field="options.heal",
+        )
+
+
 def check_against_model(spec: JobCreate, kind: str, settings: Settings) -> None:
-    """``check_budget`` where the model's depth is known; otherwise the worker checks after loading."""
+    """``check_budget`` where the model's depth is known, and ``check_heal`` where its config is;
+    otherwise the worker checks after loading."""
     num_blocks = known_block_count(spec.model, kind, settings)
     if num_blocks is not None:
         check_budget(spec, num_blocks, f"model {spec.model.id!r}")
+    check_heal(spec, kind, settings)

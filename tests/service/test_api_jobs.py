@@ -31,7 +31,7 @@ def test_create_job_is_queued_recorded_and_enqueued(api_settings, rollback_sessi
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["progress"] == 0.0 and job["error"] is None
-    assert job["request"]["target"] == {"num_layers": 2, "ratio": None}
+    assert job["request"]["target"] == {"num_layers": 2, "ratio": None, "max_perplexity_ratio": None}
     assert job["links"]["self"] == f"/v1/jobs/{job['id']}"
 
     job_id = uuid.UUID(job["id"])
@@ -256,6 +256,10 @@ def test_cancel_finished_job_conflicts(api_settings, rollback_sessionmaker, stat
         ({**DEMO_JOB, "calibration": {"dataset": str(uuid.UUID(int=7))}}, "calibration.dataset"),
         ({**DEMO_JOB, "calibration": {"dataset": "wikitext2!"}}, "calibration.dataset"),
         ({**DEMO_JOB, "method": "magic"}, "method"),
+        ({**DEMO_JOB, "options": {"heal": "cubic"}}, "options.heal"),
+        ({**DEMO_JOB, "target": {"max_perplexity_ratio": 0.9}}, "target.max_perplexity_ratio"),
+        ({**DEMO_JOB, "target": {"max_perplexity_ratio": "loose"}}, "target.max_perplexity_ratio"),
+        ({**DEMO_JOB, "target": {"num_layers": 2, "max_perplexity_ratio": 1.5}}, "target"),
         ({**DEMO_JOB, "calibration": {"num_samples": 0}}, "calibration.num_samples"),
         ({"target": {"num_layers": 2}}, "model"),
         ([1, 2, 3], "body"),
@@ -266,3 +270,26 @@ def test_bad_job_requests_name_the_field(api_settings, rollback_sessionmaker, bo
     assert_problem(client.post("/v1/jobs", json=body), 422, field)
     with rollback_sessionmaker() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"method": "search"},
+        {"options": {"heal": "linear"}},
+        {"options": {"heal": "none"}, "method": "shortgpt"},
+        {"target": {"max_perplexity_ratio": 1.5}},
+        {"method": "search", "target": {"max_perplexity_ratio": 1.25}, "options": {"heal": "linear"}},
+    ],
+)
+def test_heal_search_and_quality_targets_are_accepted_and_recorded(api_settings, rollback_sessionmaker, extra):
+    client = client_for(api_settings, rollback_sessionmaker)
+    response = client.post("/v1/jobs", json={**DEMO_JOB, **extra})
+    assert response.status_code == 202, response.text
+    job = client.get(f"/v1/jobs/{response.json()['id']}").json()
+    for key, value in extra.items():
+        recorded = job["request"][key]
+        if isinstance(value, dict):
+            assert {k: recorded[k] for k in value} == value
+        else:
+            assert recorded == value

@@ -149,3 +149,20 @@ def test_a_cached_hub_config_and_an_unknown_hub_model(api_settings, rollback_ses
     # Never downloaded here: the depth is unknown at submission, so the worker checks after loading.
     response = submit(api_settings, rollback_sessionmaker, "acme/never-seen", target={"num_layers": 500})
     assert response.status_code == 202, response.text
+
+
+def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot_fold(
+    api_settings, rollback_sessionmaker
+):
+    root = api_settings.model_roots[0]
+    directory = root / "post-norm"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "gemma2", "num_hidden_layers": 6}))
+    before = count_jobs(rollback_sessionmaker)
+    problem = assert_problem(
+        submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "linear"}), 422, "options.heal"
+    )
+    assert "post_feedforward_layernorm" in problem["detail"] and count_jobs(rollback_sessionmaker) == before
+    for options in ({"heal": "none"}, {}):  # unset: the worker heals where it can, here not at all
+        response = submit(api_settings, rollback_sessionmaker, str(directory), options=options)
+        assert response.status_code == 202, response.text

@@ -118,3 +118,40 @@ def test_a_job_that_ended_without_an_analysis_says_it_will_not_get_one(api_setti
         detail = assert_problem(response, code)["detail"]
         assert f"{status.value} before its similarity analysis was computed" in detail, detail
         assert "yet" not in detail
+
+
+SEARCH_SUMMARY = {
+    "selection": {
+        "search_path": [
+            {"num_layers": 1, "pruned_layers": [6], "validation_perplexity": 21.0, "tried": 3},
+            {"num_layers": 2, "pruned_layers": [6, 7], "validation_perplexity": 22.0, "tried": 5},
+            {"num_layers": 3, "pruned_layers": [5, 6, 7], "validation_perplexity": 24.0, "tried": 5},
+        ]
+    }
+}
+
+
+def test_a_job_that_ran_search_lists_its_searched_plans(api_settings, rollback_sessionmaker):
+    job_id, _ = finished_job(rollback_sessionmaker, method="search", summary=SEARCH_SUMMARY)
+    client = client_for(api_settings, rollback_sessionmaker)
+    body = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [2, 3, 5]}).json()
+    searched = {p["budget"]: p["pruned_layers"] for p in body["plans"] if p["method"] == "search"}
+    assert searched == {2: [6, 7], 3: [5, 6, 7]}  # budget 5 is beyond what the job's search reached
+    assert len([p for p in body["plans"] if p["method"] != "search"]) == 5 * 3
+    only = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [1], "methods": ["search"]}).json()
+    assert [(p["method"], p["pruned_layers"]) for p in only["plans"]] == [("search", [6])]
+    without = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [1], "methods": ["lorp"]}).json()
+    assert [p["method"] for p in without["plans"]] == ["lorp"]
+
+
+def test_search_plans_of_a_job_that_did_not_search_are_a_422(api_settings, rollback_sessionmaker):
+    job_id, _ = finished_job(rollback_sessionmaker)
+    client = client_for(api_settings, rollback_sessionmaker)
+    problem = assert_problem(
+        client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [2], "methods": ["lorp", "search"]}),
+        422,
+        "methods.1",
+    )
+    assert "did not run it" in problem["detail"]
+    body = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [2]}).json()
+    assert "search" not in {p["method"] for p in body["plans"]}

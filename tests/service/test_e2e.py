@@ -148,10 +148,13 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert upload.status_code == 201, upload.text
     dataset_id = upload.json()["id"]
 
+    # The full stack runs the validated search with healing asked for; the embedded one runs auto.
+    searched = mode == "full"
     body = {
         "model": {"id": str(model_root / "tiny")},
-        "method": "auto",
+        "method": "search" if searched else "auto",
         "target": {"num_layers": 2},
+        "options": {"heal": "linear"} if searched else {},
         "calibration": {"dataset": dataset_id, "num_samples": 8, "seq_len": 32, "batch_size": 2},
         "evaluation": {"dataset": dataset_id, "max_windows": 4, "speed": False},
     }
@@ -181,6 +184,19 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert len(summary["pruned_layers"]) == 2 and len(summary["clusters"]) == N_LAYERS
     scored = {p["name"]: p["validation_perplexity"] for p in summary["plans"]}
     assert scored[summary["chosen_method"]] == min(v for v in scored.values() if v is not None)
+    worker_summary = summary["report"]
+    if searched:
+        path = worker_summary["selection"]["search_path"]
+        assert [step["num_layers"] for step in path] == [1, 2] and "search" in scored
+        heal = worker_summary["heal"]
+        assert heal["method"] == "linear" or heal["reason"].startswith("the chosen plan scored better unhealed")
+        assert all(s["residual_after"] <= s["residual_before"] for s in heal["spans"])
+        plans = client.post("/v1/plans", json={"job_id": job_id, "budgets": [1, 2]}).json()["plans"]
+        assert [p["pruned_layers"] for p in plans if p["method"] == "search"] == [s["pruned_layers"] for s in path]
+    else:
+        heal = worker_summary["heal"]  # unset: linear, unless the chosen plan scored better unhealed
+        assert heal["method"] == "linear" or heal["reason"].startswith("the chosen plan scored better unhealed")
+        assert worker_summary["selection"]["evaluations"] >= 1
 
     artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
     names = {a["name"] for a in artifacts}
