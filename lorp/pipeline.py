@@ -265,10 +265,10 @@ def _selection_summary(choice: PlanChoice) -> SelectionSummary:
     )
 
 
-def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int]) -> str:
+def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], healed: bool = False) -> str:
     name = Path(source).name if "/" in source else source
-    plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS else method
-    return f"{name}: {plan}, removing blocks {pruned}"
+    plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS and chosen != method else method
+    return f"{name}: {plan}, removing blocks {pruned}{' (healed)' if healed else ''}"
 
 
 def run_prune(
@@ -383,7 +383,13 @@ def run_prune(
             clusters=structure.clusters,
             pruned=chosen.pruned_layers,
             healed=[(fit.span.start, fit.span.end) for fit in choice.fits],
-            title=_heatmap_title(str(loaded.provenance.get("source")), spec.method, chosen_name, chosen.pruned_layers),
+            title=_heatmap_title(
+                str(loaded.provenance.get("source")),
+                spec.method,
+                chosen_name,
+                chosen.pruned_layers,
+                healed=bool(choice.fits),
+            ),
         )
         metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
         if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:

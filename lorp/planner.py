@@ -30,7 +30,7 @@ from lorp.spec import Heal, PruneSpec
 from lorp.states import StateCache
 
 HEAL_MAX_TOKENS = 8192
-FINALIST_SEEDS = 2  # one-pass plans measured in full beside the searched one
+FINALIST_SEEDS = 2  # one-pass plans measured in full beside the searched one (three for a quality target)
 MIN_TOKENS_PER_WIDTH = 4
 # Measured against "sequential" in docs/benchmarks.md: as good on average, and a span's fit is then
 # shared by every plan that cuts that span, whatever it cuts before it.
@@ -131,8 +131,14 @@ class _Chooser:
         self.n_blocks = n_blocks
         self.search = GreedySearch(scorer, S, eligible_blocks(n_blocks, self.opts), should_cancel=should_cancel)
 
-    def best_at(self, n: int, *, final: bool = True) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
-        """(winner's name, its plan, every candidate, their scores) at budget ``n``."""
+    def best_at(
+        self, n: int, *, final: bool = True, finalists: int | None = None
+    ) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
+        """(winner's name, its plan, every candidate, their scores) at budget ``n``.
+
+        ``final=False`` compares screening scores; ``finalists=k`` screens every candidate and
+        measures the best ``k`` in full; otherwise every candidate is measured in full.
+        """
         method, opts = self.spec.method, self.opts
         if method == "search":
             return self._search_at(n, final=final)
@@ -140,8 +146,12 @@ class _Chooser:
             candidates = candidate_plans(self.S, self.D, n, opts)
         else:
             candidates = {method: select(method, self.S, self.D, n, opts)}
-        scores = {name: self.scorer.score(sel.pruned_layers, screen=not final) for name, sel in candidates.items()}
-        best = choose_best(scores, list(candidates))
+        names = list(candidates)
+        if final and finalists is not None:
+            screened = {name: self.scorer.score(sel.pruned_layers, screen=True) for name, sel in candidates.items()}
+            names = sorted(names, key=lambda name: (screened[name], names.index(name)))[:finalists]
+        scores = {name: self.scorer.score(candidates[name].pruned_layers, screen=not final) for name in names}
+        best = choose_best(scores, list(scores))
         return best, candidates[best], candidates, scores
 
     def _search_at(self, n: int, *, final: bool) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
@@ -279,7 +289,7 @@ def _largest_within(
             break
         within = n
     while within >= 1:
-        best = chooser.best_at(within, final=True)
+        best = chooser.best_at(within, final=True, finalists=FINALIST_SEEDS + 1)
         if best[3][best[0]] / dense <= bound:
             break
         over, within = best[1], within - 1

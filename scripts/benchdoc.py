@@ -10,7 +10,9 @@ from pathlib import Path
 
 WORKER_HEADING = "## Worker: a job in a freshly forked pool child"  # scripts/bench_worker.py
 API_HEADING = "## API: server-side cost of a poll"  # scripts/bench_api.py
-OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING)
+HEAL_HEADING = "## Healing a cut: held-out perplexity unhealed vs healed"  # scripts/bench_heal.py
+PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # scripts/bench_plans.py
+OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING, HEAL_HEADING, PLANS_HEADING)
 
 
 def _span(lines: list[str], heading: str) -> tuple[int, int] | None:

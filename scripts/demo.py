@@ -102,9 +102,20 @@ def print_summary(job: dict[str, Any]) -> None:
     reason = why_chosen(summary) if job["request"].get("method") == "auto" else None
     if reason:
         print(f"                 {reason}")
+    worker = summary.get("report") or {}
+    heal = worker.get("heal") or {}
+    healed = heal.get("method") == "linear"
+    for span in heal.get("spans", []):
+        print(
+            f"healed           blocks [{span['start']}, {span['end']}) by a map folded into block {span['anchor']}: "
+            f"residual {span['residual_before']:.3f} -> {span['residual_after']:.3f}"
+        )
+    if heal.get("method") == "none":
+        print(f"healed           no: {heal.get('reason')}")
     plans = [p for p in summary.get("plans", []) if p.get("validation_perplexity") is not None]
     if plans:
-        print("candidates       validation perplexity on held-out calibration text")
+        scored = "healed, " if healed else ""
+        print(f"candidates       validation perplexity ({scored}on held-out calibration text)")
         for plan in sorted(plans, key=lambda p: p["validation_perplexity"]):
             mark = "*" if plan.get("chosen") else " "
             print(f"  {mark} {plan['name']:<11} {plan['validation_perplexity']:>9.2f}  {plan['pruned_layers']}")

@@ -127,3 +127,30 @@ def test_prune_demo_model_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(npz) as data:
         assert data["S"].shape == (31, 31) and data["D"].shape == (31, 31)
+
+
+def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structured_corpus, tmp_path, capsys):
+    cal_file, eval_file = structured_corpus
+    common = ["--model", str(trained_model_dir), "--device", "cpu", "--calibration", str(cal_file)]
+    common += ["--num-samples", "8", "--seq-len", "32", "--eval", f"{eval_file}#body", "--eval-windows", "4"]
+    common += ["--no-speed"]
+    code, out, err = run_cli(
+        ["prune", *common, "--method", "search", "--max-perplexity-ratio", "1.5", "--out", str(tmp_path / "q")], capsys
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    quality = report["selection"]["quality_target"]
+    assert f"quality target  {report['num_layers_removed']} blocks within 1.5x dense" in out
+    assert quality["ratio"] <= 1.5 and report["method"] == "search"
+    assert "plans scored" in out and "screened" in out
+
+    code, out, err = run_cli(
+        ["prune", *common, "--num-layers", "2", "--heal", "none", "--out", str(tmp_path / "n")], capsys
+    )
+    assert code == 0, err
+    assert "healed          no (blocks removed as they are)" in out
+    assert json.loads((tmp_path / "n" / "report.json").read_text())["heal"]["method"] == "none"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", *common, "--num-layers", "2", "--heal", "cubic", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "invalid choice: 'cubic'" in capsys.readouterr().err

@@ -177,3 +177,8 @@ def test_the_heatmap_title_names_the_plan_that_won() -> None:
     assert _heatmap_title("demo", "auto", "shortgpt", [12, 13]) == "demo: auto chose shortgpt, removing blocks [12, 13]"
     # A local path shows as its folder name, not the worker's work folder.
     assert _heatmap_title("/srv/work/job/model-source", "lorp", "lorp", [3]).startswith("model-source: lorp,")
+    assert (
+        _heatmap_title("demo", "search", "search", [5, 6], healed=True)
+        == "demo: search, removing blocks [5, 6] (healed)"
+    )
+    assert _heatmap_title("demo", "search", "shortgpt", [5]).startswith("demo: search chose shortgpt,")

@@ -73,6 +73,13 @@ def test_the_demo_prints_its_local_files_and_rounded_numbers(demo_run: dict[str,
     for name, plan in report["plans"].items():
         if plan["validation_perplexity"] is not None:
             assert re.search(rf"{name} +{plan['validation_perplexity']:.2f}  ", out), (name, out)
+    heal = report["heal"]  # the demo model folds maps and the demo's 8,192 tokens are enough to fit them
+    if heal["method"] == "linear":
+        assert heal["spans"] and "candidates       validation perplexity (healed, " in out
+        for span in heal["spans"]:
+            assert f"healed           blocks [{span['start']}, {span['end']}) by a map folded into block" in out
+    else:
+        assert f"healed           no: {heal['reason']}" in out
     chosen = report["chosen"]["candidate"]
     winner = report["plans"][chosen]["validation_perplexity"]
     if chosen == "lorp":
