@@ -118,13 +118,16 @@ class FitStatistics:
         self.zz = 0.0
         self.tokens = 0
 
-    def add(self, m: torch.Tensor, z: torch.Tensor) -> None:
+    def add(self, m: torch.Tensor, z: torch.Tensor, *, gram: bool = True) -> None:
+        """Accumulate one batch's rows; ``gram=False`` leaves ``mtm`` alone (set from a cache)."""
         m64, z64 = m.to(self.device, torch.float64), z.to(self.device, torch.float64)
         if self.tokens == 0:
             width = m64.shape[-1]
-            self.mtm = torch.zeros(width, width, dtype=torch.float64, device=self.device)
+            if gram:
+                self.mtm = torch.zeros(width, width, dtype=torch.float64, device=self.device)
             self.mtz = torch.zeros(width, width, dtype=torch.float64, device=self.device)
-        self.mtm += m64.T @ m64
+        if gram:
+            self.mtm += m64.T @ m64
         self.mtz += m64.T @ z64
         self.zz += float((z64 * z64).sum())
         self.tokens += m64.shape[0]

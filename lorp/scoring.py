@@ -12,6 +12,7 @@ evaluations, seconds) for the report.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class CachedHealer:
         cache: dense states on the heal windows (never the validation windows the plans are scored on).
         mode: ``sequential`` (each span fitted on the model pruned and healed before it) or ``dense``.
         ridge: the pull toward the identity (``lorp.heal``).
+        max_cached_anchors: anchors whose dense outputs (M, h) and M^T M are kept for later fits.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class CachedHealer:
         mode: HealMode = "sequential",
         ridge: float = DEFAULT_RIDGE,
         should_cancel: Callable[[], bool] | None = None,
+        max_cached_anchors: int = 8,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -111,6 +114,8 @@ class CachedHealer:
         self.ridge = ridge
         self.should_cancel = should_cancel
         self._fits: dict[tuple[tuple[int, int], ...], Fit] = {}
+        self._anchors: OrderedDict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = OrderedDict()
+        self.max_cached_anchors = max_cached_anchors
         self.fits_computed = 0
         self.seconds = 0.0
 
@@ -128,20 +133,14 @@ class CachedHealer:
             out.append(self._fits[key])
         return out
 
-    def _fit(self, span: tuple[int, int], earlier: list[tuple[int, int]], earlier_fits: list[Fit]) -> Fit:
-        start, end = span
-        anchor = start - 1
-        blocks = decoder_blocks(self.model)
-        block = blocks[anchor]
+    def _anchor_outputs(
+        self, anchor: int, first: int, removed: list[int], applied: list[Fit]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch, the anchor's MLP output M and block output h on the real tokens, with the
+        blocks before ``first`` and ``removed`` dropped and ``applied`` folded in."""
+        block = decoder_blocks(self.model)[anchor]
         projection, _ = output_projection(self.model, block)
-        if self.mode == "dense" or not earlier:
-            first, removed, applied = anchor, [], []
-        else:
-            first = earlier_fits[0].anchor
-            removed = [b for s, e in earlier for b in range(s, e)]
-            applied = earlier_fits
         record: dict[str, torch.Tensor] = {}
-        stats = FitStatistics(self.cache.state(0, 0).device)
 
         def on_projection(_m: Any, _a: Any, out: torch.Tensor) -> None:
             record["m"] = out.detach().clone()  # Falcon adds the attention output into it in place
@@ -150,6 +149,7 @@ class CachedHealer:
             record["h"] = block_output_hidden(out).detach()
             raise StopForward
 
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         handles = [projection.register_forward_hook(on_projection), block.register_forward_hook(on_block)]
         try:
             with folded(self.model, applied), started_at(self.model, self.cache, first, removed) as run:
@@ -158,12 +158,44 @@ class CachedHealer:
                     with suppress(StopForward):
                         run(batch)
                     real = self.cache.batches[batch][1].bool()
-                    m, h = real_tokens(record["m"], real), real_tokens(record["h"], real)
-                    target = real_tokens(self.cache.state(batch, end), real)
-                    stats.add(m, target - (h - m))
+                    rows.append((real_tokens(record["m"], real), real_tokens(record["h"], real)))
         finally:
             for handle in handles:
                 handle.remove()
+        return rows
+
+    def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The anchor's (M, h) on the dense model and M^T M, kept for the most recent anchors: every
+        span that starts after this anchor reuses them (a search grows spans at their end)."""
+        if anchor in self._anchors:
+            self._anchors.move_to_end(anchor)
+            return self._anchors[anchor]
+        rows = self._anchor_outputs(anchor, anchor, [], [])
+        m0 = rows[0][0]
+        mtm = torch.zeros(m0.shape[-1], m0.shape[-1], dtype=torch.float64, device=m0.device)
+        for m, _ in rows:
+            m64 = m.to(torch.float64)
+            mtm += m64.T @ m64
+        self._anchors[anchor] = (rows, mtm)
+        while len(self._anchors) > self.max_cached_anchors:
+            self._anchors.popitem(last=False)
+        return rows, mtm
+
+    def _fit(self, span: tuple[int, int], earlier: list[tuple[int, int]], earlier_fits: list[Fit]) -> Fit:
+        start, end = span
+        anchor = start - 1
+        stats = FitStatistics(self.cache.state(0, 0).device)
+        if self.mode == "dense" or not earlier:
+            rows, mtm = self._dense_anchor(anchor)
+            stats.mtm = mtm.clone()
+        else:
+            removed = [b for s, e in earlier for b in range(s, e)]
+            rows = self._anchor_outputs(anchor, earlier_fits[0].anchor, removed, earlier_fits)
+            mtm = None
+        for batch, (m, h) in enumerate(rows):
+            real = self.cache.batches[batch][1].bool()
+            target = real_tokens(self.cache.state(batch, end), real)
+            stats.add(m, target - (h - m), gram=mtm is None)
         T = stats.solve(self.ridge)
         return Fit(
             T=T,

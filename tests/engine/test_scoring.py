@@ -127,3 +127,14 @@ def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass() -> 
     from_capture = CachedHealer(model, kept).fits([2, 3])[0].span
     from_pass = CachedHealer(model, direct).fits([2, 3])[0].span
     assert from_capture.residual_after == pytest.approx(from_pass.residual_after, rel=1e-5)
+
+
+def test_a_longer_span_after_the_same_anchor_reuses_its_outputs_and_fits_the_same() -> None:
+    model = six_blocks("llama")
+    cache = StateCache(model, windows(), batch_size=4)
+    healer = CachedHealer(model, cache, mode="dense")
+    healer.fits([2, 3])
+    (grown,) = healer.fits([2, 3, 4])  # span [2, 5): the same anchor, block 1
+    assert list(healer._anchors) == [1]
+    (fresh,) = CachedHealer(model, cache, mode="dense").fits([2, 3, 4])
+    assert torch.allclose(grown.T, fresh.T) and grown.span == fresh.span
