@@ -18,7 +18,6 @@ import numpy as np
 from lorp.blocks import pruned_view
 from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
-from lorp.scoring import PlanScorer
 from lorp.selection import Selection, SelectionOptions, candidate_plans
 
 
@@ -66,24 +65,6 @@ def score_candidates(
     return scores, duplicates
 
 
-def score_with(
-    scorer: PlanScorer, candidates: dict[str, Selection], progress: Callable[[int, int], None] | None = None
-) -> tuple[dict[str, float], dict[str, str]]:
-    """``score_candidates`` through a ``PlanScorer`` (which measures each distinct plan once)."""
-    first: dict[tuple[int, ...], str] = {}
-    scores: dict[str, float] = {}
-    duplicates: dict[str, str] = {}
-    for i, (name, sel) in enumerate(candidates.items()):
-        key = tuple(sel.pruned_layers)
-        if key in first:
-            duplicates[name] = first[key]
-        first.setdefault(key, name)
-        scores[name] = scorer.score(key)
-        if progress is not None:
-            progress(i + 1, len(candidates))
-    return scores, duplicates
-
-
 def choose_best(scores: dict[str, float], order: Sequence[str]) -> str:
     """The candidate with the lowest finite score; ties go to the earlier name in ``order``."""
     best = min(order, key=lambda name: (scores[name] if math.isfinite(scores[name]) else math.inf, order.index(name)))
@@ -101,7 +82,6 @@ def auto_select(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    scorer: PlanScorer | None = None,
 ) -> AutoResult:
     """Build every candidate plan from (S, D, n), score each on ``validation`` and keep the best.
 
@@ -115,16 +95,14 @@ def auto_select(
         batch_size: Sequences per forward pass while scoring.
         progress: Called as ``progress(plans_done, plans_total)``.
         should_cancel: Checked between batches.
-        scorer: Scores plans from cached states (healed when it heals) instead of running the
-            whole model per plan; ``validation`` and ``batch_size`` are then its own.
+
+    Jobs choose through ``lorp.planner`` (the same candidates, scored from cached states and healed
+    as they ship); this is the plain, uncached form.
     """
     opts = options or SelectionOptions()
     candidates = candidate_plans(S, D, n, opts)
-    if scorer is None:
-        scores, duplicates = score_candidates(
-            model, candidates, validation, batch_size=batch_size, progress=progress, should_cancel=should_cancel
-        )
-    else:
-        scores, duplicates = score_with(scorer, candidates, progress)
+    scores, duplicates = score_candidates(
+        model, candidates, validation, batch_size=batch_size, progress=progress, should_cancel=should_cancel
+    )
     best = choose_best(scores, list(candidates))
     return AutoResult(chosen=candidates[best], candidates=candidates, scores=scores, duplicates=duplicates)

@@ -304,7 +304,6 @@ def run_prune(
     if not spec.target.is_quality_bound:
         validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
     _check_options(n_blocks, spec)
-    resolve_heal(model, opts.heal)
 
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration)

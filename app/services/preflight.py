@@ -29,67 +29,64 @@ logger = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _config_blocks(raw: bytes) -> int | None:
-    config = json.loads(raw)
-    return blocks_in_config(config) if isinstance(config, dict) else None
-
-
 @functools.lru_cache(maxsize=256)
 def _gguf_blocks(path: str, size: int, mtime_ns: int) -> int | None:
     # Keyed by size and mtime as well: a file replaced in place is read again.
     return blocks_in_gguf(Path(path))
 
 
-def _file_blocks(path: Path) -> int | None:
-    if path.is_dir():
-        config = path / "config.json"
-        if config.stat().st_size > MAX_CONFIG_BYTES:
-            return None
-        return _config_blocks(config.read_bytes())
+def _gguf_file_blocks(path: Path) -> int | None:
     stat = path.stat()
-    return _gguf_blocks(str(path), stat.st_size, stat.st_mtime_ns) if path.suffix == ".gguf" else None
+    return _gguf_blocks(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def _demo_blocks() -> int | None:
-    from lorp.assets.packaged import demo_gguf_path
-
-    return _file_blocks(demo_gguf_path())
-
-
-def _s3_blocks(reference: str, settings: Settings) -> int | None:
-    bucket, _, path = reference.removeprefix("s3://").partition("/")
-    path = path.strip("/")
-    if not path:
-        return None
-    store = storage_from_url(f"s3://{bucket}/{path}", **settings.s3_options())
-    if store.size("config.json") > MAX_CONFIG_BYTES:
-        return None
-    with store.open("config.json") as fh:
-        return _config_blocks(fh.read(MAX_CONFIG_BYTES + 1))
+def _config_dict(raw: bytes) -> dict[str, Any] | None:
+    config = json.loads(raw)
+    return config if isinstance(config, dict) else None
 
 
-def _hub_blocks(ref: ModelRef) -> int | None:
+def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any] | None:
+    """The model's ``config.json`` where it can be read without loading weights (not for GGUF), else None."""
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # the API image may not ship the hub client
+        directory: Path | None = None
+        if kind == "local":
+            directory = local_model_path(ref.id)
+        elif kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
+            directory = Path(cached).parent if isinstance(cached, str) else None
+        elif kind == "s3":
+            bucket, _, path = ref.id.removeprefix("s3://").partition("/")
+            if not path.strip("/"):
+                return None
+            store = storage_from_url(f"s3://{bucket}/{path.strip('/')}", **settings.s3_options())
+            if store.size("config.json") > MAX_CONFIG_BYTES:
+                return None
+            with store.open("config.json") as fh:
+                return _config_dict(fh.read(MAX_CONFIG_BYTES + 1))
+        if directory is None or not (directory / "config.json").is_file():
+            return None
+        if (directory / "config.json").stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        return _config_dict((directory / "config.json").read_bytes())
+    except (ImportError, OSError, ValueError, StorageError) as exc:
+        logger.debug("config of %s not known at submission: %s", ref.id, exc)
         return None
-    cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
-    return _file_blocks(Path(cached).parent) if isinstance(cached, str) else None
 
 
 def known_block_count(ref: ModelRef, kind: str, settings: Settings) -> int | None:
     """The model's decoder block count where it can be read without loading weights, else None."""
     try:
         if kind == "demo":
-            count = _demo_blocks()
-        elif kind == "local":
-            count = _file_blocks(local_model_path(ref.id))
-        elif kind == "s3":
-            count = _s3_blocks(ref.id, settings)
-        elif kind == "hub":
-            count = _hub_blocks(ref)
+            from lorp.assets.packaged import demo_gguf_path
+
+            count = _gguf_file_blocks(demo_gguf_path())
+        elif kind == "local" and local_model_path(ref.id).suffix == ".gguf":
+            count = _gguf_file_blocks(local_model_path(ref.id))
         else:
-            count = None
+            config = known_config(ref, kind, settings)
+            count = blocks_in_config(config) if config is not None else None
     except (OSError, ValueError, StorageError, EngineError) as exc:
         # Missing or unreadable: the worker loads the model and reports what is wrong with it.
         logger.debug("block count of %s not known at submission: %s", ref.id, exc)
@@ -139,41 +136,6 @@ def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
             f"{model} has {num_blocks} decoder blocks: choose 2 <= options.num_clusters <= {num_blocks - 2}",
             field="options.num_clusters",
         )
-
-
-def _config_dict(raw: bytes) -> dict[str, Any] | None:
-    config = json.loads(raw)
-    return config if isinstance(config, dict) else None
-
-
-def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any] | None:
-    """The model's ``config.json`` where it can be read without loading weights (not for GGUF), else None."""
-    try:
-        directory: Path | None = None
-        if kind == "local":
-            directory = local_model_path(ref.id)
-        elif kind == "hub":
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
-            directory = Path(cached).parent if isinstance(cached, str) else None
-        elif kind == "s3":
-            bucket, _, path = ref.id.removeprefix("s3://").partition("/")
-            if not path.strip("/"):
-                return None
-            store = storage_from_url(f"s3://{bucket}/{path.strip('/')}", **settings.s3_options())
-            if store.size("config.json") > MAX_CONFIG_BYTES:
-                return None
-            with store.open("config.json") as fh:
-                return _config_dict(fh.read(MAX_CONFIG_BYTES + 1))
-        if directory is None or not (directory / "config.json").is_file():
-            return None
-        if (directory / "config.json").stat().st_size > MAX_CONFIG_BYTES:
-            return None
-        return _config_dict((directory / "config.json").read_bytes())
-    except (ImportError, OSError, ValueError, StorageError) as exc:
-        logger.debug("config of %s not known at submission: %s", ref.id, exc)
-        return None
 
 
 def check_heal(spec: JobCreate, kind: str, settings: Settings) -> None:
