@@ -32,6 +32,10 @@ _SYMMETRY_TOLERANCE = 1e-6
 
 # The K values that "auto" validates besides LoRP's own choice (docs/algorithm.md §7).
 AUTO_K_VALUES = (2, 3, 4, 5, 6)
+# auto also validates LLM-Streamline's runners-up: the contiguous run with the largest S[s, s+n] is
+# often not the one that validates best, and contiguous runs are where a healed map helps most
+# (docs/benchmarks.md, "Healed and searched plans").
+RUNNER_UP_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -578,12 +582,17 @@ def select_streamline(
     """
     m, n_blocks, opts, protected = _prepare(S, n, options)
     run_sim = [float(m[s, s + n]) for s in range(n_blocks - n + 1)]
+    best = _ranked_runs(run_sim, n_blocks, n, protected)[0]
+    st = structure if structure is not None else analyze_structure(m, opts)
+    return Selection("streamline", list(range(best, best + n)), st, {"run_similarity": run_sim})
+
+
+def _ranked_runs(run_sim: list[float], n_blocks: int, n: int, protected: frozenset[int]) -> list[int]:
+    """Starts of the eligible runs of length n, largest S[s, s+n] first (ties: smallest s)."""
     starts = _contiguous_starts(n_blocks, n, protected)
     if not starts:
         raise _no_run_error(n_blocks, n, protected)
-    best = min(starts, key=lambda s: (-run_sim[s], s))
-    st = structure if structure is not None else analyze_structure(m, opts)
-    return Selection("streamline", list(range(best, best + n)), st, {"run_similarity": run_sim})
+    return sorted(starts, key=lambda s: (-run_sim[s], s))
 
 
 @register("angular")
@@ -701,9 +710,10 @@ def candidate_plans(
     """Every plan that method ``auto`` validates, keyed by candidate name.
 
     The keys are ``lorp`` (K from the RLS or the override), ``lorp_k2`` .. ``lorp_k6`` (those K in
-    2..N-2), ``shortgpt``, ``streamline``, ``angular`` (only when D is given) and ``reverse``; each
-    Selection's ``method`` is its key. A contiguous-run method with no run avoiding the protected
-    blocks is left out.
+    2..N-2), ``shortgpt``, ``streamline``, ``streamline_2`` and ``streamline_3`` (the eligible runs
+    with the second and third largest S[s, s+n], where they exist), ``angular`` (only when D is
+    given) and ``reverse``; each Selection's ``method`` is its key. A contiguous-run method with no
+    run avoiding the protected blocks is left out.
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.
@@ -715,7 +725,7 @@ def candidate_plans(
         BudgetError: when n fails :func:`validate_budget`.
         InvalidRequestError: for an invalid S, D or options.
     """
-    m, n_blocks, opts, _ = _prepare(S, n, options)
+    m, n_blocks, opts, protected = _prepare(S, n, options)
     if D is not None:
         _as_distance(D, m.shape)
     base = analyze_structure(m, opts)
@@ -744,4 +754,11 @@ def candidate_plans(
             # validate_budget passed above, so this is a run method whose every run hits a protected
             # block: that candidate simply does not exist for this budget.
             continue
+        if key == "streamline":
+            run_sim = plans[key].scores["run_similarity"]
+            for rank, start in enumerate(_ranked_runs(run_sim, n_blocks, n, protected)[1:RUNNER_UP_RUNS], 2):
+                keep(
+                    f"streamline_{rank}",
+                    Selection(key, list(range(start, start + n)), base, {"run_similarity": run_sim}),
+                )
     return plans

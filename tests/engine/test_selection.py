@@ -532,6 +532,8 @@ def test_candidate_plans_keys_with_d() -> None:
         *(f"lorp_k{k}" for k in range(2, 7)),
         "shortgpt",
         "streamline",
+        "streamline_2",
+        "streamline_3",
         "angular",
         "reverse",
     ]
@@ -547,9 +549,44 @@ def test_candidate_plans_keys_with_d() -> None:
 def test_candidate_plans_skip_k_beyond_n_minus_2_and_angular_without_d() -> None:
     s, _ = random_statistics(np.random.default_rng(12), 6)
     plans = candidate_plans(s, None, 2, SelectionOptions(num_clusters=3))
-    assert list(plans) == ["lorp", "lorp_k2", "lorp_k3", "lorp_k4", "shortgpt", "streamline", "reverse"]
+    assert list(plans) == [
+        "lorp",
+        "lorp_k2",
+        "lorp_k3",
+        "lorp_k4",
+        "shortgpt",
+        "streamline",
+        "streamline_2",
+        "streamline_3",
+        "reverse",
+    ]
     assert plans["lorp"].structure.k == 3
     assert plans["lorp"].pruned_layers == plans["lorp_k3"].pruned_layers
+
+
+def test_candidate_plans_add_streamline_runners_up_in_similarity_order() -> None:
+    s, d = random_statistics(np.random.default_rng(13), 10)
+    n = 3
+    plans = candidate_plans(s, d, n, SelectionOptions(protected_layers=(0, 9)))
+    eligible = [a for a in range(1, 10 - n)]  # runs [a, a+3) clear of blocks 0 and 9
+    ranked = sorted(eligible, key=lambda a: (-float(s[a, a + n]), a))
+    assert [plans[key].pruned_layers for key in ("streamline", "streamline_2", "streamline_3")] == [
+        list(range(a, a + n)) for a in ranked[:3]
+    ]
+    assert plans["streamline_2"].method == "streamline_2"
+    assert float(s[ranked[1], ranked[1] + n]) >= float(s[ranked[2], ranked[2] + n])
+
+
+def test_candidate_plans_have_only_the_runners_up_that_exist() -> None:
+    s, d = random_statistics(np.random.default_rng(14), 6)
+    # Blocks 0 and 5 protected: runs of 3 can start at 1 or 2 only.
+    plans = candidate_plans(s, d, 3, SelectionOptions(protected_layers=(0, 5)))
+    assert "streamline_2" in plans
+    assert "streamline_3" not in plans
+    assert {tuple(plans["streamline"].pruned_layers), tuple(plans["streamline_2"].pruned_layers)} == {
+        (1, 2, 3),
+        (2, 3, 4),
+    }
 
 
 def test_candidate_plans_leave_out_run_methods_without_a_run() -> None:
