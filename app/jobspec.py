@@ -25,6 +25,7 @@ from app.core.errors import Unprocessable
 from lorp.spec import (
     BatchSize,
     CalibrationSpec,
+    DownstreamFields,
     DType,
     EvaluationSpec,
     MaxWindows,
@@ -103,8 +104,8 @@ class OptionsRef(SelectionOptions):
     dtype: DType = "auto"
 
 
-class EvaluationRef(StrictModel):
-    """What to measure on the dense and pruned model."""
+class EvaluationRef(DownstreamFields):
+    """What to measure on the dense and pruned model: perplexity, speed, downstream tasks, completions."""
 
     perplexity: bool = True
     dataset: str | None = Field(default=None, max_length=512, description="default: built-in evaluation split")

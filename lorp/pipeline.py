@@ -21,14 +21,16 @@ import torch
 from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
-from lorp.evaluation import measure_speed, perplexity
+from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, load_model
 from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
 from lorp.report import library_versions, plot_heatmap, save_analysis, write_report
 from lorp.result import (
     ChosenPlan,
+    Generation,
     HealSummary,
     Metrics,
     PlanScore,
@@ -76,10 +78,12 @@ class _Stages:
         if self.should_cancel is not None and self.should_cancel():
             raise JobCancelled("the job was cancelled")
 
-    def fraction(self, stage: Stage) -> Callable[[int, int], None]:
+    def fraction(self, stage: Stage, low: float = 0.0, high: float = 1.0) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` for the part [low, high] of a stage."""
+
         def report(done: int, total: int) -> None:
             if self.progress is not None:
-                self.progress(stage, done / max(total, 1))
+                self.progress(stage, low + (high - low) * done / max(total, 1))
 
         return report
 
@@ -223,23 +227,41 @@ def _speed_prompt(windows: cal.TokenWindows, prompt_len: int, batch: int) -> tor
     return row[:prompt_len].unsqueeze(0).repeat(batch, 1)
 
 
-def _measure(model: Any, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: Stage) -> dict:
+def _measure(
+    loaded: LoadedModel, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: Stage
+) -> tuple[dict[str, Any], list[str]]:
+    """The model's metrics as it is now (perplexity, speed, downstream tasks) and its completions."""
+    model = loaded.model
     metrics: dict[str, Any] = {}
     ev = spec.evaluation
+    split = 0.5 if ev.tasks else 1.0  # perplexity fills the stage's progress, or its first half
     if eval_windows is not None and ev.perplexity:
         metrics["perplexity"] = perplexity(
             model,
             eval_windows,
             batch_size=spec.calibration.batch_size,
             should_cancel=stages.should_cancel,
-            progress=stages.fraction(stage),
+            progress=stages.fraction(stage, 0.0, split),
         )
     if eval_windows is not None and ev.speed:
         prompt = _speed_prompt(eval_windows, ev.speed_prompt_len, ev.speed_batch)
         metrics.update(measure_speed(model, prompt, new_tokens=ev.speed_new_tokens))
     metrics["num_layers"] = len(decoder_blocks(model))
     metrics["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
-    return metrics
+    if ev.tasks:
+        scores, seconds = run_tasks(
+            model,
+            loaded.tokenizer,
+            ev.tasks,
+            batch_size=spec.calibration.batch_size,
+            progress=stages.fraction(stage, split, 1.0),
+            should_cancel=stages.should_cancel,
+        )
+        metrics["tasks"] = [dataclasses.asdict(score) for score in scores]
+        metrics["tasks_s"] = round(seconds, 3)
+    stages.check()
+    completions = greedy_completions(model, loaded.tokenizer, list(ev.prompts), new_tokens=ev.generate_tokens)
+    return metrics, completions
 
 
 def _heal_summary(choice: PlanChoice) -> HealSummary:
@@ -304,6 +326,7 @@ def run_prune(
     if not spec.target.is_quality_bound:
         validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
     _check_options(n_blocks, spec)
+    check_tasks(spec.evaluation.tasks)  # an unknown task fails the job before any forward pass
 
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration)
@@ -360,12 +383,12 @@ def run_prune(
     n, chosen, chosen_name = choice.n, choice.chosen, choice.chosen_name
 
     with stages.stage(Stage.evaluating_dense):
-        dense = _measure(model, eval_windows, spec, stages, Stage.evaluating_dense)
+        dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
     with stages.stage(Stage.pruning):
         apply_fits(model, choice.fits)
         remove_blocks(model, chosen.pruned_layers)
     with stages.stage(Stage.evaluating_pruned):
-        pruned = _measure(model, eval_windows, spec, stages, Stage.evaluating_pruned)
+        pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
         save_pruned(model, loaded.tokenizer, model_dir)
@@ -426,6 +449,10 @@ def run_prune(
             files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
             heal=_heal_summary(choice),
             selection=_selection_summary(choice),
+            generations=[
+                Generation(prompt=prompt, dense=d, pruned=p)
+                for prompt, d, p in zip(spec.evaluation.prompts, dense_text, pruned_text, strict=True)
+            ],
         )
         write_report(out / "report.json", report.to_json())
     log.info("pruned %s: removed %s -> %s", spec.model.id, chosen.pruned_layers, model_dir)

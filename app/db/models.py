@@ -150,6 +150,9 @@ class Job(IdMixin, TimestampMixin, Base):
     analysis: Mapped[Analysis | None] = relationship(lazy="raise")
     plans: Mapped[list[Plan]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
     metrics: Mapped[list[Metric]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
+    task_metrics: Mapped[list[TaskMetric]] = relationship(
+        back_populates="job", lazy="raise", cascade="all, delete-orphan"
+    )
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", lazy="raise", cascade="all, delete-orphan")
 
 
@@ -191,6 +194,24 @@ class Metric(IdMixin, Base):
     unit: Mapped[str | None] = mapped_column(String(32))
 
     job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class TaskMetric(IdMixin, Base):
+    """One downstream task's metric on the dense or the pruned model (lm-evaluation-harness)."""
+
+    __tablename__ = "task_metrics"
+    __table_args__ = (UniqueConstraint("job_id", "task", "metric", "phase", name="uq_task_metrics_job_task_phase"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(200))
+    metric: Mapped[str] = mapped_column(String(128))
+    phase: Mapped[str] = mapped_column(String(16))  # dense | pruned
+    value: Mapped[float | None] = mapped_column(Float)
+    stderr: Mapped[float | None] = mapped_column(Float)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    num_fewshot: Mapped[int | None] = mapped_column(Integer)
+
+    job: Mapped[Job] = relationship(back_populates="task_metrics")
 
 
 class Artifact(IdMixin, TimestampMixin, Base):

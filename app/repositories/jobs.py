@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, text, true, updat
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.security import Principal
-from app.db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
 
 
 def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Principal) -> ColumnElement[bool]:
@@ -112,6 +112,11 @@ def plans_for(session: Session, job_id: uuid.UUID) -> list[Plan]:
 
 def metrics_for(session: Session, job_id: uuid.UUID) -> list[Metric]:
     return list(session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.phase, Metric.name)))
+
+
+def task_metrics_for(session: Session, job_id: uuid.UUID) -> list[TaskMetric]:
+    query = select(TaskMetric).where(TaskMetric.job_id == job_id)
+    return list(session.scalars(query.order_by(TaskMetric.task, TaskMetric.metric, TaskMetric.phase)))
 
 
 def artifacts_for(session: Session, job_id: uuid.UUID) -> list[Artifact]:

@@ -19,7 +19,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import DONE_STAGE, Analysis, Artifact, Dataset, EventKind, Job, JobStatus, Metric, Plan
+from app.db.models import (
+    DONE_STAGE,
+    Analysis,
+    Artifact,
+    Dataset,
+    EventKind,
+    Job,
+    JobStatus,
+    Metric,
+    Plan,
+    TaskMetric,
+)
 from app.repositories.events import add_event
 
 MAX_ERROR_MESSAGE = 4000
@@ -44,6 +55,19 @@ class MetricRow:
     phase: str
     value: float | None
     unit: str | None
+
+
+@dataclass(frozen=True)
+class TaskMetricRow:
+    """One downstream task's metric: ``phase`` is dense or pruned."""
+
+    task: str
+    metric: str
+    phase: str
+    value: float | None
+    stderr: float | None
+    num_samples: int
+    num_fewshot: int | None
 
 
 @dataclass(frozen=True)
@@ -179,6 +203,7 @@ def finish_succeeded(
     metrics: Sequence[MetricRow],
     artifacts: Sequence[ArtifactRow],
     summary: dict[str, Any],
+    task_metrics: Sequence[TaskMetricRow] = (),
 ) -> bool:
     """Publish a finished job: status, plans, metrics, artifacts and summary in one transaction.
 
@@ -210,7 +235,7 @@ def finish_succeeded(
         return False
     # Rows can only exist from an earlier attempt if it published, which ends the job; clearing them
     # keeps a retry from ever showing a mixed set.
-    for model in (Plan, Metric, Artifact):
+    for model in (Plan, Metric, TaskMetric, Artifact):
         session.execute(delete(model).where(model.job_id == job_id).execution_options(synchronize_session=False))
     session.add_all(
         Plan(
@@ -224,6 +249,19 @@ def finish_succeeded(
         for p in plans
     )
     session.add_all(Metric(job_id=job_id, name=m.name, phase=m.phase, value=m.value, unit=m.unit) for m in metrics)
+    session.add_all(
+        TaskMetric(
+            job_id=job_id,
+            task=t.task,
+            metric=t.metric,
+            phase=t.phase,
+            value=t.value,
+            stderr=t.stderr,
+            num_samples=t.num_samples,
+            num_fewshot=t.num_fewshot,
+        )
+        for t in task_metrics
+    )
     session.add_all(
         Artifact(
             job_id=job_id,

@@ -19,6 +19,7 @@ from app.schemas import (
     JobOut,
     JobSummary,
     PlanOut,
+    TaskMetricOut,
 )
 from lorp.jsonable import finite
 
@@ -82,6 +83,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
         return None
     plans = jobs_repo.plans_for(session, job.id)
     metrics = jobs_repo.metrics_for(session, job.id)
+    tasks = jobs_repo.task_metrics_for(session, job.id) if job.status == JobStatus.succeeded else []
     structure = _job_structure(session, job)
     if structure is None and not plans and not metrics and job.chosen_method is None and job.summary is None:
         return None
@@ -111,6 +113,18 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
         pruned_layers=list(job.pruned_layers) if job.pruned_layers is not None else None,
         metrics=grouped,
         metric_units=units,
+        tasks=[
+            TaskMetricOut(
+                task=t.task,
+                metric=t.metric,
+                phase=t.phase,
+                value=finite(t.value),
+                stderr=finite(t.stderr),
+                num_samples=t.num_samples,
+                num_fewshot=t.num_fewshot,
+            )
+            for t in tasks
+        ],
         report=job.summary,
         links=links,
     )

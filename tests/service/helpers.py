@@ -45,6 +45,7 @@ def job_request(
     eval_windows: int = 2,
     perplexity: bool = True,
     speed: bool = False,
+    tasks: list[dict] | None = None,
 ) -> JobCreate:
     """A small, valid job on ``model_id`` calibrated on ``dataset`` (an uploaded id or a source)."""
     return JobCreate.model_validate(
@@ -55,7 +56,9 @@ def job_request(
             "calibration": CalibrationRef(
                 dataset=str(dataset), num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
             ),
-            "evaluation": EvaluationRef(max_windows=eval_windows, perplexity=perplexity, speed=speed),
+            "evaluation": EvaluationRef.model_validate(
+                {"max_windows": eval_windows, "perplexity": perplexity, "speed": speed, "tasks": tasks or []}
+            ),
         }
     )
 

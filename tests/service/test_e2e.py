@@ -156,7 +156,14 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
         "target": {"num_layers": 2},
         "options": {"heal": "linear"} if searched else {},
         "calibration": {"dataset": dataset_id, "num_samples": 8, "seq_len": 32, "batch_size": 2},
-        "evaluation": {"dataset": dataset_id, "max_windows": 4, "speed": False},
+        "evaluation": {
+            "dataset": dataset_id,
+            "max_windows": 4,
+            "speed": False,
+            "tasks": [{"name": "lorp_cloze", "limit": 3}],
+            "prompts": ["the block"],
+            "generate_tokens": 4,
+        },
     }
     created = client.post("/v1/jobs", json=body)
     assert created.status_code == 202, created.text
@@ -218,6 +225,13 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     for phase in ("dense", "pruned"):
         assert summary["metrics"][phase]["num_layers"] == report["metrics"][phase]["num_layers"]
         assert type(summary["metrics"][phase]["num_layers"]) is int
+        # lm-eval's scores as the API serves them equal the report's
+        served = {t["metric"]: t for t in summary["tasks"] if t["phase"] == phase}
+        for score in report["metrics"][phase]["tasks"]:
+            assert served[score["metric"]]["value"] == pytest.approx(score["value"])
+            assert served[score["metric"]]["num_samples"] == 3
+    assert [g["prompt"] for g in report["generations"]] == ["the block"]
+    assert worker_summary["generations"] == report["generations"]
     pruned = AutoModelForCausalLM.from_pretrained(out / "model")
     assert pruned.config.num_hidden_layers == N_LAYERS - 2
     heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)

@@ -29,7 +29,7 @@ from tiny import save_tiny_llama
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from app.core.config import Settings
-from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, Plan
+from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
 from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
@@ -184,7 +184,9 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
 ) -> None:
     settings = s3_settings
     dataset_id = upload_dataset(settings, corpus_bytes)
-    request = job_request(str(model_root / "tiny-llama"), dataset_id, num_layers=2, speed=True)
+    request = job_request(
+        str(model_root / "tiny-llama"), dataset_id, num_layers=2, speed=True, tasks=[{"name": "lorp_cloze", "limit": 4}]
+    )
     job_id = create_job(settings, request)
     enqueue_job(job_id, settings)
 
@@ -240,6 +242,13 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
     assert metrics[("weights_bytes", "pruned")].unit == "B"
     assert metrics[("speedup_bound", "ratio")].value == pytest.approx(1.5)
     assert job.summary is not None and job.summary["chosen"]["pruned_layers"] == job.pruned_layers
+    # lm-eval's scores, dense and pruned, and the completions side by side
+    tasks = {(t.task, t.metric, t.phase): t for t in rows(settings, TaskMetric, job_id)}
+    assert set(tasks) == {("lorp_cloze", m, p) for m in ("acc", "acc_norm") for p in ("dense", "pruned")}
+    assert all(t.num_samples == 4 and t.value is not None and 0 <= t.value <= 1 for t in tasks.values())
+    table = {(t["task"], t["metric"]): t for t in job.summary["tasks"]}
+    assert table[("lorp_cloze", "acc")]["pruned"] == tasks[("lorp_cloze", "acc", "pruned")].value
+    assert len(job.summary["generations"]) == 3 and all(g["dense"] for g in job.summary["generations"])
 
     # Every artifact is in S3 with its recorded sha256; the pruned model loads with N-n layers.
     artifacts = rows(settings, Artifact, job_id)
