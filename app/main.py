@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ServiceState
 from app.api.problems import BodyTooLarge, install_error_handlers, problem_response
-from app.api.routes import datasets, health, jobs, plans
+from app.api.routes import datasets, health, jobs, plans, tasks
 from app.core.config import Settings, get_settings
 from app.observability import Metrics, MetricsMiddleware
 from app.schemas import Problem
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None, *, sessionmaker: sessionmaker[S
         (API_PREFIX, jobs.router),
         (API_PREFIX, plans.router),
         (API_PREFIX, datasets.router),
+        (API_PREFIX, tasks.router),
     )
     for prefix, router in routers:
         app.include_router(router, prefix=prefix, responses=_PROBLEMS if prefix else None)

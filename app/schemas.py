@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -78,6 +78,25 @@ class TaskMetricOut(BaseModel):
     stderr: float | None
     num_samples: int
     num_fewshot: int | None
+
+
+class EvalTaskOut(BaseModel):
+    """A downstream task the workers can run."""
+
+    name: str
+    source: Literal["built-in", "local", "hub"] = Field(
+        description="built-in (offline, from the built-in corpus), local (LORP_EVAL_TASKS_DIR) or hub "
+        "(lm-eval's registry; its data comes from the Hugging Face hub)"
+    )
+    metrics: list[str] = Field(description="the metrics the task's own YAML declares (empty where it inherits them)")
+
+
+class EvalTasksOut(BaseModel):
+    """A page of the tasks the workers published, and when the newest publication was."""
+
+    tasks: list[EvalTaskOut]
+    total: int
+    published_at: dt.datetime | None
 
 
 class JobSummary(BaseModel):

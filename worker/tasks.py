@@ -45,10 +45,31 @@ def preload_engine(**_: Any) -> None:
     from worker.warmup import warm_imports
 
     steps = warm_imports()
+    publish_started = time.perf_counter()
+    _publish_catalogue()
+    steps["task catalogue"] = time.perf_counter() - publish_started
     if torch.cuda.is_initialized():  # pragma: no cover - a guard for future imports
         log.warning("CUDA was initialised while preloading the engine; pool children may fail to use it")
     shown = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
     log.info("engine preloaded in %.1f s (%s)", time.perf_counter() - started, shown)
+
+
+def _publish_catalogue() -> None:
+    """Say in the database which downstream tasks this worker can run (``worker.catalogue``).
+
+    A failure is logged, not fatal: jobs without tasks run as before, and the API refuses those
+    with tasks until a worker publishes. The pooled connections are closed before the pool forks.
+    """
+    from app.db.session import get_engine
+    from worker.catalogue import publish_catalogue
+
+    settings = get_settings()
+    try:
+        publish_catalogue(settings)
+    except Exception:
+        log.exception("could not publish the downstream task catalogue; jobs that ask for tasks are refused")
+    finally:
+        get_engine(settings.sqlalchemy_url).dispose()
 
 
 def _exit_pool_child() -> None:

@@ -214,6 +214,18 @@ class TaskMetric(IdMixin, Base):
     job: Mapped[Job] = relationship(back_populates="task_metrics")
 
 
+class EvalTask(Base):
+    """A downstream task the workers can run (lm-eval's registry, the operator's folder, built-in),
+    as the last worker to start published it; the API checks ``evaluation.tasks`` against it."""
+
+    __tablename__ = "eval_tasks"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # built-in | local | hub
+    metrics: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    published_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Artifact(IdMixin, TimestampMixin, Base):
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)

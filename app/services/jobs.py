@@ -34,7 +34,7 @@ from app.schemas import (
     JobListItem,
     Page,
 )
-from app.services import preflight
+from app.services import eval_tasks, preflight
 from app.services.job_views import list_item
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def submit_job(
     preflight.check_against_model(spec, kind, settings)
     _check_dataset_reference(session, spec.calibration.dataset, principal, "calibration.dataset")
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
+    eval_tasks.check_tasks(session, spec.evaluation.tasks)
 
     fingerprint = spec.fingerprint()
     owner_id = principal.owner_id

@@ -130,7 +130,19 @@ def start_stack(mode: str, tmp_path: Path, procs: Processes, model_root: Path, r
     else:
         procs.start("serve", [LORP, "serve", "--port", str(port)], env)
     wait_ready(info["base"], procs)
+    wait_for_catalogue(info["base"], procs)
     return info
+
+
+def wait_for_catalogue(base: str, procs: Processes, timeout: float = 120) -> None:
+    """A worker publishes the tasks it can run as it starts; jobs naming tasks wait for that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = httpx.get(f"{base}/v1/tasks", params={"source": "built-in"}, timeout=5).json()
+        if listed["total"] and listed["published_at"]:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no worker published its task catalogue\n{procs.logs()}")
 
 
 def corpus() -> bytes:
