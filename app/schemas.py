@@ -55,6 +55,7 @@ class JobLinks(BaseModel):
     cancel: str
     analysis: str | None = None
     heatmap: str | None = None
+    plans_chart: str | None = Field(default=None, description="the candidate plans and task scores compared (PNG)")
     artifacts: str | None = None
 
 

@@ -27,7 +27,7 @@ from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, load_model
 from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
-from lorp.report import library_versions, plot_heatmap, save_analysis, write_report
+from lorp.report import library_versions, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
     ChosenPlan,
     Generation,
@@ -413,6 +413,17 @@ def run_prune(
                 healed=bool(choice.fits),
             ),
         )
+        pruned_tasks = {(t["task"], t["metric"]): t["value"] for t in pruned.get("tasks", [])}
+        plot_plans(
+            out / "plans.png",
+            choice.scores,
+            chosen=chosen_name,
+            tasks=[
+                (f"{t['task']} {t['metric']}", t["value"], pruned_tasks.get((t["task"], t["metric"])))
+                for t in dense.get("tasks", [])
+            ],
+            title=f"{spec.method}: {chosen_name} removes {len(chosen.pruned_layers)} of {n_blocks} blocks",
+        )
         metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
         if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
             metrics = dataclasses.replace(
@@ -446,7 +457,7 @@ def run_prune(
             metrics=metrics,
             reload_check=reload_check,
             timings_s=stages.timings,
-            files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png"},
+            files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png", "plans": "plans.png"},
             heal=_heal_summary(choice),
             selection=_selection_summary(choice),
             generations=[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,71 @@ def plot_heatmap(
         )
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8, facecolor="#444444", labelcolor="white", framealpha=0.9)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_plans(
+    path: str | Path,
+    scores: Mapping[str, float | None],
+    *,
+    chosen: str,
+    tasks: Sequence[tuple[str, float, float | None]] = (),
+    title: str = "",
+) -> Path:
+    """Compare the candidate plans: validation perplexity of each (the chosen one marked) and, where
+    downstream tasks were run, each task's score dense vs pruned.
+
+    Args:
+        path: Output PNG.
+        scores: validation perplexity per candidate (None: not measured in full, left out).
+        chosen: the candidate that shipped.
+        tasks: (label, dense value, pruned value) per task metric.
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = sorted(((v, k) for k, v in scores.items() if v is not None and np.isfinite(v)), reverse=True)
+    panels = 2 if tasks else 1
+    height = max(2.6, 0.32 * len(measured) + 1.4)
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, height), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    names = [k for _, k in measured]
+    values = [v for v, _ in measured]
+    colors = ["#d62728" if k == chosen else "#7f9fbf" for k in names]
+    bars = ax.barh(range(len(names)), values, color=colors)
+    ax.set_yticks(range(len(names)), [f"{k} (chosen)" if k == chosen else k for k in names], fontsize=8)
+    if values and max(values) / max(min(values), 1e-12) > 20:
+        ax.set_xscale("log")
+        ax.set_xlim(min(values) / 1.5, max(values) * 6)  # room for the last bar's label
+    elif values:
+        ax.set_xlim(0, max(values) * 1.18)
+    for bar, value in zip(bars, values, strict=True):
+        label = f" {value:,.0f}" if value >= 1000 else f" {value:.3g}"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
+    ax.set_xlabel("validation perplexity of the plan (lower is better)")
+    ax.set_title("candidate plans", fontsize=10)
+    if tasks:
+        ax2 = axes[0][1]
+        x = np.arange(len(tasks))
+        dense = [d for _, d, _ in tasks]
+        pruned = [p if p is not None else np.nan for _, _, p in tasks]
+        for offset, series, name, color in ((-0.2, dense, "dense", "#7f7f7f"), (0.2, pruned, "pruned", "#d62728")):
+            bars = ax2.bar(x + offset, series, width=0.4, label=name, color=color)
+            ax2.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax2.set_xticks(x, [label for label, _, _ in tasks], fontsize=8, rotation=20, ha="right")
+        ax2.set_ylabel("task score (higher is better)")
+        ax2.set_ylim(0, max(1.0, *(v for v in dense + pruned if np.isfinite(v))))
+        ax2.set_title("downstream tasks, dense vs pruned", fontsize=10)
+        ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)

@@ -24,6 +24,7 @@ from app.schemas import (
 from lorp.jsonable import finite
 
 HEATMAP = "heatmap.png"
+PLANS_CHART = "plans.png"
 
 
 def job_path(job_id: uuid.UUID) -> str:
@@ -42,6 +43,7 @@ def _links(job: Job) -> JobLinks:
         cancel=f"{base}/cancel",
         analysis=f"{base}/analysis" if job.analysis_id is not None else None,
         heatmap=f"{base}/{HEATMAP}" if succeeded else None,
+        plans_chart=f"{base}/{PLANS_CHART}" if succeeded else None,
         artifacts=f"{base}/artifacts" if succeeded else None,
     )
 

@@ -45,10 +45,11 @@ def test_run_prune_auto_writes_a_reloadable_model_and_a_full_report(tiny_model_d
         make_spec(tiny_model_dir, corpus_files), tmp_path / "run", progress=lambda s, f: seen.append((s, f))
     )
     out = result.out_dir
-    assert {p.name for p in out.iterdir()} == {"model", "analysis.npz", "report.json", "heatmap.png"}
+    assert {p.name for p in out.iterdir()} == {"model", "analysis.npz", "report.json", "heatmap.png", "plans.png"}
     assert (out / "model" / "model.safetensors").is_file()
     assert not list((out / "model").glob("*.bin"))
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plans.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "auto"

@@ -248,6 +248,8 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert pruned.config.num_hidden_layers == N_LAYERS - 2
     heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)
     assert heatmap.content[:4] == b"\x89PNG"
+    chart = client.get(job["links"]["plans_chart"], follow_redirects=True)
+    assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG"
     analysis = client.get(f"/v1/jobs/{job_id}/analysis").json()
     assert len(analysis["similarity"]) == N_LAYERS + 1 and len(analysis["angular_distance"]) == N_LAYERS + 1
 

@@ -143,6 +143,19 @@ def get_heatmap(
 
 
 @router.get(
+    "/{job_id}/plans.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
+)
+def get_plans_chart(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
+    """A succeeded job's candidate plans compared: validation perplexity, and task scores dense vs pruned (PNG)."""
+    artifact = artifacts_service.get_artifact(session, job_id, job_views.PLANS_CHART, principal)
+    return _download(artifact, storage, settings)
+
+
+@router.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 302: {"description": "presigned storage URL"}},
