@@ -25,12 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+from benchdemo import demo_calibration, demo_model  # noqa: E402
 from benchdoc import PLANS_HEADING, replace_section  # noqa: E402
 
 from lorp import calibration as cal  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
-from lorp.loading import load_model  # noqa: E402
 from lorp.planner import choose_plan, heal_windows  # noqa: E402
 from lorp.scoring import CachedHealer, folded  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
@@ -69,20 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    torch.manual_seed(0)
-    loaded = load_model("demo", device="cpu")
+    loaded = demo_model()
     model, tokenizer = loaded.model, loaded.tokenizer
     n_blocks = len(decoder_blocks(model))
     calibration = CalibrationSpec(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
-    data = cal.build_calibration(
-        tokenizer,
-        cal.load_texts(cal.parse_source("builtin"), role="calibration"),
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=0,
-        validation_fraction=calibration.validation_fraction,
-        max_validation_windows=calibration.validation_windows,
-    )
+    data = demo_calibration(tokenizer, calibration)
     held_out_windows = cal.evaluation_windows(
         tokenizer,
         cal.load_texts(cal.parse_source("builtin"), role="evaluation"),

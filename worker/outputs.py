@@ -247,16 +247,18 @@ def _task_table(report: PruneReport) -> list[dict[str, Any]]:
     """Each task metric with its dense and pruned value side by side."""
     dense = {(t["task"], t["metric"]): t for t in report.metrics.dense.get("tasks", [])}
     pruned = {(t["task"], t["metric"]): t for t in report.metrics.pruned.get("tasks", [])}
-    return [
-        {
-            "task": task,
-            "metric": metric,
-            "dense": dense[key]["value"] if key in dense else None,
-            "pruned": pruned[key]["value"] if key in pruned else None,
-            "dense_stderr": dense[key].get("stderr") if key in dense else None,
-            "pruned_stderr": pruned[key].get("stderr") if key in pruned else None,
-            "num_samples": (dense.get(key) or pruned[key])["num_samples"],
-        }
-        for key in [*dense, *(k for k in pruned if k not in dense)]
-        for task, metric in [key]
-    ]
+    table = []
+    for key in dict.fromkeys([*dense, *pruned]):
+        d, p = dense.get(key, {}), pruned.get(key, {})
+        table.append(
+            {
+                "task": key[0],
+                "metric": key[1],
+                "dense": d.get("value"),
+                "pruned": p.get("value"),
+                "dense_stderr": d.get("stderr"),
+                "pruned_stderr": p.get("stderr"),
+                "num_samples": d.get("num_samples", p.get("num_samples")),
+            }
+        )
+    return table
