@@ -56,6 +56,9 @@ class JobLinks(BaseModel):
     analysis: str | None = None
     heatmap: str | None = None
     plans_chart: str | None = Field(default=None, description="the candidate plans and task scores compared (PNG)")
+    budget_chart: str | None = Field(
+        default=None, description="each method's validation perplexity by blocks removed (PNG), where the job drew it"
+    )
     artifacts: str | None = None
 
 
@@ -100,6 +103,21 @@ class EvalTasksOut(BaseModel):
     published_at: dt.datetime | None
 
 
+class CurvePointOut(BaseModel):
+    method: str
+    budget: int = Field(description="blocks removed")
+    pruned_layers: list[int]
+    validation_perplexity: float | None
+
+
+class BudgetCurveOut(BaseModel):
+    """The plans ``POST /v1/plans`` lists for the curve's budgets, scored on the job's validation windows."""
+
+    healed: bool = Field(description="whether each plan was scored healed, as the job scored its candidates")
+    dense_validation_perplexity: float | None
+    points: list[CurvePointOut]
+
+
 class JobSummary(BaseModel):
     """What a job found and produced, filled in as the worker stores it."""
 
@@ -117,6 +135,9 @@ class JobSummary(BaseModel):
     )
     metric_units: dict[str, str | None] = Field(default_factory=dict, description="{metric: unit}")
     tasks: list[TaskMetricOut] = Field(default_factory=list, description="downstream task metrics, dense and pruned")
+    budget_curve: BudgetCurveOut | None = Field(
+        default=None, description="each one-pass method's plan at several budgets and its validation perplexity"
+    )
     report: dict[str, Any] | None = Field(default=None, description="the worker's own summary, as stored")
     links: JobLinks
 
@@ -223,6 +244,11 @@ class PlanResult(BaseModel):
     rls: float | None
     k: int
     clusters: list[int]
+    validation_perplexity: float | None = Field(
+        default=None,
+        description="this plan's validation perplexity where the job scored these very blocks (a candidate "
+        "or a budget-curve point), else null: planning here runs no model",
+    )
 
 
 class PlansResponse(BaseModel):

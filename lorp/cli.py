@@ -111,6 +111,14 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
         metavar="TEXT",
         help="a prompt to complete greedily, dense and pruned (repeatable; default: three built-in prompts)",
     )
+    prune.add_argument(
+        "--curve-budgets",
+        type=int,
+        nargs="*",
+        metavar="N",
+        help="budgets the budget curve scores each method's plan at (default: up to 4 up to the job's; "
+        "none given: no curve)",
+    )
     prune.add_argument("--out", required=True, help="output directory (missing or empty)")
     prune.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -213,6 +221,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             speed=not args.no_speed,
             tasks=[TaskSpec(name=name, limit=args.task_limit, num_fewshot=args.num_fewshot) for name in args.tasks],
             **({"prompts": args.prompts} if args.prompts else {}),
+            curve_budgets=args.curve_budgets,
         ),
     )
     bars = _Bars()
@@ -279,6 +288,7 @@ def _summary(report: PruneReport, out_dir: str) -> str:
             f"task            {score['task']} {score['metric']}: dense {score['value']:.3f} -> pruned "
             f"{_fmt(match['value'] if match else None, '.3f')} ({score['num_samples']} items)"
         )
+    lines.extend(_curve_lines(report))
     for generation in report.generations:
         lines.append(f"prompt          {generation.prompt!r}")
         lines.append(f"  dense         {generation.dense!r}")
@@ -286,8 +296,27 @@ def _summary(report: PruneReport, out_dir: str) -> str:
     if metrics.decode_speedup is not None:
         lines.append(f"decode speed    x{metrics.decode_speedup:.2f} (bound N/(N-n) = {metrics.speedup_bound:.2f})")
     lines.append(f"pruned model    {out_dir}/model")
-    lines.append(f"report          {out_dir}/report.json, heatmap {out_dir}/heatmap.png")
+    lines.append(f"report          {out_dir}/report.json")
+    charts = [f"{out_dir}/{report.files[k]}" for k in ("heatmap", "plans", "budget_curve") if k in report.files]
+    lines.append(f"charts          {', '.join(charts)}")
     return "\n".join(lines)
+
+
+def _curve_lines(report: PruneReport) -> list[str]:
+    """The budget curve as a table: a row per method, a column per budget."""
+    curve = report.budget_curve
+    if curve is None or not curve.points:
+        return []
+    budgets = sorted({p.budget for p in curve.points})
+    scores = {(p.method, p.budget): p.validation_perplexity for p in curve.points}
+    healed = " healed," if curve.healed else ""
+    lines = [
+        f"budget curve    (validation perplexity,{healed} dense {curve.dense_validation_perplexity:.2f})",
+        "  blocks removed " + "".join(f"{n:>10}" for n in budgets),
+    ]
+    for method in dict.fromkeys(p.method for p in curve.points):
+        lines.append(f"  {method:<14} " + "".join(f"{_fmt(scores.get((method, n))):>10}" for n in budgets))
+    return lines
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -21,14 +21,16 @@ import torch
 from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.curve import budget_curve, check_budgets, default_budgets
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, load_model
 from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
-from lorp.report import library_versions, plot_heatmap, plot_plans, save_analysis, write_report
+from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
+    BudgetCurve,
     ChosenPlan,
     Generation,
     HealSummary,
@@ -39,7 +41,7 @@ from lorp.result import (
     StructureSummary,
 )
 from lorp.scoring import apply_fits
-from lorp.selection import Selection, validate_budget
+from lorp.selection import Selection, analyze_structure, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
 from lorp.stages import Stage
@@ -287,6 +289,24 @@ def _selection_summary(choice: PlanChoice) -> SelectionSummary:
     )
 
 
+def _budget_curve(choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, stages: _Stages) -> BudgetCurve | None:
+    requested = spec.evaluation.curve_budgets
+    budgets = default_budgets(choice.n) if requested is None else sorted(requested)
+    if not budgets or choice.scorer is None:
+        return None
+    searched = {len(step.pruned_layers): list(step.pruned_layers) for step in choice.search_path}
+    return budget_curve(
+        choice.scorer,
+        stats.S,
+        stats.D,
+        budgets,
+        spec.options,
+        analyze_structure(stats.S, spec.options),
+        searched=searched,
+        progress=stages.fraction(Stage.budget_curve),
+    )
+
+
 def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], healed: bool = False) -> str:
     name = Path(source).name if "/" in source else source
     plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS and chosen != method else method
@@ -304,8 +324,9 @@ def run_prune(
     """Run a whole pruning job and write its outputs into ``out_dir``.
 
     Outputs: ``model/`` (the pruned Hugging Face directory, safetensors), ``analysis.npz`` (S, D),
-    ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics) and
-    ``heatmap.png``.
+    ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics, the budget
+    curve), ``heatmap.png``, ``plans.png`` (the candidates compared) and ``budgets.png`` (the budget
+    curve, unless ``evaluation.curve_budgets`` is ``[]``).
 
     Args:
         spec: The job.
@@ -326,6 +347,8 @@ def run_prune(
     if not spec.target.is_quality_bound:
         validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
     _check_options(n_blocks, spec)
+    if spec.evaluation.curve_budgets:
+        check_budgets(spec.evaluation.curve_budgets, n_blocks, opts)
     check_tasks(spec.evaluation.tasks)  # an unknown task fails the job before any forward pass
 
     with stages.stage(Stage.calibration):
@@ -381,6 +404,8 @@ def run_prune(
             heal_cache=sink.cache() if sink is not None and sink.windows else None,
         )
     n, chosen, chosen_name = choice.n, choice.chosen, choice.chosen_name
+    with stages.stage(Stage.budget_curve):
+        curve = _budget_curve(choice, stats, spec, stages)
 
     with stages.stage(Stage.evaluating_dense):
         dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
@@ -424,6 +449,15 @@ def run_prune(
             ],
             title=f"{spec.method}: {chosen_name} removes {len(chosen.pruned_layers)} of {n_blocks} blocks",
         )
+        files = {"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png", "plans": "plans.png"}
+        if curve is not None:
+            plot_budget_curve(
+                out / "budgets.png",
+                curve,
+                chosen=(chosen_name, n, choice.scores[chosen_name]),
+                title=f"{spec.method}: each method's plan by blocks removed ({n_blocks}-block model)",
+            )
+            files["budget_curve"] = "budgets.png"
         metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
         if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
             metrics = dataclasses.replace(
@@ -457,13 +491,14 @@ def run_prune(
             metrics=metrics,
             reload_check=reload_check,
             timings_s=stages.timings,
-            files={"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png", "plans": "plans.png"},
+            files=files,
             heal=_heal_summary(choice),
             selection=_selection_summary(choice),
             generations=[
                 Generation(prompt=prompt, dense=d, pruned=p)
                 for prompt, d, p in zip(spec.evaluation.prompts, dense_text, pruned_text, strict=True)
             ],
+            budget_curve=curve,
         )
         write_report(out / "report.json", report.to_json())
     log.info("pruned %s: removed %s -> %s", spec.model.id, chosen.pruned_layers, model_dir)

@@ -68,6 +68,7 @@ class PlanChoice:
     quality: QualityOutcome | None = None
     search_path: list[Step] = field(default_factory=list)
     heal_reason: str | None = None  # why the cuts ship unhealed, when they do
+    scorer: PlanScorer | None = None  # what scored the candidates, for more plans (the budget curve)
 
 
 def heal_unavailable(model: Any, heal_tokens: int | None = None) -> str | None:
@@ -252,6 +253,7 @@ def choose_plan(
         quality=quality,
         search_path=list(chooser.search.path),
         heal_reason=reason,
+        scorer=scorer,
     )
 
 

@@ -1,4 +1,4 @@
-"""Run outputs besides the model: ``analysis.npz``, ``report.json`` and ``heatmap.png``."""
+"""Run outputs besides the model: ``analysis.npz``, ``report.json`` and the charts (heat map, plans, budget curve)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from lorp.errors import InvalidRequestError, MissingStatisticError
 from lorp.jsonable import json_safe
+from lorp.result import BudgetCurve
 
 _VERSIONED = (
     "torch",
@@ -88,6 +89,16 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     return out
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_heatmap(
     path: str | Path,
     S: np.ndarray,
@@ -151,11 +162,7 @@ def plot_heatmap(
         )
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8, facecolor="#444444", labelcolor="white", framealpha=0.9)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_plans(
@@ -216,8 +223,70 @@ def plot_plans(
         ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
+
+
+_CURVE_STYLE = {
+    "lorp": ("#d62728", "o"),
+    "shortgpt": ("#1f77b4", "s"),
+    "streamline": ("#2ca02c", "^"),
+    "angular": ("#9467bd", "v"),
+    "search": ("#ff7f0e", "D"),
+}
+
+
+def plot_budget_curve(
+    path: str | Path,
+    curve: BudgetCurve,
+    *,
+    chosen: tuple[str, int, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Validation perplexity against blocks removed, one line per method, the dense model dashed.
+
+    Args:
+        path: Output PNG.
+        curve: the scored plans.
+        chosen: (candidate, blocks removed, validation perplexity) of the plan that shipped, starred.
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    methods = list(dict.fromkeys(p.method for p in curve.points))
+    values = [p.validation_perplexity for p in curve.points if np.isfinite(p.validation_perplexity)]
+    for rank, method in enumerate(methods):
+        points = sorted((p.budget, p.validation_perplexity) for p in curve.points if p.method == method)
+        color, marker = _CURVE_STYLE.get(method, ("#7f7f7f", "x"))
+        # Methods that agree draw over each other: the earlier lines are wider so each stays visible.
+        ax.plot(
+            [b for b, _ in points],
+            [v for _, v in points],
+            marker=marker,
+            color=color,
+            label=method,
+            linewidth=1.2 + 1.6 * (len(methods) - 1 - rank) / max(len(methods) - 1, 1),
+            markersize=5,
+            alpha=0.85,
+        )
+    dense = curve.dense_validation_perplexity
+    ax.axhline(dense, color="#444444", linestyle="--", linewidth=1, label=f"dense ({dense:.3g})")
+    if chosen is not None:
+        name, n, score = chosen
+        ax.plot([n], [score], marker="*", markersize=16, color="#000000", linestyle="none", label=f"shipped: {name}")
+        values.append(score)
+    if values and max(values) / max(min([*values, dense]), 1e-12) > 20:
+        ax.set_yscale("log")
+    budgets = sorted({p.budget for p in curve.points})
+    if budgets:
+        ax.set_xticks(budgets)
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel(f"validation perplexity{', healed' if curve.healed else ''} (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -90,6 +90,25 @@ class SelectionSummary:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """One method's plan at one budget (blocks removed) and its validation perplexity."""
+
+    method: str
+    budget: int
+    pruned_layers: list[int]
+    validation_perplexity: float
+
+
+@dataclass(frozen=True)
+class BudgetCurve:
+    """Each one-pass method's plan at several budgets, scored like the job's candidates (healed or not)."""
+
+    healed: bool
+    dense_validation_perplexity: float
+    points: list[CurvePoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Generation:
     """A prompt's greedy completion by the dense and by the pruned model."""
 
@@ -118,6 +137,7 @@ class PruneReport:
     heal: HealSummary = field(default_factory=lambda: HealSummary(method="none"))
     selection: SelectionSummary | None = None
     generations: list[Generation] = field(default_factory=list)
+    budget_curve: BudgetCurve | None = None
 
     @property
     def fingerprint(self) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorp.errors import BudgetError
 
@@ -167,6 +167,8 @@ class TaskSpec(StrictModel):
 
 
 Prompt = Annotated[str, Field(min_length=1, max_length=2000)]
+CurveBudget = Annotated[int, Field(ge=1, le=4096)]
+MAX_CURVE_BUDGETS = 32
 
 
 class DownstreamFields(StrictModel):
@@ -182,6 +184,12 @@ class DownstreamFields(StrictModel):
         description="prompts whose greedy completions are shown dense vs pruned ([] for none)",
     )
     generate_tokens: int = Field(default=24, ge=1, le=512, description="new tokens per completion")
+    curve_budgets: list[CurveBudget] | None = Field(
+        default=None,
+        max_length=MAX_CURVE_BUDGETS,
+        description="budgets (blocks removed) at which the budget curve scores each one-pass method's plan; "
+        "default: up to 4 spread over 1..the job's budget, ending at it; [] for no curve",
+    )
 
     @model_validator(mode="after")
     def _distinct_tasks(self) -> DownstreamFields:
@@ -191,6 +199,13 @@ class DownstreamFields(StrictModel):
                 raise ValueError(f"task {task.name!r} is listed twice in evaluation.tasks")
             seen.add(task.name)
         return self
+
+    @field_validator("curve_budgets")
+    @classmethod
+    def _distinct_budgets(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a budget is listed twice in evaluation.curve_budgets")
+        return value
 
 
 class EvaluationSpec(DownstreamFields):

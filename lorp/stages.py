@@ -10,6 +10,7 @@ class Stage(enum.StrEnum):
     calibration = "calibration"
     capture = "capture"
     selection = "selection"
+    budget_curve = "budget_curve"
     evaluating_dense = "evaluating_dense"
     pruning = "pruning"
     evaluating_pruned = "evaluating_pruned"

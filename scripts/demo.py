@@ -6,6 +6,11 @@ corpus, shows its progress, stops the service, and prints what the job found and
 it made.
 
     python scripts/demo.py [--model demo] [--num-layers 4] [--method auto] [--num-samples 32] [--seq-len 256]
+                           [--task lorp_cloze] [--task-limit 100]
+
+The job also runs the built-in offline downstream task (lorp_cloze, through lm-evaluation-harness)
+on both models, completes a few fixed prompts with each, and scores every method's plan at several
+budgets (the budget curve); the output shows all three.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ FILES = {
     "model": "the pruned model, a Hugging Face directory",
     "report.json": "everything below, with provenance and stage timings",
     "heatmap.png": "S with LoRP's clusters (white lines) and the removed blocks (red)",
+    "plans.png": "the candidate plans compared, and the task's score dense vs pruned",
+    "budgets.png": "each method's validation perplexity against blocks removed",
     "analysis.npz": "S and D, the similarity and angular-distance matrices",
 }
 
@@ -51,6 +58,19 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
             pass
         time.sleep(0.5)
     raise SystemExit(f"the service did not become ready in time; see {log}")
+
+
+def wait_for_tasks(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
+    """The worker lists the tasks it can run as it starts; a job naming a task waits for that list."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the service exited with status {proc.returncode}; see {log}")
+        listed = httpx.get(f"{base}/v1/tasks", params={"limit": 1}, timeout=5).json()
+        if listed.get("total"):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the worker published no downstream tasks in time (is the 'eval' extra installed?); see {log}")
 
 
 def bar(fraction: float, width: int = 30) -> str:
@@ -128,6 +148,33 @@ def print_summary(job: dict[str, Any]) -> None:
         )
 
 
+def print_evidence(summary: dict[str, Any]) -> None:
+    """The downstream task dense vs pruned, the budget curve, and the completions side by side."""
+    worker = summary.get("report") or {}
+    for row in worker.get("tasks") or []:
+        dense, pruned = row.get("dense"), row.get("pruned")
+        if dense is None or pruned is None:
+            continue
+        print(f"task             {row['task']} {row['metric']}: dense {dense:.3f} -> pruned {pruned:.3f} "
+              f"({row.get('num_samples')} items)")  # fmt: skip
+    curve = summary.get("budget_curve") or {}
+    points = curve.get("points") or []
+    if points:
+        budgets = sorted({p["budget"] for p in points})
+        scores = {(p["method"], p["budget"]): p["validation_perplexity"] for p in points}
+        dense = curve.get("dense_validation_perplexity")
+        reference = f" (dense {dense:.2f})" if dense is not None else ""
+        print(f"budget curve     validation perplexity by blocks removed{reference}")
+        print("  blocks removed" + "".join(f"{n:>9}" for n in budgets))
+        for method in dict.fromkeys(p["method"] for p in points):
+            cells = [scores.get((method, n)) for n in budgets]
+            print(f"  {method:<14}" + "".join("        -" if v is None else f"{v:>9.2f}" for v in cells))
+    for generation in worker.get("generations") or []:
+        print(f"prompt           {generation['prompt']!r}")
+        print(f"  dense          {generation['dense']!r}")
+        print(f"  pruned         {generation['pruned']!r}")
+
+
 def print_outputs(folder: Path) -> None:
     print(f"outputs in       {folder}/")
     for name, what in FILES.items():
@@ -182,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="auto")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--task", default="lorp_cloze", help="an lm-eval task to run dense and pruned ('' for none)")
+    parser.add_argument("--task-limit", type=int, default=100, help="items of the task to run")
     parser.add_argument("--data-dir", default=os.environ.get("LORP_DATA_DIR", "var/demo"))
     args = parser.parse_args(argv)
 
@@ -205,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         wait_ready(base, proc, log)
+        if args.task:
+            wait_for_tasks(base, proc, log)
         body = {
             "model": {"id": args.model},
             "method": args.method,
             "target": {"num_layers": args.num_layers},
             "calibration": {"dataset": "builtin", "num_samples": args.num_samples, "seq_len": args.seq_len},
+            "evaluation": {"tasks": [{"name": args.task, "limit": args.task_limit}] if args.task else []},
         }
         job = run_job(base, body)
     finally:
@@ -222,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service log      {log}")
         return 1
     print_summary(job)
+    print_evidence(job["summary"])
     prefix = ((job["summary"].get("report") or {}).get("artifacts") or {}).get("prefix", f"jobs/{job['id']}")
     print_outputs(data_dir / "artifacts" / prefix)
     print(f"the service has stopped; `LORP_DATA_DIR={args.data_dir} lorp serve` serves this job again")

@@ -239,6 +239,7 @@ def summary_of(
             "selection": dataclasses.asdict(report.selection) if report.selection is not None else None,
             "tasks": _task_table(report),
             "generations": [dataclasses.asdict(g) for g in report.generations],
+            "budget_curve": dataclasses.asdict(report.budget_curve) if report.budget_curve is not None else None,
         }
     )
 

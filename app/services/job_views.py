@@ -13,6 +13,8 @@ from app.db.models import Job, JobStatus
 from app.repositories import analyses as analyses_repo
 from app.repositories import jobs as jobs_repo
 from app.schemas import (
+    BudgetCurveOut,
+    CurvePointOut,
     JobError,
     JobLinks,
     JobListItem,
@@ -25,6 +27,7 @@ from lorp.jsonable import finite
 
 HEATMAP = "heatmap.png"
 PLANS_CHART = "plans.png"
+BUDGET_CHART = "budgets.png"
 
 
 def job_path(job_id: uuid.UUID) -> str:
@@ -44,6 +47,7 @@ def _links(job: Job) -> JobLinks:
         analysis=f"{base}/analysis" if job.analysis_id is not None else None,
         heatmap=f"{base}/{HEATMAP}" if succeeded else None,
         plans_chart=f"{base}/{PLANS_CHART}" if succeeded else None,
+        budget_chart=f"{base}/{BUDGET_CHART}" if succeeded and (job.summary or {}).get("budget_curve") else None,
         artifacts=f"{base}/artifacts" if succeeded else None,
     )
 
@@ -76,6 +80,25 @@ def _job_structure(session: Session, job: Job) -> dict[str, Any] | None:
         clusters = list(own["clusters"])
         return {"rls": own.get("rls"), "k": own["k"], "clusters": clusters, "num_blocks": own["num_blocks"]}
     return analyses_repo.structure_of(session, job.analysis_id) if job.analysis_id is not None else None
+
+
+def _budget_curve(summary: dict[str, Any] | None) -> BudgetCurveOut | None:
+    curve = (summary or {}).get("budget_curve")
+    if not curve:
+        return None
+    return BudgetCurveOut(
+        healed=bool(curve.get("healed")),
+        dense_validation_perplexity=finite(curve.get("dense_validation_perplexity")),
+        points=[
+            CurvePointOut(
+                method=str(p["method"]),
+                budget=int(p["budget"]),
+                pruned_layers=[int(b) for b in p["pruned_layers"]],
+                validation_perplexity=finite(p.get("validation_perplexity")),
+            )
+            for p in curve.get("points", [])
+        ],
+    )
 
 
 def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
@@ -127,6 +150,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
             )
             for t in tasks
         ],
+        budget_curve=_budget_curve(job.summary),
         report=job.summary,
         links=links,
     )

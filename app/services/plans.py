@@ -1,5 +1,8 @@
 """What-if planning on a job's stored S and D: pure selection, no model, no GPU.
 
+A plan whose blocks the job itself scored (a candidate, or a point of its budget curve) carries
+that validation perplexity; any other plan has none, since scoring needs the model.
+
 A job that ran ``search`` also has validated plans: its search path (the best plan at each budget
 up to the job's) is listed as method ``search`` for the requested budgets it reached.
 """
@@ -20,6 +23,7 @@ from app.schemas import PlanResult, PlansRequest, PlansResponse
 from app.services.analysis import no_analysis_reason
 from app.services.jobs import get_job
 from lorp.errors import BudgetError, EngineError, InvalidRequestError, MissingStatisticError
+from lorp.jsonable import finite
 from lorp.selection import METHODS, SelectionOptions, analyze_structure, select
 from lorp.spec import TargetSpec
 
@@ -63,6 +67,25 @@ def _search_path(summary: dict[str, Any] | None) -> dict[int, list[int]]:
     return {int(step["num_layers"]): [int(b) for b in step["pruned_layers"]] for step in path}
 
 
+def _scored(summary: dict[str, Any] | None) -> dict[frozenset[int], float]:
+    """Validation perplexity of every block set the job scored in full: its candidates and its budget curve.
+
+    The curve's scores win where both have a set: they are all scored the same way (healed when
+    the job heals), while a shipped candidate's may be its unhealed score.
+    """
+    summary = summary or {}
+    scored: dict[frozenset[int], float] = {}
+    for plan in (summary.get("plans") or {}).values():
+        value = finite(plan.get("validation_perplexity"))
+        if value is not None:
+            scored[frozenset(int(b) for b in plan.get("pruned_layers", []))] = value
+    for point in (summary.get("budget_curve") or {}).get("points", []):
+        value = finite(point.get("validation_perplexity"))
+        if value is not None:
+            scored[frozenset(int(b) for b in point["pruned_layers"])] = value
+    return scored
+
+
 def _check_methods(request: PlansRequest, S: np.ndarray, D: np.ndarray | None, searched: dict[int, list[int]]) -> None:
     for i, name in enumerate(request.methods):
         if name in METHODS:
@@ -100,6 +123,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
     options = _options(request, job.request)
     budgets = _budgets(request, num_blocks)
     searched = _search_path(job.summary)
+    scored = _scored(job.summary)
     _check_methods(request, S, D, searched)
     try:
         structure = analyze_structure(S, options)
@@ -129,6 +153,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
                     rls=selection.structure.rls,
                     k=selection.structure.k,
                     clusters=selection.structure.clusters,
+                    validation_perplexity=scored.get(frozenset(selection.pruned_layers)),
                 )
             )
     listed = SEARCH in request.methods or "methods" not in request.model_fields_set
@@ -145,6 +170,7 @@ def plan(session: Session, request: PlansRequest, principal: Principal) -> Plans
                         rls=structure.rls,
                         k=structure.k,
                         clusters=structure.clusters,
+                        validation_perplexity=scored.get(frozenset(searched[n])),
                     )
                 )
     return PlansResponse(

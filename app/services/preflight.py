@@ -130,6 +130,11 @@ def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
                 f"choose {_allowed_ratios(eligible, num_blocks)}",
                 field="target.ratio",
             )
+    for i, budget in enumerate(spec.evaluation.curve_budgets or []):
+        if budget > eligible:
+            raise Unprocessable(
+                f"the budget curve cannot remove {budget} blocks: {where}", field=f"evaluation.curve_budgets.{i}"
+            )
     k = spec.options.num_clusters
     if k is not None and not 2 <= k <= num_blocks - 2:
         raise Unprocessable(

@@ -143,13 +143,40 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     assert f"quality target  {report['num_layers_removed']} blocks within 1.5x dense" in out
     assert quality["ratio"] <= 1.5 and report["method"] == "search"
     assert "plans scored" in out and "screened" in out
+    # The search's own plans join the budget curve, scored in full, at each budget it reached.
+    searched = {p["budget"]: p for p in report["budget_curve"]["points"] if p["method"] == "search"}
+    path = {s["num_layers"]: s["pruned_layers"] for s in report["selection"]["search_path"]}
+    assert searched and all(searched[n]["pruned_layers"] == path[n] for n in searched)
+    assert "budget curve    (validation perplexity, healed," in out and "\n  search " in out
 
     code, out, err = run_cli(
-        ["prune", *common, "--num-layers", "2", "--heal", "none", "--out", str(tmp_path / "n")], capsys
+        [
+            "prune",
+            *common,
+            "--num-layers",
+            "2",
+            "--heal",
+            "none",
+            "--curve-budgets",
+            "1",
+            "3",
+            "--out",
+            str(tmp_path / "n"),
+        ],
+        capsys,
     )
     assert code == 0, err
     assert "healed          no (blocks removed as they are)" in out
-    assert json.loads((tmp_path / "n" / "report.json").read_text())["heal"]["method"] == "none"
+    report = json.loads((tmp_path / "n" / "report.json").read_text())
+    assert report["heal"]["method"] == "none" and report["budget_curve"]["healed"] is False
+    assert "  blocks removed          1         3\n  lorp " in out
+    assert f"{tmp_path / 'n'}/budgets.png" in out
+
+    code, out, err = run_cli(
+        ["prune", *common, "--num-layers", "2", "--curve-budgets", "--out", str(tmp_path / "c")], capsys
+    )
+    assert code == 0, err
+    assert "budget curve" not in out and not (tmp_path / "c" / "budgets.png").exists()
 
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", *common, "--num-layers", "2", "--heal", "cubic", "--out", str(tmp_path / "x")])

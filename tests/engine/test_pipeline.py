@@ -45,11 +45,11 @@ def test_run_prune_auto_writes_a_reloadable_model_and_a_full_report(tiny_model_d
         make_spec(tiny_model_dir, corpus_files), tmp_path / "run", progress=lambda s, f: seen.append((s, f))
     )
     out = result.out_dir
-    assert {p.name for p in out.iterdir()} == {"model", "analysis.npz", "report.json", "heatmap.png", "plans.png"}
+    charts = {"heatmap.png", "plans.png", "budgets.png"}
+    assert {p.name for p in out.iterdir()} == {"model", "analysis.npz", "report.json", *charts}
     assert (out / "model" / "model.safetensors").is_file()
     assert not list((out / "model").glob("*.bin"))
-    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "plans.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in charts)
 
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "auto"
@@ -69,6 +69,19 @@ def test_run_prune_auto_writes_a_reloadable_model_and_a_full_report(tiny_model_d
     assert prov["calibration"]["num_samples"] == 8 and prov["calibration"]["seq_len"] == 32
     assert prov["libraries"]["torch"] and prov["libraries"]["transformers"]
     assert report["reload_check"]["max_abs_logit_diff"] <= 1e-5
+    # The budget curve: each one-pass method at 1 and 2 blocks, scored as the candidates were.
+    curve = report["budget_curve"]
+    assert report["heal"]["method"] == "linear" and curve["healed"] is True
+    assert {(p["method"], p["budget"]) for p in curve["points"]} == {
+        (m, n) for m in ("lorp", "shortgpt", "streamline", "angular") for n in (1, 2)
+    }
+    at_budget = {p["method"]: p for p in curve["points"] if p["budget"] == 2}
+    for method, point in at_budget.items():
+        assert point["pruned_layers"] == report["plans"][method]["pruned_layers"]
+        # the candidates' own scores (healed alike), not measured again
+        assert point["validation_perplexity"] == report["plans"][method]["validation_perplexity"]
+    assert curve["dense_validation_perplexity"] > 1  # (a random tiny model: cuts need not raise it)
+    assert report["files"]["budget_curve"] == "budgets.png"
 
     with np.load(out / "analysis.npz") as data:
         assert data["S"].shape == (9, 9) and data["D"].shape == (9, 9)
@@ -86,9 +99,11 @@ def test_named_method_and_ratio(tiny_model_dir, corpus_files, tmp_path):
         corpus_files,
         method="reverse",
         target=TargetSpec(ratio=0.3),  # floor(0.3 * 8) = 2
-        evaluation=EvaluationSpec(perplexity=False, speed=False),
+        evaluation=EvaluationSpec(perplexity=False, speed=False, curve_budgets=[]),
     )
     report = run_prune(spec, tmp_path / "rev").report
+    assert report.budget_curve is None and "budget_curve" not in report.files
+    assert not (tmp_path / "rev" / "budgets.png").exists()
     assert report.chosen == ChosenPlan(candidate="reverse", pruned_layers=[5, 6])
     # a named method's plan is still scored on the validation windows, healed as it ships
     assert list(report.plans) == ["reverse"] and report.plans["reverse"].validation_perplexity is not None
@@ -116,6 +131,11 @@ def test_budget_is_checked_before_any_forward_pass(tiny_model_dir, corpus_files,
     assert err.value.field == "options.num_clusters"
     with pytest.raises(BudgetError):
         run_prune(make_spec(tiny_model_dir, corpus_files, target=TargetSpec(ratio=0.1)), tmp_path / "c")
+    with pytest.raises(InvalidRequestError) as err:  # 6 of the 8 blocks may go, not 7
+        run_prune(
+            make_spec(tiny_model_dir, corpus_files, evaluation=EvaluationSpec(curve_budgets=[2, 7])), tmp_path / "d"
+        )
+    assert err.value.field == "evaluation.curve_budgets.1"
 
 
 def test_cancel_stops_the_run_and_refuses_nonempty_out(tiny_model_dir, corpus_files, tmp_path):

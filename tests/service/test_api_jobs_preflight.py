@@ -46,6 +46,7 @@ def count_jobs(factory: Any) -> int:
         ({"options": {"protected_layers": [0, 30]}}, "options.protected_layers", "out of range"),
         ({"target": {"num_layers": 31}, "options": {"protected_layers": []}}, "target.num_layers", "<= 30"),
         ({"options": {"num_clusters": 29}}, "options.num_clusters", "2 <= options.num_clusters <= 28"),
+        ({"evaluation": {"curve_budgets": [4, 29]}}, "evaluation.curve_budgets.1", "cannot remove 29 blocks"),
     ],
 )
 def test_the_demo_models_depth_bounds_the_budget(api_settings, rollback_sessionmaker, redis_url, body, field, needle):
@@ -64,6 +65,7 @@ def test_the_demo_models_depth_bounds_the_budget(api_settings, rollback_sessionm
         {"target": {"ratio": 0.95}},  # floor(0.95 * 30) = 28
         {"target": {"num_layers": 30}, "options": {"protected_layers": []}},
         {"options": {"num_clusters": 28}},
+        {"evaluation": {"curve_budgets": [1, 28]}},
     ],
 )
 def test_budgets_at_the_limit_are_accepted(api_settings, rollback_sessionmaker, body):

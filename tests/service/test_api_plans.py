@@ -155,3 +155,42 @@ def test_search_plans_of_a_job_that_did_not_search_are_a_422(api_settings, rollb
     assert "did not run it" in problem["detail"]
     body = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [2]}).json()
     assert "search" not in {p["method"] for p in body["plans"]}
+
+
+def test_plans_the_job_scored_carry_their_validation_perplexity(api_settings, rollback_sessionmaker):
+    S, D = similarity_stats(12)
+    shortgpt_2 = engine_select("shortgpt", S, D, 2, SelectionOptions()).pruned_layers
+    lorp_1 = engine_select("lorp", S, D, 1, SelectionOptions()).pruned_layers
+    curve = {
+        "healed": True,
+        "dense_validation_perplexity": 20.0,
+        "points": [
+            {"method": "shortgpt", "budget": 2, "pruned_layers": shortgpt_2[::-1], "validation_perplexity": 30.5},
+            {"method": "lorp", "budget": 1, "pruned_layers": lorp_1, "validation_perplexity": 24.25},
+        ],
+    }
+    lorp_2 = engine_select("lorp", S, D, 2, SelectionOptions()).pruned_layers
+    candidates = {
+        "lorp": {"pruned_layers": lorp_2, "validation_perplexity": 26.0},
+        "shortgpt": {"pruned_layers": shortgpt_2, "validation_perplexity": 31.0},  # shipped unhealed, say
+    }
+    job_id, _ = finished_job(rollback_sessionmaker, summary={"plans": candidates, "budget_curve": curve})
+    client = client_for(api_settings, rollback_sessionmaker)
+    body = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [1, 2]}).json()
+    scores = {(p["method"], p["budget"]): p["validation_perplexity"] for p in body["plans"]}
+    assert scores[("lorp", 1)] == 24.25 and scores[("lorp", 2)] == 26.0  # a curve point; a candidate
+    # The same blocks in any order, under any method; the curve's score where both have the set.
+    assert scores[("shortgpt", 2)] == scores[("reverse", 2)] == 30.5
+    assert scores[("shortgpt", 1)] is None  # block 10 alone was never scored: planning runs no model
+
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["links"]["budget_chart"] == f"/v1/jobs/{job_id}/budgets.png"
+    served = job["summary"]["budget_curve"]
+    assert served["healed"] is True and served["dense_validation_perplexity"] == 20.0
+    assert [(p["method"], p["budget"], p["validation_perplexity"]) for p in served["points"]] == [
+        ("shortgpt", 2, 30.5),
+        ("lorp", 1, 24.25),
+    ]
+    plain_id, _ = finished_job(rollback_sessionmaker)
+    plain = client.get(f"/v1/jobs/{plain_id}").json()
+    assert plain["links"]["budget_chart"] is None and plain["summary"]["budget_curve"] is None

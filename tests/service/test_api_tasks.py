@@ -87,3 +87,11 @@ def test_bad_task_entries_are_422_naming_the_field(api_settings, rollback_sessio
     assert_problem(
         client.post("/v1/jobs", json={**DEMO_JOB, "evaluation": {"prompts": [""]}}), 422, "evaluation.prompts.0"
     )
+    for curve, field, needle in (
+        ([2, 2], "evaluation.curve_budgets", "listed twice"),
+        ([0], "evaluation.curve_budgets.0", "greater than or equal to 1"),
+    ):
+        problem = assert_problem(
+            client.post("/v1/jobs", json={**DEMO_JOB, "evaluation": {"curve_budgets": curve}}), 422, field
+        )
+        assert needle in problem["errors"][0]["message"], problem

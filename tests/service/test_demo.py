@@ -30,7 +30,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> d
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
     env["LORP_MODEL_ROOTS"] = json.dumps([str(root)])
     argv = [sys.executable, str(REPO / "scripts" / "demo.py"), "--model", str(model), "--data-dir", str(data_dir)]
-    argv += ["--num-layers", "2", "--num-samples", "8", "--seq-len", "32"]
+    argv += ["--num-layers", "2", "--num-samples", "8", "--seq-len", "32", "--task-limit", "6"]
     # Bytes, decoded here: text mode would turn the progress line's carriage returns into newlines.
     raw = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, timeout=300, check=False)
     result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
@@ -89,3 +89,23 @@ def test_the_demo_prints_its_local_files_and_rounded_numbers(demo_run: dict[str,
         assert (
             f"auto chose {chosen} over LoRP's own plan: validation perplexity {winner:.2f} vs LoRP's {lorp:.2f}" in out
         )
+
+
+def test_the_demo_shows_the_task_the_budget_curve_and_the_completions(demo_run: dict[str, Any]) -> None:
+    out = demo_run["result"].stdout
+    folder = Path(re.findall(r"^outputs in +(\S+)/$", out, flags=re.M)[0])
+    report = json.loads((folder / "report.json").read_text())
+    dense = {t["metric"]: t for t in report["metrics"]["dense"]["tasks"]}
+    pruned = {t["metric"]: t for t in report["metrics"]["pruned"]["tasks"]}
+    d, p = dense["acc"]["value"], pruned["acc"]["value"]
+    acc = f"task             lorp_cloze acc: dense {d:.3f} -> pruned {p:.3f} (6 items)"
+    assert acc in out, out
+    curve = report["budget_curve"]
+    assert f"(dense {curve['dense_validation_perplexity']:.2f})" in out
+    assert "  blocks removed        1        2\n" in out
+    for point in curve["points"]:
+        assert re.search(rf"^  {point['method']} .*{point['validation_perplexity']:.2f}", out, flags=re.M), point
+    for generation in report["generations"]:
+        assert f"prompt           {generation['prompt']!r}\n  dense          {generation['dense']!r}\n" in out
+    for name in ("plans.png", "budgets.png"):
+        assert re.search(rf"^  {re.escape(name)} ", out, flags=re.M), (name, out)

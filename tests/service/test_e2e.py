@@ -210,16 +210,27 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
         heal = worker_summary["heal"]
         assert heal["method"] == "linear" or heal["reason"].startswith("the chosen plan scored better unhealed")
         assert all(s["residual_after"] <= s["residual_before"] for s in heal["spans"])
-        plans = client.post("/v1/plans", json={"job_id": job_id, "budgets": [1, 2]}).json()["plans"]
+    plans = client.post("/v1/plans", json={"job_id": job_id, "budgets": [1, 2]}).json()["plans"]
+    if searched:
         assert [p["pruned_layers"] for p in plans if p["method"] == "search"] == [s["pruned_layers"] for s in path]
     else:
         heal = worker_summary["heal"]  # unset: linear, unless the chosen plan scored better unhealed
         assert heal["method"] == "linear" or heal["reason"].startswith("the chosen plan scored better unhealed")
         assert worker_summary["selection"]["evaluations"] >= 1
 
+    # The budget curve scored the plans POST /v1/plans lists, at 1 and 2 blocks, and they carry its scores.
+    curve = {(p["method"], p["budget"]): p for p in summary["budget_curve"]["points"]}
+    assert {n for _, n in curve} == {1, 2} and ("lorp", 2) in curve and (("search", 2) in curve) == searched
+    for plan in plans:
+        point = curve[(plan["method"], plan["budget"])] if plan["method"] != "reverse" else None
+        if point is not None:
+            assert sorted(point["pruned_layers"]) == sorted(plan["pruned_layers"])
+            assert plan["validation_perplexity"] == pytest.approx(point["validation_perplexity"])
+
     artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
     names = {a["name"] for a in artifacts}
-    assert {"report.json", "analysis.npz", "heatmap.png", "model/config.json", "model/model.safetensors"} <= names
+    expected = {"report.json", "analysis.npz", "heatmap.png", "plans.png", "budgets.png", "model/config.json"}
+    assert expected | {"model/model.safetensors"} <= names
     out = tmp_path / "downloaded"
     for art in artifacts:
         resp = client.get(art["url"], follow_redirects=False)
@@ -248,8 +259,9 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert pruned.config.num_hidden_layers == N_LAYERS - 2
     heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)
     assert heatmap.content[:4] == b"\x89PNG"
-    chart = client.get(job["links"]["plans_chart"], follow_redirects=True)
-    assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG"
+    for link in ("plans_chart", "budget_chart"):
+        chart = client.get(job["links"][link], follow_redirects=True)
+        assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG", link
     analysis = client.get(f"/v1/jobs/{job_id}/analysis").json()
     assert len(analysis["similarity"]) == N_LAYERS + 1 and len(analysis["angular_distance"]) == N_LAYERS + 1
 

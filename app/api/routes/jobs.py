@@ -156,6 +156,19 @@ def get_plans_chart(
 
 
 @router.get(
+    "/{job_id}/budgets.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
+)
+def get_budget_chart(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
+    """A succeeded job's budget curve: each method's validation perplexity by blocks removed (PNG)."""
+    artifact = artifacts_service.get_artifact(session, job_id, job_views.BUDGET_CHART, principal)
+    return _download(artifact, storage, settings)
+
+
+@router.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 302: {"description": "presigned storage URL"}},

@@ -1,0 +1,78 @@
+"""The budget curve: each one-pass method's plan at several budgets, scored on the validation windows.
+
+The plans are the ones ``POST /v1/plans`` lists for the same statistics and options (the same
+selection functions on the same S and D); the curve adds what the service cannot compute without
+the model: each plan's validation perplexity, scored the way the job scores its candidates (healed
+when the job heals, by the same ``PlanScorer``, so a plan the job already scored costs nothing). A
+job that ran ``search`` adds its searched plan at each budget it reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from lorp.errors import InvalidRequestError
+from lorp.result import BudgetCurve, CurvePoint
+from lorp.scoring import PlanScorer
+from lorp.selection import METHODS, SelectionOptions, Structure, eligible_blocks
+
+CURVE_METHODS = ("lorp", "shortgpt", "streamline", "angular")
+DEFAULT_POINTS = 4
+CURVE_FIELD = "evaluation.curve_budgets"
+
+
+def default_budgets(n: int, points: int = DEFAULT_POINTS) -> list[int]:
+    """At most ``points`` budgets spread evenly over 1..n, ending at n (the job's own budget)."""
+    if n <= points:
+        return list(range(1, n + 1))
+    return sorted({max(1, round(n * (i + 1) / points)) for i in range(points)})
+
+
+def check_budgets(budgets: Sequence[int], n_blocks: int, options: SelectionOptions) -> None:
+    """Refuse a requested budget this model cannot be cut to (field ``evaluation.curve_budgets.i``)."""
+    limit = len(eligible_blocks(n_blocks, options))
+    for i, n in enumerate(budgets):
+        if not 1 <= n <= limit:
+            raise InvalidRequestError(
+                f"a curve budget must remove between 1 and the {limit} blocks this {n_blocks}-block model "
+                f"lets a plan remove, got {n}",
+                field=f"{CURVE_FIELD}.{i}",
+            )
+
+
+def budget_curve(
+    scorer: PlanScorer,
+    S: np.ndarray,
+    D: np.ndarray | None,
+    budgets: Sequence[int],
+    options: SelectionOptions,
+    structure: Structure,
+    *,
+    searched: dict[int, list[int]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BudgetCurve:
+    """Every curve method's plan at every budget, scored; ``searched``: the search's plan per budget.
+
+    A method that has no plan at a budget (``angular`` without D, a contiguous run the protected
+    blocks break) has no point there.
+    """
+    methods = [m for m in CURVE_METHODS if m != "angular" or D is not None]
+    plans: list[tuple[str, int, list[int]]] = []
+    for n in budgets:
+        for name in methods:
+            try:
+                selection = METHODS[name](S, D, n, options, structure=structure)
+            except InvalidRequestError:  # no such plan here (a budget, or a statistic, it lacks)
+                continue
+            plans.append((name, n, list(selection.pruned_layers)))
+        if searched and n in searched:
+            plans.append(("search", n, list(searched[n])))
+    dense = scorer.score([])
+    points = []
+    for done, (name, n, pruned) in enumerate(plans):
+        points.append(CurvePoint(name, n, pruned, scorer.score(pruned)))
+        if progress is not None:
+            progress(done + 1, len(plans))
+    return BudgetCurve(healed=scorer.heals, dense_validation_perplexity=dense, points=points)
