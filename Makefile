@@ -62,6 +62,7 @@ bench: setup
 	$(PY) scripts/bench_heal.py --budgets 4 6 8 --out docs/benchmarks.md
 	$(PY) scripts/bench_plans.py --out docs/benchmarks.md
 	$(PY) scripts/bench_tasks.py --out docs/benchmarks.md
+	$(PY) scripts/bench_curve.py --out docs/benchmarks.md
 
 clean:
 	rm -rf runs var .pytest_cache .ruff_cache .mypy_cache

@@ -13,7 +13,8 @@ API_HEADING = "## API: server-side cost of a poll"  # scripts/bench_api.py
 HEAL_HEADING = "## Healing a cut: held-out perplexity unhealed vs healed"  # scripts/bench_heal.py
 PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # scripts/bench_plans.py
 TASKS_HEADING = "## Downstream: the built-in task, dense and pruned"  # scripts/bench_tasks.py
-OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING, HEAL_HEADING, PLANS_HEADING, TASKS_HEADING)
+CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cost"  # scripts/bench_curve.py
+OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING, HEAL_HEADING, PLANS_HEADING, TASKS_HEADING, CURVE_HEADING)
 
 
 def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
