@@ -1,6 +1,6 @@
 """`make demo`'s script end to end on a tiny model: what it prints, and that it names the files it made.
 
-The real demo (SmolLM2-135M, 2 to 3 minutes) runs the same code; here a 6-block Llama under a model
+The real demo (SmolLM2-135M, about 9 minutes) runs the same code; here a 6-block Llama under a model
 root keeps it to seconds. Checked: no Celery banner or warning in the progress output (the service
 logs to a file), numbers rounded, the local folder listed with each file, why `auto` did not keep
 LoRP's own plan when it did not, and no link to the service it has already stopped.
