@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({platform.machine()}, CPU float32, torch {torch.__version__}). Demo model ({n_blocks} blocks), "
         f"{args.num_samples} x {args.seq_len} calibration tokens, method auto healed; the default curve budgets "
         "(up to four over 1..n), scored on the job's validation windows by the scorer that chose the plan. "
-        "A plan the job already scored is not measured again, so the curve's cost is its new plans (the dense reference among them).",
+        "A plan the job already scored is not measured again, so the curve's cost is its new plans "
+        "(the dense reference among them).",
         "",
         "| job budget | curve budgets | points | new plans scored | capture s | choosing the plan s | curve s "
         "| curve / choosing |",
