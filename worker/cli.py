@@ -86,6 +86,7 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
+    import subprocess
     import threading
 
     import uvicorn
@@ -93,6 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade_head
     from app.main import create_app
     from worker.service_cli import run_reconciler, start_worker, stop_worker
+    from worker.supervisor import WorkerSupervisor
 
     settings = _service_settings(host=args.host, port=args.port)
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"lorp serve: {mode}, database {settings.sqlalchemy_url}, artifacts {settings.artifact_storage_url}, {auth}",
         flush=True,
     )
+
+    def launch_worker() -> subprocess.Popen[bytes]:
+        return start_worker(settings, loglevel="warning", banner=False, owned=True)
+
     # Before any thread starts: the worker is forked with a parent-death signal (see start_worker).
-    worker = None if args.no_worker else start_worker(settings, loglevel="warning", banner=False, owned=True)
+    supervisor = None
+    if not args.no_worker:
+        supervisor = WorkerSupervisor(launch_worker, stop_worker)
+        supervisor.launch(launch_worker())
     stop = threading.Event()
     reconciler = threading.Thread(target=run_reconciler, args=(settings,), kwargs={"stop": stop}, daemon=True)
     reconciler.start()
@@ -120,8 +129,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         stop.set()
-        if worker is not None:
-            stop_worker(worker)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

@@ -90,3 +90,31 @@ def test_a_killed_serve_takes_its_worker_along(tmp_path: Path) -> None:
         for p in children:
             if not gone(p):
                 p.kill()
+
+
+def test_a_killed_worker_is_restarted(tmp_path: Path) -> None:
+    """kill -9 of the worker and its pool child, as the out-of-memory killer would: serve starts another."""
+    proc, children = start_serve(tmp_path)
+    restarted: list[psutil.Process] = []
+    try:
+        for p in children:
+            p.kill()
+        assert not wait_gone(children, timeout=30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(restarted) < 2:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            restarted = [p for p in psutil.Process(proc.pid).children(recursive=True) if not gone(p)]
+            time.sleep(0.3)
+        log = (tmp_path / "serve.log").read_text()
+        assert len(restarted) >= 2, log
+        assert not {p.pid for p in restarted} & {p.pid for p in children}
+        assert "restarting it in" in log and "worker restarted" in log, log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log
+        assert not wait_gone(restarted, timeout=30)  # the restarted worker is stopped with serve too
+    finally:
+        for p in [*children, *restarted]:
+            if not gone(p):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
