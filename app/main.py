@@ -18,6 +18,7 @@ from app.api.routes import datasets, health, jobs, plans, tasks
 from app.core.config import Settings, get_settings
 from app.observability import Metrics, MetricsMiddleware
 from app.schemas import Problem
+from app.services.workers import SupervisedWorker
 
 API_PREFIX = "/v1"
 UPLOAD_PATHS = (f"{API_PREFIX}/datasets",)
@@ -116,10 +117,19 @@ def _problem_media_type(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def create_app(settings: Settings | None = None, *, sessionmaker: sessionmaker[Session] | None = None) -> FastAPI:
-    """Build the API; ``sessionmaker`` overrides the one made from ``settings`` (tests pass a rollback one)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    sessionmaker: sessionmaker[Session] | None = None,
+    supervised_worker: SupervisedWorker | None = None,
+) -> FastAPI:
+    """Build the API; ``sessionmaker`` overrides the one made from ``settings`` (tests pass a rollback one).
+
+    ``supervised_worker`` is ``lorp serve``'s watch over its embedded worker: /readyz fails once it
+    gave up restarting it, and /metrics counts its restarts.
+    """
     settings = settings or get_settings()
-    state = ServiceState(settings, sessionmaker)
+    state = ServiceState(settings, sessionmaker, supervised_worker)
     app = FastAPI(
         title="LoRP compression service",
         version="0.1.0",
@@ -128,7 +138,7 @@ def create_app(settings: Settings | None = None, *, sessionmaker: sessionmaker[S
         openapi_url="/openapi.json",
     )
     app.state.service = state
-    app.state.metrics = Metrics(settings, lambda: state.sessionmaker)
+    app.state.metrics = Metrics(settings, lambda: state.sessionmaker, supervised_worker)
     install_error_handlers(app)
     routers = (
         ("", health.router),

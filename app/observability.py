@@ -4,6 +4,13 @@
 - ``lorp_jobs{status}``: jobs per status, counted in the database at scrape time.
 - ``lorp_queue_depth{queue}``: messages waiting in the workers' queue (Redis ``LLEN`` when the broker
   is Redis; absent for other brokers).
+- ``lorp_workers_live{queue}``: workers whose liveness beat is newer than ``worker_timeout_s``, per queue
+  (the service's own queue always present, 0 when none); ``lorp_oldest_queued_job_age_seconds{queue}``:
+  how long each queue's longest-waiting queued job has waited since it was submitted (0 when none waits). With
+  ``lorp_jobs{status="queued"|"running"}`` that is the queue's depth by status, and what an alert on
+  "jobs waiting, nobody serving them" needs.
+- ``lorp_embedded_worker_restarts_total`` and ``lorp_embedded_worker_up``: ``lorp serve``'s worker,
+  where it runs one (restarts after unasked exits; 0 once the supervisor gave up).
 - ``lorp_stage_duration_seconds{stage}``: a gauge histogram of how long each stage took, over the
   stages that ended in the last 24 hours, read from ``job_events`` at scrape time (the worker runs
   in other processes, so it only writes events; nothing there needs to call into this module).
@@ -19,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +34,8 @@ from app.core.config import Settings
 from app.db.models import JobStatus
 from app.db.session import session_scope
 from app.repositories import jobs as jobs_repo
+from app.repositories import workers as workers_repo
+from app.services.workers import SupervisedWorker
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +48,15 @@ _REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 class _StateCollector:
     """Reads job counts, queue depth and stage durations when Prometheus scrapes."""
 
-    def __init__(self, settings: Settings, sessions: Callable[[], sessionmaker[Session]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Callable[[], sessionmaker[Session]],
+        supervised: SupervisedWorker | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.supervised = supervised
         self._redis: Any = None
         self._lock = threading.Lock()
 
@@ -50,9 +65,36 @@ class _StateCollector:
         yield GaugeMetricFamily("lorp_jobs", "jobs by status", labels=["status"])
         yield GaugeMetricFamily("lorp_queue_depth", "messages waiting in the broker queue", labels=["queue"])
         yield GaugeHistogramMetricFamily("lorp_stage_duration_seconds", "stage durations (last 24 h)", labels=["stage"])
+        yield from self._worker_families()
+        yield GaugeMetricFamily(
+            "lorp_oldest_queued_job_age_seconds", "age of the oldest queued job, per queue", labels=["queue"]
+        )
+        if self.supervised is not None:
+            yield from self._supervisor_families()
+
+    def _worker_families(self, live: dict[str, int] | None = None) -> Iterator[Metric]:
+        family = GaugeMetricFamily("lorp_workers_live", "workers with a recent liveness beat", labels=["queue"])
+        for queue, count in sorted((live or {}).items()):
+            family.add_metric([queue], count)
+        yield family
+
+    def _supervisor_families(self) -> Iterator[Metric]:
+        assert self.supervised is not None
+        restarts = CounterMetricFamily(
+            "lorp_embedded_worker_restarts", "times lorp serve restarted its worker after it exited unasked"
+        )
+        up = GaugeMetricFamily(
+            "lorp_embedded_worker_up", "1 while lorp serve keeps its worker running, 0 once it gave up"
+        )
+        restarts.add_metric([], self.supervised.restarts)
+        up.add_metric([], 0 if self.supervised.gave_up is not None else 1)
+        yield restarts
+        yield up
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs_and_stages()
+        if self.supervised is not None:
+            yield from self._supervisor_families()
         depth = self._queue_depth()
         if depth is not None:
             family = GaugeMetricFamily("lorp_queue_depth", "messages waiting in the broker queue", labels=["queue"])
@@ -62,8 +104,11 @@ class _StateCollector:
     def _jobs_and_stages(self) -> Iterator[Metric]:
         try:
             with session_scope(self.sessions()) as session:
+                now = dt.datetime.now(dt.UTC)
                 counts = jobs_repo.count_by_status(session)
-                spans = jobs_repo.stage_spans(session, dt.datetime.now(dt.UTC) - STAGE_WINDOW)
+                spans = jobs_repo.stage_spans(session, now - STAGE_WINDOW)
+                oldest = jobs_repo.oldest_queued_by_queue(session)
+                live = workers_repo.live_by_queue(session, self.settings.worker_timeout_s, now)
         except Exception as exc:
             logger.warning("metrics: cannot read job state: %s", exc)
             return
@@ -71,6 +116,15 @@ class _StateCollector:
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status.value, 0))
         yield jobs
+        live.setdefault(self.settings.queue_name, 0)
+        yield from self._worker_families(live)
+        age = GaugeMetricFamily(
+            "lorp_oldest_queued_job_age_seconds", "age of the oldest queued job, per queue", labels=["queue"]
+        )
+        oldest.setdefault(self.settings.queue_name, now)
+        for queue, queued_at in sorted(oldest.items()):
+            age.add_metric([queue], max((now - queued_at).total_seconds(), 0.0))
+        yield age
 
         by_stage: dict[str, list[float]] = {}
         for stage, started, ended in spans:
@@ -107,7 +161,12 @@ class _StateCollector:
 class Metrics:
     """The app's registry: the HTTP latency histogram plus the scrape-time collector."""
 
-    def __init__(self, settings: Settings, sessions: Callable[[], sessionmaker[Session]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Callable[[], sessionmaker[Session]],
+        supervised: SupervisedWorker | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.http_latency = Histogram(
             "lorp_http_request_duration_seconds",
@@ -115,7 +174,7 @@ class Metrics:
             ["route", "method", "status"],
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(settings, sessions))
+        self.registry.register(_StateCollector(settings, sessions, supervised))
         # Included routers keep their own (unprefixed) path on the route object, so the full
         # template is recorded when the app is built.
         self._templates: dict[int, str] = {}

@@ -53,6 +53,6 @@ def producer_for(settings: Settings) -> Celery:
         return _apps[key]
 
 
-def enqueue_job(job_id: uuid.UUID, settings: Settings) -> None:
-    """Send ``run_job(job_id)`` to the workers' queue. Call only after the job row is committed."""
-    producer_for(settings).send_task(RUN_JOB_TASK, args=[str(job_id)], queue=settings.queue_name)
+def enqueue_job(job_id: uuid.UUID, settings: Settings, queue: str | None = None) -> None:
+    """Send ``run_job(job_id)`` to ``queue`` (default: the service's). Call only after the job row is committed."""
+    producer_for(settings).send_task(RUN_JOB_TASK, args=[str(job_id)], queue=queue or settings.queue_name)

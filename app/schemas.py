@@ -158,6 +158,16 @@ class JobListItem(BaseModel):
     updated_at: UtcDateTime
     finished_at: UtcDateTime | None
     error: JobError | None
+    waiting_for: Literal["worker"] | None = Field(
+        default=None,
+        description='"worker" while the job is queued and no live worker serves its queue (alert on it); else null',
+    )
+    worker_last_seen_at: UtcDateTime | None = Field(
+        default=None, description="while waiting for a worker: when one was last seen on the queue (null: never)"
+    )
+    worker_unseen_s: float | None = Field(
+        default=None, description="while waiting for a worker: seconds since one was last seen (null: never)"
+    )
     links: JobLinks
 
 

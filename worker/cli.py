@@ -112,12 +112,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Before any thread starts: the worker is forked with a parent-death signal (see start_worker).
     supervisor = None
     if not args.no_worker:
-        supervisor = WorkerSupervisor(launch_worker, stop_worker)
+        supervisor = WorkerSupervisor(launch_worker, stop_worker, max_quick_failures=settings.worker_restart_limit)
         supervisor.launch(launch_worker())
     stop = threading.Event()
     reconciler = threading.Thread(target=run_reconciler, args=(settings,), kwargs={"stop": stop}, daemon=True)
     reconciler.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, supervised_worker=supervisor), host=args.host, port=args.port, log_level="warning"
+        )
+    )
     threading.Thread(target=_announce, args=(server, args.host, args.port), daemon=True).start()
     # uvicorn shuts down on SIGINT/SIGTERM, puts back the handlers it found and raises the signal
     # again. Python's SIGINT handler turns that into KeyboardInterrupt; this one does the same for

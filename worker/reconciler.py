@@ -5,8 +5,11 @@ failed after the commit). Each pass re-enqueues queued jobs that were never enqu
 enqueued longer than ``queued_timeout_s`` ago (a duplicate message is harmless: the claim refuses
 it), and takes back running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (the worker
 died) or whose progress has not moved for ``stall_timeout_s`` (the worker lives but the job hangs):
-requeued while attempts remain, else failed with ``worker_lost`` or ``stalled``. Rows are locked
-with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
+requeued while attempts remain, else failed with ``worker_lost`` or ``stalled``. A worker that died
+without a warm stop (its liveness beats went silent, or its restart found its process gone) may
+have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
+before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
+locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import datetime as dt
 import logging
 import uuid
 
+from sqlalchemy.orm import Session
+
 from app.core.config import Settings
 from app.db.base import utcnow
 from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
+from app.repositories import workers as workers_repo
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +56,37 @@ def _remove_outputs(settings: Settings, job_ids: list[uuid.UUID]) -> None:
         log.warning("could not remove partial outputs of %s", [str(j) for j in job_ids], exc_info=True)
 
 
+def _send_locked(
+    session: Session, settings: Settings, job_id: uuid.UUID, queue: str, counts: dict[str, int], counter: str
+) -> bool:
+    """Send a queued job whose row this pass holds locked (a concurrent pass skips it rather than send it
+    too) and note when; False when the broker refused, so the caller stops and the next pass retries."""
+    try:
+        enqueue_job(job_id, settings, queue)
+    except Exception:
+        counts["enqueue_errors"] += 1
+        log.warning("could not enqueue job %s; the next pass retries", job_id, exc_info=True)
+        return False
+    lifecycle.mark_enqueued(session, job_id)
+    counts[counter] += 1
+    return True
+
+
 def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, int]:
     """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled."""
     factory = session_factory(settings.sqlalchemy_url)
     now = now or utcnow()
-    counts = {"enqueued": 0, "requeued": 0, "failed": 0, "cancelled": 0, "stalled": 0, "enqueue_errors": 0}
+    counts = {
+        "enqueued": 0,
+        "requeued": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "stalled": 0,
+        "resent_after_lost_worker": 0,
+        "enqueue_errors": 0,
+    }
     finished: list[uuid.UUID] = []
-    requeued: list[uuid.UUID] = []
+    requeued: list[tuple[uuid.UUID, str]] = []
 
     with session_scope(factory) as session:
         cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
@@ -72,7 +102,7 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                 )
                 if lifecycle.requeue(session, job.id, job.attempts, reason):
                     counts["requeued"] += 1
-                    requeued.append(job.id)
+                    requeued.append((job.id, job.queue))
                     log.warning("job %s: %s", job.id, reason)
             else:
                 message = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
@@ -96,7 +126,7 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                 )
                 if lifecycle.requeue(session, job.id, job.attempts, reason):
                     counts["requeued"] += 1
-                    requeued.append(job.id)
+                    requeued.append((job.id, job.queue))
                     log.warning("job %s: %s", job.id, reason)
             else:
                 message = (
@@ -112,9 +142,9 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     _remove_outputs(settings, finished)
 
     # Sent only after the requeue is committed, so the claim can find the job queued.
-    for job_id in requeued:
+    for job_id, queue in requeued:
         try:
-            enqueue_job(job_id, settings)
+            enqueue_job(job_id, settings, queue)
         except Exception:
             # It stays queued and never enqueued: the queued sweep below (or the next pass) sends it.
             counts["enqueue_errors"] += 1
@@ -125,21 +155,26 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
         counts["enqueued"] += 1
 
     with session_scope(factory) as session:
+        since = now - dt.timedelta(seconds=settings.queued_timeout_s)  # older: the sweep below resends anyway
+        lost = workers_repo.lost_by_queue(session, since, settings.worker_timeout_s, now)
+        for queue, last_beat in lost.items():
+            # It died some time after its last beat: a message sent up to when it counts as dead may be its.
+            sent_before = min(last_beat + dt.timedelta(seconds=settings.worker_timeout_s), now)
+            for job_id in lifecycle.queued_sent_before(session, queue, sent_before, limit=BATCH):
+                # A duplicate is harmless: the claim refuses it.
+                if not _send_locked(session, settings, job_id, queue, counts, "resent_after_lost_worker"):
+                    break
+                log.warning("job %s: sent again, a worker on queue %s died (last beat %s)", job_id, queue, last_beat)
+
+    with session_scope(factory) as session:
         cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
         grace = now - dt.timedelta(seconds=min(settings.queued_timeout_s, ENQUEUE_GRACE_S))
-        for job_id in lifecycle.stale_queued(session, cutoff, unenqueued_before=grace, limit=BATCH):
+        for job_id, queue in lifecycle.stale_queued(session, cutoff, unenqueued_before=grace, limit=BATCH):
             if lifecycle.cancel_if_requested_while_queued(session, job_id):
                 counts["cancelled"] += 1
                 continue
-            try:
-                # Sent while the row is locked, so a concurrent pass skips this job instead of sending again.
-                enqueue_job(job_id, settings)
-            except Exception:
-                counts["enqueue_errors"] += 1
-                log.warning("could not enqueue job %s; the next pass retries", job_id, exc_info=True)
+            if not _send_locked(session, settings, job_id, queue, counts, "enqueued"):
                 break
-            lifecycle.mark_enqueued(session, job_id)
-            counts["enqueued"] += 1
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts

@@ -79,7 +79,14 @@ class WorkerSupervisor:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                self.worker, self._started_at = self._start(), time.monotonic()
+                try:
+                    self.worker = self._start()
+                except Exception:
+                    # Counted as one more quick death: the dead worker stays in place for the next poll.
+                    log.exception("lorp serve: could not start the worker again")
+                    self._started_at = time.monotonic()
+                    continue
+                self._started_at = time.monotonic()
                 self.restarts += 1
             log.warning("lorp serve: worker restarted (pid %d, restart %d)", self.worker.pid, self.restarts)
 

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app.core.config import get_settings
 from app.queue import RUN_JOB_TASK
@@ -70,6 +70,37 @@ def _publish_catalogue() -> None:
         log.exception("could not publish the downstream task catalogue; jobs that ask for tasks are refused")
     finally:
         get_engine(settings.sqlalchemy_url).dispose()
+
+
+_beat: Any = None
+
+
+@worker_ready.connect
+def start_liveness_beat(sender: Any = None, **_: Any) -> None:
+    """Record in the database that this worker now takes jobs, and keep saying so (``worker.liveness``)."""
+    global _beat
+    from worker.liveness import WorkerBeat
+
+    if _beat is not None and _beat.is_alive():
+        return
+    settings = get_settings()
+    task_consumer = getattr(sender, "task_consumer", None)
+    queues = [q.name for q in getattr(task_consumer, "queues", None) or []] or [settings.queue_name]
+    controller = getattr(sender, "controller", None)
+    _beat = WorkerBeat(
+        settings,
+        name=str(getattr(sender, "hostname", None) or "celery"),
+        queues=queues,
+        concurrency=int(getattr(controller, "concurrency", None) or 1),
+    )
+    _beat.start()
+
+
+@worker_shutdown.connect
+def stop_liveness_beat(**_: Any) -> None:
+    """A warm shutdown: the API stops counting this worker now rather than after its timeout."""
+    if _beat is not None:
+        _beat.stop()
 
 
 def _exit_pool_child() -> None:

@@ -23,14 +23,21 @@ from app.core.errors import Unauthorized
 from app.core.security import ANONYMOUS, Principal
 from app.db.session import session_factory, session_scope
 from app.services.keys import verify_api_key
+from app.services.workers import SupervisedWorker
 from app.storage import Storage, storage_from_url
 
 
 class ServiceState:
     """What one app instance shares between requests; built lazily so creating the app does no I/O."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session] | None = None,
+        supervised_worker: SupervisedWorker | None = None,
+    ) -> None:
         self.settings = settings
+        self.supervised_worker = supervised_worker  # lorp serve's embedded worker, where it runs one
         self._factory = factory
         self._storage: Storage | None = None
         self._lock = threading.Lock()

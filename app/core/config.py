@@ -63,6 +63,22 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=20)
     progress_min_interval_s: float = Field(default=1.0, ge=0)
     queue_name: str = "gpu"
+    worker_beat_interval_s: float = Field(default=15.0, gt=0, description="how often a worker records it is alive")
+    worker_timeout_s: float = Field(
+        default=60.0, gt=0, description="a worker whose last beat is older than this is no longer counted live"
+    )
+    worker_restart_limit: int = Field(
+        default=5, ge=1, le=100, description="lorp serve: quick worker deaths in a row before it stops restarting"
+    )
+
+    @model_validator(mode="after")
+    def _worker_timeout_covers_beats(self) -> Settings:
+        if self.worker_timeout_s <= self.worker_beat_interval_s:
+            raise ValueError(
+                f"LORP_WORKER_TIMEOUT_S ({self.worker_timeout_s:g}) must be longer than "
+                f"LORP_WORKER_BEAT_INTERVAL_S ({self.worker_beat_interval_s:g}), or live workers look dead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_needs_servers(self) -> Settings:

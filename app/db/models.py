@@ -128,6 +128,8 @@ class Job(IdMixin, TimestampMixin, Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     model_source: Mapped[str] = mapped_column(String(1024), index=True)
     method: Mapped[str] = mapped_column(String(32))
+    # The broker queue the job was sent to (LORP_QUEUE_NAME when submitted); the reconciler re-sends there.
+    queue: Mapped[str] = mapped_column(String(255), server_default="gpu")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
@@ -224,6 +226,25 @@ class EvalTask(Base):
     source: Mapped[str] = mapped_column(String(16))  # built-in | local | hub
     metrics: Mapped[list[str]] = mapped_column(JsonType, default=list)
     published_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(IdMixin, Base):
+    """One worker process's liveness: it registers when it is ready to take jobs, beats every
+    ``worker_beat_interval_s`` and says when it stops; one beat newer than ``worker_timeout_s``
+    makes it live. The API reads this table for /readyz, /metrics and a queued job's ``waiting_for``."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255))  # Celery's node name, e.g. celery@host
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Closed without a warm stop (its process was found gone): it may have died holding a job's message.
+    lost: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Artifact(IdMixin, TimestampMixin, Base):

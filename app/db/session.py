@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -21,22 +22,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL and a busy timeout, Postgres a pre-pinged pool."""
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """An engine for ``url``; SQLite files get WAL and a busy timeout, Postgres a pre-pinged pool.
+
+    ``pooled=False`` opens a connection per use and keeps none: for a thread of a process that
+    forks (a Celery worker's main process), whose children must not inherit open connections.
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        kwargs: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    if not pooled:
+        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
     return create_engine(
         url,
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=20,
         pool_timeout=5,
-        connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {},
+        connect_args=connect_args,
     )
 
 

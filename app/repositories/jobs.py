@@ -133,6 +133,21 @@ def count_by_status(session: Session) -> dict[str, int]:
     return {str(JobStatus(status).value): int(count) for status, count in rows}
 
 
+def queued_by_queue(session: Session) -> dict[str, int]:
+    """How many jobs are queued on each broker queue."""
+    rows = session.execute(select(Job.queue, func.count()).where(Job.status == JobStatus.queued).group_by(Job.queue))
+    return {str(queue): int(count) for queue, count in rows.all()}
+
+
+def oldest_queued_by_queue(session: Session) -> dict[str, dt.datetime]:
+    """For each queue holding queued jobs: when its longest-waiting one was submitted."""
+    rows = session.execute(
+        select(Job.queue, func.min(Job.queued_at)).where(Job.status == JobStatus.queued).group_by(Job.queue)
+    ).all()
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return {str(q): (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t) for q, t in rows if t is not None}
+
+
 def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.datetime, dt.datetime]]:
     """(stage, started, ended) for every stage that ended since ``since``.
 

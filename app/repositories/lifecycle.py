@@ -347,8 +347,9 @@ def stale_queued(
     *,
     unenqueued_before: dt.datetime | None = None,
     limit: int = 100,
-) -> list[uuid.UUID]:
-    """Queued jobs enqueued before ``older_than``, or never enqueued (and queued before ``unenqueued_before``).
+) -> list[tuple[uuid.UUID, str]]:
+    """(id, queue) of queued jobs enqueued before ``older_than``, or never enqueued (and queued before
+    ``unenqueued_before``).
 
     The rows are locked, skipping rows another reconciler holds. ``unenqueued_before`` gives the API
     a moment between committing a job and recording its enqueue.
@@ -357,10 +358,27 @@ def stale_queued(
     if unenqueued_before is not None:
         never = and_(never, Job.queued_at < unenqueued_before)
     stmt = (
-        select(Job.id)
+        select(Job.id, Job.queue)
         .where(
             Job.status == JobStatus.queued,
             or_(never, Job.enqueued_at < older_than),
+        )
+        .order_by(Job.queued_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [(job_id, queue) for job_id, queue in session.execute(stmt)]
+
+
+def queued_sent_before(session: Session, queue: str, before: dt.datetime, *, limit: int = 100) -> list[uuid.UUID]:
+    """Queued jobs on ``queue`` whose message was sent at or before ``before``; locked, skipping rows others hold."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.queue == queue,
+            Job.enqueued_at.is_not(None),
+            Job.enqueued_at <= before,
         )
         .order_by(Job.queued_at)
         .limit(limit)

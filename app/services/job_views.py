@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.db.models import Job, JobStatus
 from app.repositories import analyses as analyses_repo
 from app.repositories import jobs as jobs_repo
@@ -23,6 +24,7 @@ from app.schemas import (
     PlanOut,
     TaskMetricOut,
 )
+from app.services.workers import WAITING_FOR_WORKER, WorkerWait, worker_waits
 from lorp.jsonable import finite
 
 HEATMAP = "heatmap.png"
@@ -156,9 +158,27 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
     )
 
 
-def _listed_fields(job: Job, links: JobLinks) -> dict[str, Any]:
+def queue_waits(session: Session, settings: Settings, jobs: list[Job]) -> dict[str, WorkerWait]:
+    """The queues of the queued ones among ``jobs`` that no live worker serves (no query when none is queued)."""
+    queues = {job.queue for job in jobs if job.status == JobStatus.queued}
+    return worker_waits(session, settings, queues) if queues else {}
+
+
+def _waiting(job: Job, waits: dict[str, WorkerWait]) -> dict[str, Any]:
+    wait = waits.get(job.queue) if job.status == JobStatus.queued else None
+    if wait is None:
+        return {}
+    return {
+        "waiting_for": WAITING_FOR_WORKER,
+        "worker_last_seen_at": wait.last_seen_at,
+        "worker_unseen_s": wait.unseen_s,
+    }
+
+
+def _listed_fields(job: Job, links: JobLinks, waits: dict[str, WorkerWait]) -> dict[str, Any]:
     """The fields a job shows in a list; the full view adds to them."""
     return {
+        **_waiting(job, waits),
         "id": job.id,
         "status": job.status,
         "stage": job.stage,
@@ -173,11 +193,11 @@ def _listed_fields(job: Job, links: JobLinks) -> dict[str, Any]:
     }
 
 
-def job_out(session: Session, job: Job) -> JobOut:
-    """The full view of a job, with its summary once the worker has stored one."""
+def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
+    """The full view of a job, with its summary once the worker has stored one, and what it waits for."""
     links = _links(job)
     return JobOut(
-        **_listed_fields(job, links),
+        **_listed_fields(job, links, queue_waits(session, settings, [job])),
         queued_at=job.queued_at,
         started_at=job.started_at,
         heartbeat_at=job.heartbeat_at,
@@ -189,5 +209,6 @@ def job_out(session: Session, job: Job) -> JobOut:
     )
 
 
-def list_item(job: Job) -> JobListItem:
-    return JobListItem(**_listed_fields(job, _links(job)))
+def list_item(job: Job, waits: dict[str, WorkerWait]) -> JobListItem:
+    """A listed job; ``waits`` (:func:`queue_waits` over its page) say what it waits for while queued."""
+    return JobListItem(**_listed_fields(job, _links(job), waits))

@@ -35,7 +35,7 @@ from app.schemas import (
     Page,
 )
 from app.services import eval_tasks, preflight
-from app.services.job_views import list_item
+from app.services.job_views import list_item, queue_waits
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def submit_job(
         request_hash=fingerprint,
         model_source=spec.model.id,
         method=spec.method,
+        queue=settings.queue_name,
         idempotency_key=idempotency_key,
         attempts=0,
         max_attempts=settings.max_attempts,
@@ -169,6 +170,7 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
 def list_jobs(
     session: Session,
     principal: Principal,
+    settings: Settings,
     *,
     status: JobStatus | None = None,
     model: str | None = None,
@@ -179,8 +181,9 @@ def list_jobs(
     after = decode_cursor(cursor) if cursor else None
     rows = jobs_repo.list_jobs(session, principal, status=status, model=model, after=after, limit=limit + 1)
     page, more = rows[:limit], len(rows) > limit
+    waits = queue_waits(session, settings, page)
     return Page[JobListItem](
-        items=[list_item(job) for job in page],
+        items=[list_item(job, waits) for job in page],
         next_cursor=encode_cursor(page[-1]) if more and page else None,
     )
 

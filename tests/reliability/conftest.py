@@ -11,7 +11,8 @@ Fixtures:
 Helpers:
 - ``stack_settings(...)``: ``Settings`` for Postgres + Redis + a fresh bucket on an S3 endpoint, a
   private queue and short heartbeat/reconcile timings.
-- ``save_llama(...)``: save a random Llama of any size with the tiny tokenizer under a model root.
+- ``save_llama(...)``: save a random Llama of any size with the tiny tokenizer under a model root;
+  ``save_mid_llama`` the 8-block, 256-wide one whose stages last long enough to be caught.
 - ``upload_dataset``, ``job_request``, ``create_job``, ``submit_job``, ``load_job``, ``job_rows``,
   ``stage_events``, ``wait_for``: jobs as rows, the way the API records them.
 - ``Fleet``: real ``celery worker`` processes (each in its own process group, so ``kill_hard`` is a
@@ -58,10 +59,11 @@ WORDS = [
 ]
 TINY_LAYERS = 6
 
-# Short timings: a dead worker's job is taken back within a few seconds.
+# Short timings: a dead worker's job is taken back within a few seconds. The timeout leaves ten
+# beats of slack: on 2 busy cores a live attempt once went 3 s without a beat landing and was taken back.
 FAST_TIMINGS: dict[str, Any] = {
     "heartbeat_interval_s": 0.5,
-    "heartbeat_timeout_s": 3.0,
+    "heartbeat_timeout_s": 5.0,
     "reconcile_interval_s": 0.5,
     "progress_min_interval_s": 0.0,
 }
@@ -85,6 +87,20 @@ def reliability_redis_url() -> str:
 def save_llama(root: Path, name: str, tokenizer: Any, *, seed: int = 0, **config: Any) -> Path:
     """A random Llama saved (safetensors) with ``tokenizer`` under ``root/name``; ``config`` overrides sizes."""
     return save_tiny_llama(root, name, tokenizer, seed=seed, **{"num_hidden_layers": TINY_LAYERS, **config})
+
+
+def save_mid_llama(root: Path, tokenizer: Any) -> Path:
+    """``mid-llama`` (8 blocks, 256 wide, ~33 MB): loading, capture, saving and upload take a while."""
+    return save_llama(
+        root,
+        "mid-llama",
+        tokenizer,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
 
 
 @pytest.fixture(scope="module")

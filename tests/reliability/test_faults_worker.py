@@ -40,6 +40,7 @@ from tests.service.moto_server import MotoServer
 from worker import outputs, retries, runner
 
 from .conftest import (
+    FAST_TIMINGS,
     WORDS,
     Fleet,
     WorkerProc,
@@ -48,6 +49,7 @@ from .conftest import (
     job_rows,
     load_job,
     save_llama,
+    save_mid_llama,
     stack_settings,
     submit_job,
     upload_dataset,
@@ -67,16 +69,7 @@ ORDER = (*STAGES, "uploading")
 @pytest.fixture(scope="module")
 def fault_model_root(tiny_model_root: Path, tiny_tokenizer: Any) -> Path:
     """``tiny-llama`` plus ``mid-llama`` (8 blocks, 256 wide, ~33 MB: loading, saving and upload take a while)."""
-    save_llama(
-        tiny_model_root,
-        "mid-llama",
-        tiny_tokenizer,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    )
+    save_mid_llama(tiny_model_root, tiny_tokenizer)
     return tiny_model_root
 
 
@@ -194,9 +187,9 @@ def _kill_during(
     wait_for(lambda: load_job(settings, job_id).status.terminal, 240, "the job to finish on the other worker", 0.1)
     job = load_job(settings, job_id)
     assert job.status == JobStatus.succeeded, (job.error_code, job.error_message, fleet.logs())
-    assert job.attempts == 2
-    assert job.worker and job.worker.startswith(spare_name + "@"), job.worker
     requeued = [e for e in events_of(settings, job_id) if e.kind == "attempt"]
+    assert job.attempts == 2, ([(e.at, e.message) for e in requeued], fleet.logs())
+    assert job.worker and job.worker.startswith(spare_name + "@"), job.worker
     assert len(requeued) == 1, [e.message for e in requeued]
     figures = {
         "killed_in": dead.stage,
@@ -260,7 +253,8 @@ def test_kill9_worker_mid_job_finishes_on_another_worker(
             command=COMMAND.format("kill9"),
             notes=(
                 "kill -9 of the worker's process group (Celery main process and pool child) while the job's "
-                f"row said stage={stage}; a second worker and the reconciler (heartbeat 0.5 s, timeout 3 s) ran; "
+                f"row said stage={stage}; a second worker and the reconciler (heartbeat "
+                f"{FAST_TIMINGS['heartbeat_interval_s']:g} s, timeout {FAST_TIMINGS['heartbeat_timeout_s']:g} s) ran; "
                 "the job was requeued and finished on the second worker with one artifact set (rows unique, "
                 "objects under jobs/{id}/ exactly the rows, sha256 checked)."
             ),

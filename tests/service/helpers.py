@@ -71,6 +71,7 @@ def create_job(settings: Settings, request: JobCreate, *, max_attempts: int = 3)
             request_hash=request.fingerprint(),
             model_source=request.model.id,
             method=request.method,
+            queue=settings.queue_name,
             max_attempts=max_attempts,
         )
         session.add(job)

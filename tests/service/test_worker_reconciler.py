@@ -16,10 +16,11 @@ import redis
 from sqlalchemy import select, update
 
 from app.core.config import Settings
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import Job, JobEvent, JobStatus, Worker
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
 from app.repositories import lifecycle
+from app.repositories import workers as workers_repo
 from worker import service_cli
 from worker.reconciler import reconcile_once
 
@@ -51,6 +52,7 @@ def insert_job(settings: Settings, **values: Any) -> uuid.UUID:
             request_hash=request.fingerprint(),
             model_source="demo",
             method="auto",
+            queue=settings.queue_name,
             **values,
         )
         session.add(job)
@@ -255,3 +257,58 @@ def test_mark_enqueued_only_touches_queued_jobs(settings: Settings) -> None:
         assert lifecycle.mark_enqueued(session, job_id) is False
         session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued))
         assert lifecycle.mark_enqueued(session, job_id) is True
+
+
+def _worker_row(settings: Settings, *, beat_at: dt.datetime, pid: int, host: str, lost: bool = False) -> uuid.UUID:
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        worker_id = workers_repo.register(
+            session,
+            name=f"celery@{host}",
+            host=host,
+            pid=pid,
+            queues=[settings.queue_name],
+            concurrency=1,
+            pid_alive=lambda _pid: True,
+            at=beat_at,
+        )
+        if lost:
+            workers_repo.mark_stopped(session, worker_id, at=beat_at)
+            session.execute(update(Worker).where(Worker.id == worker_id).values(lost=True))
+        return worker_id
+
+
+def test_a_dead_workers_prefetched_jobs_are_sent_again_at_once(settings: Settings) -> None:
+    """A worker killed while it held a queued job's message (prefetched): resent now, not after queued_timeout_s."""
+    settings = settings.model_copy(update={"worker_timeout_s": 20.0})
+    died = now() - dt.timedelta(seconds=settings.worker_timeout_s + 10)
+    assert died > now() - dt.timedelta(seconds=settings.queued_timeout_s)  # the plain sweep would wait
+    held = insert_job(settings, queued_at=died - dt.timedelta(seconds=5), enqueued_at=died - dt.timedelta(seconds=5))
+    # Sent after it counted as dead (its last beat plus the timeout): not a message it could hold.
+    later = insert_job(
+        settings, queued_at=now(), enqueued_at=died + dt.timedelta(seconds=settings.worker_timeout_s + 1)
+    )
+    _worker_row(settings, beat_at=died, pid=1, host=f"h-{uuid.uuid4().hex[:6]}")  # silent, never said it stopped
+
+    counts = reconcile_once(settings)
+    assert counts["resent_after_lost_worker"] == 1
+    assert queued_messages(settings) == [str(held)]
+    assert load(settings, held).enqueued_at > died
+    # Sent again once: the next pass finds its message newer than the dead worker's last beat.
+    assert reconcile_once(settings)["resent_after_lost_worker"] == 0
+    assert queued_messages(settings) == [str(held)] and str(later) not in queued_messages(settings)
+
+
+def test_a_warm_stop_or_a_live_worker_sends_nothing_again(settings: Settings) -> None:
+    sent = now() - dt.timedelta(seconds=5)
+    insert_job(settings, queued_at=sent, enqueued_at=sent)
+    host = f"h-{uuid.uuid4().hex[:6]}"
+    live = _worker_row(settings, beat_at=now(), pid=1, host=host)
+    stopped = _worker_row(settings, beat_at=now(), pid=2, host=host)
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        workers_repo.mark_stopped(session, stopped)
+    assert reconcile_once(settings)["resent_after_lost_worker"] == 0
+    assert queued_messages(settings) == []
+    # The same worker found gone by a restart on its host (closed as lost): its messages are resent.
+    _worker_row(settings, beat_at=now(), pid=3, host=host, lost=True)
+    assert reconcile_once(settings)["resent_after_lost_worker"] == 1
+    assert live is not None

@@ -1,4 +1,4 @@
-"""/healthz (process up), /readyz (database, broker, storage reachable), /metrics (Prometheus)."""
+"""/healthz (process up), /readyz (database, broker, storage reachable; workers serving the queue), /metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.api.deps import SettingsDep, UnitOfWorkRoute, service_state
 from app.api.problems import problem_response
 from app.core.errors import FieldError
 from app.db.session import session_scope
+from app.services import workers as workers_service
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,14 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
+@router.get("/readyz", responses={503: {"description": "a dependency is unreachable, or queued jobs have no worker"}})
 def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and storage are reachable."""
+    """Database, broker and storage are reachable, and a live worker serves the queue when jobs wait in it.
+
+    ``checks.workers`` has the live workers per queue (their liveness beats in the database) and the
+    queued jobs; it fails when jobs are queued with no live worker on their queue, or when ``lorp
+    serve`` gave up restarting its worker. It is left out while the database is unreachable.
+    """
     state = service_state(request)
     checks: dict[str, dict[str, Any]] = {}
 
@@ -80,14 +86,25 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     run("database", database)
     run("broker", lambda: check_broker(settings.celery_broker_url))
     run("storage", lambda: state.storage.check())
+    if checks["database"]["ok"]:
+        try:
+            with session_scope(state.sessionmaker) as session:
+                checks["workers"] = workers_service.readiness(session, settings, state.supervised_worker)
+        except Exception as exc:
+            logger.warning("readiness: workers check failed: %s", _reason(exc))
+            checks["workers"] = {"ok": False, "error": _reason(exc)}
     failed = [name for name, result in checks.items() if not result["ok"]]
     if not failed:
         return JSONResponse({"status": "ok", "checks": checks})
+    unreachable = [name for name in failed if name != "workers"]
+    reasons = [f"{', '.join(unreachable)} unreachable"] if unreachable else []
+    if "workers" in failed:
+        reasons.append(checks["workers"]["error"])
     return problem_response(
         request,
         status=503,
         code="not_ready",
-        detail=f"not ready: {', '.join(failed)} unreachable",
+        detail=f"not ready: {'; '.join(reasons)}",
         errors=[FieldError(name, checks[name]["error"]) for name in failed],
         extra={"checks": checks},
     )

@@ -57,13 +57,14 @@ def create_job(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = job_views.job_path(submission.job.id)
-    return job_views.job_out(db.session, submission.job)
+    return job_views.job_out(db.session, submission.job, settings)
 
 
 @router.get("", response_model=Page[JobListItem])
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     status: JobStatus | None = None,
     model: Annotated[
         str | None, Query(max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*$", description="exact model id")
@@ -72,13 +73,13 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page[JobListItem]:
     """List jobs newest first, filtered by status and model, one page at a time."""
-    return jobs_service.list_jobs(session, principal, status=status, model=model, cursor=cursor, limit=limit)
+    return jobs_service.list_jobs(session, principal, settings, status=status, model=model, cursor=cursor, limit=limit)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobOut:
-    """A job's state, and its summary once available."""
-    return job_views.job_out(session, jobs_service.get_job(session, job_id, principal))
+def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JobOut:
+    """A job's state, and its summary once available; a queued job with no live worker says it waits for one."""
+    return job_views.job_out(session, jobs_service.get_job(session, job_id, principal), settings)
 
 
 @router.post(
@@ -89,10 +90,10 @@ def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> 
         409: {"model": Problem, "description": "the job already finished"},
     },
 )
-def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JSONResponse:
+def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JSONResponse:
     """Cancel a queued job at once (200) or ask a running one to stop at its next checkpoint (202)."""
     job, final = jobs_service.cancel_job(session, job_id, principal)
-    body = job_views.job_out(session, job)
+    body = job_views.job_out(session, job, settings)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if final else 202)
 
 

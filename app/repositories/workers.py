@@ -1,0 +1,143 @@
+"""Worker liveness rows (``workers``): register, beat, stop, and who is live on which queue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import Worker
+
+# Rows of workers that stopped (or went silent) longer ago than this are removed at the next register.
+FORGET_AFTER = dt.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class QueuePresence:
+    """Who serves one queue: how many workers are live on it, and when one was last seen there."""
+
+    queue: str
+    live: int
+    last_seen_at: dt.datetime | None
+
+
+def register(
+    session: Session,
+    *,
+    name: str,
+    host: str,
+    pid: int,
+    queues: Sequence[str],
+    concurrency: int,
+    pid_alive: Callable[[int], bool],
+    at: dt.datetime | None = None,
+) -> uuid.UUID:
+    """Record a worker that is ready to take jobs; returns its row id (the key of its beats).
+
+    Rows that an earlier process on this host left open (killed before it could say it stopped)
+    are closed when their pid is gone, so a restarted worker is not counted twice; long-stopped
+    rows are removed.
+    """
+    now = at or utcnow()
+    for row in session.scalars(select(Worker).where(Worker.host == host, Worker.stopped_at.is_(None))):
+        if row.pid != pid and not pid_alive(row.pid):
+            row.stopped_at, row.lost = row.beat_at, True
+    session.execute(
+        delete(Worker).where(Worker.beat_at < now - FORGET_AFTER).execution_options(synchronize_session=False)
+    )
+    worker = Worker(
+        name=name,
+        host=host,
+        pid=pid,
+        queues=list(queues),
+        concurrency=concurrency,
+        started_at=now,
+        beat_at=now,
+        lost=False,
+    )
+    session.add(worker)
+    session.flush()
+    return worker.id
+
+
+def beat(session: Session, worker_id: uuid.UUID, at: dt.datetime | None = None) -> bool:
+    """A beat; False when the row is gone or marked stopped (the worker then registers again)."""
+    result = session.execute(
+        update(Worker)
+        .where(Worker.id == worker_id, Worker.stopped_at.is_(None))
+        .values(beat_at=at or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_stopped(session: Session, worker_id: uuid.UUID, at: dt.datetime | None = None) -> None:
+    session.execute(
+        update(Worker)
+        .where(Worker.id == worker_id, Worker.stopped_at.is_(None))
+        .values(stopped_at=at or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def live_workers(session: Session, timeout_s: float, now: dt.datetime | None = None) -> list[Worker]:
+    """Workers not stopped whose last beat is newer than ``timeout_s``, newest beat first."""
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=timeout_s)
+    query = select(Worker).where(Worker.stopped_at.is_(None), Worker.beat_at >= cutoff)
+    return list(session.scalars(query.order_by(Worker.beat_at.desc())))
+
+
+def presence(session: Session, queue: str, timeout_s: float, now: dt.datetime | None = None) -> QueuePresence:
+    """How many live workers consume ``queue``, and the last time any worker on it was seen."""
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=timeout_s)
+    live = 0
+    last: dt.datetime | None = None
+    for row in session.scalars(select(Worker).where(Worker.beat_at >= now - FORGET_AFTER)):
+        if queue not in (row.queues or []):
+            continue
+        seen = _aware(row.stopped_at or row.beat_at)
+        last = seen if last is None or seen > last else last
+        if row.stopped_at is None and _aware(row.beat_at) >= cutoff:
+            live += 1
+    return QueuePresence(queue=queue, live=live, last_seen_at=last)
+
+
+def lost_by_queue(
+    session: Session, since: dt.datetime, timeout_s: float, now: dt.datetime | None = None
+) -> dict[str, dt.datetime]:
+    """For each queue, the last beat of a worker on it that died without a warm stop since ``since``.
+
+    Such a worker may have held a job's message (prefetched, or running when it was killed): the
+    reconciler sends again the queued jobs on that queue whose message went out before it died.
+    A worker is taken for dead when its row was closed as lost, or its beats are ``timeout_s`` old.
+    """
+    now = now or utcnow()
+    silent_since = now - dt.timedelta(seconds=timeout_s)
+    found: dict[str, dt.datetime] = {}
+    for row in session.scalars(select(Worker).where(Worker.beat_at >= since)):
+        beat_at = _aware(row.beat_at)
+        if not (row.lost or (row.stopped_at is None and beat_at < silent_since)):
+            continue
+        for queue in row.queues or []:
+            if queue not in found or beat_at > found[queue]:
+                found[queue] = beat_at
+    return found
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every time here is UTC."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+def live_by_queue(session: Session, timeout_s: float, now: dt.datetime | None = None) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in live_workers(session, timeout_s, now):
+        for queue in row.queues or []:
+            counts[queue] = counts.get(queue, 0) + 1
+    return counts

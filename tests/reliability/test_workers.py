@@ -1,0 +1,425 @@
+"""Workers as a readiness check, with real processes: `lorp serve`'s supervised worker, and a full stack.
+
+1. Embedded (`lorp serve`: SQLite, the SQLAlchemy broker, local artifacts): kill -9 of the worker
+   (the Celery main process and its pool child) while a job captures; serve restarts the worker, the
+   reconciler takes the job back, and the job finishes on the restarted worker with attempts 2 and
+   one artifact set.
+2. Embedded: a worker that dies at once, again and again (each one killed as soon as it appears):
+   serve stops restarting after LORP_WORKER_RESTART_LIMIT quick deaths and /readyz turns 503
+   `workers`, /metrics says the worker is down.
+3. Full stack (Postgres, Redis, moto's S3 server): with no worker, /readyz is 503 `workers` and the
+   queued job says `waiting_for: "worker"`; a worker started later takes it and /readyz turns 200;
+   a warm stop is seen at once, a kill -9 within LORP_WORKER_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+from ports import free_port
+
+from app.core.config import Settings
+from app.main import create_app
+from lorp.stages import STAGES
+from tests.reliability.record import record
+
+from .conftest import fleet_of, job_request, save_mid_llama, stack_settings, wait_for
+from .servers import wait_until
+
+pytestmark = pytest.mark.reliability
+
+REPO = Path(__file__).resolve().parents[2]
+LORP = str(Path(sys.executable).with_name("lorp"))
+COMMAND = ".venv/bin/python -m pytest tests/reliability/test_workers.py -q -k {}"
+# Short timings: a dead worker's job is taken back, and a silent worker stops counting, within seconds.
+FAST_ENV = {
+    "LORP_HEARTBEAT_INTERVAL_S": "0.5",
+    "LORP_HEARTBEAT_TIMEOUT_S": "4",
+    "LORP_RECONCILE_INTERVAL_S": "0.5",
+    "LORP_PROGRESS_MIN_INTERVAL_S": "0",
+    "LORP_WORKER_BEAT_INTERVAL_S": "0.5",
+    "LORP_WORKER_TIMEOUT_S": "3",
+}
+KILL_TRIES = 3
+ORDER = (*STAGES, "uploading")
+
+
+@pytest.fixture(scope="module")
+def capture_model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    """``mid-llama`` (8 blocks, 256 wide): its capture lasts long enough to be caught."""
+    root = tmp_path_factory.mktemp("worker-models")
+    save_mid_llama(root, tiny_tokenizer)
+    return root
+
+
+def _job_body(model: str, dataset: str, seed: int, num_samples: int = 8) -> dict[str, Any]:
+    body = job_request(
+        model, dataset, num_samples=num_samples, batch_size=1, seed=seed, eval_windows=1, perplexity=False
+    ).model_dump(mode="json")
+    body["evaluation"]["prompts"] = []
+    body["evaluation"]["curve_budgets"] = []
+    return body
+
+
+# -- lorp serve, embedded ------------------------------------------------------------------------------
+
+
+class Serve:
+    """`lorp serve` in the embedded mode on a free port, its log kept; its worker is found among its children."""
+
+    def __init__(self, tmp_path: Path, model_root: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.data = tmp_path / "data"
+        self.log_path = tmp_path / "serve.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
+        environ.update(
+            LORP_DATA_DIR=str(self.data),
+            LORP_MODEL_ROOTS=json.dumps([str(model_root)]),
+            PYTHONUNBUFFERED="1",
+            TQDM_DISABLE="1",
+            **FAST_ENV,
+            **env,
+        )
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [LORP, "serve", "--port", str(self.port)], env=environ, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.client = httpx.Client(base_url=self.base, timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def up(self, timeout: float = 120) -> None:
+        def answers() -> bool:
+            assert self.proc.poll() is None, self.log()
+            try:
+                return self.client.get("/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout, "lorp serve to answer", 0.2)
+
+    def worker_pids(self) -> list[int]:
+        """The Celery main processes serve runs (its direct children); each leads its own process group."""
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_worker(self, pid: int) -> None:
+        """kill -9 of a worker's process group: the Celery main process and its pool child."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.client.close()
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, model_root: Path, **env: str) -> Iterator[Serve]:
+    serve = Serve(tmp_path, model_root, **env)
+    leftovers: list[psutil.Process] = []
+    try:
+        serve.up()
+        yield serve
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftovers = psutil.Process(serve.proc.pid).children(recursive=True)
+        serve.stop()
+        for child in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+def _stage_of(serve: Serve, job_id: str) -> dict[str, Any] | None:
+    """The job once it is in capture, past it, or no longer running; None while before capture."""
+    shown = serve.job(job_id)
+    if shown["status"] == "queued":
+        return None
+    stage = shown["stage"]
+    past = stage in ORDER and ORDER.index(stage) > ORDER.index("capture")
+    return shown if shown["status"] != "running" or stage == "capture" or past else None
+
+
+def _a_job_in_capture(serve: Serve, model: str, dataset: str) -> tuple[str, list[str]]:
+    """Submit jobs until one is caught in capture (a stage that went by between polls is tried again)."""
+    tries: list[str] = []
+    for attempt in range(KILL_TRIES):
+        posted = serve.client.post("/v1/jobs", json=_job_body(model, dataset, seed=500 + attempt, num_samples=48))
+        assert posted.status_code == 202, posted.text
+        job_id = posted.json()["id"]
+        try:
+            shown = wait_until("stage capture", functools.partial(_stage_of, serve, job_id), 240, interval=0.02)
+        except TimeoutError:
+            raise AssertionError(serve.log()[-4000:]) from None
+        if shown["status"] == "running" and shown["stage"] == "capture":
+            return job_id, tries
+        tries.append(f"missed (job {shown['status']} in {shown['stage']})")
+        wait_until("the missed job", functools.partial(_finished, serve, job_id), 180)
+    pytest.fail(f"never caught a job in capture: {tries}")
+
+
+def _finished(serve: Serve, job_id: str) -> bool:
+    return serve.job(job_id)["status"] in ("succeeded", "failed", "cancelled")
+
+
+def test_embedded_kill9_mid_capture_finishes_on_the_restarted_worker(
+    tmp_path: Path, capture_model_root: Path, corpus_bytes: bytes
+) -> None:
+    model = str(capture_model_root / "mid-llama")
+    with serving(tmp_path, capture_model_root) as serve:
+        uploaded = serve.client.post("/v1/datasets", files={"file": ("corpus.txt", corpus_bytes, "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+        dataset = uploaded.json()["id"]
+        job_id, tries = _a_job_in_capture(serve, model, dataset)
+
+        pids = serve.worker_pids()
+        assert len(pids) == 1, pids
+        killed_at = time.monotonic()
+        serve.kill_worker(pids[0])
+        restarted: list[int] = []
+
+        def another_worker() -> bool:
+            restarted[:] = [p for p in serve.worker_pids() if p != pids[0]]
+            return bool(restarted)
+
+        wait_for(another_worker, 60, "serve to start another worker", 0.1)
+        restart_s = time.monotonic() - killed_at
+        # Taken back and queued again while the restarted worker starts: the job says why it waits.
+        states: list[tuple[str, str | None]] = []
+        ready_codes: set[int] = set()
+
+        def finished() -> bool:
+            shown = serve.job(job_id)
+            states.append((shown["status"], shown.get("waiting_for")))
+            ready_codes.add(serve.client.get("/readyz").status_code)
+            return shown["status"] in ("succeeded", "failed", "cancelled")
+
+        wait_for(finished, 300, "the job to finish on the restarted worker", 0.25)
+        finished_s = time.monotonic() - killed_at
+        job = serve.job(job_id)
+        assert job["status"] == "succeeded", (job["error"], serve.log()[-4000:])
+        assert job["attempts"] == 2, job
+        listed = serve.client.get(f"/v1/jobs/{job_id}/artifacts").json()
+        names = [a["name"] for a in listed]
+        assert len(names) == len(set(names)) and {"report.json", "model/config.json"} <= set(names), names
+        stored = sorted(
+            str(p.relative_to(serve.data / "artifacts" / "jobs" / job_id))
+            for p in (serve.data / "artifacts" / "jobs" / job_id).rglob("*")
+            if p.is_file()
+        )
+        assert stored == sorted(names), "the files under the job's folder differ from its artifact rows"
+        assert not (serve.data / "work" / job_id).exists(), "the work folder was left behind"
+        ready = serve.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["workers"]["restarts"] == 1
+        log = serve.log()
+        assert "restarting it in" in log and "worker restarted" in log
+        waited = sorted({w for s, w in states if s == "queued"} - {None})
+
+    record(
+        suite="faults",
+        scenario="embedded: kill -9 of lorp serve's worker during capture",
+        runs=1,
+        outcomes={
+            "succeeded_on_restarted_worker": 1,
+            "attempts": 2,
+            "artifact_sets": 1,
+            "missed_stage_retries": len(tries),
+            "waiting_for while requeued": waited or ["(not polled while queued)"],
+            "/readyz while recovering": sorted(ready_codes),
+            "/readyz after": 200,
+        },
+        data_lost=0,
+        command=COMMAND.format("embedded_kill9"),
+        notes=(
+            "lorp serve in the embedded mode (SQLite, SQLAlchemy broker, local artifacts); kill -9 of the worker's "
+            "process group while the job's row said stage=capture. Serve restarted the worker (1 s backoff), the "
+            "reconciler (heartbeat timeout 4 s) requeued the job, and the restarted worker finished it: one set of "
+            "artifact rows, exactly the files under jobs/{id}/."
+        ),
+        figures={"kill_to_new_worker_process_s": round(restart_s, 1), "kill_to_succeeded_s": round(finished_s, 1)},
+    )
+
+
+def test_embedded_crash_loop_stops_the_restarts_and_turns_readyz_503(tmp_path: Path, capture_model_root: Path) -> None:
+    limit = 3
+    with serving(tmp_path, capture_model_root, LORP_WORKER_RESTART_LIMIT=str(limit)) as serve:
+        killed: list[int] = []
+        started = time.monotonic()
+
+        def given_up() -> bool:
+            for pid in serve.worker_pids():
+                if pid not in killed:
+                    serve.kill_worker(pid)  # each worker dies as soon as it appears
+                    killed.append(pid)
+            return "not restarting it" in serve.log()
+
+        wait_for(given_up, 120, "serve to give up on its worker", 0.1)
+        gave_up_s = time.monotonic() - started
+        time.sleep(1.5)  # no further restart comes
+        assert serve.worker_pids() == [], serve.worker_pids()
+        assert len(killed) == limit, killed
+        ready = serve.client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        problem = ready.json()
+        assert [e["field"] for e in problem["errors"]] == ["workers"], problem
+        assert f"the embedded worker is down: the worker exited {limit} times in a row" in problem["detail"]
+        assert problem["checks"]["workers"]["restarts"] == limit - 1
+        metrics = serve.client.get("/metrics").text
+        assert "lorp_embedded_worker_up 0.0" in metrics
+        assert f"lorp_embedded_worker_restarts_total {float(limit - 1)}" in metrics
+        assert serve.client.get("/healthz").status_code == 200  # the API itself lives on
+    assert serve.proc.returncode == 0, serve.log()[-3000:]
+
+    record(
+        suite="faults",
+        scenario="embedded: the worker dies at once, again and again",
+        runs=1,
+        outcomes={
+            "worker processes started": len(killed),
+            "restarts": limit - 1,
+            "then": "not restarted; /readyz 503 naming workers; lorp_embedded_worker_up 0",
+            "lorp serve": "kept serving; exited 0 on SIGTERM",
+        },
+        data_lost=0,
+        command=COMMAND.format("crash_loop"),
+        notes=(
+            f"LORP_WORKER_RESTART_LIMIT={limit}: every worker process serve started was killed (kill -9 of its "
+            "group) as soon as it appeared; the waits between restarts doubled (1 s, 2 s) and after the third quick "
+            "death serve stopped restarting and said why, in its log and in /readyz."
+        ),
+        figures={"first_start_to_given_up_s": round(gave_up_s, 1)},
+    )
+
+
+# -- full stack -----------------------------------------------------------------------------------------
+
+
+def test_full_stack_no_worker_is_503_until_a_worker_starts(
+    tmp_path: Path,
+    pg_url: str,
+    reliability_redis_url: str,
+    s3_server: str,
+    capture_model_root: Path,
+    corpus_bytes: bytes,
+) -> None:
+    timings = {k.removeprefix("LORP_").lower(): float(v) for k, v in FAST_ENV.items()}
+    settings: Settings = stack_settings(
+        tmp_path, pg_url, reliability_redis_url, s3_server, capture_model_root, **timings
+    )
+    queue = settings.queue_name
+    model = str(capture_model_root / "mid-llama")
+    with fleet_of(settings, tmp_path) as fleet, TestClient(create_app(settings)) as client:
+        uploaded = client.post("/v1/datasets", files={"file": ("corpus.txt", corpus_bytes, "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+        dataset = uploaded.json()["id"]
+
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text  # nothing queued: no worker is not an error
+        job_id = client.post("/v1/jobs", json=_job_body(model, dataset, seed=900)).json()["id"]
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503, not_ready.text
+        assert [e["field"] for e in not_ready.json()["errors"]] == ["workers"]
+        assert not_ready.json()["checks"]["workers"]["queued"][queue] == 1
+        waiting = client.get(f"/v1/jobs/{job_id}").json()
+        assert waiting["status"] == "queued" and waiting["waiting_for"] == "worker", waiting
+
+        started = time.monotonic()
+        worker = fleet.start_worker("w1", wait=False)
+        wait_for(lambda: client.get("/readyz").status_code == 200, 120, "readyz 200 once the worker is up", 0.1)
+        to_ready_s = time.monotonic() - started
+        assert client.get("/readyz").json()["checks"]["workers"]["live"][queue] == 1
+        wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", 180, "the job", 0.2)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["attempts"] == 1 and job["waiting_for"] is None
+
+        # A warm stop says so at once: the next queued job waits for a worker, seen a moment ago.
+        worker.stop()
+        stopped_at = time.monotonic()
+        second = client.post("/v1/jobs", json=_job_body(model, dataset, seed=901)).json()["id"]
+        shown = client.get(f"/v1/jobs/{second}").json()
+        warm_noticed_s = time.monotonic() - stopped_at
+        assert shown["waiting_for"] == "worker" and shown["worker_unseen_s"] is not None, shown
+        assert shown["worker_unseen_s"] < 30
+        assert client.get("/readyz").status_code == 503
+
+        # kill -9: the row is not closed, so it counts until its beats are LORP_WORKER_TIMEOUT_S old.
+        w2 = fleet.start_worker("w2", wait=False)
+        wait_for(lambda: client.get(f"/v1/jobs/{second}").json()["status"] == "succeeded", 180, "job 2", 0.2)
+        third = client.post("/v1/jobs", json=_job_body(model, dataset, seed=902)).json()["id"]
+        w2.wait_ready()
+        w2.kill_hard()
+        killed_at = time.monotonic()
+        # Job 3 may be claimed by w2 before the kill; either way the reconciler or the next worker handles it.
+        wait_for(
+            lambda: client.get("/readyz").json()["checks"]["workers"]["live"][queue] == 0,
+            30,
+            "the killed worker to stop counting",
+            0.1,
+        )
+        kill_noticed_s = time.monotonic() - killed_at
+        assert kill_noticed_s < settings.worker_timeout_s + 5
+        fleet.start_worker("w3")
+        # Job 3's message was most likely prefetched by w2 (prefetch 1) and died with it: the reconciler
+        # sends it again once w2 counts as dead, well before LORP_QUEUED_TIMEOUT_S (900 s).
+        wait_for(lambda: client.get(f"/v1/jobs/{third}").json()["status"] == "succeeded", 240, "job 3", 0.2)
+        third_s = time.monotonic() - killed_at
+        third_job = client.get(f"/v1/jobs/{third}").json()
+        assert client.get("/readyz").status_code == 200, fleet.logs()
+
+    record(
+        suite="faults",
+        scenario="full stack: jobs queued with no worker running",
+        runs=1,
+        outcomes={
+            "/readyz with nothing queued and no worker": 200,
+            "/readyz with a job queued and no worker": "503, failing check: workers",
+            "queued job": 'waiting_for: "worker"',
+            "worker started later": "took the job (attempts 1), /readyz 200",
+            "warm stop": "no longer counted at once (the row says stopped)",
+            "kill -9": f"no longer counted after LORP_WORKER_TIMEOUT_S={settings.worker_timeout_s:g} s",
+            "job sent just before the kill": f"succeeded on the next worker, attempts {third_job['attempts']}",
+        },
+        data_lost=0,
+        command=COMMAND.format("full_stack"),
+        notes=(
+            "Postgres, Redis and moto's S3 server; the API in-process (TestClient on create_app), workers as real "
+            "celery processes that beat every 0.5 s. A job submitted just before the kill -9 was held (prefetched) "
+            "by the killed worker; the reconciler sent it again once that worker counted as dead. Each figure is "
+            "measured from the event to the first answer that showed it."
+        ),
+        figures={
+            "worker_start_to_readyz_200_s": round(to_ready_s, 1),
+            "warm_stop_to_waiting_for_worker_s": round(warm_noticed_s, 2),
+            "kill9_to_not_counted_s": round(kill_noticed_s, 1),
+            "kill9_to_that_job_succeeded_s": round(third_s, 1),
+        },
+    )

@@ -1,0 +1,102 @@
+"""A worker process's liveness beat: the row in ``workers`` that says it is here, and which queues it serves.
+
+The Celery main process registers once it is ready to take jobs (``worker_ready``), beats every
+``worker_beat_interval_s`` from a thread of its own and marks the row stopped on a warm shutdown.
+A worker killed outright stops beating, and after ``worker_timeout_s`` the API no longer counts it.
+The database is the source of truth (not Celery's broadcast): the API reads it without a broker
+round trip, and it works the same over every broker.
+
+The thread uses an engine without a pool: the main process forks a pool child per job, and a
+child must not inherit an open connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.db.session import make_engine, session_scope
+from app.repositories import workers as workers_repo
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+class WorkerBeat(threading.Thread):
+    """Registers this worker, then beats until stopped; a lost row (someone closed it) is registered again."""
+
+    def __init__(self, settings: Settings, *, name: str, queues: Sequence[str], concurrency: int) -> None:
+        super().__init__(name="worker-beat", daemon=True)
+        self.settings = settings
+        self.worker_name, self.queues, self.concurrency = name, list(queues), concurrency
+        self.host = socket.gethostname()
+        self.worker_id: uuid.UUID | None = None
+        self.registered = threading.Event()
+        self._stop_event = threading.Event()
+        self._engine: Engine = make_engine(settings.sqlalchemy_url, pooled=False)
+        self._factory: sessionmaker[Session] = sessionmaker(bind=self._engine, expire_on_commit=False)
+
+    def _register(self) -> None:
+        with session_scope(self._factory) as session:
+            self.worker_id = workers_repo.register(
+                session,
+                name=self.worker_name,
+                host=self.host,
+                pid=os.getpid(),
+                queues=self.queues,
+                concurrency=self.concurrency,
+                pid_alive=pid_alive,
+            )
+        self.registered.set()
+        log.info("worker %s registered (queues %s)", self.worker_name, ", ".join(self.queues))
+
+    def _beat(self) -> None:
+        if self.worker_id is None:
+            self._register()
+            return
+        with session_scope(self._factory) as session:
+            alive = workers_repo.beat(session, self.worker_id)
+        if not alive:
+            log.warning("worker %s: its liveness row was closed; registering again", self.worker_name)
+            self._register()
+
+    def run(self) -> None:
+        wait = 0.0
+        while not self._stop_event.wait(wait):
+            wait = self.settings.worker_beat_interval_s
+            try:
+                self._beat()
+            except Exception:
+                # A missed beat is survivable within worker_timeout_s; a first registration is retried.
+                log.warning("worker %s: liveness beat failed", self.worker_name, exc_info=True)
+                wait = min(wait, 5.0) if self.worker_id is None else wait
+
+    def stop(self) -> None:
+        """Stop beating and say so in the row, so the API stops counting this worker at once."""
+        self._stop_event.set()
+        self.join(timeout=10)
+        if self.worker_id is not None:
+            try:
+                with session_scope(self._factory) as session:
+                    workers_repo.mark_stopped(session, self.worker_id)
+            except Exception:
+                log.warning("worker %s: could not mark itself stopped", self.worker_name, exc_info=True)
+        self._engine.dispose()
