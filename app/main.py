@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,6 +107,21 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operation id is its function's name (``create_job``, ``get_job``): generated
+    clients name their functions after it, and FastAPI's default (``create_job_v1_jobs_post``) reads badly."""
+    return route.name
+
+
+def _check_operation_ids(app: FastAPI) -> None:
+    seen: dict[str, str] = {}
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            if route.name in seen:
+                raise RuntimeError(f"operation id {route.name!r} used by {seen[route.name]} and {route.path}")
+            seen[route.name] = route.path
+
+
 def _problem_media_type(schema: dict[str, Any]) -> dict[str, Any]:
     """Error responses are served as application/problem+json (RFC 9457): document them so."""
     for operations in schema.get("paths", {}).values():
@@ -136,6 +152,7 @@ def create_app(
         summary="Depth-pruning of causal language models: LoRP and its baselines, as a job API.",
         docs_url="/docs",
         openapi_url="/openapi.json",
+        generate_unique_id_function=operation_id,
     )
     app.state.service = state
     app.state.metrics = Metrics(settings, lambda: state.sessionmaker, supervised_worker)
@@ -150,6 +167,7 @@ def create_app(
     for prefix, router in routers:
         app.include_router(router, prefix=prefix, responses=_PROBLEMS if prefix else None)
         app.state.metrics.add_route_templates(prefix, router.routes)
+    _check_operation_ids(app)
     # The middleware added last is outermost: latency is measured around everything, 413s included.
     app.add_middleware(BodySizeLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

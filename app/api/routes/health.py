@@ -54,13 +54,13 @@ def check_broker(url: str) -> None:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+def get_health() -> dict[str, str]:
     """The process is up (no I/O)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", responses={503: {"description": "a dependency is unreachable, or queued jobs have no worker"}})
-def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+def get_readiness(request: Request, settings: SettingsDep) -> JSONResponse:
     """Database, broker and storage are reachable, and a live worker serves the queue when jobs wait in it.
 
     ``checks.workers`` has the live workers per queue (their liveness beats in the database) and the
@@ -111,7 +111,7 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(request: Request) -> Response:
+def get_metrics(request: Request) -> Response:
     """Prometheus metrics in the text exposition format."""
     body = request.app.state.metrics.render()
     return Response(body, media_type=CONTENT_TYPE_LATEST)
