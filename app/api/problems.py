@@ -38,6 +38,9 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
+RETRY_AFTER_S = 5
+
+
 def problem_response(
     request: Request | None,
     *,
@@ -62,6 +65,10 @@ def problem_response(
     }
     if extra:
         body.update(extra)
+    if status == 503:
+        # Every 503 here is a dependency that may come back (database, broker, storage, workers):
+        # say when a client may try again (RFC 9110), unless the caller said something else.
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 

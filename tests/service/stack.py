@@ -12,12 +12,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from ports import free_port
+from tiny import save_tiny_llama
 
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 
@@ -119,3 +122,19 @@ def wait_for_catalogue(base: str, procs: Processes, timeout: float = 120) -> Non
 def corpus() -> bytes:
     rng = random.Random(0)
     return " ".join(rng.choice(WORDS) for _ in range(6000)).encode()
+
+
+@contextmanager
+def embedded_stack(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, request: pytest.FixtureRequest, name: str
+) -> Iterator[dict[str, Any]]:
+    """`lorp serve` on a tiny 4-block model for a whole module: its info, ``model`` (the model's path)
+    and ``procs`` (the processes, for their logs)."""
+    root = tmp_path_factory.mktemp(f"{name}-models")
+    save_tiny_llama(root, "tiny", tokenizer, num_hidden_layers=4, max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp(f"{name}-stack")
+    procs = Processes(folder)
+    try:
+        yield {**start_stack("embedded", folder, procs, root, request), "model": str(root / "tiny"), "procs": procs}
+    finally:
+        procs.stop()

@@ -37,6 +37,7 @@ def test_readyz_is_503_when_the_broker_is_down(api_settings, rollback_sessionmak
     client = client_for(settings, rollback_sessionmaker)
     response = client.get("/readyz")
     body = assert_problem(response, 503, "broker")
+    assert response.headers["retry-after"] == "5"  # when a client may try again
     assert body["checks"]["database"] == {"ok": True} and body["checks"]["storage"] == {"ok": True}
     assert body["checks"]["broker"]["ok"] is False
 

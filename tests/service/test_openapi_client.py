@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from tiny import save_tiny_llama
 
-from .stack import Processes, start_stack
+from .stack import embedded_stack
 
 GENERATOR = Path(sys.executable).with_name("openapi-python-client")
 PACKAGE = "lorp_generated_client"
@@ -26,14 +25,8 @@ PACKAGE = "lorp_generated_client"
 def embedded(
     tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("openapi-models")
-    save_tiny_llama(root, "tiny", tiny_tokenizer, num_hidden_layers=4, max_position_embeddings=256)
-    folder = tmp_path_factory.mktemp("openapi-stack")
-    procs = Processes(folder)
-    try:
-        yield {**start_stack("embedded", folder, procs, root, request), "model": str(root / "tiny"), "procs": procs}
-    finally:
-        procs.stop()
+    with embedded_stack(tmp_path_factory, tiny_tokenizer, request, "openapi") as stack:
+        yield stack
 
 
 def test_operation_ids_are_names(embedded: dict[str, Any]) -> None:

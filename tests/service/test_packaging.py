@@ -27,3 +27,22 @@ def test_installing_the_project_warns_of_nothing() -> None:
     own = [line for line in log.splitlines() if "Location 'file:" not in line]
     noisy = [line for line in own if "deprecat" in line.lower() or "Warning" in line]
     assert not noisy, "\n".join(noisy)
+
+
+def test_the_client_package_stands_alone() -> None:
+    """client/ installs on its own (httpx and pydantic only) and importing it loads nothing of the server."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["httpx", "pydantic"]
+    argv = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps"]
+    argv += ["--no-build-isolation", "--no-index", "--dry-run", str(REPO / "client")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert result.returncode == 0 and "Would install lorp-client" in result.stdout, result.stdout + result.stderr
+    probe = (
+        "import sys, lorp_client, lorp_client.aio; "
+        "heavy = sorted({'torch', 'transformers', 'fastapi', 'sqlalchemy', 'celery', 'app', 'lorp', 'worker'} "
+        "& set(sys.modules)); print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
