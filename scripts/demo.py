@@ -1,4 +1,5 @@
-"""The README's first command: start the embedded service, prune the demo model through the API.
+"""The README's first command: start the embedded service, prune the demo model through the API (with the
+Python client, lorp_client).
 
 Starts `lorp serve` (API + worker, SQLite, local artifacts under LORP_DATA_DIR, default var/demo; its
 log goes to service.log there), submits a job on the demo model (SmolLM2-135M) with the built-in
@@ -28,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from lorp_client import ApiError, Client, JobOut
+
 REPO = Path(__file__).resolve().parents[1]
 FILES = {
     "model": "the pruned model, a Hugging Face directory",
@@ -45,29 +48,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
+def wait_ready(client: Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:]
             raise SystemExit(f"the service exited with status {proc.returncode}; the end of {log}:\n{tail}")
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+            client.ready()
+            return
+        except (httpx.HTTPError, ApiError):
+            time.sleep(0.5)
     raise SystemExit(f"the service did not become ready in time; see {log}")
 
 
-def wait_for_tasks(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
+def wait_for_tasks(client: Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
     """The worker lists the tasks it can run as it starts; a job naming a task waits for that list."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the service exited with status {proc.returncode}; see {log}")
-        listed = httpx.get(f"{base}/v1/tasks", params={"limit": 1}, timeout=5).json()
-        if listed.get("total"):
+        if client.tasks(limit=1).total:
             return
         time.sleep(0.5)
     raise SystemExit(f"the worker published no downstream tasks in time (is the 'eval' extra installed?); see {log}")
@@ -202,24 +203,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def run_job(base: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    resp = httpx.post(f"{base}/v1/jobs", json=body, timeout=30)
-    if resp.status_code >= 400:
-        print(f"the service refused the job ({resp.status_code}): {resp.text}", file=sys.stderr)
+def run_job(client: Client, body: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        job = client.submit(body)
+    except ApiError as exc:
+        print(f"the service refused the job: {exc}", file=sys.stderr)
         return None
-    job: dict[str, Any] = resp.json()
-    print(f"submitted job    {job['id']}", flush=True)
-    last = None
-    while True:
-        job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=10).json()
-        line = f"\r{job['status']:<10} {job.get('stage') or '':<18} [{bar(job['progress'])}] {job['progress']:6.1%}"
-        if line != last:
-            print(line, end="", flush=True)
-            last = line
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            print(flush=True)
-            return job
-        time.sleep(1.0)
+    print(f"submitted job    {job.id}", flush=True)
+
+    def show(job: JobOut) -> None:
+        line = f"\r{job.status:<10} {job.stage or '':<18} [{bar(job.progress)}] {job.progress:6.1%}"
+        print(line, end="", flush=True)
+
+    final = client.wait(job.id, on_progress=show, poll_interval=1.0, max_interval=2.0)
+    print(flush=True)
+    return final.model_dump(mode="json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+    client = Client(base)
     try:
-        wait_ready(base, proc, log)
+        wait_ready(client, proc, log)
         if args.task:
-            wait_for_tasks(base, proc, log)
+            wait_for_tasks(client, proc, log)
         body = {
             "model": {"id": args.model},
             "method": args.method,
@@ -263,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": {"dataset": "builtin", "num_samples": args.num_samples, "seq_len": args.seq_len},
             "evaluation": {"tasks": [{"name": args.task, "limit": args.task_limit}] if args.task else []},
         }
-        job = run_job(base, body)
+        job = run_job(client, body)
     finally:
+        client.close()
         stop(proc)
     if job is None:
         return 1

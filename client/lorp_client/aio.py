@@ -16,7 +16,7 @@ import httpx
 from lorp_client import _core
 from lorp_client.client import DEFAULT_URL
 from lorp_client.errors import ApiError, DownloadError, WaitTimeout
-from lorp_client.models import ArtifactOut, DatasetOut, JobListItem, JobOut, JobStatus, Page
+from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
 
 log = logging.getLogger("lorp_client")
 
@@ -141,6 +141,21 @@ class AsyncClient:
                 interval = remaining
             previous = job
             await asyncio.sleep(interval)
+
+    # -- the service ---------------------------------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """The readiness checks (database, broker, storage, workers); ApiError 503 naming what is not ready."""
+        response = await self._http.get("/readyz")
+        if response.status_code >= 400:
+            raise _core.api_error(response)
+        checks: dict[str, Any] = response.json()["checks"]
+        return checks
+
+    async def tasks(self, *, source: str | None = None, prefix: str | None = None, limit: int = 100) -> EvalTasksOut:
+        """The downstream tasks the workers published (``evaluation.tasks`` may name them)."""
+        params = {k: v for k, v in (("source", source), ("prefix", prefix)) if v}
+        return _core.parse(await self._request("GET", "/v1/tasks", params={**params, "limit": limit}), EvalTasksOut)
 
     # -- files ---------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import httpx
 
 from lorp_client import _core
 from lorp_client.errors import ApiError, DownloadError, WaitTimeout
-from lorp_client.models import ArtifactOut, DatasetOut, JobListItem, JobOut, JobStatus, Page
+from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
 
 log = logging.getLogger("lorp_client")
 
@@ -137,6 +137,21 @@ class Client:
                 interval = remaining
             previous = job
             time.sleep(interval)
+
+    # -- the service ---------------------------------------------------------------------------------
+
+    def ready(self) -> dict[str, Any]:
+        """The readiness checks (database, broker, storage, workers); ApiError 503 naming what is not ready."""
+        response = self._http.get("/readyz")
+        if response.status_code >= 400:
+            raise _core.api_error(response)
+        checks: dict[str, Any] = response.json()["checks"]
+        return checks
+
+    def tasks(self, *, source: str | None = None, prefix: str | None = None, limit: int = 100) -> EvalTasksOut:
+        """The downstream tasks the workers published (``evaluation.tasks`` may name them)."""
+        params = {k: v for k, v in (("source", source), ("prefix", prefix)) if v}
+        return _core.parse(self._request("GET", "/v1/tasks", params={**params, "limit": limit}), EvalTasksOut)
 
     # -- files ---------------------------------------------------------------------------------------
 

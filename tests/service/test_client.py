@@ -272,3 +272,10 @@ def test_body_shortcuts_and_retry_after() -> None:
     assert retry_after(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
     assert retry_after(httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
     assert retry_after(httpx.Response(503)) is None
+
+
+def test_readiness_and_the_task_catalogue(embedded: dict[str, Any]) -> None:
+    with Client(embedded["base"]) as client:
+        checks = client.ready()
+        assert checks["database"]["ok"] and checks["workers"]["ok"] and checks["workers"]["live"]
+        assert "lorp_cloze" in {t.name for t in client.tasks(source="built-in").tasks}
