@@ -5,6 +5,7 @@ lorp worker [--concurrency N]                  a Celery worker on the job queue
 lorp reconciler [--once]                       re-enqueue lost jobs, retry or fail dead ones
 lorp migrate                                   alembic upgrade head
 lorp keys create|list|revoke                   API keys
+lorp jobs submit|list|status|wait|cancel|download   a running service's jobs (lorp_client.cli)
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def add_service_commands(sub: Any) -> dict[str, Handler]:
     keys_sub.add_parser("list", help="list keys (never their secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
+    from lorp_client.cli import add_jobs_command
+
     return {
+        **add_jobs_command(sub),
         "serve": _cmd_serve,
         "worker": _cmd_worker,
         "reconciler": _cmd_reconciler,

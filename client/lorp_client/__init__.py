@@ -12,7 +12,7 @@ Needs only httpx and pydantic; the models are the ones the API serves (``lorp_cl
 
 from lorp_client.aio import AsyncClient
 from lorp_client.client import Client
-from lorp_client.errors import ApiError, DownloadError, LorpError, WaitTimeout
+from lorp_client.errors import ApiError, DownloadError, LorpError, ServiceUnreachable, WaitTimeout
 from lorp_client.models import ArtifactOut, DatasetOut, JobListItem, JobOut, JobStatus, JobSummary
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "JobStatus",
     "JobSummary",
     "LorpError",
+    "ServiceUnreachable",
     "WaitTimeout",
 ]

@@ -15,7 +15,7 @@ import httpx
 
 from lorp_client import _core
 from lorp_client.client import DEFAULT_URL
-from lorp_client.errors import ApiError, DownloadError, WaitTimeout
+from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, WaitTimeout
 from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
 
 log = logging.getLogger("lorp_client")
@@ -58,7 +58,7 @@ class AsyncClient:
                 response = await self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
                 if attempt == self.retries:
-                    raise
+                    raise ServiceUnreachable(f"{method} {self._http.base_url}{url} failed: {exc}") from exc
                 wait = _core.backoff_s(attempt, None)
                 log.warning("%s %s failed (%s); retrying in %.1f s", method, url, exc, wait)
             else:

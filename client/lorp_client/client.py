@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from lorp_client import _core
-from lorp_client.errors import ApiError, DownloadError, WaitTimeout
+from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, WaitTimeout
 from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
 
 log = logging.getLogger("lorp_client")
@@ -55,7 +55,7 @@ class Client:
                 response = self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
                 if attempt == self.retries:
-                    raise
+                    raise ServiceUnreachable(f"{method} {self._http.base_url}{url} failed: {exc}") from exc
                 wait = _core.backoff_s(attempt, None)
                 log.warning("%s %s failed (%s); retrying in %.1f s", method, url, exc, wait)
             else:

@@ -24,6 +24,10 @@ class ApiError(LorpError):
         super().__init__(f"{status} {self.code}{where}: {self.detail}")
 
 
+class ServiceUnreachable(LorpError):
+    """The service could not be reached (connection refused, DNS, timeouts) after every retry."""
+
+
 class WaitTimeout(LorpError):
     """``wait`` gave up before the job reached a final state; ``job`` is its last view."""
 

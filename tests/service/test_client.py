@@ -277,5 +277,5 @@ def test_body_shortcuts_and_retry_after() -> None:
 def test_readiness_and_the_task_catalogue(embedded: dict[str, Any]) -> None:
     with Client(embedded["base"]) as client:
         checks = client.ready()
-        assert checks["database"]["ok"] and checks["workers"]["ok"] and checks["workers"]["live"]
+        assert checks["database"]["ok"] and checks["workers"]["ok"] and any(checks["workers"]["live"].values())
         assert "lorp_cloze" in {t.name for t in client.tasks(source="built-in").tasks}
