@@ -19,6 +19,7 @@ from app.jobspec import JobCreate
 from app.repositories import lifecycle
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow, TaskMetricRow
 from app.storage import Storage, storage_from_url
+from app.storage.keys import job_prefix
 from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
 from worker.failures import JobFailure
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOBS_PREFIX = "jobs"
 METRIC_UNITS: dict[str, str] = {
     "perplexity": "",
     "prefill_tokens_per_s": "tok/s",
@@ -41,11 +41,6 @@ METRIC_UNITS: dict[str, str] = {
     "num_parameters": "",
 }
 RATIO_UNIT = "x"
-
-
-def job_prefix(job_id: uuid.UUID) -> str:
-    """Where a job's outputs live in the artifact store."""
-    return f"{JOBS_PREFIX}/{job_id}"
 
 
 def artifact_storage(settings: Settings) -> Storage:

@@ -10,6 +10,8 @@ without a warm stop (its liveness beats went silent, or its restart found its pr
 have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
 before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
 locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
+Each pass also expires jobs past ``artifact_ttl_days`` and purges deleted jobs once they stopped
+(``app.services.deletion``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import datetime as dt
 import logging
 import uuid
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.base import utcnow
@@ -45,7 +47,8 @@ def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | Non
 def _remove_outputs(settings: Settings, job_ids: list[uuid.UUID]) -> None:
     if not job_ids:
         return
-    from worker.outputs import artifact_storage, job_prefix
+    from app.storage.keys import job_prefix
+    from worker.outputs import artifact_storage
 
     try:
         storage = artifact_storage(settings)
@@ -175,6 +178,21 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                 continue
             if not _send_locked(session, settings, job_id, queue, counts, "enqueued"):
                 break
+    counts.update(_purge_deleted(settings, factory))
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts
+
+
+def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> dict[str, int]:
+    """Expire old jobs (LORP_ARTIFACT_TTL_DAYS) and purge deleted ones that have stopped."""
+    from app.services.deletion import purge_pending
+    from worker.outputs import artifact_storage
+
+    try:
+        storage = artifact_storage(settings)
+        with session_scope(factory) as session:
+            return purge_pending(session, storage, ttl_days=settings.artifact_ttl_days, limit=BATCH)
+    except Exception:
+        log.warning("could not purge deleted jobs; the next pass retries", exc_info=True)
+        return {"expired": 0, "purged": 0}

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_timeout_s: float = Field(
         default=60.0, gt=0, description="a worker whose last beat is older than this is no longer counted live"
     )
+    artifact_ttl_days: float | None = Field(
+        default=None, gt=0, description="the reconciler deletes finished jobs (files and results) this long after"
+    )
     worker_restart_limit: int = Field(
         default=5, ge=1, le=100, description="lorp serve: quick worker deaths in a row before it stops restarting"
     )

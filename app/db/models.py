@@ -132,6 +132,10 @@ class Job(IdMixin, TimestampMixin, Base):
     progress_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # DELETE /v1/jobs/{id} or LORP_ARTIFACT_TTL_DAYS: hidden from the API at once; its files and result
+    # rows are removed once it has stopped (purged_at), the row itself stays as a tombstone.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     analysis_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
     analysis_reused: Mapped[bool] = mapped_column(Boolean, default=False)
     chosen_method: Mapped[str | None] = mapped_column(String(32))

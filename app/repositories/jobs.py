@@ -7,11 +7,11 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, true, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.security import Principal
-from app.db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
+from app.db.models import Analysis, Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
 
 
 def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Principal) -> ColumnElement[bool]:
@@ -24,7 +24,8 @@ def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Princip
 
 
 def get_visible(session: Session, job_id: uuid.UUID, principal: Principal) -> Job | None:
-    stmt = select(Job).where(Job.id == job_id, owned_by(Job.owner_id, principal))
+    """The job if the principal may see it and it is not deleted."""
+    stmt = select(Job).where(Job.id == job_id, owned_by(Job.owner_id, principal), Job.deleted_at.is_(None))
     return session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
 
 
@@ -67,7 +68,7 @@ def list_jobs(
     limit: int,
 ) -> list[Job]:
     """Newest first; ``after`` is the (created_at, id) of the last row of the previous page."""
-    stmt = select(Job).where(owned_by(Job.owner_id, principal))
+    stmt = select(Job).where(owned_by(Job.owner_id, principal), Job.deleted_at.is_(None))
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if model is not None:
@@ -129,7 +130,8 @@ def artifact_by_name(session: Session, job_id: uuid.UUID, name: str) -> Artifact
 
 
 def count_by_status(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    """Jobs per status, deleted ones left out."""
+    rows = session.execute(select(Job.status, func.count()).where(Job.deleted_at.is_(None)).group_by(Job.status)).all()
     return {str(JobStatus(status).value): int(count) for status, count in rows}
 
 
@@ -167,3 +169,69 @@ def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.
         inner.c.kind == EventKind.stage.value, inner.c.stage.is_not(None), inner.c.next_at.is_not(None)
     )
     return [(str(stage), started, ended) for stage, started, ended in session.execute(stmt).all()]
+
+
+# -- deletion ---------------------------------------------------------------------------------------
+
+
+def mark_deleted(session: Session, job_id: uuid.UUID, at: dt.datetime) -> bool:
+    """Hide the job from now on and free its Idempotency-Key; False when it was deleted already."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.deleted_at.is_(None))
+        .values(deleted_at=at, idempotency_key=None)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def to_purge(session: Session, *, limit: int) -> list[Job]:
+    """Deleted jobs that have stopped and whose files and result rows are not removed yet; locked."""
+    stmt = (
+        select(Job)
+        .where(
+            Job.deleted_at.is_not(None),
+            Job.purged_at.is_(None),
+            Job.status.in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]),
+        )
+        .order_by(Job.deleted_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(stmt))
+
+
+def expired(session: Session, finished_before: dt.datetime, *, limit: int) -> list[uuid.UUID]:
+    """Finished, not deleted jobs that finished before ``finished_before`` (LORP_ARTIFACT_TTL_DAYS)."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.deleted_at.is_(None),
+            Job.finished_at.is_not(None),
+            Job.finished_at < finished_before,
+            Job.status.in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]),
+        )
+        .order_by(Job.finished_at)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def purge_rows(session: Session, job: Job, at: dt.datetime) -> bool:
+    """Remove a deleted job's result rows (artifacts, plans, metrics, task scores) and, when no other
+    live job uses it, its analysis; mark it purged. Returns whether its analysis was removed."""
+    for model in (Artifact, Plan, Metric, TaskMetric):
+        session.execute(delete(model).where(model.job_id == job.id).execution_options(synchronize_session=False))
+    analysis_id, removed = job.analysis_id, False
+    job.analysis_id, job.purged_at = None, at
+    session.flush()
+    if analysis_id is not None:
+        users = session.scalar(
+            select(func.count()).select_from(Job).where(Job.analysis_id == analysis_id, Job.deleted_at.is_(None))
+        )
+        if not users:
+            session.execute(
+                delete(Analysis).where(Analysis.id == analysis_id).execution_options(synchronize_session=False)
+            )
+            removed = True
+    return removed

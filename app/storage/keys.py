@@ -56,3 +56,11 @@ def validate_prefix(prefix: str, *, allow_empty: bool) -> str:
     if problem is not None:
         raise ValueError(f"invalid storage prefix {prefix!r}: {problem}")
     return stripped
+
+
+JOBS_PREFIX = "jobs"
+
+
+def job_prefix(job_id: object) -> str:
+    """Where a job's outputs live in the artifact store (the worker writes there, deletion empties it)."""
+    return f"{JOBS_PREFIX}/{job_id}"

@@ -16,7 +16,16 @@ import httpx
 from lorp_client import _core
 from lorp_client.client import DEFAULT_URL
 from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, WaitTimeout
-from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
+from lorp_client.models import (
+    ArtifactOut,
+    DatasetOut,
+    EvalTasksOut,
+    JobDeleted,
+    JobListItem,
+    JobOut,
+    JobStatus,
+    Page,
+)
 
 log = logging.getLogger("lorp_client")
 
@@ -141,6 +150,10 @@ class AsyncClient:
                 interval = remaining
             previous = job
             await asyncio.sleep(interval)
+
+    async def delete(self, job_id: Any) -> JobDeleted:
+        """Delete a job (cancelled first if it runs): its files and results go, an analysis other jobs use stays."""
+        return _core.parse(await self._request("DELETE", f"/v1/jobs/{job_id}"), JobDeleted)
 
     # -- the service ---------------------------------------------------------------------------------
 

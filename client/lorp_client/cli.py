@@ -7,6 +7,7 @@
     lorp jobs wait ID [--timeout S] [--json]
     lorp jobs cancel ID [--json]
     lorp jobs download ID DIR
+    lorp jobs delete ID [--json]
 
 The server and key come from ``--url`` / ``--api-key`` or ``LORP_URL`` / ``LORP_API_KEY``. ``wait`` and
 ``download`` draw a progress bar on stderr (stage and percent, bytes per file); ``--json`` prints the
@@ -63,7 +64,12 @@ def add_jobs_command(sub: Any) -> dict[str, Handler]:
     listing.add_argument("--limit", type=int, default=20, help="at most this many (0: all)")
     listing.add_argument("--json", action="store_true")
 
-    for name, what in (("status", "show a job"), ("wait", "wait for a job to finish"), ("cancel", "cancel a job")):
+    for name, what in (
+        ("status", "show a job"),
+        ("wait", "wait for a job to finish"),
+        ("cancel", "cancel a job"),
+        ("delete", "delete a job: cancel it if it runs, remove its files and results"),
+    ):
         one = cmds.add_parser(name, help=what, parents=[common])
         one.add_argument("job_id")
         one.add_argument("--json", action="store_true")
@@ -199,6 +205,11 @@ def run(args: argparse.Namespace) -> int:
                 return _outcome(job)
             if command == "cancel":
                 _show_job(client.cancel(args.job_id), args.json)
+                return 0
+            if command == "delete":
+                gone = client.delete(args.job_id)
+                when = "files and results removed" if gone.purged else "files removed once its worker stops it"
+                print(gone.model_dump_json() if args.json else f"{gone.id}  deleted ({gone.status}; {when})")
                 return 0
             _download(client, args.job_id, args.dest)
             return 0

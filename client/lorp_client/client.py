@@ -13,7 +13,16 @@ import httpx
 
 from lorp_client import _core
 from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, WaitTimeout
-from lorp_client.models import ArtifactOut, DatasetOut, EvalTasksOut, JobListItem, JobOut, JobStatus, Page
+from lorp_client.models import (
+    ArtifactOut,
+    DatasetOut,
+    EvalTasksOut,
+    JobDeleted,
+    JobListItem,
+    JobOut,
+    JobStatus,
+    Page,
+)
 
 log = logging.getLogger("lorp_client")
 
@@ -137,6 +146,10 @@ class Client:
                 interval = remaining
             previous = job
             time.sleep(interval)
+
+    def delete(self, job_id: Any) -> JobDeleted:
+        """Delete a job (cancelled first if it runs): its files and results go, an analysis other jobs use stays."""
+        return _core.parse(self._request("DELETE", f"/v1/jobs/{job_id}"), JobDeleted)
 
     # -- the service ---------------------------------------------------------------------------------
 

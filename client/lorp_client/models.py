@@ -194,6 +194,16 @@ class JobOut(JobListItem):
     summary: JobSummary | None = None
 
 
+class JobDeleted(BaseModel):
+    """What ``DELETE /v1/jobs/{id}`` did: the job is gone from every read; ``purged`` once its files and
+    results are removed too (at once for a job that had stopped; else when its worker stops it)."""
+
+    id: uuid.UUID
+    status: JobStatus
+    deleted_at: UtcDateTime
+    purged: bool
+
+
 class ArtifactOut(BaseModel):
     name: str
     size_bytes: int

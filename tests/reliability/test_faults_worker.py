@@ -34,6 +34,7 @@ from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, 
 from app.db.session import session_factory, session_scope
 from app.main import create_app
 from app.repositories import lifecycle
+from app.storage.keys import job_prefix
 from lorp.stages import STAGES
 from tests.reliability.record import record
 from tests.service.moto_server import MotoServer
@@ -102,7 +103,7 @@ def claim_to_first_stage(settings: Settings, job_id: uuid.UUID) -> list[float]:
 
 
 def stored_keys(settings: Settings, job_id: uuid.UUID) -> list[str]:
-    return sorted(outputs.artifact_storage(settings).list(outputs.job_prefix(job_id)))
+    return sorted(outputs.artifact_storage(settings).list(job_prefix(job_id)))
 
 
 def check_one_artifact_set(settings: Settings, job_id: uuid.UUID) -> dict[str, int]:

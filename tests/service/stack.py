@@ -72,7 +72,9 @@ def wait_ready(base: str, procs: Processes, timeout: float = 120) -> None:
     pytest.fail(f"service not ready\n{procs.logs()}")
 
 
-def start_stack(mode: str, tmp_path: Path, procs: Processes, model_root: Path, request: pytest.FixtureRequest) -> dict:
+def start_stack(
+    mode: str, tmp_path: Path, procs: Processes, model_root: Path, request: pytest.FixtureRequest, **env_extra: str
+) -> dict:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
     env.update(
@@ -82,6 +84,7 @@ def start_stack(mode: str, tmp_path: Path, procs: Processes, model_root: Path, r
         LORP_HEARTBEAT_INTERVAL_S="1",
         LORP_PROGRESS_MIN_INTERVAL_S="0.2",
         PYTHONUNBUFFERED="1",
+        **env_extra,
     )
     info: dict[str, Any] = {"base": f"http://127.0.0.1:{port}", "mode": mode}
     if mode == "full":
@@ -126,15 +129,16 @@ def corpus() -> bytes:
 
 @contextmanager
 def embedded_stack(
-    tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, request: pytest.FixtureRequest, name: str
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, request: pytest.FixtureRequest, name: str, **env: str
 ) -> Iterator[dict[str, Any]]:
-    """`lorp serve` on a tiny 4-block model for a whole module: its info, ``model`` (the model's path)
-    and ``procs`` (the processes, for their logs)."""
+    """`lorp serve` on a tiny 4-block model for a whole module (``env``: more LORP_ settings): its info,
+    ``model`` (the model's path), ``data`` (its data folder) and ``procs`` (the processes, for their logs)."""
     root = tmp_path_factory.mktemp(f"{name}-models")
     save_tiny_llama(root, "tiny", tokenizer, num_hidden_layers=4, max_position_embeddings=256)
     folder = tmp_path_factory.mktemp(f"{name}-stack")
     procs = Processes(folder)
     try:
-        yield {**start_stack("embedded", folder, procs, root, request), "model": str(root / "tiny"), "procs": procs}
+        info = start_stack("embedded", folder, procs, root, request, **env)
+        yield {**info, "model": str(root / "tiny"), "data": folder / "data", "procs": procs}
     finally:
         procs.stop()

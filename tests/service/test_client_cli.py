@@ -88,3 +88,13 @@ def test_cancel_from_the_command_line(embedded: dict[str, Any]) -> None:
     assert view.status == "cancelled" or view.cancel_requested_at is not None
     waited = jobs(embedded, "wait", job_id, "--timeout", "240")
     assert waited.returncode in (0, 1) and job_id in waited.stdout  # cancelled (1), or it finished first (0)
+
+
+def test_delete_from_the_command_line(embedded: dict[str, Any]) -> None:
+    argv = ["submit", "--model", embedded["model"], "--num-layers", "1", "--dataset", "builtin", "--wait", "--json"]
+    done = jobs(embedded, *argv)
+    assert done.returncode == 0, done.stderr
+    job_id = str(JobOut.model_validate_json(done.stdout).id)
+    deleted = jobs(embedded, "delete", job_id)
+    assert deleted.returncode == 0 and f"{job_id}  deleted (succeeded; files and results removed)" in deleted.stdout
+    assert jobs(embedded, "status", job_id).returncode == 2  # gone: 404

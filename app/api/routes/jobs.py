@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep, UnitOfWorkRoute
 from app.db.models import Artifact, JobStatus
 from app.jobspec import JobCreate
-from app.schemas import AnalysisOut, ArtifactOut, JobListItem, JobOut, Page, Problem
+from app.schemas import AnalysisOut, ArtifactOut, JobDeleted, JobListItem, JobOut, Page, Problem
 from app.services import analysis as analysis_service
 from app.services import artifacts as artifacts_service
+from app.services import deletion as deletion_service
 from app.services import job_views
 from app.services import jobs as jobs_service
 from app.storage import Storage
@@ -95,6 +96,21 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, 
     job, final = jobs_service.cancel_job(session, job_id, principal)
     body = job_views.job_out(session, job, settings)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if final else 202)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobDeleted,
+    responses={202: {"description": "deleted; its files go once its worker has stopped it"}},
+)
+def delete_job(job_id: uuid.UUID, db: DatabaseDep, principal: PrincipalDep, storage: StorageDep) -> JSONResponse:
+    """Delete a job: cancel it if it runs, remove its files and results (200 when done now, 202 when
+    its worker must stop first), and hide it from every read. An analysis other jobs use stays."""
+    job = deletion_service.mark_deleted(db.session, job_id, principal)
+    db.commit()  # hidden for good before any file goes
+    done = deletion_service.purge_if_stopped(db.session, storage, job)
+    body = JobDeleted(id=done.job_id, status=done.status, deleted_at=done.deleted_at, purged=done.purged)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if done.purged else 202)
 
 
 @router.get("/{job_id}/analysis", response_model=AnalysisOut)
