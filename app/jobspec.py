@@ -118,6 +118,13 @@ class EvaluationRef(DownstreamFields):
         return None if value is None else CalibrationRef._dataset_reference(value)
 
 
+class NotifySpec(StrictModel):
+    """A webhook: on every final state the service POSTs the job to ``url``, signed with ``secret``."""
+
+    url: str = Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$", description="http(s) URL")
+    secret: str = Field(min_length=16, max_length=256, description="the HMAC-SHA256 key; never shown again")
+
+
 class JobCreate(StrictModel):
     """A pruning job request."""
 
@@ -127,6 +134,13 @@ class JobCreate(StrictModel):
     calibration: CalibrationRef = CalibrationRef()
     options: OptionsRef = OptionsRef()
     evaluation: EvaluationRef = EvaluationRef()
+    notify: NotifySpec | None = Field(
+        default=None, description="a webhook for the final state (hosts an operator allows: LORP_WEBHOOK_ALLOWED_HOSTS)"
+    )
+
+    def stored(self) -> dict[str, object]:
+        """The request as the job row keeps it: without ``notify``, whose secret is kept apart and never echoed."""
+        return self.model_dump(mode="json", exclude={"notify"})
 
     def fingerprint(self) -> str:
         """sha256 of the canonical request, for Idempotency-Key comparison."""

@@ -10,8 +10,8 @@ without a warm stop (its liveness beats went silent, or its restart found its pr
 have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
 before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
 locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
-Each pass also expires jobs past ``artifact_ttl_days`` and purges deleted jobs once they stopped
-(``app.services.deletion``).
+Each pass also expires jobs past ``artifact_ttl_days``, purges deleted jobs once they stopped
+(``app.services.deletion``) and delivers the webhooks that are due (``worker.webhooks``).
 """
 
 from __future__ import annotations
@@ -179,9 +179,23 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
             if not _send_locked(session, settings, job_id, queue, counts, "enqueued"):
                 break
     counts.update(_purge_deleted(settings, factory))
+    counts.update(_deliver_webhooks(settings))
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts
+
+
+def _deliver_webhooks(settings: Settings) -> dict[str, int]:
+    """Webhooks of finished jobs that are due: first tries of final states written here or by the API,
+    and retries (worker/webhooks.py)."""
+    from worker.webhooks import deliver_due
+
+    try:
+        done = deliver_due(settings)
+    except Exception:
+        log.warning("could not deliver webhooks; the next pass retries", exc_info=True)
+        return {"webhooks_delivered": 0, "webhooks_failed": 0}
+    return {"webhooks_delivered": done["delivered"], "webhooks_failed": done["failed"]}
 
 
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> dict[str, int]:

@@ -37,6 +37,7 @@ from worker import outputs
 from worker.failures import classify_failure, is_database_outage
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
+from worker.webhooks import deliver_job
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
@@ -333,6 +334,7 @@ def run_job(
     if job is None:
         if cancelled:
             log.info("job %s was cancelled before it started", job_id)
+            deliver_job(settings, job_id)
             return "cancelled"
         log.info("job %s is not queued (a duplicate delivery or already finished); nothing to do", job_id)
         return "skipped"
@@ -342,7 +344,11 @@ def run_job(
     heartbeat = Heartbeat(settings, factory, job_id, attempt, lost=run.lost, finishing=run.finishing, abandon=abandon)
     heartbeat.start()
     try:
-        return run.execute()
+        outcome = run.execute()
     finally:
         heartbeat.stop()
         run.remove_work_dir()
+    if outcome in ("succeeded", "failed", "cancelled"):
+        # After the final write is committed: the job's webhook at once (the reconciler retries it).
+        deliver_job(settings, job_id)
+    return outcome

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     worker_timeout_s: float = Field(
         default=60.0, gt=0, description="a worker whose last beat is older than this is no longer counted live"
     )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='hosts a job\'s notify.url may name ("*.example.com" for subdomains); none: off',
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="deliveries of one webhook before giving up")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    webhook_retry_base_s: float = Field(default=30.0, ge=0, description="the wait after a failed delivery, doubling")
     artifact_ttl_days: float | None = Field(
         default=None, gt=0, description="the reconciler deletes finished jobs (files and results) this long after"
     )

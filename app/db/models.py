@@ -136,6 +136,12 @@ class Job(IdMixin, TimestampMixin, Base):
     # rows are removed once it has stopped (purged_at), the row itself stays as a tombstone.
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The job's webhook (notify): where, the signing key (never in ``request``), and its deliveries so far.
+    notify_url: Mapped[str | None] = mapped_column(String(2048))
+    notify_secret: Mapped[str | None] = mapped_column(String(256))
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    notify_next_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    notified_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     analysis_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
     analysis_reused: Mapped[bool] = mapped_column(Boolean, default=False)
     chosen_method: Mapped[str | None] = mapped_column(String(32))
@@ -219,6 +225,22 @@ class EvalTask(Base):
     source: Mapped[str] = mapped_column(String(16))  # built-in | local | hub
     metrics: Mapped[list[str]] = mapped_column(JsonType, default=list)
     published_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(IdMixin, Base):
+    """One attempt at POSTing a job's final state to its webhook."""
+
+    __tablename__ = "webhook_deliveries"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Worker(IdMixin, Base):

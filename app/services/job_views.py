@@ -205,6 +205,8 @@ def job_out(session: Session, job: Job, settings: Settings) -> JobOut:
         attempts=job.attempts,
         max_attempts=job.max_attempts,
         request=job.request,
+        notify_url=job.notify_url,
+        notified_at=job.notified_at,
         summary=_summary(session, job, links),
     )
 

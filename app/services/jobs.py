@@ -34,7 +34,7 @@ from app.schemas import (
     JobListItem,
     Page,
 )
-from app.services import eval_tasks, preflight
+from app.services import eval_tasks, preflight, webhooks
 from app.services.job_views import list_item, queue_waits
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ def submit_job(
     _check_dataset_reference(session, spec.calibration.dataset, principal, "calibration.dataset")
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
     eval_tasks.check_tasks(session, spec.evaluation.tasks)
+    if spec.notify is not None:
+        webhook_problem = webhooks.url_problem(spec.notify.url, settings.webhook_allowed_hosts)
+        if webhook_problem is not None:
+            raise Unprocessable(webhook_problem, field="notify.url")
 
     fingerprint = spec.fingerprint()
     owner_id = principal.owner_id
@@ -105,7 +109,9 @@ def submit_job(
         owner_id=owner_id,
         status=JobStatus.queued,
         progress=0.0,
-        request=spec.model_dump(mode="json"),
+        request=spec.stored(),
+        notify_url=spec.notify.url if spec.notify else None,
+        notify_secret=spec.notify.secret if spec.notify else None,
         request_hash=fingerprint,
         model_source=spec.model.id,
         method=spec.method,

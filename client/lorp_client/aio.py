@@ -19,6 +19,7 @@ from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, Wait
 from lorp_client.models import (
     ArtifactOut,
     DatasetOut,
+    DeliveryOut,
     EvalTasksOut,
     JobDeleted,
     JobListItem,
@@ -154,6 +155,13 @@ class AsyncClient:
     async def delete(self, job_id: Any) -> JobDeleted:
         """Delete a job (cancelled first if it runs): its files and results go, an analysis other jobs use stays."""
         return _core.parse(await self._request("DELETE", f"/v1/jobs/{job_id}"), JobDeleted)
+
+    async def deliveries(self, job_id: Any) -> builtins.list[DeliveryOut]:
+        """Every attempt at delivering the job's webhook, in order."""
+        response = await self._request("GET", f"/v1/jobs/{job_id}/deliveries")
+        if response.status_code >= 400:
+            raise _core.api_error(response)
+        return [DeliveryOut.model_validate(d) for d in response.json()]
 
     # -- the service ---------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, Wait
 from lorp_client.models import (
     ArtifactOut,
     DatasetOut,
+    DeliveryOut,
     EvalTasksOut,
     JobDeleted,
     JobListItem,
@@ -150,6 +151,13 @@ class Client:
     def delete(self, job_id: Any) -> JobDeleted:
         """Delete a job (cancelled first if it runs): its files and results go, an analysis other jobs use stays."""
         return _core.parse(self._request("DELETE", f"/v1/jobs/{job_id}"), JobDeleted)
+
+    def deliveries(self, job_id: Any) -> builtins.list[DeliveryOut]:
+        """Every attempt at delivering the job's webhook, in order."""
+        response = self._request("GET", f"/v1/jobs/{job_id}/deliveries")
+        if response.status_code >= 400:
+            raise _core.api_error(response)
+        return [DeliveryOut.model_validate(d) for d in response.json()]
 
     # -- the service ---------------------------------------------------------------------------------
 

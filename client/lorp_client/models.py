@@ -191,6 +191,8 @@ class JobOut(JobListItem):
     attempts: int
     max_attempts: int
     request: dict[str, Any]
+    notify_url: str | None = Field(default=None, description="the job's webhook (its secret is never shown)")
+    notified_at: UtcDateTime | None = Field(default=None, description="when the webhook was delivered")
     summary: JobSummary | None = None
 
 
@@ -202,6 +204,19 @@ class JobDeleted(BaseModel):
     status: JobStatus
     deleted_at: UtcDateTime
     purged: bool
+
+
+class DeliveryOut(BaseModel):
+    """One attempt at POSTing a job's final state to its webhook."""
+
+    attempt: int
+    event: str = Field(description="job.succeeded, job.failed or job.cancelled")
+    url: str
+    at: UtcDateTime
+    status_code: int | None = Field(description="the receiver's HTTP status; null when it could not be reached")
+    error: str | None
+    duration_ms: float
+    delivered: bool = Field(description="a 2xx answer: no further attempt")
 
 
 class ArtifactOut(BaseModel):

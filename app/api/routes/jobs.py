@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from app.api.deps import DatabaseDep, PrincipalDep, SessionDep, SettingsDep, StorageDep, UnitOfWorkRoute
 from app.db.models import Artifact, JobStatus
 from app.jobspec import JobCreate
-from app.schemas import AnalysisOut, ArtifactOut, JobDeleted, JobListItem, JobOut, Page, Problem
+from app.schemas import AnalysisOut, ArtifactOut, DeliveryOut, JobDeleted, JobListItem, JobOut, Page, Problem
 from app.services import analysis as analysis_service
 from app.services import artifacts as artifacts_service
 from app.services import deletion as deletion_service
 from app.services import job_views
 from app.services import jobs as jobs_service
+from app.services import webhooks as webhooks_service
 from app.storage import Storage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
@@ -111,6 +112,12 @@ def delete_job(job_id: uuid.UUID, db: DatabaseDep, principal: PrincipalDep, stor
     done = deletion_service.purge_if_stopped(db.session, storage, job)
     body = JobDeleted(id=done.job_id, status=done.status, deleted_at=done.deleted_at, purged=done.purged)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if done.purged else 202)
+
+
+@router.get("/{job_id}/deliveries", response_model=list[DeliveryOut])
+def list_deliveries(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> list[DeliveryOut]:
+    """Every attempt at delivering the job's webhook (``notify``), in order."""
+    return webhooks_service.list_deliveries(session, job_id, principal)
 
 
 @router.get("/{job_id}/analysis", response_model=AnalysisOut)
