@@ -141,15 +141,8 @@ def test_deleting_a_queued_job_cancels_it_and_frees_its_key(api_settings: Settin
     assert client.delete(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
 
 
-def test_the_reconciler_expires_jobs_past_the_ttl(tmp_path: Path, pg_url: str, redis_url: str) -> None:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=pg_url,
-        broker_url=redis_url,
-        storage_url=(tmp_path / "artifacts").as_uri(),
-        queue_name=f"ttl-{uuid.uuid4().hex[:8]}",
-        artifact_ttl_days=7,
-    )
+def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings) -> None:
+    settings = api_settings.model_copy(update={"artifact_ttl_days": 7})
     factory = session_factory(settings.sqlalchemy_url)
     storage = artifact_storage(settings)
     now = dt.datetime.now(dt.UTC)

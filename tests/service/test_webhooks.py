@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -140,17 +139,10 @@ def test_webhook_urls_are_checked_at_submission(api_settings: Settings, rollback
         assert client.get(f"/v1/jobs/{created.json()['id']}/deliveries").json() == []
 
 
-def test_a_receiver_that_never_recovers_is_given_up_on(tmp_path: Any, pg_url: str, redis_url: str) -> None:
+def test_a_receiver_that_never_recovers_is_given_up_on(api_settings: Settings) -> None:
     failing = Receiver(fail_first=100)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=pg_url,
-        broker_url=redis_url,
-        storage_url=(tmp_path / "artifacts").as_uri(),
-        queue_name=f"hooks-{uuid.uuid4().hex[:8]}",
-        webhook_allowed_hosts=["127.0.0.1"],
-        webhook_max_attempts=3,
-        webhook_retry_base_s=0,
+    settings = api_settings.model_copy(
+        update={"webhook_allowed_hosts": ["127.0.0.1"], "webhook_max_attempts": 3, "webhook_retry_base_s": 0}
     )
     try:
         with session_scope(session_factory(settings.sqlalchemy_url)) as session:
