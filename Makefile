@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup services demo demo-cli serve worker reconciler migrate test test-fast reliability lint bench clean
+.PHONY: setup services browser demo demo-cli serve worker reconciler migrate test test-fast reliability lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -36,8 +36,12 @@ migrate: setup
 services:
 	bash scripts/services.sh
 
+# Headless Chromium for the web page's browser test (Debian's package, installed when missing).
+browser:
+	bash scripts/browser.sh
+
 # The import contracts (pyproject.toml, [tool.importlinter]) are part of the tests: a crossing fails.
-test: setup services
+test: setup services browser
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
