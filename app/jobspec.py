@@ -184,7 +184,10 @@ def check_model_reference(ref: ModelRef, settings: Settings) -> str:
         return "s3"
     if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
         roots = model_roots(settings)
-        resolved = local_model_path(value).resolve()
+        try:
+            resolved = local_model_path(value).resolve()
+        except (RuntimeError, OSError, ValueError) as exc:  # ~nosuchuser/..., a path the OS refuses
+            raise RequestError(f"cannot resolve the local model path {value!r}: {exc}", "model.id") from None
         if not any(resolved.is_relative_to(root) for root in roots):
             raise RequestError(
                 f"local model paths must lie inside the configured model roots ({', '.join(map(str, roots))})",

@@ -183,7 +183,9 @@ def _record() -> None:
             "not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance "
             "and problem+json bodies. Found and fixed: NUL in GET /v1/jobs?model= was a 500 (now 422); 400/409 "
             "undocumented on POST /v1/jobs, cancel, /v1/plans, /v1/datasets; errors documented as "
-            "application/json though served as application/problem+json."
+            "application/json though served as application/problem+json; GET /v1/tasks?offset=10^24 overflowed "
+            "Postgres' bigint (500; now bounded, 422); a model.id of ~nosuchuser/... raised in expanduser (500; "
+            "now 422 model.id)."
         ),
         figures={
             "busiest_operations": dict(_STATS["by_operation"].most_common(8)),

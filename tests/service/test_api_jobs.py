@@ -251,6 +251,7 @@ def test_cancel_finished_job_conflicts(api_settings, rollback_sessionmaker, stat
         ({**DEMO_JOB, "target": {"num_layers": 0}}, "target.num_layers"),
         ({**DEMO_JOB, "model": {"id": "/etc/models/llama"}}, "model.id"),
         ({**DEMO_JOB, "model": {"id": "../../secret.gguf"}}, "model.id"),
+        ({**DEMO_JOB, "model": {"id": "~no-such-user-here/model"}}, "model.id"),  # was a 500 (schemathesis)
         ({**DEMO_JOB, "model": {"id": "https://example.com/model.bin"}}, "model.id"),
         ({**DEMO_JOB, "model": {"id": "some/model", "trust_remote_code": True}}, "model.trust_remote_code"),
         ({**DEMO_JOB, "calibration": {"dataset": str(uuid.UUID(int=7))}}, "calibration.dataset"),

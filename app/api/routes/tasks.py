@@ -20,7 +20,7 @@ def list_tasks(
     source: Literal["built-in", "local", "hub"] | None = None,
     prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_.:\-]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> EvalTasksOut:
     """The tasks the workers can run (built-in, then local, then lm-eval's registry, each by name)."""
     del principal  # any key may read the catalogue; the dependency still enforces auth
