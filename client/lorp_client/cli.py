@@ -33,9 +33,11 @@ from lorp_client.models import JobListItem, JobOut, JobStatus
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_jobs_command(sub: Any) -> dict[str, Handler]:
-    """``jobs`` and its subcommands on ``sub`` (an argparse subparsers object); returns its handler."""
-    jobs = sub.add_parser("jobs", help="submit, watch, cancel and download jobs of a running service")
+def add_jobs_command(sub: Any, *, prog: str | None = None) -> dict[str, Handler]:
+    """``jobs`` and its subcommands on ``sub`` (an argparse subparsers object); returns its handler.
+    ``prog`` names the command in its help (default: the parent's name and ``jobs``)."""
+    extra = {"prog": prog} if prog else {}
+    jobs = sub.add_parser("jobs", help="submit, watch, cancel and download jobs of a running service", **extra)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help=f"the service (default: $LORP_URL or {DEFAULT_URL})")
     common.add_argument("--api-key", default=None, help="an API key (default: $LORP_API_KEY)")
@@ -225,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``lorp-jobs ...``: the same commands for an install of the client alone."""
     parser = argparse.ArgumentParser(prog="lorp-jobs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_jobs_command(sub)
+    add_jobs_command(sub, prog="lorp-jobs")
     # ``lorp-jobs submit ...`` reads as ``lorp jobs submit ...``.
     args = parser.parse_args(["jobs", *(sys.argv[1:] if argv is None else argv)])
     return run(args)
