@@ -17,6 +17,7 @@ import re
 import uuid
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -239,3 +240,28 @@ def dataset_kind(reference: str) -> DatasetKind:
     if reference.startswith("hf:"):
         return "hub"
     return "uploaded"
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for entry in (e.lower().rstrip(".") for e in allowed):
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and host != entry[2:]):
+            return True
+    return False
+
+
+def webhook_url_problem(url: str, allowed: list[str]) -> str | None:
+    """Why a job's ``notify.url`` is refused, or None when it may be used: it must name a host an
+    operator allows (``LORP_WEBHOOK_ALLOWED_HOSTS``: exact names, or ``*.example.com`` for subdomains);
+    with none allowed, webhooks are off. Checked at submission, and again before each delivery."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"notify.url must be an http(s) URL with a host, not {url!r}"
+    if parts.username or parts.password:
+        return "notify.url must not carry credentials; the signature authenticates the service"
+    if not allowed:
+        return "webhooks are off on this service: an operator allows hosts with LORP_WEBHOOK_ALLOWED_HOSTS"
+    if not host_allowed(parts.hostname, allowed):
+        listed = ", ".join(allowed)
+        return f"host {parts.hostname!r} is not one this service may call (LORP_WEBHOOK_ALLOWED_HOSTS: {listed})"
+    return None

@@ -330,7 +330,7 @@ def run_job(
         if job is None:
             cancelled = lifecycle.cancel_if_requested_while_queued(session, job_id)
         else:
-            attempt, request = job.attempts, dict(job.request)
+            attempt, request, notify = job.attempts, dict(job.request), job.notify_url is not None
     if job is None:
         if cancelled:
             log.info("job %s was cancelled before it started", job_id)
@@ -348,7 +348,7 @@ def run_job(
     finally:
         heartbeat.stop()
         run.remove_work_dir()
-    if outcome in ("succeeded", "failed", "cancelled"):
+    if notify and outcome in ("succeeded", "failed", "cancelled"):
         # After the final write is committed: the job's webhook at once (the reconciler retries it).
         deliver_job(settings, job_id)
     return outcome

@@ -26,9 +26,9 @@ from app.core.config import Settings
 from app.db.base import utcnow
 from app.db.models import Job, WebhookDelivery
 from app.db.session import session_factory, session_scope
+from app.jobspec import webhook_url_problem
 from app.repositories import webhooks as webhooks_repo
 from app.services.job_views import job_out
-from app.services.webhooks import url_problem
 from lorp_client.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _payload(session: Session, job: Job, settings: Settings) -> tuple[str, str, 
 def _attempt(session: Session, job: Job, settings: Settings, http: httpx.Client) -> bool:
     assert job.notify_url is not None and job.notify_secret is not None
     attempt = job.notify_attempts + 1
-    problem = url_problem(job.notify_url, settings.webhook_allowed_hosts)
+    problem = webhook_url_problem(job.notify_url, settings.webhook_allowed_hosts)
     if problem is not None:  # the operator's list changed since submission
         log.warning("job %s: not delivering its webhook: %s", job.id, problem)
         webhooks_repo.give_up(session, job, settings.webhook_max_attempts)

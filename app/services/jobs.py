@@ -24,7 +24,7 @@ from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.security import Principal
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobStatus
-from app.jobspec import JobCreate, check_model_reference, dataset_kind
+from app.jobspec import JobCreate, check_model_reference, dataset_kind, webhook_url_problem
 from app.queue import enqueue_job
 from app.repositories import datasets as datasets_repo
 from app.repositories import events as events_repo
@@ -34,7 +34,7 @@ from app.schemas import (
     JobListItem,
     Page,
 )
-from app.services import eval_tasks, preflight, webhooks
+from app.services import eval_tasks, preflight
 from app.services.job_views import list_item, queue_waits
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def submit_job(
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
     eval_tasks.check_tasks(session, spec.evaluation.tasks)
     if spec.notify is not None:
-        webhook_problem = webhooks.url_problem(spec.notify.url, settings.webhook_allowed_hosts)
+        webhook_problem = webhook_url_problem(spec.notify.url, settings.webhook_allowed_hosts)
         if webhook_problem is not None:
             raise Unprocessable(webhook_problem, field="notify.url")
 

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.migrate import upgrade_head
+from app.db.models import Analysis, Job
 
 from .moto_server import s3_server  # noqa: F401  (one S3 server for the whole session)
 
@@ -116,3 +117,17 @@ def service_settings(tmp_path: Path, pg_url: str, redis_url: str) -> Settings:
         storage_url=(tmp_path / "artifacts").as_uri(),
         model_roots=[tmp_path / "models"],
     )
+
+
+@pytest.fixture()
+def committed_jobs(pg_engine: Engine) -> Iterator[list[uuid.UUID]]:
+    """Ids of job rows a test commits to the shared database (outside a rolled-back session); they and
+    their analyses are removed afterwards, so tests that count every job do not see them."""
+    ids: list[uuid.UUID] = []
+    yield ids
+    if ids:
+        with pg_engine.begin() as conn:
+            analyses = [a for a in conn.scalars(select(Job.analysis_id).where(Job.id.in_(ids))) if a is not None]
+            conn.execute(delete(Job).where(Job.id.in_(ids)))
+            if analyses:
+                conn.execute(delete(Analysis).where(Analysis.id.in_(analyses)))

@@ -141,7 +141,7 @@ def test_deleting_a_queued_job_cancels_it_and_frees_its_key(api_settings: Settin
     assert client.delete(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
 
 
-def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings) -> None:
+def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings, committed_jobs: list[uuid.UUID]) -> None:
     settings = api_settings.model_copy(update={"artifact_ttl_days": 7})
     factory = session_factory(settings.sqlalchemy_url)
     storage = artifact_storage(settings)
@@ -177,6 +177,7 @@ def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings) -> Non
             session.add(Plan(job_id=job.id, name="lorp", pruned_layers=[1], chosen=True))
             session.add(Metric(job_id=job.id, name="perplexity", phase="dense", value=1.0))
             ids[name] = (job.id, analysis.id)
+            committed_jobs.append(job.id)
 
     counts = reconcile_once(settings)
     assert counts["expired"] >= 1 and counts["purged"] >= 1

@@ -139,7 +139,7 @@ def test_webhook_urls_are_checked_at_submission(api_settings: Settings, rollback
         assert client.get(f"/v1/jobs/{created.json()['id']}/deliveries").json() == []
 
 
-def test_a_receiver_that_never_recovers_is_given_up_on(api_settings: Settings) -> None:
+def test_a_receiver_that_never_recovers_is_given_up_on(api_settings: Settings, committed_jobs: list[Any]) -> None:
     failing = Receiver(fail_first=100)
     settings = api_settings.model_copy(
         update={"webhook_allowed_hosts": ["127.0.0.1"], "webhook_max_attempts": 3, "webhook_retry_base_s": 0}
@@ -153,6 +153,7 @@ def test_a_receiver_that_never_recovers_is_given_up_on(api_settings: Settings) -
             session.add(job)
             session.flush()
             job_id = job.id
+            committed_jobs.append(job_id)
         for _ in range(5):
             deliver_due(settings, job_id=job_id)
     finally:
