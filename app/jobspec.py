@@ -14,15 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core import webhook_policy
 from app.core.config import Settings
 from app.core.errors import Unprocessable
+from app.core.s3ref import S3Folder, parse_s3_folder
+from app.storage.keys import JOBS_PREFIX
+from lorp.confine import confinement_problem
 from lorp.spec import (
     BatchSize,
     CalibrationSpec,
@@ -43,8 +47,12 @@ from lorp.spec import (
 
 BUILTIN = "builtin"
 DEMO_MODEL = "demo"
+# Where app/services/datasets.py keeps uploads in the artifact store (beside JOBS_PREFIX's job outputs).
+DATASETS_PREFIX = "datasets"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _HUB_DATASET = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._/@:#\[\]-]{0,300}$")
+# "hf:" then "name", "owner/name" or "owner/name/config": each a hub name, never "." or ".." (never a path).
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}){0,2}$")
 
 
 class RequestError(Unprocessable):
@@ -88,7 +96,11 @@ class CalibrationRef(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_reference(cls, value: str) -> str:
-        if value == BUILTIN or _HUB_DATASET.match(value):
+        if _HUB_DATASET.match(value):
+            if not _HUB_DATASET_ID.match(re.split(r"[@:#]", value[3:], maxsplit=1)[0]):
+                raise ValueError('the hub dataset must be "name" or "owner/name" (then "/CONFIG" or "@REVISION")')
+            return value
+        if value == BUILTIN:
             return value
         try:
             uuid.UUID(value)
@@ -120,10 +132,29 @@ class EvaluationRef(DownstreamFields):
 
 
 class NotifySpec(StrictModel):
-    """A webhook: on every final state the service POSTs the job to ``url``, signed with ``secret``."""
+    """A webhook: on every final state the service POSTs the job to ``url``, signed with ``secret``.
 
-    url: str = Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$", description="http(s) URL")
+    The URL must read as one (no control or whitespace characters, an http(s) scheme, a valid host name
+    or IP literal, a port, no credentials); which hosts, ports and addresses it may name is the
+    operator's (``webhook_url_problem``)."""
+
+    url: str = Field(
+        min_length=8, max_length=2048, description="http(s) URL", examples=["https://ci.example.com/hooks/lorp"]
+    )
     secret: str = Field(min_length=16, max_length=256, description="the HMAC-SHA256 key; never shown again")
+
+    @field_validator("url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        webhook_policy.parse_webhook_url(value)  # a WebhookURLError (ValueError): 422 naming notify.url
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _no_control_chars(cls, value: str) -> str:
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise ValueError("must not contain control characters")
+        return value
 
 
 class JobCreate(StrictModel):
@@ -150,6 +181,8 @@ class JobCreate(StrictModel):
 
 
 def model_roots(settings: Settings) -> list[Path]:
+    """The folders local models (and every file in them, links followed) must resolve into: the
+    operator's ``LORP_MODEL_ROOTS`` and the engine's cache."""
     from lorp.assets.cache import cache_dir
 
     return [p.expanduser().resolve() for p in settings.model_roots] + [cache_dir().resolve()]
@@ -160,11 +193,66 @@ def local_model_path(value: str) -> Path:
     return Path(value.removeprefix("file://").removeprefix("file:")).expanduser().absolute()
 
 
+def _own_areas(settings: Settings) -> list[S3Folder]:
+    """Where the service keeps its tenants' files in S3 (job outputs, uploaded datasets): never a model."""
+    store = settings.artifact_storage_url
+    if not store.startswith("s3://"):
+        return []
+    bucket, _, prefix = store.removeprefix("s3://").partition("/")
+    base = prefix.strip("/")
+    return [S3Folder(bucket, f"{base}/{area}" if base else area) for area in (JOBS_PREFIX, DATASETS_PREFIX)]
+
+
+def s3_model_folder(value: str, settings: Settings) -> S3Folder:
+    """The folder an ``s3://`` model id names, when the operator allows it; else a 422 naming model.id.
+
+    Allowed: a folder inside one of ``LORP_MODEL_S3_PREFIXES`` (none: s3:// models are off) that
+    neither lies in nor holds the service's own job outputs and uploads, whatever the prefixes say."""
+    try:
+        folder = parse_s3_folder(value)
+    except ValueError as exc:
+        raise RequestError(f"not a usable s3:// model reference: {exc}", "model.id") from None
+    if not settings.model_s3_prefixes:
+        raise RequestError(
+            "s3:// models are off on this service: an operator allows folders with LORP_MODEL_S3_PREFIXES",
+            "model.id",
+        )
+    if any(folder.overlaps(own) for own in _own_areas(settings)):
+        raise RequestError(
+            "s3:// models may not lie in (or hold) the service's own job outputs and uploads", "model.id"
+        )
+    allowed = [parse_s3_folder(entry) for entry in settings.model_s3_prefixes]
+    if not any(folder.within(prefix) for prefix in allowed):
+        listed = ", ".join(prefix.url for prefix in allowed)
+        raise RequestError(f"s3:// models must lie under a folder this service allows ({listed})", "model.id")
+    return folder
+
+
+def _check_local_model(value: str, settings: Settings) -> None:
+    roots = model_roots(settings)
+    try:
+        path = local_model_path(value)
+        resolved = path.resolve()
+    except (RuntimeError, OSError, ValueError):  # ~nosuchuser/..., a link loop, a path the OS refuses
+        raise RequestError(f"cannot resolve the local model path {value!r}", "model.id") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        configured = ", ".join(map(str, settings.model_roots)) or "none configured"
+        raise RequestError(
+            f"local model paths must lie inside the configured model roots (LORP_MODEL_ROOTS: {configured})",
+            "model.id",
+        )
+    # What the worker will read, checked here as far as this process can see the folder.
+    problem = confinement_problem(path, roots)
+    if problem is not None:
+        raise RequestError(f"the local model {value!r} cannot be used: {problem}", "model.id")
+
+
 def check_model_reference(ref: ModelRef, settings: Settings) -> str:
     """Classify the model reference and refuse what the settings do not allow; returns its kind.
 
-    Kinds: ``demo``, ``hub``, ``local`` (directory or ``.gguf`` under a model root), ``s3`` (a prefix
-    in the configured artifact bucket).
+    Kinds: ``demo``, ``hub`` (an id, only ever fetched through the hub's cache), ``local`` (a directory
+    or ``.gguf`` under a model root, every file of it resolving inside the roots), ``s3`` (a folder
+    under ``LORP_MODEL_S3_PREFIXES``, see :func:`s3_model_folder`).
     """
     value = ref.id
     if ref.trust_remote_code and value not in settings.trust_remote_code_models:
@@ -175,29 +263,15 @@ def check_model_reference(ref: ModelRef, settings: Settings) -> str:
         )
     if value == DEMO_MODEL:
         return "demo"
-    if value.startswith("s3://"):
-        bucket = value.removeprefix("s3://").split("/", 1)[0]
-        store = settings.artifact_storage_url
-        if not store.startswith("s3://") or store.removeprefix("s3://").split("/", 1)[0] != bucket:
-            raise RequestError("s3:// models must live in the service's configured bucket", "model.id")
-        if ".." in value.split("/"):
-            raise RequestError("model.id must not contain '..' segments", "model.id")
+    if value.lower().startswith("s3://"):
+        s3_model_folder(value, settings)
         return "s3"
     if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
-        roots = model_roots(settings)
-        try:
-            resolved = local_model_path(value).resolve()
-        except (RuntimeError, OSError, ValueError) as exc:  # ~nosuchuser/..., a path the OS refuses
-            raise RequestError(f"cannot resolve the local model path {value!r}: {exc}", "model.id") from None
-        if not any(resolved.is_relative_to(root) for root in roots):
-            raise RequestError(
-                f"local model paths must lie inside the configured model roots ({', '.join(map(str, roots))})",
-                "model.id",
-            )
+        _check_local_model(value, settings)
         return "local"
     if "://" in value:
         raise RequestError("URLs are not fetched; use a hub id, a path under a model root, or s3://", "model.id")
-    if not _HUB_ID.match(value):
+    if not _HUB_ID.match(value) or ".." in value or "--" in value:
         raise RequestError("not a valid hub model id (ORG/NAME)", "model.id")
     if not settings.allow_hub_models:
         raise RequestError("hub models are disabled on this service (LORP_ALLOW_HUB_MODELS)", "model.id")
@@ -242,26 +316,38 @@ def dataset_kind(reference: str) -> DatasetKind:
     return "uploaded"
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
-    host = host.lower().rstrip(".")
-    for entry in (e.lower().rstrip(".") for e in allowed):
-        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and host != entry[2:]):
-            return True
-    return False
+def host_allowed(url: str, allowed: list[str]) -> bool:
+    """Whether LORP_WEBHOOK_ALLOWED_HOSTS allows ``url``'s host and port (``host`` allows the scheme's
+    default port only, ``host:8443`` that port, ``host:*`` any; ``*.example.com`` its subdomains)."""
+    try:
+        return webhook_policy.host_allowed(webhook_policy.parse_webhook_url(url), allowed)
+    except ValueError:
+        return False
 
 
-def webhook_url_problem(url: str, allowed: list[str]) -> str | None:
-    """Why a job's ``notify.url`` is refused, or None when it may be used: it must name a host an
-    operator allows (``LORP_WEBHOOK_ALLOWED_HOSTS``: exact names, or ``*.example.com`` for subdomains);
-    with none allowed, webhooks are off. Checked at submission, and again before each delivery."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"notify.url must be an http(s) URL with a host, not {url!r}"
-    if parts.username or parts.password:
-        return "notify.url must not carry credentials; the signature authenticates the service"
+def webhook_url_problem(url: str, allowed: list[str], allowed_networks: list[str] | None = None) -> str | None:
+    """Why a job's ``notify.url`` is refused, or None when it may be used: it must be a URL
+    (``NotifySpec``), name a host and port an operator allows (``LORP_WEBHOOK_ALLOWED_HOSTS``; with none
+    allowed, webhooks are off) and, when its host is an IP literal, not an internal address unless
+    ``LORP_WEBHOOK_ALLOWED_NETWORKS`` (``allowed_networks``) names it. Checked at submission, and again
+    before each delivery (the operator's lists may have changed), where a host name's addresses are
+    checked too."""
+    try:
+        target = webhook_policy.parse_webhook_url(url)
+    except ValueError as exc:
+        return f"notify.url {exc}"
     if not allowed:
         return "webhooks are off on this service: an operator allows hosts with LORP_WEBHOOK_ALLOWED_HOSTS"
-    if not host_allowed(parts.hostname, allowed):
+    if not webhook_policy.host_allowed(target, allowed):
         listed = ", ".join(allowed)
-        return f"host {parts.hostname!r} is not one this service may call (LORP_WEBHOOK_ALLOWED_HOSTS: {listed})"
+        return (
+            f"host {target.host!r} on port {target.port} is not one this service may call "
+            f"(LORP_WEBHOOK_ALLOWED_HOSTS: {listed}; a host without a port allows the scheme's default port)"
+        )
+    networks = webhook_policy.parse_networks(allowed_networks or [], strict=False)
+    if target.ip is not None and not webhook_policy.address_allowed(target.ip, networks):
+        return (
+            f"notify.url names an internal address ({target.ip}: loopback, private, link-local or reserved); "
+            "an operator allows such networks with LORP_WEBHOOK_ALLOWED_NETWORKS"
+        )
     return None

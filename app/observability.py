@@ -9,8 +9,14 @@
   how long each queue's longest-waiting queued job has waited since it was submitted (0 when none waits). With
   ``lorp_jobs{status="queued"|"running"}`` that is the queue's depth by status, and what an alert on
   "jobs waiting, nobody serving them" needs.
+- ``lorp_workers_stuck{queue}`` and ``lorp_worker_stuck_starts{queue}``: live workers that are stuck
+  now (a pool child of theirs took a job and did not start it within ``LORP_JOB_START_TIMEOUT_S``,
+  and no job has started on them since), and how many such starts the live workers have recorded.
 - ``lorp_embedded_worker_restarts_total`` and ``lorp_embedded_worker_up``: ``lorp serve``'s worker,
   where it runs one (restarts after unasked exits; 0 once the supervisor gave up).
+- ``lorp_disk_free_bytes{path}``: free bytes of each local folder the service writes, by label (``data``,
+  ``work``, and ``database``, ``broker``, ``artifacts``, ``spool`` where they lie elsewhere; the labels of
+  ``/readyz``'s ``disk`` check), read at scrape time; alert well before it reaches 0.
 - ``lorp_stage_duration_seconds{stage}``: a gauge histogram of how long each stage took, over the
   stages that ended in the last 24 hours, read from ``job_events`` at scrape time (the worker runs
   in other processes, so it only writes events; nothing there needs to call into this module).
@@ -30,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFami
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core import disk
 from app.core.config import Settings
 from app.db.models import JobStatus
 from app.db.session import session_scope
@@ -43,6 +50,7 @@ STAGE_WINDOW = dt.timedelta(hours=24)
 STAGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 # kombu's Redis transport keeps priorities 0 (the plain name) and 3/6/9 in lists named with this separator.
 _REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_DISK_HELP = "free bytes of each local folder the service writes (path: its label)"
 
 
 class _StateCollector:
@@ -71,12 +79,27 @@ class _StateCollector:
         )
         if self.supervised is not None:
             yield from self._supervisor_families()
+        yield GaugeMetricFamily("lorp_disk_free_bytes", _DISK_HELP, labels=["path"])
 
-    def _worker_families(self, live: dict[str, int] | None = None) -> Iterator[Metric]:
+    def _worker_families(
+        self, live: dict[str, int] | None = None, starts: dict[str, workers_repo.QueueStarts] | None = None
+    ) -> Iterator[Metric]:
         family = GaugeMetricFamily("lorp_workers_live", "workers with a recent liveness beat", labels=["queue"])
         for queue, count in sorted((live or {}).items()):
             family.add_metric([queue], count)
         yield family
+        stuck = GaugeMetricFamily(
+            "lorp_workers_stuck", "live workers that could not start a job, and none since", labels=["queue"]
+        )
+        stuck_starts = GaugeMetricFamily(
+            "lorp_worker_stuck_starts", "jobs a pool child took and did not start (live workers)", labels=["queue"]
+        )
+        for queue in sorted(live or {}):
+            seen = (starts or {}).get(queue, workers_repo.QueueStarts())
+            stuck.add_metric([queue], seen.stuck_workers)
+            stuck_starts.add_metric([queue], seen.stuck_starts)
+        yield stuck
+        yield stuck_starts
 
     def _supervisor_families(self) -> Iterator[Metric]:
         assert self.supervised is not None
@@ -93,6 +116,7 @@ class _StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs_and_stages()
+        yield self._disk_free()
         if self.supervised is not None:
             yield from self._supervisor_families()
         depth = self._queue_depth()
@@ -109,6 +133,7 @@ class _StateCollector:
                 spans = jobs_repo.stage_spans(session, now - STAGE_WINDOW)
                 oldest = jobs_repo.oldest_queued_by_queue(session)
                 live = workers_repo.live_by_queue(session, self.settings.worker_timeout_s, now)
+                starts = workers_repo.starts_by_queue(session, self.settings.worker_timeout_s, now)
         except Exception as exc:
             logger.warning("metrics: cannot read job state: %s", exc)
             return
@@ -117,7 +142,7 @@ class _StateCollector:
             jobs.add_metric([status.value], counts.get(status.value, 0))
         yield jobs
         live.setdefault(self.settings.queue_name, 0)
-        yield from self._worker_families(live)
+        yield from self._worker_families(live, starts)
         age = GaugeMetricFamily(
             "lorp_oldest_queued_job_age_seconds", "age of the oldest queued job, per queue", labels=["queue"]
         )
@@ -137,6 +162,15 @@ class _StateCollector:
             buckets.append(("+Inf", float(len(values))))
             stages.add_metric([stage], buckets, gsum_value=sum(values))
         yield stages
+
+    def _disk_free(self) -> Metric:
+        family = GaugeMetricFamily("lorp_disk_free_bytes", _DISK_HELP, labels=["path"])
+        for label, folder in disk.write_dirs(self.settings).items():
+            try:
+                family.add_metric([label], disk.free_bytes(folder))
+            except OSError as exc:
+                logger.warning("metrics: cannot measure the free space of %s: %s", label, exc)
+        return family
 
     def _queue_depth(self) -> int | None:
         url = self.settings.celery_broker_url

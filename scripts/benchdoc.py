@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORKER_HEADING = "## Worker: a job in a freshly forked pool child"  # scripts/bench_worker.py
+WORKER_HEADING = "## Worker: how a job's process starts"  # scripts/bench_worker.py
 API_HEADING = "## API: server-side cost of a poll"  # scripts/bench_api.py
 HEAL_HEADING = "## Healing a cut: held-out perplexity unhealed vs healed"  # scripts/bench_heal.py
 PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # scripts/bench_plans.py

@@ -113,7 +113,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def launch_worker() -> subprocess.Popen[bytes]:
         return start_worker(settings, loglevel="warning", banner=False, owned=True)
 
-    # Before any thread starts: the worker is forked with a parent-death signal (see start_worker).
+    # From the main thread, which lives as long as serve: the worker's parent-death signal follows
+    # the thread that forked it (see start_worker).
     supervisor = None
     if not args.no_worker:
         supervisor = WorkerSupervisor(launch_worker, stop_worker, max_quick_failures=settings.worker_restart_limit)

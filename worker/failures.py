@@ -7,9 +7,23 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from app.core.client_json import escape_unstorable
 from app.core.config import Settings
+from app.core.disk import exception_chain, is_disk_full, is_disk_full_at
+from app.db.models import UPLOADING_STAGE
 from app.storage import StorageError
 from lorp.errors import LorpError, is_out_of_memory
+from lorp.stages import Stage
+
+# What a job was writing when the disk filled, in the client's terms, by the stage it was in.
+_WRITING: dict[str, str] = {
+    Stage.loading: "fetching the model and the calibration text",
+    Stage.saving: "saving the pruned model",
+    Stage.verifying: "checking the saved pruned model",
+    Stage.reporting: "writing the report and the heatmap",
+    UPLOADING_STAGE: "storing the job's files",
+}
+_WRITING_DEFAULT = "writing the job's working files"
 
 
 class JobFailure(LorpError):
@@ -27,14 +41,64 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
 
 
 def is_database_outage(exc: BaseException) -> bool:
-    """A lost or refused database connection (a restart, a network cut, an exhausted pool)."""
+    """A lost or refused database connection (a restart, a network cut, an exhausted pool).
+
+    Not a full disk (SQLite's "database or disk is full", Postgres' disk_full are OperationalErrors
+    too): retrying cannot help until someone frees space, so the job fails with ``disk_full``."""
+    if is_disk_full(exc):
+        return False
     if isinstance(exc, OperationalError | PoolTimeoutError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-def classify_failure(exc: BaseException, settings: Settings) -> tuple[str, str]:
-    """The job error code and a message a person can act on, for an exception that ended a run."""
+def _disk_filled(exc: BaseException, settings: Settings) -> bool:
+    return is_disk_full_at(exc, (settings.work_dir, settings.resolved_data_dir))
+
+
+def _what_was_written(exc: BaseException, stage: str | None) -> str:
+    """What the run was writing, from the most telling evidence: the database's error, the storage
+    transfer that failed (the worker's own "downloading ..." / "uploading ..." messages), the stage,
+    then the writer's own error (safetensors saves the weights)."""
+    chain = list(exception_chain(exc))
+    texts = [str(e) for e in chain]
+    if any(isinstance(e, DBAPIError) for e in chain):
+        return "recording the job in the database"
+    if any(text.startswith("downloading ") for text in texts):
+        return _WRITING[Stage.loading]
+    if stage is not None and stage in _WRITING:
+        return _WRITING[stage]
+    if any(isinstance(e, StorageError) for e in chain) or any(text.startswith("uploading ") for text in texts):
+        return _WRITING[UPLOADING_STAGE]
+    if any(type(e).__name__ == "SafetensorError" for e in chain):
+        return _WRITING[Stage.saving]
+    return _WRITING_DEFAULT
+
+
+def _disk_full_message(exc: BaseException, stage: str | None) -> str:
+    return (
+        f"the worker's disk filled up while {_what_was_written(exc, stage)} (no space left on the device), "
+        "and nothing of the job was kept; submit it again once an operator has freed disk space on the "
+        "worker, or run it on a worker with more disk"
+    )
+
+
+def classify_failure(exc: BaseException, settings: Settings, stage: str | None = None) -> tuple[str, str]:
+    """The job error code and a message a person can act on, for an exception that ended a run.
+
+    ``stage`` is the stage the run was in (its last recorded progress), which says what a full disk
+    interrupted. Messages never hold a NUL or an unpaired surrogate (an error may quote the job's
+    input, and the database stores the message).
+    """
+    code, message = _classify(exc, settings, stage)
+    return code, escape_unstorable(message)
+
+
+def _classify(exc: BaseException, settings: Settings, stage: str | None) -> tuple[str, str]:
+    # First: a full disk surfaces wrapped (a storage error, an engine error, the database's), and the
+    # wrapper's code would hide the only thing that helps.
+    if _disk_filled(exc, settings):
+        return "disk_full", _disk_full_message(exc, stage)
     if isinstance(exc, StorageError):
         return exc.code, f"object storage failed: {exc.message}"
     if isinstance(exc, LorpError):

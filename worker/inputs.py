@@ -1,12 +1,17 @@
 """A job's inputs, made local: uploaded datasets and ``s3://`` models fetched into the work folder.
 
-Error messages name the inputs as the client knows them (``dataset <id>``, the ``s3://`` URL), never
-the worker's own paths: :meth:`JobInputs.public_message` rewrites them.
+Each reference is resolved only as what the settings allow (``app.jobspec.check_model_reference``): a
+hub id only through the hub's cache, a local model only inside the model roots (every file of it),
+an ``s3://`` model only from a folder ``LORP_MODEL_S3_PREFIXES`` names, within bounded size. The engine
+is told what each reference is and what the client called it (``lorp.pipeline.Sources``), so the
+report and the provenance carry the client's names (``dataset <id>``, the ``s3://`` URL, the model id),
+never the worker's paths; :meth:`JobInputs.public_message` does the same for error messages.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,50 +21,97 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.session import session_scope
-from app.jobspec import JobCreate, RequestError, check_model_reference, dataset_kind, local_model_path, to_prune_spec
+from app.jobspec import (
+    JobCreate,
+    RequestError,
+    check_model_reference,
+    dataset_kind,
+    local_model_path,
+    model_roots,
+    s3_model_folder,
+    to_prune_spec,
+)
 from app.repositories import lifecycle
 from app.storage import Storage, storage_from_url
+from app.storage.keys import key_problem
 from worker.failures import JobFailure
 from worker.retries import with_storage_retries
 
 if TYPE_CHECKING:
+    from lorp.pipeline import Sources
     from lorp.spec import PruneSpec
+
+# Hub datasets are cached here, under the service's data folder (never the home folder).
+HUB_CACHE_SUBDIR = ("cache", "hub")
+
+
+def analysis_scope(owner_id: uuid.UUID | None) -> str:
+    """The scope a job's analysis is shared in: its owner (every anonymous job is one owner)."""
+    return f"owner:{owner_id or 'anonymous'}"
 
 
 class JobInputs:
     """Resolves one attempt's request into the engine's spec, fetching what lives elsewhere."""
 
     def __init__(
-        self, settings: Settings, factory: sessionmaker[Session], storage: Callable[[], Storage], work_dir: Path
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        storage: Callable[[], Storage],
+        work_dir: Path,
+        job_id: uuid.UUID | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self._storage = storage
         self.work_dir = work_dir
+        self.job_id = job_id
         # Local copies of the job's inputs, by the name the client knows them by (for error messages).
         self._public_names: dict[str, str] = {}
+        self.sources: Sources | None = None
 
     @property
     def storage(self) -> Storage:
         return self._storage()
 
     def resolve(self, request: JobCreate) -> PruneSpec:
-        """The engine's spec, with uploaded datasets and s3:// models fetched into the work folder."""
+        """The engine's spec, with uploaded datasets and s3:// models fetched into the work folder;
+        ``self.sources`` then says what each reference is and what the client called it."""
+        from lorp.pipeline import Sources
+
         kind = check_model_reference(request.model, self.settings)
         model_source = request.model.id
+        roots: tuple[Path, ...] | None = None  # None: a hub model (confined to its cache folder), the demo
         if kind == "s3":
-            model_source = str(self._download_model(request.model.id))
+            dest = self._download_model(request.model.id)
+            model_source, roots = str(dest), (self.work_dir / "model-source",)
         elif kind == "local":
-            model_source = str(local_model_path(model_source))
+            model_source, roots = str(local_model_path(model_source)), tuple(model_roots(self.settings))
+            self._public_names[model_source] = request.model.id  # the client's own path, as it wrote it
         calibration = self._resolve_dataset(request.calibration.dataset, "calibration.dataset")
         evaluation = (
             None
             if request.evaluation.dataset is None
             else self._resolve_dataset(request.evaluation.dataset, "evaluation.dataset")
         )
+        self.sources = Sources(
+            model_kind="hub" if kind == "hub" else "demo" if kind == "demo" else "local",
+            model_roots=roots,
+            model_name=request.model.id,
+            calibration_name=request.calibration.dataset,
+            evaluation_name=request.evaluation.dataset,
+            hub_cache=self.settings.resolved_data_dir.joinpath(*HUB_CACHE_SUBDIR),
+            analysis_scope=analysis_scope(self._owner()),
+        )
         return to_prune_spec(
             request, model_source=model_source, calibration_source=calibration, evaluation_source=evaluation
         )
+
+    def _owner(self) -> uuid.UUID | None:
+        if self.job_id is None:
+            return None
+        with session_scope(self.factory) as session:
+            return lifecycle.job_owner(session, self.job_id)
 
     def _resolve_dataset(self, reference: str, field: str) -> str:
         kind = dataset_kind(reference)
@@ -79,19 +131,40 @@ class JobInputs:
         return f"{local}#{text_field or 'text'}" if fmt == "jsonl" else str(local)
 
     def _download_model(self, reference: str) -> Path:
-        bucket, _, path = reference.removeprefix("s3://").partition("/")
-        path = path.strip("/")
-        if not path:
-            raise RequestError("an s3:// model must name a folder inside the bucket, not the bucket", "model.id")
+        """The model folder (or its one ``.gguf`` file) copied from S3, after checking what it holds:
+        every key a plain relative file name, at most ``LORP_MODEL_S3_MAX_OBJECTS`` objects and
+        ``LORP_MODEL_S3_MAX_BYTES`` in all, refused before anything is copied."""
+        folder = s3_model_folder(reference, self.settings)
         # A store rooted at the model's folder: its keys are the files' paths inside the model directory.
-        store = storage_from_url(f"s3://{bucket}/{path}", **self.settings.s3_options())
+        store = storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **self.settings.s3_options())
         keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
         if not keys:
             raise JobFailure(
                 "model_load_failed", f"no objects under {reference}; upload the model directory there first"
             )
+        limit = self.settings.model_s3_max_objects
+        if len(keys) > limit:
+            raise JobFailure(
+                "model_load_failed",
+                f"{reference} holds {len(keys)} objects, more than a model folder may (LORP_MODEL_S3_MAX_OBJECTS: "
+                f"{limit}); name the model's own folder",
+            )
+        for key in keys:
+            if key_problem(key) is not None:
+                raise JobFailure(
+                    "model_load_failed", f"{reference} holds an object whose key is not a plain relative file name"
+                )
+        total = 0
+        for key in keys:
+            total += with_storage_retries(f"sizing {reference}/{key}", functools.partial(store.size, key))
+            if total > self.settings.model_s3_max_bytes:
+                raise JobFailure(
+                    "model_load_failed",
+                    f"{reference} holds more than {self.settings.model_s3_max_bytes} bytes, more than this "
+                    "service copies for a model (LORP_MODEL_S3_MAX_BYTES)",
+                )
         dest = self.work_dir / "model-source"
-        self._public_names[str(dest)] = reference
+        self._public_names[str(dest)] = reference.rstrip("/")
         for key in keys:
             target = dest.joinpath(*key.split("/"))
             with_storage_retries(f"downloading {reference}/{key}", functools.partial(store.download_to, key, target))
@@ -101,7 +174,19 @@ class JobInputs:
         return dest
 
     def public_message(self, message: str) -> str:
-        """``message`` with the worker's own paths replaced by the names the client gave the inputs."""
-        for local in sorted(self._public_names, key=len, reverse=True):
-            message = message.replace(local, self._public_names[local])
-        return message.replace(str(self.work_dir), "<job folder>")
+        """``message`` with the worker's own paths replaced by the names the client gave the inputs, and
+        whatever else an unexpected error may quote of this machine (the data folder, the caches) by a
+        label; in one pass, longest first, so a path the client sent itself stays as it sent it."""
+        from huggingface_hub import constants
+
+        from lorp.assets.cache import cache_dir
+
+        names = {
+            str(self.settings.resolved_data_dir): "<data folder>",
+            str(Path(constants.HF_HUB_CACHE).expanduser()): "<hub cache>",
+            str(cache_dir()): "<engine cache>",
+            str(self.work_dir): "<job folder>",
+            **self._public_names,
+        }
+        pattern = re.compile("|".join(re.escape(local) for local in sorted(names, key=len, reverse=True)))
+        return pattern.sub(lambda match: names[match.group(0)], message)

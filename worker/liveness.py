@@ -6,8 +6,10 @@ A worker killed outright stops beating, and after ``worker_timeout_s`` the API n
 The database is the source of truth (not Celery's broadcast): the API reads it without a broker
 round trip, and it works the same over every broker.
 
-The thread uses an engine without a pool: the main process forks a pool child per job, and a
-child must not inherit an open connection.
+Each beat also runs the start watch (``worker.startwatch``): a pool child that took a job and did not
+start it within ``LORP_JOB_START_TIMEOUT_S`` is killed, its job handed back, and the row says so.
+
+The thread uses an engine without a pool: it holds no connection between beats.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.session import make_engine, session_scope
 from app.repositories import workers as workers_repo
+from worker.startwatch import StartWatch
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,19 @@ def pid_alive(pid: int) -> bool:
 class WorkerBeat(threading.Thread):
     """Registers this worker, then beats until stopped; a lost row (someone closed it) is registered again."""
 
-    def __init__(self, settings: Settings, *, name: str, queues: Sequence[str], concurrency: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        queues: Sequence[str],
+        concurrency: int,
+        watch: StartWatch | None = None,
+    ) -> None:
         super().__init__(name="worker-beat", daemon=True)
         self.settings = settings
         self.worker_name, self.queues, self.concurrency = name, list(queues), concurrency
+        self.watch = watch
         self.host = socket.gethostname()
         self.worker_id: uuid.UUID | None = None
         self.registered = threading.Event()
@@ -74,6 +86,8 @@ class WorkerBeat(threading.Thread):
             return
         with session_scope(self._factory) as session:
             alive = workers_repo.beat(session, self.worker_id)
+            if alive and self.watch is not None:
+                self.watch.check(session, self.worker_id)
         if not alive:
             log.warning("worker %s: its liveness row was closed; registering again", self.worker_name)
             self._register()

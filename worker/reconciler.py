@@ -10,8 +10,9 @@ without a warm stop (its liveness beats went silent, or its restart found its pr
 have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
 before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
 locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
-Each pass also expires jobs past ``artifact_ttl_days``, purges deleted jobs once they stopped
-(``app.services.deletion``) and delivers the webhooks that are due (``worker.webhooks``).
+Each pass also expires jobs past ``artifact_ttl_days`` and purges deleted jobs once they stopped
+(``app.services.deletion``). Webhooks go out from a dispatcher of their own (``worker.webhooks``), so
+a slow receiver never delays a pass.
 """
 
 from __future__ import annotations
@@ -172,30 +173,24 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     with session_scope(factory) as session:
         cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
         grace = now - dt.timedelta(seconds=min(settings.queued_timeout_s, ENQUEUE_GRACE_S))
-        for job_id, queue in lifecycle.stale_queued(session, cutoff, unenqueued_before=grace, limit=BATCH):
+        # Jobs deferred at their claim (their key at LORP_KEY_MAX_RUNNING_JOBS) go again once it has room.
+        due = lifecycle.stale_queued(
+            session,
+            cutoff,
+            unenqueued_before=grace,
+            limit=BATCH,
+            max_running_per_owner=settings.key_max_running_jobs,
+        )
+        for job_id, queue in due:
             if lifecycle.cancel_if_requested_while_queued(session, job_id):
                 counts["cancelled"] += 1
                 continue
             if not _send_locked(session, settings, job_id, queue, counts, "enqueued"):
                 break
     counts.update(_purge_deleted(settings, factory))
-    counts.update(_deliver_webhooks(settings))
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts
-
-
-def _deliver_webhooks(settings: Settings) -> dict[str, int]:
-    """Webhooks of finished jobs that are due: first tries of final states written here or by the API,
-    and retries (worker/webhooks.py)."""
-    from worker.webhooks import deliver_due
-
-    try:
-        done = deliver_due(settings)
-    except Exception:
-        log.warning("could not deliver webhooks; the next pass retries", exc_info=True)
-        return {"webhooks_delivered": 0, "webhooks_failed": 0}
-    return {"webhooks_delivered": done["delivered"], "webhooks_failed": done["failed"]}
 
 
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> dict[str, int]:

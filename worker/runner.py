@@ -37,7 +37,6 @@ from worker import outputs
 from worker.failures import classify_failure, is_database_outage
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
-from worker.webhooks import deliver_job
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
@@ -82,7 +81,7 @@ class _JobRun:
         self._cancel_seen = False
         self._fingerprint: str | None = None
         self._reused_analysis_id: uuid.UUID | None = None
-        self.inputs = JobInputs(settings, factory, lambda: self.storage, self.work_dir)
+        self.inputs = JobInputs(settings, factory, lambda: self.storage, self.work_dir, job_id=job_id)
 
     @property
     def storage(self) -> Storage:
@@ -229,6 +228,7 @@ class _JobRun:
                 progress=self.progress,
                 should_cancel=self.should_cancel,
                 lookup_analysis=self.lookup_analysis,
+                sources=self.inputs.sources,
             )
             artifacts = self.upload(result.out_dir)
             self.finishing.set()
@@ -264,8 +264,12 @@ class _JobRun:
 
     def _failed(self, exc: BaseException) -> str:
         self.finishing.set()
-        code, message = classify_failure(exc, self.settings)
+        code, message = classify_failure(exc, self.settings, stage=self._stage)
         message = self.inputs.public_message(message)
+        if code == "disk_full":
+            # Free the space this attempt took before writing the failure: in the embedded mode the
+            # database lives on the same disk, and recording the failure would fail too.
+            self.remove_work_dir()
         if code == "internal_error":
             log.error("job %s failed unexpectedly", self.job_id, exc_info=exc)
         else:
@@ -314,7 +318,7 @@ def run_job(
     worker: str | None = None,
     abandon: Callable[[], None] | None = None,
 ) -> str:
-    """Claim and run one job; returns the outcome (succeeded, failed, cancelled, skipped or lost).
+    """Claim and run one job; returns the outcome (succeeded, failed, cancelled, skipped, deferred or lost).
 
     Job failures are recorded on the job, not raised; an exception escapes only when the database
     cannot record the outcome (the reconciler then retries the job once its heartbeat is stale).
@@ -326,16 +330,20 @@ def run_job(
     worker = worker or default_worker_name()
     factory = session_factory(settings.sqlalchemy_url)
     with session_scope(factory) as session:
-        job = lifecycle.claim(session, job_id, worker)
+        job = lifecycle.claim(session, job_id, worker, max_running_per_owner=settings.key_max_running_jobs)
         if job is None:
             cancelled = lifecycle.cancel_if_requested_while_queued(session, job_id)
+            # Still queued after a refused claim: its key runs LORP_KEY_MAX_RUNNING_JOBS jobs already.
+            deferred = not cancelled and lifecycle.defer(session, job_id)
         else:
-            attempt, request, notify = job.attempts, dict(job.request), job.notify_url is not None
+            attempt, request = job.attempts, dict(job.request)
     if job is None:
         if cancelled:
             log.info("job %s was cancelled before it started", job_id)
-            deliver_job(settings, job_id)
             return "cancelled"
+        if deferred:
+            log.info("job %s waits: its key runs its limit of jobs; the reconciler sends it again", job_id)
+            return "deferred"
         log.info("job %s is not queued (a duplicate delivery or already finished); nothing to do", job_id)
         return "skipped"
 
@@ -348,7 +356,5 @@ def run_job(
     finally:
         heartbeat.stop()
         run.remove_work_dir()
-    if notify and outcome in ("succeeded", "failed", "cancelled"):
-        # After the final write is committed: the job's webhook at once (the reconciler retries it).
-        deliver_job(settings, job_id)
+    # The job's webhook, if it has one, goes out from the dispatcher (worker/webhooks.py), not this slot.
     return outcome

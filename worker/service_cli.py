@@ -24,6 +24,8 @@ CELERY_APP = "worker.tasks"
 WARM_SHUTDOWN_S = 30.0
 COLD_SHUTDOWN_S = 10.0
 _PR_SET_PDEATHSIG = 1
+# Set by lorp serve for the worker it owns: serve's pid (see exit_with_parent).
+PARENT_PID_ENV = "LORP_EXIT_WITH_PARENT"
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +80,31 @@ def worker_command(
     return argv
 
 
-def _die_with_parent() -> None:
-    """In a forked child before exec: ask the kernel for SIGTERM when the parent dies (Linux).
+def exit_with_parent() -> None:
+    """In a worker that ``lorp serve`` started (``start_worker(owned=True)``): SIGKILL when serve dies (Linux).
 
-    SIGTERM is Celery's warm shutdown: the worker stops taking jobs, lets a running one finish and
-    exits, so even a ``kill -9`` of ``lorp serve`` leaves no worker consuming its queue.
+    ``lorp serve`` stops its worker itself on every way out it controls (SIGINT, SIGTERM: a warm
+    shutdown that lets a running job finish). This covers the ways it does not: killed outright, or
+    killed while it waited for that warm shutdown. Nothing waits then for the worker's job, so the
+    worker goes at once; its fork server's reapers kill the pool children with it
+    (``worker.forkserver``), and the job, no longer beating, is taken back by the reconciler. A
+    gentler signal is not enough: a worker already in its warm shutdown ignores a second SIGTERM
+    (and one was seen stuck there for good in billiard's pool teardown).
+
+    Called at the worker's start rather than between fork and exec: Python code run there, in a copy
+    of serve's threaded process, could hang on a lock another thread held. The signal still follows
+    the thread that forked. The variable is removed so that the worker's own children ignore it.
     """
-    parent = os.getppid()
+    expected = os.environ.pop(PARENT_PID_ENV, None)
+    if expected is None:
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the parent stops the worker on its own way out
         return
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if str(os.getppid()) != expected:  # serve died before the request took effect
+        log.error("lorp serve (pid %s) is gone; its worker exits", expected)
         os._exit(1)
 
 
@@ -106,15 +120,17 @@ def start_worker(
     """Start a worker as a child process (``lorp serve`` runs one beside the API); ``popen`` goes to Popen.
 
     ``owned=True`` ties the worker to this process: its own process group (so :func:`stop_worker`
-    reaches its pool children too) and SIGTERM when this process dies, however it dies. Start an
-    owned worker before this process starts threads (the parent-death signal is set between fork
-    and exec, and follows the thread that forked).
+    reaches its pool children too) and SIGKILL when this process dies, however it dies (the worker
+    asks for it as it starts: :func:`exit_with_parent`). The parent-death signal follows the thread
+    that forked: start an owned worker from a thread that lives as long as the worker should
+    (``lorp serve``'s main thread, or its supervisor's).
     """
     argv = worker_command(settings, concurrency=concurrency, loglevel=loglevel, banner=banner)
+    env = settings_env(settings, popen.pop("env", None))
     if owned:
         popen.setdefault("start_new_session", True)
-        popen.setdefault("preexec_fn", _die_with_parent)
-    return subprocess.Popen(argv, env=settings_env(settings, popen.pop("env", None)), **popen)
+        env[PARENT_PID_ENV] = str(os.getpid())
+    return subprocess.Popen(argv, env=env, **popen)
 
 
 def stop_worker(worker: subprocess.Popen[bytes], *, grace_s: float = WARM_SHUTDOWN_S) -> int | None:
@@ -154,10 +170,14 @@ def run_reconciler(settings: Settings, *, stop: threading.Event | None = None, o
 
     Passes are safe to run concurrently (conditional updates, SKIP LOCKED), so one per deployment is
     enough and two do no harm. A failing pass (database down) is logged and retried next interval.
+    The webhook dispatcher (``worker.webhooks``) runs beside it on a thread of its own until ``stop``;
+    ``once`` makes one dispatch pass after the reconciliation pass instead.
     """
     from worker.reconciler import reconcile_once
+    from worker.webhooks import deliver_due, start_dispatcher
 
     stop = stop or threading.Event()
+    dispatcher = None if once else start_dispatcher(settings, stop)
     while True:
         try:
             counts = reconcile_once(settings)
@@ -165,5 +185,10 @@ def run_reconciler(settings: Settings, *, stop: threading.Event | None = None, o
                 log.info("reconciler: %s", counts)
         except Exception:
             log.exception("reconciler pass failed; retrying in %.0f s", settings.reconcile_interval_s)
-        if once or stop.wait(settings.reconcile_interval_s):
+        if once:
+            deliver_due(settings)
+            return
+        if stop.wait(settings.reconcile_interval_s):
+            if dispatcher is not None:  # its attempts in flight end by their deadline
+                dispatcher.join(timeout=settings.webhook_timeout_s + 10)
             return

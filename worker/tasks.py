@@ -1,8 +1,8 @@
 """Celery task: a thin adapter from a "run job X" message to `worker.runner`.
 
 ``celery -A worker.tasks worker -Q gpu`` finds the app here (``app``). Importing this module stays
-light (no torch); the worker's main process imports the engine once at start (``preload_engine``),
-so every pool child, forked fresh for each job, starts its job without paying for the import.
+light (no torch): the engine is imported once, by the fork server every pool child comes from
+(``worker.forkserver``), so each job starts in a fresh, warm child.
 """
 
 from __future__ import annotations
@@ -30,35 +30,18 @@ ABANDONED_EXIT_CODE = 75  # EX_TEMPFAIL: the job was taken back and will run aga
 
 
 @worker_init.connect
-def preload_engine(**_: Any) -> None:
-    """Import the runner and the engine in the worker's main process, before the pool forks.
+def exit_with_serve(**_: Any) -> None:
+    """A worker ``lorp serve`` owns dies with it (``worker.service_cli.exit_with_parent``)."""
+    from worker.service_cli import exit_with_parent
 
-    With one task per child (``worker_max_tasks_per_child=1``) each job runs in a newly forked child;
-    a parent that already holds torch and transformers hands them to every child for free instead of
-    each job importing them for seconds. Only imports: nothing here may create a CUDA context, which
-    a forked child could not use.
-    """
-    started = time.perf_counter()
-    import torch
-
-    import worker.runner  # noqa: F401
-    from worker.warmup import warm_imports
-
-    steps = warm_imports()
-    publish_started = time.perf_counter()
-    _publish_catalogue()
-    steps["task catalogue"] = time.perf_counter() - publish_started
-    if torch.cuda.is_initialized():  # pragma: no cover - a guard for future imports
-        log.warning("CUDA was initialised while preloading the engine; pool children may fail to use it")
-    shown = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
-    log.info("engine preloaded in %.1f s (%s)", time.perf_counter() - started, shown)
+    exit_with_parent()
 
 
 def _publish_catalogue() -> None:
     """Say in the database which downstream tasks this worker can run (``worker.catalogue``).
 
     A failure is logged, not fatal: jobs without tasks run as before, and the API refuses those
-    with tasks until a worker publishes. The pooled connections are closed before the pool forks.
+    with tasks until a worker publishes. Its pooled connections are closed: the main process keeps none.
     """
     from app.db.session import get_engine
     from worker.catalogue import publish_catalogue
@@ -76,22 +59,32 @@ _beat: Any = None
 
 
 @worker_ready.connect
-def start_liveness_beat(sender: Any = None, **_: Any) -> None:
-    """Record in the database that this worker now takes jobs, and keep saying so (``worker.liveness``)."""
+def on_ready(sender: Any = None, **_: Any) -> None:
+    """The pool is up (its fork server warm, ``worker.forkserver``) and the consumer takes jobs: publish
+    which downstream tasks this worker can run (``worker.catalogue``), then record in the database that
+    it takes jobs, and keep saying so (``worker.liveness``); each beat also looks for pool children
+    stuck before their job's start (``worker.startwatch``). Both say "ready" to the API and to tests,
+    so neither comes before the worker can start a job at once."""
     global _beat
     from worker.liveness import WorkerBeat
+    from worker.startwatch import StartWatch
 
     if _beat is not None and _beat.is_alive():
         return
+    started = time.perf_counter()
+    _publish_catalogue()
+    log.info("task catalogue published in %.1f s", time.perf_counter() - started)
     settings = get_settings()
     task_consumer = getattr(sender, "task_consumer", None)
     queues = [q.name for q in getattr(task_consumer, "queues", None) or []] or [settings.queue_name]
     controller = getattr(sender, "controller", None)
+    name = str(getattr(sender, "hostname", None) or "celery")
     _beat = WorkerBeat(
         settings,
-        name=str(getattr(sender, "hostname", None) or "celery"),
+        name=name,
         queues=queues,
         concurrency=int(getattr(controller, "concurrency", None) or 1),
+        watch=StartWatch(settings, name),
     )
     _beat.start()
 

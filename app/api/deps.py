@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.guard import checked_request
 from app.core.config import Settings
 from app.core.errors import Unauthorized
 from app.core.security import ANONYMOUS, Principal
@@ -175,9 +176,18 @@ def _ends_its_unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class UnitOfWorkRoute(APIRoute):
-    """The route class of every router here: sync endpoints end their unit of work themselves."""
+    """The route class of every router here: sync endpoints end their unit of work themselves, and every
+    request's input is checked for what no database can store before the route sees it (``app.api.guard``)."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         if not inspect.iscoroutinefunction(endpoint):
             endpoint = _ends_its_unit_of_work(endpoint)
         super().__init__(path, endpoint, **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(checked_request(request))
+
+        return checked

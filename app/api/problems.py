@@ -19,6 +19,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.client_json import escape_unstorable
+from app.core.disk import is_disk_full_at, write_dirs
 from app.core.errors import FieldError, ServiceError
 from app.storage import ObjectNotFound
 from lorp.errors import InvalidRequestError, LorpError
@@ -38,7 +40,18 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
+class InvalidInput(StarletteHTTPException):
+    """Input refused where the request is read (text no database can store, JSON nested too deep), before
+    the route's models see it: an HTTPException so FastAPI's body parsing lets it through, rendered
+    as the 422 of a validation error."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        super().__init__(422, "; ".join(f"{e.field}: {e.message}" for e in errors))
+        self.errors = list(errors)
+
+
 RETRY_AFTER_S = 5
+DISK_FULL_DETAIL = "the service's disk is full; retry later (an operator must free space)"
 
 
 def problem_response(
@@ -58,10 +71,12 @@ def problem_response(
         "type": PROBLEM_TYPE_BASE + code,
         "title": title or _phrase(status),
         "status": status,
-        "detail": detail or _phrase(status),
-        "instance": instance if instance is not None else (request.url.path if request is not None else None),
+        "detail": _showable(detail or _phrase(status)),
+        "instance": _showable(
+            instance if instance is not None else (request.url.path if request is not None else None)
+        ),
         "code": code,
-        "errors": [e.as_dict() for e in errors],
+        "errors": [FieldError(_showable(e.field), _showable(e.message)).as_dict() for e in errors],
     }
     if extra:
         body.update(extra)
@@ -70,6 +85,12 @@ def problem_response(
         # say when a client may try again (RFC 9110), unless the caller said something else.
         headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _showable(text: str | None) -> Any:
+    # A message may quote the caller's input; a NUL or an unpaired surrogate in it must not make the
+    # response itself unencodable (a lone surrogate cannot be written as UTF-8).
+    return escape_unstorable(text) if isinstance(text, str) else text
 
 
 def _phrase(status: int) -> str:
@@ -96,6 +117,29 @@ def _validation_message(error: dict[str, Any]) -> str:
     if error.get("type") == "extra_forbidden":
         message = "unknown field (not allowed)"
     return message
+
+
+def _validation_problem(request: Request, errors: Sequence[FieldError]) -> JSONResponse:
+    fields = ", ".join(sorted({e.field for e in errors if e.field}))
+    return problem_response(
+        request,
+        status=422,
+        code="validation_error",
+        title="Unprocessable Content",
+        detail=f"the request is not valid ({fields})" if fields else "the request is not valid",
+        errors=errors,
+    )
+
+
+def _disk_full(request: Request, exc: BaseException) -> JSONResponse | None:
+    """503 ``disk_full`` when ``exc`` (however wrapped: storage, database, a plain write) says a disk is full,
+    or is a write that failed without a reason on a disk the service writes that is (nearly) full."""
+    service = getattr(request.app.state, "service", None)
+    folders = write_dirs(service.settings).values() if service is not None else ()
+    if not is_disk_full_at(exc, folders):
+        return None
+    logger.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(request, status=503, code="disk_full", detail=DISK_FULL_DETAIL)
 
 
 def validation_errors(exc: RequestValidationError) -> list[FieldError]:
@@ -134,6 +178,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _lorp_error(request: Request, exc: LorpError) -> JSONResponse:
         # The project's one error tree: the service's errors carry their status; the engine's are the
         # caller's to fix (422) when the request cannot be satisfied as stated, else 400.
+        if isinstance(exc, ServiceError) and exc.status >= 500 and (full := _disk_full(request, exc)) is not None:
+            return full  # a store's write that found no space (never a 4xx: those are the caller's)
         if isinstance(exc, ServiceError):
             status, title, errors, headers = exc.status, exc.title, exc.errors, exc.headers or None
         else:
@@ -158,16 +204,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = validation_errors(exc)
-        fields = ", ".join(sorted({e.field for e in errors if e.field}))
-        return problem_response(
-            request,
-            status=422,
-            code="validation_error",
-            title="Unprocessable Content",
-            detail=f"the request is not valid ({fields})" if fields else "the request is not valid",
-            errors=errors,
-        )
+        return _validation_problem(request, validation_errors(exc))
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
+        return _validation_problem(request, exc.errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -190,6 +231,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if (full := _disk_full(request, exc)) is not None:
+            return full  # SQLite's "database or disk is full", Postgres' SQLSTATE 53100
         if isinstance(exc, IntegrityError):
             logger.warning("integrity error: %s", exc.orig)
             return problem_response(
@@ -205,5 +248,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if (full := _disk_full(request, exc)) is not None:
+            return full  # a plain write (an upload spooled to the temporary folder) found no space
         logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")

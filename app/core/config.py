@@ -11,8 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.core.s3ref import parse_s3_folder
+from app.core.webhook_policy import parse_allowed_host, parse_networks
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -45,6 +48,33 @@ class Settings(BaseSettings):
     trust_remote_code_models: list[str] = Field(
         default_factory=list, description="model ids an operator allows to run their own code"
     )
+
+    # What a caller may name (s3:// models), and how many jobs one key may hold.
+    model_s3_prefixes: list[str] = Field(
+        default_factory=list,
+        description='s3:// folders models may be read from ("s3://bucket/models/"); none: s3:// models off',
+    )
+    model_s3_max_objects: int = Field(default=2000, ge=1, description="an s3:// model holding more objects is refused")
+    model_s3_max_bytes: int = Field(
+        default=512 * 1024**3, ge=1, description="an s3:// model larger than this (bytes) is refused before copying"
+    )
+    key_max_queued_jobs: int = Field(
+        default=100, ge=1, description="queued jobs one API key may hold (429 beyond); admin keys and no-auth exempt"
+    )
+    key_max_running_jobs: int = Field(
+        default=4, ge=1, description="jobs of one API key running at once; more wait queued (admin, no-auth exempt)"
+    )
+
+    @field_validator("model_s3_prefixes")
+    @classmethod
+    def _model_s3_prefixes_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                parse_s3_folder(entry)
+            except ValueError as exc:
+                raise ValueError(f"LORP_MODEL_S3_PREFIXES: {exc}") from None
+        return entries
+
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
@@ -59,6 +89,11 @@ class Settings(BaseSettings):
         gt=0,
         description="take back a running job whose progress has not moved for this long (its heartbeat alive)",
     )
+    job_start_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a pool child that took a job and has not started it after this long is killed; the job goes back",
+    )
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=20)
     progress_min_interval_s: float = Field(default=1.0, ge=0)
@@ -69,16 +104,53 @@ class Settings(BaseSettings):
     )
     webhook_allowed_hosts: list[str] = Field(
         default_factory=list,
-        description='hosts a job\'s notify.url may name ("*.example.com" for subdomains); none: off',
+        description=(
+            'hosts (and ports) a job\'s notify.url may name: "host" (the scheme\'s default port), "host:8443", '
+            '"host:*", "*.example.com" for subdomains; none: off'
+        ),
+    )
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="internal networks (CIDR) webhooks may reach; loopback, private, link-local ... are refused",
     )
     webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="deliveries of one webhook before giving up")
-    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="a delivery attempt's whole limit: connect, send, status line"
+    )
     webhook_retry_base_s: float = Field(default=30.0, ge=0, description="the wait after a failed delivery, doubling")
+    webhook_concurrency: int = Field(default=8, ge=1, le=256, description="deliveries in flight per dispatcher")
+    webhook_poll_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often the dispatcher looks for deliveries that are due"
+    )
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            parse_allowed_host(entry)  # a ValueError naming the entry
+        return entries
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _webhook_networks_parse(cls, entries: list[str]) -> list[str]:
+        try:
+            parse_networks(entries)
+        except ValueError as exc:
+            raise ValueError(f"LORP_WEBHOOK_ALLOWED_NETWORKS: {exc}") from None
+        return entries
+
     artifact_ttl_days: float | None = Field(
         default=None, gt=0, description="the reconciler deletes finished jobs (files and results) this long after"
     )
     worker_restart_limit: int = Field(
         default=5, ge=1, le=100, description="lorp serve: quick worker deaths in a row before it stops restarting"
+    )
+
+    # Full disks.
+    min_free_disk_mb: int = Field(
+        default=100,
+        ge=0,
+        description="/readyz fails when a folder the service writes has less free space (MiB); 0: off",
     )
 
     @model_validator(mode="after")

@@ -228,9 +228,11 @@ class EvalTask(Base):
 
 
 class WebhookDelivery(IdMixin, Base):
-    """One attempt at POSTing a job's final state to its webhook."""
+    """One attempt at POSTing a job's final state to its webhook (one row per attempt: the claim of an
+    attempt and its row are one transaction, see ``app.repositories.webhooks``)."""
 
     __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_webhook_deliveries_job_attempt"),)
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
@@ -260,6 +262,16 @@ class Worker(IdMixin, Base):
     stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # Closed without a warm stop (its process was found gone): it may have died holding a job's message.
     lost: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Pool children that accepted a job and did not start it within LORP_JOB_START_TIMEOUT_S (each
+    # was killed, its job handed back); stuck_since is set at such a find and cleared once a job
+    # starts on this worker again (worker/startwatch.py).
+    stuck_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stuck_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    stuck_detail: Mapped[str | None] = mapped_column(String(500))
+
+    @property
+    def stuck(self) -> bool:
+        return self.stuck_since is not None
 
 
 class Artifact(IdMixin, TimestampMixin, Base):

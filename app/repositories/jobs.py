@@ -52,6 +52,25 @@ def lock_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str)
         session.execute(text("UPDATE jobs SET idempotency_key = idempotency_key WHERE 1 = 0"))
 
 
+def lock_owner(session: Session, owner_id: uuid.UUID, purpose: str) -> None:
+    """Serialize, until this transaction ends, what counts one owner's jobs and then adds to them
+    (``purpose``: "queued" for submissions, "running" for claims), so two at once cannot both pass
+    a limit. On SQLite, one writer at a time: taking the write lock now is the same."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        digest = hashlib.sha256(f"lorp-owner-{purpose}:{owner_id}".encode()).digest()
+        session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True))))
+    elif dialect == "sqlite":
+        session.execute(text("UPDATE jobs SET owner_id = owner_id WHERE 1 = 0"))
+
+
+def queued_count(session: Session, owner_id: uuid.UUID) -> int:
+    """How many of the owner's jobs wait in the queue (deleted ones left out)."""
+    stmt = select(func.count()).select_from(Job)
+    stmt = stmt.where(Job.owner_id == owner_id, Job.status == JobStatus.queued, Job.deleted_at.is_(None))
+    return int(session.scalar(stmt) or 0)
+
+
 def add_job(session: Session, job: Job) -> Job:
     session.add(job)
     session.flush()

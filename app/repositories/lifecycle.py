@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.db.base import utcnow
 from app.db.models import (
     DONE_STAGE,
     Analysis,
+    ApiKey,
     Artifact,
     Dataset,
     EventKind,
@@ -32,6 +33,7 @@ from app.db.models import (
     TaskMetric,
 )
 from app.repositories.events import add_event
+from app.repositories.jobs import lock_owner
 
 MAX_ERROR_MESSAGE = 4000
 
@@ -86,11 +88,38 @@ def _owned(job_id: uuid.UUID, attempt: int) -> list[Any]:
     return [Job.id == job_id, Job.status == JobStatus.running, Job.attempts == attempt]
 
 
-def claim(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
-    """Move a queued job to running for this worker; None if it is not claimable (a duplicate delivery).
+def job_owner(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
+    """The key that owns the job (None: the anonymous owner, or no such job)."""
+    return session.scalar(select(Job.owner_id).where(Job.id == job_id))
+
+
+def _limited_owner(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
+    """The job's owner when the per-key limits apply to it: a key that is not an admin's."""
+    row = session.execute(
+        select(Job.owner_id, ApiKey.is_admin).outerjoin(ApiKey, ApiKey.id == Job.owner_id).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None or row.owner_id is None or row.is_admin:
+        return None
+    return row.owner_id
+
+
+def claim(session: Session, job_id: uuid.UUID, worker: str, *, max_running_per_owner: int | None = None) -> Job | None:
+    """Move a queued job to running for this worker; None if it is not claimable (a duplicate delivery,
+    or its owner already runs ``max_running_per_owner`` jobs: see :func:`defer`).
 
     One conditional UPDATE: of two deliveries racing for the same job, exactly one matches the row.
+    The owner's running count is read under a lock on that owner held to the commit, so two claims of
+    one owner's jobs cannot both take its last slot.
     """
+    if max_running_per_owner is not None:
+        owner = _limited_owner(session, job_id)
+        if owner is not None:
+            lock_owner(session, owner, "running")
+            running = session.scalar(
+                select(func.count()).select_from(Job).where(Job.owner_id == owner, Job.status == JobStatus.running)
+            )
+            if int(running or 0) >= max_running_per_owner:
+                return None
     now = utcnow()
     stmt = (
         update(Job)
@@ -118,6 +147,23 @@ def claim(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
         session, job_id, EventKind.status, status=JobStatus.running.value, message=f"attempt {job.attempts} on {worker}"
     )
     return job
+
+
+def defer(session: Session, job_id: uuid.UUID) -> bool:
+    """A job the claim left queued (its owner is at the running limit) waits for a message sent later.
+
+    Its message is spent, so it is marked unsent (``enqueued_at`` NULL): the reconciler sends it again
+    once its owner has a free slot (:func:`stale_queued`). No attempt was used. False when the job is
+    not queued any more (another delivery claimed it, it was cancelled) or a cancel awaits it.
+    """
+    found = session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, Job.cancel_requested_at.is_(None))
+        .values(enqueued_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return found is not None
 
 
 def cancel_if_requested_while_queued(session: Session, job_id: uuid.UUID) -> bool:
@@ -341,32 +387,59 @@ def store_analysis(session: Session, *, fingerprint: str, **fields: Any) -> Anal
 # -- reconciler -------------------------------------------------------------------------------------
 
 
+def _due(job: Any, older_than: dt.datetime, unenqueued_before: dt.datetime | None) -> ColumnElement[bool]:
+    """Queued, and never sent (and submitted before ``unenqueued_before``) or sent before ``older_than``."""
+    never: ColumnElement[bool] = job.enqueued_at.is_(None)
+    if unenqueued_before is not None:
+        never = and_(never, job.queued_at < unenqueued_before)
+    return and_(job.status == JobStatus.queued, or_(never, job.enqueued_at < older_than))
+
+
 def stale_queued(
     session: Session,
     older_than: dt.datetime,
     *,
     unenqueued_before: dt.datetime | None = None,
     limit: int = 100,
+    max_running_per_owner: int | None = None,
 ) -> list[tuple[uuid.UUID, str]]:
     """(id, queue) of queued jobs enqueued before ``older_than``, or never enqueued (and queued before
     ``unenqueued_before``).
 
     The rows are locked, skipping rows another reconciler holds. ``unenqueued_before`` gives the API
-    a moment between committing a job and recording its enqueue.
+    a moment between committing a job and recording its enqueue. With ``max_running_per_owner``, an
+    owner's jobs are left out beyond its free running slots (its oldest first): sending them would
+    only see them deferred again (:func:`defer`). The anonymous owner and admin keys have no limit.
     """
-    never: ColumnElement[bool] = Job.enqueued_at.is_(None)
-    if unenqueued_before is not None:
-        never = and_(never, Job.queued_at < unenqueued_before)
-    stmt = (
-        select(Job.id, Job.queue)
-        .where(
-            Job.status == JobStatus.queued,
-            or_(never, Job.enqueued_at < older_than),
+    stmt = select(Job.id, Job.queue).where(_due(Job, older_than, unenqueued_before))
+    if max_running_per_owner is not None:
+        due, running = aliased(Job), aliased(Job)
+        running_now = (
+            select(func.count())
+            .where(running.owner_id == due.owner_id, running.status == JobStatus.running)
+            .correlate(due)
+            .scalar_subquery()
         )
-        .order_by(Job.queued_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+        ranked = (
+            select(
+                due.id,
+                due.owner_id,
+                func.row_number().over(partition_by=due.owner_id, order_by=(due.queued_at, due.id)).label("rank"),
+                running_now.label("running"),
+            )
+            .where(_due(due, older_than, unenqueued_before))
+            .subquery()
+        )
+        admins = select(ApiKey.id).where(ApiKey.is_admin.is_(True))
+        sendable = select(ranked.c.id).where(
+            or_(
+                ranked.c.owner_id.is_(None),
+                ranked.c.owner_id.in_(admins),
+                ranked.c.rank + ranked.c.running <= max_running_per_owner,
+            )
+        )
+        stmt = stmt.where(Job.id.in_(sendable))
+    stmt = stmt.order_by(Job.queued_at).limit(limit).with_for_update(skip_locked=True)
     return [(job_id, queue) for job_id, queue in session.execute(stmt)]
 
 

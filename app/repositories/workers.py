@@ -11,7 +11,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Worker
+from app.db.models import Job, JobStatus, Worker
 
 # Rows of workers that stopped (or went silent) longer ago than this are removed at the next register.
 FORGET_AFTER = dt.timedelta(days=7)
@@ -19,11 +19,23 @@ FORGET_AFTER = dt.timedelta(days=7)
 
 @dataclass(frozen=True)
 class QueuePresence:
-    """Who serves one queue: how many workers are live on it, and when one was last seen there."""
+    """Who serves one queue: how many workers are live on it (beating and not stuck), how many beat but
+    are stuck (a pool child could not start a job, and none has started since), and when one was last
+    seen there."""
 
     queue: str
     live: int
     last_seen_at: dt.datetime | None
+    stuck: int = 0
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """What a job's row says of who started it."""
+
+    status: JobStatus
+    worker: str | None
+    started_at: dt.datetime | None
 
 
 def register(
@@ -85,6 +97,48 @@ def mark_stopped(session: Session, worker_id: uuid.UUID, at: dt.datetime | None 
     )
 
 
+def record_stuck(
+    session: Session, worker_id: uuid.UUID, *, count: int, detail: str, at: dt.datetime | None = None
+) -> None:
+    """``count`` more pool children of this worker did not start the job they took; stuck since ``at``
+    (kept when already stuck)."""
+    now = at or utcnow()
+    row = session.get(Worker, worker_id)
+    if row is None:
+        return
+    row.stuck_starts = (row.stuck_starts or 0) + count
+    row.stuck_since = row.stuck_since or now
+    row.stuck_detail = detail[:500]
+    session.flush()
+
+
+def clear_stuck(session: Session, worker_id: uuid.UUID) -> None:
+    """A job started on this worker again: it is no longer stuck (the count stays)."""
+    session.execute(
+        update(Worker)
+        .where(Worker.id == worker_id)
+        .values(stuck_since=None, stuck_detail=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def job_claims(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, JobClaim]:
+    """Who started each of these jobs, as their rows say."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.status, Job.worker, Job.started_at).where(Job.id.in_(job_ids)))
+    return {
+        job_id: JobClaim(status, worker, None if started is None else _aware(started))
+        for job_id, status, worker, started in rows
+    }
+
+
+def started_since(session: Session, worker_name: str, since: dt.datetime) -> bool:
+    """Whether a job was claimed by worker ``worker_name`` at or after ``since``."""
+    query = select(Job.id).where(Job.worker == worker_name, Job.started_at >= since).limit(1)
+    return session.scalars(query).first() is not None
+
+
 def live_workers(session: Session, timeout_s: float, now: dt.datetime | None = None) -> list[Worker]:
     """Workers not stopped whose last beat is newer than ``timeout_s``, newest beat first."""
     cutoff = (now or utcnow()) - dt.timedelta(seconds=timeout_s)
@@ -96,7 +150,7 @@ def presence(session: Session, queue: str, timeout_s: float, now: dt.datetime | 
     """How many live workers consume ``queue``, and the last time any worker on it was seen."""
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=timeout_s)
-    live = 0
+    live = stuck = 0
     last: dt.datetime | None = None
     for row in session.scalars(select(Worker).where(Worker.beat_at >= now - FORGET_AFTER)):
         if queue not in (row.queues or []):
@@ -104,8 +158,11 @@ def presence(session: Session, queue: str, timeout_s: float, now: dt.datetime | 
         seen = _aware(row.stopped_at or row.beat_at)
         last = seen if last is None or seen > last else last
         if row.stopped_at is None and _aware(row.beat_at) >= cutoff:
-            live += 1
-    return QueuePresence(queue=queue, live=live, last_seen_at=last)
+            if row.stuck:
+                stuck += 1
+            else:
+                live += 1
+    return QueuePresence(queue=queue, live=live, last_seen_at=last, stuck=stuck)
 
 
 def lost_by_queue(
@@ -141,3 +198,20 @@ def live_by_queue(session: Session, timeout_s: float, now: dt.datetime | None = 
         for queue in row.queues or []:
             counts[queue] = counts.get(queue, 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class QueueStarts:
+    """Per queue: live workers stuck now, and the stuck starts the live workers have recorded."""
+
+    stuck_workers: int = 0
+    stuck_starts: int = 0
+
+
+def starts_by_queue(session: Session, timeout_s: float, now: dt.datetime | None = None) -> dict[str, QueueStarts]:
+    found: dict[str, QueueStarts] = {}
+    for row in live_workers(session, timeout_s, now):
+        for queue in row.queues or []:
+            seen = found.get(queue, QueueStarts())
+            found[queue] = QueueStarts(seen.stuck_workers + int(row.stuck), seen.stuck_starts + (row.stuck_starts or 0))
+    return found

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from app.core import client_json
 from app.core.config import Settings
 from app.core.errors import NotFound, PayloadTooLarge, Unprocessable
 from app.core.security import Principal
@@ -48,13 +49,16 @@ class _JsonlChecker:
         if not line.strip():
             return
         try:
-            record = json.loads(line)
+            # Bounded nesting: Python's parser recurses per level, and a line of 100,000 "[" would crash it.
+            record = client_json.loads(line)
+        except client_json.JsonRefused as exc:
+            raise Unprocessable(f"line {self.line}: {exc}", field="file") from None
         except json.JSONDecodeError as exc:
             raise Unprocessable(f"line {self.line} is not valid JSON ({exc.msg})", field="file") from None
         if not isinstance(record, dict):
             raise Unprocessable(f"line {self.line} is not a JSON object", field="file")
         if self.text_field not in record:
-            fields = ", ".join(map(str, list(record)[:20])) or "none"
+            fields = ", ".join(client_json.escape_unstorable(str(key)) for key in list(record)[:20]) or "none"
             raise Unprocessable(
                 f"line {self.line} has no field {self.text_field!r} (its fields: {fields}); "
                 "set text_field to the field that holds the text",
@@ -66,6 +70,10 @@ class _JsonlChecker:
                 f"{type(record[self.text_field]).__name__}, not a string",
                 field="text_field",
             )
+        # The escapes "\u0000" and "\ud800" decode to a NUL (binary, as in a .txt upload) and to half a
+        # character (no tokenizer or UTF-8 writer takes it): neither is calibration text.
+        if (problem := client_json.text_problem(record[self.text_field])) is not None:
+            raise Unprocessable(f"line {self.line}: field {self.text_field!r} {problem}", field="file")
         self.documents += 1
 
 

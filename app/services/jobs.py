@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import Conflict, NotFound, Unprocessable
+from app.core.errors import Conflict, NotFound, ServiceError, Unprocessable
 from app.core.security import Principal
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobStatus
@@ -40,6 +40,14 @@ from app.services.job_views import list_item, queue_waits
 logger = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_LEN = 255
+# When a key at its queued limit may try again: jobs take minutes, so sooner rarely helps.
+QUEUE_FULL_RETRY_AFTER_S = 60
+
+
+class TooManyJobs(ServiceError):
+    """A key's submission beyond ``LORP_KEY_MAX_QUEUED_JOBS`` queued jobs: 429 with Retry-After."""
+
+    status, code, title = 429, "too_many_jobs", "Too Many Requests"
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,26 @@ def _replay(existing: Job, fingerprint: str) -> Submission:
     return Submission(existing, created=False)
 
 
+def _check_queued_limit(session: Session, principal: Principal, settings: Settings) -> None:
+    """Refuse a key's job beyond its queued limit, so one key cannot fill the queue for every other.
+
+    Admin keys are exempt (an operator's own batch), and so is the anonymous owner of a service without
+    keys: with no keys there is one tenant, whose jobs queue as they come (``lorp serve``'s soak of
+    1,000). Counted under a lock on the key, so concurrent submissions cannot both take the last place.
+    """
+    owner = principal.owner_id
+    if owner is None or principal.is_admin:
+        return
+    jobs_repo.lock_owner(session, owner, "queued")
+    queued, limit = jobs_repo.queued_count(session, owner), settings.key_max_queued_jobs
+    if queued >= limit:
+        raise TooManyJobs(
+            f"this key has {queued} jobs queued, the most it may have (LORP_KEY_MAX_QUEUED_JOBS: {limit}); "
+            "submit more once some have started, or cancel some",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
+
+
 def _record(session: Session, job: Job, at: dt.datetime) -> None:
     jobs_repo.add_job(session, job)
     events_repo.add_event(session, job.id, EventKind.status, status=JobStatus.queued.value, at=at)
@@ -92,7 +120,9 @@ def submit_job(
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
     eval_tasks.check_tasks(session, spec.evaluation.tasks)
     if spec.notify is not None:
-        webhook_problem = webhook_url_problem(spec.notify.url, settings.webhook_allowed_hosts)
+        webhook_problem = webhook_url_problem(
+            spec.notify.url, settings.webhook_allowed_hosts, settings.webhook_allowed_networks
+        )
         if webhook_problem is not None:
             raise Unprocessable(webhook_problem, field="notify.url")
 
@@ -103,6 +133,7 @@ def submit_job(
         existing = jobs_repo.get_by_idempotency_key(session, owner_id, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint)
+    _check_queued_limit(session, principal, settings)
 
     now = utcnow()
     job = Job(

@@ -10,14 +10,14 @@ the job is accepted and the worker checks the budget right after loading, before
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from app.core import client_json
 from app.core.config import Settings
 from app.core.errors import Unprocessable
-from app.jobspec import JobCreate, ModelRef, local_model_path
+from app.jobspec import JobCreate, ModelRef, local_model_path, s3_model_folder
 from app.storage import StorageError, storage_from_url
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
@@ -41,7 +41,9 @@ def _gguf_file_blocks(path: Path) -> int | None:
 
 
 def _config_dict(raw: bytes) -> dict[str, Any] | None:
-    config = json.loads(raw)
+    # Bounded nesting: a config.json of 100,000 nested arrays would otherwise end the request in a
+    # RecursionError; refused here (a ValueError), its depth is left for the worker to report.
+    config = client_json.loads(raw)
     return config if isinstance(config, dict) else None
 
 
@@ -57,10 +59,8 @@ def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any]
             cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
             directory = Path(cached).parent if isinstance(cached, str) else None
         elif kind == "s3":
-            bucket, _, path = ref.id.removeprefix("s3://").partition("/")
-            if not path.strip("/"):
-                return None
-            store = storage_from_url(f"s3://{bucket}/{path.strip('/')}", **settings.s3_options())
+            folder = s3_model_folder(ref.id, settings)
+            store = storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **settings.s3_options())
             if store.size("config.json") > MAX_CONFIG_BYTES:
                 return None
             with store.open("config.json") as fh:

@@ -3,8 +3,10 @@
 A job records the queue it was sent to (``LORP_QUEUE_NAME`` when submitted). The ``workers``
 readiness check fails when this API's queue holds queued jobs and no live worker serves it, or when
 ``lorp serve``'s supervisor gave up restarting its worker; with nothing queued, no worker is not an
-error (workers may scale to zero while idle). Other queues in the same database (another
-deployment's) are listed but do not make this API unready.
+error (workers may scale to zero while idle). A worker that beats but is stuck (a pool child of it
+took a job and did not start it within ``LORP_JOB_START_TIMEOUT_S``, and no job has started on it
+since: ``worker/startwatch.py``) does not count as serving its queue while that lasts. Other
+queues in the same database (another deployment's) are listed but do not make this API unready.
 """
 
 from __future__ import annotations
@@ -36,14 +38,18 @@ class SupervisedWorker(Protocol):
 
 @dataclass(frozen=True)
 class WorkerWait:
-    """A queue with no live worker: when a worker was last seen on it (None: never)."""
+    """A queue with no live worker: when a worker was last seen on it (None: never), and how many of
+    those that beat are stuck."""
 
     queue: str
     last_seen_at: dt.datetime | None
     unseen_s: float | None
+    stuck: int = 0
 
     @property
     def detail(self) -> str:
+        if self.stuck:
+            return f"the {self.stuck} worker(s) on queue {self.queue} are stuck: none can start a job"
         if self.unseen_s is None:
             return f"no worker has ever served queue {self.queue}"
         return f"no live worker serves queue {self.queue} (the last was seen {self.unseen_s:.0f} s ago)"
@@ -62,7 +68,9 @@ def worker_waits(
     for queue in sorted(set(queues)):
         presence = workers_repo.presence(session, queue, settings.worker_timeout_s, now)
         if not presence.live:
-            waits[queue] = WorkerWait(queue, presence.last_seen_at, _since(now, presence.last_seen_at))
+            waits[queue] = WorkerWait(
+                queue, presence.last_seen_at, _since(now, presence.last_seen_at), stuck=presence.stuck
+            )
     return waits
 
 
@@ -80,6 +88,18 @@ def readiness(session: Session, settings: Settings, supervised: SupervisedWorker
         "live": dict(sorted(live.items())),
         "queued": dict(sorted(queued.items())),
     }
+    stuck = [row for row in workers_repo.live_workers(session, settings.worker_timeout_s, now) if row.stuck]
+    if stuck:
+        check["stuck"] = [
+            {
+                "name": row.name,
+                "queues": list(row.queues or []),
+                "since": row.stuck_since.isoformat() if row.stuck_since else None,
+                "stuck_starts": row.stuck_starts,
+                "detail": row.stuck_detail,
+            }
+            for row in stuck
+        ]
     problems: list[str] = []
     if supervised is not None:
         check["restarts"] = supervised.restarts
@@ -89,6 +109,7 @@ def readiness(session: Session, settings: Settings, supervised: SupervisedWorker
     if queued.get(own):
         for wait in worker_waits(session, settings, [own], now).values():
             problems.append(f"{queued[own]} job(s) queued and {wait.detail}")
+            problems.extend(f"{row.name}: {row.stuck_detail}" for row in stuck if own in (row.queues or []))
             if wait.last_seen_at is not None:
                 check["last_seen_at"] = wait.last_seen_at.isoformat()
     if problems:

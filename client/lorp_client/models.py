@@ -213,9 +213,17 @@ class DeliveryOut(BaseModel):
     event: str = Field(description="job.succeeded, job.failed or job.cancelled")
     url: str
     at: UtcDateTime
-    status_code: int | None = Field(description="the receiver's HTTP status; null when it could not be reached")
-    error: str | None
-    duration_ms: float
+    status_code: int | None = Field(description="the receiver's HTTP status; null when it gave none")
+    error: str | None = Field(
+        description=(
+            'why the attempt failed, coarse: "HTTP <status>", "no HTTP answer within <N> s" (refused, reset, '
+            'timed out, not HTTP: all alike), "address not allowed", "not attempted: ..."; nothing of the '
+            "receiver's body. Null when delivered, or while the attempt is in flight"
+        )
+    )
+    duration_ms: float = Field(
+        description="how long the attempt took; an attempt with no HTTP answer counts its whole deadline"
+    )
     delivered: bool = Field(description="a 2xx answer: no further attempt")
 
 

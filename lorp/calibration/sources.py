@@ -1,14 +1,22 @@
 """Where calibration and evaluation text comes from: the built-in corpus, a text file, a JSONL file
-(one document per line) or a hub dataset, parsed from one source string and loaded as documents."""
+(one document per line) or a hub dataset, parsed from one source string and loaded as documents.
+
+A hub dataset is fetched through the hub into an explicit cache folder (``huggingface_hub``'s
+``snapshot_download``: the card first, then the files of the configuration asked for) and read from that
+absolute snapshot folder; its id is never handed to ``datasets.load_dataset``, which would take a
+folder or file of that name relative to the working directory first.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from lorp.assets import builtin_corpus
+from lorp.assets import builtin_corpus, cache_dir
 from lorp.errors import CalibrationError
 
 SourceKind = Literal["builtin", "text", "jsonl", "hub"]
@@ -16,6 +24,8 @@ Role = Literal["calibration", "evaluation"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _BUILTIN_SPECS = ("builtin", "builtin:enwiki-sample")
+# A hub dataset id: "name" or "owner/name" (what the hub itself accepts, and never a path).
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,11 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             raise CalibrationError(
                 f"{path} line {number}: invalid JSON ({exc.msg})", field="calibration.dataset"
             ) from exc
+        except RecursionError:
+            # Python's parser recurses once per level: a line of 100,000 "[" ends here, not in a crash.
+            raise CalibrationError(
+                f"{path} line {number}: the JSON nests too deeply", field="calibration.dataset"
+            ) from None
         if not isinstance(record, dict):
             raise CalibrationError(f"{path} line {number}: expected a JSON object", field="calibration.dataset")
         if text_field not in record:
@@ -184,7 +199,106 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
     return texts
 
 
-def _load_hub(source: TextSource) -> list[str]:
+def hub_cache_dir(cache: Path | None = None) -> Path:
+    """Where hub datasets are cached: ``cache`` when the caller names one (the service: under its data
+    folder), else ``hub/`` in the engine's cache (``$LORP_CACHE_DIR``)."""
+    return cache if cache is not None else cache_dir() / "hub"
+
+
+def _hub_failure(source: TextSource, why: str) -> CalibrationError:
+    return CalibrationError(f"hub dataset {source.dataset!r}: {why}", field="calibration.dataset")
+
+
+def _hub_fetch(source: TextSource, cache: Path, patterns: list[str] | None) -> Path:
+    """The absolute snapshot folder of the dataset in ``cache``, holding the files ``patterns`` match
+    (all of them for None) and never code; from the hub, or the cache when offline or unreachable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    assert source.dataset is not None
+    try:
+        folder = snapshot_download(
+            source.dataset,
+            repo_type="dataset",
+            revision=source.revision,
+            cache_dir=cache / "hub",
+            allow_patterns=patterns,
+            ignore_patterns=["*.py", "*.pyc"],
+        )
+    except HFValidationError:
+        raise _hub_failure(source, "not a valid hub dataset id") from None
+    except GatedRepoError:
+        raise _hub_failure(source, "gated on the hub; this machine has no access to it") from None
+    except RevisionNotFoundError:
+        raise _hub_failure(source, f"no revision {source.revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise _hub_failure(source, "no such dataset on the hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise _hub_failure(
+            source, "the Hugging Face hub is unreachable from here (or offline mode is on) and it is not in the cache"
+        ) from None
+    except Exception as exc:  # a hub error page, an unwritable cache: named, without local paths
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise  # a full disk is the machine's condition, not the dataset's fault
+        raise _hub_failure(
+            source, f"could not fetch it: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        ) from None
+    return Path(folder).resolve()
+
+
+def _files_of(entry: Any) -> list[str]:
+    """The path patterns of a card's ``data_files`` (a pattern, a list of them, or per-split entries)."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return _files_of(entry.get("path"))
+    if isinstance(entry, list):
+        return [pattern for item in entry for pattern in _files_of(item)]
+    return []
+
+
+def _config_patterns(card: Path, source: TextSource) -> list[str] | None:
+    """The files the card says make up the configuration asked for (its default one when none is);
+    None when the card lists no configurations (then every data file is the default one)."""
+    from huggingface_hub import DatasetCard
+
+    try:
+        data = DatasetCard.load(card).data.to_dict() if card.is_file() else {}
+    except Exception:  # an unreadable card: datasets reads the files as they are laid out
+        data = {}
+    configs = [c for c in data.get("configs") or [] if isinstance(c, dict)]
+    if not configs:
+        return None
+    by_name = {str(c.get("config_name", "default")): c for c in configs}
+    names = ", ".join(sorted(by_name))
+    if source.config is not None:
+        chosen = by_name.get(source.config)
+        if chosen is None:
+            raise _hub_failure(source, f"no configuration {source.config!r} (it has: {names})")
+    else:
+        chosen = next((c for c in configs if c.get("default")), None) or by_name.get("default")
+        if chosen is None and len(configs) == 1:
+            chosen = configs[0]
+        if chosen is None:
+            raise _hub_failure(source, f"it has several configurations ({names}); name one in calibration.dataset")
+    data_dir = str(chosen.get("data_dir") or "").strip("/")
+    patterns = _files_of(chosen.get("data_files"))
+    if data_dir:
+        patterns = [f"{data_dir}/{p.lstrip('/')}" for p in patterns] or [f"{data_dir}/*"]
+    return patterns or None
+
+
+def _load_hub(source: TextSource, cache: Path | None = None) -> list[str]:
+    if source.dataset is None or not _HUB_DATASET_ID.match(source.dataset):
+        raise CalibrationError(
+            f"not a hub dataset id: {source.dataset!r} (expected 'name' or 'owner/name')", field="calibration.dataset"
+        )
     try:
         import datasets  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -193,12 +307,20 @@ def _load_hub(source: TextSource) -> list[str]:
             "and a machine that reaches the Hugging Face hub",
             field="calibration.dataset",
         ) from None
+    cache = hub_cache_dir(cache)
+    card = _hub_fetch(source, cache, ["README.md"]) / "README.md"
+    patterns = _config_patterns(card, source)
+    folder = _hub_fetch(source, cache, None if patterns is None else [*patterns, "README.md"])
     try:
-        data = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision)
-    except Exception as exc:  # network, auth, unknown config: the caller needs one error
-        raise CalibrationError(
-            f"could not load hub dataset {source.dataset!r} (config {source.config!r}, split {source.split!r}): {exc}",
-            field="calibration.dataset",
+        data = datasets.load_dataset(str(folder), source.config, split=source.split, cache_dir=str(cache / "datasets"))
+    except Exception as exc:  # an unknown split, no data files: the caller needs one error
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        for local, public in ((str(folder), source.dataset), (str(cache), "<cache>")):
+            first = first.replace(local, public)
+        raise _hub_failure(
+            source, f"could not read config {source.config!r}, split {source.split!r}: {type(exc).__name__}: {first}"
         ) from exc
     columns = list(getattr(data, "column_names", None) or [])
     if source.text_field not in columns:
@@ -209,7 +331,7 @@ def _load_hub(source: TextSource) -> list[str]:
     return [str(text) for text in data[source.text_field] if text is not None]
 
 
-def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
+def load_texts(source: TextSource, role: Role = "calibration", *, hub_cache: Path | None = None) -> list[str]:
     """Load the documents of a text source.
 
     Args:
@@ -217,6 +339,7 @@ def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
         role: for the built-in corpus, which split: ``"calibration"`` or the held-out
             ``"evaluation"`` articles. Other sources return the same documents for both roles (the
             caller holds out part of them, e.g. :func:`build_calibration`'s validation slice).
+        hub_cache: where a hub dataset is cached (default :func:`hub_cache_dir`).
 
     Returns:
         The non-empty documents, in source order: one per built-in article, the whole file for a
@@ -240,7 +363,7 @@ def load_texts(source: TextSource, role: Role = "calibration") -> list[str]:
     elif source.kind == "hub":
         if not source.dataset:
             raise CalibrationError("a hub source needs a dataset id", field="calibration.dataset")
-        texts = _load_hub(source)
+        texts = _load_hub(source, hub_cache)
     else:
         raise CalibrationError(f"unknown calibration source kind {source.kind!r}", field="calibration.dataset")
     texts = [text for text in texts if text.strip()]

@@ -151,6 +151,7 @@ def test_load_jsonl_bad_lines(tmp_path: Path) -> None:
         ("{not json\n", "invalid JSON"),
         ("[1, 2]\n", "JSON object"),
         ('{"text": 3}\n', "int"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "nests too deeply"),
     ):
         path.write_text(content, encoding="utf-8")
         with pytest.raises(CalibrationError, match=needle):

@@ -1,8 +1,10 @@
 """Fixtures and helpers shared by the reliability suites (real processes, all on loopback).
 
 Fixtures:
-- ``pg_url``, ``pg_engine``, ``s3_server``: re-exported from ``tests/service`` (a fresh migrated
-  Postgres database per session; moto's S3 server on loopback for the session).
+- ``pg_url``, ``pg_engine``, ``rollback_sessionmaker``, ``s3_server``: re-exported from ``tests/service``
+  (a fresh migrated Postgres database per session; sessions rolled back after each test; moto's S3
+  server on loopback for the session). ``factory`` is ``rollback_sessionmaker`` under the hostile
+  suites' name; ``hostile_model_root`` a model root holding one tiny, valid 4-block Llama.
 - ``reliability_redis_url``: the local Redis on a database of its own (``LORP_TEST_RELIABILITY_REDIS_URL``,
   default db 13). It is never flushed: other suites may share it, so every stack uses its own queue.
 - ``tiny_model_root``: a model root holding ``tiny-llama`` (6 blocks, 32 wide: jobs of seconds).
@@ -37,6 +39,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from tiny import save_tiny_llama
 
 from app.core.config import Settings
@@ -44,7 +47,7 @@ from app.db.models import Job, JobEvent
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
 from app.queue import enqueue_job
-from tests.service.conftest import pg_engine, pg_url  # noqa: F401  (re-exported fixtures)
+from tests.service.conftest import pg_engine, pg_url, rollback_sessionmaker  # noqa: F401  (re-exported fixtures)
 from tests.service.helpers import create_job, upload_dataset  # noqa: F401  (re-exported for the suites)
 from tests.service.helpers import job_request as _job_request
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket, s3_server  # noqa: F401
@@ -117,6 +120,20 @@ def corpus_bytes() -> bytes:
     return " ".join(rng.choice(WORDS) for _ in range(8000)).encode()
 
 
+@pytest.fixture()
+def factory(rollback_sessionmaker: sessionmaker[Session]) -> sessionmaker[Session]:  # noqa: F811
+    """Sessions whose outer transaction is rolled back after the test: nothing the API writes outlives it."""
+    return rollback_sessionmaker
+
+
+@pytest.fixture(scope="module")
+def hostile_model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    """A model root holding one tiny, valid Llama (4 blocks) that hostile variants start from."""
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_llama(root, "tiny-llama", tiny_tokenizer, num_hidden_layers=4, max_position_embeddings=256)
+    return root
+
+
 # -- settings and jobs ------------------------------------------------------------------------------
 
 
@@ -183,6 +200,32 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
 # -- processes --------------------------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def fork_server_of(main_pid: int) -> int | None:
+    """The worker's fork server (``worker.forkserver``): the main process's child running billiard's."""
+    for pid in _children(main_pid):
+        try:
+            if "billiard.forkserver" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def pool_processes(main_pid: int) -> list[int]:
+    """A worker's pool processes: the fork server's grandchildren (server -> reaper -> pool process)."""
+    server = fork_server_of(main_pid)
+    if server is None:
+        return []
+    return [child for reaper in _children(server) for child in _children(reaper)]
+
+
 @dataclass
 class WorkerProc:
     """One ``celery worker`` (prefork, concurrency 1) in its own process group."""
@@ -199,12 +242,8 @@ class WorkerProc:
         return self.proc.poll() is None
 
     def pool_children(self) -> list[int]:
-        """Pids of the main process's children (the prefork pool)."""
-        try:
-            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        """Pids of the prefork pool's processes: forked by the worker's fork server, each under its reaper."""
+        return pool_processes(self.proc.pid)
 
     def wait_ready(self, timeout: float = 90) -> None:
         wait_for(lambda: " ready." in self.log() or not self.alive, timeout, f"worker {self.name} to start", 0.1)

@@ -13,6 +13,8 @@ import json
 import os
 import platform
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,34 @@ def record(
     path = results / f"{slug}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+class HostileCases:
+    """The cases of one hostile-input module, each with the answer observed, recorded as one scenario.
+
+    ``note`` keeps a case's answer (temporary paths and random bucket names, which say nothing to a
+    reader of docs/reliability.md, scrubbed); ``recording`` is the body of the module's autouse
+    fixture: it times the module and records what was noted.
+    """
+
+    def __init__(self, scenario: str, command: str, notes: str) -> None:
+        self.scenario, self.command, self.notes = scenario, command, notes
+        self.outcomes: dict[str, str] = {}
+
+    def note(self, case: str, outcome: str) -> None:
+        self.outcomes[case] = re.sub(r"lorp-[0-9a-f]{12}", "<bucket>", re.sub(r"/tmp/\S*/", "…/", outcome))
+
+    def recording(self) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        if self.outcomes:
+            record(
+                suite="hostile",
+                scenario=self.scenario,
+                runs=len(self.outcomes),
+                outcomes=dict(sorted(self.outcomes.items())),
+                data_lost=0,
+                command=self.command,
+                notes=self.notes,
+                figures={"cases": len(self.outcomes), "seconds": round(time.monotonic() - started, 1)},
+            )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import time
@@ -23,9 +22,8 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-from tiny import save_tiny_llama
 from transformers import LlamaForCausalLM
 
 from app.core.config import Settings
@@ -33,7 +31,7 @@ from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
 from app.services.keys import revoke_api_key
 from lorp import assets
-from tests.reliability.record import record
+from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
 from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request, upload_dataset
@@ -44,43 +42,28 @@ pytestmark = pytest.mark.reliability
 Api = tuple[TestClient, dict[str, str]]
 COMMAND = ".venv/bin/python -m pytest tests/reliability/test_hostile.py -q"
 NUM_LAYERS = 4
-_OUTCOMES: dict[str, str] = {}
-
-
-def _note(case: str, outcome: str) -> None:
-    # Temporary paths say nothing to a reader of docs/reliability.md.
-    _OUTCOMES[case] = re.sub(r"/tmp/\S*/", "…/", outcome)
+CASES = HostileCases(
+    "targeted hostile inputs",
+    COMMAND,
+    (
+        "each case asserts a 4xx naming the field (or a failed job with a code and message) and that "
+        "nothing is left behind: no job row, no stored object, no work folder or artifacts"
+    ),
+)
+_note = CASES.note
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _record_outcomes() -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    if _OUTCOMES:
-        record(
-            suite="hostile",
-            scenario="targeted hostile inputs",
-            runs=len(_OUTCOMES),
-            outcomes=dict(sorted(_OUTCOMES.items())),
-            data_lost=0,
-            command=COMMAND,
-            notes=(
-                "each case asserts a 4xx naming the field (or a failed job with a code and message) and that "
-                "nothing is left behind: no job row, no stored object, no work folder or artifacts"
-            ),
-            figures={"cases": len(_OUTCOMES), "seconds": round(time.monotonic() - started, 1)},
-        )
+    yield from CASES.recording()
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def model_root(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
-    """A model root holding one tiny, valid Llama that the hostile variants are copied from."""
-    root = tmp_path_factory.mktemp("models")
-    save_tiny_llama(root, "tiny-llama", tiny_tokenizer, num_hidden_layers=NUM_LAYERS, max_position_embeddings=256)
-    return root
+def model_root(hostile_model_root: Path) -> Path:
+    return hostile_model_root
 
 
 @pytest.fixture()
@@ -99,19 +82,6 @@ def settings(tmp_path: Path, pg_url: str, model_root: Path) -> Settings:
         heartbeat_interval_s=0.5,
         progress_min_interval_s=0.0,
     )
-
-
-@pytest.fixture()
-def factory(pg_engine: Engine) -> Iterator[sessionmaker[Session]]:
-    """Sessions on one connection whose outer transaction is rolled back after the test (as in
-    tests/service's ``rollback_sessionmaker``): nothing the API writes outlives the test."""
-    conn = pg_engine.connect()
-    outer = conn.begin()
-    try:
-        yield sessionmaker(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
-    finally:
-        outer.rollback()
-        conn.close()
 
 
 @pytest.fixture()

@@ -1,22 +1,18 @@
-"""Load against real processes: a uvicorn API (`lorp serve --no-worker`) on Postgres, a private Redis,
-and Celery worker processes.
+"""Load against real processes: a uvicorn API (`lorp serve --no-worker`) on Postgres and a private Redis.
 
 - 50 clients post the same body with the same Idempotency-Key at once: one job row, one job id.
-- N queued jobs across 2 worker processes on a 2-block tiny model: all succeed, none runs twice.
-  N is ``LORP_LOAD_JOBS`` (default 20, CI-sized; each job takes ~1 s in its prefork child plus the
-  child's replacement, ~2.5 s per job and worker on a 2-core machine).
 - Status polling: ``GET /v1/jobs/{id}`` at 100 concurrent clients for a bounded time, beside
   ``/healthz`` of the same app in the same run: p50, p99, req/s, and the ratio.
 
 Run: ``.venv/bin/python -m pytest tests/reliability/test_load.py -m reliability``
-(``LORP_LOAD_JOBS=1000`` for the full queued-jobs run; ``LORP_LOAD_POLL_S`` sets each polling phase.)
+(``LORP_LOAD_POLL_S`` sets each polling phase). Batches of queued jobs through the service are
+tests/reliability/test_soak.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import statistics
 import threading
 import time
@@ -35,27 +31,21 @@ from tests.service.conftest import create_test_database, drop_test_database
 
 from .record import record
 from .servers import (
-    FINAL,
     Processes,
     RedisServer,
     build_tiny_model,
     cheap_job,
     service_env,
     start_api,
-    start_worker,
     upload_corpus,
-    wait_until,
 )
 
 pytestmark = pytest.mark.reliability
 
 COMMAND = ".venv/bin/python -m pytest tests/reliability/test_load.py -m reliability -k {k}"
-N_JOBS = int(os.environ.get("LORP_LOAD_JOBS", "20"))
 POLL_S = float(os.environ.get("LORP_LOAD_POLL_S", "8"))
 IDEMPOTENT_CLIENTS = 50
 POLL_CLIENTS = 100
-CLAIM_LINE = re.compile(r"job ([0-9a-f-]{36}): attempt (\d+) on (\S+)")
-LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 
 
 @dataclass
@@ -122,7 +112,7 @@ def test_50_clients_same_idempotency_key_make_one_job(stack: Stack) -> None:
     statuses = Counter(s for s, _, _ in results)
     ids = {j for _, j, _ in results}
     latencies = sorted(t for *_, t in results)
-    # Leave no queued job behind for the queued-jobs test's workers.
+    # Leave no queued job behind.
     if rows:
         httpx.post(f"{stack.base}/v1/jobs/{rows[0]}/cancel", timeout=30, trust_env=False)
     record(
@@ -146,147 +136,6 @@ def test_50_clients_same_idempotency_key_make_one_job(stack: Stack) -> None:
     assert len(results) == IDEMPOTENT_CLIENTS
     assert statuses == {202: 1, 200: IDEMPOTENT_CLIENTS - 1}, statuses
     assert len(rows) == 1 and ids == set(rows), (ids, rows)
-
-
-# -- N queued jobs across 2 workers ------------------------------------------------------------------------
-
-
-def _claims(procs: Processes, names: list[str]) -> tuple[list[tuple[str, int, str]], list[float], list[float]]:
-    """Every claim line in the workers' logs; the seconds from each claim to its model being loaded; and
-    the seconds from the worker receiving each message to a pool child claiming its job (the dispatch)."""
-    claims: list[tuple[str, int, str]] = []
-    import_s: list[float] = []
-    dispatch_s: list[float] = []
-    for name in names:
-        claimed_at: dict[str, float] = {}
-        received_at: float | None = None
-        for line in procs.log(name).splitlines():
-            stamp = LOG_TIME.match(line)
-            match = CLAIM_LINE.search(line)
-            if stamp and "] received" in line:
-                received_at = _seconds(stamp.group(1))
-            elif match:
-                claims.append((match.group(1), int(match.group(2)), name))
-                if stamp:
-                    claimed_at[match.group(1)] = _seconds(stamp.group(1))
-                    if received_at is not None:
-                        dispatch_s.append(claimed_at[match.group(1)] - received_at)
-                        received_at = None
-            elif " loaded " in line and stamp and claimed_at:
-                # Each prefork child runs one job: the latest claim of this log is the one loading.
-                last = max(claimed_at.values())
-                import_s.append(_seconds(stamp.group(1)) - last)
-                claimed_at.clear()
-    return claims, import_s, dispatch_s
-
-
-def _seconds(stamp: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def test_queued_jobs_across_two_workers_run_once_each(stack: Stack) -> None:
-    with httpx.Client(base_url=stack.base, timeout=30, trust_env=False) as client:
-        ids = []
-        for i in range(N_JOBS):
-            resp = client.post("/v1/jobs", json=cheap_job(stack.model, stack.dataset, seed=i))
-            assert resp.status_code == 202, resp.text
-            ids.append(resp.json()["id"])
-    uuids = [uuid.UUID(j) for j in ids]
-    started = time.monotonic()
-    workers = ["lw1", "lw2"]
-    for name in workers:
-        start_worker(stack.procs, stack.env, name)
-
-    def counts() -> dict[str, int]:
-        stack.procs.check_alive()
-        with stack.engine.connect() as conn:
-            rows = conn.execute(
-                text("select status::text, count(*) from jobs where id = any(:ids) group by status"), {"ids": uuids}
-            ).all()
-        return {str(s): int(n) for s, n in rows}
-
-    timeout = 120 + N_JOBS * 20
-    try:
-        wait_until("all jobs final", lambda: sum(counts().get(s, 0) for s in FINAL) == N_JOBS, timeout, interval=1)
-    except TimeoutError:
-        pytest.fail(f"not all {N_JOBS} jobs finished within {timeout} s: {counts()}\n{stack.procs.logs()}")
-    wall_s = time.monotonic() - started
-    with stack.engine.connect() as conn:
-        jobs = conn.execute(
-            text(
-                "select id::text, status::text, attempts, worker, extract(epoch from finished_at - started_at) "
-                "from jobs where id = any(:ids)"
-            ),
-            {"ids": uuids},
-        ).all()
-        artifact_rows: dict[str, int] = dict(
-            conn.execute(
-                text("select job_id::text, count(*) from artifacts where job_id = any(:ids) group by job_id"),
-                {"ids": uuids},
-            ).all()
-        )
-        running_events: dict[str, int] = dict(
-            conn.execute(
-                text(
-                    "select job_id::text, count(*) from job_events where kind = 'status' and status = 'running' "
-                    "and job_id = any(:ids) group by job_id"
-                ),
-                {"ids": uuids},
-            ).all()
-        )
-    stored = stack.data_dir / "artifacts" / "jobs"
-    folders = {p.name for p in stored.iterdir()} if stored.exists() else set()
-    claims, import_s, dispatch_s = _claims(stack.procs, workers)
-    claimed = Counter(job_id for job_id, _, _ in claims if job_id in set(ids))
-    per_worker = Counter(worker for job_id, _, worker in claims if job_id in set(ids))
-    statuses = Counter(status for _, status, *_ in jobs)
-    attempts = Counter(a for _, _, a, _, _ in jobs)
-    run_s = [float(s) for *_, s in jobs if s is not None]
-    twice = sorted(j for j, n in claimed.items() if n != 1)
-    sets = Counter(artifact_rows.get(j, 0) for j in ids)
-    rate = N_JOBS / wall_s
-    record(
-        "load",
-        f"{N_JOBS:,} queued jobs across 2 worker processes (tiny model)",
-        runs=N_JOBS,
-        outcomes={
-            "jobs": N_JOBS,
-            "statuses": dict(statuses),
-            "attempts": dict(attempts),
-            "claimed twice (worker logs)": len(twice),
-            "claims per worker": dict(sorted(per_worker.items())),
-            "artifact rows per job": dict(sets),
-            "artifact folders": len(folders & set(ids)),
-        },
-        data_lost=N_JOBS - statuses.get("succeeded", 0),
-        command=f"LORP_LOAD_JOBS={N_JOBS} " + COMMAND.format(k="queued"),
-        notes=(
-            "Cheapest real job (reverse, 1 of 2 blocks, 2 windows of 16 tokens, no evaluation). "
-            "worker_max_tasks_per_child=1: each job runs in a fresh prefork child; the worker's main process "
-            "imports the engine and warms transformers before forking (scripts/bench_worker.py), so "
-            "claim_to_model_loaded_s is the dataset download and building the model. dispatch_s runs from the "
-            "worker receiving a message to a child claiming it, including the exited child's replacement "
-            "(worker/pool.py)."
-            + (" CI runs this size; the issue's 1,000 is a LORP_LOAD_JOBS=1000 run." if N_JOBS < 1000 else "")
-        ),
-        figures={
-            "jobs_per_s": round(rate, 3),
-            "wall_s": round(wall_s, 1),
-            "job_run_s_mean": round(statistics.mean(run_s), 2) if run_s else None,
-            "claim_to_model_loaded_s_mean": round(statistics.mean(import_s), 2) if import_s else None,
-            "dispatch_s_p50": round(statistics.median(dispatch_s), 2) if dispatch_s else None,
-            "dispatch_s_p90": round(statistics.quantiles(dispatch_s, n=10)[-1], 2) if len(dispatch_s) > 1 else None,
-        },
-    )
-    assert statuses == {"succeeded": N_JOBS}, statuses
-    assert attempts == {1: N_JOBS}, attempts
-    assert not twice and len(claimed) == N_JOBS, (twice, len(claimed))
-    assert all(running_events.get(j) == 1 for j in ids), running_events
-    assert len(sets) == 1 and next(iter(sets)) > 0, sets
-    assert set(ids) <= folders
-    assert set(per_worker) == set(workers), per_worker
 
 
 # -- status polling ----------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
 3. Full stack (Postgres, Redis, moto's S3 server): with no worker, /readyz is 503 `workers` and the
    queued job says `waiting_for: "worker"`; a worker started later takes it and /readyz turns 200;
    a warm stop is seen at once, a kill -9 within LORP_WORKER_TIMEOUT_S.
+4. Full stack: a pool child that took a job and hangs before starting it is killed after
+   LORP_JOB_START_TIMEOUT_S, the job goes back to the queue and runs on a fresh child; /readyz and
+   /metrics say the worker is stuck until a job starts on it again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,13 +35,25 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from ports import free_port
+from sqlalchemy import create_engine, text
 
 from app.core.config import Settings
+from app.db.models import JobStatus
 from app.main import create_app
+from app.queue import enqueue_job
 from lorp.stages import STAGES
 from tests.reliability.record import record
 
-from .conftest import fleet_of, job_request, save_mid_llama, stack_settings, wait_for
+from .conftest import (
+    create_job,
+    fleet_of,
+    job_request,
+    load_job,
+    save_mid_llama,
+    stack_settings,
+    upload_dataset,
+    wait_for,
+)
 from .servers import wait_until
 
 pytestmark = pytest.mark.reliability
@@ -422,4 +438,93 @@ def test_full_stack_no_worker_is_503_until_a_worker_starts(
             "kill9_to_not_counted_s": round(kill_noticed_s, 1),
             "kill9_to_that_job_succeeded_s": round(third_s, 1),
         },
+    )
+
+
+def test_full_stack_a_pool_child_stuck_before_its_job_starts_is_replaced(
+    tmp_path: Path,
+    pg_url: str,
+    reliability_redis_url: str,
+    s3_server: str,
+    tiny_model_root: Path,
+    corpus_bytes: bytes,
+) -> None:
+    """A pool child takes a job and hangs before starting it: its claim waits on the job's row, which this
+    test holds locked (as a hung database connect or an inherited lock would hold a child). The worker
+    kills the child after LORP_JOB_START_TIMEOUT_S, the job goes back to the queue, /readyz and /metrics
+    say the worker is stuck while it lasts, and once the row is free a fresh child runs the job."""
+    timings = {k.removeprefix("LORP_").lower(): float(v) for k, v in FAST_ENV.items()}
+    settings: Settings = stack_settings(
+        tmp_path,
+        pg_url,
+        reliability_redis_url,
+        s3_server,
+        tiny_model_root,
+        **{**timings, "job_start_timeout_s": 3.0},
+    )
+    queue = settings.queue_name
+    dataset = upload_dataset(settings, corpus_bytes)
+    engine = create_engine(settings.sqlalchemy_url)
+    with fleet_of(settings, tmp_path) as fleet, TestClient(create_app(settings)) as client:
+        worker = fleet.start_worker("w1")
+        job_id = create_job(settings, job_request(str(tiny_model_root / "tiny-llama"), dataset, num_samples=4))
+        lock = engine.connect()
+        held = lock.begin()
+        lock.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id})
+        enqueue_job(job_id, settings)
+        sent = time.monotonic()
+        wait_for(lambda: "has not started it; killing the child" in worker.log(), 60, "the stuck start found", 0.1)
+        found_s = time.monotonic() - sent
+
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        workers = ready.json()["checks"]["workers"]
+        assert [e["field"] for e in ready.json()["errors"]] == ["workers"]
+        (stuck,) = workers["stuck"]
+        assert stuck["name"].startswith("w1@") and stuck["stuck_starts"] >= 1
+        assert f"took job {job_id}" in stuck["detail"] and "LORP_JOB_START_TIMEOUT_S" in ready.json()["detail"]
+        metrics = client.get("/metrics").text
+        assert f'lorp_workers_stuck{{queue="{queue}"}} 1.0' in metrics, metrics
+        shown = client.get(f"/v1/jobs/{job_id}").json()
+        assert shown["status"] == "queued" and shown["waiting_for"] == "worker", shown
+
+        held.rollback()
+        lock.close()
+        released = time.monotonic()
+        wait_for(lambda: load_job(settings, job_id).status.terminal, 120, "the job on a fresh child", 0.1)
+        ran_s = time.monotonic() - released
+        job = load_job(settings, job_id)
+        assert job.status == JobStatus.succeeded, (job.error_code, job.error_message, fleet.logs())
+        assert job.attempts == 1, "the stuck children never claimed it"
+        wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the worker no longer stuck", 0.2)
+        assert "stuck" not in client.get("/readyz").json()["checks"]["workers"]
+        metrics = client.get("/metrics").text
+        assert f'lorp_workers_stuck{{queue="{queue}"}} 0.0' in metrics
+        starts = re.search(rf'lorp_worker_stuck_starts{{queue="{queue}"}} (\S+)', metrics)
+        assert starts is not None and float(starts.group(1)) >= 1
+        assert worker.alive and "no longer stuck" in worker.log()
+        killed = worker.log().count("has not started it; killing the child")
+    engine.dispose()
+
+    record(
+        suite="faults",
+        scenario="full stack: a pool child hangs before its job starts",
+        runs=1,
+        outcomes={
+            "stuck children killed": killed,
+            "job": f"succeeded on a fresh child, attempts {job.attempts}",
+            "/readyz while stuck": "503 naming workers, checks.workers.stuck lists the worker",
+            "lorp_workers_stuck while stuck": 1,
+            "/readyz after a job started": 200,
+        },
+        data_lost=0,
+        command=COMMAND.format("stuck_before"),
+        notes=(
+            "LORP_JOB_START_TIMEOUT_S=3: the test holds the job's row locked (SELECT ... FOR UPDATE) before the "
+            "message is sent, so the pool child's claim waits, as a child holding an inherited lock or a hung "
+            "connect would. The worker's main process finds the child past the bound at its next liveness beat, "
+            "kills it, Celery hands the message back and forks a fresh child (a child that took it again while "
+            "the row was still locked was killed the same way); once the lock is released the job runs once."
+        ),
+        figures={"sent_to_child_killed_s": round(found_s, 1), "released_to_succeeded_s": round(ran_s, 1)},
     )

@@ -65,6 +65,11 @@ def test_upload_jsonl_counts_documents(api_settings, rollback_sessionmaker):
         ("docs.jsonl", b'{"text": "ok"}\n["not", "an", "object"]\n', {}, "file"),
         ("docs.jsonl", b'{"text": "ok"}\n{broken\n', {}, "file"),
         ("corpus.txt", b"plain text", {"text_field": "text"}, "text_field"),
+        # Input that was a 500: the parser's recursion, and text no database or tokenizer takes.
+        ("docs.jsonl", b'{"text": "ok"}\n{"text": "x", "m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", {}, "file"),
+        ("docs.jsonl", b'{"text": "a NUL \\u0000 escaped"}\n', {}, "file"),
+        ("docs.jsonl", b'{"text": "half a character \\ud800"}\n', {}, "file"),
+        ("docs.jsonl", b'{"\\ud800": "no text field, and a key that cannot be shown raw"}\n', {}, "text_field"),
     ],
 )
 def test_bad_uploads_are_422_and_store_nothing(api_settings, rollback_sessionmaker, filename, content, data, field):
@@ -93,3 +98,27 @@ def test_oversized_upload_is_413_and_stores_nothing(api_settings, rollback_sessi
     far = client.post("/v1/datasets", files={"file": ("big.txt", b"a" * 200_000)})
     assert_problem(far, 413)
     assert build_storage(settings).list("datasets") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        (b'{"text": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", "line 2: the JSON nests deeper than 100 levels"),
+        (b'{"text": "a \\u0000 b"}', "line 2: field 'text' must not contain NUL"),
+        (b'{"text": "a \\udbff b"}', "line 2: field 'text' holds an unpaired UTF-16 surrogate (\\udbff)"),
+        (b'{"t\\ud800": "x"}', "its fields: t\\ud800"),
+    ],
+)
+def test_jsonl_refusals_say_which_line_and_why(api_settings, rollback_sessionmaker, line, needle):
+    """A line nested 100,000 deep crashed the upload check (RecursionError, 500)."""
+    client = client_for(api_settings, rollback_sessionmaker, raise_server_exceptions=False)
+    content = b'{"text": "fine"}\n' + line + b"\n"
+    body = assert_problem(client.post("/v1/datasets", files={"file": ("docs.jsonl", content)}), 422)
+    assert needle in body["detail"], body
+
+
+def test_jsonl_nested_within_the_bound_is_accepted(api_settings, rollback_sessionmaker):
+    client = client_for(api_settings, rollback_sessionmaker)
+    nested = b'{"text": "fine [{", "meta": ' + b"[" * 99 + b"]" * 99 + b"}\n"
+    response = client.post("/v1/datasets", files={"file": ("nested.jsonl", nested)})
+    assert response.status_code == 201, response.text

@@ -7,7 +7,9 @@ import datetime as dt
 import pytest
 
 from app.core.config import Settings
+from app.db.migrate import upgrade_head
 from app.db.models import JobEvent, JobStatus
+from app.db.session import session_factory
 
 from .api_helpers import (
     DEMO_JOB,
@@ -16,6 +18,7 @@ from .api_helpers import (
     insert_job,
     queued_messages,
 )
+from .tmpfs import fill, free_bytes, mounted_tmpfs
 
 
 def test_healthz_and_readyz(api_settings, rollback_sessionmaker):
@@ -76,9 +79,6 @@ def any_database(request, api_settings, rollback_sessionmaker, tmp_path):
     """(settings, sessionmaker) on Postgres (rolled back) or on the embedded mode's SQLite database."""
     if request.param == "postgres":
         return api_settings, rollback_sessionmaker
-    from app.db.migrate import upgrade_head
-    from app.db.session import session_factory
-
     settings = Settings(data_dir=tmp_path / "embedded")
     settings.resolved_data_dir.mkdir(parents=True)
     upgrade_head(settings.sqlalchemy_url)
@@ -115,3 +115,45 @@ def test_metrics_with_jobs_in_every_state(any_database):
     assert 'lorp_stage_duration_seconds_gsum{stage="loading"} 100.0' in text
     assert 'lorp_stage_duration_seconds_bucket{le="30.0",stage="capture"} 0.0' in text
     assert 'lorp_stage_duration_seconds_bucket{le="60.0",stage="capture"} 3.0' in text
+
+
+# -- free disk space: /readyz's disk check and lorp_disk_free_bytes ------------------------------------------
+
+
+def test_readyz_names_a_disk_below_the_minimum(api_settings, rollback_sessionmaker):
+    ready = client_for(api_settings, rollback_sessionmaker).get("/readyz").json()["checks"]["disk"]
+    assert ready["ok"] is True and ready["min_free_mb"] == 100
+    assert {"data", "work", "artifacts", "spool"} <= set(ready["free_mb"])
+    # A minimum no disk here meets: every folder is named, and no path is shown.
+    settings = api_settings.model_copy(update={"min_free_disk_mb": 1 << 40})
+    response = client_for(settings, rollback_sessionmaker).get("/readyz")
+    body = assert_problem(response, 503, "disk")
+    disk = body["checks"]["disk"]
+    assert disk["ok"] is False and "LORP_MIN_FREE_DISK_MB" in disk["error"] and "data (" in disk["error"]
+    assert body["checks"]["database"] == {"ok": True}
+    assert "disk nearly full" in body["detail"] and str(settings.resolved_data_dir) not in response.text
+
+
+def _disk_gauge(client, label: str) -> float:
+    prefix = f'lorp_disk_free_bytes{{path="{label}"}} '
+    return float(next(line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)).split()[-1])
+
+
+def test_readyz_and_metrics_follow_a_filling_embedded_disk(tmp_path):
+    """The embedded mode keeps its SQLite database in the data folder: on a full disk SQLite still answers
+    ``SELECT 1`` (the database check passes) but fails every write; the disk check is what says so."""
+    with mounted_tmpfs(tmp_path / "embedded", 8 * 1024) as disk:
+        settings = Settings(data_dir=disk, min_free_disk_mb=4)
+        upgrade_head(settings.sqlalchemy_url)
+        client = client_for(settings, session_factory(settings.sqlalchemy_url))
+        assert client.get("/readyz").status_code == 200
+        assert abs(_disk_gauge(client, "data") - free_bytes(disk)) < 256 * 1024
+
+        ballast = fill(disk, leave_bytes=1024 * 1024)
+        body = assert_problem(client.get("/readyz"), 503, "disk")
+        assert body["checks"]["database"] == {"ok": True}, "SQLite reads still work on a full disk"
+        assert body["checks"]["disk"]["free_mb"]["data"] <= 1 and "data (" in body["checks"]["disk"]["error"]
+        assert _disk_gauge(client, "data") <= 1024 * 1024
+
+        ballast.unlink()
+        assert client.get("/readyz").status_code == 200  # ready again once space is freed

@@ -96,12 +96,24 @@ def test_a_local_directory_and_gguf_under_a_model_root(api_settings, rollback_se
     assert "12 decoder blocks" in problem["detail"]
 
 
+def test_a_config_nested_100000_deep_is_not_a_500(api_settings, rollback_sessionmaker, tiny_tokenizer):
+    """Reading the depth of a hostile config.json must not end the request in a RecursionError: its depth
+    is unknown at submission, so the job is accepted and the worker reports the model."""
+    from tiny import save_tiny_llama
+
+    directory = save_tiny_llama(api_settings.model_roots[0], "deep-config", tiny_tokenizer, num_hidden_layers=2)
+    (directory / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    response = submit(api_settings, rollback_sessionmaker, str(directory), target={"num_layers": 1})
+    assert response.status_code == 202, response.text
+
+
 def test_an_s3_prefix_with_a_config(api_settings, rollback_sessionmaker, s3_server):
     bucket = f"lorp-{uuid.uuid4().hex[:12]}"
     create_bucket(s3_server, bucket)
     settings = api_settings.model_copy(
         update={
             "storage_url": f"s3://{bucket}/artifacts",
+            "model_s3_prefixes": [f"s3://{bucket}/models/"],
             "s3_endpoint_url": s3_server,
             "s3_region": REGION,
             "s3_access_key": ACCESS_KEY,

@@ -30,7 +30,8 @@ def test_worker_pool_is_the_prompt_prefork_pool() -> None:
     # What `celery worker --pool prefork` resolves to when worker_pool is configured.
     assert concurrency.get_implementation(config["worker_pool"]) is JobPool
     assert JobPool.Pool is PromptAsynPool and issubclass(PromptAsynPool, AsynPool)
-    # The only change from Celery's pool: exited children are looked for far more often than every 5 s.
+    # Exited children are looked for far more often than every 5 s (where the children come from, the
+    # fork server, is tests/service/test_serve_lifecycle.py's).
     pool = PromptAsynPool.__new__(PromptAsynPool)  # timers only reads maintain_pool
     assert list(pool.timers.values()) == [MAINTAIN_INTERVAL_S] and MAINTAIN_INTERVAL_S < 1
     assert list(AsynPool.timers.fget(pool).values()) == [5.0]  # type: ignore[attr-defined]

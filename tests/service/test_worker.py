@@ -99,6 +99,7 @@ def s3_settings(tmp_path: Path, pg_url: str, redis_url: str, model_root: Path, s
         redis_url,
         model_root,
         storage_url=f"s3://{bucket}/artifacts",
+        model_s3_prefixes=[f"s3://{bucket}/models/"],
         # Its own queue: test runs sharing this Redis must not take each other's messages.
         queue_name=f"gpu-test-{uuid.uuid4().hex[:8]}",
         s3_endpoint_url=s3_server,
@@ -521,7 +522,7 @@ def test_second_job_reuses_the_stored_analysis(local_settings: Settings, model_r
 # -- s3:// model references -------------------------------------------------------------------------
 
 
-def test_model_from_the_configured_bucket(s3_settings: Settings, model_root: Path, corpus_bytes: bytes) -> None:
+def test_model_from_an_allowed_s3_folder(s3_settings: Settings, model_root: Path, corpus_bytes: bytes) -> None:
     settings = s3_settings
     bucket = settings.artifact_storage_url.removeprefix("s3://").split("/", 1)[0]
     models = storage_from_url(f"s3://{bucket}/models/tiny-llama", **settings.s3_options())

@@ -1,4 +1,5 @@
-"""/healthz (process up), /readyz (database, broker, storage reachable; workers serving the queue), /metrics."""
+"""/healthz (process up), /readyz (database, broker, storage reachable; disk space left; workers serving the
+queue), /metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sqlalchemy import create_engine, text
 
 from app.api.deps import SettingsDep, UnitOfWorkRoute, service_state
 from app.api.problems import problem_response
+from app.core import disk
+from app.core.config import Settings
 from app.core.errors import FieldError
 from app.db.session import session_scope
 from app.services import workers as workers_service
@@ -53,15 +56,53 @@ def check_broker(url: str) -> None:
         conn.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)
 
 
+def check_disk(settings: Settings) -> dict[str, Any]:
+    """The ``disk`` check: free space (MiB) of each folder the service writes, by label, and whether each
+    has at least ``LORP_MIN_FREE_DISK_MB``.
+
+    In the embedded mode ``data`` holds the SQLite database: SQLite on a full disk still answers
+    ``SELECT 1`` but fails every write, so this check is what says the database cannot work.
+    """
+    floor = settings.min_free_disk_mb
+    free_mb: dict[str, int] = {}
+    low: list[str] = []
+    for label, folder in disk.write_dirs(settings).items():
+        try:
+            free = disk.free_bytes(folder) // disk.MIB
+        except OSError as exc:
+            low.append(f"{label} (cannot measure: {exc.strerror or type(exc).__name__})")
+            continue
+        free_mb[label] = free
+        if free < floor:
+            low.append(f"{label} ({free} MiB free)")
+    result: dict[str, Any] = {"ok": not low, "free_mb": free_mb, "min_free_mb": floor}
+    if low:
+        result["error"] = (
+            f"disk nearly full: {', '.join(low)}, below LORP_MIN_FREE_DISK_MB={floor}; "
+            "writes there (jobs, uploads, the embedded database) fail once it is full"
+        )
+    return result
+
+
 @router.get("/healthz")
 def get_health() -> dict[str, str]:
     """The process is up (no I/O)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is unreachable, or queued jobs have no worker"}})
+@router.get(
+    "/readyz",
+    responses={
+        503: {"description": "a dependency is unreachable, a disk is nearly full, or queued jobs have no worker"}
+    },
+)
 def get_readiness(request: Request, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and storage are reachable, and a live worker serves the queue when jobs wait in it.
+    """Database, broker and storage are reachable, the folders the service writes have room, and a live
+    worker serves the queue when jobs wait in it.
+
+    ``checks.disk`` has the free MiB of each folder the service writes (``data``, ``work``, and the
+    database, broker, artifacts and upload spool folders where they lie elsewhere); it fails when one
+    has less than ``LORP_MIN_FREE_DISK_MB``.
 
     ``checks.workers`` has the live workers per queue (their liveness beats in the database) and the
     queued jobs; it fails when jobs are queued with no live worker on their queue, or when ``lorp
@@ -86,6 +127,7 @@ def get_readiness(request: Request, settings: SettingsDep) -> JSONResponse:
     run("database", database)
     run("broker", lambda: check_broker(settings.celery_broker_url))
     run("storage", lambda: state.storage.check())
+    checks["disk"] = check_disk(settings)
     if checks["database"]["ok"]:
         try:
             with session_scope(state.sessionmaker) as session:
@@ -96,10 +138,9 @@ def get_readiness(request: Request, settings: SettingsDep) -> JSONResponse:
     failed = [name for name, result in checks.items() if not result["ok"]]
     if not failed:
         return JSONResponse({"status": "ok", "checks": checks})
-    unreachable = [name for name in failed if name != "workers"]
+    unreachable = [name for name in failed if name not in ("workers", "disk")]
     reasons = [f"{', '.join(unreachable)} unreachable"] if unreachable else []
-    if "workers" in failed:
-        reasons.append(checks["workers"]["error"])
+    reasons.extend(checks[name]["error"] for name in ("disk", "workers") if name in failed)
     return problem_response(
         request,
         status=503,

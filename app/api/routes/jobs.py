@@ -39,6 +39,7 @@ IdempotencyKey = Annotated[
     responses={
         200: {"description": "idempotent replay"},
         409: {"model": Problem, "description": "Idempotency-Key reused with another body"},
+        429: {"model": Problem, "description": "the key holds LORP_KEY_MAX_QUEUED_JOBS queued jobs; see Retry-After"},
     },
 )
 def create_job(
