@@ -98,7 +98,7 @@ def stop_liveness_beat(**_: Any) -> None:
 
 def _exit_pool_child() -> None:
     """End this pool child at once: it runs one job only (``worker_max_tasks_per_child=1``), and that
-    job was taken from it while it hung. Celery forks a fresh child for the next job."""
+    job was taken from it while it hung. The fork server forks a fresh child for the next job."""
     logging.shutdown()
     os._exit(ABANDONED_EXIT_CODE)
 

@@ -285,6 +285,85 @@ def test_embedded_kill9_mid_capture_finishes_on_the_restarted_worker(
     )
 
 
+@pytest.mark.long  # minutes: make reliability records it; tests/service/test_serve_lifecycle.py checks the kill
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM, then kill -9 3 s later"])
+def test_embedded_serve_killed_mid_job_leaves_no_worker_and_a_restart_finishes_it(
+    tmp_path: Path, capture_model_root: Path, corpus_bytes: bytes, how: str
+) -> None:
+    """lorp serve dies while its worker captures (outright, or during the warm shutdown that waits for the
+    job): every process of the worker goes with it, and a serve started again on the same data folder is
+    the only one to run jobs; the reconciler takes the job back and it finishes there, attempts 2."""
+    model = str(capture_model_root / "mid-llama")
+    serve = Serve(tmp_path, capture_model_root)
+    tree: list[psutil.Process] = []
+    try:
+        serve.up()
+        uploaded = serve.client.post("/v1/datasets", files={"file": ("corpus.txt", corpus_bytes, "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+        job_id, tries = _a_job_in_capture(serve, model, uploaded.json()["id"])
+        tree = psutil.Process(serve.proc.pid).children(recursive=True)
+        if how != "kill -9":
+            serve.proc.send_signal(signal.SIGTERM)
+            time.sleep(3)
+            assert serve.proc.poll() is None, "serve was expected to wait for its worker's warm shutdown"
+        killed_at = time.monotonic()
+        serve.proc.kill()
+        serve.proc.wait(timeout=10)
+
+        def all_gone() -> bool:
+            return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in tree)
+
+        wait_for(all_gone, 60, "every worker process to go with serve", 0.05)
+        gone_s = time.monotonic() - killed_at
+    finally:
+        serve.client.close()
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    serve.log_path.rename(tmp_path / "serve-killed.log")
+
+    with serving(tmp_path, capture_model_root) as again:
+        restarted_at = time.monotonic()
+        wait_for(lambda: _finished(again, job_id), 300, "the job on the restarted serve", 0.25)
+        finished_s = time.monotonic() - restarted_at
+        job = again.job(job_id)
+        assert job["status"] == "succeeded", (job["error"], again.log()[-4000:])
+        assert job["attempts"] == 2, job
+        assert len(again.worker_pids()) == 1, "one worker runs jobs after the restart"
+        stored = sorted(
+            str(p.relative_to(again.data / "artifacts" / "jobs" / job_id))
+            for p in (again.data / "artifacts" / "jobs" / job_id).rglob("*")
+            if p.is_file()
+        )
+        names = sorted(a["name"] for a in again.client.get(f"/v1/jobs/{job_id}/artifacts").json())
+        assert stored == names, "the files under the job's folder differ from its artifact rows"
+
+    record(
+        suite="faults",
+        scenario=f"embedded: lorp serve killed mid-job ({how})",
+        runs=1,
+        outcomes={
+            "worker processes left after serve died": 0,
+            "restarted serve": f"one worker; the job succeeded there, attempts {job['attempts']}",
+            "artifact_sets": 1,
+            "missed_stage_retries": len(tries),
+        },
+        data_lost=0,
+        command=COMMAND.format("serve_killed_mid_job"),
+        notes=(
+            f"lorp serve in the embedded mode, a job caught in capture, then {how} of serve. Its worker asked "
+            "the kernel for SIGKILL at serve's death, and each of the fork server's reapers kills its pool "
+            "process when the worker's main process dies: the whole tree goes at once, nothing waits for the "
+            "job. A serve started again on the same data folder took the job back (heartbeat timeout 4 s) "
+            "and finished it."
+        ),
+        figures={
+            "serve_killed_to_every_worker_process_gone_s": round(gone_s, 2),
+            "restart_to_succeeded_s": round(finished_s, 1),
+        },
+    )
+
+
 def test_embedded_crash_loop_stops_the_restarts_and_turns_readyz_503(tmp_path: Path, capture_model_root: Path) -> None:
     limit = 3
     with serving(tmp_path, capture_model_root, LORP_WORKER_RESTART_LIMIT=str(limit)) as serve:
