@@ -68,7 +68,7 @@ COMMAND = (
 )
 CLAIM_LINE = re.compile(r"job ([0-9a-f-]{36}): attempt (\d+) on (\S+)")
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
-CI_NOTE = " make reliability runs this size; make soak runs 1,000 x 3." if N_JOBS < 1000 else ""
+SIZE_NOTE = " make reliability runs this size; make soak runs 1,000 x 3." if N_JOBS < 1000 else ""
 # Per job on 2 busy cores: a few seconds; the bound only has to catch a stuck service.
 SECONDS_PER_JOB = 20
 
@@ -265,12 +265,7 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
             "Cheapest real job (reverse, 1 of 2 blocks, 2 windows of 16 tokens, no evaluation); one job slot; "
             "all of a batch submitted first, batches one after another on the same serve. Before the fork "
             "server, a run of 1,000 hung for good after ~116 jobs (a pool child forked while another thread "
-            "held SQLite's lock)."
-            + (
-                " CI runs this size; the issue's figure is LORP_SOAK_JOBS=1000 LORP_SOAK_BATCHES=3."
-                if N_JOBS < 1000
-                else ""
-            )
+            "held SQLite's lock)." + SIZE_NOTE
         ),
         "embedded",
     )
@@ -382,12 +377,7 @@ def test_soak_full_stack(tmp_path: Path, tiny_tokenizer: Any, s3_server: str) ->
             "processes (one job slot each); the cheapest real job; all of a batch submitted first, batches one "
             f"after another. Claims per worker: {dict(sorted(per_worker.items()))}. Artifacts checked as rows and as "
             "objects under jobs/{id}/. dispatch_s runs from a worker receiving a message to a pool child claiming "
-            "its job, the exited child's replacement by the fork server included (worker/pool.py)."
-            + (
-                " CI runs this size; the issue's figure is LORP_SOAK_JOBS=1000 LORP_SOAK_BATCHES=3."
-                if N_JOBS < 1000
-                else ""
-            )
+            "its job, the exited child's replacement by the fork server included (worker/pool.py)." + SIZE_NOTE
         ),
         "full_stack",
         dispatch_s_p50=round(statistics.median(dispatch), 2) if dispatch else None,
