@@ -52,11 +52,13 @@ reliability: setup services
 	LORP_RELIABILITY_RESULTS=docs/reliability $(PY) -m pytest -q -m reliability tests/reliability
 	$(PY) scripts/reliability_report.py > /dev/null
 
-# The soak at the issue's size: 1,000 jobs x 3 batches through lorp serve and through the full stack
-# (hours on 2 cores), recorded beside the CI-sized rows; then docs/reliability.md.
+# The soaks at the issue's size: 1,000 jobs x 3 batches through lorp serve and through the full stack,
+# side by side (hours on 2 cores), recorded beside the make-reliability rows; then docs/reliability.md.
 soak: setup services
-	LORP_SOAK_JOBS=1000 LORP_SOAK_BATCHES=3 LORP_RELIABILITY_RESULTS=docs/reliability \
-		$(PY) -m pytest -q -m reliability tests/reliability/test_soak.py
+	LORP_SOAK_JOBS=1000 LORP_SOAK_BATCHES=3 LORP_RELIABILITY_RESULTS=docs/reliability sh -c '\
+		$(PY) -m pytest -q -m reliability tests/reliability/test_soak.py -k embedded & embedded=$$!; \
+		$(PY) -m pytest -q -m reliability tests/reliability/test_soak.py -k full_stack & full=$$!; \
+		wait $$embedded; a=$$?; wait $$full; b=$$?; exit $$((a || b))'
 	$(PY) scripts/reliability_report.py > /dev/null
 
 # Engine and other server-free tests only (markers set per folder in tests/conftest.py).
