@@ -202,7 +202,8 @@ def decoder_blocks(model: Any) -> torch.nn.ModuleList:
     return blocks
 
 
-def _validate_indices(blocks: Sequence[int], n: int) -> list[int]:
+def validate_indices(blocks: Sequence[int], n: int) -> list[int]:
+    """``blocks`` as a list of block indices of an ``n``-block model: integers, in range, unique, leaving one."""
     # Any iterable of integers is accepted (numpy arrays and numpy ints from the selection code
     # included); strings are iterable too but are never a list of block indices.
     if isinstance(blocks, str | bytes) or not isinstance(blocks, Iterable):
@@ -264,10 +265,30 @@ def _fix_gpt2_inverse_layer_scaling(module: Any, new_idx: int) -> None:
         module.scaling = new_scaling
 
 
-def _update_config(config: Any, kept: list[int], n_old: int, num_layers_attr: str) -> None:
+def _per_layer_lists(config: Any, n_old: int) -> list[str]:
+    # The known lists, and any other list the config holds under a name that says it is per layer
+    # with one entry per block (a family's sliding-window or rope arrays).
+    others = [
+        name
+        for name, value in vars(config).items()
+        if name not in _PER_LAYER_LISTS
+        and "layer" in name
+        and isinstance(value, list | tuple)
+        and len(value) == n_old
+        and n_old > 1
+    ]
+    return [*_PER_LAYER_LISTS, *sorted(others)]
+
+
+def prune_config(config: Any, kept: list[int], n_old: int, num_layers_attr: str) -> None:
+    """Make ``config`` describe the model with only the ``kept`` blocks (original indices, ascending).
+
+    Trims every per-layer list to the kept blocks, remaps block-index thresholds and sets the block
+    count; refuses a known per-layer list whose length is not the old block count.
+    """
     n_new = len(kept)
     kept_set = set(kept)
-    for name in _PER_LAYER_LISTS:
+    for name in _per_layer_lists(config, n_old):
         value = getattr(config, name, None)
         if isinstance(value, list | tuple):
             if len(value) != n_old:
@@ -325,12 +346,12 @@ def remove_blocks(model: Any, blocks: Sequence[int]) -> list[int]:
     layout = block_layout(model)
     module_list = resolve_path(model, layout.path)
     n_old = len(module_list)
-    removed = set(_validate_indices(blocks, n_old))
+    removed = set(validate_indices(blocks, n_old))
     kept = [i for i in range(n_old) if i not in removed]
     config = model.config
 
     # Config first: if a per-layer list does not match, fail before the module list is touched.
-    _update_config(config, kept, n_old, layout.num_layers_attr)
+    prune_config(config, kept, n_old, layout.num_layers_attr)
 
     # Delete in place (deepest first so earlier indices stay valid): the ModuleList object stays the
     # same, so references held by callers remain valid.

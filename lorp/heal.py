@@ -94,18 +94,43 @@ def output_projection(model: Any, block: torch.nn.Module) -> tuple[Any, str]:
     return resolve_path(block, path), kind
 
 
+# Columns (rows for Conv1D) folded at a time: the float64 copies a fold makes are d x this, not the
+# whole projection (a 70B model's down projection is 8192 x 28672: 1.9 GB in float64).
+_FOLD_CHUNK = 1024
+
+
+def folded_weight(weight: torch.Tensor, kind: str, T: torch.Tensor) -> torch.Tensor:
+    """A projection's weight with ``T`` folded into its output, computed in float64, in the weight's dtype.
+
+    The in-memory fold and the checkpoint writer both call it, so a weight stored folded equals the one
+    the engine measured. Computed a slice of input features at a time (a column of ``T^T W`` needs
+    only the same column of ``W``), holding a slice in float64, never the whole weight.
+    """
+    t = T.to(device=weight.device, dtype=torch.float64)
+    out = torch.empty_like(weight)
+    with torch.no_grad():
+        if kind == "conv1d":  # y = x W + b, W: [in, out]
+            for i in range(0, weight.shape[0], _FOLD_CHUNK):
+                out[i : i + _FOLD_CHUNK] = (weight[i : i + _FOLD_CHUNK].to(torch.float64) @ t).to(weight.dtype)
+        else:  # y = x W^T + b, W: [out, in]
+            tt = t.T
+            for j in range(0, weight.shape[1], _FOLD_CHUNK):
+                out[:, j : j + _FOLD_CHUNK] = (tt @ weight[:, j : j + _FOLD_CHUNK].to(torch.float64)).to(weight.dtype)
+    return out
+
+
+def folded_bias(bias: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """A projection's bias with ``T`` folded into its output (``b <- b T``), in the bias's dtype."""
+    return (bias.to(torch.float64) @ T.to(device=bias.device, dtype=torch.float64)).to(bias.dtype)
+
+
 def fold(projection: Any, kind: str, T: torch.Tensor) -> None:
     """Make ``projection`` compute ``old_output @ T`` (T is d x d, applied to the output features)."""
-    weight = projection.weight
     with torch.no_grad():
-        t = T.to(device=weight.device, dtype=torch.float64)
-        if kind == "conv1d":  # y = x W + b, W: [in, out]
-            weight.copy_((weight.to(torch.float64) @ t).to(weight.dtype))
-        else:  # y = x W^T + b, W: [out, in]
-            weight.copy_((t.T @ weight.to(torch.float64)).to(weight.dtype))
+        projection.weight.copy_(folded_weight(projection.weight, kind, T))
         bias = getattr(projection, "bias", None)
         if bias is not None:
-            bias.copy_((bias.to(torch.float64) @ t).to(bias.dtype))
+            bias.copy_(folded_bias(bias, T))
 
 
 class FitStatistics:

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import re
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from lorp.depth import MAX_BLOCKS, blocks_in_config
 from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
 from lorp.export import drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
+from lorp.shards import read_header
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The safetensors folder the weights were read from, kept for writing the pruned checkpoint by
+    # tensor surgery (lorp.surgery); None for a GGUF file or pickled weights.
+    weights: Path | None = None
 
 
 def resolve_device(device: str = "auto") -> tuple[torch.device, str | None]:
@@ -99,11 +102,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _weights_fingerprint(directory: Path) -> dict[str, Any]:
+    # Each file's hash is remembered while the file is unchanged (lorp.assets.cache): the full read
+    # is paid once per version of the weights on this machine, not before every job.
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        digest.update(assets.file_sha256(f).encode())
+        digest.update(assets.remembered_sha256(f).encode())
     return {"weights_sha256": digest.hexdigest(), "weight_files": [f.name for f in files]}
 
 
@@ -120,66 +125,7 @@ def _check_local_weights(directory: Path, allow_pickle: bool, name: str) -> None
         raise ModelLoadError(f"{name} holds no model weights (*.safetensors)", field="model.id")
 
 
-# Bytes per element of the safetensors dtypes (sub-byte float formats are not stored by HF checkpoints).
-_SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def _corrupt(path: Path, why: str) -> ModelLoadError:
-    return ModelLoadError(f"{path.name} is not a valid safetensors file: {why}", field="model.id")
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensor table of one safetensors file, checked against the file's size without reading data.
-
-    Catches truncated files and headers that lie about shapes (a shape whose byte size differs from
-    the tensor's data span), with the file and tensor named.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length (truncated)")
-        length = int.from_bytes(raw, "little")
-        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise _corrupt(path, f"its header claims {length} bytes but the file holds {size} (truncated)")
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise _corrupt(path, "its header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "its header is not a JSON object")
-    data_size = size - 8 - length
-    tensors: dict[str, Any] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            itemsize = _SAFETENSORS_ITEMSIZE[dtype]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"tensor {name!r} has a malformed entry in the header") from None
-        needed = math.prod(shape) * itemsize
-        if end - begin != needed:
-            raise _corrupt(
-                path,
-                f"tensor {name!r}: the header's shape {shape} ({dtype}) needs {needed} bytes "
-                f"but its data span {end - begin}",
-            )
-        if end > data_size:
-            raise _corrupt(
-                path, f"tensor {name!r} ends at byte {end} of the data but the file holds {data_size} (truncated)"
-            )
-        tensors[name] = shape
-    return tensors
 
 
 def _preflight_local(directory: Path, name: str) -> None:
@@ -205,7 +151,7 @@ def _preflight_local(directory: Path, name: str) -> None:
     indices: set[int] = set()
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
-        for tensor in _safetensors_header(f):
+        for tensor in read_header(f):
             match = _LAYER_INDEX.search(tensor)
             if match:
                 indices.add(int(match.group(1)))
@@ -365,7 +311,7 @@ def load_model(
     name = name or source
     note = progress or (lambda _msg: None)
     with _located(source, kind, roots, name, revision, allow_pickle, note) as (location, provenance, kwargs):
-        return _load_located(
+        loaded = _load_located(
             location,
             provenance,
             kwargs,
@@ -375,6 +321,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
             note=note,
         )
+        if "gguf_file" not in kwargs and any(location.glob("*.safetensors")):
+            loaded.weights = location
+        return loaded
 
 
 @contextmanager
@@ -394,7 +343,7 @@ def _located(
         if source != assets.DEMO_MODEL:
             raise ModelLoadError(f"{name!r} is not the demo model", field="model.id")
         note("preparing the demo model (converted from GGUF once, then cached)")
-        provenance.update(kind="demo", gguf_sha256=assets.file_sha256(assets.demo_gguf_path()))
+        provenance.update(kind="demo", gguf_sha256=assets.remembered_sha256(assets.demo_gguf_path()))
         kwargs["use_safetensors"] = True
         yield assets.demo_model_dir(progress=note), provenance, kwargs
         return
@@ -414,7 +363,7 @@ def _located(
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {name}", field="model.id")
         _preflight_gguf(path)
-        provenance.update(kind="gguf", file_sha256=assets.file_sha256(path))
+        provenance.update(kind="gguf", file_sha256=assets.remembered_sha256(path))
         kwargs["gguf_file"] = path.name
         with _gguf_alone(path) as staging:
             yield staging, provenance, kwargs

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.export import save_pruned, verify_reload
 from lorp.loading import LoadedModel, ModelKind, load_model
-from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, resolve_heal
+from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
 from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
     BudgetCurve,
@@ -40,12 +40,13 @@ from lorp.result import (
     SelectionSummary,
     StructureSummary,
 )
-from lorp.scoring import apply_fits
+from lorp.scoring import Fit, apply_fits
 from lorp.selection import Selection, analyze_structure, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
 from lorp.stages import Stage
 from lorp.states import StateSink
+from lorp.surgery import stored_dtypes, write_pruned
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +356,21 @@ def _budget_curve(choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, s
     )
 
 
+def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Sequence[Fit]) -> None:
+    """Write the pruned model: by tensor surgery on the source's safetensors files when there are any
+    (the stored dtypes kept, about one tensor held at a time), else ``save_pretrained`` of the model in
+    memory (a GGUF file, pickled weights); the tokenizer and generation config as the engine loaded them."""
+    if loaded.weights is None:
+        save_pruned(loaded.model, loaded.tokenizer, model_dir)
+        return
+    folds = {fit.anchor: fit.T for fit in fits}
+    write_pruned(loaded.weights, model_dir, removed, folds, device=loaded.device)
+    if not (model_dir / "generation_config.json").exists() and loaded.model.generation_config is not None:
+        loaded.model.generation_config.save_pretrained(model_dir)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(model_dir)
+
+
 def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], healed: bool = False) -> str:
     name = Path(source).name if "/" in source else source
     plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS and chosen != method else method
@@ -435,7 +451,7 @@ def run_prune(
             seq_len=spec.calibration.seq_len,
             max_windows=spec.evaluation.max_windows,
         )
-    fit_on = heal_windows(data.capture)
+    fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, opts.heal, fit_on.num_tokens)  # refuses before the capture
     sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
@@ -486,13 +502,14 @@ def run_prune(
     with stages.stage(Stage.evaluating_dense):
         dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
     with stages.stage(Stage.pruning):
-        apply_fits(model, choice.fits)
+        anchors = [fit.anchor for fit in choice.fits]
+        apply_fits(model, choice.fits, stored_dtypes(loaded.weights, model, anchors) if loaded.weights else None)
         remove_blocks(model, chosen.pruned_layers)
     with stages.stage(Stage.evaluating_pruned):
         pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
-        save_pruned(model, loaded.tokenizer, model_dir)
+        _save(loaded, model_dir, chosen.pruned_layers, choice.fits)
     with stages.stage(Stage.verifying):
         probe = data.validation.input_ids[:2, : min(32, data.validation.input_ids.shape[1])]
         reload_check = verify_reload(model_dir, model, probe)

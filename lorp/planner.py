@@ -2,7 +2,7 @@
 
 Every plan is scored as it will ship: from cached dense states of the validation windows
 (``lorp.scoring.PlanScorer``), and healed with maps fitted on the heal windows (the first capture
-windows, at most ``HEAL_MAX_TOKENS`` tokens) when healing is on. ``auto`` keeps the best of the
+windows, at most ``heal_token_cap(d)`` tokens) when healing is on. ``auto`` keeps the best of the
 one-pass plans, ``search`` grows a plan block by block (``lorp.search``) and keeps the best of it
 and the one-pass plans, any other method's plan is scored for the report. A quality target
 (``target.max_perplexity_ratio``) raises the budget one block at a time and keeps the largest
@@ -71,6 +71,11 @@ class PlanChoice:
     scorer: PlanScorer | None = None  # what scored the candidates, for more plans (the budget curve)
 
 
+def hidden_size(model: Any) -> int:
+    """The width of the model's residual stream (its input embeddings' dimension)."""
+    return int(model.get_input_embeddings().embedding_dim)
+
+
 def heal_unavailable(model: Any, heal_tokens: int | None = None) -> str | None:
     """Why this model's cuts cannot be healed here (architecture, or too few heal tokens), or None.
 
@@ -79,7 +84,7 @@ def heal_unavailable(model: Any, heal_tokens: int | None = None) -> str | None:
     """
     why = heal_refusal(model)
     if why is None and heal_tokens is not None:
-        width = int(model.get_input_embeddings().embedding_dim)
+        width = hidden_size(model)
         needed = MIN_TOKENS_PER_WIDTH * width
         if heal_tokens < needed:
             why = (
@@ -104,8 +109,20 @@ def resolve_heal(model: Any, requested: Heal | None, heal_tokens: int | None = N
     return requested
 
 
-def heal_windows(capture: TokenWindows, max_tokens: int = HEAL_MAX_TOKENS) -> TokenWindows:
-    """The first capture windows, at most ``max_tokens`` tokens (and at least one window)."""
+def heal_token_cap(width: int) -> int:
+    """The most heal tokens kept for a model of hidden size ``width``: 8,192, or twice what a fit needs.
+
+    A d x d fit needs ``MIN_TOKENS_PER_WIDTH * d`` tokens, so a fixed cap would leave every wide model
+    (d = 4,096 for 8B models, 8,192 for 70B) unhealed whatever its calibration; the cap grows with the
+    width, and so do the kept states (tokens x d per block, held where the capture holds its states).
+    """
+    return max(HEAL_MAX_TOKENS, 2 * MIN_TOKENS_PER_WIDTH * width)
+
+
+def heal_windows(capture: TokenWindows, width: int, max_tokens: int | None = None) -> TokenWindows:
+    """The first capture windows, at most ``max_tokens`` tokens (default :func:`heal_token_cap` of
+    ``width``; and at least one window)."""
+    max_tokens = heal_token_cap(width) if max_tokens is None else max_tokens
     count = max(1, min(capture.num_windows, max_tokens // max(int(capture.input_ids.shape[1]), 1)))
     return TokenWindows(
         input_ids=capture.input_ids[:count],
@@ -198,10 +215,10 @@ def choose_plan(
         n_blocks: the model's block count.
         progress: called as ``progress(done, total)``; ``total`` is an estimate for a quality target.
         should_cancel: checked between batches.
-        heal_cache: the dense states of ``heal_windows(data.capture)`` when the capture kept them
+        heal_cache: the dense states of ``heal_windows(data.capture, d)`` when the capture kept them
             (``lorp.states.StateSink``); built here otherwise.
     """
-    fit_on = heal_windows(data.capture)
+    fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)
     heal_refusal_reason = (
         "options.heal is none" if spec.options.heal == "none" else heal_unavailable(model, fit_on.num_tokens)

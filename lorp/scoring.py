@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -74,12 +74,23 @@ def folded(model: Any, fits: Sequence[Fit]) -> Iterator[None]:
                     projection.bias.copy_(bias)
 
 
-def apply_fits(model: Any, fits: Sequence[Fit]) -> None:
-    """Fold the fits into the model for good (before its blocks are removed)."""
+def apply_fits(model: Any, fits: Sequence[Fit], stored: Mapping[int, torch.dtype] | None = None) -> None:
+    """Fold the fits into the model for good (before its blocks are removed).
+
+    ``stored`` maps an anchor block to the dtype its projection is written in; a folded weight is
+    rounded to it, so that the model measured is the one the checkpoint holds.
+    """
     blocks = decoder_blocks(model)
     for fit in fits:
         projection, kind = output_projection(model, blocks[fit.anchor])
         fold(projection, kind, fit.T)
+        dtype = (stored or {}).get(fit.anchor)
+        if dtype is None:
+            continue
+        with torch.no_grad():
+            for tensor in (projection.weight, getattr(projection, "bias", None)):
+                if tensor is not None and tensor.dtype != dtype:
+                    tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
 def _check(should_cancel: Callable[[], bool] | None) -> None:

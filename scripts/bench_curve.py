@@ -28,7 +28,7 @@ from benchdoc import CURVE_HEADING, replace_section  # noqa: E402
 
 from lorp.blocks import decoder_blocks  # noqa: E402
 from lorp.curve import budget_curve, default_budgets  # noqa: E402
-from lorp.planner import choose_plan, heal_windows  # noqa: E402
+from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.selection import SelectionOptions, analyze_structure  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, TargetSpec  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = []
     curve = None
     for n in args.budgets:
-        sink = StateSink(heal_windows(data.capture).num_windows, 4, model.dtype)
+        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, 4, model.dtype)
         started = time.perf_counter()
         stats = capture_similarity(model, data.capture, batch_size=4, keep_states=sink)
         capture_s = time.perf_counter() - started

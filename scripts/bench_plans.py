@@ -31,7 +31,7 @@ from benchdoc import PLANS_HEADING, replace_section  # noqa: E402
 from lorp import calibration as cal  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
-from lorp.planner import choose_plan, heal_windows  # noqa: E402
+from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer, folded  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = held_out([])
 
     def capture():
-        sink = StateSink(heal_windows(data.capture).num_windows, args.batch_size, model.dtype)
+        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
         started = time.perf_counter()
         stats = capture_similarity(model, data.capture, batch_size=args.batch_size, keep_states=sink)
         return stats, sink.cache(), time.perf_counter() - started
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     assert q is not None
     quality_held_out = held_out(quality.chosen.pruned_layers, quality.fits) / dense
 
+    heal_tokens = heal_windows(data.capture, hidden_size(model)).num_tokens
     section = [
         PLANS_HEADING,
         "",
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--num-samples {args.num_samples} --seq-len {args.seq_len} --eval-windows {args.eval_windows} "
         f"--eval-len {args.eval_len}` ({platform.machine()}, CPU float32, torch {torch.__version__}). Demo model "
         f"(30 blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens (heal maps fitted on "
-        f"{heal_windows(data.capture).num_tokens:,} of them, plans validated on {data.validation.num_windows} held-out "
+        f"{heal_tokens:,} of them, plans validated on {data.validation.num_windows} held-out "
         f"calibration windows); held-out perplexity on {args.eval_windows} x {args.eval_len} tokens of the built-in "
         f"evaluation text (dense {dense:.2f}). Each cell: held-out perplexity unhealed / healed. Cost: wall time "
         "of choosing (and healing) relative to one capture measured just before, unhealed / healed.",

@@ -29,7 +29,7 @@ from benchdoc import TASKS_HEADING, replace_section  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
-from lorp.planner import choose_plan, heal_windows  # noqa: E402
+from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import folded  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = accuracy([])
     rows: dict[int, dict[str, tuple[list[int], float, float]]] = {}
     for n in args.budgets:
-        sink = StateSink(heal_windows(data.capture).num_windows, 4, model.dtype)
+        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, 4, model.dtype)
         started = time.perf_counter()
         stats = capture_similarity(model, data.capture, batch_size=4, keep_states=sink)
         captures.append(time.perf_counter() - started)

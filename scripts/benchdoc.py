@@ -14,7 +14,16 @@ HEAL_HEADING = "## Healing a cut: held-out perplexity unhealed vs healed"  # scr
 PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # scripts/bench_plans.py
 TASKS_HEADING = "## Downstream: the built-in task, dense and pruned"  # scripts/bench_tasks.py
 CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cost"  # scripts/bench_curve.py
-OWNED_ELSEWHERE = (WORKER_HEADING, API_HEADING, HEAL_HEADING, PLANS_HEADING, TASKS_HEADING, CURVE_HEADING)
+CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"  # scripts/bench_checkpoint.py
+OWNED_ELSEWHERE = (
+    WORKER_HEADING,
+    API_HEADING,
+    HEAL_HEADING,
+    PLANS_HEADING,
+    TASKS_HEADING,
+    CURVE_HEADING,
+    CHECKPOINT_HEADING,
+)
 
 
 def _span(lines: list[str], heading: str) -> tuple[int, int] | None:

@@ -8,7 +8,7 @@
 The names below are the ones the rest of the engine uses (``from lorp import assets``).
 """
 
-from lorp.assets.cache import cache_dir, file_sha256, texts_sha256
+from lorp.assets.cache import cache_dir, file_sha256, remembered_sha256, texts_sha256
 from lorp.assets.corpus import Corpus, builtin_corpus
 from lorp.assets.demo_model import demo_model_dir
 from lorp.assets.packaged import DEMO_MODEL, corpus_bz2_path, demo_gguf_path, distribution_file
@@ -24,6 +24,7 @@ __all__ = [
     "demo_model_dir",
     "distribution_file",
     "file_sha256",
+    "remembered_sha256",
     "strip_wiki_markup",
     "texts_sha256",
 ]

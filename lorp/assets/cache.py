@@ -7,6 +7,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -49,6 +50,33 @@ def texts_sha256(texts: Iterable[str]) -> str:
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def remembered_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in the cache folder while the file stays the same version.
+
+    A version is the file's real path, size, modification time (ns), inode and device: replacing
+    the file (a copy, a download, a rename over it) makes a new version, hashed again. A model's
+    weights are then read in full for their hash once per version on a machine, not before every job.
+    """
+    real = path.resolve()
+    stat = real.stat()
+    version = f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\0{stat.st_dev}"
+    entry = cache_dir() / "sha256" / hashlib.sha256(version.encode()).hexdigest()
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        known = entry.read_text(encoding="ascii").strip()
+        if _SHA256.fullmatch(known):
+            return known
+    digest = file_sha256(real)
+    with contextlib.suppress(OSError):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_name(f".{entry.name}.{os.getpid()}")
+        partial.write_text(digest + "\n", encoding="ascii")
+        partial.replace(entry)
+    return digest
 
 
 @functools.lru_cache(maxsize=16)

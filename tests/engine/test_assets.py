@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from lorp import assets
 from lorp.assets import corpus as corpus_module
 from lorp.assets import demo_model
+from lorp.assets.cache import remembered_sha256
 from lorp.errors import CalibrationError, ModelLoadError
 
 # --- packaged files --------------------------------------------------------------------------------
@@ -294,3 +297,29 @@ def test_demo_model_dir_real() -> None:
     started = time.perf_counter()
     assert assets.demo_model_dir() == path
     assert time.perf_counter() - started < 3.0
+
+
+def test_a_files_hash_is_remembered_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORP_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    first = remembered_sha256(weights)
+    assert first == hashlib.sha256(b"a" * 4096).hexdigest()
+
+    # The same version (path, size, mtime, inode) is not read again: rewritten in place with its
+    # modification time put back, it still answers the remembered hash.
+    stat = weights.stat()
+    with weights.open("r+b") as fh:
+        fh.write(b"b" * 4096)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert remembered_sha256(weights) == first
+
+    # A new version (a copy put in its place) is hashed again.
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(b"c" * 4096)
+    replacement.replace(weights)
+    assert remembered_sha256(weights) == hashlib.sha256(b"c" * 4096).hexdigest()
+    # A cache entry that is not a hash is ignored, not trusted.
+    for entry in (tmp_path / "cache" / "sha256").iterdir():
+        entry.write_text("garbage")
+    assert remembered_sha256(weights) == hashlib.sha256(b"c" * 4096).hexdigest()

@@ -16,7 +16,7 @@ from lorp.evaluation import perplexity
 from lorp.selection import SelectionOptions
 from lorp.similarity import capture_similarity
 
-from .test_blocks import ARCHS, build, probe
+from .archs import ARCHS, build, probe
 
 VOCAB = 384
 

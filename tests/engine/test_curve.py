@@ -23,7 +23,7 @@ from lorp.selection import METHODS, SelectionOptions, analyze_structure
 from lorp.similarity import capture_similarity
 from lorp.states import StateCache
 
-from .test_blocks import build
+from .archs import build
 from .test_heal import windows
 
 

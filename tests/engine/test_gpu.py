@@ -12,7 +12,7 @@ from lorp.calibration import TokenWindows
 from lorp.export import save_pruned, verify_reload
 from lorp.similarity import capture_similarity
 
-from .test_blocks import build, probe
+from .archs import build, probe
 from .test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
 
 pytestmark = [

@@ -27,7 +27,7 @@ from lorp.heal import (
     output_projection,
 )
 
-from .test_blocks import ARCHS, build, probe
+from .archs import ARCHS, build, probe
 
 REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
 FOLDABLE = [name for name in ARCHS if name not in REFUSED]

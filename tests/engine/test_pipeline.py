@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file as safe_load
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
@@ -203,3 +204,27 @@ def test_the_heatmap_title_names_the_plan_that_won() -> None:
         == "demo: search, removing blocks [5, 6] (healed)"
     )
     assert _heatmap_title("demo", "search", "shortgpt", [5]).startswith("demo: search chose shortgpt,")
+
+
+def test_a_bfloat16_checkpoint_is_written_in_bfloat16_with_its_heal_folded(
+    tiny_model_dir, corpus_files, tmp_path, tiny_tokenizer
+):
+    # On a CPU the engine runs float32; the pruned checkpoint keeps the source's dtype, and the folded
+    # projection is rounded in memory too, so the reload check compares the very model that ships.
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    result = run_prune(make_spec(source, corpus_files, method="reverse"), tmp_path / "run")
+    report = json.loads((result.out_dir / "report.json").read_text())
+    assert report["provenance"]["model"]["dtype"] == "float32"
+    assert report["chosen"]["pruned_layers"] == [5, 6]
+    assert report["heal"]["method"] == "linear"
+
+    model_dir = result.out_dir / "model"
+    written = safe_load(model_dir / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    dense = safe_load(source / "model.safetensors")
+    assert not torch.equal(written["model.layers.4.mlp.down_proj.weight"], dense["model.layers.4.mlp.down_proj.weight"])
+    assert torch.equal(written["model.layers.5.mlp.up_proj.weight"], dense["model.layers.7.mlp.up_proj.weight"])
+    assert report["reload_check"]["max_abs_logit_diff"] <= 1e-5

@@ -19,15 +19,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lorp.calibration import TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled
 from lorp.pipeline import run_prune
-from lorp.planner import heal_unavailable, resolve_heal
+from lorp.planner import HEAL_MAX_TOKENS, MIN_TOKENS_PER_WIDTH, heal_unavailable, heal_windows, resolve_heal
 from lorp.scoring import PlanScorer
 from lorp.search import GreedySearch
 from lorp.spec import CalibrationSpec, EvaluationSpec, SelectionOptions, TargetSpec
 from lorp.states import StateCache
 
-from .test_blocks import build
+from .archs import build
 from .test_heal import windows
 from .test_pipeline import make_spec
 
@@ -186,3 +187,18 @@ def test_target_kinds_are_exclusive() -> None:
     with pytest.raises(BudgetError) as info:
         TargetSpec(max_perplexity_ratio=1.5).blocks_for(30)
     assert info.value.field == "target.max_perplexity_ratio"
+
+
+@pytest.mark.parametrize(("width", "kept"), [(576, 8192 // 512), (2048, 16384 // 512), (8192, 64)])
+def test_heal_windows_grow_with_the_width_so_wide_models_can_heal(width: int, kept: int) -> None:
+    # 64 capture windows of 512 tokens: a narrow model keeps 8,192 heal tokens as before; a wide one
+    # keeps twice what its d x d fit needs (so that 8B and 70B models are not always left unhealed).
+    capture = TokenWindows(
+        input_ids=torch.zeros(64, 512, dtype=torch.long),
+        attention_mask=torch.ones(64, 512, dtype=torch.long),
+        starts=tuple(range(64)),
+    )
+    fit_on = heal_windows(capture, width)
+    assert fit_on.num_windows == kept
+    assert fit_on.num_tokens == max(HEAL_MAX_TOKENS, min(64 * 512, 2 * MIN_TOKENS_PER_WIDTH * width))
+    assert fit_on.num_tokens >= min(64 * 512, MIN_TOKENS_PER_WIDTH * width)

@@ -19,7 +19,7 @@ from lorp.heal import heal_cuts
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.states import StateCache
 
-from .test_blocks import ARCHS, build
+from .archs import ARCHS, build
 from .test_heal import FOLDABLE, windows
 
 PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]

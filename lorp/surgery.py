@@ -1,0 +1,241 @@
+"""The pruned checkpoint, written by tensor surgery on the source's safetensors files.
+
+Nothing here builds or holds the model. The source's tensors are read one at a time: a removed
+block's are skipped, a kept block's keys are renumbered to the block's new index, each heal map is
+folded into its anchor block's MLP output projection as that tensor passes (the same float64
+computation as the in-memory fold, :func:`lorp.heal.folded_weight`), tensors tied to another (an
+output head sharing the input embeddings) stay tied, and every tensor keeps its stored dtype. The
+config gets the new block count and its per-layer lists sliced (:func:`lorp.blocks.prune_config`);
+tokenizer, generation and other small files are copied. Shards are bounded in size and indexed the
+way transformers writes them. Peak memory is about the largest tensor.
+
+GGUF sources are not read here: the loader converts them once to a model in memory, which is saved
+with ``save_pretrained`` (``lorp.export``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorp.blocks import block_layout, prune_config, validate_indices
+from lorp.errors import InvalidRequestError
+from lorp.foldable import PROJECTIONS, fold_refusal
+from lorp.heal import folded_bias, folded_weight
+from lorp.shards import DTYPES, Checkpoint, Planned, plan_shards, shard_names, write_file, write_index
+
+logger = logging.getLogger(__name__)
+
+# What transformers' hub uses: shards of at most 5 GB keep uploads and partial downloads manageable.
+DEFAULT_SHARD_BYTES = 5 * 10**9
+# Files of a model folder that are weights, index them or describe them; everything else at the top level
+# (tokenizer, generation config, chat template, licence, model card) is copied as it is.
+_NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|msgpack|h5|onnx)|.*\.index\.json|config\.json|\..*")
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """What :func:`write_pruned` wrote.
+
+    Attributes:
+        directory: the output folder.
+        kept: original indices of the kept blocks; position k is the block now at index k.
+        files: the weight files written, in order.
+        tensors: how many tensors they hold.
+        nbytes: the bytes of those tensors.
+        copied: the other files copied from the source.
+    """
+
+    directory: Path
+    kept: list[int]
+    files: list[str]
+    tensors: int
+    nbytes: int
+    copied: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one output tensor comes from, and the heal map to fold into it on the way."""
+
+    name: str
+    fold: torch.Tensor | None = None
+    kind: str = "linear"
+    is_bias: bool = False
+
+
+def meta_skeleton(config: Any) -> Any:
+    """The model a config describes, built on the meta device: its structure without any weight."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _block_key(layout_path: str) -> re.Pattern[str]:
+    # A checkpoint saved from the causal LM names its blocks by the layout's full path ("model.layers.3.");
+    # one saved from the base model drops the leading parts ("layers.3."). Either is accepted.
+    parts = layout_path.split(".")
+    heads = "|".join(re.escape(".".join(parts[i:])) for i in range(len(parts)))
+    return re.compile(rf"^(?P<head>{heads})\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def _tied_targets(skeleton: Any, names: set[str]) -> set[str]:
+    # save_pretrained writes a tied pair once, under the source of the tie; do the same.
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    return {target for target, source in tied.items() if target in names and source in names}
+
+
+def _plan(
+    checkpoint: Checkpoint,
+    skeleton: Any,
+    kept: list[int],
+    folds: Mapping[int, torch.Tensor],
+) -> tuple[list[Planned], dict[str, _Source]]:
+    layout = block_layout(skeleton)
+    key = _block_key(layout.path)
+    new_index = {old: new for new, old in enumerate(kept)}
+    projection, kind = PROJECTIONS.get(layout.family, ("", "linear"))
+    skip = _tied_targets(skeleton, set(checkpoint.tensors))
+    planned: list[Planned] = []
+    sources: dict[str, _Source] = {}
+    folded: set[int] = set()
+    for name, info in checkpoint.tensors.items():
+        if name in skip:
+            continue
+        out_name, source = name, _Source(name)
+        match = key.match(name)
+        if match:
+            old = int(match.group("index"))
+            if old not in new_index:
+                continue
+            out_name = f"{match.group('head')}.{new_index[old]}.{match.group('rest')}"
+            rest = match.group("rest")
+            if old in folds and rest in (f"{projection}.weight", f"{projection}.bias"):
+                source = _Source(name, folds[old], kind, is_bias=rest.endswith(".bias"))
+                folded.add(old)
+        planned.append(Planned(out_name, info.dtype, info.shape))
+        sources[out_name] = source
+    missing = sorted(set(folds) - folded)
+    if missing:
+        raise InvalidRequestError(
+            f"blocks {missing} have no MLP output projection ({projection or 'unknown'}) to fold a heal map into",
+            field="options.heal",
+        )
+    return planned, sources
+
+
+def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int, torch.dtype]:
+    """The dtype each anchor block's MLP output projection is stored in (read from the headers only).
+
+    The in-memory model may run in another dtype (float32 on a CPU for a bfloat16 checkpoint); a map
+    folded in memory is rounded to this dtype so that the model measured is the model written.
+    """
+    layout = block_layout(model)
+    projection, _ = PROJECTIONS.get(layout.family, ("", "linear"))
+    key = _block_key(layout.path)
+    wanted = set(anchors)
+    found: dict[int, torch.dtype] = {}
+    for name, info in Checkpoint(source).tensors.items():
+        match = key.match(name)
+        if match and int(match.group("index")) in wanted and match.group("rest") == f"{projection}.weight":
+            found[int(match.group("index"))] = DTYPES[info.dtype]
+    return found
+
+
+def _copy_files(source: Path, out: Path) -> list[str]:
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_file() and not _NOT_COPIED.fullmatch(path.name):
+            shutil.copyfile(path, out / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def write_pruned(
+    source: Path,
+    out: Path,
+    removed: Sequence[int],
+    folds: Mapping[int, torch.Tensor] | None = None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: torch.device | str = "cpu",
+) -> WrittenCheckpoint:
+    """Write ``source`` with the ``removed`` blocks gone and the heal maps folded, one tensor at a time.
+
+    Args:
+        source: a model folder with safetensors weights and its ``config.json``.
+        out: the folder to write; created, and must be empty if it exists.
+        removed: original indices of the blocks to remove (validated as :func:`lorp.blocks.remove_blocks` does).
+        folds: original index of an anchor block -> the d x d map folded into its MLP output projection.
+        max_shard_bytes: the most bytes of tensors one weight file holds (a larger tensor gets a file of its own).
+        device: where the folds are computed (the in-memory fold's device gives bit-equal weights).
+
+    Raises:
+        InvalidRequestError: the indices are invalid, the folder is not empty, or the family cannot take a fold.
+        ModelLoadError: the source's weights are not valid safetensors.
+    """
+    from transformers import AutoConfig
+
+    folds = dict(folds or {})
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InvalidRequestError(f"output directory {out} is not empty", field="out")
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    skeleton = meta_skeleton(config)
+    layout = block_layout(skeleton)
+    if folds:
+        why = fold_refusal(layout.family, config.to_dict())
+        if why is not None:
+            raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
+    n_old = int(getattr(config, layout.num_layers_attr))
+    dropped = set(validate_indices(removed, n_old))
+    kept = [i for i in range(n_old) if i not in dropped]
+    gone = sorted(set(folds) & dropped)
+    if gone:
+        raise InvalidRequestError(f"heal maps for blocks {gone}, which are removed", field="options.heal")
+    checkpoint = Checkpoint(source)
+    planned, sources = _plan(checkpoint, skeleton, kept, folds)
+
+    def produce(p: Planned) -> torch.Tensor:
+        src = sources[p.name]
+        tensor = checkpoint.read(src.name)
+        if src.fold is None:
+            return tensor
+        moved = tensor.to(device)
+        result = folded_bias(moved, src.fold) if src.is_bias else folded_weight(moved, src.kind, src.fold)
+        return result.to("cpu")
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(sorted(planned, key=lambda p: p.name), max_shard_bytes)
+    names = shard_names(len(shards))
+    written = {name: write_file(out / name, shard, produce) for name, shard in zip(names, shards, strict=True)}
+    if len(names) > 1:
+        write_index(out, written)
+    prune_config(config, kept, n_old, layout.num_layers_attr)
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(out)
+    copied = _copy_files(source, out)
+    logger.info(
+        "wrote the pruned checkpoint: %d of %d blocks kept, %d tensors in %d files, %d heal maps folded",
+        len(kept),
+        n_old,
+        len(planned),
+        len(names),
+        len(folds),
+    )
+    return WrittenCheckpoint(
+        directory=out,
+        kept=kept,
+        files=names,
+        tensors=len(planned),
+        nbytes=sum(p.nbytes for p in planned),
+        copied=copied,
+    )

@@ -1,0 +1,189 @@
+"""Tiny random models of every supported architecture, built from configs, for the engine's tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+from lorp.blocks import decoder_blocks
+
+VOCAB = 384
+# Short enough to be fast, longer than the sliding windows below so that a misassigned layer type
+# (sliding vs full attention) changes the logits.
+PROBE_LEN = 12
+WINDOW = 4
+
+_COMMON = {"vocab_size": VOCAB, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 0}
+_LLAMA_LIKE = {
+    **_COMMON,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+# name -> (config class, kwargs, expected family, expected block path, expected count attribute)
+ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str]] = {
+    "llama": ("LlamaConfig", _LLAMA_LIKE, "llama", "model.layers", "num_hidden_layers"),
+    "mistral": (
+        "MistralConfig",
+        {**_LLAMA_LIKE, "sliding_window": WINDOW},
+        "mistral",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        {**_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
+        "qwen2",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        {
+            **_LLAMA_LIKE,
+            "head_dim": 8,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 2,
+        },
+        "qwen3",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "gemma": ("GemmaConfig", {**_LLAMA_LIKE, "head_dim": 8}, "gemma", "model.layers", "num_hidden_layers"),
+    "gemma2": (
+        "Gemma2Config",
+        {**_LLAMA_LIKE, "head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": WINDOW},
+        "gemma2",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            **_LLAMA_LIKE,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": WINDOW,
+            # Explicit and irregular, so that trimming must follow the kept blocks exactly.
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+        "gemma3",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "phi3": ("Phi3Config", _LLAMA_LIKE, "phi3", "model.layers", "num_hidden_layers"),
+    "olmo": ("OlmoConfig", _LLAMA_LIKE, "olmo", "model.layers", "num_hidden_layers"),
+    "olmo2": ("Olmo2Config", _LLAMA_LIKE, "olmo2", "model.layers", "num_hidden_layers"),
+    "olmo3": (
+        "Olmo3Config",
+        {**_LLAMA_LIKE, "sliding_window": WINDOW},
+        "olmo3",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "smollm3": (
+        "SmolLM3Config",
+        {**_LLAMA_LIKE, "no_rope_layers": [1, 0, 1, 1]},
+        "smollm3",
+        "model.layers",
+        "num_hidden_layers",
+    ),
+    "gpt2": (
+        "GPT2Config",
+        {**_COMMON, "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 64},
+        "gpt2",
+        "transformer.h",
+        "n_layer",
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {
+            **_COMMON,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+        },
+        "gpt_neox",
+        "gpt_neox.layers",
+        "num_hidden_layers",
+    ),
+    "opt": (
+        "OPTConfig",
+        {
+            **_COMMON,
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 64,
+        },
+        "opt",
+        "model.decoder.layers",
+        "num_hidden_layers",
+    ),
+    "falcon": (
+        "FalconConfig",
+        {**_COMMON, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "falcon",
+        "transformer.h",
+        "num_hidden_layers",
+    ),
+}
+
+
+def build(name: str, **overrides: Any) -> PreTrainedModel:
+    """A tiny random causal LM of architecture ``name`` in eval mode (seeded, so deterministic)."""
+    config_cls, kwargs, _, _, _ = ARCHS[name]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def probe(batch: int = 2) -> torch.LongTensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(2, VOCAB, (batch, PROBE_LEN), generator=g)  # type: ignore[return-value]
+
+
+def layer_indices(model: PreTrainedModel) -> list[list[int]]:
+    """Every int ``layer_idx`` found in each block, block by block."""
+    return [
+        sorted({m.layer_idx for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)})
+        for b in decoder_blocks(model)
+    ]
+
+
+def block_types(model: PreTrainedModel) -> list[str]:
+    """The layer type each block's attention was built with, where the family records one."""
+    types = []
+    for block in decoder_blocks(model):
+        for module in block.modules():
+            value = getattr(module, "layer_type", None) or getattr(module, "attention_type", None)
+            if isinstance(value, str):
+                types.append(value)
+                break
+    return types
+
+
+def greedy(model: PreTrainedModel, ids: torch.Tensor, n: int = 4, use_cache: bool = True) -> list[int]:
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=1,
+    )
+    return out[0, ids.shape[1] :].tolist()
