@@ -44,12 +44,13 @@ browser:
 # Runs marked long (the soaks, the webhook receivers' recovery figure: minutes each) are make reliability's.
 test: setup services browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not long"
+	$(PY) -m pytest -q -m "not long" --durations=25
 
-# Fault-injection, load and hostile-input suites only, recorded into docs/reliability/ (a plain
-# `make test` writes its records under the ignored var/reliability/); then docs/reliability.md.
+# Fault-injection, load and hostile-input suites only, at the size their figures are recorded at
+# (a plain `make test` runs smaller loops and writes its records under the ignored var/reliability/),
+# recorded into docs/reliability/; then docs/reliability.md.
 reliability: setup services
-	LORP_RELIABILITY_RESULTS=docs/reliability $(PY) -m pytest -q -m reliability tests/reliability
+	LORP_RELIABILITY_SIZE=full LORP_RELIABILITY_RESULTS=docs/reliability $(PY) -m pytest -q -m reliability tests/reliability
 	$(PY) scripts/reliability_report.py > /dev/null
 
 # The soaks at the issue's size: 1,000 jobs x 3 batches through lorp serve and through the full stack,

@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "var" / "reliability"
 
 
+def full_size() -> bool:
+    """Whether the scenarios run at the size their figures are recorded at: ``make reliability`` sets
+    ``LORP_RELIABILITY_SIZE=full``; a plain test run (CI) runs smaller loops that take every path."""
+    return os.environ.get("LORP_RELIABILITY_SIZE") == "full"
+
+
 def results_dir() -> Path:
     """Where this run's records go: ``LORP_RELIABILITY_RESULTS`` (relative to the repository), else var/."""
     configured = os.environ.get("LORP_RELIABILITY_RESULTS")

@@ -36,7 +36,7 @@ from app.main import create_app
 from app.repositories import lifecycle
 from app.storage.keys import job_prefix
 from lorp.stages import STAGES
-from tests.reliability.record import record
+from tests.reliability.record import full_size, record
 from tests.service.moto_server import MotoServer
 from worker import outputs, retries, runner
 
@@ -60,7 +60,7 @@ from .conftest import (
 pytestmark = pytest.mark.reliability
 
 RUNS = max(1, int(os.environ.get("LORP_RELIABILITY_RUNS", "1")))
-COMMAND = ".venv/bin/python -m pytest tests/reliability/test_faults_worker.py -q -k {}"
+COMMAND = "LORP_RELIABILITY_SIZE=full .venv/bin/python -m pytest tests/reliability/test_faults_worker.py -q -k {}"
 ORDER = (*STAGES, "uploading")
 
 
@@ -160,7 +160,8 @@ class _Missed(Exception):
 
 # -- 1. kill -9 of a worker mid-job -----------------------------------------------------------------
 
-KILL_STAGES = ("loading", "capture", "saving", "uploading")
+# Every stage at the recorded size; a plain run kills in the longest stage and in the last one.
+KILL_STAGES = ("loading", "capture", "saving", "uploading") if full_size() else ("capture", "uploading")
 KILL_TRIES = 3  # a stage that went by between two polls is tried again with a new job, at most this often
 
 
@@ -528,7 +529,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_runs_the_next(
 
 # -- 6. cancel racing completion ---------------------------------------------------------------------
 
-CANCEL_RUNS = 8 * RUNS
+CANCEL_RUNS = (8 if full_size() else 4) * RUNS
 
 
 def test_cancel_racing_completion_is_consistent(
