@@ -339,3 +339,23 @@ def fleet_of(settings: Settings, log_dir: Path, *, reconciler: bool = True) -> I
         yield fleet
     finally:
         fleet.close()
+
+
+def hostile_settings(tmp_path: Path, database_url: str, model_root: Path, queue_prefix: str, **overrides: Any) -> Any:
+    """The hostile suites' service: keys required, one model root, a private queue on the shared Redis
+    db (never flushed here), fast heartbeats; ``overrides`` set each suite's own limits."""
+    from app.core.config import Settings
+    from tests.service.conftest import REDIS_TEST_URL
+
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        broker_url=REDIS_TEST_URL,
+        storage_url=(tmp_path / "artifacts").as_uri(),
+        model_roots=[model_root],
+        auth_required=True,
+        queue_name=f"{queue_prefix}-{uuid.uuid4().hex[:10]}",
+        heartbeat_interval_s=0.5,
+        progress_min_interval_s=0.0,
+        **overrides,
+    )

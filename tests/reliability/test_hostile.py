@@ -31,9 +31,9 @@ from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
 from app.services.keys import revoke_api_key
 from lorp import assets
+from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
-from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request, upload_dataset
 from worker import outputs, runner
 
@@ -69,19 +69,7 @@ def model_root(hostile_model_root: Path) -> Path:
 @pytest.fixture()
 def settings(tmp_path: Path, pg_url: str, model_root: Path) -> Settings:
     """Keys required, a private queue on the shared Redis db (never flushed here), small limits."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        database_url=pg_url,
-        broker_url=REDIS_TEST_URL,
-        storage_url=(tmp_path / "artifacts").as_uri(),
-        model_roots=[model_root],
-        auth_required=True,
-        queue_name=f"hostile-{uuid.uuid4().hex[:10]}",
-        max_upload_bytes=4096,
-        max_body_bytes=4096,
-        heartbeat_interval_s=0.5,
-        progress_min_interval_s=0.0,
-    )
+    return hostile_settings(tmp_path, pg_url, model_root, "hostile", max_upload_bytes=4096, max_body_bytes=4096)
 
 
 @pytest.fixture()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ from app.core.config import Settings
 from app.db.migrate import upgrade_head
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
-from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request
 from tests.service.tmpfs import fill, mounted_tmpfs, used_files
 from worker import failures, outputs, runner
@@ -73,18 +72,8 @@ def model_root(hostile_model_root: Path) -> Path:
 @pytest.fixture()
 def settings(tmp_path: Path, pg_url: str, model_root: Path) -> Settings:
     """Keys required, webhooks allowed to one host, a private queue on the shared Redis db."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        database_url=pg_url,
-        broker_url=REDIS_TEST_URL,
-        storage_url=(tmp_path / "artifacts").as_uri(),
-        model_roots=[model_root],
-        auth_required=True,
-        queue_name=f"hostile500-{uuid.uuid4().hex[:10]}",
-        webhook_allowed_hosts=[HOOKS],
-        max_body_bytes=512 * 1024,
-        heartbeat_interval_s=0.5,
-        progress_min_interval_s=0.0,
+    return hostile_settings(
+        tmp_path, pg_url, model_root, "hostile500", webhook_allowed_hosts=[HOOKS], max_body_bytes=512 * 1024
     )
 
 

@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.models import Artifact, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, new_key
-from tests.service.conftest import REDIS_TEST_URL
 from tests.service.helpers import create_job, job_request
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 from worker import outputs, runner
@@ -70,18 +70,7 @@ def outside(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def settings(tmp_path: Path, pg_url: str, model_root: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        database_url=pg_url,
-        broker_url=REDIS_TEST_URL,
-        storage_url=(tmp_path / "artifacts").as_uri(),
-        model_roots=[model_root],
-        auth_required=True,
-        queue_name=f"hostile-refs-{uuid.uuid4().hex[:10]}",
-        heartbeat_interval_s=0.5,
-        progress_min_interval_s=0.0,
-        key_max_queued_jobs=3,
-    )
+    return hostile_settings(tmp_path, pg_url, model_root, "hostile-refs", key_max_queued_jobs=3)
 
 
 @pytest.fixture()
