@@ -401,7 +401,7 @@ def pruned_view(model: Any, blocks: Sequence[int]) -> Iterator[Any]:
 
 
 def block_input_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden state a decoder block receives, from a forward pre-hook's arguments."""
+    """The hidden state a decoder block receives, from the arguments it is called with."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     hidden = kwargs.get("hidden_states")
@@ -420,14 +420,3 @@ def block_output_hidden(output: Any) -> torch.Tensor:
     if isinstance(hidden, torch.Tensor):
         return hidden
     raise RuntimeError(f"could not find the hidden state in a decoder block's output ({type(output).__name__})")
-
-
-def replace_block_input(
-    args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A forward pre-hook's arguments with the block's hidden state replaced by ``hidden``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (hidden, *args[1:]), kwargs
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return args, {**kwargs, "hidden_states": hidden}
-    raise RuntimeError("could not find the hidden state among a decoder block's inputs")

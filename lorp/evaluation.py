@@ -12,7 +12,8 @@ import torch
 
 from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.errors import InvalidRequestError
+from lorp.execution import as_runner
 
 
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -46,30 +47,27 @@ def negative_log_likelihood(
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
     Args:
-        model: A causal LM.
+        model: A causal LM (or a ``lorp.execution.Runner`` for one).
         windows: Token windows; a target counts only when it and its context position are real tokens.
         batch_size: Sequences per forward pass.
         should_cancel: Checked between batches (raises ``JobCancelled``).
         progress: Called as ``progress(done, total)`` after each batch.
     """
-    if batch_size < 1:
-        raise InvalidRequestError("batch_size must be at least 1", field="calibration.batch_size")
-    device = input_device(model)
+    runner = as_runner(model)
     total_nll = 0.0
     total_tokens = 0
-    count = int(windows.input_ids.shape[0])
+    count = windows.num_windows
+    done = 0
     with torch.inference_mode():
-        for start in range(0, count, batch_size):
-            if should_cancel is not None and should_cancel():
-                raise JobCancelled("cancelled during evaluation")
-            ids = windows.input_ids[start : start + batch_size].to(device)
-            mask = windows.attention_mask[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            nll, tokens = batch_nll(logits, ids, mask)
-            total_nll += nll
-            total_tokens += tokens
-            if progress is not None:
-                progress(min(start + batch_size, count), count)
+        batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
+        for group in runner.groups(batches):
+            for batch, final in zip(group, runner.run_all(group), strict=True):
+                nll, tokens = batch_nll(runner.logits(batch, final), batch.ids, batch.mask)
+                total_nll += nll
+                total_tokens += tokens
+                done += batch.num_windows
+                if progress is not None:
+                    progress(done, count)
     return total_nll, total_tokens
 
 
@@ -101,7 +99,7 @@ def measure_speed(
     """Prefill and greedy-decode throughput with the KV cache, medians over repeats.
 
     Args:
-        model: A causal LM.
+        model: A causal LM (or a ``lorp.execution.Runner`` for one).
         prompt_ids: int64 ``[batch, prompt_len]`` prompt batch (no padding).
         new_tokens: Decode steps per repeat.
         repeats: Timed repeats; the medians are reported.

@@ -23,33 +23,25 @@ post-feedforward norms, OPT with post-layer-norm) cannot take a folded linear ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from lorp.blocks import (
-    block_input_hidden,
-    block_layout,
-    block_output_hidden,
-    decoder_blocks,
-    input_device,
-    pruned_view,
-    resolve_path,
-)
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError, JobCancelled
-from lorp.foldable import PROJECTIONS, fold_refusal
+from lorp.execution import Batch, Runner, as_runner
+from lorp.execution.healed import (  # noqa: F401 (re-exported: the fold is part of what a heal is)
+    fold,
+    folded_bias,
+    folded_weight,
+    heal_refusal,
+    output_projection,
+)
 
 HealMode = Literal["sequential", "dense"]
 
 DEFAULT_RIDGE = 1e-4
-
-
-class _Stop(Exception):
-    """Raised by a hook once everything a batch needs has been recorded."""
 
 
 @dataclass(frozen=True)
@@ -78,59 +70,6 @@ def contiguous_spans(pruned: Sequence[int]) -> list[tuple[int, int]]:
         else:
             spans.append((block, block + 1))
     return spans
-
-
-def heal_refusal(model: Any) -> str | None:
-    """Why this model's cuts cannot be healed by a folded linear map, or None when they can."""
-    return fold_refusal(block_layout(model).family, vars(model.config))
-
-
-def output_projection(model: Any, block: torch.nn.Module) -> tuple[Any, str]:
-    """A block's MLP output projection and its kind (``linear`` or ``conv1d``); refuses what cannot fold."""
-    why = heal_refusal(model)
-    if why is not None:
-        raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
-    path, kind = PROJECTIONS[block_layout(model).family]
-    return resolve_path(block, path), kind
-
-
-# Columns (rows for Conv1D) folded at a time: the float64 copies a fold makes are d x this, not the
-# whole projection (a 70B model's down projection is 8192 x 28672: 1.9 GB in float64).
-_FOLD_CHUNK = 1024
-
-
-def folded_weight(weight: torch.Tensor, kind: str, T: torch.Tensor) -> torch.Tensor:
-    """A projection's weight with ``T`` folded into its output, computed in float64, in the weight's dtype.
-
-    The in-memory fold and the checkpoint writer both call it, so a weight stored folded equals the one
-    the engine measured. Computed a slice of input features at a time (a column of ``T^T W`` needs
-    only the same column of ``W``), holding a slice in float64, never the whole weight.
-    """
-    t = T.to(device=weight.device, dtype=torch.float64)
-    out = torch.empty_like(weight)
-    with torch.no_grad():
-        if kind == "conv1d":  # y = x W + b, W: [in, out]
-            for i in range(0, weight.shape[0], _FOLD_CHUNK):
-                out[i : i + _FOLD_CHUNK] = (weight[i : i + _FOLD_CHUNK].to(torch.float64) @ t).to(weight.dtype)
-        else:  # y = x W^T + b, W: [out, in]
-            tt = t.T
-            for j in range(0, weight.shape[1], _FOLD_CHUNK):
-                out[:, j : j + _FOLD_CHUNK] = (tt @ weight[:, j : j + _FOLD_CHUNK].to(torch.float64)).to(weight.dtype)
-    return out
-
-
-def folded_bias(bias: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """A projection's bias with ``T`` folded into its output (``b <- b T``), in the bias's dtype."""
-    return (bias.to(torch.float64) @ T.to(device=bias.device, dtype=torch.float64)).to(bias.dtype)
-
-
-def fold(projection: Any, kind: str, T: torch.Tensor) -> None:
-    """Make ``projection`` compute ``old_output @ T`` (T is d x d, applied to the output features)."""
-    with torch.no_grad():
-        projection.weight.copy_(folded_weight(projection.weight, kind, T))
-        bias = getattr(projection, "bias", None)
-        if bias is not None:
-            bias.copy_(folded_bias(bias, T))
 
 
 class FitStatistics:
@@ -173,102 +112,10 @@ class FitStatistics:
         return math.sqrt(max(squared, 0.0) / self.zz) if self.zz > 0 else 0.0
 
 
-@contextmanager
-def _original_weights(saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]], model: Any) -> Iterator[None]:
-    """The dense model for the length of the block: projections folded so far get their weights back."""
-    blocks = decoder_blocks(model)
-    swapped: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = []
-    try:
-        for anchor, (weight, bias) in saved.items():
-            projection, _ = output_projection(model, blocks[anchor])
-            current_bias = projection.bias.detach().clone() if getattr(projection, "bias", None) is not None else None
-            swapped.append((projection, projection.weight.detach().clone(), current_bias))
-            with torch.no_grad():
-                projection.weight.copy_(weight)
-                if bias is not None:
-                    projection.bias.copy_(bias)
-        yield
-    finally:
-        with torch.no_grad():
-            for projection, weight, bias in swapped:
-                projection.weight.copy_(weight)
-                if bias is not None:
-                    projection.bias.copy_(bias)
-
-
 def real_tokens(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The rows of the real (unpadded) tokens, ``[tokens, d]``, whether ``hidden`` is ``[B, T, d]`` or
     already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
     return hidden.detach().reshape(-1, hidden.shape[-1])[real.reshape(-1).to(hidden.device)]
-
-
-def _run_until(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-
-
-def _dense_targets(model: Any, ends: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
-    """The state entering each block in ``ends`` (``N``: leaving the last block), real tokens only."""
-    blocks = decoder_blocks(model)
-    n_blocks = len(blocks)
-    real = mask.bool()
-    found: dict[int, torch.Tensor] = {}
-    last = max(ends)
-    handles = []
-
-    def keep(end: int, hidden: torch.Tensor) -> None:
-        found[end] = real_tokens(hidden, real)
-        if end == last:
-            raise _Stop
-
-    for end in set(ends):
-        if end < n_blocks:
-            handles.append(
-                blocks[end].register_forward_pre_hook(
-                    lambda _m, args, kwargs, end=end: keep(end, block_input_hidden(args, kwargs)), with_kwargs=True
-                )
-            )
-        else:
-            handles.append(
-                blocks[-1].register_forward_hook(lambda _m, _a, out: keep(n_blocks, block_output_hidden(out)))
-            )
-    try:
-        _run_until(model, ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
-def _anchor_outputs(
-    model: Any, anchors: Sequence[torch.nn.Module], ids: torch.Tensor, mask: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(M, h_s) of each anchor block in the model as it stands, real tokens only, in depth order."""
-    real = mask.bool()
-    records: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(anchors))}
-    handles = []
-    for i, block in enumerate(anchors):
-        projection, _ = output_projection(model, block)
-
-        def on_projection(_m: Any, _a: Any, out: torch.Tensor, i: int = i) -> None:
-            records[i]["m"] = real_tokens(out, real)
-
-        def on_block(_m: Any, _a: Any, out: Any, i: int = i) -> None:
-            records[i]["h"] = real_tokens(block_output_hidden(out), real)
-            if i == len(anchors) - 1:
-                raise _Stop
-
-        handles.append(projection.register_forward_hook(on_projection))
-        handles.append(block.register_forward_hook(on_block))
-    try:
-        _run_until(model, ids, mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(records[i]["m"], records[i]["h"]) for i in range(len(anchors))]
 
 
 def heal_cuts(
@@ -304,49 +151,78 @@ def heal_cuts(
     spans = [(s, e) for s, e in contiguous_spans(pruned_layers) if s > 0]
     if not spans:
         return []
-    blocks = list(decoder_blocks(model))
+    runner = as_runner(model)
     for start, _ in spans:
-        output_projection(model, blocks[start - 1])  # refuses unfoldable architectures before any pass
-    device = input_device(model)
+        output_projection(runner.model, runner.blocks[start - 1])  # refuses unfoldable architectures before any pass
     groups = [spans] if mode == "dense" else [[span] for span in spans]
     total = len(groups) * math.ceil(windows.num_windows / batch_size)
     done = 0
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    fits: list[SpanFit] = []
-    removed: list[int] = []
+    fits: list[_Fitted] = []
+    spans_fitted: list[SpanFit] = []
     for group in groups:
-        stats = [FitStatistics(device) for _ in group]
-        anchors = [blocks[start - 1] for start, _ in group]
-        for begin in range(0, windows.num_windows, batch_size):
-            if should_cancel is not None and should_cancel():
-                raise JobCancelled("the job was cancelled while healing")
-            ids = windows.input_ids[begin : begin + batch_size].to(device)
-            mask = windows.attention_mask[begin : begin + batch_size].to(device)
-            with _original_weights(saved, model):
-                targets = _dense_targets(model, [end for _, end in group], ids, mask)
-            with pruned_view(model, removed) if removed else nullcontext():
-                outputs = _anchor_outputs(model, anchors, ids, mask)
+        stats = [FitStatistics(runner.device) for _ in group]
+        # Fitted on the model pruned and healed by the earlier groups (none in dense mode).
+        removed = [b for fit in fits for b in range(fit.span.start, fit.span.end)]
+        for batch in runner.batches(windows, batch_size, should_cancel=should_cancel, doing="healing"):
+            targets = _dense_targets(runner, batch, [end for _, end in group])
+            with runner.pruned(removed, fits):
+                outputs = _anchor_outputs(runner, batch, [start - 1 for start, _ in group])
             for (_, end), stat, (m, h) in zip(group, stats, outputs, strict=True):
                 stat.add(m, targets[end] - (h - m))
             done += 1
             if progress is not None:
                 progress(done, total)
-        for (start, end), stat, anchor in zip(group, stats, anchors, strict=True):
+        for (start, end), stat in zip(group, stats, strict=True):
             T = stat.solve(ridge)
-            projection, kind = output_projection(model, anchor)
-            weight = projection.weight.detach().clone()
-            bias = projection.bias.detach().clone() if getattr(projection, "bias", None) is not None else None
-            saved[start - 1] = (weight, bias)
-            fold(projection, kind, T)
-            fits.append(
-                SpanFit(
-                    start=start,
-                    end=end,
-                    anchor=start - 1,
-                    num_tokens=stat.tokens,
-                    residual_before=stat.relative(stat.squared_error(None)),
-                    residual_after=stat.relative(stat.squared_error(T)),
-                )
+            span = SpanFit(
+                start=start,
+                end=end,
+                anchor=start - 1,
+                num_tokens=stat.tokens,
+                residual_before=stat.relative(stat.squared_error(None)),
+                residual_after=stat.relative(stat.squared_error(T)),
             )
-            removed.extend(range(start, end))
-    return fits
+            fits.append(_Fitted(T=T, span=span))
+            spans_fitted.append(span)
+    for fit in fits:
+        projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])
+        fold(projection, kind, fit.T)
+    return spans_fitted
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    T: torch.Tensor
+    span: SpanFit
+
+    @property
+    def anchor(self) -> int:
+        return self.span.anchor
+
+
+def _dense_targets(runner: Runner, batch: Batch, ends: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The dense state entering each block in ``ends`` (``N``: leaving the last block), real tokens only."""
+    found: dict[int, torch.Tensor] = {}
+    wanted = set(ends)
+
+    def keep(j: int, hidden: torch.Tensor) -> None:
+        if j in wanted:
+            found[j] = real_tokens(hidden, batch.real)
+
+    top = max(ends)
+    found[top] = real_tokens(runner.run(batch, stop=top, on_input=keep), batch.real)
+    return found
+
+
+def _anchor_outputs(runner: Runner, batch: Batch, anchors: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(M, h_s) of each anchor block in the model as the runner's view has it, real tokens only."""
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    state: torch.Tensor | None = None
+    at = 0
+    for anchor in anchors:
+        projection, _ = output_projection(runner.model, runner.blocks[anchor])
+        with runner.watch(projection) as m:
+            state = runner.run(batch, start=at, state=state, stop=anchor + 1)
+        outputs.append((real_tokens(m[0], batch.real), real_tokens(state, batch.real)))
+        at = anchor + 1
+    return outputs

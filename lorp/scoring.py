@@ -13,27 +13,19 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lorp.blocks import block_output_hidden, decoder_blocks
+from lorp.blocks import decoder_blocks
 from lorp.errors import JobCancelled
 from lorp.evaluation import batch_nll, mean_to_perplexity
-from lorp.heal import (
-    DEFAULT_RIDGE,
-    FitStatistics,
-    HealMode,
-    SpanFit,
-    contiguous_spans,
-    fold,
-    output_projection,
-    real_tokens,
-)
-from lorp.states import StateCache, StopForward, started_at
+from lorp.execution import as_runner
+from lorp.execution.healed import fold, output_projection
+from lorp.heal import DEFAULT_RIDGE, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
+from lorp.states import StateCache
 
 
 @dataclass(frozen=True)
@@ -51,27 +43,6 @@ class Fit:
 def healable_spans(plan: Sequence[int]) -> list[tuple[int, int]]:
     """The plan's removed spans that have a block before them to fold into."""
     return [(s, e) for s, e in contiguous_spans(plan) if s > 0]
-
-
-@contextmanager
-def folded(model: Any, fits: Sequence[Fit]) -> Iterator[None]:
-    """The fits folded into their anchor blocks for the length of the block, then the weights restored."""
-    blocks = decoder_blocks(model)
-    saved: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = []
-    try:
-        for fit in fits:
-            projection, kind = output_projection(model, blocks[fit.anchor])
-            bias = getattr(projection, "bias", None)
-            kept_bias = None if bias is None else bias.detach().clone()
-            saved.append((projection, projection.weight.detach().clone(), kept_bias))
-            fold(projection, kind, fit.T)
-        yield
-    finally:
-        with torch.no_grad():
-            for projection, weight, bias in reversed(saved):
-                projection.weight.copy_(weight)
-                if bias is not None:
-                    projection.bias.copy_(bias)
 
 
 def apply_fits(model: Any, fits: Sequence[Fit], stored: Mapping[int, torch.dtype] | None = None) -> None:
@@ -119,7 +90,7 @@ class CachedHealer:
         should_cancel: Callable[[], bool] | None = None,
         max_cached_anchors: int = 8,
     ) -> None:
-        self.model = model
+        self.runner = as_runner(model)
         self.cache = cache
         self.mode = mode
         self.ridge = ridge
@@ -149,31 +120,23 @@ class CachedHealer:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch, the anchor's MLP output M and block output h on the real tokens, with the
         blocks before ``first`` and ``removed`` dropped and ``applied`` folded in."""
-        block = decoder_blocks(self.model)[anchor]
-        projection, _ = output_projection(self.model, block)
-        record: dict[str, torch.Tensor] = {}
+        runner = self.runner
+        projection, _ = output_projection(runner.model, runner.blocks[anchor])
+        batches = self.cache.batches
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(batches)
 
-        def on_projection(_m: Any, _a: Any, out: torch.Tensor) -> None:
-            record["m"] = out.detach().clone()  # Falcon adds the attention output into it in place
+        def keep_m(i: int, j: int, _h: torch.Tensor) -> None:
+            if j == anchor:
+                outputs[i] = real_tokens(m[0], batches[i].real)
 
-        def on_block(_m: Any, _a: Any, out: Any) -> None:
-            record["h"] = block_output_hidden(out).detach()
-            raise StopForward
-
-        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handles = [projection.register_forward_hook(on_projection), block.register_forward_hook(on_block)]
-        try:
-            with folded(self.model, applied), started_at(self.model, self.cache, first, removed) as run:
-                for batch in range(self.cache.num_batches):
-                    _check(self.should_cancel)
-                    with suppress(StopForward):
-                        run(batch)
-                    real = self.cache.batches[batch][1].bool()
-                    rows.append((real_tokens(record["m"], real), real_tokens(record["h"], real)))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return rows
+        _check(self.should_cancel)
+        with runner.pruned(removed, applied), runner.watch(projection) as m:
+            states = [self.cache.state(b, first) for b in range(len(batches))]
+            finals = runner.run_all(batches, start=first, states=states, stop=anchor + 1, on_output=keep_m)
+        return [
+            (m_rows.to(h.device), real_tokens(h, batch.real))
+            for m_rows, h, batch in zip(outputs, finals, batches, strict=True)
+        ]
 
     def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The anchor's (M, h) on the dense model and M^T M, kept for the most recent anchors: every
@@ -204,8 +167,7 @@ class CachedHealer:
             rows = self._anchor_outputs(anchor, earlier_fits[0].anchor, removed, earlier_fits)
             mtm = None
         for batch, (m, h) in enumerate(rows):
-            real = self.cache.batches[batch][1].bool()
-            target = real_tokens(self.cache.state(batch, end), real)
+            target = real_tokens(self.cache.state(batch, end), self.cache.batches[batch].real)
             stats.add(m, target - (h - m), gram=mtm is None)
         T = stats.solve(self.ridge)
         return Fit(
@@ -244,7 +206,7 @@ class PlanScorer:
         should_cancel: Callable[[], bool] | None = None,
         screen_windows: int = 4,
     ) -> None:
-        self.model = model
+        self.runner = as_runner(model)
         self.cache = cache
         self.healer = healer
         self.should_cancel = should_cancel
@@ -288,11 +250,14 @@ class PlanScorer:
         if all(b in removed for b in range(start, n_blocks)):
             start = max(b for b in range(start) if b not in removed)
         nll, tokens = 0.0, 0
-        with folded(self.model, fits), started_at(self.model, self.cache, start, plan) as run:
-            for batch in range(batches):
+        _check(self.should_cancel)
+        cached = self.cache.batches[:batches]
+        with self.runner.pruned(plan, fits) as runner:
+            states = [self.cache.state(b, start) for b in range(batches)]
+            finals = runner.run_all(cached, start=start, states=states)
+            for batch, final in zip(cached, finals, strict=True):
                 _check(self.should_cancel)
-                ids, mask = self.cache.batches[batch]
-                batch_sum, batch_tokens = batch_nll(run(batch).logits, ids, mask)
+                batch_sum, batch_tokens = batch_nll(runner.logits(batch, final), batch.ids, batch.mask)
                 nll += batch_sum
                 tokens += batch_tokens
         return mean_to_perplexity(nll, tokens)

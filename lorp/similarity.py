@@ -1,11 +1,11 @@
 """One-pass capture of the similarity statistics S and D (docs/algorithm.md §1-2).
 
-Forward pre-hooks on every decoder block record the hidden state that enters it, a forward hook on
-the last block records its output and then stops the forward pass, so the final norm and the LM
-head never run. Per batch, the normalised states of the real (unpadded) tokens (L = N+1 of them per
-token) go through one batched product giving every token's L x L dot products; summed over tokens
-they are S's ``[L, tokens*d] x [tokens*d, L]`` product, and their ``arccos / pi`` summed over tokens
-is D. Sums accumulate in float64.
+The runner (``lorp.execution``) runs each batch through the decoder blocks and hands over the state
+entering each block and the one leaving the last, written straight into one float32 buffer; the
+final norm and the LM head never run. Per batch, the normalised states of the real (unpadded)
+tokens (L = N+1 of them per token) go through one batched product giving every token's L x L dot
+products; summed over tokens they are S's ``[L, tokens*d] x [tokens*d, L]`` product, and their
+``arccos / pi`` summed over tokens is D. Sums accumulate in float64.
 
 Only sums and a token count persist between batches, so memory does not grow with the number of
 calibration sequences.
@@ -13,18 +13,17 @@ calibration sequences.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from lorp.blocks import block_input_hidden, block_output_hidden, decoder_blocks, input_device
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.errors import InvalidRequestError
+from lorp.execution import Batch, Runner, as_runner
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -47,86 +46,6 @@ class SimilarityStats:
         return int(self.S.shape[0]) - 1
 
 
-class _StopForward(Exception):
-    """Raised by the last block's hook: nothing after the last block is needed."""
-
-
-class _StateRecorder:
-    """Hooks that copy the N+1 hidden states of one batch, real tokens only, into one float32 buffer.
-
-    The buffer is token-major, ``[tokens, L, d]``, so that the per-token products for S and D are
-    one batched matrix product over contiguous memory, with no stacking copy.
-    """
-
-    def __init__(self, blocks: torch.nn.ModuleList) -> None:
-        self.blocks = blocks
-        self.n_states = len(blocks) + 1
-        self.buffer: torch.Tensor | None = None
-        self.filled: list[bool] = [False] * self.n_states
-        self.mask: torch.Tensor | None = None
-        self.all_real = False
-        self.compute_device: torch.device | None = None
-        self._handles: list[Any] = []
-
-    def start_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
-        self.all_real = bool(self.mask.all())
-        self.buffer = None
-        self.filled = [False] * self.n_states
-
-    def _store(self, index: int, hidden: torch.Tensor) -> None:
-        # Only a copy here (the forward pass waits on it); normalisation happens on the products.
-        assert self.mask is not None
-        h = hidden.detach()
-        if self.compute_device is not None and h.device != self.compute_device:
-            h = h.to(self.compute_device)
-        h = h.reshape(-1, h.shape[-1]) if self.all_real else h[self.mask.to(h.device)]  # [tokens, d]
-        if self.buffer is None:
-            self.buffer = torch.empty((h.shape[0], self.n_states, h.shape[1]), dtype=torch.float32, device=h.device)
-        self.buffer[:, index].copy_(h)
-        self.filled[index] = True
-
-    def __enter__(self) -> _StateRecorder:
-        for idx, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True))
-        self._handles.append(self.blocks[-1].register_forward_hook(self._last_hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _pre_hook(self, idx: int) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._store(idx, block_input_hidden(args, kwargs))
-
-        return hook
-
-    def _last_hook(self, _module: torch.nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
-        self._store(self.n_states - 1, block_output_hidden(output))
-        raise _StopForward
-
-
-def run_blocks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Run the model up to and including its last decoder block, then stop (no final norm, no head).
-
-    Used by the capture and, with no recording hooks, as the plain-forward baseline of the benchmark.
-    """
-    blocks = decoder_blocks(model)
-    handle = blocks[-1].register_forward_hook(_raise_stop)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-
-
-def _raise_stop(*_args: Any) -> None:
-    raise _StopForward
-
-
 def capture_similarity(
     model: Any,
     windows: TokenWindows,
@@ -135,7 +54,7 @@ def capture_similarity(
     angular: AngularMode = "all_tokens",
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    keep_states: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    keep_states: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
 ) -> SimilarityStats:
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
@@ -147,7 +66,7 @@ def capture_similarity(
             the last real token of each sequence only (Gromov et al.'s variant).
         progress: Called as ``progress(sequences_done, sequences_total)`` after each batch.
         should_cancel: Checked between batches; when it returns True, ``JobCancelled`` is raised.
-        keep_states: Called per batch as ``keep_states(ids, mask, states)`` with the raw states of
+        keep_states: Called per batch as ``keep_states(runner, batch, states)`` with the raw states of
             the real tokens, ``[tokens, N+1, d]`` float32 (``lorp.states.StateSink`` keeps them, so
             healing needs no second pass).
 
@@ -158,40 +77,28 @@ def capture_similarity(
         raise InvalidRequestError("batch_size must be at least 1", field="calibration.batch_size")
     if angular not in ("all_tokens", "last_token"):
         raise InvalidRequestError(f"unknown angular mode {angular!r}", field="calibration.angular")
-    blocks = decoder_blocks(model)
-    n_states = len(blocks) + 1
-    device = input_device(model)
+    runner = as_runner(model)
+    n_states = runner.num_blocks + 1
     s_sum = np.zeros((n_states, n_states), dtype=np.float64)
     d_sum = np.zeros((n_states, n_states), dtype=np.float64)
     n_tokens = 0
     n_angular = 0
     total = int(windows.input_ids.shape[0])
-
-    recorder = _StateRecorder(blocks)
-    recorder.compute_device = device
-    with torch.inference_mode(), recorder:
-        for start in range(0, total, batch_size):
-            if should_cancel is not None and should_cancel():
-                raise JobCancelled("cancelled during similarity capture")
-            ids = windows.input_ids[start : start + batch_size].to(device)
-            mask = windows.attention_mask[start : start + batch_size].to(device)
-            recorder.start_batch(mask)
-            with contextlib.suppress(_StopForward):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            if not all(recorder.filled) or recorder.buffer is None:
-                raise RuntimeError("a decoder block did not run during capture")
-            x = recorder.buffer  # [tokens, L, d]
-            recorder.buffer = None
+    done = 0
+    with torch.inference_mode():
+        batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="capturing similarity")
+        for batch, x in _real_states(runner, batches):  # x: [tokens, L, d]
             if keep_states is not None:
-                keep_states(ids, mask, x)
-            last = _last_token_positions(mask) if angular == "last_token" else None
+                keep_states(runner, batch, x)
+            last = _last_token_positions(batch.mask) if angular == "last_token" else None
             batch_s, batch_d = _pair_sums(x, last)
             s_sum += batch_s
             d_sum += batch_d
             n_tokens += int(x.shape[0])
             n_angular += int(x.shape[0]) if last is None else int(last.numel())
+            done += batch.num_windows
             if progress is not None:
-                progress(min(start + batch_size, total), total)
+                progress(done, total)
 
     if n_tokens == 0:
         raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration.dataset")
@@ -200,6 +107,40 @@ def capture_similarity(
     np.fill_diagonal(S, 1.0)
     np.fill_diagonal(D, 0.0)
     return SimilarityStats(S=S, D=D, num_tokens=n_tokens, num_sequences=total, angular_mode=angular)
+
+
+def _real_states(runner: Runner, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Each batch with the N+1 states of its real tokens in one token-major float32 buffer, ``[tokens, L, d]``.
+
+    Token-major, so that the per-token products for S and D are one batched matrix product over
+    contiguous memory; each state is copied in as the pass hands it over (normalisation happens on
+    the products). Buffers are kept where the runner keeps states between blocks (``state_device``).
+    """
+    n_states = runner.num_blocks + 1
+    device = runner.state_device
+    for group in runner.groups(batches):
+        buffers: list[torch.Tensor | None] = [None] * len(group)
+
+        def store(
+            i: int, index: int, hidden: torch.Tensor, group: list[Batch] = group, buffers: list[Any] = buffers
+        ) -> None:
+            real = group[i].real
+            h = hidden.detach().to(device)
+            h = h.reshape(-1, h.shape[-1]) if bool(real.all()) else h[real.to(device)]  # [tokens, d]
+            buffer = buffers[i]
+            if buffer is None:
+                buffer = buffers[i] = torch.empty(
+                    (h.shape[0], n_states, h.shape[1]), dtype=torch.float32, device=device
+                )
+            buffer[:, index].copy_(h)
+
+        finals = runner.run_all(group, on_input=store)
+        for i, (batch, final) in enumerate(zip(group, finals, strict=True)):
+            store(i, n_states - 1, final)
+            buffer = buffers[i]
+            assert buffer is not None
+            buffers[i] = None
+            yield batch, buffer
 
 
 def _last_token_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,10 @@ from lorp import calibration as cal
 from lorp.auto import auto_select
 from lorp.blocks import pruned_view
 from lorp.evaluation import measure_speed, perplexity
+from lorp.execution import Runner
 from lorp.loading import load_model
 from lorp.selection import SelectionOptions, candidate_plans
-from lorp.similarity import capture_similarity, run_blocks
+from lorp.similarity import capture_similarity
 
 METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"
@@ -44,10 +45,12 @@ def _timed(fn) -> float:
 def bench_capture(model, windows, batch_size: int, repeats: int) -> dict:
     tokens = int(windows.attention_mask.sum())
 
-    def plain() -> None:
+    runner = Runner(model)
+
+    def plain() -> None:  # every block on every batch, nothing recorded (no final norm, no head)
         with torch.inference_mode():
-            for s in range(0, windows.input_ids.shape[0], batch_size):
-                run_blocks(model, windows.input_ids[s : s + batch_size], windows.attention_mask[s : s + batch_size])
+            for batch in runner.batches(windows, batch_size):
+                runner.run(batch)
 
     def capture() -> None:
         capture_similarity(model, windows, batch_size=batch_size)

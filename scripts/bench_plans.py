@@ -31,8 +31,9 @@ from benchdoc import PLANS_HEADING, replace_section  # noqa: E402
 from lorp import calibration as cal  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
+from lorp.execution import folded  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
-from lorp.scoring import CachedHealer, folded  # noqa: E402
+from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec  # noqa: E402

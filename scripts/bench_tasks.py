@@ -29,8 +29,8 @@ from benchdoc import TASKS_HEADING, replace_section  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
+from lorp.execution import folded  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
-from lorp.scoring import folded  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec, TaskSpec  # noqa: E402

@@ -151,6 +151,16 @@ def build(name: str, **overrides: Any) -> PreTrainedModel:
     return model.eval()
 
 
+def six_blocks(name: str) -> PreTrainedModel:
+    """``build(name)`` with six blocks, per-layer config lists lengthened to match."""
+    overrides: dict[str, Any] = {ARCHS[name][4]: 6}
+    if "layer_types" in ARCHS[name][1]:
+        overrides["layer_types"] = ["sliding_attention", "full_attention"] * 3
+    if "no_rope_layers" in ARCHS[name][1]:
+        overrides["no_rope_layers"] = [1, 0, 1, 1, 0, 1]
+    return build(name, **overrides)
+
+
 def probe(batch: int = 2) -> torch.LongTensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(2, VOCAB, (batch, PROBE_LEN), generator=g)  # type: ignore[return-value]

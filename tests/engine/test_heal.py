@@ -16,6 +16,7 @@ import torch
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
+from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
 from lorp.heal import (
     FitStatistics,
@@ -51,14 +52,15 @@ def test_the_fold_is_exact_algebra(name: str) -> None:
     model = build(name)
     anchor = decoder_blocks(model)[1]
     ids = probe()
-    mask = torch.ones_like(ids)
-    ((m, h),) = _anchor_outputs(model, [anchor], ids, mask)
+    runner = Runner(model)
+    batch = runner.batch(ids, torch.ones_like(ids))
+    ((m, h),) = _anchor_outputs(runner, batch, [1])
     width = m.shape[-1]
     g = torch.Generator().manual_seed(5)
     T = torch.eye(width, dtype=torch.float64) + 0.1 * torch.randn(width, width, generator=g, dtype=torch.float64)
     projection, kind = output_projection(model, anchor)
     fold(projection, kind, T)
-    ((m_after, h_after),) = _anchor_outputs(model, [anchor], ids, mask)
+    ((m_after, h_after),) = _anchor_outputs(runner, batch, [1])
     expected = (h - m).double() + m.double() @ T
     torch.testing.assert_close(m_after.double(), m.double() @ T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h_after.double(), expected, rtol=1e-4, atol=1e-5)

@@ -19,19 +19,10 @@ from lorp.heal import heal_cuts
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.states import StateCache
 
-from .archs import ARCHS, build
+from .archs import ARCHS, six_blocks
 from .test_heal import FOLDABLE, windows
 
 PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]
-
-
-def six_blocks(name: str) -> torch.nn.Module:
-    overrides: dict = {ARCHS[name][4]: 6}
-    if "layer_types" in ARCHS[name][1]:
-        overrides["layer_types"] = ["sliding_attention", "full_attention"] * 3
-    if "no_rope_layers" in ARCHS[name][1]:
-        overrides["no_rope_layers"] = [1, 0, 1, 1, 0, 1]
-    return build(name, **overrides)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -116,12 +107,12 @@ def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass() -> 
     sink = StateSink(max_windows=5, batch_size=4, dtype=torch.float32)
     capture_similarity(model, data, batch_size=4, keep_states=sink)
     kept = sink.cache()
-    assert kept.windows.num_windows == 5 and [ids.shape[0] for ids, _ in kept.batches] == [4, 1]
+    assert kept.windows.num_windows == 5 and [batch.num_windows for batch in kept.batches] == [4, 1]
     first_five = windows(batch=6, length=12, seed=3)
     first_five = type(first_five)(first_five.input_ids[:5], first_five.attention_mask[:5])
     direct = StateCache(model, first_five, batch_size=4)
     for b in range(direct.num_batches):
-        real = direct.batches[b][1].bool()
+        real = direct.batches[b].real
         for j in range(direct.num_blocks + 1):
             assert torch.allclose(kept.state(b, j)[real], direct.state(b, j)[real], atol=1e-6)
     from_capture = CachedHealer(model, kept).fits([2, 3])[0].span

@@ -11,7 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lorp.calibration import TokenWindows
 from lorp.errors import JobCancelled
-from lorp.similarity import capture_similarity, run_blocks
+from lorp.execution import Runner
+from lorp.similarity import capture_similarity
 
 VOCAB = 384
 
@@ -139,9 +140,11 @@ def test_capture_stops_after_the_last_block():
     model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
     windows = windows_with_padding()
     capture_similarity(model, windows, batch_size=2)
-    run_blocks(model, windows.input_ids, windows.attention_mask)
+    runner = Runner(model)
+    for batch in runner.batches(windows, 2):
+        runner.run(batch)
     assert calls == {"norm": 0, "head": 0}
-    # hooks are removed afterwards: a normal forward reaches the head again
+    # the blocks are the model's own again afterwards: a normal forward reaches the head
     model(input_ids=windows.input_ids[:1])
     assert calls["head"] == 1
 

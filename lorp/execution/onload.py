@@ -1,0 +1,159 @@
+"""A model whose weights stay on disk until a pass needs them: a skeleton, then one block at a time.
+
+The first piece of sequential execution (issue 21): :func:`skeleton` builds the model a config
+describes with its parameters on the meta device (no memory, no random initialisation) and its
+buffers real (the rotary frequencies and masks a model computes at construction and never stores).
+:class:`Onloader` then brings what a pass needs from the checkpoint's safetensors shards straight to
+the device, a tensor at a time (``lorp.shards``, no memory map): :meth:`Onloader.load_outside` the
+embeddings, the final norm and the head for the whole pass; :meth:`Onloader.block` one decoder block
+for the length of a ``with``, after which its parameters are on the meta device again and their memory
+is free. It counts the block loads and the most blocks held at once, so tests and the report can say
+what a pass cost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorp.blocks import block_layout, decoder_blocks
+from lorp.errors import ModelLoadError
+from lorp.shards import Checkpoint
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device and keep their buffers real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        registered = module._parameters[name]
+        if registered is not None:
+            module._parameters[name] = torch.nn.Parameter(registered.to("meta"), requires_grad=registered.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def skeleton(config: Any, dtype: torch.dtype) -> Any:
+    """The causal LM ``config`` describes, parameters on the meta device, buffers real, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _set(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _model_names(model: Any, stored: Any) -> dict[str, str]:
+    """Model tensor name -> stored name, for stored names transformers renames on load (GPT-NeoX's
+    ``embed_out`` is the model's ``lm_head``); only plain renamings, which are all these families use."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    names: dict[str, str] = {}
+    for name in stored:
+        renamed = name
+        for renaming in renamings:
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False):
+                renamed = re.sub(source, target, renamed)
+        if renamed != name:
+            names[renamed] = name
+    return names
+
+
+class Onloader:
+    """Brings a skeleton's weights from ``source``'s safetensors files onto ``device``, piece by piece.
+
+    Args:
+        model: a :func:`skeleton` of the checkpoint's config.
+        source: the model folder (``model.safetensors`` or shards with their index).
+        device: where the weights go.
+        dtype: the dtype they run in (stored tensors are cast to it).
+    """
+
+    def __init__(self, model: Any, source: Path, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.model = model
+        self.checkpoint = Checkpoint(source)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.path = block_layout(model).path
+        self.blocks = list(decoder_blocks(model))  # by original index, also inside a pruned view
+        self.names = _model_names(model, self.checkpoint.tensors)
+        self.block_loads = 0
+        self.held: set[int] = set()
+        self.most_held = 0
+
+    def _stored(self, name: str) -> str:
+        """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
+        a tied head: the tensor it is tied to)."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        for candidate in (name, tied.get(name)):
+            if candidate is not None and candidate in self.names:
+                return self.names[candidate]
+            if candidate is None:
+                continue
+            parts = candidate.split(".")
+            for start in range(len(parts)):
+                stored = ".".join(parts[start:])
+                if stored in self.checkpoint.tensors:
+                    return stored
+        raise ModelLoadError(f"the checkpoint holds no tensor for {name!r}", field="model.id")
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.device.type != "meta":
+                continue
+            value = self.checkpoint.read(self._stored(prefix + name), device=self.device)
+            _set(module, name, value.to(self.dtype) if value.is_floating_point() else value)
+
+    def load_outside(self) -> None:
+        """Load every weight outside the decoder blocks (embeddings, final norm, head) for good."""
+        block_names = re.compile(rf"^{re.escape(self.path)}\.\d+\.")
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if tensor.device.type == "meta" and not block_names.match(name):
+                value = self.checkpoint.read(self._stored(name), device=self.device)
+                _set(self.model, name, value.to(self.dtype) if value.is_floating_point() else value)
+        tie = getattr(self.model, "tie_weights", None)
+        if callable(tie):
+            tie()
+        for buffer_owner in self.model.modules():  # buffers built at construction go where the weights are
+            for key, buffer in list(buffer_owner._buffers.items()):
+                if buffer is not None and buffer.device != self.device and buffer.device.type != "meta":
+                    buffer_owner._buffers[key] = buffer.to(self.device)
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[torch.nn.Module]:
+        """Decoder block ``index`` with its weights on the device, for the length of the block."""
+        block = self.blocks[index]
+        self._load(block, f"{self.path}.{index}.")
+        self.block_loads += 1
+        self.held.add(index)
+        self.most_held = max(self.most_held, len(self.held))
+        try:
+            yield block
+        finally:
+            for name, param in list(block.named_parameters()):
+                _set(block, name, torch.empty_like(param, device="meta"))
+            self.held.discard(index)

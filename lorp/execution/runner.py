@@ -1,0 +1,298 @@
+"""The runner: the passes the engine makes over a model, block by block.
+
+A :class:`Batch` is a batch of windows made ready to run: its tokens, the state entering block 0 and
+how the model's own forward calls each block (:mod:`lorp.execution.calls`). On it the runner offers
+
+- :meth:`Runner.run`: from the state entering block ``start`` through the blocks before ``stop``
+  (all: to the state leaving the last block), skipping removed blocks, with callbacks that see the
+  state entering and leaving each block run: the dense states, a cut's target, an anchor's output;
+- :meth:`Runner.states`: the N+1 dense states of a batch;
+- :meth:`Runner.logits`: the logits of a state leaving the last block;
+- :meth:`Runner.pruned`: a view of the model with blocks removed (the kept ones renumbered as the
+  pruned model numbers them) and heal maps folded, in which the same passes run;
+- :meth:`Runner.watch`: the output of a module inside a block (a block's MLP output) while it runs.
+
+Each block runs on the state it is given with the arguments the dense forward gave it; with blocks
+removed that is what the pruned model gives the same block (its masks and positions do not depend
+on the blocks before it), so a pass from block ``i`` on a cached dense state is the pruned model's
+computation from there on.
+
+A resident runner runs the model where it lives (its device, or the devices ``device_map`` spread it
+over). A sequential one (:meth:`Runner.sequential`) holds only the weights outside the blocks and
+loads a block for the length of its turn: :meth:`Runner.run_all` runs each block on every batch of a
+pass before the next block (block-major), :meth:`Runner.groups` gathers a pass's batches so that each
+block loads once per pass, and states wait on the host between blocks. Both give the same states,
+scores and fits (tests/engine/test_sequential.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorp.blocks import decoder_blocks, input_device, pruned_view
+from lorp.calibration import TokenWindows
+from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.execution.calls import BlockCall, OutputForm, head_logits, record_calls
+from lorp.execution.healed import FoldedMap, fold, folded, output_projection
+from lorp.execution.onload import Onloader, skeleton
+
+StateCallback = Callable[[int, torch.Tensor], None]
+GroupCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class Batch:
+    """A batch of windows ready to run: tokens, the state entering block 0, each block's call, and
+    what the blocks return (a tensor or a tuple)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    entering: torch.Tensor
+    calls: list[BlockCall]
+    form: OutputForm
+
+    @property
+    def real(self) -> torch.Tensor:
+        """Which positions hold real (unpadded) tokens, as booleans."""
+        return self.mask.bool()
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class Runner:
+    """Runs a model's passes block by block (see the module's docstring).
+
+    Args:
+        model: a causal LM whose decoder blocks ``lorp.blocks`` finds. A runner is for the model as it
+            is; after blocks are removed for good, make a new one.
+    """
+
+    def __init__(self, model: Any, onloader: Onloader | None = None) -> None:
+        self.model = model
+        self.onloader = onloader
+        self._live = decoder_blocks(model)
+        self.blocks: list[torch.nn.Module] = list(self._live)
+        self.num_blocks = len(self.blocks)
+        self.device = input_device(model)
+        self._form: OutputForm | None = None
+        self._removed: frozenset[int] = frozenset()
+        self._fits: dict[int, FoldedMap] = {}
+        self.block_runs = 0
+
+    @classmethod
+    def sequential(cls, source: Path, config: Any, *, device: torch.device | str, dtype: torch.dtype) -> Runner:
+        """A runner that keeps the decoder blocks on disk and loads each one onto ``device`` only
+        while a pass runs it (``lorp.execution.onload``); everything else is loaded once."""
+        model = skeleton(config, dtype)
+        onloader = Onloader(model, source, device, dtype)
+        onloader.load_outside()
+        return cls(model, onloader)
+
+    @property
+    def mode(self) -> str:
+        """``resident`` (the whole model where it lives) or ``sequential`` (one block at a time)."""
+        return "resident" if self.onloader is None else "sequential"
+
+    @property
+    def state_device(self) -> torch.device:
+        """Where states are kept between blocks: the device when resident, the host in sequential mode
+        (the device holds one block and the batch it runs)."""
+        return self.device if self.onloader is None else torch.device("cpu")
+
+    @property
+    def block_loads(self) -> int:
+        """Blocks brought onto the device so far (sequential; 0 when resident)."""
+        return 0 if self.onloader is None else self.onloader.block_loads
+
+    @contextmanager
+    def _block(self, index: int) -> Iterator[torch.nn.Module]:
+        """Block ``index`` ready to run: where it lives, or loaded for the length of the block with
+        its heal map (if the view has one) folded in."""
+        if self.onloader is None:
+            yield self.blocks[index]
+            return
+        with self.onloader.block(index) as block:
+            fit = self._fits.get(index)
+            if fit is not None:
+                projection, kind = output_projection(self.model, block)
+                fold(projection, kind, fit.T)
+            yield block
+
+    def groups(self, batches: Iterable[Batch]) -> Iterator[list[Batch]]:
+        """Batches gathered for block-major passes: one at a time when resident (a batch's states are
+        all a pass holds), all of them in sequential mode (each block is loaded once per group)."""
+        if self.onloader is None:
+            for batch in batches:
+                yield [batch]
+        else:
+            gathered = list(batches)
+            if gathered:
+                yield gathered
+
+    def _check_current(self) -> None:
+        if len(self._live) + len(self._removed) != self.num_blocks:
+            raise RuntimeError("the model's blocks changed since this runner was made; make a new runner")
+
+    def batch(self, ids: torch.Tensor, mask: torch.Tensor) -> Batch:
+        """Make a batch of windows ready to run (one pass through the model's forward, no block run)."""
+        self._check_current()
+        if self._removed:
+            raise RuntimeError("batches are made on the dense model, outside a pruned view")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # The first batch learns what a block returns by running block 0 once.
+        first = self._block(0) if self._form is None and self.onloader is not None else nullcontext()
+        with torch.no_grad(), first:
+            entering, calls, self._form = record_calls(self.model, self._live, ids, mask, self._form)
+        return Batch(ids=ids, mask=mask, entering=entering, calls=calls, form=self._form)
+
+    def batches(
+        self,
+        windows: TokenWindows,
+        batch_size: int,
+        *,
+        should_cancel: Callable[[], bool] | None = None,
+        doing: str = "running the model",
+    ) -> Iterator[Batch]:
+        """The windows as batches of ``batch_size``, each made ready as it is needed; cancel is checked
+        before each (``JobCancelled`` names ``doing``)."""
+        if batch_size < 1:
+            raise InvalidRequestError("batch_size must be at least 1", field="calibration.batch_size")
+        for begin in range(0, windows.num_windows, batch_size):
+            if should_cancel is not None and should_cancel():
+                raise JobCancelled(f"the job was cancelled while {doing}")
+            yield self.batch(
+                windows.input_ids[begin : begin + batch_size], windows.attention_mask[begin : begin + batch_size]
+            )
+
+    def run(
+        self,
+        batch: Batch,
+        *,
+        start: int = 0,
+        state: torch.Tensor | None = None,
+        stop: int | None = None,
+        on_input: StateCallback | None = None,
+        on_output: StateCallback | None = None,
+    ) -> torch.Tensor:
+        """Run the blocks ``start .. stop-1`` that are not removed, from ``state`` (the state entering
+        block ``start``; the embedded input when ``start`` is 0 and it is omitted).
+
+        ``on_input(j, h)`` / ``on_output(j, h)`` see the state entering / leaving each block run.
+        Returns the state leaving the last block run (``state`` itself when none runs).
+        """
+        (hidden,) = self.run_all(
+            [batch],
+            start=start,
+            states=None if state is None else [state],
+            stop=stop,
+            on_input=None if on_input is None else lambda _i, j, h: on_input(j, h),
+            on_output=None if on_output is None else lambda _i, j, h: on_output(j, h),
+        )
+        return hidden
+
+    def run_all(
+        self,
+        batches: Sequence[Batch],
+        *,
+        start: int = 0,
+        states: Sequence[torch.Tensor] | None = None,
+        stop: int | None = None,
+        on_input: GroupCallback | None = None,
+        on_output: GroupCallback | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`run` over several batches, block-major: each block runs on every batch before the
+        next one (in sequential mode, one load per block). Callbacks get the batch's position first."""
+        stop = self.num_blocks if stop is None else stop
+        if states is None:
+            if start != 0:
+                raise ValueError("a pass that starts after block 0 needs the state entering its first block")
+            states = [batch.entering for batch in batches]
+        hidden = list(states)
+        with torch.no_grad():
+            for j in range(start, stop):
+                if j in self._removed:
+                    continue
+                with self._block(j) as block:
+                    for i, batch in enumerate(batches):
+                        if on_input is not None:
+                            on_input(i, j, hidden[i])
+                        out = batch.calls[j](block, hidden[i].to(self.device))
+                        hidden[i] = out.to(self.state_device)
+                        self.block_runs += 1
+                        if on_output is not None:
+                            on_output(i, j, hidden[i])
+        return hidden
+
+    def states_all(self, batches: Sequence[Batch]) -> list[list[torch.Tensor]]:
+        """:meth:`states` of several batches, block-major."""
+        found: list[list[torch.Tensor]] = [[] for _ in batches]
+        finals = self.run_all(batches, on_input=lambda i, _j, h: found[i].append(h))
+        return [[*states, final] for states, final in zip(found, finals, strict=True)]
+
+    def states(self, batch: Batch) -> list[torch.Tensor]:
+        """The dense states of a batch: entering blocks 0..N-1, then leaving block N-1 (N + 1 of them)."""
+        found: list[torch.Tensor] = []
+        final = self.run(batch, on_input=lambda _j, h: found.append(h))
+        return [*found, final]
+
+    def logits(self, batch: Batch, final: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``final``, a state leaving its last block (its own norm and head)."""
+        with torch.no_grad():
+            return head_logits(self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form)
+
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        """The logits of the model as it stands (in a pruned view: the pruned model's)."""
+        return self.logits(batch, self.run(batch))
+
+    @contextmanager
+    def pruned(self, removed: Sequence[int] = (), fits: Sequence[FoldedMap] = ()) -> Iterator[Runner]:
+        """This runner with ``removed`` blocks skipped and ``fits`` folded in, for the block's length.
+
+        The kept blocks carry the indices the pruned model gives them (a view, ``lorp.blocks``) and
+        the model is restored on exit. Batches are made before entering (on the dense model).
+        """
+        removed_set = frozenset(int(b) for b in removed)
+        if self._removed:
+            raise RuntimeError("pruned views do not nest")
+        view = pruned_view(self.model, sorted(removed_set)) if removed_set else nullcontext()
+        # Resident: folded into the weights for the view's length. Sequential: folded into each
+        # anchor block as it is loaded (its weights are on disk until then).
+        fold_now = folded(self.model, fits) if self.onloader is None else nullcontext()
+        with fold_now, view:
+            self._removed = removed_set
+            self._fits = {} if self.onloader is None else {fit.anchor: fit for fit in fits}
+            try:
+                yield self
+            finally:
+                self._removed = frozenset()
+                self._fits = {}
+
+    @contextmanager
+    def watch(self, module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+        """A list holding the latest output of ``module`` (a part of a block) while the block is open.
+
+        The output is copied: some blocks add into it in place afterwards (Falcon's parallel MLP).
+        """
+        latest: list[torch.Tensor] = []
+
+        def keep(_module: Any, _args: Any, output: torch.Tensor) -> None:
+            latest[:] = [output.detach().clone()]
+
+        handle = module.register_forward_hook(keep)
+        try:
+            yield latest
+        finally:
+            handle.remove()
+
+
+def as_runner(model: Any) -> Runner:
+    """``model`` itself when it is a runner, else a runner for it."""
+    return model if isinstance(model, Runner) else Runner(model)

@@ -1,0 +1,142 @@
+"""Sequential execution (lorp.execution, one block on the device at a time) against resident, on every
+architecture: the same S and D, cached states, heal fits, plan scores and perplexity; each block
+loaded once per pass and never more than one held.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from lorp.calibration import TokenWindows
+from lorp.evaluation import perplexity
+from lorp.execution import Runner
+from lorp.scoring import CachedHealer, PlanScorer
+from lorp.shards import Checkpoint
+from lorp.similarity import capture_similarity
+from lorp.states import StateCache
+
+from .archs import ARCHS, six_blocks
+
+REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}  # no folded heal (post-MLP norms)
+
+
+def windows(batch: int = 5, length: int = 12, seed: int = 3) -> TokenWindows:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 384, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return TokenWindows(input_ids=ids, attention_mask=mask)
+
+
+def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
+    model = six_blocks(name)
+    model.save_pretrained(tmp_path)
+    sequential = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
+    return Runner(model), sequential
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perplexity(
+    name: str, tmp_path: Path
+) -> None:
+    resident, sequential = both(name, tmp_path)
+    n = resident.num_blocks
+    data = windows()
+
+    ref = capture_similarity(resident, data, batch_size=2)
+    got = capture_similarity(sequential, data, batch_size=2)
+    torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
+    # One load per block for the whole capture (three batches), plus block 0 once to learn its output.
+    assert sequential.block_loads == n + 1
+    assert sequential.onloader is not None and sequential.onloader.most_held == 1
+
+    cache_r = StateCache(resident, data, batch_size=2)
+    cache_s = StateCache(sequential, data, batch_size=2)
+    for b in range(cache_r.num_batches):
+        real = cache_r.batches[b].real
+        for j in range(n + 1):
+            torch.testing.assert_close(cache_s.state(b, j)[real], cache_r.state(b, j)[real], rtol=0, atol=1e-6)
+
+    heals = name not in REFUSED
+    scorer_r = PlanScorer(resident, cache_r, healer=CachedHealer(resident, cache_r) if heals else None)
+    scorer_s = PlanScorer(sequential, cache_s, healer=CachedHealer(sequential, cache_s) if heals else None)
+    for plan in ([], [2], [1, 4], [3, 4, 5]):
+        assert scorer_s.score(plan) == pytest.approx(scorer_r.score(plan), rel=1e-6), plan
+        if heals:
+            for fit_s, fit_r in zip(scorer_s.fits(plan), scorer_r.fits(plan), strict=True):
+                assert (fit_s.span.start, fit_s.span.end) == (fit_r.span.start, fit_r.span.end)
+                torch.testing.assert_close(fit_s.T, fit_r.T, rtol=1e-6, atol=1e-8)
+
+    assert perplexity(sequential, data, batch_size=2) == pytest.approx(
+        perplexity(resident, data, batch_size=2), rel=1e-6
+    )
+    assert sequential.onloader.most_held == 1
+
+
+def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path) -> None:
+    _, sequential = both("llama", tmp_path)
+    cache = StateCache(sequential, windows(), batch_size=2)
+    before = sequential.block_loads
+    PlanScorer(sequential, cache).score([4])
+    # blocks 5 (block 4 is removed), once for all three batches
+    assert sequential.block_loads - before == 1
+    before = sequential.block_loads
+    PlanScorer(sequential, cache).score([1])
+    assert sequential.block_loads - before == 4  # blocks 2..5
+
+
+_PEAK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch, transformers
+    from transformers import LlamaForCausalLM  # the modeling code's import is the process's, not the pass's
+    from lorp.calibration import TokenWindows
+    from lorp.execution import Runner
+    from lorp.similarity import capture_similarity
+
+    def status(key):  # kB, from /proc/self/status
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here, past the imports
+    base = status("VmRSS:")
+    source = Path(sys.argv[1])
+    config = transformers.AutoConfig.from_pretrained(source)
+    runner = Runner.sequential(source, config, device="cpu", dtype=torch.float32)
+    ids = torch.randint(2, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    capture_similarity(runner, TokenWindows(input_ids=ids, attention_mask=torch.ones_like(ids)), batch_size=2)
+    print(base, status("VmHWM:"), runner.block_loads, runner.onloader.most_held)
+    """
+)
+
+
+def test_a_sequential_capture_holds_about_one_block_not_the_model(tmp_path: Path) -> None:
+    # 8 blocks of 16 MiB (float32, hidden 512, MLP 2048): ~130 MiB of weights. A capture holding one
+    # block at a time grows its peak memory (past its imports) by about a block plus the pass's working
+    # memory (about 47 MiB measured); loading the model resident would grow it by more than the model.
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    src = tmp_path / "big"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    size = Checkpoint(src).nbytes
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(src)], capture_output=True, text=True, check=True)
+    base_kb, peak_kb, loads, most_held = map(int, done.stdout.split())
+    growth = (peak_kb - base_kb) * 1024
+    assert (loads, most_held) == (9, 1)
+    print(f"growth {growth / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB checkpoint")
+    assert growth < 0.5 * size, (growth, size)
