@@ -61,6 +61,18 @@ class SpanFit:
     residual_after: float
 
 
+@dataclass(frozen=True)
+class Fit:
+    """A span's fitted map ``T`` (d x d, float64) and how well it fits."""
+
+    T: torch.Tensor
+    span: SpanFit
+
+    @property
+    def anchor(self) -> int:
+        return self.span.anchor
+
+
 def contiguous_spans(pruned: Sequence[int]) -> list[tuple[int, int]]:
     """The removed blocks as maximal runs [start, end), in depth order."""
     spans: list[tuple[int, int]] = []
@@ -157,7 +169,7 @@ def heal_cuts(
     groups = [spans] if mode == "dense" else [[span] for span in spans]
     total = len(groups) * math.ceil(windows.num_windows / batch_size)
     done = 0
-    fits: list[_Fitted] = []
+    fits: list[Fit] = []
     spans_fitted: list[SpanFit] = []
     for group in groups:
         stats = [FitStatistics(runner.device) for _ in group]
@@ -182,22 +194,12 @@ def heal_cuts(
                 residual_before=stat.relative(stat.squared_error(None)),
                 residual_after=stat.relative(stat.squared_error(T)),
             )
-            fits.append(_Fitted(T=T, span=span))
+            fits.append(Fit(T=T, span=span))
             spans_fitted.append(span)
     for fit in fits:
         projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])
         fold(projection, kind, fit.T)
     return spans_fitted
-
-
-@dataclass(frozen=True)
-class _Fitted:
-    T: torch.Tensor
-    span: SpanFit
-
-    @property
-    def anchor(self) -> int:
-        return self.span.anchor
 
 
 def _dense_targets(runner: Runner, batch: Batch, ends: Sequence[int]) -> dict[int, torch.Tensor]:

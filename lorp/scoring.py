@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,20 +23,8 @@ from lorp.errors import JobCancelled
 from lorp.evaluation import batch_nll, mean_to_perplexity
 from lorp.execution import as_runner
 from lorp.execution.healed import fold, output_projection
-from lorp.heal import DEFAULT_RIDGE, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
+from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
 from lorp.states import StateCache
-
-
-@dataclass(frozen=True)
-class Fit:
-    """A span's fitted map ``T`` (d x d, float64) and how well it fits."""
-
-    T: torch.Tensor
-    span: SpanFit
-
-    @property
-    def anchor(self) -> int:
-        return self.span.anchor
 
 
 def healable_spans(plan: Sequence[int]) -> list[tuple[int, int]]:

@@ -239,9 +239,8 @@ class Runner:
 
     def states(self, batch: Batch) -> list[torch.Tensor]:
         """The dense states of a batch: entering blocks 0..N-1, then leaving block N-1 (N + 1 of them)."""
-        found: list[torch.Tensor] = []
-        final = self.run(batch, on_input=lambda _j, h: found.append(h))
-        return [*found, final]
+        (states,) = self.states_all([batch])
+        return states
 
     def logits(self, batch: Batch, final: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``final``, a state leaving its last block (its own norm and head)."""

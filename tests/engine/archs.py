@@ -161,6 +161,21 @@ def six_blocks(name: str) -> PreTrainedModel:
     return build(name, **overrides)
 
 
+def write_wide_llama(path: Any, num_hidden_layers: int) -> None:
+    """A float32 Llama with blocks of 16 MiB (hidden 512, MLP 2048, untied head), saved to ``path``: large
+    enough that a process holding it whole shows in its peak memory."""
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
 def probe(batch: int = 2) -> torch.LongTensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(2, VOCAB, (batch, PROBE_LEN), generator=g)  # type: ignore[return-value]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from lorp.calibration import TokenWindows
 from lorp.evaluation import perplexity
@@ -22,7 +21,7 @@ from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
 from lorp.states import StateCache
 
-from .archs import ARCHS, six_blocks
+from .archs import ARCHS, six_blocks, write_wide_llama
 
 REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}  # no folded heal (post-MLP norms)
 
@@ -122,17 +121,8 @@ def test_a_sequential_capture_holds_about_one_block_not_the_model(tmp_path: Path
     # 8 blocks of 16 MiB (float32, hidden 512, MLP 2048): ~130 MiB of weights. A capture holding one
     # block at a time grows its peak memory (past its imports) by about a block plus the pass's working
     # memory (about 47 MiB measured); loading the model resident would grow it by more than the model.
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
     src = tmp_path / "big"
-    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    write_wide_llama(src, num_hidden_layers=8)
     size = Checkpoint(src).nbytes
     done = subprocess.run([sys.executable, "-c", _PEAK, str(src)], capture_output=True, text=True, check=True)
     base_kb, peak_kb, loads, most_held = map(int, done.stdout.split())

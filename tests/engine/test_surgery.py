@@ -21,7 +21,7 @@ from lorp.heal import fold, output_projection
 from lorp.shards import INDEX_FILE, Checkpoint, read_header
 from lorp.surgery import write_pruned
 
-from .archs import ARCHS, build, greedy, probe
+from .archs import ARCHS, build, greedy, probe, write_wide_llama
 
 REMOVED = [1, 2]  # of 4 blocks: one span, anchored at block 0
 
@@ -194,17 +194,8 @@ _PEAK = textwrap.dedent(
 def test_writer_holds_about_one_tensor_not_the_model(tmp_path: Path) -> None:
     # 6 blocks of 16 MiB (float32, hidden 512, MLP 2048) plus embeddings: ~100 MiB of weights, the
     # largest tensor 4 MiB. The writer's growth in peak memory over its imports stays far below that.
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
     src = tmp_path / "big"
-    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    write_wide_llama(src, num_hidden_layers=6)
     size = Checkpoint(src).nbytes
     largest = max(info.nbytes for info in Checkpoint(src).tensors.values())
     done = subprocess.run(
