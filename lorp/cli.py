@@ -88,6 +88,13 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
         choices=["linear", "none"],
         help="fold a fitted linear map into the block before each cut (default: linear where the architecture allows)",
     )
+    prune.add_argument(
+        "--execution",
+        choices=["auto", "resident", "sequential"],
+        default="auto",
+        help="run the model whole (resident) or one block at a time from its safetensors files (sequential); "
+        "auto (default): resident when it fits the device's memory (LORP_DEVICE_MEMORY_GB)",
+    )
     _add_calibration_args(prune)
     _add_selection_args(prune)
     prune.add_argument("--eval", dest="eval_source", help="held-out text (default: built-in evaluation split)")
@@ -213,6 +220,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             protected_layers=args.protect,
             cluster_seed=args.cluster_seed,
             heal=args.heal,
+            execution=args.execution,
         ),
         evaluation=EvaluationSpec(
             dataset=args.eval_source,
@@ -249,6 +257,11 @@ def _summary(report: PruneReport, out_dir: str) -> str:
         f"method          {report.method} -> {report.chosen.candidate}",
         f"removed blocks  {report.chosen.pruned_layers}",
     ]
+    execution = report.execution
+    if execution is not None:
+        loads = f", {execution.block_loads} block loads" if execution.mode == "sequential" else ""
+        lines.append(f"execution       {execution.mode} on {execution.device}{loads} ({execution.reason})")
+        lines.extend(f"skipped         {line}" for line in execution.skipped)
     quality = report.selection.quality_target if report.selection is not None else None
     if quality is not None:
         after = _fmt(quality["next_ratio"], ".3f")

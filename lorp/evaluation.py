@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import as_runner
+from lorp.execution.healed import FoldedMap
 
 
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -43,6 +44,8 @@ def negative_log_likelihood(
     batch_size: int = 4,
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    removed: Sequence[int] = (),
+    fits: Sequence[FoldedMap] = (),
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
@@ -52,6 +55,9 @@ def negative_log_likelihood(
         batch_size: Sequences per forward pass.
         should_cancel: Checked between batches (raises ``JobCancelled``).
         progress: Called as ``progress(done, total)`` after each batch.
+        removed, fits: measure the model with these blocks removed and these heal maps folded (a pruned
+            view, ``Runner.pruned``), without changing it: how sequential execution measures the pruned
+            model it never holds.
     """
     runner = as_runner(model)
     total_nll = 0.0
@@ -61,13 +67,14 @@ def negative_log_likelihood(
     with torch.inference_mode():
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
         for group in runner.groups(batches):
-            for batch, final in zip(group, runner.run_all(group), strict=True):
-                nll, tokens = batch_nll(runner.logits(batch, final), batch.ids, batch.mask)
-                total_nll += nll
-                total_tokens += tokens
-                done += batch.num_windows
-                if progress is not None:
-                    progress(done, count)
+            with runner.pruned(removed, fits) as view:
+                for batch, final in zip(group, view.run_all(group), strict=True):
+                    nll, tokens = batch_nll(view.logits(batch, final), batch.ids, batch.mask)
+                    total_nll += nll
+                    total_tokens += tokens
+                    done += batch.num_windows
+                    if progress is not None:
+                        progress(done, count)
     return total_nll, total_tokens
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,63 @@ def _compare(
             f"(wanted {generate_tokens} new tokens; max abs logit diff {max_diff:.3g})"
         )
     return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": expected}
+
+
+def verify_reload_sequential(
+    out_dir: str | Path,
+    runner: Any,
+    probe_input_ids: torch.Tensor,
+    removed: Sequence[int],
+    fits: Sequence[Any] = (),
+) -> dict:
+    """The reload check of sequential execution: the written directory, run block by block through the
+    execution layer, gives the logits the engine's pruned computation gives on the probe.
+
+    Args:
+        out_dir: the written pruned model.
+        runner: the dense model's sequential ``lorp.execution.Runner``.
+        probe_input_ids: ``[batch, seq]`` token ids without padding.
+        removed, fits: the blocks removed and the heal maps folded (the pruned view that was written).
+
+    Checks that the written config builds the kept block count, that every weight it needs is in the
+    written files, and that the max abs logit difference is within the dtype's tolerance. Greedy
+    generation with the KV cache needs the model whole and is not checked here (``generated_tokens``
+    is empty and ``mode`` says ``sequential``).
+    """
+    from transformers import AutoConfig
+
+    from lorp.execution import Runner
+
+    dtype = runner.onloader.dtype
+    ids = probe_input_ids.to(runner.device)
+    batch = runner.batch(ids, torch.ones_like(ids))
+    with runner.pruned(removed, fits) as view:
+        expected = view.forward_logits(batch).float()
+    num_layers = runner.num_blocks - len(set(removed))
+    try:
+        config = AutoConfig.from_pretrained(out_dir)
+        reloaded = Runner.sequential(Path(out_dir), config, device=runner.device, dtype=dtype)
+    except Exception as exc:
+        raise ReloadCheckError(f"the saved model at {out_dir} does not reload: {exc}") from exc
+    problems = []
+    missing = reloaded.onloader.missing() if reloaded.onloader is not None else []
+    if missing:
+        problems.append(f"weights missing from the written files: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if reloaded.num_blocks != num_layers:
+        problems.append(
+            f"block count mismatch: the pruned model has {num_layers} blocks, "
+            f"the written config builds {reloaded.num_blocks}"
+        )
+    max_diff = float("inf")
+    if not problems:
+        got = reloaded.forward_logits(reloaded.batch(ids, torch.ones_like(ids))).float()
+        max_diff = float((got - expected).abs().max().item())
+        tol = _default_tolerance(dtype, expected)
+        if not max_diff <= tol:
+            problems.append(f"logits differ: max abs diff {max_diff:.3g} > tolerance {tol:.3g} ({dtype})")
+    if problems:
+        raise ReloadCheckError(
+            f"the saved model does not reload to the pruned computation (max abs logit diff {max_diff:.3g}): "
+            + "; ".join(problems)
+        )
+    return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": [], "mode": "sequential"}

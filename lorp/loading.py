@@ -33,9 +33,11 @@ from lorp import assets
 from lorp.confine import confinement_problem
 from lorp.depth import MAX_BLOCKS, blocks_in_config
 from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
+from lorp.execution import Runner
+from lorp.execution.choice import ExecutionChoice, WorkingSet, choose_execution, working_bytes
 from lorp.export import drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
-from lorp.shards import read_header
+from lorp.shards import Checkpoint, read_header
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ class LoadedModel:
     # The safetensors folder the weights were read from, kept for writing the pruned checkpoint by
     # tensor surgery (lorp.surgery); None for a GGUF file or pickled weights.
     weights: Path | None = None
+    # How the model runs (lorp.execution.choice) and, in sequential mode, the runner that loads its blocks
+    # one at a time (``model`` is then its skeleton: parameters on the meta device).
+    execution: ExecutionChoice | None = None
+    runner: Runner | None = None
 
 
 def resolve_device(device: str = "auto") -> tuple[torch.device, str | None]:
@@ -286,6 +292,8 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
+    execution: str = "resident",
+    working: WorkingSet | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for pruning.
 
@@ -306,24 +314,123 @@ def load_model(
         trust_remote_code: Allow model code from the checkpoint (off by default).
         allow_pickle: Allow pickled ``.bin`` weights (off by default: safetensors only).
         progress: Called with a short message before slow steps.
+        execution: ``"resident"`` (the whole model loaded), ``"sequential"`` (a skeleton and a runner that
+            loads one block at a time) or ``"auto"`` (resident when the weights and ``working`` fit the
+            device's memory budget); see ``lorp.execution.choice``.
+        working: what the job keeps beside the weights, for ``auto``'s budget (default: nothing).
     """
     kind = kind or source_kind(source)
     name = name or source
     note = progress or (lambda _msg: None)
     with _located(source, kind, roots, name, revision, allow_pickle, note) as (location, provenance, kwargs):
-        loaded = _load_located(
-            location,
-            provenance,
-            kwargs,
-            name=name,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            note=note,
+        streamable = "gguf_file" not in kwargs and any(location.glob("*.safetensors"))
+        load: dict[str, Any] = dict(
+            name=name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, note=note
         )
-        if "gguf_file" not in kwargs and any(location.glob("*.safetensors")):
+        choice = _choose(location, kwargs, execution, working or WorkingSet(0, 0), streamable, **load)
+        if choice.mode == "sequential":
+            loaded = _open_located(location, provenance, kwargs, **load)
+        else:
+            loaded = _load_located(location, provenance, kwargs, **load)
+        if streamable:
             loaded.weights = location
+        loaded.execution = choice
         return loaded
+
+
+def _config(location: Path, extra: dict[str, Any], trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    keys = ("gguf_file", "local_files_only")
+    passed = {k: extra[k] for k in keys if k in extra}
+    return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **passed)
+
+
+def _choose(
+    location: Path,
+    extra: dict[str, Any],
+    requested: str,
+    working: WorkingSet,
+    streamable: bool,
+    *,
+    name: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    note: Callable[[str], None],
+) -> ExecutionChoice:
+    """How this model runs: resident or sequential, from the request, its size and the device's budget."""
+    dev, _ = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if requested == "resident" or not streamable:
+        return choose_execution(requested, device=dev, weights_bytes=0, working=0, streamable=streamable)
+    try:
+        config = _config(location, extra, trust_remote_code)
+    except Exception as exc:
+        raise _load_failure(name, exc, None, {str(location): name}) from exc
+    weights = Checkpoint(location).nbytes_as(torch_dtype)
+    blocks = blocks_in_config(config.to_dict()) or 0
+    return choose_execution(
+        requested,
+        device=dev,
+        weights_bytes=weights,
+        working=working_bytes(config, torch_dtype, blocks, working),
+        streamable=streamable,
+    )
+
+
+def _open_located(
+    location: Path,
+    provenance: dict[str, Any],
+    extra: dict[str, Any],
+    *,
+    name: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    note: Callable[[str], None],
+) -> LoadedModel:
+    """The model for sequential execution: its skeleton, tokenizer, and a runner that loads its blocks
+    from the safetensors files one at a time (the embeddings, final norm and head are loaded now)."""
+    from transformers import AutoTokenizer
+
+    dev, _ = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    note(f"opening {name} to run block by block")
+    try:
+        config = _config(location, extra, trust_remote_code)
+        keys = ("trust_remote_code", "local_files_only")
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, **{k: v for k, v in {**extra, "trust_remote_code": trust_remote_code}.items() if k in keys}
+        )
+        runner = Runner.sequential(location, config, device=dev, dtype=torch_dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise _load_failure(name, exc, None, {str(location): name}) from exc
+    assert runner.onloader is not None
+    missing = runner.onloader.missing()
+    if missing:
+        raise ModelLoadError(
+            f"{name}: {len(missing)} weights are missing from the checkpoint (first: {missing[:3]}); "
+            "the model would run with random weights",
+            field="model.id",
+        )
+    model = runner.model
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    provenance.update(
+        model_type=config.model_type,
+        architectures=list(getattr(config, "architectures", None) or []),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(dev),
+    )
+    log.info("opened %s (%s) to run block by block on %s as %s", name, config.model_type, dev, torch_dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, provenance=provenance, runner=runner
+    )
 
 
 @contextmanager

@@ -25,13 +25,15 @@ from lorp.curve import budget_curve, check_budgets, default_budgets
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
-from lorp.export import save_pruned, verify_reload
+from lorp.execution.choice import WorkingSet
+from lorp.export import save_pruned, verify_reload, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
-from lorp.planner import HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
+from lorp.planner import HEAL_MAX_TOKENS, HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
 from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
     BudgetCurve,
     ChosenPlan,
+    ExecutionSummary,
     Generation,
     HealSummary,
     Metrics,
@@ -142,7 +144,18 @@ def _check_options(n_blocks: int, spec: PruneSpec) -> None:
         )
 
 
-def _load(spec: ModelSpec, sources: Sources = _CLI) -> LoadedModel:
+def _working_set(spec: CalibrationSpec) -> WorkingSet:
+    """What a job keeps beside the weights (``options.execution: auto``'s budget): the dense states of
+    the validation and heal windows, and one batch."""
+    heal_tokens = min(spec.num_samples * spec.seq_len, HEAL_MAX_TOKENS)
+    return WorkingSet(
+        cached_tokens=spec.validation_windows * spec.seq_len + heal_tokens, batch_tokens=spec.batch_size * spec.seq_len
+    )
+
+
+def _load(
+    spec: ModelSpec, sources: Sources = _CLI, execution: str = "resident", working: WorkingSet | None = None
+) -> LoadedModel:
     return load_model(
         spec.id,
         kind=sources.model_kind,
@@ -153,6 +166,8 @@ def _load(spec: ModelSpec, sources: Sources = _CLI) -> LoadedModel:
         device=spec.device,
         trust_remote_code=spec.trust_remote_code,
         allow_pickle=spec.allow_pickle,
+        execution=execution,
+        working=working,
     )
 
 
@@ -278,6 +293,51 @@ def _speed_prompt(windows: cal.TokenWindows, prompt_len: int, batch: int) -> tor
     return row[:prompt_len].unsqueeze(0).repeat(batch, 1)
 
 
+def _skipped_in_sequence(spec: PruneSpec) -> list[str]:
+    """What a sequential run does not measure (each needs the model whole on the device), as asked."""
+    ev = spec.evaluation
+    whole = "needs the model whole on the device, and this job runs it one block at a time"
+    skipped = []
+    if ev.speed:
+        skipped.append(f"evaluation.speed: decode and prefill speed {whole}")
+    if ev.tasks:
+        skipped.append(f"evaluation.tasks: lm-eval tasks {whole}")
+    if ev.prompts:
+        skipped.append(f"evaluation.prompts: greedy completions {whole}")
+    return skipped
+
+
+def _measure_sequential(
+    loaded: LoadedModel,
+    eval_windows: cal.TokenWindows | None,
+    spec: PruneSpec,
+    stages: _Stages,
+    stage: Stage,
+    removed: Sequence[int] = (),
+    fits: Sequence[Fit] = (),
+) -> dict[str, Any]:
+    """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity through
+    the execution layer, and the block and parameter counts."""
+    assert loaded.runner is not None
+    metrics: dict[str, Any] = {}
+    if eval_windows is not None and spec.evaluation.perplexity:
+        metrics["perplexity"] = perplexity(
+            loaded.runner,
+            eval_windows,
+            batch_size=spec.calibration.batch_size,
+            should_cancel=stages.should_cancel,
+            progress=stages.fraction(stage),
+            removed=removed,
+            fits=fits,
+        )
+    blocks = decoder_blocks(loaded.model)
+    gone = {id(p) for i in set(removed) for p in blocks[i].parameters()}
+    metrics["num_layers"] = len(blocks) - len(set(removed))
+    metrics["num_parameters"] = int(sum(p.numel() for p in loaded.model.parameters() if id(p) not in gone))
+    stages.check()
+    return metrics
+
+
 def _measure(
     loaded: LoadedModel, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: Stage
 ) -> tuple[dict[str, Any], list[str]]:
@@ -371,6 +431,23 @@ def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Se
         loaded.tokenizer.save_pretrained(model_dir)
 
 
+def _execution_summary(loaded: LoadedModel, spec: PruneSpec) -> ExecutionSummary:
+    choice = loaded.execution
+    assert choice is not None
+    return ExecutionSummary(
+        mode=choice.mode,
+        requested=choice.requested,
+        reason=choice.reason,
+        device=choice.device,
+        device_name=choice.device_name,
+        block_loads=loaded.runner.block_loads if loaded.runner is not None else 0,
+        budget_bytes=choice.budget_bytes,
+        weights_bytes=choice.weights_bytes,
+        working_bytes=choice.working_bytes,
+        skipped=_skipped_in_sequence(spec) if loaded.runner is not None else [],
+    )
+
+
 def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], healed: bool = False) -> str:
     name = Path(source).name if "/" in source else source
     plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS and chosen != method else method
@@ -429,8 +506,11 @@ def run_prune(
     stages = _Stages(progress, should_cancel)
     out = _prepare_out_dir(out_dir)
     with stages.stage(Stage.loading):
-        loaded = _load(spec.model, sources)
+        loaded = _load(spec.model, sources, spec.options.execution, _working_set(spec.calibration))
     model = loaded.model
+    # What the passes run on: the resident model, or the runner that loads its blocks one at a time.
+    sequential = loaded.runner is not None
+    run_on: Any = loaded.runner if loaded.runner is not None else model
     n_blocks = len(decoder_blocks(model))
     opts = spec.options
     if not spec.target.is_quality_bound:
@@ -468,7 +548,7 @@ def run_prune(
     else:
         with stages.stage(Stage.capture):
             stats = capture_similarity(
-                model,
+                run_on,
                 data.capture,
                 batch_size=spec.calibration.batch_size,
                 angular=spec.calibration.angular,
@@ -485,7 +565,7 @@ def run_prune(
 
     with stages.stage(Stage.selection):
         choice = choose_plan(
-            model,
+            run_on,
             stats.S,
             stats.D,
             data,
@@ -499,20 +579,35 @@ def run_prune(
     with stages.stage(Stage.budget_curve):
         curve = _budget_curve(choice, stats, spec, stages)
 
+    dense_text: list[str] = []
+    pruned_text: list[str] = []
+    prompts_run = [] if sequential else list(spec.evaluation.prompts)
     with stages.stage(Stage.evaluating_dense):
-        dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
+        if sequential:
+            dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
+        else:
+            dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
     with stages.stage(Stage.pruning):
-        anchors = [fit.anchor for fit in choice.fits]
-        apply_fits(model, choice.fits, stored_dtypes(loaded.weights, model, anchors) if loaded.weights else None)
-        remove_blocks(model, chosen.pruned_layers)
+        if not sequential:  # in sequential mode the pruned model is a view the passes take (Runner.pruned)
+            anchors = [fit.anchor for fit in choice.fits]
+            apply_fits(model, choice.fits, stored_dtypes(loaded.weights, model, anchors) if loaded.weights else None)
+            remove_blocks(model, chosen.pruned_layers)
     with stages.stage(Stage.evaluating_pruned):
-        pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned)
+        if sequential:
+            pruned = _measure_sequential(
+                loaded, eval_windows, spec, stages, Stage.evaluating_pruned, chosen.pruned_layers, choice.fits
+            )
+        else:
+            pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
         _save(loaded, model_dir, chosen.pruned_layers, choice.fits)
     with stages.stage(Stage.verifying):
         probe = data.validation.input_ids[:2, : min(32, data.validation.input_ids.shape[1])]
-        reload_check = verify_reload(model_dir, model, probe)
+        if loaded.runner is not None:
+            reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, choice.fits)
+        else:
+            reload_check = verify_reload(model_dir, model, probe)
 
     with stages.stage(Stage.reporting):
         structure = chosen.structure
@@ -589,9 +684,10 @@ def run_prune(
             selection=_selection_summary(choice),
             generations=[
                 Generation(prompt=prompt, dense=d, pruned=p)
-                for prompt, d, p in zip(spec.evaluation.prompts, dense_text, pruned_text, strict=True)
+                for prompt, d, p in zip(prompts_run, dense_text, pruned_text, strict=True)
             ],
             budget_curve=curve,
+            execution=_execution_summary(loaded, spec),
         )
         write_report(out / "report.json", report.to_json())
     log.info("pruned %s: removed %s -> %s", sources.model_name or spec.model.id, chosen.pruned_layers, model_dir)

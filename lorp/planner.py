@@ -22,6 +22,7 @@ import numpy as np
 from lorp.auto import choose_best
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError
+from lorp.execution import as_runner
 from lorp.heal import HealMode, heal_refusal
 from lorp.scoring import CachedHealer, Fit, PlanScorer
 from lorp.search import GreedySearch, Step
@@ -208,7 +209,8 @@ def choose_plan(
     """Score the method's candidates on ``data.validation`` (healed as they will ship) and pick the plan.
 
     Args:
-        model: the dense model (left dense on return; the chosen plan's fits are in the result).
+        model: the dense model, or a ``lorp.execution.Runner`` for it (left dense on return; the chosen
+            plan's fits are in the result).
         S, D: the captured statistics.
         data: the calibration data: heal fits use its capture windows, scores its validation windows.
         spec: the job (method, target, options, batch size).
@@ -218,6 +220,8 @@ def choose_plan(
         heal_cache: the dense states of ``heal_windows(data.capture, d)`` when the capture kept them
             (``lorp.states.StateSink``); built here otherwise.
     """
+    runner = as_runner(model)
+    model = runner.model
     fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)
     heal_refusal_reason = (
@@ -228,10 +232,10 @@ def choose_plan(
     healer = None
     if heal == "linear":
         if heal_cache is None:
-            heal_cache = StateCache(model, fit_on, batch_size=batch, should_cancel=should_cancel)
-        healer = CachedHealer(model, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel)
+            heal_cache = StateCache(runner, fit_on, batch_size=batch, should_cancel=should_cancel)
+        healer = CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel)
     scorer = PlanScorer(
-        model, StateCache(model, data.validation, batch_size=batch), healer=healer, should_cancel=should_cancel
+        runner, StateCache(runner, data.validation, batch_size=batch), healer=healer, should_cancel=should_cancel
     )
     cache_s = time.perf_counter() - started
     chooser = _Chooser(spec, scorer, S, D, n_blocks, should_cancel, progress)

@@ -109,6 +109,26 @@ class BudgetCurve:
 
 
 @dataclass(frozen=True)
+class ExecutionSummary:
+    """How the model ran (``lorp.execution.choice``): resident or sequential, asked how and why chosen.
+
+    ``block_loads``: decoder blocks brought onto the device over the whole job (sequential; 0 when
+    resident). ``skipped``: what sequential execution did not measure, each with its reason.
+    """
+
+    mode: str
+    requested: str
+    reason: str
+    device: str
+    device_name: str = ""
+    block_loads: int = 0
+    budget_bytes: int | None = None
+    weights_bytes: int | None = None
+    working_bytes: int | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Generation:
     """A prompt's greedy completion by the dense and by the pruned model."""
 
@@ -138,6 +158,7 @@ class PruneReport:
     selection: SelectionSummary | None = None
     generations: list[Generation] = field(default_factory=list)
     budget_curve: BudgetCurve | None = None
+    execution: ExecutionSummary | None = None
 
     @property
     def fingerprint(self) -> str | None:

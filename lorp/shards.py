@@ -169,6 +169,14 @@ class Checkpoint:
         """The bytes of every tensor together (what the weights take in memory, at their stored dtype)."""
         return sum(info.nbytes for info in self.tensors.values())
 
+    def nbytes_as(self, dtype: torch.dtype) -> int:
+        """The bytes the weights take when their floating-point tensors are cast to ``dtype``."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(
+            math.prod(info.shape) * size if DTYPES[info.dtype].is_floating_point else info.nbytes
+            for info in self.tensors.values()
+        )
+
     def read(self, name: str, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, read from its file into memory of its own (no memory map), then moved to ``device``."""
         info = self.tensors[name]

@@ -19,6 +19,7 @@ from lorp.errors import BudgetError
 
 Method = Literal["auto", "search", "lorp", "shortgpt", "streamline", "angular", "reverse"]
 Heal = Literal["linear", "none"]
+Execution = Literal["auto", "resident", "sequential"]
 # Methods that score plans on the model itself (the others need only S and D).
 VALIDATED_METHODS = ("auto", "search")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -138,12 +139,18 @@ class SelectionOptions(StrictModel):
             (``lorp.heal``), ``none`` removes the blocks as they are. Unset: ``linear`` where the
             architecture can fold one, ``none`` where it cannot (Gemma 2/3, OLMo 2/3). Validated
             methods score every plan healed the same way it will ship.
+        execution: how the model runs (``lorp.execution.choice``): ``resident`` (whole, on the device),
+            ``sequential`` (one decoder block at a time, loaded from the safetensors files; the dense and
+            pruned model's speed, lm-eval tasks and completions are then skipped) or ``auto``
+            (resident when the weights and the job's working set fit the device's memory budget).
+            Both give the same statistics, plan and pruned weights.
     """
 
     num_clusters: NumClusters | None = None
     protected_layers: ProtectedLayers | None = None
     cluster_seed: Seed = 0
     heal: Heal | None = None
+    execution: Execution = "auto"
 
 
 TaskName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]

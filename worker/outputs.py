@@ -235,8 +235,25 @@ def summary_of(
             "tasks": _task_table(report),
             "generations": [dataclasses.asdict(g) for g in report.generations],
             "budget_curve": dataclasses.asdict(report.budget_curve) if report.budget_curve is not None else None,
+            "execution": _execution(report),
         }
     )
+
+
+def _execution(report: PruneReport) -> dict[str, Any] | None:
+    """How the model ran, with the device's own name (a GPU's model) beside its torch name."""
+    execution = report.execution
+    if execution is None:
+        return None
+    return {
+        "mode": execution.mode,
+        "requested": execution.requested,
+        "reason": execution.reason,
+        "device": execution.device,
+        "device_name": execution.device_name,
+        "block_loads": execution.block_loads,
+        "skipped": list(execution.skipped),
+    }
 
 
 def _task_table(report: PruneReport) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from app.repositories import jobs as jobs_repo
 from app.schemas import (
     BudgetCurveOut,
     CurvePointOut,
+    ExecutionOut,
     JobError,
     JobLinks,
     JobListItem,
@@ -103,6 +104,12 @@ def _budget_curve(summary: dict[str, Any] | None) -> BudgetCurveOut | None:
     )
 
 
+def _execution(summary: dict[str, Any] | None) -> ExecutionOut | None:
+    """How the stored job ran; jobs stored before execution was recorded have none."""
+    stored = (summary or {}).get("execution")
+    return ExecutionOut.model_validate(stored) if isinstance(stored, dict) else None
+
+
 def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
     # Plans, metrics and the analysis are written with the success, in one transaction: a job that
     # has not succeeded has none, and polling it costs one query, not four.
@@ -153,6 +160,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
             for t in tasks
         ],
         budget_curve=_budget_curve(job.summary),
+        execution=_execution(job.summary),
         report=job.summary,
         links=links,
     )

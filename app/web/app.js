@@ -120,6 +120,13 @@ async function showImage(id, url) {
   img.hidden = false;
 }
 
+function executionFact(execution) {
+  const loads = execution.mode === "sequential" ? `, ${execution.block_loads} block loads` : "";
+  const device = execution.device_name ? `${execution.device} (${execution.device_name})` : execution.device;
+  const skipped = (execution.skipped || []).map((line) => line.split(":")[0]);
+  return `${execution.mode} on ${device}${loads}${skipped.length ? `; skipped ${skipped.join(", ")}` : ""}`;
+}
+
 function fillFacts(job) {
   const facts = document.getElementById("facts");
   const summary = job.summary || {};
@@ -129,6 +136,7 @@ function fillFacts(job) {
     ["attempts", `${job.attempts} of ${job.max_attempts}`],
     ["RLS / K", summary.rls !== undefined && summary.rls !== null ? `${fmt(summary.rls)} / ${summary.k}` : null],
     ["chosen", summary.chosen_method ? `${summary.chosen_method}: blocks ${JSON.stringify(summary.pruned_layers)} of ${summary.num_blocks}` : null],
+    ["execution", summary.execution ? executionFact(summary.execution) : null],
   ];
   facts.replaceChildren();
   for (const [name, value] of items) {

@@ -128,6 +128,18 @@ class BudgetCurveOut(BaseModel):
     points: list[CurvePointOut]
 
 
+class ExecutionOut(BaseModel):
+    """How the worker ran the model: resident (whole) or sequential (one block at a time), and why."""
+
+    mode: Literal["resident", "sequential"]
+    requested: str = Field(description="options.execution as asked: auto, resident or sequential")
+    reason: str
+    device: str = Field(description="the device the passes ran on (cpu, cuda:0, ...)")
+    device_name: str | None = Field(default=None, description="the device's own name (a GPU's model)")
+    block_loads: int = Field(default=0, description="decoder blocks loaded onto the device (sequential)")
+    skipped: list[str] = Field(default_factory=list, description="what a sequential run did not measure, and why")
+
+
 class JobSummary(BaseModel):
     """What a job found and produced, filled in as the worker stores it."""
 
@@ -148,6 +160,7 @@ class JobSummary(BaseModel):
     budget_curve: BudgetCurveOut | None = Field(
         default=None, description="each one-pass method's plan at several budgets and its validation perplexity"
     )
+    execution: ExecutionOut | None = Field(default=None, description="how the model ran (options.execution)")
     report: dict[str, Any] | None = Field(default=None, description="the worker's own summary, as stored")
     links: JobLinks
 

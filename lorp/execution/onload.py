@@ -23,7 +23,7 @@ import torch
 
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import ModelLoadError
-from lorp.shards import Checkpoint
+from lorp.shards import DTYPES, Checkpoint
 
 
 @contextmanager
@@ -121,12 +121,36 @@ class Onloader:
                     return stored
         raise ModelLoadError(f"the checkpoint holds no tensor for {name!r}", field="model.id")
 
+    def missing(self) -> list[str]:
+        """The model's weights still on the meta device that the checkpoint holds no tensor for, sorted
+        (checked from the names alone, before a pass finds the gap)."""
+        gaps = []
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if tensor.device.type != "meta":
+                continue
+            try:
+                self._stored(name)
+            except ModelLoadError:
+                gaps.append(name)
+        return sorted(gaps)
+
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.device.type != "meta":
                 continue
             value = self.checkpoint.read(self._stored(prefix + name), device=self.device)
             _set(module, name, value.to(self.dtype) if value.is_floating_point() else value)
+
+    def round_to_stored(self, index: int, module: torch.nn.Module) -> None:
+        """Round the weights of ``module`` (a part of block ``index``, changed in memory: a folded heal
+        map) to the dtype the checkpoint stores them in, so that what runs is what a checkpoint holds."""
+        block = self.blocks[index]
+        names = {id(tensor): name for name, tensor in block.named_parameters()}
+        with torch.no_grad():
+            for tensor in module.parameters():
+                stored = DTYPES[self.checkpoint.tensors[self._stored(f"{self.path}.{index}.{names[id(tensor)]}")].dtype]
+                if tensor.dtype != stored:
+                    tensor.copy_(tensor.to(stored).to(tensor.dtype))
 
     def load_outside(self) -> None:
         """Load every weight outside the decoder blocks (embeddings, final norm, head) for good."""

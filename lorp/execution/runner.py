@@ -124,6 +124,7 @@ class Runner:
             if fit is not None:
                 projection, kind = output_projection(self.model, block)
                 fold(projection, kind, fit.T)
+                self.onloader.round_to_stored(index, projection)  # as the written checkpoint holds it
             yield block
 
     def groups(self, batches: Iterable[Batch]) -> Iterator[list[Batch]]:

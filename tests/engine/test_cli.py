@@ -157,6 +157,8 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
             "2",
             "--heal",
             "none",
+            "--execution",
+            "sequential",
             "--curve-budgets",
             "1",
             "3",
@@ -167,6 +169,8 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     )
     assert code == 0, err
     assert "healed          no (blocks removed as they are)" in out
+    assert "execution       sequential on cpu, " in out and " block loads (requested)" in out
+    assert "\nskipped         evaluation.prompts: greedy completions needs the model whole" in out
     report = json.loads((tmp_path / "n" / "report.json").read_text())
     assert report["heal"]["method"] == "none" and report["budget_curve"]["healed"] is False
     assert "  blocks removed          1         3\n  lorp " in out
@@ -177,6 +181,7 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     )
     assert code == 0, err
     assert "budget curve" not in out and not (tmp_path / "c" / "budgets.png").exists()
+    assert "execution       resident on cpu (" in out and "fit the budget" in out and "skipped" not in out
 
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", *common, "--num-layers", "2", "--heal", "cubic", "--out", str(tmp_path / "x")])

@@ -228,3 +228,71 @@ def test_a_bfloat16_checkpoint_is_written_in_bfloat16_with_its_heal_folded(
     assert not torch.equal(written["model.layers.4.mlp.down_proj.weight"], dense["model.layers.4.mlp.down_proj.weight"])
     assert torch.equal(written["model.layers.5.mlp.up_proj.weight"], dense["model.layers.7.mlp.up_proj.weight"])
     assert report["reload_check"]["max_abs_logit_diff"] <= 1e-5
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    return safe_load(model_dir / "model.safetensors")
+
+
+def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint(
+    tiny_model_dir, corpus_files, tmp_path
+):
+    runs = {}
+    for mode in ("resident", "sequential"):
+        spec = make_spec(tiny_model_dir, corpus_files, options=SelectionOptions(execution=mode, heal="linear"))
+        runs[mode] = run_prune(spec, tmp_path / mode)
+    resident, sequential = runs["resident"], runs["sequential"]
+    np.testing.assert_allclose(sequential.stats.S, resident.stats.S, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sequential.stats.D, resident.stats.D, rtol=0, atol=1e-6)
+    r, s = resident.report, sequential.report
+    assert s.chosen == r.chosen and s.heal.method == r.heal.method == "linear"
+    for name, plan in r.plans.items():
+        assert s.plans[name].pruned_layers == plan.pruned_layers
+        assert s.plans[name].validation_perplexity == pytest.approx(plan.validation_perplexity, rel=1e-5)
+    for key in ("perplexity", "num_layers", "num_parameters"):
+        assert s.metrics.dense[key] == pytest.approx(r.metrics.dense[key], rel=1e-5), key
+        assert s.metrics.pruned[key] == pytest.approx(r.metrics.pruned[key], rel=1e-5), key
+    # The same checkpoint: the same tensor names, values and config.
+    got, expected = _tensors(sequential.model_dir), _tensors(resident.model_dir)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    config = json.loads((sequential.model_dir / "config.json").read_text())
+    assert config == json.loads((resident.model_dir / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(sequential.model_dir)
+    assert reloaded.config.num_hidden_layers == 6
+
+    # What ran, and what the sequential run did not measure.
+    assert (r.execution.mode, r.execution.requested, r.execution.block_loads) == ("resident", "resident", 0)
+    assert (s.execution.mode, s.execution.requested) == ("sequential", "sequential")
+    assert s.execution.block_loads > 8
+    assert [line.split(":")[0] for line in s.execution.skipped] == [
+        "evaluation.speed",
+        "evaluation.prompts",
+    ]
+    assert "decode_tokens_per_s" not in s.metrics.pruned and s.generations == []
+    assert r.generations and not r.execution.skipped
+    assert s.reload_check["mode"] == "sequential"
+    assert s.reload_check["max_abs_logit_diff"] <= 1e-4
+    on_disk = json.loads((sequential.out_dir / "report.json").read_text())["execution"]
+    assert on_disk["mode"] == "sequential" and on_disk["block_loads"] == s.execution.block_loads
+
+
+def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budget(
+    tiny_model_dir, corpus_files, tmp_path, monkeypatch
+):
+    spec = make_spec(tiny_model_dir, corpus_files, evaluation=EvaluationSpec(speed=False, prompts=[]))
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "0.0001")  # 100 kB: less than the tiny model's weights
+    small = run_prune(spec, tmp_path / "small").report.execution
+    assert (small.mode, small.requested, small.budget_bytes) == ("sequential", "auto", 100_000)
+    assert "exceed the budget" in small.reason and "LORP_DEVICE_MEMORY_GB=0.0001" in small.reason
+    assert small.skipped == []  # nothing asked that needs the model whole
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "4")
+    large = run_prune(spec, tmp_path / "large").report.execution
+    assert (large.mode, large.requested) == ("resident", "auto") and "fit the budget" in large.reason
+    assert large.weights_bytes == small.weights_bytes > 0
+
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "lots")
+    with pytest.raises(InvalidRequestError) as err:
+        run_prune(spec, tmp_path / "bad")
+    assert err.value.field == "LORP_DEVICE_MEMORY_GB"

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from lorp.calibration import TokenWindows
+from lorp.errors import InvalidRequestError
 from lorp.evaluation import perplexity
 from lorp.execution import Runner
+from lorp.execution.choice import choose_execution, device_memory, memory_budget
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
@@ -99,7 +101,9 @@ _PEAK = textwrap.dedent(
     import torch, transformers
     from transformers import LlamaForCausalLM  # the modeling code's import is the process's, not the pass's
     from lorp.calibration import TokenWindows
+from lorp.errors import InvalidRequestError
     from lorp.execution import Runner
+from lorp.execution.choice import choose_execution, device_memory, memory_budget
     from lorp.similarity import capture_similarity
 
     def status(key):  # kB, from /proc/self/status
@@ -118,15 +122,35 @@ _PEAK = textwrap.dedent(
 
 
 def test_a_sequential_capture_holds_about_one_block_not_the_model(tmp_path: Path) -> None:
-    # 8 blocks of 16 MiB (float32, hidden 512, MLP 2048): ~130 MiB of weights. A capture holding one
+    # 16 blocks of 16 MiB (float32, hidden 512, MLP 2048): ~260 MiB of weights. A capture holding one
     # block at a time grows its peak memory (past its imports) by about a block plus the pass's working
-    # memory (about 47 MiB measured); loading the model resident would grow it by more than the model.
+    # memory and the allocator's slack: 57 to 68 MiB measured, here and in CI, whatever the block count.
+    # Loading the model resident would grow it by more than the model.
     src = tmp_path / "big"
-    write_wide_llama(src, num_hidden_layers=8)
+    write_wide_llama(src, num_hidden_layers=16)
     size = Checkpoint(src).nbytes
     done = subprocess.run([sys.executable, "-c", _PEAK, str(src)], capture_output=True, text=True, check=True)
     base_kb, peak_kb, loads, most_held = map(int, done.stdout.split())
     growth = (peak_kb - base_kb) * 1024
-    assert (loads, most_held) == (9, 1)
+    assert (loads, most_held) == (17, 1)
     print(f"growth {growth / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB checkpoint")
-    assert growth < 0.5 * size, (growth, size)
+    assert growth < 0.4 * size, (growth, size)
+
+
+def test_execution_choice_by_budget_and_by_what_the_weights_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "1")
+    fits = choose_execution("auto", device=cpu, weights_bytes=600_000_000, working=300_000_000, streamable=True)
+    over = choose_execution("auto", device=cpu, weights_bytes=600_000_000, working=500_000_000, streamable=True)
+    assert (fits.mode, over.mode) == ("resident", "sequential")
+    assert fits.budget_bytes == over.budget_bytes == 1_000_000_000
+    # A GGUF file or pickled weights cannot be read a block at a time: auto runs them resident, and
+    # asking for sequential is refused naming the option.
+    gguf = choose_execution("auto", device=cpu, weights_bytes=0, working=0, streamable=False)
+    assert gguf.mode == "resident" and "safetensors" in gguf.reason
+    with pytest.raises(InvalidRequestError) as err:
+        choose_execution("sequential", device=cpu, weights_bytes=0, working=0, streamable=False)
+    assert err.value.field == "options.execution"
+    monkeypatch.delenv("LORP_DEVICE_MEMORY_GB")
+    budget, source = memory_budget(cpu)
+    assert 0 < budget < device_memory(cpu) and "available host memory" in source

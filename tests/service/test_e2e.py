@@ -46,6 +46,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop()
 
 
+def finished(client: httpx.Client, job_id: str, processes: Processes) -> tuple[dict, list]:
+    """The job once it succeeded, and the (status, stage, progress) seen while polling it."""
+    seen: list[tuple[str, str | None, float]] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        seen.append((job["status"], job["stage"], job["progress"]))
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"job did not finish: {seen[-3:]}\n{processes.logs()}")
+    assert job["status"] == "succeeded", f"{job.get('error')}\n{processes.logs()}"
+    return job, seen
+
+
 @pytest.mark.parametrize("mode", ["full", "embedded"])
 def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request):
     stack = start_stack(mode, tmp_path, processes, model_root, request)
@@ -78,17 +94,7 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     job_id = created.json()["id"]
     assert created.headers["location"].endswith(f"/v1/jobs/{job_id}")
 
-    seen: list[tuple[str, str | None, float]] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        seen.append((job["status"], job["stage"], job["progress"]))
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"job did not finish: {seen[-3:]}\n{processes.logs()}")
-    assert job["status"] == "succeeded", f"{job.get('error')}\n{processes.logs()}"
+    job, seen = finished(client, job_id, processes)
     progress = [p for _, _, p in seen]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert "running" in {s for s, _, _ in seen}
@@ -176,3 +182,18 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
         num_blocks, plans, metrics = db.execute(query.replace(":id", "?"), (uuid.UUID(job_id).hex,)).fetchone()
         db.close()
     assert num_blocks == N_LAYERS and plans >= 5 and metrics >= 4
+
+    # The same job run one block at a time (options.execution: sequential) by the same worker: the same
+    # statistics and plan; the summary names the mode and the device, and what it did not measure.
+    body["options"] = {**body["options"], "execution": "sequential"}
+    again = client.post("/v1/jobs", json=body)
+    assert again.status_code == 202, again.text
+    rerun, _ = finished(client, again.json()["id"], processes)
+    assert rerun["summary"]["pruned_layers"] == summary["pruned_layers"]
+    assert rerun["summary"]["clusters"] == summary["clusters"]
+    execution = rerun["summary"]["execution"]
+    assert (execution["mode"], execution["requested"], execution["device"]) == ("sequential", "sequential", "cpu")
+    assert execution["device_name"] and execution["block_loads"] > N_LAYERS
+    assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.tasks", "evaluation.prompts"]
+    assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
+    assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []

@@ -68,6 +68,7 @@ def test_submit_through_the_form_and_read_the_job_page(browser: Any, embedded: d
     assert page.locator("#metrics tbody tr").count() >= 3
     assert page.locator("#generations pre").count() >= 2  # dense and pruned completions
     assert "blocks [" in (page.text_content("[data-fact=chosen]") or "")
+    assert (page.text_content("[data-fact=execution]") or "").startswith("resident on cpu")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "job-page.png"
     page.screenshot(path=str(shot), full_page=True)
