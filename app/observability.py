@@ -12,6 +12,8 @@
 - ``lorp_workers_stuck{queue}`` and ``lorp_worker_stuck_starts{queue}``: live workers that are stuck
   now (a pool child of theirs took a job and did not start it within ``LORP_JOB_START_TIMEOUT_S``,
   and no job has started on them since), and how many such starts the live workers have recorded.
+- ``lorp_worker_device_memory_bytes{worker,kind,device}``: the memory of the device each live worker
+  runs jobs on (one GPU's, or the host's for a CPU worker), as the worker found it when it registered.
 - ``lorp_embedded_worker_restarts_total`` and ``lorp_embedded_worker_up``: ``lorp serve``'s worker,
   where it runs one (restarts after unasked exits; 0 once the supervisor gave up).
 - ``lorp_disk_free_bytes{path}``: free bytes of each local folder the service writes, by label (``data``,
@@ -134,6 +136,11 @@ class _StateCollector:
                 oldest = jobs_repo.oldest_queued_by_queue(session)
                 live = workers_repo.live_by_queue(session, self.settings.worker_timeout_s, now)
                 starts = workers_repo.starts_by_queue(session, self.settings.worker_timeout_s, now)
+                devices = [
+                    (row.name, row.device)
+                    for row in workers_repo.live_workers(session, self.settings.worker_timeout_s, now)
+                    if row.device
+                ]
         except Exception as exc:
             logger.warning("metrics: cannot read job state: %s", exc)
             return
@@ -143,6 +150,16 @@ class _StateCollector:
         yield jobs
         live.setdefault(self.settings.queue_name, 0)
         yield from self._worker_families(live, starts)
+        memory = GaugeMetricFamily(
+            "lorp_worker_device_memory_bytes",
+            "memory of the device each live worker runs jobs on",
+            labels=["worker", "kind", "device"],
+        )
+        for name, device in devices:
+            memory.add_metric(
+                [name, str(device.get("kind", "")), str(device.get("name", ""))], float(device.get("memory_bytes") or 0)
+            )
+        yield memory
         age = GaugeMetricFamily(
             "lorp_oldest_queued_job_age_seconds", "age of the oldest queued job, per queue", labels=["queue"]
         )

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.session import make_engine, session_scope
 from app.repositories import workers as workers_repo
+from worker.device import describe_device
 from worker.startwatch import StartWatch
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class WorkerBeat(threading.Thread):
         self.worker_name, self.queues, self.concurrency = name, list(queues), concurrency
         self.watch = watch
         self.host = socket.gethostname()
+        self.device = describe_device()
         self.worker_id: uuid.UUID | None = None
         self.registered = threading.Event()
         self._stop_event = threading.Event()
@@ -76,6 +78,7 @@ class WorkerBeat(threading.Thread):
                 queues=self.queues,
                 concurrency=self.concurrency,
                 pid_alive=pid_alive,
+                device=self.device,
             )
         self.registered.set()
         log.info("worker %s registered (queues %s)", self.worker_name, ", ".join(self.queues))

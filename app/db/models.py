@@ -268,6 +268,9 @@ class Worker(IdMixin, Base):
     stuck_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     stuck_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     stuck_detail: Mapped[str | None] = mapped_column(String(500))
+    # The device it runs jobs on, as it found it when it registered: {"kind": "cuda" | "cpu", "name",
+    # "count", "memory_bytes", "budget_bytes"} (worker/device.py); None for workers before 0009.
+    device: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     @property
     def stuck(self) -> bool:

@@ -6,6 +6,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -48,6 +49,7 @@ def register(
     concurrency: int,
     pid_alive: Callable[[int], bool],
     at: dt.datetime | None = None,
+    device: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """Record a worker that is ready to take jobs; returns its row id (the key of its beats).
 
@@ -71,6 +73,7 @@ def register(
         started_at=now,
         beat_at=now,
         lost=False,
+        device=device,
     )
     session.add(worker)
     session.flush()

@@ -88,7 +88,13 @@ def readiness(session: Session, settings: Settings, supervised: SupervisedWorker
         "live": dict(sorted(live.items())),
         "queued": dict(sorted(queued.items())),
     }
-    stuck = [row for row in workers_repo.live_workers(session, settings.worker_timeout_s, now) if row.stuck]
+    live_rows = workers_repo.live_workers(session, settings.worker_timeout_s, now)
+    # Each live worker's device as it registered it: {"worker", "queues", "kind", "name", "count",
+    # "memory_bytes", "budget_bytes"} (worker/device.py).
+    check["devices"] = [
+        {**(row.device or {}), "worker": row.name, "queues": list(row.queues or [])} for row in live_rows
+    ]
+    stuck = [row for row in live_rows if row.stuck]
     if stuck:
         check["stuck"] = [
             {

@@ -197,3 +197,10 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.tasks", "evaluation.prompts"]
     assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
     assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []
+
+    # The worker said what it runs on when it registered: /readyz and /metrics show it.
+    devices = client.get("/readyz").json()["checks"]["workers"]["devices"]
+    assert devices and all(d["kind"] == "cpu" and d["memory_bytes"] > 2**30 and d["name"] for d in devices)
+    assert execution["device_name"] in {d["name"] for d in devices}
+    memory = [line for line in client.get("/metrics").text.splitlines() if line.startswith("lorp_worker_device_")]
+    assert memory and all('kind="cpu"' in line and float(line.split()[-1]) > 2**30 for line in memory)
