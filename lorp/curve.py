@@ -71,8 +71,10 @@ def budget_curve(
             plans.append(("search", n, list(searched[n])))
     dense = scorer.score([])
     points = []
-    for done, (name, n, pruned) in enumerate(plans):
-        points.append(CurvePoint(name, n, pruned, scorer.score(pruned)))
+    for done, n in enumerate(budgets):  # each budget's plans measured together, one pass over the blocks
+        at_n = [(name, pruned) for name, budget, pruned in plans if budget == n]
+        for (name, pruned), score in zip(at_n, scorer.score_many([p for _, p in at_n]), strict=True):
+            points.append(CurvePoint(name, n, pruned, score))
         if progress is not None:
-            progress(done + 1, len(plans))
+            progress(done + 1, len(budgets))
     return BudgetCurve(healed=scorer.heals, dense_validation_perplexity=dense, points=points)

@@ -167,11 +167,16 @@ class _Chooser:
             candidates = {method: select(method, self.S, self.D, n, opts)}
         names = list(candidates)
         if final and finalists is not None:
-            screened = {name: self.scorer.score(sel.pruned_layers, screen=True) for name, sel in candidates.items()}
+            screened = self._scores(candidates, list(candidates), screen=True)
             names = sorted(names, key=lambda name: (screened[name], names.index(name)))[:finalists]
-        scores = {name: self.scorer.score(candidates[name].pruned_layers, screen=not final) for name in names}
+        scores = self._scores(candidates, names, screen=not final)
         best = choose_best(scores, list(scores))
         return best, candidates[best], candidates, scores
+
+    def _scores(self, plans: dict[str, Selection], names: list[str], *, screen: bool) -> dict[str, float]:
+        """The named plans' scores, measured together (one pass over the blocks for all of them)."""
+        scored = self.scorer.score_many([plans[name].pruned_layers for name in names], screen=screen)
+        return dict(zip(names, scored, strict=True))
 
     def _search_at(self, n: int, *, final: bool) -> tuple[str, Selection, dict[str, Selection], dict[str, float]]:
         while len(self.search.plan) < n:
@@ -184,10 +189,10 @@ class _Chooser:
         if not final:
             return "search", plans["search"], plans, {"search": step.validation_perplexity}
         seeds = candidate_plans(self.S, self.D, n, self.opts)
-        screened = {name: self.scorer.score(sel.pruned_layers, screen=True) for name, sel in seeds.items()}
+        screened = self._scores(seeds, list(seeds), screen=True)
         finalists = ["search", *sorted(screened, key=lambda name: screened[name])[:FINALIST_SEEDS]]
         plans.update(seeds)
-        scores = {name: self.scorer.score(plans[name].pruned_layers) for name in finalists}
+        scores = self._scores(plans, finalists, screen=False)
         best = choose_best(scores, finalists)
         # Seeds that were only screened keep their screening score out of the report: it reads
         # fewer windows than the others and would not compare.

@@ -21,7 +21,7 @@ import torch
 from lorp.blocks import decoder_blocks
 from lorp.errors import JobCancelled
 from lorp.evaluation import batch_nll, mean_to_perplexity
-from lorp.execution import as_runner
+from lorp.execution import PlanPass, as_runner
 from lorp.execution.healed import fold, output_projection
 from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
 from lorp.states import StateCache
@@ -215,36 +215,57 @@ class PlanScorer:
 
         ``screen``: on the first windows only (``screen_windows``).
         """
+        return self.score_many([plan], healed=healed, screen=screen)[0]
+
+    def score_many(
+        self, plans: Sequence[Sequence[int]], *, healed: bool | None = None, screen: bool = False
+    ) -> list[float]:
+        """:meth:`score` of several plans, measured together: one pass over the blocks serves every
+        plan not scored before (``Runner.run_plans``: in sequential mode each block is loaded once for
+        all of them, not once per plan)."""
         heal = self.heals if healed is None else healed and self.heals
         batches = self.screen_batches if screen else self.cache.num_batches
-        key = (tuple(sorted(set(plan))), heal, batches)
-        if key not in self._scores:
-            fits = self.fits(key[0]) if heal else []
+        keys = [(tuple(sorted(set(plan))), heal, batches) for plan in plans]
+        pending = [key for key in dict.fromkeys(keys) if key not in self._scores]
+        if pending:
+            fits = [self.fits(key[0]) if heal else [] for key in pending]  # the healer times its own fits
             started = time.perf_counter()
-            self._scores[key] = self._measure(key[0], fits, batches)
+            for key, score in zip(pending, self._measure([key[0] for key in pending], fits, batches), strict=True):
+                self._scores[key] = score
             if batches == self.cache.num_batches:
-                self.evaluations += 1
+                self.evaluations += len(pending)
             else:
-                self.screenings += 1
+                self.screenings += len(pending)
             self.seconds += time.perf_counter() - started
-        return self._scores[key]
+        return [self._scores[key] for key in keys]
 
-    def _measure(self, plan: tuple[int, ...], fits: list[Fit], batches: int) -> float:
+    def _start(self, plan: tuple[int, ...], fits: list[Fit]) -> int:
+        """The first block a plan's pass runs: its first change (a removed block or an anchor); with
+        every block from there on removed, the last kept block before it (the logits need a state
+        leaving a block the pruned model keeps)."""
         n_blocks = self.cache.num_blocks
         changed = [*plan, *(fit.anchor for fit in fits)]
         start = min(changed) if changed else n_blocks - 1
         removed = set(plan)
         if all(b in removed for b in range(start, n_blocks)):
             start = max(b for b in range(start) if b not in removed)
-        nll, tokens = 0.0, 0
+        return start
+
+    def _measure(self, plans: list[tuple[int, ...]], fits: list[list[Fit]], batches: int) -> list[float]:
         _check(self.should_cancel)
         cached = self.cache.batches[:batches]
-        with self.runner.pruned(plan, fits) as runner:
+        passes = []
+        for plan, plan_fits in zip(plans, fits, strict=True):
+            start = self._start(plan, plan_fits)
             states = [self.cache.state(b, start) for b in range(batches)]
-            finals = runner.run_all(cached, start=start, states=states)
-            for batch, final in zip(cached, finals, strict=True):
-                _check(self.should_cancel)
-                batch_sum, batch_tokens = batch_nll(runner.logits(batch, final), batch.ids, batch.mask)
+            passes.append(PlanPass(frozenset(plan), {fit.anchor: fit for fit in plan_fits}, start, states))
+        finals = self.runner.run_plans(cached, passes, should_cancel=self.should_cancel)
+        scores = []
+        for plan_finals in finals:
+            nll, tokens = 0.0, 0
+            for batch, final in zip(cached, plan_finals, strict=True):
+                batch_sum, batch_tokens = batch_nll(self.runner.logits(batch, final), batch.ids, batch.mask)
                 nll += batch_sum
                 tokens += batch_tokens
-        return mean_to_perplexity(nll, tokens)
+            scores.append(mean_to_perplexity(nll, tokens))
+        return scores

@@ -70,7 +70,8 @@ class GreedySearch:
         options = self.shortlist()
         if not options:
             raise ValueError("no eligible block is left to remove")
-        scored = [(self.scorer.score([*self.plan, b], screen=True), b) for b in options]
+        grown = self.scorer.score_many([[*self.plan, b] for b in options], screen=True)
+        scored = list(zip(grown, options, strict=True))
         best_score, best = min(scored)
         self.plan = sorted([*self.plan, best])
         step = Step(len(self.plan), list(self.plan), best_score, len(options))

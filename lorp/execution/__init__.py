@@ -22,6 +22,6 @@ each decoder block from the safetensors shards only while a pass runs it on ever
 
 from lorp.execution.calls import BlockCall
 from lorp.execution.healed import folded, output_projection
-from lorp.execution.runner import Batch, Runner, as_runner
+from lorp.execution.runner import Batch, PlanPass, Runner, as_runner
 
-__all__ = ["Batch", "BlockCall", "Runner", "as_runner", "folded", "output_projection"]
+__all__ = ["Batch", "BlockCall", "PlanPass", "Runner", "as_runner", "folded", "output_projection"]

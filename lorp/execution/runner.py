@@ -67,6 +67,17 @@ class Batch:
         return int(self.ids.shape[0])
 
 
+@dataclass
+class PlanPass:
+    """One plan's pass in :meth:`Runner.run_plans`: the blocks it removes, its heal maps by anchor, the
+    block it starts at and, per batch, the state entering that block."""
+
+    removed: frozenset[int]
+    fits: dict[int, FoldedMap]
+    start: int
+    states: list[torch.Tensor]
+
+
 class Runner:
     """Runs a model's passes block by block (see the module's docstring).
 
@@ -230,6 +241,61 @@ class Runner:
                         self.block_runs += 1
                         if on_output is not None:
                             on_output(i, j, hidden[i])
+        return hidden
+
+    @contextmanager
+    def _folded_in(self, index: int, block: torch.nn.Module, fit: FoldedMap | None) -> Iterator[None]:
+        """``fit`` folded into ``block`` (block ``index``, open) for the length of the ``with``, then
+        the block's weights as they were (in sequential mode rounded as the checkpoint stores them)."""
+        if fit is None:
+            yield
+            return
+        projection, kind = output_projection(self.model, block)
+        weight = projection.weight.detach().clone()
+        bias = getattr(projection, "bias", None)
+        kept_bias = None if bias is None else bias.detach().clone()
+        fold(projection, kind, fit.T)
+        if self.onloader is not None:
+            self.onloader.round_to_stored(index, projection)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                projection.weight.copy_(weight)
+                if bias is not None and kept_bias is not None:
+                    bias.copy_(kept_bias)
+
+    def run_plans(
+        self,
+        batches: Sequence[Batch],
+        passes: Sequence[PlanPass],
+        *,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Several plans' passes over the same batches, block-major across the plans: each block is
+        brought to the device once (in sequential mode, one load) and runs, for every plan that keeps
+        it and has started, on every batch, its heal map folded in for that plan alone.
+
+        Returns, per plan, the states leaving the last block (per batch). Plans whose passes share a
+        prefix still run it once each: they differ in what they removed before it.
+        """
+        if self._removed:
+            raise RuntimeError("run_plans runs on the dense model, outside a pruned view")
+        hidden = [list(p.states) for p in passes]
+        first = min((p.start for p in passes), default=self.num_blocks)
+        with torch.no_grad():
+            for j in range(first, self.num_blocks):
+                users = [k for k, p in enumerate(passes) if p.start <= j and j not in p.removed]
+                if not users:
+                    continue
+                if should_cancel is not None and should_cancel():
+                    raise JobCancelled("the job was cancelled while scoring plans")
+                with self._block(j) as block:
+                    for k in users:
+                        with self._folded_in(j, block, passes[k].fits.get(j)):
+                            for i, batch in enumerate(batches):
+                                hidden[k][i] = batch.calls[j](block, hidden[k][i].to(self.device)).to(self.state_device)
+                                self.block_runs += 1
         return hidden
 
     def states_all(self, batches: Sequence[Batch]) -> list[list[torch.Tensor]]:

@@ -94,6 +94,29 @@ def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path
     assert sequential.block_loads - before == 4  # blocks 2..5
 
 
+def test_plans_scored_together_load_each_block_once_for_all_of_them(tmp_path: Path) -> None:
+    resident, sequential = both("llama", tmp_path)
+    plans = [[2], [4], [1, 3], [2, 3]]
+    cache = StateCache(sequential, windows(), batch_size=2)
+    healer = CachedHealer(sequential, cache)
+    scorer = PlanScorer(sequential, StateCache(sequential, windows(seed=4), batch_size=2), healer=healer)
+    for plan in plans:
+        healer.fits(plan)  # the heal fits' own passes are not what this test counts
+    before = sequential.block_loads
+    together = scorer.score_many(plans)
+    # Blocks 0..5 (the earliest change is the anchor of [1, 3]'s first span, block 0), each loaded once
+    # for all four plans; one plan at a time they would take 4 + 2 + 4 + 3 = 13 loads.
+    assert sequential.block_loads - before == 6
+    assert scorer.evaluations == 4 and scorer.score_many(plans) == together  # reused, not measured again
+    assert sequential.block_loads - before == 6
+    ref_cache = StateCache(resident, windows(), batch_size=2)
+    ref = PlanScorer(
+        resident, StateCache(resident, windows(seed=4), batch_size=2), healer=CachedHealer(resident, ref_cache)
+    )
+    for plan, score in zip(plans, together, strict=True):
+        assert score == pytest.approx(ref.score(plan), rel=1e-6), plan
+
+
 _PEAK = textwrap.dedent(
     """
     import sys
@@ -101,9 +124,7 @@ _PEAK = textwrap.dedent(
     import torch, transformers
     from transformers import LlamaForCausalLM  # the modeling code's import is the process's, not the pass's
     from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError
     from lorp.execution import Runner
-from lorp.execution.choice import choose_execution, device_memory, memory_budget
     from lorp.similarity import capture_similarity
 
     def status(key):  # kB, from /proc/self/status
