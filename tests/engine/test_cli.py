@@ -90,7 +90,8 @@ def test_prune_demo_model_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "lorp", "prune", "--model", "demo", "--num-layers", "2",
-        "--num-samples", "8", "--seq-len", "64", "--eval-windows", "4", "--out", str(out),
+        "--num-samples", "8", "--seq-len", "64", "--eval-windows", "4", "--no-speed",
+        "--prompt", "The capital of France is", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]

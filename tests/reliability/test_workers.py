@@ -206,6 +206,9 @@ def _finished(serve: Serve, job_id: str) -> bool:
     return serve.job(job_id)["status"] in ("succeeded", "failed", "cancelled")
 
 
+# about a minute: make reliability records it; make test has the full stack's kill -9 mid-capture
+# (test_faults_worker.py) and serve's restart of a killed worker (tests/service/test_serve_lifecycle.py)
+@pytest.mark.long
 def test_embedded_kill9_mid_capture_finishes_on_the_restarted_worker(
     tmp_path: Path, capture_model_root: Path, corpus_bytes: bytes
 ) -> None:
@@ -418,6 +421,9 @@ def test_embedded_crash_loop_stops_the_restarts_and_turns_readyz_503(tmp_path: P
 # -- full stack -----------------------------------------------------------------------------------------
 
 
+# minutes: make reliability records it; make test checks each readiness rule against the workers table
+# (tests/service/test_workers_liveness.py) and real workers in the end-to-end tests
+@pytest.mark.long
 def test_full_stack_no_worker_is_503_until_a_worker_starts(
     tmp_path: Path,
     pg_url: str,
