@@ -1,7 +1,10 @@
 """One-call entry points: ``run_prune`` (a whole job) and ``run_analysis`` (capture only).
 
-Validate, plan, then execute: the spec is checked and the budget validated against the loaded
-model before any forward pass; every step is also callable on its own from its module.
+A job runs in four phases, each a function with typed inputs and outputs that can be called on its
+own: :func:`validate` (load or open the model, check the job against it before any pass),
+:func:`plan` (calibration, capture, candidates and their scores, the chosen plan, the budget curve),
+:func:`execute` (measure, heal and remove, write, verify) and :func:`report` (the charts and
+``report.json`` from the three results). :func:`run_prune` calls them in turn.
 """
 
 from __future__ import annotations
@@ -475,43 +478,59 @@ def _public_request(spec: PruneSpec, sources: Sources) -> dict[str, Any]:
     return request
 
 
-def run_prune(
-    spec: PruneSpec,
-    out_dir: str | Path,
-    *,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    lookup_analysis: AnalysisLookup | None = None,
-    sources: Sources | None = None,
-) -> PruneResult:
-    """Run a whole pruning job and write its outputs into ``out_dir``.
+@dataclass
+class Prepared:
+    """What :func:`validate` hands on: the model, loaded whole or opened to run block by block, checked
+    against the job (budget, options, curve budgets, tasks) before any pass."""
 
-    Outputs: ``model/`` (the pruned Hugging Face directory, safetensors), ``analysis.npz`` (S, D),
-    ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics, the budget
-    curve), ``heatmap.png``, ``plans.png`` (the candidates compared) and ``budgets.png`` (the budget
-    curve, unless ``evaluation.curve_budgets`` is ``[]``).
+    loaded: LoadedModel
+    n_blocks: int
 
-    Args:
-        spec: The job.
-        out_dir: Output directory, missing or empty.
-        progress: Called as ``progress(stage, fraction_of_stage)``; stages are ``STAGES``.
-        should_cancel: Checked between stages and batches; True raises ``JobCancelled``.
-        lookup_analysis: Called with the calibration fingerprint once the calibration data is
-            built; when it returns (stats, provenance) of an earlier capture with that fingerprint,
-            the capture is skipped (the report says ``analysis_reused``).
-        sources: How the caller resolved the references (:class:`Sources`): the kind of model, the
-            roots it must stay in, and the names the report shows; the CLI's by default.
-    """
-    sources = sources or _CLI
-    stages = _Stages(progress, should_cancel)
-    out = _prepare_out_dir(out_dir)
+    @property
+    def sequential(self) -> bool:
+        return self.loaded.runner is not None
+
+    @property
+    def run_on(self) -> Any:
+        """What the passes run on: the resident model, or the runner that loads its blocks one at a time."""
+        return self.loaded.runner if self.loaded.runner is not None else self.loaded.model
+
+
+@dataclass
+class Planned:
+    """What :func:`plan` found: the calibration and evaluation windows, S and D with their provenance,
+    the chosen plan (with every candidate's score and the heal fits) and the budget curve."""
+
+    data: cal.CalibrationData
+    eval_texts: list[str]
+    eval_windows: cal.TokenWindows | None
+    stats: SimilarityStats
+    provenance: dict[str, Any]
+    reused: bool
+    choice: PlanChoice
+    curve: BudgetCurve | None
+
+
+@dataclass
+class Executed:
+    """What :func:`execute` measured and wrote: both models' metrics and completions, the pruned model's
+    folder and its reload check."""
+
+    dense: dict[str, Any]
+    pruned: dict[str, Any]
+    dense_text: list[str]
+    pruned_text: list[str]
+    model_dir: Path
+    reload_check: dict[str, Any]
+
+
+def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = None) -> Prepared:
+    """Load the model (whole, or its skeleton and a sequential runner: ``options.execution``) and check
+    the job against it: the budget, the options, the curve's budgets and the tasks, before any pass."""
+    stages = stages or _Stages(None, None)
     with stages.stage(Stage.loading):
         loaded = _load(spec.model, sources, spec.options.execution, _working_set(spec.calibration))
-    model = loaded.model
-    # What the passes run on: the resident model, or the runner that loads its blocks one at a time.
-    sequential = loaded.runner is not None
-    run_on: Any = loaded.runner if loaded.runner is not None else model
-    n_blocks = len(decoder_blocks(model))
+    n_blocks = len(decoder_blocks(loaded.model))
     opts = spec.options
     if not spec.target.is_quality_bound:
         validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
@@ -519,7 +538,20 @@ def run_prune(
     if spec.evaluation.curve_budgets:
         check_budgets(spec.evaluation.curve_budgets, n_blocks, opts)
     check_tasks(spec.evaluation.tasks)  # an unknown task fails the job before any forward pass
+    return Prepared(loaded=loaded, n_blocks=n_blocks)
 
+
+def plan(
+    prepared: Prepared,
+    spec: PruneSpec,
+    sources: Sources = _CLI,
+    stages: _Stages | None = None,
+    lookup_analysis: AnalysisLookup | None = None,
+) -> Planned:
+    """Build the calibration and evaluation windows, capture S and D (or reuse a stored capture), score
+    the candidates and choose the plan, then draw the budget curve; the model is left dense."""
+    stages = stages or _Stages(None, None)
+    loaded, n_blocks, model = prepared.loaded, prepared.n_blocks, prepared.loaded.model
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration, sources)
         eval_texts = cal.load_texts(
@@ -532,11 +564,10 @@ def run_prune(
             max_windows=spec.evaluation.max_windows,
         )
     fit_on = heal_windows(data.capture, hidden_size(model))
-    heal = resolve_heal(model, opts.heal, fit_on.num_tokens)  # refuses before the capture
+    heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)  # refuses before the capture
     sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
-    reused = precomputed is not None
     if precomputed is not None:
         stats, stored = precomputed
         if stats.num_blocks != n_blocks:
@@ -548,12 +579,12 @@ def run_prune(
     else:
         with stages.stage(Stage.capture):
             stats = capture_similarity(
-                run_on,
+                prepared.run_on,
                 data.capture,
                 batch_size=spec.calibration.batch_size,
                 angular=spec.calibration.angular,
                 progress=stages.fraction(Stage.capture),
-                should_cancel=should_cancel,
+                should_cancel=stages.should_cancel,
                 keep_states=sink,
             )
         provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
@@ -562,38 +593,59 @@ def run_prune(
         "libraries": library_versions(),
         "evaluation_text_sha256": assets.texts_sha256(eval_texts),
     }
-
     with stages.stage(Stage.selection):
         choice = choose_plan(
-            run_on,
+            prepared.run_on,
             stats.S,
             stats.D,
             data,
             spec,
             n_blocks,
             progress=stages.fraction(Stage.selection),
-            should_cancel=should_cancel,
+            should_cancel=stages.should_cancel,
             heal_cache=sink.cache() if sink is not None and sink.windows else None,
         )
-    n, chosen, chosen_name = choice.n, choice.chosen, choice.chosen_name
     with stages.stage(Stage.budget_curve):
         curve = _budget_curve(choice, stats, spec, stages)
+    return Planned(
+        data=data,
+        eval_texts=eval_texts,
+        eval_windows=eval_windows,
+        stats=stats,
+        provenance=provenance,
+        reused=precomputed is not None,
+        choice=choice,
+        curve=curve,
+    )
 
+
+def execute(
+    prepared: Prepared, planned: Planned, spec: PruneSpec, out: Path, stages: _Stages | None = None
+) -> Executed:
+    """Measure the dense model, apply the plan (heal maps folded, blocks removed), measure the pruned
+    model, write it to ``out/model`` and check that it reloads to what was measured.
+
+    Resident: the model in memory is pruned and measured with its own ``forward`` and ``generate``.
+    Sequential: the model is never changed; the pruned model is a view the passes take, and what needs
+    the model whole (speed, tasks, completions) is skipped (``ExecutionSummary.skipped``)."""
+    stages = stages or _Stages(None, None)
+    loaded, choice, eval_windows = prepared.loaded, planned.choice, planned.eval_windows
+    chosen = choice.chosen
     dense_text: list[str] = []
     pruned_text: list[str] = []
-    prompts_run = [] if sequential else list(spec.evaluation.prompts)
     with stages.stage(Stage.evaluating_dense):
-        if sequential:
+        if prepared.sequential:
             dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
     with stages.stage(Stage.pruning):
-        if not sequential:  # in sequential mode the pruned model is a view the passes take (Runner.pruned)
+        if not prepared.sequential:
+            model = loaded.model
             anchors = [fit.anchor for fit in choice.fits]
             apply_fits(model, choice.fits, stored_dtypes(loaded.weights, model, anchors) if loaded.weights else None)
             remove_blocks(model, chosen.pruned_layers)
     with stages.stage(Stage.evaluating_pruned):
-        if sequential:
+        if prepared.sequential:
             pruned = _measure_sequential(
                 loaded, eval_windows, spec, stages, Stage.evaluating_pruned, chosen.pruned_layers, choice.fits
             )
@@ -603,12 +655,29 @@ def run_prune(
     with stages.stage(Stage.saving):
         _save(loaded, model_dir, chosen.pruned_layers, choice.fits)
     with stages.stage(Stage.verifying):
-        probe = data.validation.input_ids[:2, : min(32, data.validation.input_ids.shape[1])]
+        validation = planned.data.validation
+        probe = validation.input_ids[:2, : min(32, validation.input_ids.shape[1])]
         if loaded.runner is not None:
             reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, choice.fits)
         else:
-            reload_check = verify_reload(model_dir, model, probe)
+            reload_check = verify_reload(model_dir, loaded.model, probe)
+    return Executed(dense, pruned, dense_text, pruned_text, model_dir, reload_check)
 
+
+def report(
+    prepared: Prepared,
+    planned: Planned,
+    executed: Executed,
+    spec: PruneSpec,
+    out: Path,
+    sources: Sources = _CLI,
+    stages: _Stages | None = None,
+) -> PruneReport:
+    """Write ``analysis.npz``, the charts and ``report.json`` from the phases' results; returns the report."""
+    stages = stages or _Stages(None, None)
+    stats, choice, curve, n_blocks = planned.stats, planned.choice, planned.curve, prepared.n_blocks
+    chosen, chosen_name, n = choice.chosen, choice.chosen_name, choice.n
+    dense, pruned = executed.dense, executed.pruned
     with stages.stage(Stage.reporting):
         structure = chosen.structure
         save_analysis(out / "analysis.npz", stats.S, stats.D)
@@ -653,10 +722,11 @@ def run_prune(
                 decode_speedup=pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
                 prefill_speedup=pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
             )
-        report = PruneReport(
+        prompts = [] if prepared.sequential else list(spec.evaluation.prompts)
+        result = PruneReport(
             request=_public_request(spec, sources),
-            provenance=provenance,
-            analysis_reused=reused,
+            provenance=planned.provenance,
+            analysis_reused=planned.reused,
             analysis=StructureSummary(
                 num_blocks=n_blocks,
                 num_tokens=stats.num_tokens,
@@ -677,18 +747,59 @@ def run_prune(
                 for name, sel in choice.plans.items()
             },
             metrics=metrics,
-            reload_check=reload_check,
+            reload_check=executed.reload_check,
             timings_s=stages.timings,
             files=files,
             heal=_heal_summary(choice),
             selection=_selection_summary(choice),
             generations=[
                 Generation(prompt=prompt, dense=d, pruned=p)
-                for prompt, d, p in zip(prompts_run, dense_text, pruned_text, strict=True)
+                for prompt, d, p in zip(prompts, executed.dense_text, executed.pruned_text, strict=True)
             ],
             budget_curve=curve,
-            execution=_execution_summary(loaded, spec),
+            execution=_execution_summary(prepared.loaded, spec),
         )
-        write_report(out / "report.json", report.to_json())
-    log.info("pruned %s: removed %s -> %s", sources.model_name or spec.model.id, chosen.pruned_layers, model_dir)
-    return PruneResult(out_dir=out, model_dir=model_dir, report=report, stats=stats, selection=chosen)
+        write_report(out / "report.json", result.to_json())
+    return result
+
+
+def run_prune(
+    spec: PruneSpec,
+    out_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    lookup_analysis: AnalysisLookup | None = None,
+    sources: Sources | None = None,
+) -> PruneResult:
+    """Run a whole pruning job and write its outputs into ``out_dir``: :func:`validate`, :func:`plan`,
+    :func:`execute`, :func:`report`.
+
+    Outputs: ``model/`` (the pruned Hugging Face directory, safetensors), ``analysis.npz`` (S, D),
+    ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics, the budget
+    curve), ``heatmap.png``, ``plans.png`` (the candidates compared) and ``budgets.png`` (the budget
+    curve, unless ``evaluation.curve_budgets`` is ``[]``).
+
+    Args:
+        spec: The job.
+        out_dir: Output directory, missing or empty.
+        progress: Called as ``progress(stage, fraction_of_stage)``; stages are ``STAGES``.
+        should_cancel: Checked between stages and batches; True raises ``JobCancelled``.
+        lookup_analysis: Called with the calibration fingerprint once the calibration data is
+            built; when it returns (stats, provenance) of an earlier capture with that fingerprint,
+            the capture is skipped (the report says ``analysis_reused``).
+        sources: How the caller resolved the references (:class:`Sources`): the kind of model, the
+            roots it must stay in, and the names the report shows; the CLI's by default.
+    """
+    sources = sources or _CLI
+    stages = _Stages(progress, should_cancel)
+    out = _prepare_out_dir(out_dir)
+    prepared = validate(spec, sources, stages)
+    planned = plan(prepared, spec, sources, stages, lookup_analysis)
+    executed = execute(prepared, planned, spec, out, stages)
+    result = report(prepared, planned, executed, spec, out, sources, stages)
+    chosen = planned.choice.chosen
+    log.info(
+        "pruned %s: removed %s -> %s", sources.model_name or spec.model.id, chosen.pruned_layers, executed.model_dir
+    )
+    return PruneResult(out_dir=out, model_dir=executed.model_dir, report=result, stats=planned.stats, selection=chosen)

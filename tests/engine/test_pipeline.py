@@ -296,3 +296,24 @@ def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budg
     with pytest.raises(InvalidRequestError) as err:
         run_prune(spec, tmp_path / "bad")
     assert err.value.field == "LORP_DEVICE_MEMORY_GB"
+
+
+def test_the_phases_run_on_their_own_and_make_the_whole_jobs_result(tiny_model_dir, corpus_files, tmp_path):
+    from lorp.blocks import decoder_blocks
+    from lorp.pipeline import execute, plan, report, validate
+
+    spec = make_spec(tiny_model_dir, corpus_files, evaluation=EvaluationSpec(speed=False, prompts=["the"]))
+    prepared = validate(spec)
+    assert prepared.n_blocks == 8 and not prepared.sequential
+    planned = plan(prepared, spec)
+    assert len(planned.choice.chosen.pruned_layers) == 2 and planned.stats.S.shape == (9, 9)
+    assert len(decoder_blocks(prepared.loaded.model)) == 8  # planning leaves the model dense
+    out = tmp_path / "phases"
+    out.mkdir()
+    executed = execute(prepared, planned, spec, out)
+    assert executed.pruned["num_layers"] == 6 and (executed.model_dir / "config.json").is_file()
+    assert executed.reload_check["num_layers"] == 6
+    result = report(prepared, planned, executed, spec, out)
+    whole = run_prune(spec, tmp_path / "whole").report
+    assert result.chosen == whole.chosen and result.plans == whole.plans
+    assert json.loads((out / "report.json").read_text())["chosen"] == whole.to_json()["chosen"]
