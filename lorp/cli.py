@@ -261,6 +261,9 @@ def _summary(report: PruneReport, out_dir: str) -> str:
     if execution is not None:
         loads = f", {execution.block_loads} block loads" if execution.mode == "sequential" else ""
         lines.append(f"execution       {execution.mode} on {execution.device}{loads} ({execution.reason})")
+        if execution.resumed_at_block is not None:
+            at = execution.resumed_at_block
+            lines.append(f"resumed         the capture went on from an earlier run's states at block {at}")
         lines.extend(f"skipped         {line}" for line in execution.skipped)
     quality = report.selection.quality_target if report.selection is not None else None
     if quality is not None:

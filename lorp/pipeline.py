@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from lorp.result import (
 )
 from lorp.scoring import Fit, apply_fits
 from lorp.selection import Selection, analyze_structure, validate_budget
-from lorp.similarity import SimilarityStats, capture_similarity
+from lorp.similarity import SimilarityStats, capture_similarity, capture_store
 from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
 from lorp.stages import Stage
 from lorp.states import StateSink
@@ -80,6 +81,8 @@ class Sources:
         hub_cache: where hub datasets are cached (default: the engine's cache folder).
         analysis_scope: analyses are shared only between runs of one scope (the service: one owner);
             it enters the calibration fingerprint, so a stored capture is found only within it.
+        scratch: where a sequential run keeps its states so that a later attempt of the same job resumes
+            (the worker: a folder per job kept across attempts); None: a temporary folder, removed.
     """
 
     model_kind: ModelKind | None = None
@@ -89,6 +92,7 @@ class Sources:
     evaluation_name: str | None = None
     hub_cache: Path | None = None
     analysis_scope: str | None = None
+    scratch: Path | None = None
 
 
 _CLI = Sources()
@@ -434,7 +438,19 @@ def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Se
         loaded.tokenizer.save_pretrained(model_dir)
 
 
-def _execution_summary(loaded: LoadedModel, spec: PruneSpec) -> ExecutionSummary:
+@contextmanager
+def _capture_scratch(sources: Sources) -> Iterator[Path]:
+    """The folder a sequential capture keeps its states in: the caller's (kept, so that a retry
+    resumes; the caller removes it when the job has ended), or a temporary one removed afterwards."""
+    if sources.scratch is not None:
+        sources.scratch.mkdir(parents=True, exist_ok=True)
+        yield sources.scratch
+        return
+    with tempfile.TemporaryDirectory(prefix="lorp-scratch-") as tmp:
+        yield Path(tmp)
+
+
+def _execution_summary(loaded: LoadedModel, spec: PruneSpec, resumed_at: int | None = None) -> ExecutionSummary:
     choice = loaded.execution
     assert choice is not None
     return ExecutionSummary(
@@ -448,6 +464,7 @@ def _execution_summary(loaded: LoadedModel, spec: PruneSpec) -> ExecutionSummary
         weights_bytes=choice.weights_bytes,
         working_bytes=choice.working_bytes,
         skipped=_skipped_in_sequence(spec) if loaded.runner is not None else [],
+        resumed_at_block=resumed_at,
     )
 
 
@@ -509,6 +526,7 @@ class Planned:
     reused: bool
     choice: PlanChoice
     curve: BudgetCurve | None
+    resumed_at_block: int | None = None  # a sequential capture that went on from an earlier attempt's states
 
 
 @dataclass
@@ -568,6 +586,7 @@ def plan(
     sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
+    resumed_at: int | None = None
     if precomputed is not None:
         stats, stored = precomputed
         if stats.num_blocks != n_blocks:
@@ -577,7 +596,12 @@ def plan(
             )
         provenance = _reused_provenance(stored, loaded, spec.calibration, sources)
     else:
-        with stages.stage(Stage.capture):
+        with stages.stage(Stage.capture), _capture_scratch(sources) as scratch:
+            store = None
+            if loaded.runner is not None:  # sequential: states on disk, each as its block finishes
+                key = f"{fingerprint}|batch={spec.calibration.batch_size}|{spec.calibration.angular}"
+                store = capture_store(loaded.runner, data.capture, scratch / "capture", key)
+                resumed_at = store.resumed_from - 1 if store.resumed_from else None
             stats = capture_similarity(
                 prepared.run_on,
                 data.capture,
@@ -586,6 +610,7 @@ def plan(
                 progress=stages.fraction(Stage.capture),
                 should_cancel=stages.should_cancel,
                 keep_states=sink,
+                store=store,
             )
         provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
     provenance = {
@@ -616,6 +641,7 @@ def plan(
         reused=precomputed is not None,
         choice=choice,
         curve=curve,
+        resumed_at_block=resumed_at,
     )
 
 
@@ -757,7 +783,7 @@ def report(
                 for prompt, d, p in zip(prompts, executed.dense_text, executed.pruned_text, strict=True)
             ],
             budget_curve=curve,
-            execution=_execution_summary(prepared.loaded, spec),
+            execution=_execution_summary(prepared.loaded, spec, planned.resumed_at_block),
         )
         write_report(out / "report.json", result.to_json())
     return result

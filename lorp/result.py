@@ -126,6 +126,7 @@ class ExecutionSummary:
     weights_bytes: int | None = None
     working_bytes: int | None = None
     skipped: list[str] = field(default_factory=list)
+    resumed_at_block: int | None = None  # the capture went on from an earlier attempt's states at this block
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,27 @@ products; summed over tokens they are S's ``[L, tokens*d] x [tokens*d, L]`` prod
 ``arccos / pi`` summed over tokens is D. Sums accumulate in float64.
 
 Only sums and a token count persist between batches, so memory does not grow with the number of
-calibration sequences.
+calibration sequences. A sequential runner's capture can go through a state store on disk instead
+(``capture_store``, ``lorp.execution.scratch``): each state is written as its block finishes, the pass
+resumes from the files of an interrupted attempt, and the host holds one batch's states at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError
+from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution import Batch, Runner, as_runner
+from lorp.execution.scratch import StateStore
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -55,6 +60,7 @@ def capture_similarity(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     keep_states: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
+    store: StateStore | None = None,
 ) -> SimilarityStats:
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
@@ -69,6 +75,9 @@ def capture_similarity(
         keep_states: Called per batch as ``keep_states(runner, batch, states)`` with the raw states of
             the real tokens, ``[tokens, N+1, d]`` float32 (``lorp.states.StateSink`` keeps them, so
             healing needs no second pass).
+        store: for a sequential runner, a :class:`lorp.execution.scratch.StateStore` (``capture_store``)
+            the pass writes each state to as its block finishes, resuming at the first incomplete one;
+            S and D are then summed from it a batch at a time (the same sums, in the same order).
 
     Returns:
         SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
@@ -87,7 +96,12 @@ def capture_similarity(
     done = 0
     with torch.inference_mode():
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="capturing similarity")
-        for batch, x in _real_states(runner, batches):  # x: [tokens, L, d]
+        stored = store is not None and runner.mode == "sequential"
+        if store is not None and stored:
+            found = _stored_states(runner, list(batches), store, should_cancel, progress, total)
+        else:
+            found = _real_states(runner, batches)
+        for batch, x in found:  # x: [tokens, L, d]
             if keep_states is not None:
                 keep_states(runner, batch, x)
             last = _last_token_positions(batch.mask) if angular == "last_token" else None
@@ -97,7 +111,7 @@ def capture_similarity(
             n_tokens += int(x.shape[0])
             n_angular += int(x.shape[0]) if last is None else int(last.numel())
             done += batch.num_windows
-            if progress is not None:
+            if progress is not None and not stored:  # a stored pass reports its blocks instead
                 progress(done, total)
 
     if n_tokens == 0:
@@ -107,6 +121,58 @@ def capture_similarity(
     np.fill_diagonal(S, 1.0)
     np.fill_diagonal(D, 0.0)
     return SimilarityStats(S=S, D=D, num_tokens=n_tokens, num_sequences=total, angular_mode=angular)
+
+
+def capture_store(runner: Runner, windows: TokenWindows, directory: Path, key: str) -> StateStore:
+    """The :class:`StateStore` a sequential capture of ``windows`` keeps in ``directory`` (see
+    ``capture_similarity``'s ``store``); ``key`` names the model and windows (a calibration fingerprint)."""
+    width = int(runner.model.get_input_embeddings().embedding_dim)
+    tokens = int(windows.attention_mask.bool().sum())
+    digest = hashlib.sha256()
+    for part in (windows.input_ids, windows.attention_mask):
+        digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
+    dtype = runner.onloader.dtype if runner.onloader is not None else ""
+    key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
+    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1)
+
+
+def _stored_states(
+    runner: Runner,
+    batches: list[Batch],
+    store: StateStore,
+    should_cancel: Callable[[], bool] | None,
+    progress: Callable[[int, int], None] | None,
+    total: int,
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """:func:`_real_states` of a sequential runner through ``store``: each block runs on every batch,
+    then the state entering the next block is written; a store holding an earlier attempt's states goes
+    on from the last one. Afterwards each batch's N + 1 states are read back, a batch at a time."""
+    n_states = runner.num_blocks + 1
+    rows = [int(batch.real.sum()) for batch in batches]
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+
+    def real_rows(states: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)])
+
+    states = [batch.entering for batch in batches]
+    if store.done == 0:
+        store.write(0, real_rows(states))
+    elif store.done > 1:  # resume: the last complete state, its padded positions zero (nothing reads them)
+        last = store.read(store.done - 1)
+        states = []
+        for batch, begin, count in zip(batches, offsets, rows, strict=True):
+            full = torch.zeros((*batch.ids.shape, last.shape[1]), dtype=batch.entering.dtype)
+            full[batch.real.cpu()] = last[begin : begin + count].to(full.dtype)
+            states.append(full)
+    for j in range(store.done - 1, n_states - 1):
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("the job was cancelled while capturing similarity")
+        states = runner.run_all(batches, start=j, states=states, stop=j + 1)
+        store.write(j + 1, real_rows(states))
+        if progress is not None:
+            progress(total * (j + 1) // n_states, total)
+    for batch, begin, count in zip(batches, offsets, rows, strict=True):
+        yield batch, torch.stack([store.read(j, begin, begin + count) for j in range(n_states)], dim=1)
 
 
 def _real_states(runner: Runner, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:

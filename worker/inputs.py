@@ -102,6 +102,7 @@ class JobInputs:
             evaluation_name=request.evaluation.dataset,
             hub_cache=self.settings.resolved_data_dir.joinpath(*HUB_CACHE_SUBDIR),
             analysis_scope=analysis_scope(self._owner()),
+            scratch=self.settings.job_scratch_root / str(self.job_id) if self.job_id is not None else None,
         )
         return to_prune_spec(
             request, model_source=model_source, calibration_source=calibration, evaluation_source=evaluation

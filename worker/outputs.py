@@ -253,6 +253,7 @@ def _execution(report: PruneReport) -> dict[str, Any] | None:
         "device_name": execution.device_name,
         "block_loads": execution.block_loads,
         "skipped": list(execution.skipped),
+        "resumed_at_block": execution.resumed_at_block,
     }
 
 

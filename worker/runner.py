@@ -175,6 +175,11 @@ class _JobRun:
             shutil.rmtree(self.work_dir)
         self.work_dir.mkdir(parents=True)
 
+    def remove_scratch(self) -> None:
+        """The job's scratch (a sequential run's states, kept so that a retry resumes): removed once the
+        job has ended, kept when the attempt leaves it to a retry."""
+        shutil.rmtree(self.settings.job_scratch_root / str(self.job_id), ignore_errors=True)
+
     def remove_work_dir(self) -> None:
         try:
             shutil.rmtree(self.work_dir)
@@ -351,10 +356,13 @@ def run_job(
     run = _JobRun(job_id, attempt, request, settings, factory)
     heartbeat = Heartbeat(settings, factory, job_id, attempt, lost=run.lost, finishing=run.finishing, abandon=abandon)
     heartbeat.start()
+    outcome = "lost"
     try:
         outcome = run.execute()
     finally:
         heartbeat.stop()
         run.remove_work_dir()
+        if outcome in ("succeeded", "failed", "cancelled"):
+            run.remove_scratch()
     # The job's webhook, if it has one, goes out from the dispatcher (worker/webhooks.py), not this slot.
     return outcome

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="default: sqlite under data_dir")
     broker_url: str | None = Field(default=None, description="default: kombu sqlalchemy transport under data_dir")
     storage_url: str | None = Field(default=None, description="file:///dir or s3://bucket/prefix")
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="where a sequential job keeps its states between attempts, so a retry resumes "
+        "(default data_dir/scratch; a volume shared by the workers lets a retry on another machine resume)",
+    )
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_access_key: str | None = None
@@ -206,6 +211,11 @@ class Settings(BaseSettings):
     @property
     def work_dir(self) -> Path:
         return self.resolved_data_dir / "work"
+
+    @property
+    def job_scratch_root(self) -> Path:
+        """The folder of the jobs' scratch (kept across a job's attempts, removed when it ends)."""
+        return self.scratch_dir.expanduser().resolve() if self.scratch_dir else self.resolved_data_dir / "scratch"
 
     @property
     def embedded(self) -> bool:

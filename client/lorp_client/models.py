@@ -138,6 +138,9 @@ class ExecutionOut(BaseModel):
     device_name: str | None = Field(default=None, description="the device's own name (a GPU's model)")
     block_loads: int = Field(default=0, description="decoder blocks loaded onto the device (sequential)")
     skipped: list[str] = Field(default_factory=list, description="what a sequential run did not measure, and why")
+    resumed_at_block: int | None = Field(
+        default=None, description="a retried sequential capture went on from the earlier attempt's states here"
+    )
 
 
 class JobSummary(BaseModel):

@@ -317,3 +317,30 @@ def test_the_phases_run_on_their_own_and_make_the_whole_jobs_result(tiny_model_d
     whole = run_prune(spec, tmp_path / "whole").report
     assert result.chosen == whole.chosen and result.plans == whole.plans
     assert json.loads((out / "report.json").read_text())["chosen"] == whole.to_json()["chosen"]
+
+
+def test_a_sequential_job_stopped_mid_capture_resumes_from_its_scratch(tiny_model_dir, corpus_files, tmp_path):
+    from lorp.pipeline import Sources
+
+    spec = make_spec(
+        tiny_model_dir,
+        corpus_files,
+        options=SelectionOptions(execution="sequential"),
+        evaluation=EvaluationSpec(speed=False, prompts=[], curve_budgets=[]),
+    )
+    sources = Sources(scratch=tmp_path / "scratch")
+    halfway = []
+
+    def progress(stage: str, fraction: float) -> None:
+        if stage == "capture" and fraction >= 0.5:
+            halfway.append(fraction)
+
+    with pytest.raises(JobCancelled):
+        run_prune(spec, tmp_path / "first", progress=progress, should_cancel=lambda: bool(halfway), sources=sources)
+    resumed = run_prune(spec, tmp_path / "second", sources=sources).report
+    whole = run_prune(spec, tmp_path / "whole").report
+    assert resumed.execution.resumed_at_block is not None and 3 <= resumed.execution.resumed_at_block < 8
+    assert whole.execution.resumed_at_block is None
+    assert resumed.chosen == whole.chosen and resumed.plans == whole.plans
+    # The resumed run loaded the blocks from where the first stopped, not all 8, for its capture.
+    assert resumed.execution.block_loads == whole.execution.block_loads - resumed.execution.resumed_at_block

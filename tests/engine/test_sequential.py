@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
-from lorp.similarity import capture_similarity
+from lorp.similarity import capture_similarity, capture_store
 from lorp.states import StateCache
 
 from .archs import ARCHS, six_blocks, write_wide_llama
@@ -80,6 +81,56 @@ def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perp
         perplexity(resident, data, batch_size=2), rel=1e-6
     )
     assert sequential.onloader.most_held == 1
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "gpt2"])
+def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tmp_path: Path) -> None:
+    resident, sequential = both(name, tmp_path / "model")
+    data = windows()
+    ref = capture_similarity(resident, data, batch_size=2)
+    store = capture_store(sequential, data, tmp_path / "scratch", key="job")
+    got = capture_similarity(sequential, data, batch_size=2, store=store)
+    torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
+    assert store.done == sequential.num_blocks + 1 and store.resumed_from == 0
+    assert sequential.block_loads == sequential.num_blocks + 1
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(tmp_path: Path) -> None:
+    _, first = both("llama", tmp_path / "model")
+    data = windows()
+    whole = capture_similarity(first, data, batch_size=2)
+
+    _, interrupted = both("llama", tmp_path / "model")
+    dying = capture_store(interrupted, data, tmp_path / "scratch", key="job")
+    write = dying.write
+
+    def write_then_die(index: int, rows: torch.Tensor) -> None:
+        write(index, rows)
+        if index == 4:  # states 0..4 are on disk: blocks 0..3 ran
+            raise _Killed
+
+    dying.write = write_then_die  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        capture_similarity(interrupted, data, batch_size=2, store=dying)
+    _, again = both("llama", tmp_path / "model")
+    store = capture_store(again, data, tmp_path / "scratch", key="job")
+    assert store.resumed_from == 5
+    resumed = capture_similarity(again, data, batch_size=2, store=store)
+    np.testing.assert_allclose(resumed.S, whole.S, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(resumed.D, whole.D, rtol=0, atol=1e-6)
+    # Blocks 4 and 5, plus block 0 once to learn what a block returns: N - k + 1 loads.
+    assert again.block_loads == 3
+
+    # A store of another pass (other windows, or another model: another key) is cleared, not reused.
+    other = capture_store(again, windows(seed=9), tmp_path / "scratch", key="job")
+    assert other.resumed_from == 0 and other.done == 0
+    elsewhere = capture_store(again, data, tmp_path / "scratch", key="another model")
+    assert elsewhere.resumed_from == 0
 
 
 def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path) -> None:

@@ -1,0 +1,110 @@
+"""A sequential pass's states on disk: what lets a long pass hold one block, not all states, and resume.
+
+A sequential capture runs each block over every window before the next one (block-major), so the state
+entering block j is complete, for every token, once block j-1 has run. :class:`StateStore` writes it
+then, as one file per state (the real tokens' rows, ``[tokens, d]`` float32, in window order), and says
+in a small manifest how many states are complete. Two things follow:
+
+- S and D are summed from the files a batch at a time (that batch's rows of every state), so the host
+  holds one batch's states, not every token's N + 1 states;
+- a pass that was interrupted (a killed worker) finds the files of its earlier attempt and resumes at
+  the first block whose input is complete, when the manifest's key (the model, the windows, the dtype)
+  is this pass's; any other store in the folder is cleared.
+
+Files are read with plain reads into memory of their own, never memory-mapped: the pages stay in the
+kernel's page cache, not in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+_MANIFEST = "manifest.json"
+
+
+class StateStore:
+    """States ``0..num_states-1`` of ``num_tokens`` real tokens of width ``width``, one file each.
+
+    Args:
+        directory: the store's folder (created; cleared when it holds another pass's store).
+        key: what makes two passes the same (model, windows, dtype): a store with another key is cleared.
+        num_tokens, width, num_states: the shape every state file has.
+    """
+
+    def __init__(self, directory: Path, key: str, *, num_tokens: int, width: int, num_states: int) -> None:
+        self.directory = Path(directory)
+        self.key = key
+        self.shape = {"tokens": int(num_tokens), "width": int(width), "states": int(num_states)}
+        self.resumed_from = 0
+        found = self._manifest()
+        if found is not None and found.get("key") == key and found.get("shape") == self.shape:
+            self.done = int(found.get("done", 0))
+            self.resumed_from = self.done
+        else:
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            self.done = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._write_manifest()
+
+    def _manifest(self) -> dict | None:
+        try:
+            return dict(json.loads((self.directory / _MANIFEST).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _write_manifest(self) -> None:
+        tmp = self.directory / f".{_MANIFEST}.tmp"
+        tmp.write_text(json.dumps({"key": self.key, "shape": self.shape, "done": self.done}))
+        os.replace(tmp, self.directory / _MANIFEST)
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"state_{index:05d}.f32"
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape["width"] * 4
+
+    def write(self, index: int, rows: torch.Tensor) -> None:
+        """Store state ``index`` (``[tokens, d]``, every real token in window order) and count it done;
+        states are written in order, each after the one before it."""
+        if index != self.done:
+            raise ValueError(f"state {index} written out of order (the store holds {self.done})")
+        expected = (self.shape["tokens"], self.shape["width"])
+        if tuple(rows.shape) != expected:
+            raise ValueError(f"state {index} has shape {tuple(rows.shape)}, the store holds {expected}")
+        data = rows.detach().to("cpu", torch.float32).contiguous()
+        tmp = self._path(index).with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            fh.write(data.numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path(index))
+        self.done = index + 1
+        self._write_manifest()
+
+    def read(self, index: int, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows ``begin..end-1`` of state ``index`` (``[rows, d]`` float32), read into memory of their own."""
+        if index >= self.done:
+            raise ValueError(f"state {index} is not stored (the store holds {self.done})")
+        end = self.shape["tokens"] if end is None else end
+        out = torch.empty((end - begin, self.shape["width"]), dtype=torch.float32)
+        view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
+        with self._path(index).open("rb", buffering=0) as fh:
+            fh.seek(begin * self.row_bytes)
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise OSError(f"state file {self._path(index).name} is cut short")
+                got += n
+        return out
+
+    def remove(self) -> None:
+        """Delete the store (its pass finished, or the job no longer needs it)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
