@@ -30,6 +30,7 @@ from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.execution.choice import WorkingSet
+from lorp.execution.scratch import StateStore
 from lorp.export import save_pruned, verify_reload, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
 from lorp.planner import HEAL_MAX_TOKENS, HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
@@ -51,7 +52,7 @@ from lorp.selection import Selection, analyze_structure, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity, capture_store
 from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
 from lorp.stages import Stage
-from lorp.states import StateSink
+from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache
 from lorp.surgery import stored_dtypes, write_pruned
 
 log = logging.getLogger(__name__)
@@ -583,55 +584,77 @@ def plan(
         )
     fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)  # refuses before the capture
-    sink = StateSink(fit_on.num_windows, spec.calibration.batch_size, model.dtype) if heal == "linear" else None
+    runner = loaded.runner  # sequential: every cache of dense states lives on disk in the scratch
+    batch_size = spec.calibration.batch_size
+    sink = StateSink(fit_on.num_windows, batch_size, model.dtype) if heal == "linear" and runner is None else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
+    key = f"{fingerprint}|batch={batch_size}|{spec.calibration.angular}"
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
     resumed_at: int | None = None
-    if precomputed is not None:
-        stats, stored = precomputed
-        if stats.num_blocks != n_blocks:
-            raise InvalidRequestError(
-                f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}",
-                field="analysis",
-            )
-        provenance = _reused_provenance(stored, loaded, spec.calibration, sources)
-    else:
-        with stages.stage(Stage.capture), _capture_scratch(sources) as scratch:
-            store = None
-            if loaded.runner is not None:  # sequential: states on disk, each as its block finishes
-                key = f"{fingerprint}|batch={spec.calibration.batch_size}|{spec.calibration.angular}"
-                store = capture_store(loaded.runner, data.capture, scratch / "capture", key)
-                resumed_at = store.resumed_from - 1 if store.resumed_from else None
-            stats = capture_similarity(
+    store: StateStore | None = None
+    with _capture_scratch(sources) as scratch:
+        if precomputed is not None:
+            stats, stored = precomputed
+            if stats.num_blocks != n_blocks:
+                raise InvalidRequestError(
+                    f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}",
+                    field="analysis",
+                )
+            provenance = _reused_provenance(stored, loaded, spec.calibration, sources)
+        else:
+            with stages.stage(Stage.capture):
+                if runner is not None:  # each state written as its block finishes; a retry resumes
+                    store = capture_store(runner, data.capture, scratch / "capture", key)
+                    resumed_at = store.resumed_from - 1 if store.resumed_from else None
+                stats = capture_similarity(
+                    prepared.run_on,
+                    data.capture,
+                    batch_size=batch_size,
+                    angular=spec.calibration.angular,
+                    progress=stages.fraction(Stage.capture),
+                    should_cancel=stages.should_cancel,
+                    keep_states=sink,
+                    store=store,
+                )
+            provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
+        provenance = {
+            **provenance,
+            "libraries": library_versions(),
+            "evaluation_text_sha256": assets.texts_sha256(eval_texts),
+        }
+        with stages.stage(Stage.selection):
+            heal_cache: StateCache | None = sink.cache() if sink is not None and sink.windows else None
+            validation_cache: StateCache | None = None
+            if runner is not None:
+                if heal == "linear" and store is not None:  # the heal windows are the capture's first
+                    heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
+                    heal_cache = StoredStateCache(store, heal_batches, batch_size, model.dtype)
+                elif heal == "linear":
+                    heal_cache = stored_cache(
+                        runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
+                    )
+                validation_cache = stored_cache(
+                    runner,
+                    data.validation,
+                    scratch / "validation",
+                    key,
+                    batch_size=batch_size,
+                    should_cancel=stages.should_cancel,
+                )
+            choice = choose_plan(
                 prepared.run_on,
-                data.capture,
-                batch_size=spec.calibration.batch_size,
-                angular=spec.calibration.angular,
-                progress=stages.fraction(Stage.capture),
+                stats.S,
+                stats.D,
+                data,
+                spec,
+                n_blocks,
+                progress=stages.fraction(Stage.selection),
                 should_cancel=stages.should_cancel,
-                keep_states=sink,
-                store=store,
+                heal_cache=heal_cache,
+                validation_cache=validation_cache,
             )
-        provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
-    provenance = {
-        **provenance,
-        "libraries": library_versions(),
-        "evaluation_text_sha256": assets.texts_sha256(eval_texts),
-    }
-    with stages.stage(Stage.selection):
-        choice = choose_plan(
-            prepared.run_on,
-            stats.S,
-            stats.D,
-            data,
-            spec,
-            n_blocks,
-            progress=stages.fraction(Stage.selection),
-            should_cancel=stages.should_cancel,
-            heal_cache=sink.cache() if sink is not None and sink.windows else None,
-        )
-    with stages.stage(Stage.budget_curve):
-        curve = _budget_curve(choice, stats, spec, stages)
+        with stages.stage(Stage.budget_curve):
+            curve = _budget_curve(choice, stats, spec, stages)
     return Planned(
         data=data,
         eval_texts=eval_texts,

@@ -210,6 +210,7 @@ def choose_plan(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     heal_cache: StateCache | None = None,
+    validation_cache: StateCache | None = None,
 ) -> PlanChoice:
     """Score the method's candidates on ``data.validation`` (healed as they will ship) and pick the plan.
 
@@ -224,6 +225,8 @@ def choose_plan(
         should_cancel: checked between batches.
         heal_cache: the dense states of ``heal_windows(data.capture, d)`` when the capture kept them
             (``lorp.states.StateSink``); built here otherwise.
+        validation_cache: the dense states of ``data.validation`` (a sequential job's, on disk); built
+            here otherwise.
     """
     runner = as_runner(model)
     model = runner.model
@@ -239,9 +242,9 @@ def choose_plan(
         if heal_cache is None:
             heal_cache = StateCache(runner, fit_on, batch_size=batch, should_cancel=should_cancel)
         healer = CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel)
-    scorer = PlanScorer(
-        runner, StateCache(runner, data.validation, batch_size=batch), healer=healer, should_cancel=should_cancel
-    )
+    if validation_cache is None:
+        validation_cache = StateCache(runner, data.validation, batch_size=batch)
+    scorer = PlanScorer(runner, validation_cache, healer=healer, should_cancel=should_cancel)
     cache_s = time.perf_counter() - started
     chooser = _Chooser(spec, scorer, S, D, n_blocks, should_cancel, progress)
     target = spec.target

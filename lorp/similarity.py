@@ -15,7 +15,6 @@ resumes from the files of an interrupted attempt, and the host holds one batch's
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.scratch import StateStore
+from lorp.states import store_states, window_store
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -125,15 +125,8 @@ def capture_similarity(
 
 def capture_store(runner: Runner, windows: TokenWindows, directory: Path, key: str) -> StateStore:
     """The :class:`StateStore` a sequential capture of ``windows`` keeps in ``directory`` (see
-    ``capture_similarity``'s ``store``); ``key`` names the model and windows (a calibration fingerprint)."""
-    width = int(runner.model.get_input_embeddings().embedding_dim)
-    tokens = int(windows.attention_mask.bool().sum())
-    digest = hashlib.sha256()
-    for part in (windows.input_ids, windows.attention_mask):
-        digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
-    dtype = runner.onloader.dtype if runner.onloader is not None else ""
-    key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
-    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1)
+    ``capture_similarity``'s ``store``); ``key`` names the model and the job (a calibration fingerprint)."""
+    return window_store(runner, windows, directory, key)
 
 
 def _stored_states(
@@ -144,35 +137,16 @@ def _stored_states(
     progress: Callable[[int, int], None] | None,
     total: int,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """:func:`_real_states` of a sequential runner through ``store``: each block runs on every batch,
-    then the state entering the next block is written; a store holding an earlier attempt's states goes
-    on from the last one. Afterwards each batch's N + 1 states are read back, a batch at a time."""
+    """:func:`_real_states` of a sequential runner through ``store`` (``lorp.states.store_states``), then
+    each batch's N + 1 states read back, a batch at a time."""
+    on_block = None if progress is None else lambda done, blocks: progress(total * done // (blocks + 1), total)
+    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block)
     n_states = runner.num_blocks + 1
-    rows = [int(batch.real.sum()) for batch in batches]
-    offsets = [sum(rows[:i]) for i in range(len(rows))]
-
-    def real_rows(states: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)])
-
-    states = [batch.entering for batch in batches]
-    if store.done == 0:
-        store.write(0, real_rows(states))
-    elif store.done > 1:  # resume: the last complete state, its padded positions zero (nothing reads them)
-        last = store.read(store.done - 1)
-        states = []
-        for batch, begin, count in zip(batches, offsets, rows, strict=True):
-            full = torch.zeros((*batch.ids.shape, last.shape[1]), dtype=batch.entering.dtype)
-            full[batch.real.cpu()] = last[begin : begin + count].to(full.dtype)
-            states.append(full)
-    for j in range(store.done - 1, n_states - 1):
-        if should_cancel is not None and should_cancel():
-            raise JobCancelled("the job was cancelled while capturing similarity")
-        states = runner.run_all(batches, start=j, states=states, stop=j + 1)
-        store.write(j + 1, real_rows(states))
-        if progress is not None:
-            progress(total * (j + 1) // n_states, total)
-    for batch, begin, count in zip(batches, offsets, rows, strict=True):
+    begin = 0
+    for batch in batches:
+        count = int(batch.real.sum())
         yield batch, torch.stack([store.read(j, begin, begin + count) for j in range(n_states)], dim=1)
+        begin += count
 
 
 def _real_states(runner: Runner, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:

@@ -9,13 +9,17 @@ the last); a pass then runs from any block on its cached state (``Runner.run(sta
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorp.calibration import TokenWindows
+from lorp.errors import JobCancelled
 from lorp.execution import Batch, Runner, as_runner
+from lorp.execution.scratch import StateStore
 
 
 class StateCache:
@@ -113,3 +117,111 @@ class StateSink:
 
     def cache(self) -> StateCache:
         return StateCache.from_batches(self.batches, self.states, self.batch_size)
+
+
+def window_store(runner: Runner, windows: TokenWindows, directory: Path, key: str) -> StateStore:
+    """The :class:`StateStore` a sequential pass over ``windows`` keeps in ``directory``; ``key`` names the
+    model and the job (a calibration fingerprint), and the windows' own tokens are added to it."""
+    width = int(runner.model.get_input_embeddings().embedding_dim)
+    tokens = int(windows.attention_mask.bool().sum())
+    digest = hashlib.sha256()
+    for part in (windows.input_ids, windows.attention_mask):
+        digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
+    dtype = runner.onloader.dtype if runner.onloader is not None else ""
+    key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
+    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1)
+
+
+def store_states(
+    runner: Runner,
+    batches: list[Batch],
+    store: StateStore,
+    *,
+    should_cancel: Callable[[], bool] | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run ``batches`` through every block, block-major, writing each state to ``store`` as its block
+    finishes (the real tokens' rows, in window order); a store holding an earlier attempt's states goes
+    on from the last complete one (its padded positions zero: nothing reads them). ``on_block(done,
+    total)`` follows the blocks."""
+    n_states = runner.num_blocks + 1
+    rows = [int(batch.real.sum()) for batch in batches]
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+
+    def real_rows(states: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)])
+
+    states = [batch.entering for batch in batches]
+    if store.done == 0:
+        store.write(0, real_rows(states))
+    elif store.done > 1:
+        last = store.read(store.done - 1)
+        states = []
+        for batch, begin, count in zip(batches, offsets, rows, strict=True):
+            full = torch.zeros((*batch.ids.shape, last.shape[1]), dtype=batch.entering.dtype)
+            full[batch.real.cpu()] = last[begin : begin + count].to(full.dtype)
+            states.append(full)
+    for j in range(store.done - 1, n_states - 1):
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("the job was cancelled while running the model block by block")
+        states = runner.run_all(batches, start=j, states=states, stop=j + 1)
+        store.write(j + 1, real_rows(states))
+        if on_block is not None:
+            on_block(j + 1, n_states - 1)
+
+
+class StoredStateCache(StateCache):
+    """A :class:`StateCache` whose states stay in a complete :class:`StateStore` on disk and are read a
+    batch at a time when asked for: what a sequential job keeps instead of (N + 1) x tokens x d in memory.
+
+    Args:
+        store: the states of ``batches`` (and possibly of windows after them), complete.
+        batches: the batches, in the store's window order, from its first window.
+        batch_size: the batches' size (the last may be smaller).
+        dtype: the dtype a state is handed out in (the model's).
+    """
+
+    def __init__(self, store: StateStore, batches: list[Batch], batch_size: int, dtype: torch.dtype) -> None:
+        if store.done != store.shape["states"]:
+            raise ValueError("the state store is not complete")
+        self.store = store
+        self.batches = batches
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.num_blocks = store.shape["states"] - 1
+        self.states = []
+        ids = torch.cat([b.ids.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
+        mask = torch.cat([b.mask.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
+        self.windows = TokenWindows(input_ids=ids, attention_mask=mask)
+        self._rows = [int(batch.real.sum()) for batch in batches]
+        self._offsets = [sum(self._rows[:i]) for i in range(len(self._rows))]
+
+    def state(self, batch: int, block: int) -> torch.Tensor:
+        b = self.batches[batch]
+        begin = self._offsets[batch]
+        rows = self.store.read(block, begin, begin + self._rows[batch])
+        full = torch.zeros((*b.ids.shape, rows.shape[1]), dtype=self.dtype)
+        full[b.real.cpu()] = rows.to(self.dtype)
+        return full
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # nothing held in memory
+
+
+def stored_cache(
+    runner: Runner,
+    windows: TokenWindows,
+    directory: Path,
+    key: str,
+    *,
+    batch_size: int,
+    should_cancel: Callable[[], bool] | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> StoredStateCache:
+    """:class:`StateCache` of a sequential runner with the states on disk in ``directory`` (resumed
+    when an earlier attempt left them there)."""
+    store = window_store(runner, windows, directory, key)
+    batches = list(runner.batches(windows, batch_size, should_cancel=should_cancel, doing="caching hidden states"))
+    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block)
+    return StoredStateCache(store, batches, batch_size, runner.model.dtype)

@@ -80,15 +80,16 @@ model.save_pretrained(sys.argv[2])
 SCRIPTS = {"imports": _IMPORTS, "streamed": _STREAMED, "resident": _RESIDENT}
 
 
-def generate(path: Path) -> int:
-    """Write the benchmark's model into ``path`` one tensor at a time; its tensor bytes."""
+def generate(path: Path, shape: dict | None = None) -> int:
+    """Write the benchmark's model (``shape``, default ``SHAPE``) into ``path`` one tensor at a time;
+    its tensor bytes."""
     import torch
     from transformers import LlamaConfig
 
     from lorp.shards import Planned, plan_shards, shard_names, write_file, write_index
     from lorp.surgery import meta_skeleton
 
-    config = LlamaConfig(**SHAPE, dtype="bfloat16")
+    config = LlamaConfig(**(shape or SHAPE), dtype="bfloat16")
     skeleton = meta_skeleton(config)
     planned = [Planned(name, "BF16", tuple(p.shape)) for name, p in sorted(skeleton.state_dict().items())]
     generator = torch.Generator().manual_seed(0)

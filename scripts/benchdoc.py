@@ -15,6 +15,7 @@ PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # 
 TASKS_HEADING = "## Downstream: the built-in task, dense and pruned"  # scripts/bench_tasks.py
 CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cost"  # scripts/bench_curve.py
 CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"  # scripts/bench_checkpoint.py
+EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
 OWNED_ELSEWHERE = (
     WORKER_HEADING,
     API_HEADING,
@@ -23,6 +24,7 @@ OWNED_ELSEWHERE = (
     TASKS_HEADING,
     CURVE_HEADING,
     CHECKPOINT_HEADING,
+    EXECUTION_HEADING,
 )
 
 

@@ -344,3 +344,20 @@ def test_a_sequential_job_stopped_mid_capture_resumes_from_its_scratch(tiny_mode
     assert resumed.chosen == whole.chosen and resumed.plans == whole.plans
     # The resumed run loaded the blocks from where the first stopped, not all 8, for its capture.
     assert resumed.execution.block_loads == whole.execution.block_loads - resumed.execution.resumed_at_block
+
+
+def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_model_dir, corpus_files, tmp_path):
+    from lorp.pipeline import Sources, plan, validate
+    from lorp.states import StoredStateCache
+
+    spec = make_spec(tiny_model_dir, corpus_files, options=SelectionOptions(execution="sequential", heal="linear"))
+    sources = Sources(scratch=tmp_path / "scratch")
+    planned = plan(validate(spec, sources), spec, sources)
+    scorer = planned.choice.scorer
+    assert scorer is not None and scorer.healer is not None
+    # The validation windows' states and the heal windows' (the capture's first windows) are read from
+    # the scratch's files a batch at a time; nothing holds (N + 1) x tokens x d in memory.
+    assert isinstance(scorer.cache, StoredStateCache) and isinstance(scorer.healer.cache, StoredStateCache)
+    assert scorer.cache.nbytes == 0 and scorer.healer.cache.store is not scorer.cache.store
+    assert {p.name for p in (tmp_path / "scratch").iterdir()} == {"capture", "validation"}
+    assert len(list((tmp_path / "scratch" / "validation").glob("state_*.f32"))) == 9
