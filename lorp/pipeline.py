@@ -50,7 +50,7 @@ from lorp.result import (
 from lorp.scoring import Fit, apply_fits
 from lorp.selection import Selection, analyze_structure, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity, capture_store
-from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec
+from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
 from lorp.stages import Stage
 from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache
 from lorp.surgery import stored_dtypes, write_pruned
@@ -547,6 +547,9 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     """Load the model (whole, or its skeleton and a sequential runner: ``options.execution``) and check
     the job against it: the budget, the options, the curve's budgets and the tasks, before any pass."""
     stages = stages or _Stages(None, None)
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    if refusal is not None:
+        raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
         loaded = _load(spec.model, sources, spec.options.execution, _working_set(spec.calibration))
     n_blocks = len(decoder_blocks(loaded.model))

@@ -231,6 +231,20 @@ class EvaluationSpec(DownstreamFields):
     speed_batch: int = Field(default=1, ge=1, le=256)
 
 
+def execution_refusal(execution: str, tasks: int) -> tuple[str, str] | None:
+    """(message, field) when a request's ``options.execution`` cannot give what it asks, else None:
+    lm-eval tasks need the model whole on the device, which ``sequential`` never loads. (Speed and
+    completions, asked by default, are skipped instead, and the report says so.)"""
+    if execution == "sequential" and tasks:
+        return (
+            "evaluation.tasks need the model whole on the device, and options.execution 'sequential' never "
+            "loads it whole; drop the tasks, or use 'auto' (which skips them only where the model does not fit) "
+            "or 'resident'",
+            "evaluation.tasks",
+        )
+    return None
+
+
 class PruneSpec(StrictModel):
     """A whole pruning job."""
 

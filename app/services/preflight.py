@@ -23,6 +23,7 @@ from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
 from lorp.foldable import fold_refusal
 from lorp.selection import protected_set
+from lorp.spec import execution_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,20 @@ def check_heal(spec: JobCreate, kind: str, settings: Settings) -> None:
         raise Unprocessable(
             f"options.heal 'linear' cannot be applied to model {spec.model.id!r}: {why}; use 'none'",
             field="options.heal",
+        )
+
+
+def check_execution(spec: JobCreate) -> None:
+    """Refuse what ``options.execution`` cannot give: lm-eval tasks in a sequential run, and a sequential
+    run of a GGUF file (its weights are not safetensors a block can be read from)."""
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    if refusal is not None:
+        raise Unprocessable(refusal[0], field=refusal[1])
+    if spec.options.execution == "sequential" and spec.model.id.lower().endswith(".gguf"):
+        raise Unprocessable(
+            "options.execution 'sequential' reads safetensors weights a block at a time, and a GGUF model has "
+            "none: use 'auto' or 'resident'",
+            field="options.execution",
         )
 
 

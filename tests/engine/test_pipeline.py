@@ -361,3 +361,17 @@ def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_mod
     assert scorer.cache.nbytes == 0 and scorer.healer.cache.store is not scorer.cache.store
     assert {p.name for p in (tmp_path / "scratch").iterdir()} == {"capture", "validation"}
     assert len(list((tmp_path / "scratch" / "validation").glob("state_*.f32"))) == 9
+
+
+def test_a_sequential_job_asking_for_lm_eval_tasks_is_refused_before_loading(tiny_model_dir, corpus_files, tmp_path):
+    from lorp.spec import TaskSpec
+
+    spec = make_spec(
+        tiny_model_dir,
+        corpus_files,
+        options=SelectionOptions(execution="sequential"),
+        evaluation=EvaluationSpec(tasks=[TaskSpec(name="lorp_cloze", limit=2)]),
+    )
+    with pytest.raises(InvalidRequestError) as err:
+        run_prune(spec, tmp_path / "out")
+    assert err.value.field == "evaluation.tasks" and "'sequential'" in err.value.message

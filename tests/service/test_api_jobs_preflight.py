@@ -180,3 +180,30 @@ def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot
     for options in ({"heal": "none"}, {}):  # unset: the worker heals where it can, here not at all
         response = submit(api_settings, rollback_sessionmaker, str(directory), options=options)
         assert response.status_code == 202, response.text
+
+
+def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(api_settings, rollback_sessionmaker):
+    root = api_settings.model_roots[0]
+    directory = root / "plain-llama"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6}))
+    before = count_jobs(rollback_sessionmaker)
+    sequential = {"execution": "sequential"}
+    tasks = {"tasks": [{"name": "lorp_cloze", "limit": 4}]}
+    problem = assert_problem(
+        submit(api_settings, rollback_sessionmaker, str(directory), options=sequential, evaluation=tasks),
+        422,
+        "evaluation.tasks",
+    )
+    assert "options.execution 'sequential'" in problem["detail"]
+    gguf = str(root / "model.gguf")
+    assert_problem(submit(api_settings, rollback_sessionmaker, gguf, options=sequential), 422, "options.execution")
+    assert_problem(
+        submit(api_settings, rollback_sessionmaker, str(directory), options={"execution": "lazy"}),
+        422,
+        "options.execution",
+    )
+    assert count_jobs(rollback_sessionmaker) == before
+    # Sequential without tasks is accepted (speed and completions are skipped, and the summary says so).
+    response = submit(api_settings, rollback_sessionmaker, str(directory), options=sequential)
+    assert response.status_code == 202, response.text

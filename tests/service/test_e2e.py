@@ -198,6 +198,11 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.tasks", "evaluation.prompts"]
     assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
     assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []
+    # Its states waited in the job's scratch (a folder per job, kept across attempts); it is gone once
+    # the job succeeded.
+    scratch = tmp_path / "data" / "scratch"
+    assert scratch.is_dir() and not (scratch / rerun["id"]).exists()
+    assert execution["resumed_at_block"] is None
 
     # The worker said what it runs on when it registered: /readyz and /metrics show it.
     devices = client.get("/readyz").json()["checks"]["workers"]["devices"]
