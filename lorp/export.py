@@ -297,7 +297,8 @@ def verify_reload_sequential(
 
     Args:
         out_dir: the written pruned model.
-        runner: the dense model's sequential ``lorp.execution.Runner``.
+        runner: the dense model's sequential ``lorp.execution.Runner``; spent afterwards (its weights
+            outside the blocks are freed before the written model's are loaded, so that one copy is held).
         probe_input_ids: ``[batch, seq]`` token ids without padding.
         removed, fits: the blocks removed and the heal maps folded (the pruned view that was written).
 
@@ -316,6 +317,8 @@ def verify_reload_sequential(
     with runner.pruned(removed, fits) as view:
         expected = view.forward_logits(batch).float()
     num_layers = runner.num_blocks - len(set(removed))
+    # The job is done with the dense runner: its embeddings and head make room for the written model's.
+    runner.onloader.unload_outside()
     try:
         config = AutoConfig.from_pretrained(out_dir)
         reloaded = Runner.sequential(Path(out_dir), config, device=runner.device, dtype=dtype)

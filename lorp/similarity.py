@@ -145,7 +145,11 @@ def _stored_states(
     begin = 0
     for batch in batches:
         count = int(batch.real.sum())
-        yield batch, torch.stack([store.read(j, begin, begin + count) for j in range(n_states)], dim=1)
+        x = torch.empty((count, n_states, store.shape["width"]), dtype=torch.float32)
+        for j in range(n_states):
+            x[:, j] = store.read(j, begin, begin + count)
+        yield batch, x
+        del x
         begin += count
 
 

