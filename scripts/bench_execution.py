@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     base = statistics.median(fixed)
+    outside = 2 * MODEL_SHAPE["vocab_size"] * MODEL_SHAPE["hidden_size"] * 4  # embeddings + untied head, float32
     med = {
         mode: {
             "peak": statistics.median(r["peak"] for r in rs),
@@ -193,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{med['sequential']['peak'] / size:.3f} of the checkpoint (target <= 0.3), of which the imports are "
         f"{base / size:.3f}; resident at {med['resident']['peak'] / size:.2f}. Sequential took "
         f"{med['sequential']['wall'] / med['resident']['wall']:.2f}x resident's wall time (target <= 1.3).",
+        "",
+        f"Where sequential's memory goes: the embeddings and head, held for the whole job in float32, are "
+        f"{outside / size:.3f} of the checkpoint (half that in bfloat16, a GPU's dtype, where they sit in the "
+        f"device's memory, not the host's); the rest, {(med['sequential']['peak'] - base - outside) / size:.3f}, "
+        "is the working set: one block in float32, one batch's N + 1 states while S and D are summed, a batch's "
+        "logits. Resident holds the float32 model and, during the reload check, a second copy of the pruned one.",
         "",
         "Projected, not measured: what a sequential job with the issue's calibration (32 x 256 tokens, 16 "
         "validation windows, batches of 4) holds on Llama-3.1-8B and 70B in bfloat16, from their shapes. The "
