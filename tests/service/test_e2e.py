@@ -186,7 +186,9 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     # The same job run one block at a time (options.execution: sequential) by the same worker: the same
     # statistics and plan; the summary names the mode and the device, and what it did not measure.
     body["options"] = {**body["options"], "execution": "sequential"}
-    body["evaluation"] = {**body["evaluation"], "curve_budgets": []}
+    refused = client.post("/v1/jobs", json=body)  # lm-eval tasks need the model whole
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "evaluation.tasks", refused.text
+    body["evaluation"] = {**body["evaluation"], "tasks": [], "curve_budgets": []}
     again = client.post("/v1/jobs", json=body)
     assert again.status_code == 202, again.text
     rerun, _ = finished(client, again.json()["id"], processes)
@@ -195,7 +197,7 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     execution = rerun["summary"]["execution"]
     assert (execution["mode"], execution["requested"], execution["device"]) == ("sequential", "sequential", "cpu")
     assert execution["device_name"] and execution["block_loads"] > N_LAYERS
-    assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.tasks", "evaluation.prompts"]
+    assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.prompts"]
     assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
     assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []
     # Its states waited in the job's scratch (a folder per job, kept across attempts); it is gone once
