@@ -285,6 +285,70 @@ def _compare(
     return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": expected}
 
 
+def verify_reload_blockwise(out_dir: str | Path, model: Any, probe_input_ids: torch.Tensor) -> dict:
+    """The reload check of a resident job whose device cannot hold a second copy of the pruned model:
+    the written folder, run block by block through the execution layer (one block held), gives the
+    in-memory pruned model's logits. Greedy generation with the KV cache is not checked this way
+    (``generated_tokens`` is empty and ``mode`` says ``block by block``)."""
+    if not isinstance(probe_input_ids, torch.Tensor) or probe_input_ids.dim() != 2 or probe_input_ids.numel() == 0:
+        raise InvalidRequestError("probe_input_ids must be a non-empty [batch, seq] tensor", field="probe_input_ids")
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    ids = probe_input_ids.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    result = _compare_blockwise(out_dir, expected, len(decoder_blocks(model)), ids, device, dtype)
+    return {**result, "mode": "block by block"}
+
+
+def _compare_blockwise(
+    out_dir: str | Path,
+    expected: torch.Tensor,
+    num_layers: int,
+    ids: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict:
+    """Run the written folder block by block on ``ids`` and compare its logits with ``expected``."""
+    from transformers import AutoConfig
+
+    from lorp.execution import Runner
+
+    try:
+        config = AutoConfig.from_pretrained(out_dir)
+        reloaded = Runner.sequential(Path(out_dir), config, device=device, dtype=dtype)
+    except Exception as exc:
+        raise ReloadCheckError(f"the saved model at {out_dir} does not reload: {exc}") from exc
+    problems = []
+    missing = reloaded.onloader.missing() if reloaded.onloader is not None else []
+    if missing:
+        problems.append(f"weights missing from the written files: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if reloaded.num_blocks != num_layers:
+        problems.append(
+            f"block count mismatch: the pruned model has {num_layers} blocks, "
+            f"the written config builds {reloaded.num_blocks}"
+        )
+    max_diff = float("inf")
+    if not problems:
+        ids = ids.to(reloaded.device)
+        got = reloaded.forward_logits(reloaded.batch(ids, torch.ones_like(ids))).float()
+        max_diff = float((got - expected.to(got.device)).abs().max().item())
+        tol = _default_tolerance(dtype, expected)
+        if not max_diff <= tol:
+            problems.append(f"logits differ: max abs diff {max_diff:.3g} > tolerance {tol:.3g} ({dtype})")
+    if problems:
+        raise ReloadCheckError(
+            f"the saved model does not reload to the pruned computation (max abs logit diff {max_diff:.3g}): "
+            + "; ".join(problems)
+        )
+    return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": []}
+
+
 def verify_reload_sequential(
     out_dir: str | Path,
     runner: Any,
@@ -307,10 +371,6 @@ def verify_reload_sequential(
     generation with the KV cache needs the model whole and is not checked here (``generated_tokens``
     is empty and ``mode`` says ``sequential``).
     """
-    from transformers import AutoConfig
-
-    from lorp.execution import Runner
-
     dtype = runner.onloader.dtype
     ids = probe_input_ids.to(runner.device)
     batch = runner.batch(ids, torch.ones_like(ids))
@@ -319,30 +379,5 @@ def verify_reload_sequential(
     num_layers = runner.num_blocks - len(set(removed))
     # The job is done with the dense runner: its embeddings and head make room for the written model's.
     runner.onloader.unload_outside()
-    try:
-        config = AutoConfig.from_pretrained(out_dir)
-        reloaded = Runner.sequential(Path(out_dir), config, device=runner.device, dtype=dtype)
-    except Exception as exc:
-        raise ReloadCheckError(f"the saved model at {out_dir} does not reload: {exc}") from exc
-    problems = []
-    missing = reloaded.onloader.missing() if reloaded.onloader is not None else []
-    if missing:
-        problems.append(f"weights missing from the written files: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    if reloaded.num_blocks != num_layers:
-        problems.append(
-            f"block count mismatch: the pruned model has {num_layers} blocks, "
-            f"the written config builds {reloaded.num_blocks}"
-        )
-    max_diff = float("inf")
-    if not problems:
-        got = reloaded.forward_logits(reloaded.batch(ids, torch.ones_like(ids))).float()
-        max_diff = float((got - expected).abs().max().item())
-        tol = _default_tolerance(dtype, expected)
-        if not max_diff <= tol:
-            problems.append(f"logits differ: max abs diff {max_diff:.3g} > tolerance {tol:.3g} ({dtype})")
-    if problems:
-        raise ReloadCheckError(
-            f"the saved model does not reload to the pruned computation (max abs logit diff {max_diff:.3g}): "
-            + "; ".join(problems)
-        )
-    return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": [], "mode": "sequential"}
+    result = _compare_blockwise(out_dir, expected, num_layers, ids, runner.device, dtype)
+    return {**result, "mode": "sequential"}

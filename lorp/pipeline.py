@@ -29,9 +29,9 @@ from lorp.curve import budget_curve, check_budgets, default_budgets
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
-from lorp.execution.choice import WorkingSet
+from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.scratch import StateStore
-from lorp.export import save_pruned, verify_reload, verify_reload_sequential
+from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
 from lorp.planner import HEAL_MAX_TOKENS, HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
 from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
@@ -439,6 +439,14 @@ def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Se
         loaded.tokenizer.save_pretrained(model_dir)
 
 
+def _second_copy_fits(loaded: LoadedModel) -> bool:
+    """Whether the device's memory budget holds a second copy of the (pruned, resident) model beside
+    it, as ``verify_reload``'s ``from_pretrained`` needs."""
+    held = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    budget, _ = memory_budget(loaded.device)
+    return 2 * held <= budget
+
+
 @contextmanager
 def _capture_scratch(sources: Sources) -> Iterator[Path]:
     """The folder a sequential capture keeps its states in: the caller's (kept, so that a retry
@@ -711,8 +719,10 @@ def execute(
         probe = validation.input_ids[:2, : min(32, validation.input_ids.shape[1])]
         if loaded.runner is not None:
             reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, choice.fits)
-        else:
+        elif _second_copy_fits(loaded):
             reload_check = verify_reload(model_dir, loaded.model, probe)
+        else:  # the written model, run block by block: one block beside the pruned model, not a second copy
+            reload_check = verify_reload_blockwise(model_dir, loaded.model, probe)
     return Executed(dense, pruned, dense_text, pruned_text, model_dir, reload_check)
 
 

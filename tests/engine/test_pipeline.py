@@ -287,9 +287,17 @@ def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budg
     assert (small.mode, small.requested, small.budget_bytes) == ("sequential", "auto", 100_000)
     assert "exceed the budget" in small.reason and "LORP_DEVICE_MEMORY_GB=0.0001" in small.reason
     assert small.skipped == []  # nothing asked that needs the model whole
+    # Resident asked for under that budget: the reload check cannot load a second copy beside the
+    # model, so it runs the written folder block by block against the in-memory pruned model.
+    resident = run_prune(
+        spec.model_copy(update={"options": SelectionOptions(execution="resident")}), tmp_path / "resident"
+    ).report
+    assert resident.execution.mode == "resident" and resident.reload_check["mode"] == "block by block"
+    assert resident.reload_check["max_abs_logit_diff"] <= 1e-4 and resident.reload_check["num_layers"] == 6
     monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "4")
     large = run_prune(spec, tmp_path / "large").report.execution
     assert (large.mode, large.requested) == ("resident", "auto") and "fit the budget" in large.reason
+    assert "mode" not in run_prune(spec, tmp_path / "checked").report.reload_check  # from_pretrained, KV cache
     assert large.weights_bytes == small.weights_bytes > 0
 
     monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "lots")
