@@ -139,6 +139,11 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def _check_probe(probe_input_ids: Any) -> None:
+    if not isinstance(probe_input_ids, torch.Tensor) or probe_input_ids.dim() != 2 or probe_input_ids.numel() == 0:
+        raise InvalidRequestError("probe_input_ids must be a non-empty [batch, seq] tensor", field="probe_input_ids")
+
+
 def verify_reload(
     out_dir: str | Path,
     model: Any,
@@ -175,8 +180,7 @@ def verify_reload(
     """
     from transformers import AutoModelForCausalLM
 
-    if not isinstance(probe_input_ids, torch.Tensor) or probe_input_ids.dim() != 2 or probe_input_ids.numel() == 0:
-        raise InvalidRequestError("probe_input_ids must be a non-empty [batch, seq] tensor", field="probe_input_ids")
+    _check_probe(probe_input_ids)
     if generate_tokens < 1:
         raise InvalidRequestError("generate_tokens must be at least 1", field="generate_tokens")
 
@@ -290,8 +294,7 @@ def verify_reload_blockwise(out_dir: str | Path, model: Any, probe_input_ids: to
     the written folder, run block by block through the execution layer (one block held), gives the
     in-memory pruned model's logits. Greedy generation with the KV cache is not checked this way
     (``generated_tokens`` is empty and ``mode`` says ``block by block``)."""
-    if not isinstance(probe_input_ids, torch.Tensor) or probe_input_ids.dim() != 2 or probe_input_ids.numel() == 0:
-        raise InvalidRequestError("probe_input_ids must be a non-empty [batch, seq] tensor", field="probe_input_ids")
+    _check_probe(probe_input_ids)
     device = _model_device(model)
     dtype = next(model.parameters()).dtype
     ids = probe_input_ids.to(device)

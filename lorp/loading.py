@@ -327,9 +327,11 @@ def load_model(
         load: dict[str, Any] = dict(
             name=name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, note=note
         )
-        choice = _choose(location, kwargs, execution, working or WorkingSet(0, 0), streamable, **load)
+        choice, config = _choose(
+            location, kwargs, execution, working or WorkingSet(0, 0), streamable, name, dtype, device, trust_remote_code
+        )
         if choice.mode == "sequential":
-            loaded = _open_located(location, provenance, kwargs, **load)
+            loaded = _open_located(location, provenance, kwargs, config=config, **load)
         else:
             loaded = _load_located(location, provenance, kwargs, **load)
         if streamable:
@@ -352,31 +354,31 @@ def _choose(
     requested: str,
     working: WorkingSet,
     streamable: bool,
-    *,
     name: str,
     dtype: str,
     device: str,
     trust_remote_code: bool,
-    note: Callable[[str], None],
-) -> ExecutionChoice:
-    """How this model runs: resident or sequential, from the request, its size and the device's budget."""
+) -> tuple[ExecutionChoice, Any]:
+    """How this model runs: resident or sequential, from the request, its size and the device's budget;
+    with the config when it was read for that (None otherwise)."""
     dev, _ = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if requested == "resident" or not streamable:
-        return choose_execution(requested, device=dev, weights_bytes=0, working=0, streamable=streamable)
+        return choose_execution(requested, device=dev, weights_bytes=0, working=0, streamable=streamable), None
     try:
         config = _config(location, extra, trust_remote_code)
     except Exception as exc:
         raise _load_failure(name, exc, None, {str(location): name}) from exc
     weights = Checkpoint(location).nbytes_as(torch_dtype)
     blocks = blocks_in_config(config.to_dict()) or 0
-    return choose_execution(
+    choice = choose_execution(
         requested,
         device=dev,
         weights_bytes=weights,
         working=working_bytes(config, torch_dtype, blocks, working),
         streamable=streamable,
     )
+    return choice, config
 
 
 def _open_located(
@@ -384,6 +386,7 @@ def _open_located(
     provenance: dict[str, Any],
     extra: dict[str, Any],
     *,
+    config: Any,
     name: str,
     dtype: str,
     device: str,
@@ -391,18 +394,14 @@ def _open_located(
     note: Callable[[str], None],
 ) -> LoadedModel:
     """The model for sequential execution: its skeleton, tokenizer, and a runner that loads its blocks
-    from the safetensors files one at a time (the embeddings, final norm and head are loaded now)."""
-    from transformers import AutoTokenizer
-
+    from the safetensors files one at a time (the embeddings, final norm and head are loaded now).
+    ``config``: the model's config when ``_choose`` read it already (None: read here)."""
     dev, _ = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     note(f"opening {name} to run block by block")
     try:
-        config = _config(location, extra, trust_remote_code)
-        keys = ("trust_remote_code", "local_files_only")
-        tokenizer = AutoTokenizer.from_pretrained(
-            location, **{k: v for k, v in {**extra, "trust_remote_code": trust_remote_code}.items() if k in keys}
-        )
+        config = config if config is not None else _config(location, extra, trust_remote_code)
+        tokenizer = _tokenizer(location, {**extra, "trust_remote_code": trust_remote_code})
         runner = Runner.sequential(location, config, device=dev, dtype=torch_dtype)
     except ModelLoadError:
         raise
@@ -411,25 +410,44 @@ def _open_located(
             raise
         raise _load_failure(name, exc, None, {str(location): name}) from exc
     assert runner.onloader is not None
-    missing = runner.onloader.missing()
+    _refuse_missing(name, runner.onloader.missing())
+    _finish(tokenizer, provenance, config, dev, torch_dtype)
+    log.info("opened %s (%s) to run block by block on %s as %s", name, config.model_type, dev, torch_dtype)
+    return LoadedModel(
+        model=runner.model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, provenance=provenance, runner=runner
+    )
+
+
+def _tokenizer(location: Path, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    keys = ("gguf_file", "trust_remote_code", "local_files_only")
+    return AutoTokenizer.from_pretrained(location, **{k: kwargs[k] for k in keys if k in kwargs})
+
+
+def _refuse_missing(name: str, missing: Sequence[str]) -> None:
+    """A checkpoint that leaves weights out would run them random: refused."""
     if missing:
         raise ModelLoadError(
-            f"{name}: {len(missing)} weights are missing from the checkpoint (first: {missing[:3]}); "
+            f"{name}: {len(missing)} weights are missing from the checkpoint (first: {sorted(missing)[:3]}); "
             "the model would run with random weights",
             field="model.id",
         )
-    model = runner.model
+
+
+def _finish(tokenizer: Any, provenance: dict[str, Any], config: Any, dev: torch.device, dtype: torch.dtype) -> None:
+    """What both ways of loading end with: a pad token where the tokenizer has none, and the provenance's
+    model facts."""
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    commit = getattr(config, "_commit_hash", None)
+    if commit and "commit" not in provenance:
+        provenance["commit"] = commit
     provenance.update(
         model_type=config.model_type,
         architectures=list(getattr(config, "architectures", None) or []),
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         device=str(dev),
-    )
-    log.info("opened %s (%s) to run block by block on %s as %s", name, config.model_type, dev, torch_dtype)
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, provenance=provenance, runner=runner
     )
 
 
@@ -502,7 +520,7 @@ def _load_located(
     trust_remote_code: bool,
     note: Callable[[str], None],
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -514,8 +532,7 @@ def _load_located(
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
         model, info = loaded
-        tok_keys = ("gguf_file", "trust_remote_code", "local_files_only")
-        tokenizer = AutoTokenizer.from_pretrained(location, **{k: kwargs[k] for k in tok_keys if k in kwargs})
+        tokenizer = _tokenizer(location, kwargs)
     except Exception as exc:
         # Any failure to read the checkpoint is the model's fault, reported as such (a corrupt file
         # raises SafetensorError, struct.error ... which are none of the usual types); running out of
@@ -524,29 +541,13 @@ def _load_located(
             raise
         raise _load_failure(name, exc, gguf_file, {str(location): name}) from exc
 
-    missing = [k for k in (info.get("missing_keys") or []) if k]
-    if missing:
-        raise ModelLoadError(
-            f"{name}: {len(missing)} weights are missing from the checkpoint (first: {sorted(missing)[:3]}); "
-            "the model would run with random weights",
-            field="model.id",
-        )
+    _refuse_missing(name, [k for k in (info.get("missing_keys") or []) if k])
     drop_leftover_quantization(model)
     if gguf_file is not None and model.dtype != torch_dtype:
         model = model.to(torch_dtype)
     if device_map is None:
         model = model.to(dev)
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit and "commit" not in provenance:
-        provenance["commit"] = commit
-    provenance.update(
-        model_type=model.config.model_type,
-        architectures=list(getattr(model.config, "architectures", None) or []),
-        dtype=str(torch_dtype).removeprefix("torch."),
-        device=str(dev),
-    )
+    _finish(tokenizer, provenance, model.config, dev, torch_dtype)
     log.info("loaded %s (%s) on %s as %s", name, model.config.model_type, dev, torch_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, provenance=provenance)

@@ -121,9 +121,13 @@ def measure(script: str, model: Path, out: Path) -> tuple[float, float]:
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))  # type: ignore[union-attr]
     shutil.rmtree(out, ignore_errors=True)
-    return peak_kb * 1024, wall
+    return peak_of(done.stderr), wall
+
+
+def peak_of(stderr: str) -> int:
+    """The peak resident memory (bytes) ``/usr/bin/time -v`` reported."""
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:

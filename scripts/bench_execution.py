@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_checkpoint import SHAPE, generate
+from bench_checkpoint import SHAPE, generate, peak_of
 from benchdoc import EXECUTION_HEADING as HEADING
 from benchdoc import replace_section
 
@@ -52,10 +51,6 @@ def prepare(path: Path) -> None:
     for file in demo.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
             shutil.copyfile(file, path / file.name)
-
-
-def peak_of(stderr: str) -> int:
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def run_job(model: Path, mode: str, out: Path, args: argparse.Namespace) -> dict:

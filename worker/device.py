@@ -12,7 +12,9 @@ import shutil
 import subprocess
 from typing import Any
 
-from lorp.execution.choice import DEVICE_MEMORY_ENV
+import torch
+
+from lorp.execution.choice import DEVICE_MEMORY_ENV, device_name
 
 
 def _gpus() -> list[tuple[str, int]]:
@@ -38,17 +40,6 @@ def _gpus() -> list[tuple[str, int]]:
     return found
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
 def _host_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
@@ -67,7 +58,7 @@ def describe_device() -> dict[str, Any]:
         return {"kind": "cuda", "name": name, "count": len(gpus), "memory_bytes": memory, "budget_bytes": budget}
     return {
         "kind": "cpu",
-        "name": _cpu_name(),
+        "name": device_name(torch.device("cpu")),
         "count": os.cpu_count() or 1,
         "memory_bytes": _host_memory(),
         "budget_bytes": budget,

@@ -175,11 +175,14 @@ class Onloader:
                 if tensor.dtype != stored:
                     tensor.copy_(tensor.to(stored).to(tensor.dtype))
 
+    def _outside(self, name: str) -> bool:
+        """Whether the model's tensor ``name`` lies outside the decoder blocks."""
+        return re.match(rf"{re.escape(self.path)}\.\d+\.", name) is None
+
     def load_outside(self) -> None:
         """Load every weight outside the decoder blocks (embeddings, final norm, head) for good."""
-        block_names = re.compile(rf"^{re.escape(self.path)}\.\d+\.")
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if tensor.device.type == "meta" and not block_names.match(name):
+            if tensor.device.type == "meta" and self._outside(name):
                 value = self.checkpoint.read(self._stored(name), device=self.device)
                 _set(self.model, name, value.to(self.dtype) if value.is_floating_point() else value)
         tie = getattr(self.model, "tie_weights", None)
@@ -209,8 +212,7 @@ class Onloader:
     def unload_outside(self) -> None:
         """Free the weights outside the blocks (their parameters back on the meta device): the runner
         can run no pass afterwards. For a check that opens another model once this one is done with."""
-        block_names = re.compile(rf"^{re.escape(self.path)}\.\d+\.")
         for name, param in list(self.model.named_parameters()):
-            if param.device.type != "meta" and not block_names.match(name):
+            if param.device.type != "meta" and self._outside(name):
                 _set(self.model, name, torch.empty_like(param, device="meta"))
         trim_heap()

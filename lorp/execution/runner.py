@@ -250,20 +250,10 @@ class Runner:
         if fit is None:
             yield
             return
-        projection, kind = output_projection(self.model, block)
-        weight = projection.weight.detach().clone()
-        bias = getattr(projection, "bias", None)
-        kept_bias = None if bias is None else bias.detach().clone()
-        fold(projection, kind, fit.T)
-        if self.onloader is not None:
-            self.onloader.round_to_stored(index, projection)
-        try:
+        with folded(self.model, [fit]):
+            if self.onloader is not None:
+                self.onloader.round_to_stored(index, output_projection(self.model, block)[0])
             yield
-        finally:
-            with torch.no_grad():
-                projection.weight.copy_(weight)
-                if bias is not None and kept_bias is not None:
-                    bias.copy_(kept_bias)
 
     def run_plans(
         self,
