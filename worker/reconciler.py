@@ -1,18 +1,20 @@
 """The reconciler: no job stays queued without a message, and none stays running without a worker.
 
 The broker only carries "run job X", so a message can be lost (a broker restart, an enqueue that
-failed after the commit). Each pass re-enqueues queued jobs that were never enqueued or were
-enqueued longer than ``queued_timeout_s`` ago (a duplicate message is harmless: the claim refuses
-it), and takes back running jobs whose heartbeat is older than ``heartbeat_timeout_s`` (the worker
-died) or whose progress has not moved for ``stall_timeout_s`` (the worker lives but the job hangs):
-requeued while attempts remain, else failed with ``worker_lost`` or ``stalled``. A worker that died
-without a warm stop (its liveness beats went silent, or its restart found its process gone) may
-have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
-before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
-locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
-Each pass also expires jobs past ``artifact_ttl_days`` and purges deleted jobs once they stopped
-(``app.services.deletion``). Webhooks go out from a dispatcher of their own (``worker.webhooks``), so
-a slow receiver never delays a pass.
+failed after the commit). Each pass re-enqueues queued jobs that were never enqueued, or whose
+message is older than ``queued_timeout_s`` and presumed lost: its queue sat idle with a free slot,
+or a message sent after it was taken first (:func:`presumed_lost_before`; a message waiting behind a
+backlog is left alone, and a duplicate is refused by the claim), and takes back running jobs whose
+heartbeat is older than ``heartbeat_timeout_s`` (the worker died) or whose progress has not moved
+for ``stall_timeout_s`` (the worker lives but the job hangs): requeued while attempts remain, else
+failed with ``worker_lost`` or ``stalled``. A worker that died without a warm stop (its liveness
+beats went silent, or its restart found its process gone) may have held a queued job's message,
+prefetched: the queued jobs on its queue whose message went out before it counted as dead are sent
+again at once, rather than after ``queued_timeout_s``. Rows are locked with SKIP LOCKED and every
+change is a conditional update, so passes may run concurrently. Each pass also expires jobs past
+``artifact_ttl_days`` and purges deleted jobs once they stopped (``app.services.deletion``).
+Webhooks go out from a dispatcher of their own (``worker.webhooks``), so a slow receiver never
+delays a pass.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 BATCH = 100
 # A job the API committed a moment ago may not be enqueued yet; leave it this long first.
 ENQUEUE_GRACE_S = 10.0
+# A queue whose free slot took nothing for this long is idle (a slot freed is taken again within
+# seconds: the gap is the next message's delivery and a fork, worker/pool.py).
+QUIET_S = 30.0
 
 
 def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | None, heartbeat_at: object) -> str:
@@ -171,12 +176,11 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                 log.warning("job %s: sent again, a worker on queue %s died (last beat %s)", job_id, queue, last_beat)
 
     with session_scope(factory) as session:
-        cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
         grace = now - dt.timedelta(seconds=min(settings.queued_timeout_s, ENQUEUE_GRACE_S))
         # Jobs deferred at their claim (their key at LORP_KEY_MAX_RUNNING_JOBS) go again once it has room.
         due = lifecycle.stale_queued(
             session,
-            cutoff,
+            presumed_lost_before(session, settings, now),
             unenqueued_before=grace,
             limit=BATCH,
             max_running_per_owner=settings.key_max_running_jobs,
@@ -191,6 +195,38 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts
+
+
+def presumed_lost_before(session: Session, settings: Settings, now: dt.datetime) -> dict[str, dt.datetime]:
+    """Per queue, the send time before which a queued job's message is taken for lost.
+
+    Age alone says nothing: behind a deep backlog or a long job, a message waits its turn for hours,
+    and sending it again every ``queued_timeout_s`` filled the queue with duplicates that the workers
+    then had to take and refuse one by one (a soak of 1,000 queued jobs ran its second batch at half
+    the first's rate). A message older than ``queued_timeout_s`` is taken for lost only when
+
+    - its queue has had a free job slot for ``QUIET_S``: live workers registered that long ago have
+      more slots than jobs run on it, and no job on it started or ended since: a waiting message
+      would have been taken; or
+    - a job sent after it was claimed more than ``ENQUEUE_GRACE_S`` ago: the queue hands messages out
+      in order, so this one was passed over.
+
+    A queue no live worker consumes has no entry: sending again would reach nobody (a worker that died
+    holding messages is handled apart, by its last beat).
+    """
+    cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
+    quiet_since = now - dt.timedelta(seconds=QUIET_S)
+    capacity = workers_repo.capacity_by_queue(session, settings.worker_timeout_s, now, started_before=quiet_since)
+    activity = lifecycle.queue_activity(session, claimed_before=now - dt.timedelta(seconds=ENQUEUE_GRACE_S))
+    lost: dict[str, dt.datetime] = {}
+    for queue in capacity.keys() | activity.keys():
+        seen = activity.get(queue, lifecycle.QueueActivity())
+        idle = capacity.get(queue, 0) > seen.running and (seen.last_change is None or seen.last_change < quiet_since)
+        if idle:
+            lost[queue] = cutoff
+        elif seen.last_claimed_send is not None:
+            lost[queue] = min(cutoff, seen.last_claimed_send)
+    return lost
 
 
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> dict[str, int]:

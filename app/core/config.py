@@ -87,7 +87,12 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
     heartbeat_timeout_s: float = Field(default=180.0, gt=0)
     queued_timeout_s: float = Field(
-        default=900.0, gt=0, description="re-enqueue a queued job whose message is older than this"
+        default=900.0,
+        gt=0,
+        description=(
+            "re-enqueue a queued job whose message is older than this and presumed lost (its queue idle with a "
+            "free slot, or a message sent after it taken first)"
+        ),
     )
     stall_timeout_s: float = Field(
         default=1800.0,

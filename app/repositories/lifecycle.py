@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -387,31 +387,73 @@ def store_analysis(session: Session, *, fingerprint: str, **fields: Any) -> Anal
 # -- reconciler -------------------------------------------------------------------------------------
 
 
-def _due(job: Any, older_than: dt.datetime, unenqueued_before: dt.datetime | None) -> ColumnElement[bool]:
-    """Queued, and never sent (and submitted before ``unenqueued_before``) or sent before ``older_than``."""
+@dataclass(frozen=True)
+class QueueActivity:
+    """What a queue's jobs say of its consumers: jobs running now, the latest claim or end (a slot
+    taken or freed), and the latest send time among the jobs claimed before a cutoff (a queued job sent
+    before that was passed over)."""
+
+    running: int = 0
+    last_change: dt.datetime | None = None
+    last_claimed_send: dt.datetime | None = None
+
+
+def queue_activity(session: Session, claimed_before: dt.datetime) -> dict[str, QueueActivity]:
+    """Per queue: :class:`QueueActivity`, ``last_claimed_send`` counting claims made before ``claimed_before``."""
+    claimed = and_(Job.status != JobStatus.queued, Job.started_at.is_not(None), Job.started_at < claimed_before)
+    stmt = (
+        select(
+            Job.queue,
+            func.sum(case((Job.status == JobStatus.running, 1), else_=0)),
+            func.max(Job.started_at),
+            func.max(Job.finished_at),
+            func.max(case((claimed, Job.enqueued_at), else_=None)),
+        )
+        .where(or_(Job.started_at.is_not(None), Job.finished_at.is_not(None), Job.status == JobStatus.running))
+        .group_by(Job.queue)
+    )
+    found = {}
+    for queue, running, started, finished, sent in session.execute(stmt):
+        changes = [t for t in (_utc(started), _utc(finished)) if t is not None]
+        found[queue] = QueueActivity(
+            running=int(running or 0), last_change=max(changes, default=None), last_claimed_send=_utc(sent)
+        )
+    return found
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes; every time here is UTC."""
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
+
+
+def _due(job: Any, lost_before: dict[str, dt.datetime], unenqueued_before: dt.datetime | None) -> ColumnElement[bool]:
+    """Queued, and never sent (and submitted before ``unenqueued_before``) or sent on a queue of
+    ``lost_before`` before that queue's time."""
     never: ColumnElement[bool] = job.enqueued_at.is_(None)
     if unenqueued_before is not None:
         never = and_(never, job.queued_at < unenqueued_before)
-    return and_(job.status == JobStatus.queued, or_(never, job.enqueued_at < older_than))
+    lost = [and_(job.queue == queue, job.enqueued_at < before) for queue, before in sorted(lost_before.items())]
+    return and_(job.status == JobStatus.queued, or_(never, *lost))
 
 
 def stale_queued(
     session: Session,
-    older_than: dt.datetime,
+    lost_before: dict[str, dt.datetime],
     *,
     unenqueued_before: dt.datetime | None = None,
     limit: int = 100,
     max_running_per_owner: int | None = None,
 ) -> list[tuple[uuid.UUID, str]]:
-    """(id, queue) of queued jobs enqueued before ``older_than``, or never enqueued (and queued before
-    ``unenqueued_before``).
+    """(id, queue) of queued jobs whose message is presumed lost: sent on a queue of ``lost_before``
+    before that queue's time (the reconciler decides which queues and times), or never sent (and
+    queued before ``unenqueued_before``).
 
     The rows are locked, skipping rows another reconciler holds. ``unenqueued_before`` gives the API
     a moment between committing a job and recording its enqueue. With ``max_running_per_owner``, an
     owner's jobs are left out beyond its free running slots (its oldest first): sending them would
     only see them deferred again (:func:`defer`). The anonymous owner and admin keys have no limit.
     """
-    stmt = select(Job.id, Job.queue).where(_due(Job, older_than, unenqueued_before))
+    stmt = select(Job.id, Job.queue).where(_due(Job, lost_before, unenqueued_before))
     if max_running_per_owner is not None:
         due, running = aliased(Job), aliased(Job)
         running_now = (
@@ -427,7 +469,7 @@ def stale_queued(
                 func.row_number().over(partition_by=due.owner_id, order_by=(due.queued_at, due.id)).label("rank"),
                 running_now.label("running"),
             )
-            .where(_due(due, older_than, unenqueued_before))
+            .where(_due(due, lost_before, unenqueued_before))
             .subquery()
         )
         admins = select(ApiKey.id).where(ApiKey.is_admin.is_(True))

@@ -195,6 +195,20 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
+def capacity_by_queue(
+    session: Session, timeout_s: float, now: dt.datetime | None = None, *, started_before: dt.datetime | None = None
+) -> dict[str, int]:
+    """Per queue, the job slots (pool concurrency) of the live workers that consume it; with
+    ``started_before``, only of those that registered before then."""
+    slots: dict[str, int] = {}
+    for row in live_workers(session, timeout_s, now):
+        if started_before is not None and _aware(row.started_at) >= started_before:
+            continue
+        for queue in row.queues or []:
+            slots[queue] = slots.get(queue, 0) + max(row.concurrency, 0)
+    return slots
+
+
 def live_by_queue(session: Session, timeout_s: float, now: dt.datetime | None = None) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in live_workers(session, timeout_s, now):

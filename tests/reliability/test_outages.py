@@ -4,7 +4,8 @@ worker run.
 
 - Redis: jobs queued and one running when the broker stops; its messages die with it (the private
   server keeps nothing). Reads keep working, /readyz names the broker, a new submission is still 202
-  (enqueue deferred), and once Redis is back the reconciler re-enqueues every queued job: all succeed.
+  (enqueue deferred), and once Redis is back the reconciler re-enqueues every queued job whose message
+  it finds lost: all succeed.
 - Postgres: the API answers 503 problem+json quickly during the outage and serves again afterwards
   without a restart; the job that was running finishes or is retried (attempts bounded).
 
@@ -208,8 +209,9 @@ def _redis_scenario(tmp_path: Path, model_root: Path, procs: Processes, redis: R
         command=COMMAND.format(k="redis"),
         notes=(
             "The private Redis keeps nothing, so the restart drops the three queued messages, the running job's "
-            "unacknowledged one and the deferred submission; the reconciler (LORP_QUEUED_TIMEOUT_S=5) re-enqueues "
-            "every queued job and the claim refuses duplicates."
+            "unacknowledged one and the deferred submission; the reconciler (LORP_QUEUED_TIMEOUT_S=5) sends the "
+            "never-sent submission, then each queued job once a job sent after it was claimed (its message was "
+            "passed over) or its queue's slot sat free for 30 s; the claim refuses duplicates."
         ),
         figures={
             "outage_s": round(outage_s, 1),

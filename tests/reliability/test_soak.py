@@ -15,6 +15,10 @@ the running events), artifact rows and stored objects per job, and /readyz at th
 ``LORP_SOAK_JOBS`` (default 12) jobs per batch, ``LORP_SOAK_BATCHES`` (default 1) batches; the
 recorded figure is ``LORP_SOAK_JOBS=1000 LORP_SOAK_BATCHES=3`` (``make soak``). Marked ``long``:
 ``make reliability`` runs them at the default size, ``make test`` (CI) leaves them out.
+
+A backlog that outlasts ``LORP_QUEUED_TIMEOUT_S`` (one slot, jobs waiting their turn) is run in CI:
+each job's message is delivered once. Resending by age alone once filled the queue with duplicates,
+and the second batch of 1,000 ran at half the first's rate.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from .servers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.reliability, pytest.mark.long]
+pytestmark = pytest.mark.reliability
 
 N_JOBS = int(os.environ.get("LORP_SOAK_JOBS", "12"))
 BATCHES = int(os.environ.get("LORP_SOAK_BATCHES", "1"))
@@ -182,7 +186,7 @@ def _record(mode: str, batches: list[Batch], notes: str, k: str, *, check: bool 
 
 
 @contextlib.contextmanager
-def _serve(tmp: Path, model_root: Path) -> Iterator[tuple[str, Processes]]:
+def _serve(tmp: Path, model_root: Path, **settings: str) -> Iterator[tuple[str, Processes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
     env.update(
         LORP_DATA_DIR=str(tmp / "data"),
@@ -192,6 +196,7 @@ def _serve(tmp: Path, model_root: Path) -> Iterator[tuple[str, Processes]]:
         PYTHONUNBUFFERED="1",
         TQDM_DISABLE="1",
     )
+    env.update({f"LORP_{name.upper()}": value for name, value in settings.items()})
     procs = Processes(tmp / "logs")
     port = free_port()
     # The worker logs at info so that its claim lines can be counted.
@@ -215,6 +220,7 @@ def _sqlite_rows(db: Path, query: str, ids: list[str]) -> list[tuple[Any, ...]]:
         return conn.execute(query.format(ids=marks), ids).fetchall()
 
 
+@pytest.mark.long
 def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     model_root = tmp_path / "models"
     model = build_tiny_model(model_root, tiny_tokenizer, layers=2)
@@ -284,6 +290,38 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     _record("lorp serve (embedded)", batches, notes, "embedded")
 
 
+def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """One slot, jobs queued behind each other far longer than LORP_QUEUED_TIMEOUT_S: the reconciler
+    sends none of them again (each message is delivered once, no claim refused), and all succeed."""
+    model_root = tmp_path / "models"
+    model = build_tiny_model(model_root, tiny_tokenizer, layers=2)
+    jobs = 6
+    with (
+        _serve(tmp_path, model_root, queued_timeout_s="1", reconcile_interval_s="0.5") as (base, procs),
+        httpx.Client(base_url=base, timeout=60) as client,
+    ):
+        dataset = upload_corpus(client)
+        ids = [client.post("/v1/jobs", json=cheap_job(model, dataset, seed=i)).json()["id"] for i in range(jobs)]
+        wait_until(
+            "every job final",
+            lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] in FINAL for j in ids),
+            120 + jobs * SECONDS_PER_JOB,
+            interval=0.5,
+        )
+        views = [client.get(f"/v1/jobs/{j}").json() for j in ids]
+        # The SQLAlchemy broker keeps every message it delivered (visible = 0): one row per send.
+        with contextlib.closing(sqlite3.connect(tmp_path / "data" / "broker.db", timeout=30)) as conn:
+            sent = conn.execute("select count(*) from kombu_message").fetchone()[0]
+        log = procs.log("serve")
+    assert [v["status"] for v in views] == ["succeeded"] * jobs, views
+    waited = max(
+        (dt.datetime.fromisoformat(v["started_at"]) - dt.datetime.fromisoformat(v["created_at"])).total_seconds()
+        for v in views
+    )
+    assert waited > 3, f"the backlog must outlast LORP_QUEUED_TIMEOUT_S (1 s) several times: waited {waited:.1f} s"
+    assert sent == jobs, f"{sent} messages sent for {jobs} jobs\n{log[-4000:]}"
+
+
 # -- full stack ----------------------------------------------------------------------------------------
 
 FULL_STACK_NOTES = (
@@ -295,6 +333,7 @@ FULL_STACK_NOTES = (
 )
 
 
+@pytest.mark.long
 def test_soak_full_stack(tmp_path: Path, tiny_tokenizer: Any, s3_server: str) -> None:
     model_root = tmp_path / "models"
     model = build_tiny_model(model_root, tiny_tokenizer, layers=2)

@@ -104,10 +104,84 @@ def test_queued_job_never_enqueued_is_enqueued(settings: Settings) -> None:
     assert queued_messages(settings).count(str(lost)) == 1
 
 
-def test_queued_job_enqueued_long_ago_is_enqueued_again(settings: Settings) -> None:
+def test_queued_job_enqueued_long_ago_is_enqueued_again_when_its_queue_is_idle(settings: Settings) -> None:
     stale = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - LONG_AGO)
     reconcile_once(settings)
-    assert str(stale) in queued_messages(settings)
+    assert queued_messages(settings) == []  # no live worker on its queue: a message would reach nobody
+    worker = _worker_row(settings, beat_at=now(), pid=1, host=f"h-{uuid.uuid4().hex[:6]}")
+    reconcile_once(settings)
+    assert queued_messages(settings) == []  # it registered a moment ago: it may be about to take it
+    _registered_long_ago(settings, worker)  # one slot, free all along
+    reconcile_once(settings)
+    assert queued_messages(settings) == [str(stale)]
+
+
+def test_a_message_waiting_behind_a_busy_queue_is_not_sent_again(settings: Settings) -> None:
+    """Age alone is no sign of a lost message: behind a running job (one slot) the stale jobs wait their
+    turn, and each pass that sent them again would add one more duplicate per job."""
+    _registered_long_ago(settings, _worker_row(settings, beat_at=now(), pid=1, host=f"h-{uuid.uuid4().hex[:6]}"))
+    running = insert_job(
+        settings,
+        status=JobStatus.running,
+        queued_at=now() - LONG_AGO,
+        enqueued_at=now() - LONG_AGO,
+        started_at=now() - LONG_AGO / 2,
+        heartbeat_at=now(),
+        progress_at=now(),
+        attempts=1,
+    )
+    waiting = [insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - LONG_AGO) for _ in range(3)]
+    for _ in range(3):
+        assert reconcile_once(settings)["enqueued"] == 0
+    assert queued_messages(settings) == []
+
+    # The running job ends: its slot was freed a moment ago, nothing sent.
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        session.execute(update(Job).where(Job.id == running).values(status=JobStatus.succeeded, finished_at=now()))
+    assert reconcile_once(settings)["enqueued"] == 0
+    # The next one starts: still no idle slot, nothing sent.
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        session.execute(update(Job).where(Job.id == running).values(finished_at=now() - LONG_AGO / 4))
+        session.execute(
+            update(Job)
+            .where(Job.id == waiting[0])
+            .values(status=JobStatus.running, started_at=now(), heartbeat_at=now(), attempts=1)
+        )
+    assert reconcile_once(settings)["enqueued"] == 0
+    # That one ends too and the slot stays free with nothing started for a while: the rest were lost.
+    quiet = now() - dt.timedelta(seconds=settings.queued_timeout_s)
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == waiting[0])
+            .values(status=JobStatus.succeeded, started_at=quiet, finished_at=quiet)
+        )
+    assert reconcile_once(settings)["enqueued"] == 2
+    assert sorted(queued_messages(settings)) == sorted(str(j) for j in waiting[1:])
+
+
+def test_a_message_passed_over_by_a_later_one_is_sent_again(settings: Settings) -> None:
+    """The queue hands messages out in order: a job sent after the waiting one was claimed first, so the
+    waiting one's message is gone, even though the only slot is busy."""
+    _registered_long_ago(settings, _worker_row(settings, beat_at=now(), pid=1, host=f"h-{uuid.uuid4().hex[:6]}"))
+    passed_over = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - LONG_AGO)
+    sent_later = now() - LONG_AGO / 2
+    insert_job(
+        settings,
+        status=JobStatus.running,
+        queued_at=sent_later,
+        enqueued_at=sent_later,
+        started_at=now() - dt.timedelta(minutes=1),
+        heartbeat_at=now(),
+        progress_at=now(),
+        attempts=1,
+    )
+    # Sent after the claim: not passed over, it waits for the slot.
+    after = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - dt.timedelta(seconds=90))
+    settings = settings.model_copy(update={"queued_timeout_s": 30.0})
+    assert reconcile_once(settings)["enqueued"] == 1
+    assert queued_messages(settings) == [str(passed_over)]
+    assert str(after) not in queued_messages(settings)
 
 
 def test_queued_job_with_a_cancel_request_is_cancelled_not_enqueued(settings: Settings) -> None:
@@ -275,6 +349,11 @@ def _worker_row(settings: Settings, *, beat_at: dt.datetime, pid: int, host: str
             workers_repo.mark_stopped(session, worker_id, at=beat_at)
             session.execute(update(Worker).where(Worker.id == worker_id).values(lost=True))
         return worker_id
+
+
+def _registered_long_ago(settings: Settings, worker_id: uuid.UUID) -> None:
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        session.execute(update(Worker).where(Worker.id == worker_id).values(started_at=now() - LONG_AGO))
 
 
 def test_a_dead_workers_prefetched_jobs_are_sent_again_at_once(settings: Settings) -> None:
