@@ -33,7 +33,15 @@ from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.scratch import StateStore
 from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
-from lorp.planner import HEAL_MAX_TOKENS, HEAL_MODE, PlanChoice, choose_plan, heal_windows, hidden_size, resolve_heal
+from lorp.planner import (
+    HEAL_MODE,
+    PlanChoice,
+    choose_plan,
+    heal_token_cap,
+    heal_windows,
+    hidden_size,
+    resolve_heal,
+)
 from lorp.report import library_versions, plot_budget_curve, plot_heatmap, plot_plans, save_analysis, write_report
 from lorp.result import (
     BudgetCurve,
@@ -49,10 +57,10 @@ from lorp.result import (
 )
 from lorp.scoring import Fit, apply_fits
 from lorp.selection import Selection, analyze_structure, validate_budget
-from lorp.similarity import SimilarityStats, capture_similarity, capture_store
+from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
 from lorp.stages import Stage
-from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache
+from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache, window_store
 from lorp.surgery import stored_dtypes, write_pruned
 
 log = logging.getLogger(__name__)
@@ -152,12 +160,14 @@ def _check_options(n_blocks: int, spec: PruneSpec) -> None:
         )
 
 
-def _working_set(spec: CalibrationSpec) -> WorkingSet:
+def working_set(spec: CalibrationSpec) -> WorkingSet:
     """What a job keeps beside the weights (``options.execution: auto``'s budget): the dense states of
     the validation and heal windows, and one batch."""
-    heal_tokens = min(spec.num_samples * spec.seq_len, HEAL_MAX_TOKENS)
+    capture = spec.num_samples * spec.seq_len
     return WorkingSet(
-        cached_tokens=spec.validation_windows * spec.seq_len + heal_tokens, batch_tokens=spec.batch_size * spec.seq_len
+        validation_tokens=spec.validation_windows * spec.seq_len,
+        batch_tokens=spec.batch_size * spec.seq_len,
+        heal_tokens=lambda width: min(capture, heal_token_cap(width)),
     )
 
 
@@ -559,7 +569,7 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     if refusal is not None:
         raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
-        loaded = _load(spec.model, sources, spec.options.execution, _working_set(spec.calibration))
+        loaded = _load(spec.model, sources, spec.options.execution, working_set(spec.calibration))
     n_blocks = len(decoder_blocks(loaded.model))
     opts = spec.options
     if not spec.target.is_quality_bound:
@@ -615,7 +625,7 @@ def plan(
         else:
             with stages.stage(Stage.capture):
                 if runner is not None:  # each state written as its block finishes; a retry resumes
-                    store = capture_store(runner, data.capture, scratch / "capture", key)
+                    store = window_store(runner, data.capture, scratch / "capture", key)
                     resumed_at = store.resumed_from - 1 if store.resumed_from else None
                 stats = capture_similarity(
                     prepared.run_on,

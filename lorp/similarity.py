@@ -9,7 +9,7 @@ products; summed over tokens they are S's ``[L, tokens*d] x [tokens*d, L]`` prod
 
 Only sums and a token count persist between batches, so memory does not grow with the number of
 calibration sequences. A sequential runner's capture can go through a state store on disk instead
-(``capture_store``, ``lorp.execution.scratch``): each state is written as its block finishes, the pass
+(``lorp.states.window_store``, ``lorp.execution.scratch``): each state is written as its block finishes, the pass
 resumes from the files of an interrupted attempt, and the host holds one batch's states at a time.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +27,7 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.scratch import StateStore
-from lorp.states import store_states, window_store
+from lorp.states import store_states
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -75,7 +74,7 @@ def capture_similarity(
         keep_states: Called per batch as ``keep_states(runner, batch, states)`` with the raw states of
             the real tokens, ``[tokens, N+1, d]`` float32 (``lorp.states.StateSink`` keeps them, so
             healing needs no second pass).
-        store: for a sequential runner, a :class:`lorp.execution.scratch.StateStore` (``capture_store``)
+        store: for a sequential runner, a :class:`lorp.execution.scratch.StateStore` (``lorp.states.window_store``)
             the pass writes each state to as its block finishes, resuming at the first incomplete one;
             S and D are then summed from it a batch at a time (the same sums, in the same order).
 
@@ -121,12 +120,6 @@ def capture_similarity(
     np.fill_diagonal(S, 1.0)
     np.fill_diagonal(D, 0.0)
     return SimilarityStats(S=S, D=D, num_tokens=n_tokens, num_sequences=total, angular_mode=angular)
-
-
-def capture_store(runner: Runner, windows: TokenWindows, directory: Path, key: str) -> StateStore:
-    """The :class:`StateStore` a sequential capture of ``windows`` keeps in ``directory`` (see
-    ``capture_similarity``'s ``store``); ``key`` names the model and the job (a calibration fingerprint)."""
-    return window_store(runner, windows, directory, key)
 
 
 def _stored_states(

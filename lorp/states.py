@@ -127,9 +127,11 @@ def window_store(runner: Runner, windows: TokenWindows, directory: Path, key: st
     digest = hashlib.sha256()
     for part in (windows.input_ids, windows.attention_mask):
         digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
-    dtype = runner.onloader.dtype if runner.onloader is not None else ""
+    dtype = runner.onloader.dtype if runner.onloader is not None else runner.model.dtype
     key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
-    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1)
+    # A 16-bit model's states are 16-bit values: kept as they are, at half float32's bytes.
+    stored = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1, dtype=stored)
 
 
 def store_states(

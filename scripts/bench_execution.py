@@ -90,7 +90,9 @@ def imports_peak() -> int:
 
 
 def projection() -> list[str]:
-    """Device and host memory of a sequential job on Llama-3.1-8B and 70B, from their shapes (bf16)."""
+    """Device, host and disk of a sequential job on Llama-3.1-8B and 70B, from their shapes (bf16)."""
+    from lorp.planner import MIN_TOKENS_PER_WIDTH
+
     rows = []
     shapes = {
         "Llama-3.1-8B": (32, 4096, 14336, 8, 128256),
@@ -101,13 +103,15 @@ def projection() -> list[str]:
         block = 2 * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * inner)  # bytes, bf16
         outside = 2 * 2 * vocab * d
         weights = blocks * block + outside
-        capture = 32 * 256  # the job's calibration tokens; the heal windows are the first of them
+        # The issue's 32 x 256 calibration tokens, or as many as a d x d heal fit needs (4 d), if more;
+        # the heal windows are the first of them.
+        capture = max(32 * 256, MIN_TOKENS_PER_WIDTH * d)
         validation = 16 * 256
-        states = 4 * (blocks + 1) * d  # bytes per token, all N + 1 states, as the store keeps them (float32)
-        batch = 4 * 256 * states  # one batch's N + 1 states, read back for S and D
+        stored = 2 * (blocks + 1) * d  # bytes per token, all N + 1 states, as the store keeps a bf16 run's
+        batch = 4 * 256 * 4 * (blocks + 1) * d  # one batch's N + 1 states, read back as float32 for S and D
         rows.append(
-            f"| {name} | {weights / 1e9:.0f} | {(outside + block) / 1e9:.1f} | {batch / 1e9:.1f} "
-            f"| {(capture + validation) * states / 1e9:.0f} |"
+            f"| {name} | {weights / 1e9:.0f} | {capture:,} ({capture // 256} x 256) | {(outside + block) / 1e9:.1f} "
+            f"| {batch / 1e9:.1f} | {(capture + validation) * stored / 1e9:.0f} |"
         )
     return rows
 
@@ -196,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
         "is the working set: one block in float32, one batch's N + 1 states while S and D are summed, a batch's "
         "logits. Resident holds the float32 model and, during the reload check, a second copy of the pruned one.",
         "",
-        "Projected, not measured: what a sequential job with the issue's calibration (32 x 256 tokens, 16 "
-        "validation windows, batches of 4) holds on Llama-3.1-8B and 70B in bfloat16, from their shapes. The "
-        "device holds the embeddings, final norm and head and one block (plus one batch's activations); the "
-        "host one batch's N + 1 states while S and D are summed; the dense states of the capture (whose "
-        "first windows are the heal windows) and of the validation windows wait in the job's scratch on disk.",
+        "Projected, not measured: what a healed sequential job holds on Llama-3.1-8B and 70B in bfloat16, "
+        "from their shapes, with 16 validation windows of 256 tokens and batches of 4. Its calibration is the "
+        "issue's 32 x 256 tokens or, where more, the 4 x d tokens a d x d heal fit needs (lorp.planner: fewer "
+        "and the cuts ship unhealed, with the reason). The device holds the embeddings, final norm and head and "
+        "one block (plus one batch's activations); the host one batch's N + 1 states, as float32, while S and D "
+        "are summed; the dense states of the capture (whose first windows are the heal windows) and of the "
+        "validation windows wait in the job's scratch on disk, stored at the run's bf16.",
         "",
-        "| model | weights GB | device: outside + one block GB | host: one batch's states GB | scratch on disk GB |",
-        "|---|---:|---:|---:|---:|",
+        "| model | weights GB | calibration tokens | device: outside + one block GB | host: one batch's states GB "
+        "| scratch on disk GB |",
+        "|---|---:|---:|---:|---:|---:|",
         *projection(),
     ]
     print("\n".join(section))

@@ -17,7 +17,8 @@ file or pickled weights run resident, and an explicit ``sequential`` for them is
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -33,10 +34,19 @@ Mode = Literal["resident", "sequential"]
 
 @dataclass(frozen=True)
 class WorkingSet:
-    """What a job keeps beside the weights, in tokens: the calibration passes' shape."""
+    """What a job keeps beside the weights, in tokens: the calibration passes' shape.
 
-    cached_tokens: int  # validation + heal tokens whose N+1 dense states are cached
+    ``heal_tokens(width)``: the heal tokens a model of that hidden size keeps (the planner's rule: it
+    grows with the width, so the estimate needs the model's config).
+    """
+
+    validation_tokens: int  # validation tokens whose N+1 dense states are cached
     batch_tokens: int  # tokens in one batch (windows x length)
+    heal_tokens: Callable[[int], int] = field(default=lambda width: 0)
+
+    def cached_tokens(self, width: int) -> int:
+        """Tokens whose N+1 dense states a model of hidden size ``width`` caches: validation and heal."""
+        return self.validation_tokens + self.heal_tokens(width)
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ def working_bytes(config: Any, dtype: torch.dtype, blocks: int, work: WorkingSet
     inner = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * width)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     size = torch.empty((), dtype=dtype).element_size()
-    states = (blocks + 1) * work.cached_tokens * width * size
+    states = (blocks + 1) * work.cached_tokens(width) * size * width
     activations = 4 * work.batch_tokens * max(inner, width) * size + work.batch_tokens * vocab * 4
     return states + activations
 

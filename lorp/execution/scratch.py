@@ -2,8 +2,9 @@
 
 A sequential capture runs each block over every window before the next one (block-major), so the state
 entering block j is complete, for every token, once block j-1 has run. :class:`StateStore` writes it
-then, as one file per state (the real tokens' rows, ``[tokens, d]`` float32, in window order), and says
-in a small manifest how many states are complete. Two things follow:
+then, as one file per state (the real tokens' rows, ``[tokens, d]`` in window order, at the dtype the
+model computes them in when that is 16-bit, else float32: lossless, and half the disk for a bf16 run),
+and says in a small manifest how many states are complete. Two things follow:
 
 - S and D are summed from the files a batch at a time (that batch's rows of every state), so the host
   holds one batch's states, not every token's N + 1 states;
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 _MANIFEST = "manifest.json"
+# How each stored dtype's bytes are written and read (numpy has no bfloat16: its bits go as int16).
+_BITS = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.float16}
 
 
 class StateStore:
@@ -34,15 +37,30 @@ class StateStore:
         directory: the store's folder (created; cleared when it holds another pass's store).
         key: what makes two passes the same (model, windows, dtype): a store with another key is cleared.
         num_tokens, width, num_states: the shape every state file has.
+        dtype: what a state is stored as (float32, bfloat16 or float16); reads hand out float32.
     """
 
-    def __init__(self, directory: Path, key: str, *, num_tokens: int, width: int, num_states: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        key: str,
+        *,
+        num_tokens: int,
+        width: int,
+        num_states: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if dtype not in _BITS:
+            raise ValueError(f"a state store keeps float32, bfloat16 or float16, not {dtype}")
         self.directory = Path(directory)
         self.key = key
+        self.dtype = dtype
         self.shape = {"tokens": int(num_tokens), "width": int(width), "states": int(num_states)}
+        self._stored = str(dtype).removeprefix("torch.")
         self.resumed_from = 0
         found = self._manifest()
-        if found is not None and found.get("key") == key and found.get("shape") == self.shape:
+        mine = {"key": key, "shape": self.shape, "dtype": self._stored}
+        if found is not None and all(found.get(name) == value for name, value in mine.items()):
             self.done = int(found.get("done", 0))
             self.resumed_from = self.done
         else:
@@ -60,15 +78,15 @@ class StateStore:
 
     def _write_manifest(self) -> None:
         tmp = self.directory / f".{_MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "shape": self.shape, "done": self.done}))
+        tmp.write_text(json.dumps({"key": self.key, "shape": self.shape, "dtype": self._stored, "done": self.done}))
         os.replace(tmp, self.directory / _MANIFEST)
 
     def _path(self, index: int) -> Path:
-        return self.directory / f"state_{index:05d}.f32"
+        return self.directory / f"state_{index:05d}.bin"
 
     @property
     def row_bytes(self) -> int:
-        return self.shape["width"] * 4
+        return self.shape["width"] * self.dtype.itemsize
 
     def write(self, index: int, rows: torch.Tensor) -> None:
         """Store state ``index`` (``[tokens, d]``, every real token in window order) and count it done;
@@ -78,7 +96,7 @@ class StateStore:
         expected = (self.shape["tokens"], self.shape["width"])
         if tuple(rows.shape) != expected:
             raise ValueError(f"state {index} has shape {tuple(rows.shape)}, the store holds {expected}")
-        data = rows.detach().to("cpu", torch.float32).contiguous()
+        data = rows.detach().to("cpu", self.dtype).contiguous().view(_BITS[self.dtype])
         tmp = self._path(index).with_suffix(".tmp")
         with tmp.open("wb") as fh:
             fh.write(data.numpy().tobytes())
@@ -93,7 +111,7 @@ class StateStore:
         if index >= self.done:
             raise ValueError(f"state {index} is not stored (the store holds {self.done})")
         end = self.shape["tokens"] if end is None else end
-        out = torch.empty((end - begin, self.shape["width"]), dtype=torch.float32)
+        out = torch.empty((end - begin, self.shape["width"]), dtype=_BITS[self.dtype])
         view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
         with self._path(index).open("rb", buffering=0) as fh:
             fh.seek(begin * self.row_bytes)
@@ -103,7 +121,7 @@ class StateStore:
                 if not n:
                     raise OSError(f"state file {self._path(index).name} is cut short")
                 got += n
-        return out
+        return out.view(self.dtype).float() if self.dtype != torch.float32 else out
 
     def remove(self) -> None:
         """Delete the store (its pass finished, or the job no longer needs it)."""

@@ -368,7 +368,7 @@ def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_mod
     assert isinstance(scorer.cache, StoredStateCache) and isinstance(scorer.healer.cache, StoredStateCache)
     assert scorer.cache.nbytes == 0 and scorer.healer.cache.store is not scorer.cache.store
     assert {p.name for p in (tmp_path / "scratch").iterdir()} == {"capture", "validation"}
-    assert len(list((tmp_path / "scratch" / "validation").glob("state_*.f32"))) == 9
+    assert len(list((tmp_path / "scratch" / "validation").glob("state_*.bin"))) == 9
 
 
 def test_a_sequential_job_asking_for_lm_eval_tasks_is_refused_before_loading(tiny_model_dir, corpus_files, tmp_path):

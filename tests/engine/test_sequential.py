@@ -18,11 +18,13 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.evaluation import perplexity
 from lorp.execution import Runner
-from lorp.execution.choice import choose_execution, device_memory, memory_budget
+from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
+from lorp.pipeline import working_set
+from lorp.planner import MIN_TOKENS_PER_WIDTH
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
-from lorp.similarity import capture_similarity, capture_store
-from lorp.states import StateCache
+from lorp.similarity import capture_similarity
+from lorp.states import StateCache, window_store
 
 from .archs import ARCHS, six_blocks, write_wide_llama
 
@@ -88,12 +90,34 @@ def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tm
     resident, sequential = both(name, tmp_path / "model")
     data = windows()
     ref = capture_similarity(resident, data, batch_size=2)
-    store = capture_store(sequential, data, tmp_path / "scratch", key="job")
+    store = window_store(sequential, data, tmp_path / "scratch", key="job")
     got = capture_similarity(sequential, data, batch_size=2, store=store)
     torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
     assert store.done == sequential.num_blocks + 1 and store.resumed_from == 0
     assert sequential.block_loads == sequential.num_blocks + 1
+
+
+def test_a_bf16_pass_stores_its_states_as_bf16_losslessly(tmp_path: Path) -> None:
+    """A 16-bit model's states are stored at 16 bits (half float32's disk) and read back as the same
+    values: the capture equals the same bf16 pass's capture held in memory."""
+    model = six_blocks("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model")
+    sequential = Runner.sequential(tmp_path / "model", model.config, device="cpu", dtype=torch.bfloat16)
+    data = windows()
+    ref = capture_similarity(sequential, data, batch_size=2)
+    store = window_store(sequential, data, tmp_path / "scratch", key="job")
+    assert store.dtype == torch.bfloat16 and store.row_bytes == 2 * store.shape["width"]
+    got = capture_similarity(sequential, data, batch_size=2, store=store)
+    np.testing.assert_allclose(got.S, ref.S, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.D, ref.D, rtol=0, atol=1e-6)
+    tokens = int(data.attention_mask.sum())
+    files = sorted((tmp_path / "scratch").glob("state_*.bin"))
+    assert len(files) == sequential.num_blocks + 1
+    assert {f.stat().st_size for f in files} == {tokens * store.shape["width"] * 2}
+    # Read back, each state is the bf16 value the block gave, as float32.
+    last = store.read(store.done - 1)
+    assert last.dtype == torch.float32 and torch.equal(last, last.to(torch.bfloat16).float())
 
 
 class _Killed(Exception):
@@ -106,7 +130,7 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
     whole = capture_similarity(first, data, batch_size=2)
 
     _, interrupted = both("llama", tmp_path / "model")
-    dying = capture_store(interrupted, data, tmp_path / "scratch", key="job")
+    dying = window_store(interrupted, data, tmp_path / "scratch", key="job")
     write = dying.write
 
     def write_then_die(index: int, rows: torch.Tensor) -> None:
@@ -118,7 +142,7 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
     with pytest.raises(_Killed):
         capture_similarity(interrupted, data, batch_size=2, store=dying)
     _, again = both("llama", tmp_path / "model")
-    store = capture_store(again, data, tmp_path / "scratch", key="job")
+    store = window_store(again, data, tmp_path / "scratch", key="job")
     assert store.resumed_from == 5
     resumed = capture_similarity(again, data, batch_size=2, store=store)
     np.testing.assert_allclose(resumed.S, whole.S, rtol=0, atol=1e-6)
@@ -127,9 +151,9 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
     assert again.block_loads == 3
 
     # A store of another pass (other windows, or another model: another key) is cleared, not reused.
-    other = capture_store(again, windows(seed=9), tmp_path / "scratch", key="job")
+    other = window_store(again, windows(seed=9), tmp_path / "scratch", key="job")
     assert other.resumed_from == 0 and other.done == 0
-    elsewhere = capture_store(again, data, tmp_path / "scratch", key="another model")
+    elsewhere = window_store(again, data, tmp_path / "scratch", key="another model")
     assert elsewhere.resumed_from == 0
 
 
@@ -226,3 +250,19 @@ def test_execution_choice_by_budget_and_by_what_the_weights_allow(monkeypatch: p
     monkeypatch.delenv("LORP_DEVICE_MEMORY_GB")
     budget, source = memory_budget(cpu)
     assert 0 < budget < device_memory(cpu) and "available host memory" in source
+
+
+def test_the_working_set_counts_the_heal_tokens_a_models_width_keeps() -> None:
+    """A wide model keeps more heal tokens (4 x d or more, so that an 8B model can heal at all), and
+    auto's estimate of what a resident run holds counts them."""
+    from lorp.spec import CalibrationSpec
+
+    calibration = CalibrationSpec(num_samples=128, seq_len=256, validation_windows=16, batch_size=4)
+    work = working_set(calibration)
+    narrow, wide = 576, 4096
+    assert work.cached_tokens(narrow) == 16 * 256 + 8192
+    assert work.cached_tokens(wide) == 16 * 256 + 128 * 256  # every capture token: below the cap of 8 d
+    assert work.heal_tokens(wide) >= MIN_TOKENS_PER_WIDTH * wide
+    config = type("Config", (), {"hidden_size": wide, "intermediate_size": 14336, "vocab_size": 1000})()
+    states = (32 + 1) * work.cached_tokens(wide) * wide * 2
+    assert working_bytes(config, torch.bfloat16, 32, work) >= states
