@@ -32,6 +32,9 @@ from lorp.states import StateCache
 
 HEAL_MAX_TOKENS = 8192
 FINALIST_SEEDS = 2  # one-pass plans measured in full beside the searched one (three for a quality target)
+# auto screens every candidate on the first validation windows and measures this many in full: the
+# full measure of a plan costs about 0.4 of a capture on the demo model, and auto has a dozen.
+AUTO_FINALISTS = 3
 MIN_TOKENS_PER_WIDTH = 4
 # Measured against "sequential" in docs/benchmarks.md: as good on average, and a span's fit is then
 # shared by every plan that cuts that span, whatever it cuts before it.
@@ -166,9 +169,14 @@ class _Chooser:
         else:
             candidates = {method: select(method, self.S, self.D, n, opts)}
         names = list(candidates)
-        if final and finalists is not None:
+        if final and finalists is None and method == "auto":
+            finalists = AUTO_FINALISTS
+        if final and finalists is not None and len({_key(plan) for plan in candidates.values()}) > finalists:
             screened = self._scores(candidates, list(candidates), screen=True)
-            names = sorted(names, key=lambda name: (screened[name], names.index(name)))[:finalists]
+            ranked = sorted(names, key=lambda name: (screened[name], names.index(name)))
+            best_plans = list(dict.fromkeys(_key(candidates[name]) for name in ranked))[:finalists]
+            # Every name of a finalist plan (two methods may pick the same blocks): its score is free.
+            names = [name for name in ranked if _key(candidates[name]) in best_plans]
         scores = self._scores(candidates, names, screen=not final)
         best = choose_best(scores, list(scores))
         return best, candidates[best], candidates, scores
@@ -257,7 +265,12 @@ def choose_plan(
         name, chosen, plans, scores = chooser.best_at(n)
     fits = scorer.fits(chosen.pruned_layers)
     reason = heal_refusal_reason if heal == "none" else None
-    unhealed = scorer.score(chosen.pruned_layers, healed=False) if fits else None
+    unhealed = None
+    # Measured in full only where the screening windows say the plan may do better unhealed.
+    if fits and scorer.score(chosen.pruned_layers, healed=False, screen=True) < scorer.score(
+        chosen.pruned_layers, screen=True
+    ):
+        unhealed = scorer.score(chosen.pruned_layers, healed=False)
     if unhealed is not None and unhealed < scores[name]:
         # A map can hurt held-out text (a long span it cannot stand in for): ship the plan unhealed.
         reason = f"the chosen plan scored better unhealed ({unhealed:.4g}) than healed ({scores[name]:.4g})"
@@ -287,6 +300,10 @@ def choose_plan(
 
 
 Best = tuple[str, Selection, dict[str, Selection], dict[str, float]]
+
+
+def _key(plan: Selection) -> tuple[int, ...]:
+    return tuple(sorted(plan.pruned_layers))
 
 
 def _largest_within(

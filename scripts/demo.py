@@ -104,7 +104,10 @@ def why_chosen(summary: dict[str, Any]) -> str | None:
         return f"auto kept LoRP's own plan: the lowest validation perplexity ({scored['lorp']:.2f})"
     lorp = scored.get("lorp")
     if lorp is None:
-        return f"auto chose {chosen} (validation perplexity {scored[chosen]:.2f}); LoRP's plan was not scored"
+        return (
+            f"auto chose {chosen} (validation perplexity {scored[chosen]:.2f}); LoRP's own plan screened "
+            "worse than the finalists measured in full"
+        )
     return (
         f"auto chose {chosen} over LoRP's own plan: validation perplexity {scored[chosen]:.2f} "
         f"vs LoRP's {lorp:.2f} (lower is better)"

@@ -4,6 +4,7 @@
   an explicit ``linear`` that cannot apply is refused naming ``options.heal``;
 - a healed job reports each span's fit, its reload check compares the healed model, and healing
   changed the shipped weights;
+- ``auto`` screens every candidate and measures only its finalists in full;
 - ``search`` grows its plan one block per step, keeps the best of it and the one-pass finalists,
   and can be cancelled mid-search;
 - a ``max_perplexity_ratio`` target cuts the most blocks within the bound and reports the ratio
@@ -22,7 +23,14 @@ from transformers import AutoModelForCausalLM
 from lorp.calibration import TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled
 from lorp.pipeline import run_prune
-from lorp.planner import HEAL_MAX_TOKENS, MIN_TOKENS_PER_WIDTH, heal_unavailable, heal_windows, resolve_heal
+from lorp.planner import (
+    AUTO_FINALISTS,
+    HEAL_MAX_TOKENS,
+    MIN_TOKENS_PER_WIDTH,
+    heal_unavailable,
+    heal_windows,
+    resolve_heal,
+)
 from lorp.scoring import PlanScorer
 from lorp.search import GreedySearch
 from lorp.spec import CalibrationSpec, EvaluationSpec, SelectionOptions, TargetSpec
@@ -122,8 +130,26 @@ def test_search_job_reports_its_path_and_keeps_the_best_finalist(tiny_model_dir,
     measured = {k: v["validation_perplexity"] for k, v in report["plans"].items() if v["validation_perplexity"]}
     assert "search" in measured and len(measured) == 3  # the searched plan and two one-pass finalists
     assert measured[report["chosen"]["candidate"]] == min(measured.values())
-    assert report["selection"]["evaluations"] >= 3 and report["selection"]["screenings"] > 0
+    distinct = {tuple(sorted(report["plans"][name]["pruned_layers"])) for name in measured}
+    assert report["selection"]["evaluations"] >= len(distinct) and report["selection"]["screenings"] > 0
     assert any(stage == "selection" and 0 < f < 1 for stage, f in seen)
+
+
+def test_auto_screens_every_candidate_and_measures_only_its_finalists(tiny_model_dir, corpus_files, tmp_path):
+    """A full measure of a plan costs about half a capture: auto screens its dozen candidates on the
+    first validation windows and measures the best AUTO_FINALISTS distinct plans in full."""
+    spec = make_spec(tiny_model_dir, corpus_files, method="auto", target=TargetSpec(num_layers=3), evaluation=QUIET)
+    report = json.loads((run_prune(spec, tmp_path / "auto").out_dir / "report.json").read_text())
+    plans = {name: tuple(sorted(plan["pruned_layers"])) for name, plan in report["plans"].items()}
+    measured = {k: v["validation_perplexity"] for k, v in report["plans"].items() if v["validation_perplexity"]}
+    distinct = set(plans.values())
+    assert len(distinct) > AUTO_FINALISTS, "the test needs more candidates than finalists"
+    assert len({plans[name] for name in measured}) == AUTO_FINALISTS
+    # Names that chose the same blocks share one measure.
+    assert all(name in measured for name in plans if plans[name] in {plans[m] for m in measured})
+    assert measured[report["chosen"]["candidate"]] == min(measured.values())
+    assert report["selection"]["screenings"] >= len(distinct)
+    assert report["selection"]["evaluations"] <= AUTO_FINALISTS + 1  # + the plan unhealed, if screening asks
 
 
 def test_cancel_mid_search_stops_the_job(tiny_model_dir, corpus_files, tmp_path):

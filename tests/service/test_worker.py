@@ -234,7 +234,9 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
     chosen = [p for p in plans if p.chosen]
     assert len(chosen) == 1 and chosen[0].name == job.chosen_method
     assert chosen[0].pruned_layers == job.pruned_layers and len(job.pruned_layers or []) == 2
-    assert all(p.validation_perplexity is not None for p in plans)
+    # auto measures its finalists in full (the chosen one among them); the others were screened.
+    assert chosen[0].validation_perplexity is not None
+    assert chosen[0].validation_perplexity == min(p.validation_perplexity for p in plans if p.validation_perplexity)
     metrics = {(m.name, m.phase): m for m in rows(settings, Metric, job_id)}
     assert metrics[("num_layers", "dense")].value == NUM_LAYERS
     assert metrics[("num_layers", "pruned")].value == NUM_LAYERS - 2
