@@ -288,6 +288,77 @@ def test_embedded_kill9_mid_capture_finishes_on_the_restarted_worker(
     )
 
 
+@pytest.mark.long  # about a minute: the engine's resume is in tests/engine/test_sequential.py (make test)
+def test_embedded_kill9_of_a_sequential_capture_resumes_at_its_next_block(
+    tmp_path: Path, capture_model_root: Path, corpus_bytes: bytes
+) -> None:
+    """A sequential job's worker killed (-9) once its capture has written some blocks' states to the job's
+    scratch: the restarted worker's attempt 2 finds them and resumes at the next block, and the job's
+    summary says where; the scratch is removed once the job ends."""
+    model = str(capture_model_root / "mid-llama")
+    blocks = 8
+    with serving(tmp_path, capture_model_root) as serve:
+        uploaded = serve.client.post("/v1/datasets", files={"file": ("corpus.txt", corpus_bytes, "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+        body = _job_body(model, uploaded.json()["id"], seed=900, num_samples=96)
+        body["options"] = {"execution": "sequential", "heal": "none"}
+        posted = serve.client.post("/v1/jobs", json=body)
+        assert posted.status_code == 202, posted.text
+        job_id = posted.json()["id"]
+        capture = serve.data / "scratch" / job_id / "capture"
+
+        def states_written() -> int | None:
+            """The states the capture has made complete (its manifest), once it has passed block 2."""
+            assert serve.job(job_id)["status"] in ("queued", "running"), serve.job(job_id)
+            try:
+                done = int(json.loads((capture / "manifest.json").read_text())["done"])
+            except (OSError, ValueError, KeyError):
+                return None
+            return done if 3 <= done < blocks else None
+
+        done = wait_until("the capture past block 2", states_written, 240, interval=0.05)
+        pids = serve.worker_pids()
+        assert len(pids) == 1, pids
+        serve.kill_worker(pids[0])
+        killed_at = time.monotonic()
+        wait_for(lambda: _finished(serve, job_id), 300, "the job to finish on the restarted worker", 0.25)
+        finished_s = time.monotonic() - killed_at
+        job = serve.job(job_id)
+        assert job["status"] == "succeeded", (job["error"], serve.log()[-4000:])
+        assert job["attempts"] == 2, job
+        execution = job["summary"]["report"]["execution"]
+        assert execution["mode"] == "sequential", execution
+        # The killed attempt made `done` states complete (more may have landed before the kill took).
+        resumed = execution["resumed_at_block"]
+        assert resumed is not None and done - 1 <= resumed < blocks, (done, execution)
+        # Removed by the worker right after it recorded the outcome.
+        wait_for(lambda: not (serve.data / "scratch" / job_id).exists(), 30, "the job's scratch to go", 0.2)
+
+    record(
+        suite="faults",
+        scenario="embedded: kill -9 of a sequential job's worker mid-capture",
+        runs=1,
+        outcomes={
+            "succeeded": 1,
+            "attempts": 2,
+            "states complete when killed": done,
+            "attempt 2 resumed the capture at block": resumed,
+            "blocks": blocks,
+            "block loads, whole job": execution["block_loads"],
+            "scratch removed": True,
+        },
+        data_lost=0,
+        command=COMMAND.format("sequential_capture"),
+        notes=(
+            "lorp serve, embedded; a job with options.execution sequential on mid-llama (8 blocks), 96 calibration "
+            "windows; its worker's process group killed once the capture's manifest in the job's scratch "
+            "(LORP_DATA_DIR/scratch/<job id>) counted at least 3 complete states. The restarted worker's attempt "
+            "found them and went on from the last complete state instead of from block 0."
+        ),
+        figures={"kill_to_succeeded_s": round(finished_s, 1)},
+    )
+
+
 @pytest.mark.long  # minutes: make reliability records it; tests/service/test_serve_lifecycle.py checks the kill
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM, then kill -9 3 s later"])
 def test_embedded_serve_killed_mid_job_leaves_no_worker_and_a_restart_finishes_it(
