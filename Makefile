@@ -80,6 +80,7 @@ bench: setup
 	$(PY) scripts/bench_curve.py --out docs/benchmarks.md
 	$(PY) scripts/bench_checkpoint.py --out docs/benchmarks.md
 	$(PY) scripts/bench_execution.py --out docs/benchmarks.md
+	$(PY) scripts/bench_choice.py --out docs/benchmarks.md
 
 clean:
 	rm -rf runs var .pytest_cache .ruff_cache .mypy_cache

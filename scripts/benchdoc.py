@@ -16,6 +16,7 @@ TASKS_HEADING = "## Downstream: the built-in task, dense and pruned"  # scripts/
 CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cost"  # scripts/bench_curve.py
 CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"  # scripts/bench_checkpoint.py
 EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
+CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 OWNED_ELSEWHERE = (
     WORKER_HEADING,
     API_HEADING,
@@ -25,6 +26,7 @@ OWNED_ELSEWHERE = (
     CURVE_HEADING,
     CHECKPOINT_HEADING,
     EXECUTION_HEADING,
+    CHOICE_HEADING,
 )
 
 
