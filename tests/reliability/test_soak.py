@@ -94,6 +94,7 @@ class Batch:
     without_artifacts: int
     readyz: int
     run_s: list[float]  # each job's claim to its final write
+    messages: int  # "run job X" messages the broker carried during the batch (the reconciler's resends too)
 
     @property
     def per_minute(self) -> float:
@@ -137,6 +138,11 @@ def _dispatch_s(procs: Processes, names: list[str]) -> list[float]:
     return waits
 
 
+def _received(procs: Processes, names: list[str]) -> int:
+    """Messages the workers have received so far (Celery logs each one it takes from the broker)."""
+    return sum(procs.log(name).count("] received") for name in names)
+
+
 def _claims(procs: Processes, names: list[str], ids: set[str]) -> Counter[str]:
     """How often each job was claimed, from the claim lines of the worker logs."""
     return Counter(
@@ -163,6 +169,7 @@ def _record(mode: str, batches: list[Batch], notes: str, k: str, *, check: bool 
             "run twice": sum(b.run_twice for b in batches),
             "succeeded without a full artifact set": sum(b.without_artifacts for b in batches),
             "/readyz after each batch": [b.readyz for b in batches],
+            "messages per job, each batch": [round(b.messages / N_JOBS, 3) for b in batches],
         },
         data_lost=total - statuses["succeeded"],
         command=COMMAND.format(k=k),
@@ -180,6 +187,7 @@ def _record(mode: str, batches: list[Batch], notes: str, k: str, *, check: bool 
         assert batch.attempts == Counter({1: N_JOBS}), batch.attempts
         assert batch.run_twice == 0 and batch.stuck == 0 and batch.without_artifacts == 0, batch
         assert batch.readyz == 200
+        assert batch.messages == N_JOBS, f"{batch.messages} messages for {N_JOBS} jobs: the reconciler sent duplicates"
 
 
 # -- embedded ------------------------------------------------------------------------------------------
@@ -220,6 +228,18 @@ def _sqlite_rows(db: Path, query: str, ids: list[str]) -> list[tuple[Any, ...]]:
         return conn.execute(query.format(ids=marks), ids).fetchall()
 
 
+def _broker_messages(tmp: Path) -> int:
+    """Messages the embedded broker has carried: the SQLAlchemy transport keeps each one it delivered
+    (its table appears with the first message)."""
+    with contextlib.closing(sqlite3.connect(tmp / "data" / "broker.db", timeout=30)) as conn:
+        try:
+            return int(conn.execute("select count(*) from kombu_message").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return 0
+
+
 @pytest.mark.long
 def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     model_root = tmp_path / "models"
@@ -235,6 +255,7 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     with _serve(tmp_path, model_root) as (base, procs), httpx.Client(base_url=base, timeout=60) as client:
         dataset = upload_corpus(client)
         for number in range(BATCHES):
+            sent_before = _broker_messages(tmp_path)
             ids, accept_s = _submit(client, model, dataset, number)
             started = time.monotonic() - accept_s
             hex_ids = [uuid.UUID(j).hex for j in ids]  # SQLite keeps uuids as 32 hex digits
@@ -282,6 +303,7 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
                     without_artifacts=empty,
                     readyz=client.get("/readyz").status_code,
                     run_s=run_s,
+                    messages=_broker_messages(tmp_path) - sent_before,
                 )
             )
             _record("lorp serve (embedded)", batches, notes, "embedded", check=False)
@@ -309,9 +331,7 @@ def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path
             interval=0.5,
         )
         views = [client.get(f"/v1/jobs/{j}").json() for j in ids]
-        # The SQLAlchemy broker keeps every message it delivered (visible = 0): one row per send.
-        with contextlib.closing(sqlite3.connect(tmp_path / "data" / "broker.db", timeout=30)) as conn:
-            sent = conn.execute("select count(*) from kombu_message").fetchone()[0]
+        sent = _broker_messages(tmp_path)
         log = procs.log("serve")
     assert [v["status"] for v in views] == ["succeeded"] * jobs, views
     waited = max(
@@ -369,6 +389,7 @@ def test_soak_full_stack(tmp_path: Path, tiny_tokenizer: Any, s3_server: str) ->
             wait_until("a live worker", lambda: client.get("/readyz").json()["checks"]["workers"]["live"], 180)
             dataset = upload_corpus(client)
             for number in range(BATCHES):
+                received_before = _received(procs, workers)
                 ids, accept_s = _submit(client, model, dataset, number)
                 started = time.monotonic() - accept_s
                 uuids = [uuid.UUID(j) for j in ids]
@@ -427,6 +448,7 @@ def test_soak_full_stack(tmp_path: Path, tiny_tokenizer: Any, s3_server: str) ->
                         without_artifacts=sum(1 for j in ids if not artifacts.get(j) or objects[j] != artifacts.get(j)),
                         readyz=client.get("/readyz").status_code,
                         run_s=run_s,
+                        messages=_received(procs, workers) - received_before,
                     )
                 )
                 _record("the full stack, 2 workers", batches, FULL_STACK_NOTES, "full_stack", check=False)
