@@ -46,6 +46,7 @@ from sqlalchemy import create_engine, text
 
 from tests.service.conftest import create_test_database, drop_test_database
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
+from worker.reconciler import QUIET_S
 
 from .record import record
 from .servers import (
@@ -314,7 +315,10 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
 
 def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path: Path, tiny_tokenizer: Any) -> None:
     """One slot, jobs queued behind each other far longer than LORP_QUEUED_TIMEOUT_S: the reconciler
-    sends none of them again (each message is delivered once, no claim refused), and all succeed."""
+    sends none of them again (each message is delivered once, no claim refused), and all succeed.
+
+    The jobs go in once the worker has been registered for QUIET_S: from then on its slot counts, so it
+    is the slot's activity (a job started or ended within QUIET_S) that must hold the resends back."""
     model_root = tmp_path / "models"
     model = build_tiny_model(model_root, tiny_tokenizer, layers=2)
     jobs = 6
@@ -323,6 +327,14 @@ def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path
         httpx.Client(base_url=base, timeout=60) as client,
     ):
         dataset = upload_corpus(client)
+
+        def counted() -> bool:
+            with contextlib.closing(sqlite3.connect(tmp_path / "data" / "lorp.db", timeout=30)) as conn:
+                found = conn.execute("select min(started_at) from workers where stopped_at is null").fetchone()[0]
+            age = time.time() - dt.datetime.fromisoformat(found).replace(tzinfo=dt.UTC).timestamp() if found else 0
+            return age > QUIET_S + 1
+
+        wait_until("the worker's slot to count", counted, 120, interval=1)
         ids = [client.post("/v1/jobs", json=cheap_job(model, dataset, seed=i)).json()["id"] for i in range(jobs)]
         wait_until(
             "every job final",
