@@ -11,6 +11,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, tru
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.security import Principal
+from app.db.base import as_utc
 from app.db.models import Analysis, Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
 
 
@@ -166,7 +167,7 @@ def oldest_queued_by_queue(session: Session) -> dict[str, dt.datetime]:
         select(Job.queue, func.min(Job.queued_at)).where(Job.status == JobStatus.queued).group_by(Job.queue)
     ).all()
     # SQLite hands back naive datetimes; every stored time is UTC.
-    return {str(q): (t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t) for q, t in rows if t is not None}
+    return {str(q): as_utc(t) for q, t in rows if t is not None}
 
 
 def stage_spans(session: Session, since: dt.datetime) -> Sequence[tuple[str, dt.datetime, dt.datetime]]:

@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, and_, case, delete, func, or_, select, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from app.db.base import utcnow
+from app.db.base import as_utc, utcnow
 from app.db.models import (
     DONE_STAGE,
     Analysis,
@@ -414,16 +414,13 @@ def queue_activity(session: Session, claimed_before: dt.datetime) -> dict[str, Q
     )
     found = {}
     for queue, running, started, finished, sent in session.execute(stmt):
-        changes = [t for t in (_utc(started), _utc(finished)) if t is not None]
+        changes = [as_utc(t) for t in (started, finished) if t is not None]
         found[queue] = QueueActivity(
-            running=int(running or 0), last_change=max(changes, default=None), last_claimed_send=_utc(sent)
+            running=int(running or 0),
+            last_change=max(changes, default=None),
+            last_claimed_send=as_utc(sent) if sent is not None else None,
         )
     return found
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands back naive datetimes; every time here is UTC."""
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
 
 
 def _due(job: Any, lost_before: dict[str, dt.datetime], unenqueued_before: dt.datetime | None) -> ColumnElement[bool]:

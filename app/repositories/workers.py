@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.db.base import utcnow
+from app.db.base import as_utc, utcnow
 from app.db.models import Job, JobStatus, Worker
 
 # Rows of workers that stopped (or went silent) longer ago than this are removed at the next register.
@@ -131,7 +131,7 @@ def job_claims(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID
         return {}
     rows = session.execute(select(Job.id, Job.status, Job.worker, Job.started_at).where(Job.id.in_(job_ids)))
     return {
-        job_id: JobClaim(status, worker, None if started is None else _aware(started))
+        job_id: JobClaim(status, worker, None if started is None else as_utc(started))
         for job_id, status, worker, started in rows
     }
 
@@ -158,9 +158,9 @@ def presence(session: Session, queue: str, timeout_s: float, now: dt.datetime | 
     for row in session.scalars(select(Worker).where(Worker.beat_at >= now - FORGET_AFTER)):
         if queue not in (row.queues or []):
             continue
-        seen = _aware(row.stopped_at or row.beat_at)
+        seen = as_utc(row.stopped_at or row.beat_at)
         last = seen if last is None or seen > last else last
-        if row.stopped_at is None and _aware(row.beat_at) >= cutoff:
+        if row.stopped_at is None and as_utc(row.beat_at) >= cutoff:
             if row.stuck:
                 stuck += 1
             else:
@@ -181,18 +181,13 @@ def lost_by_queue(
     silent_since = now - dt.timedelta(seconds=timeout_s)
     found: dict[str, dt.datetime] = {}
     for row in session.scalars(select(Worker).where(Worker.beat_at >= since)):
-        beat_at = _aware(row.beat_at)
+        beat_at = as_utc(row.beat_at)
         if not (row.lost or (row.stopped_at is None and beat_at < silent_since)):
             continue
         for queue in row.queues or []:
             if queue not in found or beat_at > found[queue]:
                 found[queue] = beat_at
     return found
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every time here is UTC."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def capacity_by_queue(
@@ -202,7 +197,7 @@ def capacity_by_queue(
     ``started_before``, only of those that registered before then."""
     slots: dict[str, int] = {}
     for row in live_workers(session, timeout_s, now):
-        if started_before is not None and _aware(row.started_at) >= started_before:
+        if started_before is not None and as_utc(row.started_at) >= started_before:
             continue
         for queue in row.queues or []:
             slots[queue] = slots.get(queue, 0) + max(row.concurrency, 0)

@@ -206,6 +206,15 @@ def _finished(serve: Serve, job_id: str) -> bool:
     return serve.job(job_id)["status"] in ("succeeded", "failed", "cancelled")
 
 
+def _succeeded_on_attempt_2(serve: Serve, job_id: str, what: str) -> dict[str, Any]:
+    """Wait for a job taken back from a killed worker to finish; it succeeded, on its second attempt."""
+    wait_for(lambda: _finished(serve, job_id), 300, what, 0.25)
+    job = serve.job(job_id)
+    assert job["status"] == "succeeded", (job["error"], serve.log()[-4000:])
+    assert job["attempts"] == 2, job
+    return job
+
+
 # about a minute: make reliability records it; make test has the full stack's kill -9 mid-capture
 # (test_faults_worker.py) and serve's restart of a killed worker (tests/service/test_serve_lifecycle.py)
 @pytest.mark.long
@@ -321,11 +330,8 @@ def test_embedded_kill9_of_a_sequential_capture_resumes_at_its_next_block(
         assert len(pids) == 1, pids
         serve.kill_worker(pids[0])
         killed_at = time.monotonic()
-        wait_for(lambda: _finished(serve, job_id), 300, "the job to finish on the restarted worker", 0.25)
+        job = _succeeded_on_attempt_2(serve, job_id, "the job to finish on the restarted worker")
         finished_s = time.monotonic() - killed_at
-        job = serve.job(job_id)
-        assert job["status"] == "succeeded", (job["error"], serve.log()[-4000:])
-        assert job["attempts"] == 2, job
         execution = job["summary"]["report"]["execution"]
         assert execution["mode"] == "sequential", execution
         # The killed attempt made `done` states complete (more may have landed before the kill took).
@@ -398,11 +404,8 @@ def test_embedded_serve_killed_mid_job_leaves_no_worker_and_a_restart_finishes_i
 
     with serving(tmp_path, capture_model_root) as again:
         restarted_at = time.monotonic()
-        wait_for(lambda: _finished(again, job_id), 300, "the job on the restarted serve", 0.25)
+        job = _succeeded_on_attempt_2(again, job_id, "the job on the restarted serve")
         finished_s = time.monotonic() - restarted_at
-        job = again.job(job_id)
-        assert job["status"] == "succeeded", (job["error"], again.log()[-4000:])
-        assert job["attempts"] == 2, job
         assert len(again.worker_pids()) == 1, "one worker runs jobs after the restart"
         stored = sorted(
             str(p.relative_to(again.data / "artifacts" / "jobs" / job_id))
