@@ -375,7 +375,7 @@ def _choose(
         requested,
         device=dev,
         weights_bytes=weights,
-        working=working_bytes(config, torch_dtype, blocks, working),
+        working=working_bytes(config, torch_dtype, blocks, working, dev),
         streamable=streamable,
     )
     return choice, config

@@ -613,6 +613,7 @@ def plan(
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
     resumed_at: int | None = None
     store: StateStore | None = None
+    mlp_store: StateStore | None = None
     with _capture_scratch(sources) as scratch:
         if precomputed is not None:
             stats, stored = precomputed
@@ -627,6 +628,10 @@ def plan(
                 if runner is not None:  # each state written as its block finishes; a retry resumes
                     store = window_store(runner, data.capture, scratch / "capture", key)
                     resumed_at = store.resumed_from - 1 if store.resumed_from else None
+                    if heal == "linear":  # the heal windows' MLP outputs, so that fits run no block
+                        mlp_store = window_store(
+                            runner, fit_on, scratch / "capture-mlp", key, num_states=runner.num_blocks
+                        )
                 stats = capture_similarity(
                     prepared.run_on,
                     data.capture,
@@ -636,6 +641,7 @@ def plan(
                     should_cancel=stages.should_cancel,
                     keep_states=sink,
                     store=store,
+                    mlp_store=mlp_store,
                 )
             provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
         provenance = {
@@ -649,7 +655,7 @@ def plan(
             if runner is not None:
                 if heal == "linear" and store is not None:  # the heal windows are the capture's first
                     heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
-                    heal_cache = StoredStateCache(store, heal_batches, batch_size, model.dtype)
+                    heal_cache = StoredStateCache(store, heal_batches, batch_size, model.dtype, mlp=mlp_store)
                 elif heal == "linear":
                     heal_cache = stored_cache(
                         runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel

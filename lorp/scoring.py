@@ -1,11 +1,14 @@
 """Scoring plans as they will ship, from cached dense states: healed or not, each computation done once.
 
 ``CachedHealer`` fits the linear map of every removed span (``lorp.heal``'s fit) from a
-``StateCache`` of the heal windows: a fit runs only the blocks from its first anchor to its own
-anchor, and a fit any candidate shares with an earlier one (the same span, and in ``sequential``
-mode the same spans before it) is reused. ``PlanScorer`` measures a plan's perplexity on a
+``StateCache`` of the heal windows: a dense fit reads its anchor's MLP output from the cache where the
+capture kept it (no block runs), else runs the anchor block on its cached state; a fit on a model
+already cut (``sequential`` mode) runs the blocks from its first anchor to its own; a fit any
+candidate shares with an earlier one (the same span, and in ``sequential`` mode the same spans
+before it) is reused. ``PlanScorer`` measures a plan's perplexity on a
 ``StateCache`` of the validation windows, running only the blocks from the plan's first change
-onward; a plan already scored is not measured again. Both say how much they did (fits,
+onward; a plan already scored is not measured again, and one measured in full after its screening
+reads only the windows the screening did not. Both say how much they did (fits,
 evaluations, seconds) for the report.
 """
 
@@ -86,6 +89,7 @@ class CachedHealer:
         self._anchors: OrderedDict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = OrderedDict()
         self.max_cached_anchors = max_cached_anchors
         self.fits_computed = 0
+        self.anchor_passes = 0  # anchors whose block ran again (their MLP outputs were not kept)
         self.seconds = 0.0
 
     def fits(self, plan: Sequence[int]) -> list[Fit]:
@@ -125,13 +129,28 @@ class CachedHealer:
             for m_rows, h, batch in zip(outputs, finals, batches, strict=True)
         ]
 
+    def _kept_outputs(self, anchor: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The anchor's dense (M, h) from the cache, when the pass that filled it kept the blocks' MLP
+        outputs (h is the state entering the next block); None when it did not."""
+        rows = []
+        for b, batch in enumerate(self.cache.batches):
+            m = self.cache.mlp_output(b, anchor)
+            if m is None:
+                return None
+            h = real_tokens(self.cache.state(b, anchor + 1), batch.real)
+            rows.append((m.to(h.device), h))
+        return rows
+
     def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The anchor's (M, h) on the dense model and M^T M, kept for the most recent anchors: every
         span that starts after this anchor reuses them (a search grows spans at their end)."""
         if anchor in self._anchors:
             self._anchors.move_to_end(anchor)
             return self._anchors[anchor]
-        rows = self._anchor_outputs(anchor, anchor, [], [])
+        rows = self._kept_outputs(anchor)
+        if rows is None:
+            rows = self._anchor_outputs(anchor, anchor, [], [])
+            self.anchor_passes += 1
         m0 = rows[0][0]
         mtm = torch.zeros(m0.shape[-1], m0.shape[-1], dtype=torch.float64, device=m0.device)
         for m, _ in rows:
@@ -175,7 +194,7 @@ class PlanScorer:
 
     ``score(plan, screen=True)`` measures only the first ``screen_windows`` windows: a search
     compares closely related plans on the same tokens, where a few windows rank them well, and
-    measures its finalists on all of them.
+    measures its finalists on all of them (the screened windows' sums are kept, not measured again).
 
     Args:
         model: the dense model (left unchanged).
@@ -198,7 +217,9 @@ class PlanScorer:
         self.healer = healer
         self.should_cancel = should_cancel
         self.screen_batches = min(cache.num_batches, max(1, -(-screen_windows // cache.batch_size)))
-        self._scores: dict[tuple[tuple[int, ...], bool, int], float] = {}
+        # Per plan (and healed or not), the NLL sum and token count of each batch measured so far,
+        # from the first: a full measure after a screening runs only the batches it did not read.
+        self._nll: dict[tuple[tuple[int, ...], bool], list[tuple[float, int]]] = {}
         self.evaluations = 0
         self.screenings = 0
         self.seconds = 0.0
@@ -225,19 +246,31 @@ class PlanScorer:
         all of them, not once per plan)."""
         heal = self.heals if healed is None else healed and self.heals
         batches = self.screen_batches if screen else self.cache.num_batches
-        keys = [(tuple(sorted(set(plan))), heal, batches) for plan in plans]
-        pending = [key for key in dict.fromkeys(keys) if key not in self._scores]
+        keys = [(tuple(sorted(set(plan))), heal) for plan in plans]
+        pending = [key for key in dict.fromkeys(keys) if len(self._nll.get(key, [])) < batches]
         if pending:
-            fits = [self.fits(key[0]) if heal else [] for key in pending]  # the healer times its own fits
+            fits = {key: self.fits(key[0]) if heal else [] for key in pending}  # the healer times its own fits
             started = time.perf_counter()
-            for key, score in zip(pending, self._measure([key[0] for key in pending], fits, batches), strict=True):
-                self._scores[key] = score
+            by_done: dict[int, list[tuple[tuple[int, ...], bool]]] = {}
+            for key in pending:
+                by_done.setdefault(len(self._nll.get(key, [])), []).append(key)
+            for done, group in by_done.items():
+                sums = self._measure([key[0] for key in group], [fits[key] for key in group], done, batches)
+                for key, plan_sums in zip(group, sums, strict=True):
+                    self._nll.setdefault(key, []).extend(plan_sums)
             if batches == self.cache.num_batches:
                 self.evaluations += len(pending)
             else:
                 self.screenings += len(pending)
             self.seconds += time.perf_counter() - started
-        return [self._scores[key] for key in keys]
+        return [self._perplexity(key, batches) for key in keys]
+
+    def _perplexity(self, key: tuple[tuple[int, ...], bool], batches: int) -> float:
+        nll, tokens = 0.0, 0
+        for batch_sum, batch_tokens in self._nll[key][:batches]:
+            nll += batch_sum
+            tokens += batch_tokens
+        return mean_to_perplexity(nll, tokens)
 
     def _start(self, plan: tuple[int, ...], fits: list[Fit]) -> int:
         """The first block a plan's pass runs: its first change (a removed block or an anchor); with
@@ -251,21 +284,22 @@ class PlanScorer:
             start = max(b for b in range(start) if b not in removed)
         return start
 
-    def _measure(self, plans: list[tuple[int, ...]], fits: list[list[Fit]], batches: int) -> list[float]:
+    def _measure(
+        self, plans: list[tuple[int, ...]], fits: list[list[Fit]], first: int, batches: int
+    ) -> list[list[tuple[float, int]]]:
+        """Per plan, the NLL sum and real-token count of each batch ``first .. batches-1``."""
         _check(self.should_cancel)
-        cached = self.cache.batches[:batches]
+        cached = self.cache.batches[first:batches]
         passes = []
         for plan, plan_fits in zip(plans, fits, strict=True):
             start = self._start(plan, plan_fits)
-            states = [self.cache.state(b, start) for b in range(batches)]
+            states = [self.cache.state(b, start) for b in range(first, batches)]
             passes.append(PlanPass(frozenset(plan), {fit.anchor: fit for fit in plan_fits}, start, states))
         finals = self.runner.run_plans(cached, passes, should_cancel=self.should_cancel)
-        scores = []
-        for plan_finals in finals:
-            nll, tokens = 0.0, 0
-            for batch, final in zip(cached, plan_finals, strict=True):
-                batch_sum, batch_tokens = batch_nll(self.runner.logits(batch, final), batch.ids, batch.mask)
-                nll += batch_sum
-                tokens += batch_tokens
-            scores.append(mean_to_perplexity(nll, tokens))
-        return scores
+        return [
+            [
+                batch_nll(self.runner.logits(batch, final), batch.ids, batch.mask)
+                for batch, final in zip(cached, plan_finals, strict=True)
+            ]
+            for plan_finals in finals
+        ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.scratch import StateStore
-from lorp.states import store_states
+from lorp.states import StateSink, store_states
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -58,8 +59,9 @@ def capture_similarity(
     angular: AngularMode = "all_tokens",
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    keep_states: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
+    keep_states: StateSink | None = None,
     store: StateStore | None = None,
+    mlp_store: StateStore | None = None,
 ) -> SimilarityStats:
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
@@ -71,12 +73,15 @@ def capture_similarity(
             the last real token of each sequence only (Gromov et al.'s variant).
         progress: Called as ``progress(sequences_done, sequences_total)`` after each batch.
         should_cancel: Checked between batches; when it returns True, ``JobCancelled`` is raised.
-        keep_states: Called per batch as ``keep_states(runner, batch, states)`` with the raw states of
-            the real tokens, ``[tokens, N+1, d]`` float32 (``lorp.states.StateSink`` keeps them, so
-            healing needs no second pass).
+        keep_states: a :class:`lorp.states.StateSink`, called per batch as ``keep_states(runner, batch,
+            states, mlp)`` with the raw states of the real tokens, ``[tokens, N+1, d]`` float32, and
+            while it wants more windows their blocks' MLP outputs ``[tokens, N, d]`` (so that healing
+            runs no block again).
         store: for a sequential runner, a :class:`lorp.execution.scratch.StateStore` (``lorp.states.window_store``)
             the pass writes each state to as its block finishes, resuming at the first incomplete one;
             S and D are then summed from it a batch at a time (the same sums, in the same order).
+        mlp_store: with ``store``, where the blocks' MLP outputs on the first windows go
+            (``lorp.states.store_states``' ``mlp``).
 
     Returns:
         SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
@@ -97,12 +102,13 @@ def capture_similarity(
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="capturing similarity")
         stored = store is not None and runner.mode == "sequential"
         if store is not None and stored:
-            found = _stored_states(runner, list(batches), store, should_cancel, progress, total)
+            found = _stored_states(runner, list(batches), store, should_cancel, progress, total, mlp_store)
         else:
-            found = _real_states(runner, batches)
-        for batch, x in found:  # x: [tokens, L, d]
+            wants_mlp = None if keep_states is None else lambda: keep_states.wants_more
+            found = _real_states(runner, batches, wants_mlp)
+        for batch, x, mlp in found:  # x: [tokens, L, d]
             if keep_states is not None:
-                keep_states(runner, batch, x)
+                keep_states(runner, batch, x, mlp)
             last = _last_token_positions(batch.mask) if angular == "last_token" else None
             batch_s, batch_d = _pair_sums(x, last)
             s_sum += batch_s
@@ -129,11 +135,12 @@ def _stored_states(
     should_cancel: Callable[[], bool] | None,
     progress: Callable[[int, int], None] | None,
     total: int,
-) -> Iterator[tuple[Batch, torch.Tensor]]:
+    mlp: StateStore | None = None,
+) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
     """:func:`_real_states` of a sequential runner through ``store`` (``lorp.states.store_states``), then
-    each batch's N + 1 states read back, a batch at a time."""
+    each batch's N + 1 states read back, a batch at a time (the MLP outputs stay in ``mlp``)."""
     on_block = None if progress is None else lambda done, blocks: progress(total * done // (blocks + 1), total)
-    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block)
+    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, mlp=mlp)
     n_states = runner.num_blocks + 1
     begin = 0
     for batch in batches:
@@ -141,22 +148,28 @@ def _stored_states(
         x = torch.empty((count, n_states, store.shape["width"]), dtype=torch.float32)
         for j in range(n_states):
             x[:, j] = store.read(j, begin, begin + count)
-        yield batch, x
+        yield batch, x, None
         del x
         begin += count
 
 
-def _real_states(runner: Runner, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+def _real_states(
+    runner: Runner, batches: Iterable[Batch], wants_mlp: Callable[[], bool] | None = None
+) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
     """Each batch with the N+1 states of its real tokens in one token-major float32 buffer, ``[tokens, L, d]``.
 
     Token-major, so that the per-token products for S and D are one batched matrix product over
     contiguous memory; each state is copied in as the pass hands it over (normalisation happens on
     the products). Buffers are kept where the runner keeps states between blocks (``state_device``).
+    While ``wants_mlp()`` says so, a group's blocks' MLP outputs on the real tokens come too
+    (``[tokens, N, d]`` on the host), else None.
     """
     n_states = runner.num_blocks + 1
     device = runner.state_device
     for group in runner.groups(batches):
         buffers: list[torch.Tensor | None] = [None] * len(group)
+        mlp: list[list[torch.Tensor]] = [[] for _ in group]
+        watching = wants_mlp is not None and wants_mlp()
 
         def store(
             i: int, index: int, hidden: torch.Tensor, group: list[Batch] = group, buffers: list[Any] = buffers
@@ -171,13 +184,24 @@ def _real_states(runner: Runner, batches: Iterable[Batch]) -> Iterator[tuple[Bat
                 )
             buffer[:, index].copy_(h)
 
-        finals = runner.run_all(group, on_input=store)
+        watch: AbstractContextManager[dict[int, list[torch.Tensor]]] = (
+            runner.watch_mlp(range(runner.num_blocks)) if watching else nullcontext({})
+        )
+        with watch as latest:
+
+            def keep_mlp(
+                i: int, j: int, _h: torch.Tensor, group: list[Batch] = group, latest: Any = latest, mlp: Any = mlp
+            ) -> None:
+                mlp[i].append(group[i].real_rows(latest[j][0]).cpu())
+
+            finals = runner.run_all(group, on_input=store, on_output=keep_mlp if watching else None)
         for i, (batch, final) in enumerate(zip(group, finals, strict=True)):
             store(i, n_states - 1, final)
             buffer = buffers[i]
             assert buffer is not None
             buffers[i] = None
-            yield batch, buffer
+            yield batch, buffer, torch.stack(mlp[i], dim=1) if watching else None
+            mlp[i] = []
 
 
 def _last_token_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -51,11 +51,20 @@ class StateCache:
             self.states.extend(runner.states_all(group))
             if progress is not None:
                 progress(len(self.batches), total)
+        self.mlp: list[torch.Tensor] | None = None
 
     @classmethod
-    def from_batches(cls, batches: list[Batch], states: list[list[torch.Tensor]], batch_size: int) -> StateCache:
-        """A cache of states recorded elsewhere (``StateSink``): per batch, the batch and its N+1 states."""
+    def from_batches(
+        cls,
+        batches: list[Batch],
+        states: list[list[torch.Tensor]],
+        batch_size: int,
+        mlp: list[torch.Tensor] | None = None,
+    ) -> StateCache:
+        """A cache of states recorded elsewhere (``StateSink``): per batch, the batch and its N+1 states,
+        and (``mlp``) per batch its real tokens' MLP outputs ``[tokens, N, d]``."""
         cache = cls.__new__(cls)
+        cache.mlp = mlp
         ids = torch.cat([b.ids.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         mask = torch.cat([b.mask.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         cache.windows = TokenWindows(input_ids=ids, attention_mask=mask)
@@ -73,16 +82,23 @@ class StateCache:
         """The dense state entering ``block`` (``N``: leaving the last block) in batch ``batch``."""
         return self.states[batch][block]
 
+    def mlp_output(self, batch: int, block: int) -> torch.Tensor | None:
+        """Block ``block``'s dense MLP output M on the real tokens of batch ``batch`` (``[tokens, d]``),
+        when the pass that recorded the states kept it (a capture does for the heal windows); else None."""
+        return None if self.mlp is None else self.mlp[batch][:, block]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for states in self.states for t in states)
 
 
 class StateSink:
-    """Keeps the states a capture pass records for its first ``max_windows`` windows (``keep_states``).
+    """Keeps the states a capture pass records for its first ``max_windows`` windows (``keep_states``),
+    and each block's MLP output M there (a heal fit's inputs, so that fitting runs no block again).
 
     The capture hands over real tokens only; padded positions are filled with zeros, which nothing
-    reads (no real token attends to padding, and padded positions are never scored or fitted).
+    reads (no real token attends to padding, and padded positions are never scored or fitted). The
+    MLP outputs are kept as real tokens' rows on the host, ``N x tokens x d`` values in ``dtype``.
 
     Args:
         max_windows: windows to keep (from the first).
@@ -96,9 +112,18 @@ class StateSink:
         self.dtype = dtype
         self.batches: list[Batch] = []
         self.states: list[list[torch.Tensor]] = []
+        self.mlp: list[torch.Tensor] = []
         self.windows = 0
 
-    def __call__(self, runner: Runner, batch: Batch, real_states: torch.Tensor) -> None:
+    @property
+    def wants_more(self) -> bool:
+        """Whether the next batch's windows are (partly) kept."""
+        return self.windows < self.max_windows
+
+    def __call__(
+        self, runner: Runner, batch: Batch, real_states: torch.Tensor, mlp: torch.Tensor | None = None
+    ) -> None:
+        """Keep ``batch``'s states (``[tokens, N+1, d]``, its real tokens) and MLP outputs (``[tokens, N, d]``)."""
         take = min(batch.num_windows, self.max_windows - self.windows)
         if take <= 0:
             return
@@ -113,15 +138,23 @@ class StateSink:
             kept.append(full.to(batch.ids.device))
         self.batches.append(batch)
         self.states.append(kept)
+        if mlp is not None and len(self.mlp) == len(self.batches) - 1:
+            self.mlp.append(mlp[: rows.shape[0]].to("cpu", self.dtype))
         self.windows += take
 
     def cache(self) -> StateCache:
-        return StateCache.from_batches(self.batches, self.states, self.batch_size)
+        complete = len(self.mlp) == len(self.batches)
+        return StateCache.from_batches(self.batches, self.states, self.batch_size, self.mlp if complete else None)
 
 
-def window_store(runner: Runner, windows: TokenWindows, directory: Path, key: str) -> StateStore:
+def window_store(
+    runner: Runner, windows: TokenWindows, directory: Path, key: str, *, num_states: int | None = None
+) -> StateStore:
     """The :class:`StateStore` a sequential pass over ``windows`` keeps in ``directory``; ``key`` names the
-    model and the job (a calibration fingerprint), and the windows' own tokens are added to it."""
+    model and the job (a calibration fingerprint), and the windows' own tokens are added to it.
+
+    ``num_states``: N + 1 (the states entering each block and leaving the last) unless given; a store
+    of the blocks' MLP outputs (``store_states``' ``mlp``) has N."""
     width = int(runner.model.get_input_embeddings().embedding_dim)
     tokens = int(windows.attention_mask.bool().sum())
     digest = hashlib.sha256()
@@ -131,7 +164,8 @@ def window_store(runner: Runner, windows: TokenWindows, directory: Path, key: st
     key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
     # A 16-bit model's states are 16-bit values: kept as they are, at half float32's bytes.
     stored = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=runner.num_blocks + 1, dtype=stored)
+    states = runner.num_blocks + 1 if num_states is None else num_states
+    return StateStore(directory, key, num_tokens=tokens, width=width, num_states=states, dtype=stored)
 
 
 def store_states(
@@ -141,11 +175,16 @@ def store_states(
     *,
     should_cancel: Callable[[], bool] | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    mlp: StateStore | None = None,
 ) -> None:
     """Run ``batches`` through every block, block-major, writing each state to ``store`` as its block
     finishes (the real tokens' rows, in window order); a store holding an earlier attempt's states goes
     on from the last complete one (its padded positions zero: nothing reads them). ``on_block(done,
-    total)`` follows the blocks."""
+    total)`` follows the blocks.
+
+    ``mlp``: a store of each block's MLP output on the first of those rows (the heal windows'), written
+    as the block runs, before its state; a block whose MLP output a resumed pass did not keep is left
+    out, and so is every block after it (the heal fits then run their anchors again)."""
     n_states = runner.num_blocks + 1
     rows = [int(batch.real.sum()) for batch in batches]
     offsets = [sum(rows[:i]) for i in range(len(rows))]
@@ -166,7 +205,19 @@ def store_states(
     for j in range(store.done - 1, n_states - 1):
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled while running the model block by block")
-        states = runner.run_all(batches, start=j, states=states, stop=j + 1)
+        if mlp is not None and mlp.done == j:
+            kept: list[torch.Tensor] = []
+            with runner.watch_mlp([j]) as latest:
+
+                def keep(
+                    i: int, block: int, _h: torch.Tensor, kept: list[torch.Tensor] = kept, latest: Any = latest
+                ) -> None:
+                    kept.append(batches[i].real_rows(latest[block][0]).cpu())
+
+                states = runner.run_all(batches, start=j, states=states, stop=j + 1, on_output=keep)
+            mlp.write(j, torch.cat(kept)[: mlp.shape["tokens"]])
+        else:
+            states = runner.run_all(batches, start=j, states=states, stop=j + 1)
         store.write(j + 1, real_rows(states))
         if on_block is not None:
             on_block(j + 1, n_states - 1)
@@ -181,9 +232,17 @@ class StoredStateCache(StateCache):
         batches: the batches, in the store's window order, from its first window.
         batch_size: the batches' size (the last may be smaller).
         dtype: the dtype a state is handed out in (the model's).
+        mlp: the blocks' MLP outputs on the same windows (``store_states``), where the pass kept them.
     """
 
-    def __init__(self, store: StateStore, batches: list[Batch], batch_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        batches: list[Batch],
+        batch_size: int,
+        dtype: torch.dtype,
+        mlp: StateStore | None = None,
+    ) -> None:
         if store.done != store.shape["states"]:
             raise ValueError("the state store is not complete")
         self.store = store
@@ -192,6 +251,8 @@ class StoredStateCache(StateCache):
         self.dtype = dtype
         self.num_blocks = store.shape["states"] - 1
         self.states = []
+        self.mlp = None
+        self.mlp_store = mlp
         ids = torch.cat([b.ids.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         mask = torch.cat([b.mask.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         self.windows = TokenWindows(input_ids=ids, attention_mask=mask)
@@ -205,6 +266,13 @@ class StoredStateCache(StateCache):
         full = torch.zeros((*b.ids.shape, rows.shape[1]), dtype=self.dtype)
         full[b.real.cpu()] = rows.to(self.dtype)
         return full
+
+    def mlp_output(self, batch: int, block: int) -> torch.Tensor | None:
+        store = self.mlp_store
+        if store is None or block >= store.done:
+            return None
+        begin = self._offsets[batch]
+        return store.read(block, begin, begin + self._rows[batch]).to(self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -8,7 +8,8 @@ the weights plus the job's working set fit the device's memory budget, and seque
 - the weights are the checkpoint's tensors at the dtype the job runs in;
 - the working set is what a resident run keeps beside them: the dense state caches (N + 1 states of
   every validation and heal token), and one batch's activations (a block's widest intermediate and
-  the logits, a few times over for what the kernels hold).
+  the logits, a few times over for what the kernels hold); on the CPU also the blocks' MLP outputs on
+  the heal tokens, which the capture keeps on the host (N of them per token, ``lorp.states.StateSink``).
 
 Sequential execution needs the weights in safetensors files (it reads them a block at a time); a GGUF
 file or pickled weights run resident, and an explicit ``sequential`` for them is refused.
@@ -106,13 +107,18 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
     return int(reported * (1 - MARGIN)), f"{int(100 * (1 - MARGIN))}% of the {device.type} device's {what}"
 
 
-def working_bytes(config: Any, dtype: torch.dtype, blocks: int, work: WorkingSet) -> int:
-    """The estimate of what a resident run keeps beside the weights (see the module's docstring)."""
+def working_bytes(
+    config: Any, dtype: torch.dtype, blocks: int, work: WorkingSet, device: torch.device | None = None
+) -> int:
+    """The estimate of what a resident run on ``device`` keeps there beside the weights (see the module's
+    docstring; ``device`` None: the host's own memory, the CPU)."""
     width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
     inner = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * width)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     size = torch.empty((), dtype=dtype).element_size()
     states = (blocks + 1) * work.cached_tokens(width) * size * width
+    if device is None or device.type == "cpu":
+        states += blocks * work.heal_tokens(width) * size * width
     activations = 4 * work.batch_tokens * max(inner, width) * size + work.batch_tokens * vocab * 4
     return states + activations
 

@@ -10,7 +10,8 @@ how the model's own forward calls each block (:mod:`lorp.execution.calls`). On i
 - :meth:`Runner.logits`: the logits of a state leaving the last block;
 - :meth:`Runner.pruned`: a view of the model with blocks removed (the kept ones renumbered as the
   pruned model numbers them) and heal maps folded, in which the same passes run;
-- :meth:`Runner.watch`: the output of a module inside a block (a block's MLP output) while it runs.
+- :meth:`Runner.watch`: the output of a module inside a block (a block's MLP output) while it runs;
+  :meth:`Runner.watch_mlp` that of each block's MLP output projection (what a heal map folds into).
 
 Each block runs on the state it is given with the arguments the dense forward gave it; with blocks
 removed that is what the pruned model gives the same block (its masks and positions do not depend
@@ -28,7 +29,7 @@ scores and fits (tests/engine/test_sequential.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class Batch:
     @property
     def num_windows(self) -> int:
         return int(self.ids.shape[0])
+
+    def real_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of ``hidden`` at the real tokens, ``[tokens, d]`` in window order, whether it is
+        ``[B, T, d]`` or already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
+        return hidden.detach().reshape(-1, hidden.shape[-1])[self.real.reshape(-1).to(hidden.device)]
 
 
 @dataclass
@@ -347,6 +353,13 @@ class Runner:
             yield latest
         finally:
             handle.remove()
+
+    @contextmanager
+    def watch_mlp(self, blocks: Iterable[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+        """:meth:`watch` of the MLP output projection of each of ``blocks`` (their M, ``lorp.heal``): by
+        block, a list holding its latest output."""
+        with ExitStack() as stack:
+            yield {j: stack.enter_context(self.watch(output_projection(self.model, self.blocks[j])[0])) for j in blocks}
 
 
 def as_runner(model: Any) -> Runner:

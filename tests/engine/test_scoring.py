@@ -39,6 +39,21 @@ def test_cached_prefix_scores_equal_full_re_evaluation(name: str) -> None:
     assert scorer.evaluations == len(PLANS)  # a plan already scored is not measured again
 
 
+def test_a_full_measure_after_a_screening_runs_only_the_windows_not_screened() -> None:
+    model = six_blocks("llama")
+    cache = StateCache(model, windows(batch=8, length=12, seed=4), batch_size=2)  # four batches
+    fresh = PlanScorer(model, cache, healer=CachedHealer(model, cache, mode="dense"))
+    full = fresh.score_many([[2], [3, 4]])
+    runs_in_full = fresh.runner.block_runs
+    scorer = PlanScorer(model, cache, healer=CachedHealer(model, cache, mode="dense"), screen_windows=2)
+    screened = scorer.score_many([[2], [3, 4]], screen=True)
+    before = scorer.runner.block_runs
+    assert scorer.score_many([[2], [3, 4]]) == full  # exactly: the same sums, in the same order
+    assert runs_in_full > 0 and (scorer.runner.block_runs - before) * 4 == runs_in_full * 3  # batches 2..4
+    assert (scorer.screenings, scorer.evaluations) == (2, 2)
+    assert scorer.score_many([[2], [3, 4]], screen=True) == screened  # read from the kept sums
+
+
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "falcon"])
 def test_cached_heal_fits_and_healed_scores_equal_heal_cuts(name: str, mode: str) -> None:
@@ -98,11 +113,12 @@ def test_cancel_between_batches_raises() -> None:
         StateCache(model, windows(), batch_size=2, should_cancel=lambda: True)
 
 
-def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass() -> None:
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass(name: str) -> None:
     from lorp.similarity import capture_similarity
     from lorp.states import StateSink
 
-    model = six_blocks("llama")
+    model = six_blocks(name)
     data = windows(batch=6, length=12, seed=3)
     sink = StateSink(max_windows=5, batch_size=4, dtype=torch.float32)
     capture_similarity(model, data, batch_size=4, keep_states=sink)
@@ -115,9 +131,15 @@ def test_the_capture_keeps_the_heal_states_so_healing_needs_no_second_pass() -> 
         real = direct.batches[b].real
         for j in range(direct.num_blocks + 1):
             assert torch.allclose(kept.state(b, j)[real], direct.state(b, j)[real], atol=1e-6)
-    from_capture = CachedHealer(model, kept).fits([2, 3])[0].span
-    from_pass = CachedHealer(model, direct).fits([2, 3])[0].span
-    assert from_capture.residual_after == pytest.approx(from_pass.residual_after, rel=1e-5)
+    # The blocks' MLP outputs were kept too: a dense fit reads them and runs no block.
+    assert direct.mlp_output(0, 2) is None and kept.mlp_output(0, 2) is not None
+    capture_healer, pass_healer = CachedHealer(model, kept, mode="dense"), CachedHealer(model, direct, mode="dense")
+    plan = [2, 3, 5]  # two spans: anchors 1 and 4
+    from_capture, from_pass = capture_healer.fits(plan), pass_healer.fits(plan)
+    assert (capture_healer.anchor_passes, pass_healer.anchor_passes) == (0, 2)
+    for kept_fit, run_fit in zip(from_capture, from_pass, strict=True):
+        assert kept_fit.span.residual_after == pytest.approx(run_fit.span.residual_after, rel=1e-5)
+        assert torch.allclose(kept_fit.T, run_fit.T, atol=1e-6)
 
 
 def test_a_longer_span_after_the_same_anchor_reuses_its_outputs_and_fits_the_same() -> None:

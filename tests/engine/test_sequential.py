@@ -24,7 +24,7 @@ from lorp.planner import MIN_TOKENS_PER_WIDTH
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
-from lorp.states import StateCache, window_store
+from lorp.states import StateCache, StoredStateCache, window_store
 
 from .archs import ARCHS, six_blocks, write_wide_llama
 
@@ -98,6 +98,31 @@ def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tm
     assert sequential.block_loads == sequential.num_blocks + 1
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
+def test_a_stored_capture_keeps_the_heal_windows_mlp_outputs_so_fits_load_no_block(name: str, tmp_path: Path) -> None:
+    """The capture writes each block's MLP output on the heal windows (the first ones) beside its
+    states; a healer on that store fits as a resident healer does, without loading any block again."""
+    resident, sequential = both(name, tmp_path / "model")
+    data = windows()
+    heal_on = TokenWindows(input_ids=data.input_ids[:3], attention_mask=data.attention_mask[:3])
+    store = window_store(sequential, data, tmp_path / "scratch", key="job")
+    n = sequential.num_blocks
+    mlp = window_store(sequential, heal_on, tmp_path / "scratch-mlp", key="job", num_states=n)
+    capture_similarity(sequential, data, batch_size=2, store=store, mlp_store=mlp)
+    assert mlp.done == n and mlp.shape["tokens"] == int(heal_on.attention_mask.sum())
+    loads = sequential.block_loads
+    heal_batches = list(sequential.batches(heal_on, 2))
+    stored = StoredStateCache(store, heal_batches, 2, torch.float32, mlp=mlp)
+    healer_s = CachedHealer(sequential, stored, mode="dense")
+    healer_r = CachedHealer(resident, StateCache(resident, heal_on, batch_size=2), mode="dense")
+    for plan in ([2], [1, 4], [3, 4, 5]):
+        for fit_s, fit_r in zip(healer_s.fits(plan), healer_r.fits(plan), strict=True):
+            assert fit_s.anchor == fit_r.anchor
+            torch.testing.assert_close(fit_s.T, fit_r.T, rtol=1e-5, atol=1e-7)
+    assert healer_s.anchor_passes == 0 and healer_r.anchor_passes == 4  # anchors 1, 0 and 3, 2
+    assert sequential.block_loads == loads  # no block loaded again
+
+
 def test_a_bf16_pass_stores_its_states_as_bf16_losslessly(tmp_path: Path) -> None:
     """A 16-bit model's states are stored at 16 bits (half float32's disk) and read back as the same
     values: the capture equals the same bf16 pass's capture held in memory."""
@@ -155,6 +180,40 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
     assert other.resumed_from == 0 and other.done == 0
     elsewhere = window_store(again, data, tmp_path / "scratch", key="another model")
     assert elsewhere.resumed_from == 0
+
+
+def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> None:
+    _, first = both("llama", tmp_path / "model")
+    data = windows()
+    n = first.num_blocks
+    whole = window_store(first, data, tmp_path / "whole-mlp", key="job", num_states=n)
+    capture_similarity(
+        first, data, batch_size=2, store=window_store(first, data, tmp_path / "whole", "job"), mlp_store=whole
+    )
+
+    _, interrupted = both("llama", tmp_path / "model")
+    dying = window_store(interrupted, data, tmp_path / "scratch", key="job")
+    write = dying.write
+
+    def write_then_die(index: int, rows: torch.Tensor) -> None:
+        write(index, rows)
+        if index == 4:
+            raise _Killed
+
+    dying.write = write_then_die  # type: ignore[method-assign]
+    mlp = window_store(interrupted, data, tmp_path / "scratch-mlp", key="job", num_states=n)
+    with pytest.raises(_Killed):
+        capture_similarity(interrupted, data, batch_size=2, store=dying, mlp_store=mlp)
+    assert mlp.done == 4  # blocks 0..3's MLP outputs, written before the states leaving them
+
+    _, again = both("llama", tmp_path / "model")
+    store = window_store(again, data, tmp_path / "scratch", key="job")
+    mlp = window_store(again, data, tmp_path / "scratch-mlp", key="job", num_states=n)
+    assert mlp.resumed_from == 4
+    capture_similarity(again, data, batch_size=2, store=store, mlp_store=mlp)
+    assert mlp.done == n
+    for j in range(n):
+        torch.testing.assert_close(mlp.read(j), whole.read(j), rtol=0, atol=1e-6)
 
 
 def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path) -> None:
@@ -265,4 +324,8 @@ def test_the_working_set_counts_the_heal_tokens_a_models_width_keeps() -> None:
     assert work.heal_tokens(wide) >= MIN_TOKENS_PER_WIDTH * wide
     config = type("Config", (), {"hidden_size": wide, "intermediate_size": 14336, "vocab_size": 1000})()
     states = (32 + 1) * work.cached_tokens(wide) * wide * 2
-    assert working_bytes(config, torch.bfloat16, 32, work) >= states
+    on_gpu = working_bytes(config, torch.bfloat16, 32, work, torch.device("cuda"))
+    on_cpu = working_bytes(config, torch.bfloat16, 32, work, torch.device("cpu"))
+    assert on_gpu >= states
+    # On the CPU the device is the host, where the capture keeps the heal tokens' MLP outputs.
+    assert on_cpu - on_gpu == 32 * work.heal_tokens(wide) * wide * 2
