@@ -38,6 +38,7 @@ from lorp.execution.healed import (  # noqa: F401 (re-exported: the fold is part
     heal_refusal,
     output_projection,
 )
+from lorp.execution.runner import real_tokens
 
 HealMode = Literal["sequential", "dense"]
 
@@ -122,12 +123,6 @@ class FitStatistics:
 
     def relative(self, squared: float) -> float:
         return math.sqrt(max(squared, 0.0) / self.zz) if self.zz > 0 else 0.0
-
-
-def real_tokens(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The rows of the real (unpadded) tokens, ``[tokens, d]``, whether ``hidden`` is ``[B, T, d]`` or
-    already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
-    return hidden.detach().reshape(-1, hidden.shape[-1])[real.reshape(-1).to(hidden.device)]
 
 
 def heal_cuts(

@@ -104,8 +104,7 @@ def capture_similarity(
         if store is not None and stored:
             found = _stored_states(runner, list(batches), store, should_cancel, progress, total, mlp_store)
         else:
-            wants_mlp = None if keep_states is None else lambda: keep_states.wants_more
-            found = _real_states(runner, batches, wants_mlp)
+            found = _real_states(runner, batches, keep_states)
         for batch, x, mlp in found:  # x: [tokens, L, d]
             if keep_states is not None:
                 keep_states(runner, batch, x, mlp)
@@ -154,14 +153,14 @@ def _stored_states(
 
 
 def _real_states(
-    runner: Runner, batches: Iterable[Batch], wants_mlp: Callable[[], bool] | None = None
+    runner: Runner, batches: Iterable[Batch], sink: StateSink | None = None
 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
     """Each batch with the N+1 states of its real tokens in one token-major float32 buffer, ``[tokens, L, d]``.
 
     Token-major, so that the per-token products for S and D are one batched matrix product over
     contiguous memory; each state is copied in as the pass hands it over (normalisation happens on
     the products). Buffers are kept where the runner keeps states between blocks (``state_device``).
-    While ``wants_mlp()`` says so, a group's blocks' MLP outputs on the real tokens come too
+    While ``sink`` wants more windows, a group's blocks' MLP outputs on the real tokens come too
     (``[tokens, N, d]`` on the host), else None.
     """
     n_states = runner.num_blocks + 1
@@ -169,7 +168,7 @@ def _real_states(
     for group in runner.groups(batches):
         buffers: list[torch.Tensor | None] = [None] * len(group)
         mlp: list[list[torch.Tensor]] = [[] for _ in group]
-        watching = wants_mlp is not None and wants_mlp()
+        watching = sink is not None and sink.wants_more
 
         def store(
             i: int, index: int, hidden: torch.Tensor, group: list[Batch] = group, buffers: list[Any] = buffers

@@ -9,7 +9,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from app.core.security import DISPLAY_PREFIX_LEN, KEY_PREFIX, generate_api_key, hash_api_key
-from app.db.base import utcnow
+from app.db.base import as_utc, utcnow
 from app.db.models import ApiKey
 from app.repositories import keys as keys_repo
 
@@ -43,9 +43,7 @@ def verify_api_key(session: Session, plaintext: str) -> ApiKey | None:
     if row.revoked_at is not None:
         return None
     now = utcnow()
-    last = row.last_used_at
-    if last is not None and last.tzinfo is None:
-        last = last.replace(tzinfo=dt.UTC)
+    last = None if row.last_used_at is None else as_utc(row.last_used_at)
     if last is None or now - last > _TOUCH_INTERVAL:
         keys_repo.touch(session, row.id, now)
     return row

@@ -68,9 +68,14 @@ class Batch:
         return int(self.ids.shape[0])
 
     def real_rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The rows of ``hidden`` at the real tokens, ``[tokens, d]`` in window order, whether it is
-        ``[B, T, d]`` or already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
-        return hidden.detach().reshape(-1, hidden.shape[-1])[self.real.reshape(-1).to(hidden.device)]
+        """:func:`real_tokens` of this batch."""
+        return real_tokens(hidden, self.real)
+
+
+def real_tokens(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The rows of the real (unpadded) tokens, ``[tokens, d]`` in window order, whether ``hidden`` is
+    ``[B, T, d]`` or already flattened to ``[B*T, d]`` (OPT's MLP works on flattened tokens)."""
+    return hidden.detach().reshape(-1, hidden.shape[-1])[real.reshape(-1).to(hidden.device)]
 
 
 @dataclass
