@@ -13,7 +13,7 @@ import torch
 from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
-from lorp.execution import as_runner
+from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.healed import FoldedMap
 
 
@@ -27,6 +27,17 @@ def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tu
     nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     return float(nll[valid].double().sum()), int(valid.sum())
+
+
+def state_nll(runner: Runner, batch: Batch, final: torch.Tensor) -> tuple[float, int]:
+    """:func:`batch_nll` of the logits of ``final`` (a state leaving the last block), reduced a window
+    at a time so that a batch's logits are never held whole (``Runner.window_logits``)."""
+    total, count = 0.0, 0
+    for rows, logits in runner.window_logits(batch, final):
+        nll, tokens = batch_nll(logits, batch.ids[rows], batch.mask[rows])
+        total += nll
+        count += tokens
+    return total, count
 
 
 def mean_to_perplexity(nll: float, tokens: int) -> float:
@@ -69,7 +80,7 @@ def negative_log_likelihood(
         for group in runner.groups(batches):
             with runner.pruned(removed, fits) as view:
                 for batch, final in zip(group, view.run_all(group), strict=True):
-                    nll, tokens = batch_nll(view.logits(batch, final), batch.ids, batch.mask)
+                    nll, tokens = state_nll(view, batch, final)
                     total_nll += nll
                     total_tokens += tokens
                     done += batch.num_windows

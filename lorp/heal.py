@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,14 +65,39 @@ class SpanFit:
 
 @dataclass(frozen=True)
 class Fit:
-    """A span's fitted map ``T`` (d x d, float64) and how well it fits."""
+    """A span's fitted map ``T`` (d x d, float64) and how well it fits.
 
-    T: torch.Tensor
+    ``T`` is held in memory (``held``) or in a file (``file``, :meth:`spilled`) read back each time a
+    fold asks for it: a job that scores many candidates keeps every fit for reuse, d^2 x 8 bytes each
+    (32 MB at width 2,048, 512 MB at 8,192), and a pass folds one at a time.
+    """
+
     span: SpanFit
+    held: torch.Tensor | None = None
+    file: Path | None = None
 
     @property
     def anchor(self) -> int:
         return self.span.anchor
+
+    @property
+    def T(self) -> torch.Tensor:
+        if self.held is not None:
+            return self.held
+        if self.file is None:
+            raise ValueError("a fit holds its map in memory or in a file")
+        return torch.load(self.file, weights_only=True)
+
+    def spilled(self, file: Path) -> Fit:
+        """This fit with its map written to ``file`` and no longer held (the same fit when not held)."""
+        if self.held is None:
+            return self
+        torch.save(self.held, file)
+        return Fit(span=self.span, file=file)
+
+    def loaded(self) -> Fit:
+        """This fit with its map held in memory (for use after its file is gone)."""
+        return self if self.held is not None else Fit(span=self.span, held=self.T)
 
 
 def contiguous_spans(pruned: Sequence[int]) -> list[tuple[int, int]]:
@@ -189,7 +215,7 @@ def heal_cuts(
                 residual_before=stat.relative(stat.squared_error(None)),
                 residual_after=stat.relative(stat.squared_error(T)),
             )
-            fits.append(Fit(T=T, span=span))
+            fits.append(Fit(span=span, held=T))
             spans_fitted.append(span)
     for fit in fits:
         projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])

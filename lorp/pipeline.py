@@ -679,6 +679,7 @@ def plan(
                 should_cancel=stages.should_cancel,
                 heal_cache=heal_cache,
                 validation_cache=validation_cache,
+                spill=scratch / "fits" if runner is not None else None,
             )
         with stages.stage(Stage.budget_curve):
             curve = _budget_curve(choice, stats, spec, stages)

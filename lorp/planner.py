@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -219,6 +220,7 @@ def choose_plan(
     should_cancel: Callable[[], bool] | None = None,
     heal_cache: StateCache | None = None,
     validation_cache: StateCache | None = None,
+    spill: Path | None = None,
 ) -> PlanChoice:
     """Score the method's candidates on ``data.validation`` (healed as they will ship) and pick the plan.
 
@@ -235,6 +237,8 @@ def choose_plan(
             (``lorp.states.StateSink``); built here otherwise.
         validation_cache: the dense states of ``data.validation`` (a sequential job's, on disk); built
             here otherwise.
+        spill: a folder the candidates' heal maps wait in (``CachedHealer``), for a job that should not
+            hold them all; the chosen plan's come back held.
     """
     runner = as_runner(model)
     model = runner.model
@@ -249,7 +253,7 @@ def choose_plan(
     if heal == "linear":
         if heal_cache is None:
             heal_cache = StateCache(runner, fit_on, batch_size=batch, should_cancel=should_cancel)
-        healer = CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel)
+        healer = CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel, spill=spill)
     if validation_cache is None:
         validation_cache = StateCache(runner, data.validation, batch_size=batch)
     scorer = PlanScorer(runner, validation_cache, healer=healer, should_cancel=should_cancel)
@@ -263,7 +267,7 @@ def choose_plan(
     else:
         n = target.blocks_for(n_blocks)
         name, chosen, plans, scores = chooser.best_at(n)
-    fits = scorer.fits(chosen.pruned_layers)
+    fits = [fit.loaded() for fit in scorer.fits(chosen.pruned_layers)]  # outlive a spill folder
     reason = heal_refusal_reason if heal == "none" else None
     unhealed = None
     # Measured in full only where the screening windows say the plan may do better unhealed.

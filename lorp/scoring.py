@@ -14,16 +14,18 @@ evaluations, seconds) for the report.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorp.blocks import decoder_blocks
 from lorp.errors import JobCancelled
-from lorp.evaluation import batch_nll, mean_to_perplexity
+from lorp.evaluation import mean_to_perplexity, state_nll
 from lorp.execution import PlanPass, as_runner
 from lorp.execution.healed import fold, output_projection
 from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
@@ -68,6 +70,8 @@ class CachedHealer:
         mode: ``sequential`` (each span fitted on the model pruned and healed before it) or ``dense``.
         ridge: the pull toward the identity (``lorp.heal``).
         max_cached_anchors: anchors whose dense outputs (M, h) and M^T M are kept for later fits.
+        spill: a folder the fits' maps are written to and read back from when a fold needs them, rather
+            than held (a sequential job's scratch: it scores many candidates of a wide model).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class CachedHealer:
         ridge: float = DEFAULT_RIDGE,
         should_cancel: Callable[[], bool] | None = None,
         max_cached_anchors: int = 8,
+        spill: Path | None = None,
     ) -> None:
         self.runner = as_runner(model)
         self.cache = cache
@@ -86,8 +91,14 @@ class CachedHealer:
         self.ridge = ridge
         self.should_cancel = should_cancel
         self._fits: dict[tuple[tuple[int, int], ...], Fit] = {}
-        self._anchors: OrderedDict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = OrderedDict()
+        self._anchors: OrderedDict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | Path]] = (
+            OrderedDict()
+        )
         self.max_cached_anchors = max_cached_anchors
+        self.spill = spill
+        if spill is not None:  # an earlier attempt's maps are not reused: the folder starts empty
+            shutil.rmtree(spill, ignore_errors=True)
+            spill.mkdir(parents=True)
         self.fits_computed = 0
         self.anchor_passes = 0  # anchors whose block ran again (their MLP outputs were not kept)
         self.seconds = 0.0
@@ -100,7 +111,10 @@ class CachedHealer:
             key = (span,) if self.mode == "dense" or k == 0 else tuple(spans[: k + 1])
             if key not in self._fits:
                 started = time.perf_counter()
-                self._fits[key] = self._fit(span, spans[:k], out)
+                fit = self._fit(span, spans[:k], out)
+                if self.spill is not None:
+                    fit = fit.spilled(self.spill / f"fit-{len(self._fits):05d}-{span[0]}-{span[1]}.pt")
+                self._fits[key] = fit
                 self.fits_computed += 1
                 self.seconds += time.perf_counter() - started
             out.append(self._fits[key])
@@ -143,11 +157,18 @@ class CachedHealer:
 
     def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The anchor's (M, h) on the dense model and M^T M, kept for the most recent anchors: every
-        span that starts after this anchor reuses them (a search grows spans at their end)."""
+        span that starts after this anchor reuses them (a search grows spans at their end). Rows the
+        cache holds (a capture kept the MLP outputs) are read from it again rather than kept twice:
+        only M^T M, the costly part, and the rows a pass had to compute are kept here; with ``spill``
+        M^T M waits in a file too (d^2 x 8 bytes: 32 MB at width 2,048)."""
         if anchor in self._anchors:
             self._anchors.move_to_end(anchor)
-            return self._anchors[anchor]
+            rows_kept, gram = self._anchors[anchor]
+            rows = rows_kept if rows_kept is not None else self._kept_outputs(anchor)
+            assert rows is not None
+            return rows, gram if isinstance(gram, torch.Tensor) else torch.load(gram, weights_only=True)
         rows = self._kept_outputs(anchor)
+        in_cache = rows is not None
         if rows is None:
             rows = self._anchor_outputs(anchor, anchor, [], [])
             self.anchor_passes += 1
@@ -156,7 +177,11 @@ class CachedHealer:
         for m, _ in rows:
             m64 = m.to(torch.float64)
             mtm += m64.T @ m64
-        self._anchors[anchor] = (rows, mtm)
+        kept: torch.Tensor | Path = mtm
+        if self.spill is not None:
+            kept = self.spill / f"mtm-{anchor:05d}.pt"
+            torch.save(mtm, kept)
+        self._anchors[anchor] = (None if in_cache else rows, kept)
         while len(self._anchors) > self.max_cached_anchors:
             self._anchors.popitem(last=False)
         return rows, mtm
@@ -167,7 +192,7 @@ class CachedHealer:
         stats = FitStatistics(self.cache.state(0, 0).device)
         if self.mode == "dense" or not earlier:
             rows, mtm = self._dense_anchor(anchor)
-            stats.mtm = mtm.clone()
+            stats.mtm = mtm  # read, never written, by the fit
         else:
             removed = [b for s, e in earlier for b in range(s, e)]
             rows = self._anchor_outputs(anchor, earlier_fits[0].anchor, removed, earlier_fits)
@@ -177,7 +202,7 @@ class CachedHealer:
             stats.add(m, target - (h - m), gram=mtm is None)
         T = stats.solve(self.ridge)
         return Fit(
-            T=T,
+            held=T,
             span=SpanFit(
                 start=start,
                 end=end,
@@ -297,9 +322,6 @@ class PlanScorer:
             passes.append(PlanPass(frozenset(plan), {fit.anchor: fit for fit in plan_fits}, start, states))
         finals = self.runner.run_plans(cached, passes, should_cancel=self.should_cancel)
         return [
-            [
-                batch_nll(self.runner.logits(batch, final), batch.ids, batch.mask)
-                for batch, final in zip(cached, plan_finals, strict=True)
-            ]
+            [state_nll(self.runner, batch, final) for batch, final in zip(cached, plan_finals, strict=True)]
             for plan_finals in finals
         ]

@@ -34,6 +34,7 @@ EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
 # Tokens per chunk of the per-token product for D: bounds the [chunk, L, L] temporary.
 _D_CHUNK_ELEMENTS = 1 << 24
+STORED_READ_BYTES = 64 << 20  # float32 states read back from a store at once, at most
 
 
 @dataclass
@@ -105,18 +106,22 @@ def capture_similarity(
             found = _stored_states(runner, list(batches), store, should_cancel, progress, total, mlp_store)
         else:
             found = _real_states(runner, batches, keep_states)
-        for batch, x, mlp in found:  # x: [tokens, L, d]
+        for batch, offset, x, mlp in found:  # x: [tokens, L, d], the batch's real tokens from ``offset``
             if keep_states is not None:
                 keep_states(runner, batch, x, mlp)
-            last = _last_token_positions(batch.mask) if angular == "last_token" else None
+            last = None
+            if angular == "last_token":
+                last = _last_token_positions(batch.mask) - offset
+                last = last[(last >= 0) & (last < x.shape[0])]
             batch_s, batch_d = _pair_sums(x, last)
             s_sum += batch_s
             d_sum += batch_d
             n_tokens += int(x.shape[0])
             n_angular += int(x.shape[0]) if last is None else int(last.numel())
-            done += batch.num_windows
-            if progress is not None and not stored:  # a stored pass reports its blocks instead
-                progress(done, total)
+            if offset + x.shape[0] == int(batch.real.sum()):  # the batch's last part
+                done += batch.num_windows
+                if progress is not None and not stored:  # a stored pass reports its blocks instead
+                    progress(done, total)
 
     if n_tokens == 0:
         raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration.dataset")
@@ -135,27 +140,33 @@ def _stored_states(
     progress: Callable[[int, int], None] | None,
     total: int,
     mlp: StateStore | None = None,
-) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
+) -> Iterator[tuple[Batch, int, torch.Tensor, torch.Tensor | None]]:
     """:func:`_real_states` of a sequential runner through ``store`` (``lorp.states.store_states``), then
-    each batch's N + 1 states read back, a batch at a time (the MLP outputs stay in ``mlp``)."""
+    the N + 1 states read back a part of a batch at a time, at most :data:`STORED_READ_BYTES` of them
+    (a whole batch's would be 0.4 GB for 4 x 256 tokens of a 48-block model of width 2048; the MLP
+    outputs stay in ``mlp``)."""
     on_block = None if progress is None else lambda done, blocks: progress(total * done // (blocks + 1), total)
     store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, mlp=mlp)
     n_states = runner.num_blocks + 1
+    rows = max(1, STORED_READ_BYTES // (n_states * store.shape["width"] * 4))
     begin = 0
     for batch in batches:
         count = int(batch.real.sum())
-        x = torch.empty((count, n_states, store.shape["width"]), dtype=torch.float32)
-        for j in range(n_states):
-            x[:, j] = store.read(j, begin, begin + count)
-        yield batch, x, None
-        del x
+        for offset in range(0, count, rows):
+            part = min(rows, count - offset)
+            x = torch.empty((part, n_states, store.shape["width"]), dtype=torch.float32)
+            for j in range(n_states):
+                x[:, j] = store.read(j, begin + offset, begin + offset + part)
+            yield batch, offset, x, None
+            del x
         begin += count
 
 
 def _real_states(
     runner: Runner, batches: Iterable[Batch], sink: StateSink | None = None
-) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
-    """Each batch with the N+1 states of its real tokens in one token-major float32 buffer, ``[tokens, L, d]``.
+) -> Iterator[tuple[Batch, int, torch.Tensor, torch.Tensor | None]]:
+    """Each batch with the N+1 states of its real tokens in one token-major float32 buffer, ``[tokens, L, d]``
+    (from token 0: the offset yielded is 0).
 
     Token-major, so that the per-token products for S and D are one batched matrix product over
     contiguous memory; each state is copied in as the pass hands it over (normalisation happens on
@@ -199,7 +210,7 @@ def _real_states(
             buffer = buffers[i]
             assert buffer is not None
             buffers[i] = None
-            yield batch, buffer, torch.stack(mlp[i], dim=1) if watching else None
+            yield batch, 0, buffer, torch.stack(mlp[i], dim=1) if watching else None
             mlp[i] = []
 
 

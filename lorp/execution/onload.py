@@ -106,6 +106,27 @@ def _model_names(model: Any, stored: Any) -> dict[str, str]:
     return names
 
 
+_HEAD_CHUNK_BYTES = 32 << 20  # the head's weights cast at once, at most (a vocabulary slice)
+
+
+def _run_head_in(module: torch.nn.Linear, dtype: torch.dtype) -> None:
+    """A linear head stored narrower than ``dtype`` computes in ``dtype``, casting a slice of the
+    vocabulary's weights at a time (the cast of all of them would be the copy it avoids holding)."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = module.weight, module.bias
+        rows = max(1, _HEAD_CHUNK_BYTES // (int(weight.shape[1]) * dtype.itemsize))
+        out = torch.empty((*hidden.shape[:-1], weight.shape[0]), dtype=dtype, device=hidden.device)
+        for begin in range(0, weight.shape[0], rows):
+            part = slice(begin, begin + rows)
+            out[..., part] = torch.nn.functional.linear(
+                hidden, weight[part].to(dtype), None if bias is None else bias[part].to(dtype)
+            )
+        return out
+
+    module.forward = forward  # type: ignore[method-assign,assignment]  # this instance only
+
+
 class Onloader:
     """Brings a skeleton's weights from ``source``'s safetensors files onto ``device``, piece by piece.
 
@@ -179,12 +200,32 @@ class Onloader:
         """Whether the model's tensor ``name`` lies outside the decoder blocks."""
         return re.match(rf"{re.escape(self.path)}\.\d+\.", name) is None
 
+    def _narrow_names(self) -> set[str]:
+        """The model's names for the weights that may stay in the checkpoint's dtype: the token
+        embeddings' when they are a plain ``nn.Embedding`` (a scaled one, Gemma's, computes in the
+        weight's dtype), the head's when it is a plain ``nn.Linear``; a tied pair only when both are."""
+        plain = {torch.nn.Embedding, torch.nn.Linear}
+        modules = [m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None]
+        weights = {id(m.weight): m for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        users: dict[int, list[torch.nn.Module]] = {}
+        for module in modules:
+            users.setdefault(id(module.weight), []).append(module)
+        allowed = {key for key, owners in users.items() if all(type(m) in plain for m in owners) and key in weights}
+        return {name for name, param in self.model.named_parameters(remove_duplicate=False) if id(param) in allowed}
+
     def load_outside(self) -> None:
-        """Load every weight outside the decoder blocks (embeddings, final norm, head) for good."""
+        """Load every weight outside the decoder blocks (embeddings, final norm, head) for good.
+
+        The token embeddings and the head stay in the dtype the checkpoint stores them in when that is
+        narrower than the run's (a bfloat16 checkpoint run in float32 on a CPU): the embeddings' rows
+        and the head's weights are cast as they are used (:func:`_run_head_in`),
+        which gives what weights cast on load give, and the host holds half the bytes."""
+        narrow = self._narrow_names()
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
             if tensor.device.type == "meta" and self._outside(name):
                 value = self.checkpoint.read(self._stored(name), device=self.device)
-                _set(self.model, name, value.to(self.dtype) if value.is_floating_point() else value)
+                keep = name in narrow and value.is_floating_point() and value.itemsize < self.dtype.itemsize
+                _set(self.model, name, value.to(self.dtype) if value.is_floating_point() and not keep else value)
         tie = getattr(self.model, "tie_weights", None)
         if callable(tie):
             tie()
@@ -192,6 +233,11 @@ class Onloader:
             for key, buffer in list(buffer_owner._buffers.items()):
                 if buffer is not None and buffer.device != self.device and buffer.device.type != "meta":
                     buffer_owner._buffers[key] = buffer.to(self.device)
+        embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if embeddings.weight.dtype != self.dtype:
+            embeddings.register_forward_hook(lambda _module, _args, output: output.to(self.dtype))  # exact
+        if isinstance(head, torch.nn.Linear) and head.weight.dtype != self.dtype:
+            _run_head_in(head, self.dtype)
 
     @contextmanager
     def block(self, index: int) -> Iterator[torch.nn.Module]:

@@ -371,12 +371,15 @@ def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_mod
     # the scratch's files a batch at a time; nothing holds (N + 1) x tokens x d in memory.
     assert isinstance(scorer.cache, StoredStateCache) and isinstance(scorer.healer.cache, StoredStateCache)
     assert scorer.cache.nbytes == 0 and scorer.healer.cache.store is not scorer.cache.store
-    assert {p.name for p in (tmp_path / "scratch").iterdir()} == {"capture", "capture-mlp", "validation"}
+    assert {p.name for p in (tmp_path / "scratch").iterdir()} == {"capture", "capture-mlp", "validation", "fits"}
     assert len(list((tmp_path / "scratch" / "validation").glob("state_*.bin"))) == 9
     # Beside the capture's states, each block's MLP output on the heal windows: the dense fits read
     # them and run no block again.
     assert len(list((tmp_path / "scratch" / "capture-mlp").glob("state_*.bin"))) == 8
     assert scorer.healer.fits_computed > 0 and scorer.healer.anchor_passes == 0
+    # The candidates' heal maps wait on disk too, one file each; the chosen plan's come back held.
+    assert len(list((tmp_path / "scratch" / "fits").glob("fit-*.pt"))) == scorer.healer.fits_computed
+    assert all(fit.held is not None for fit in planned.choice.fits)
 
 
 def test_a_sequential_job_asking_for_lm_eval_tasks_is_refused_before_loading(tiny_model_dir, corpus_files, tmp_path):

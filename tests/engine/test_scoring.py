@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,6 +82,30 @@ def test_cached_heal_fits_and_healed_scores_equal_heal_cuts(name: str, mode: str
         dense = six_blocks(name)
         for (key, a), b in zip(model.state_dict().items(), dense.state_dict().values(), strict=True):
             assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("mode", ["sequential", "dense"])
+def test_a_healer_that_spills_its_maps_to_disk_gives_the_same_fits_and_scores(mode: str, tmp_path: Path) -> None:
+    model = six_blocks("llama")
+    fit_on, score_on = windows(batch=6, length=12, seed=3), windows(batch=4, length=12, seed=9)
+    held = CachedHealer(model, StateCache(model, fit_on, batch_size=4), mode=mode)  # type: ignore[arg-type]
+    spilled = CachedHealer(model, StateCache(model, fit_on, batch_size=4), mode=mode, spill=tmp_path / "fits")  # type: ignore[arg-type]
+    cache = StateCache(model, score_on, batch_size=3)
+    scores = {}
+    for healer in (held, spilled):
+        scorer = PlanScorer(model, cache, healer=healer)
+        scores[healer is spilled] = scorer.score_many([[2, 3], [2, 3, 5], [1, 4]])
+    assert scores[True] == scores[False]
+    got = spilled.fits([2, 3, 5])
+    assert all(fit.held is None and fit.file is not None and fit.file.is_file() for fit in got)
+    for fit, want in zip(got, held.fits([2, 3, 5]), strict=True):
+        assert torch.equal(fit.T, want.T) and fit.span == want.span
+        assert fit.loaded().held is not None and torch.equal(fit.loaded().T, want.T)
+    assert len(list((tmp_path / "fits").glob("fit-*.pt"))) == spilled.fits_computed
+    # The M^T M of each anchor fitted on the dense model waits in a file too: every span's in dense
+    # mode, each plan's first span's in sequential mode (the later ones are fitted after a cut).
+    anchors = {0, 1, 3, 4} if mode == "dense" else {0, 1}
+    assert {p.name for p in (tmp_path / "fits").glob("mtm-*.pt")} == {f"mtm-{a:05d}.pt" for a in anchors}
 
 
 def test_fits_a_plan_shares_with_an_earlier_one_are_reused() -> None:

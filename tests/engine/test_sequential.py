@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
@@ -85,6 +86,41 @@ def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perp
     assert sequential.onloader.most_held == 1
 
 
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(name: str, tmp_path: Path) -> None:
+    # A bf16 checkpoint on a CPU runs in float32. Resident casts every weight on load; sequential
+    # keeps the token embeddings and the head (the largest weights outside the blocks) as stored and
+    # casts them as they are used, and gives the same states, statistics and perplexity.
+    six_blocks(name).to(torch.bfloat16).save_pretrained(tmp_path)
+    resident = Runner(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    sequential = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
+    model = sequential.model
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # A scaled embedding (Gemma's) computes in its weight's dtype: it, and a head tied to it, are cast.
+    scaled = type(embeddings) is not torch.nn.Embedding
+    tied = head is not None and head.weight is embeddings.weight
+    expected = {id(embeddings.weight)} if not scaled else set()
+    if head is not None and type(head) is torch.nn.Linear and not (tied and scaled):
+        expected.add(id(head.weight))
+    for weight, param in model.named_parameters():
+        if param.device.type != "meta":
+            assert param.dtype == (torch.bfloat16 if id(param) in expected else torch.float32), weight
+    assert expected or name.startswith("gemma")
+    data = windows()
+    ref = capture_similarity(resident, data, batch_size=2)
+    got = capture_similarity(sequential, data, batch_size=2)
+    torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
+    batch_r = resident.batch(data.input_ids, data.attention_mask)
+    batch_s = sequential.batch(data.input_ids, data.attention_mask)
+    torch.testing.assert_close(batch_s.entering, batch_r.entering, rtol=0, atol=0)
+    torch.testing.assert_close(sequential.forward_logits(batch_s), resident.forward_logits(batch_r), rtol=0, atol=1e-5)
+    assert perplexity(sequential, data, batch_size=2) == pytest.approx(
+        perplexity(resident, data, batch_size=2), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "gpt2"])
 def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tmp_path: Path) -> None:
     resident, sequential = both(name, tmp_path / "model")
@@ -96,6 +132,22 @@ def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tm
     torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
     assert store.done == sequential.num_blocks + 1 and store.resumed_from == 0
     assert sequential.block_loads == sequential.num_blocks + 1
+
+
+@pytest.mark.parametrize("angular", ["all_tokens", "last_token"])
+def test_a_stored_capture_reads_its_states_back_in_parts_with_the_same_statistics(
+    angular: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read back 5 tokens' states at a time: parts that split windows and batches, padding included.
+    resident, sequential = both("llama", tmp_path / "model")
+    data = windows()
+    monkeypatch.setattr("lorp.similarity.STORED_READ_BYTES", 5 * (resident.num_blocks + 1) * 32 * 4)
+    ref = capture_similarity(resident, data, batch_size=2, angular=angular)
+    store = window_store(sequential, data, tmp_path / "scratch", key="job")
+    got = capture_similarity(sequential, data, batch_size=2, angular=angular, store=store)
+    torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
+    assert (got.num_tokens, got.num_sequences) == (ref.num_tokens, ref.num_sequences)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
