@@ -189,8 +189,8 @@ def store_states(
     rows = [int(batch.real.sum()) for batch in batches]
     offsets = [sum(rows[:i]) for i in range(len(rows))]
 
-    def real_rows(states: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)])
+    def real_rows(states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)]
 
     states = [batch.entering for batch in batches]
     if store.done == 0:
@@ -212,10 +212,12 @@ def store_states(
                 def keep(
                     i: int, block: int, _h: torch.Tensor, kept: list[torch.Tensor] = kept, latest: Any = latest
                 ) -> None:
-                    kept.append(batches[i].real_rows(latest[block][0]).cpu())
+                    wanted = mlp.shape["tokens"] - sum(int(part.shape[0]) for part in kept)
+                    if wanted > 0:  # the heal windows are the first; later batches' outputs are not kept
+                        kept.append(batches[i].real_rows(latest[block][0])[:wanted].cpu())
 
                 states = runner.run_all(batches, start=j, states=states, stop=j + 1, on_output=keep)
-            mlp.write(j, torch.cat(kept)[: mlp.shape["tokens"]])
+            mlp.write(j, kept)
         else:
             states = runner.run_all(batches, start=j, states=states, stop=j + 1)
         store.write(j + 1, real_rows(states))

@@ -159,10 +159,15 @@ def head_logits(
     final: torch.Tensor,
     form: OutputForm,
 ) -> torch.Tensor:
-    """The model's logits for the state ``final`` leaving its last block (its own norm and head)."""
+    """The model's logits for the state ``final`` leaving its last block (its own norm and head).
+
+    The forward is given zero embeddings rather than the tokens: the state entering block 0 is replaced
+    by ``final`` anyway, and the embedding table is not read (a sequential runner does not hold it)."""
     recording = _Recording(
         num_blocks=len(blocks), form=form, inject=final, stop_after_last=False, calls=[None] * len(blocks)
     )
+    width = int(model.get_input_embeddings().embedding_dim)
+    embeds = torch.zeros((*ids.shape, width), dtype=final.dtype, device=final.device)
     with _relays(blocks, recording):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
     return out.logits

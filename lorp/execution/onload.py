@@ -148,6 +148,8 @@ class Onloader:
         self.block_loads = 0
         self.held: set[int] = set()
         self.most_held = 0
+        self._narrow: set[str] = set()
+        self._on_demand: str | None = None
 
     def _stored(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
@@ -213,19 +215,35 @@ class Onloader:
         allowed = {key for key, owners in users.items() if all(type(m) in plain for m in owners) and key in weights}
         return {name for name, param in self.model.named_parameters(remove_duplicate=False) if id(param) in allowed}
 
+    def _on_demand_name(self) -> str | None:
+        """The model's name for the token embeddings' weight when no other weight is tied to it: a
+        sequential runner then loads it only to embed a batch (``input_embeddings``), not for good."""
+        weight = self.model.get_input_embeddings().weight
+        name = next((n for n, p in self.model.named_parameters() if p is weight), None)
+        tied = getattr(self.model, "all_tied_weights_keys", None)
+        if tied is None:
+            config = self.model.config.get_text_config()
+            return None if getattr(config, "tie_word_embeddings", True) else name
+        return None if name in tied or name in tied.values() else name
+
+    def _load_outside_tensor(self, name: str) -> None:
+        value = self.checkpoint.read(self._stored(name), device=self.device)
+        keep = name in self._narrow and value.is_floating_point() and value.itemsize < self.dtype.itemsize
+        _set(self.model, name, value.to(self.dtype) if value.is_floating_point() and not keep else value)
+
     def load_outside(self) -> None:
-        """Load every weight outside the decoder blocks (embeddings, final norm, head) for good.
+        """Load the weights outside the decoder blocks (final norm, head, and the token embeddings when
+        the head is tied to them) for good; untied token embeddings wait for :meth:`input_embeddings`.
 
         The token embeddings and the head stay in the dtype the checkpoint stores them in when that is
         narrower than the run's (a bfloat16 checkpoint run in float32 on a CPU): the embeddings' rows
-        and the head's weights are cast as they are used (:func:`_run_head_in`),
-        which gives what weights cast on load give, and the host holds half the bytes."""
-        narrow = self._narrow_names()
+        and the head's weights are cast as they are used (:func:`_run_head_in`), which gives what
+        weights cast on load give, and the host holds half the bytes."""
+        self._narrow = self._narrow_names()
+        self._on_demand = self._on_demand_name()
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if tensor.device.type == "meta" and self._outside(name):
-                value = self.checkpoint.read(self._stored(name), device=self.device)
-                keep = name in narrow and value.is_floating_point() and value.itemsize < self.dtype.itemsize
-                _set(self.model, name, value.to(self.dtype) if value.is_floating_point() and not keep else value)
+            if tensor.device.type == "meta" and self._outside(name) and name != self._on_demand:
+                self._load_outside_tensor(name)
         tie = getattr(self.model, "tie_weights", None)
         if callable(tie):
             tie()
@@ -234,10 +252,26 @@ class Onloader:
                 if buffer is not None and buffer.device != self.device and buffer.device.type != "meta":
                     buffer_owner._buffers[key] = buffer.to(self.device)
         embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        if embeddings.weight.dtype != self.dtype:
+        if any(p is embeddings.weight for n, p in self.model.named_parameters() if n in self._narrow):
             embeddings.register_forward_hook(lambda _module, _args, output: output.to(self.dtype))  # exact
         if isinstance(head, torch.nn.Linear) and head.weight.dtype != self.dtype:
             _run_head_in(head, self.dtype)
+
+    @contextmanager
+    def input_embeddings(self) -> Iterator[None]:
+        """The token embeddings on the device for the length of the ``with`` (loaded and freed when
+        they wait on disk, see :meth:`load_outside`)."""
+        name = self._on_demand
+        if name is None or self.model.get_input_embeddings().weight.device.type != "meta":
+            yield
+            return
+        self._load_outside_tensor(name)
+        try:
+            yield
+        finally:
+            weight = self.model.get_input_embeddings().weight
+            _set(self.model, name, torch.empty_like(weight, device="meta"))
+            trim_heap()
 
     @contextmanager
     def block(self, index: int) -> Iterator[torch.nn.Module]:

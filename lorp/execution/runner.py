@@ -104,7 +104,7 @@ class Runner:
         self._live = decoder_blocks(model)
         self.blocks: list[torch.nn.Module] = list(self._live)
         self.num_blocks = len(self.blocks)
-        self.device = input_device(model)
+        self.device = input_device(model) if onloader is None else onloader.device
         self._form: OutputForm | None = None
         self._removed: frozenset[int] = frozenset()
         self._fits: dict[int, FoldedMap] = {}
@@ -173,7 +173,8 @@ class Runner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # The first batch learns what a block returns by running block 0 once.
         first = self._block(0) if self._form is None and self.onloader is not None else nullcontext()
-        with torch.no_grad(), first:
+        embeddings = self.onloader.input_embeddings() if self.onloader is not None else nullcontext()
+        with torch.no_grad(), first, embeddings:
             entering, calls, self._form = record_calls(self.model, self._live, ids, mask, self._form)
         return Batch(ids=ids, mask=mask, entering=entering, calls=calls, form=self._form)
 

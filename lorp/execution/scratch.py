@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,18 +89,22 @@ class StateStore:
     def row_bytes(self) -> int:
         return self.shape["width"] * self.dtype.itemsize
 
-    def write(self, index: int, rows: torch.Tensor) -> None:
-        """Store state ``index`` (``[tokens, d]``, every real token in window order) and count it done;
-        states are written in order, each after the one before it."""
+    def write(self, index: int, rows: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Store state ``index`` (``[tokens, d]``, every real token in window order, or its parts in that
+        order: written one after the other, never joined in memory) and count it done; states are
+        written in order, each after the one before it."""
         if index != self.done:
             raise ValueError(f"state {index} written out of order (the store holds {self.done})")
+        parts = [rows] if isinstance(rows, torch.Tensor) else list(rows)
         expected = (self.shape["tokens"], self.shape["width"])
-        if tuple(rows.shape) != expected:
-            raise ValueError(f"state {index} has shape {tuple(rows.shape)}, the store holds {expected}")
-        data = rows.detach().to("cpu", self.dtype).contiguous().view(_BITS[self.dtype])
+        got = (sum(int(part.shape[0]) for part in parts), *{int(part.shape[-1]) for part in parts})
+        if got != expected or any(part.dim() != 2 for part in parts):
+            shape = tuple(parts[0].shape) if len(parts) == 1 else got
+            raise ValueError(f"state {index} has shape {shape}, the store holds {expected}")
         tmp = self._path(index).with_suffix(".tmp")
         with tmp.open("wb") as fh:
-            fh.write(data.numpy().tobytes())
+            for part in parts:
+                fh.write(part.detach().to("cpu", self.dtype).contiguous().view(_BITS[self.dtype]).numpy().data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._path(index))

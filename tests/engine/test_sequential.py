@@ -119,6 +119,8 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
     assert perplexity(sequential, data, batch_size=2) == pytest.approx(
         perplexity(resident, data, batch_size=2), rel=1e-6
     )
+    # Untied token embeddings are read only to embed a batch; tied ones are the head, held.
+    assert (embeddings.weight.device.type == "meta") == (not tied), (name, tied)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "gpt2"])
@@ -381,3 +383,20 @@ def test_the_working_set_counts_the_heal_tokens_a_models_width_keeps() -> None:
     assert on_gpu >= states
     # On the CPU the device is the host, where the capture keeps the heal tokens' MLP outputs.
     assert on_cpu - on_gpu == 32 * work.heal_tokens(wide) * wide * 2
+
+
+def test_a_state_store_writes_a_state_whole_or_in_parts_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    from lorp.execution.scratch import StateStore
+
+    rows = torch.randn(7, 4)
+    whole = StateStore(tmp_path / "whole", "k", num_tokens=7, width=4, num_states=2, dtype=torch.bfloat16)
+    parts = StateStore(tmp_path / "parts", "k", num_tokens=7, width=4, num_states=2, dtype=torch.bfloat16)
+    whole.write(0, rows)
+    parts.write(0, [rows[:3], rows[3:5], rows[5:]])
+    assert torch.equal(parts.read(0), whole.read(0))
+    assert torch.equal(parts.read(0, 2, 6), rows.to(torch.bfloat16).float()[2:6])
+    with pytest.raises(ValueError, match="shape"):
+        parts.write(1, [rows[:3], rows[3:6]])  # a token short
+    with pytest.raises(ValueError, match="out of order"):
+        parts.write(0, rows)
+    assert parts.done == 1
