@@ -139,7 +139,8 @@ class FitStatistics:
         """||M T - Z||^2 (``T=None``: the identity) from the statistics alone."""
         if T is None:
             return float(torch.trace(self.mtm) - 2 * torch.trace(self.mtz)) + self.zz
-        return float(torch.sum(T * (self.mtm @ T)) - 2 * torch.sum(T * self.mtz)) + self.zz
+        quadratic = float(torch.vdot(T.reshape(-1), (self.mtm @ T).reshape(-1)))  # one d x d temporary
+        return quadratic - 2 * float(torch.vdot(T.reshape(-1), self.mtz.reshape(-1))) + self.zz
 
     def solve(self, ridge: float) -> torch.Tensor:
         width = self.mtm.shape[0]

@@ -28,6 +28,7 @@ from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, state_nll
 from lorp.execution import PlanPass, as_runner
 from lorp.execution.healed import fold, output_projection
+from lorp.execution.onload import trim_heap
 from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
 from lorp.states import StateCache
 
@@ -114,6 +115,7 @@ class CachedHealer:
                 fit = self._fit(span, spans[:k], out)
                 if self.spill is not None:
                     fit = fit.spilled(self.spill / f"fit-{len(self._fits):05d}-{span[0]}-{span[1]}.pt")
+                    trim_heap()  # a fit's d x d float64 temporaries, freed, go back to the system
                 self._fits[key] = fit
                 self.fits_computed += 1
                 self.seconds += time.perf_counter() - started

@@ -198,6 +198,25 @@ class Checkpoint:
         return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
 
+_COPY_BYTES = 16 << 20  # a stored tensor copied verbatim goes through memory this much at a time
+
+
+def copy_stored(info: TensorInfo, fh: IO[bytes]) -> None:
+    """Write the bytes of the stored tensor ``info`` to ``fh`` a part at a time (never the whole tensor
+    in memory: a copied embedding table is 1 GB in a bf16 8B model)."""
+    buffer = bytearray(min(info.nbytes, _COPY_BYTES))
+    view = memoryview(buffer)
+    with info.file.open("rb", buffering=0) as src:
+        src.seek(info.data_start + info.begin)
+        left = info.nbytes
+        while left:
+            got = src.readinto(view[: min(left, len(buffer))])
+            if not got:
+                raise _corrupt(info.file, f"tensor {info.name!r} is cut short (truncated)")
+            fh.write(view[:got])
+            left -= got
+
+
 @dataclass(frozen=True)
 class Planned:
     """A tensor to be written: its name, dtype and shape, known before its values are."""
@@ -220,11 +239,12 @@ def _ordered(planned: Iterable[Planned]) -> list[Planned]:
 def write_file(
     path: Path,
     planned: Iterable[Planned],
-    produce: Callable[[Planned], torch.Tensor],
+    produce: Callable[[Planned], torch.Tensor | TensorInfo],
     *,
     metadata: Mapping[str, str] | None = None,
 ) -> list[Planned]:
-    """Write one safetensors file holding ``planned``, asking ``produce`` for each tensor in turn.
+    """Write one safetensors file holding ``planned``, asking ``produce`` for each tensor in turn: the
+    tensor, or a stored tensor (its :class:`TensorInfo`) to copy as it is, a part at a time.
 
     The header is written first (so every shape and dtype must be known up front); each produced
     tensor must match its plan and is dropped once its bytes are written. Written to a temporary name
@@ -256,13 +276,16 @@ def write_file(
     return order
 
 
-def _write_tensor(fh: IO[bytes], planned: Planned, tensor: torch.Tensor) -> None:
-    if tuple(tensor.shape) != planned.shape or dtype_name(tensor.dtype) != planned.dtype:
+def _write_tensor(fh: IO[bytes], planned: Planned, tensor: torch.Tensor | TensorInfo) -> None:
+    shape = tuple(tensor.shape)
+    dtype = tensor.dtype if isinstance(tensor, TensorInfo) else dtype_name(tensor.dtype)
+    if shape != planned.shape or dtype != planned.dtype:
         raise ValueError(
-            f"tensor {planned.name!r} came out as {list(tensor.shape)} {dtype_name(tensor.dtype)}, "
-            f"planned {list(planned.shape)} {planned.dtype}"
+            f"tensor {planned.name!r} came out as {list(shape)} {dtype}, planned {list(planned.shape)} {planned.dtype}"
         )
-    if planned.nbytes:
+    if isinstance(tensor, TensorInfo):
+        copy_stored(tensor, fh)
+    elif planned.nbytes:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         fh.write(data.data)
 

@@ -29,7 +29,7 @@ from lorp.blocks import block_layout, prune_config, validate_indices
 from lorp.errors import InvalidRequestError
 from lorp.foldable import PROJECTIONS, fold_refusal
 from lorp.heal import folded_bias, folded_weight
-from lorp.shards import DTYPES, Checkpoint, Planned, plan_shards, shard_names, write_file, write_index
+from lorp.shards import DTYPES, Checkpoint, Planned, TensorInfo, plan_shards, shard_names, write_file, write_index
 
 logger = logging.getLogger(__name__)
 
@@ -204,12 +204,11 @@ def write_pruned(
     checkpoint = Checkpoint(source)
     planned, sources = _plan(checkpoint, skeleton, kept, folds)
 
-    def produce(p: Planned) -> torch.Tensor:
+    def produce(p: Planned) -> torch.Tensor | TensorInfo:
         src = sources[p.name]
-        tensor = checkpoint.read(src.name)
-        if src.fold is None:
-            return tensor
-        moved = tensor.to(device)
+        if src.fold is None:  # copied as stored, a part at a time
+            return checkpoint.tensors[src.name]
+        moved = checkpoint.read(src.name).to(device)
         result = folded_bias(moved, src.fold) if src.is_bias else folded_weight(moved, src.kind, src.fold)
         return result.to("cpu")
 

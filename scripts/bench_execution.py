@@ -103,17 +103,18 @@ def projection() -> list[str]:
     for name, (blocks, d, inner, kv_heads, vocab) in shapes.items():
         head_dim = 128
         block = 2 * (2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * inner)  # bytes, bf16
-        outside = 2 * 2 * vocab * d
-        weights = blocks * block + outside
+        head = 2 * vocab * d
+        weights = blocks * block + 2 * head  # untied embeddings and head
         # The 32 x 256 calibration tokens, or as many as a d x d heal fit needs (4 d), if more;
         # the heal windows are the first of them.
         capture = max(32 * 256, MIN_TOKENS_PER_WIDTH * d)
         validation = 16 * 256
         stored = 2 * (blocks + 1) * d  # bytes per token, all N + 1 states, as the store keeps a bf16 run's
-        batch = 4 * 256 * 4 * (blocks + 1) * d  # one batch's N + 1 states, read back as float32 for S and D
+        # (and on the heal windows, here all the capture's, each block's MLP output: blocks x d per token)
+        host = capture * d * 2 + d * d * 8 + (64 << 20)  # a pass's states, one heal map (float64), a read part
         rows.append(
-            f"| {name} | {weights / 1e9:.0f} | {capture:,} ({capture // 256} x 256) | {(outside + block) / 1e9:.1f} "
-            f"| {batch / 1e9:.1f} | {(capture + validation) * stored / 1e9:.0f} |"
+            f"| {name} | {weights / 1e9:.0f} | {capture:,} ({capture // 256} x 256) | {(head + block) / 1e9:.1f} "
+            f"| {host / 1e9:.1f} | {((capture + validation) * stored + blocks * capture * d * 2) / 1e9:.0f} |"
         )
     return rows
 
@@ -243,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         "from their shapes, with 16 validation windows of 256 tokens and batches of 4. Its calibration is the "
         "issue's 32 x 256 tokens or, where more, the 4 x d tokens a d x d heal fit needs (lorp.planner: fewer "
         "and the cuts ship unhealed, with the reason). The device holds the final norm and head and one block "
-        "(plus one batch's activations); the host one batch's N + 1 states, as float32, while S and D are "
-        "summed; the dense states of the capture (whose first windows are the heal windows) and of the "
-        "validation windows wait in the job's scratch on disk, stored at the run's bf16.",
+        "(plus one batch's activations; the token embeddings only while a batch is embedded); the host a "
+        "pass's current state of every window, one d x d heal map in float64 and a 64 MB part of the states "
+        "read back for S and D; the dense states of the capture (whose first windows are the heal windows) "
+        "and of the validation windows, the heal windows' MLP outputs and the candidates' maps wait in the "
+        "job's scratch on disk, the states stored at the run's bf16.",
         "",
-        "| model | weights GB | calibration tokens | device: outside + one block GB | host: one batch's states GB "
+        "| model | weights GB | calibration tokens | device: head + one block GB | host: a pass's states + one map GB "
         "| scratch on disk GB |",
         "|---|---:|---:|---:|---:|---:|",
         *projection(),

@@ -84,6 +84,27 @@ def test_written_checkpoint_equals_save_pretrained_of_the_pruned_model(
     assert greedy(reloaded, ids[:1], use_cache=True) == greedy(model, ids[:1], use_cache=True)
 
 
+def test_tensors_kept_as_stored_are_copied_in_parts_byte_for_byte(
+    tmp_path: Path, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts of 1,000 bytes: every kept tensor larger than that (the embeddings, the projections) is
+    # copied in several, and the folded projection is computed as before.
+    monkeypatch.setattr("lorp.shards._COPY_BYTES", 1000)
+    model, src = _source(tmp_path, "llama", tiny_tokenizer)
+    whole = write_pruned(src, tmp_path / "whole", REMOVED, {0: _heal_map(model.config.hidden_size)})
+    monkeypatch.undo()
+    parts = _tensors(tmp_path / "whole")
+    reference = _tensors(
+        write_pruned(src, tmp_path / "ref", REMOVED, {0: _heal_map(model.config.hidden_size)}).directory
+    )
+    assert sorted(parts) == sorted(reference) and whole.tensors == len(reference)
+    assert max(t.numel() * t.element_size() for t in reference.values()) > 10 * 1000
+    for key, tensor in reference.items():
+        assert torch.equal(parts[key], tensor), key
+    source = _tensors(src)
+    assert torch.equal(parts["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+
+
 def test_shards_are_bounded_indexed_and_read_back(tmp_path: Path, tiny_tokenizer: Any) -> None:
     model = build("llama")
     src = tmp_path / "source"
