@@ -681,6 +681,8 @@ def plan(
                 validation_cache=validation_cache,
                 spill=scratch / "fits" if runner is not None else None,
             )
+            if sources.scratch is None:  # the scratch goes with this call: the chosen maps come along held
+                choice.fits = [fit.loaded() for fit in choice.fits]
         with stages.stage(Stage.budget_curve):
             curve = _budget_curve(choice, stats, spec, stages)
     return Planned(
@@ -874,8 +876,9 @@ def run_prune(
     stages = _Stages(progress, should_cancel)
     out = _prepare_out_dir(out_dir)
     prepared = validate(spec, sources, stages)
-    planned = plan(prepared, spec, sources, stages, lookup_analysis)
-    executed = execute(prepared, planned, spec, out, stages)
+    with _capture_scratch(sources) as scratch:  # one scratch for the job: the chosen maps wait there
+        planned = plan(prepared, spec, dataclasses.replace(sources, scratch=scratch), stages, lookup_analysis)
+        executed = execute(prepared, planned, spec, out, stages)
     result = report(prepared, planned, executed, spec, out, sources, stages)
     chosen = planned.choice.chosen
     log.info(

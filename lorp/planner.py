@@ -238,7 +238,8 @@ def choose_plan(
         validation_cache: the dense states of ``data.validation`` (a sequential job's, on disk); built
             here otherwise.
         spill: a folder the candidates' heal maps wait in (``CachedHealer``), for a job that should not
-            hold them all; the chosen plan's come back held.
+            hold them all; the chosen plan's stay there (``Fit.loaded`` holds one), so the caller keeps
+            the folder while it uses them.
     """
     runner = as_runner(model)
     model = runner.model
@@ -267,7 +268,7 @@ def choose_plan(
     else:
         n = target.blocks_for(n_blocks)
         name, chosen, plans, scores = chooser.best_at(n)
-    fits = [fit.loaded() for fit in scorer.fits(chosen.pruned_layers)]  # outlive a spill folder
+    fits = scorer.fits(chosen.pruned_layers)
     reason = heal_refusal_reason if heal == "none" else None
     unhealed = None
     # Measured in full only where the screening windows say the plan may do better unhealed.

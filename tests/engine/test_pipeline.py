@@ -377,9 +377,11 @@ def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_mod
     # them and run no block again.
     assert len(list((tmp_path / "scratch" / "capture-mlp").glob("state_*.bin"))) == 8
     assert scorer.healer.fits_computed > 0 and scorer.healer.anchor_passes == 0
-    # The candidates' heal maps wait on disk too, one file each; the chosen plan's come back held.
+    # The candidates' heal maps wait on disk too, one file each, and the chosen plan's stay there for
+    # the rest of the job (the scratch is the caller's, kept).
     assert len(list((tmp_path / "scratch" / "fits").glob("fit-*.pt"))) == scorer.healer.fits_computed
-    assert all(fit.held is not None for fit in planned.choice.fits)
+    assert planned.choice.fits
+    assert all(fit.held is None and fit.file.parent == tmp_path / "scratch" / "fits" for fit in planned.choice.fits)
 
 
 def test_a_sequential_job_asking_for_lm_eval_tasks_is_refused_before_loading(tiny_model_dir, corpus_files, tmp_path):
