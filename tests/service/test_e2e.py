@@ -201,8 +201,11 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
     assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []
     # Its states waited in the job's scratch (a folder per job, kept across attempts); it is gone once
-    # the job succeeded.
+    # the job succeeded: the attempt removes it as it ends, just after the status it reports.
     scratch = tmp_path / "data" / "scratch"
+    deadline = time.monotonic() + 60
+    while (scratch / rerun["id"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert scratch.is_dir() and not (scratch / rerun["id"]).exists()
     assert execution["resumed_at_block"] is None
 
