@@ -441,7 +441,7 @@ def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Se
     if loaded.weights is None:
         save_pruned(loaded.model, loaded.tokenizer, model_dir)
         return
-    folds = {fit.anchor: fit.T for fit in fits}
+    folds = {fit.anchor: fit for fit in fits}  # each map read as its tensor is written
     write_pruned(loaded.weights, model_dir, removed, folds, device=loaded.device)
     if not (model_dir / "generation_config.json").exists() and loaded.model.generation_config is not None:
         loaded.model.generation_config.save_pretrained(model_dir)

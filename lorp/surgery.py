@@ -27,6 +27,7 @@ import torch
 
 from lorp.blocks import block_layout, prune_config, validate_indices
 from lorp.errors import InvalidRequestError
+from lorp.execution.healed import FoldedMap
 from lorp.foldable import PROJECTIONS, fold_refusal
 from lorp.heal import folded_bias, folded_weight
 from lorp.shards import DTYPES, Checkpoint, Planned, TensorInfo, plan_shards, shard_names, write_file, write_index
@@ -66,7 +67,7 @@ class _Source:
     """Where one output tensor comes from, and the heal map to fold into it on the way."""
 
     name: str
-    fold: torch.Tensor | None = None
+    fold: torch.Tensor | FoldedMap | None = None
     kind: str = "linear"
     is_bias: bool = False
 
@@ -97,7 +98,7 @@ def _plan(
     checkpoint: Checkpoint,
     skeleton: Any,
     kept: list[int],
-    folds: Mapping[int, torch.Tensor],
+    folds: Mapping[int, torch.Tensor | FoldedMap],
 ) -> tuple[list[Planned], dict[str, _Source]]:
     layout = block_layout(skeleton)
     key = _block_key(layout.path)
@@ -163,7 +164,7 @@ def write_pruned(
     source: Path,
     out: Path,
     removed: Sequence[int],
-    folds: Mapping[int, torch.Tensor] | None = None,
+    folds: Mapping[int, torch.Tensor | FoldedMap] | None = None,
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: torch.device | str = "cpu",
@@ -174,7 +175,9 @@ def write_pruned(
         source: a model folder with safetensors weights and its ``config.json``.
         out: the folder to write; created, and must be empty if it exists.
         removed: original indices of the blocks to remove (validated as :func:`lorp.blocks.remove_blocks` does).
-        folds: original index of an anchor block -> the d x d map folded into its MLP output projection.
+        folds: original index of an anchor block -> the d x d map folded into its MLP output projection,
+            or a fit holding it (``lorp.heal.Fit``: its map is read when its tensor is written, so maps kept
+            in files are never all in memory at once).
         max_shard_bytes: the most bytes of tensors one weight file holds (a larger tensor gets a file of its own).
         device: where the folds are computed (the in-memory fold's device gives bit-equal weights).
 
@@ -209,7 +212,8 @@ def write_pruned(
         if src.fold is None:  # copied as stored, a part at a time
             return checkpoint.tensors[src.name]
         moved = checkpoint.read(src.name).to(device)
-        result = folded_bias(moved, src.fold) if src.is_bias else folded_weight(moved, src.kind, src.fold)
+        T = src.fold if isinstance(src.fold, torch.Tensor) else src.fold.T
+        result = folded_bias(moved, T) if src.is_bias else folded_weight(moved, src.kind, T)
         return result.to("cpu")
 
     out.mkdir(parents=True, exist_ok=True)
