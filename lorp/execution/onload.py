@@ -5,7 +5,8 @@ describes with its parameters on the meta device (no memory, no random initialis
 buffers real (the rotary frequencies and masks a model computes at construction and never stores).
 :class:`Onloader` then brings what a pass needs from the checkpoint's safetensors shards straight to
 the device, a tensor at a time (``lorp.shards``, no memory map): :meth:`Onloader.load_outside` the
-embeddings, the final norm and the head for the whole pass; :meth:`Onloader.block` one decoder block
+final norm and the head for the whole pass (untied token embeddings only while a batch is embedded,
+:meth:`Onloader.input_embeddings`); :meth:`Onloader.block` one decoder block
 for the length of a ``with``, after which its parameters are on the meta device again and their memory
 is free. It counts the block loads and the most blocks held at once, so tests and the report can say
 what a pass cost.
