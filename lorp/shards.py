@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -181,15 +181,8 @@ class Checkpoint:
         """One tensor, read from its file into memory of its own (no memory map), then moved to ``device``."""
         info = self.tensors[name]
         buffer = bytearray(info.nbytes)
-        with info.file.open("rb", buffering=0) as fh:
-            fh.seek(info.data_start + info.begin)
-            view = memoryview(buffer)
-            done = 0
-            while done < info.nbytes:
-                got = fh.readinto(view[done:])
-                if not got:
-                    raise _corrupt(info.file, f"tensor {name!r} is cut short (truncated)")
-                done += got
+        for _ in _stored_parts(info, memoryview(buffer)):  # one part: the whole tensor
+            pass
         dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
             tensor = torch.empty(info.shape, dtype=dtype)
@@ -201,20 +194,29 @@ class Checkpoint:
 _COPY_BYTES = 16 << 20  # a stored tensor copied verbatim goes through memory this much at a time
 
 
-def copy_stored(info: TensorInfo, fh: IO[bytes]) -> None:
-    """Write the bytes of the stored tensor ``info`` to ``fh`` a part at a time (never the whole tensor
-    in memory: a copied embedding table is 1 GB in a bf16 8B model)."""
-    buffer = bytearray(min(info.nbytes, _COPY_BYTES))
-    view = memoryview(buffer)
+def _stored_parts(info: TensorInfo, buffer: memoryview) -> Iterator[memoryview]:
+    """The stored bytes of ``info`` read into ``buffer``, a buffer's length at a time (each part is
+    valid until the next is read); a file that ends early is named as truncated."""
     with info.file.open("rb", buffering=0) as src:
         src.seek(info.data_start + info.begin)
         left = info.nbytes
         while left:
-            got = src.readinto(view[: min(left, len(buffer))])
-            if not got:
-                raise _corrupt(info.file, f"tensor {info.name!r} is cut short (truncated)")
-            fh.write(view[:got])
-            left -= got
+            part = buffer[: min(left, len(buffer))]
+            done = 0
+            while done < len(part):
+                got = src.readinto(part[done:])
+                if not got:
+                    raise _corrupt(info.file, f"tensor {info.name!r} is cut short (truncated)")
+                done += got
+            yield part
+            left -= len(part)
+
+
+def copy_stored(info: TensorInfo, fh: IO[bytes]) -> None:
+    """Write the bytes of the stored tensor ``info`` to ``fh`` a part at a time (never the whole tensor
+    in memory: a copied embedding table is 1 GB in a bf16 8B model)."""
+    for part in _stored_parts(info, memoryview(bytearray(min(info.nbytes, _COPY_BYTES)))):
+        fh.write(part)
 
 
 @dataclass(frozen=True)

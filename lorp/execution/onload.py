@@ -208,12 +208,15 @@ class Onloader:
         embeddings' when they are a plain ``nn.Embedding`` (a scaled one, Gemma's, computes in the
         weight's dtype), the head's when it is a plain ``nn.Linear``; a tied pair only when both are."""
         plain = {torch.nn.Embedding, torch.nn.Linear}
-        modules = [m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None]
-        weights = {id(m.weight): m for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        modules = [
+            m
+            for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+        ]
         users: dict[int, list[torch.nn.Module]] = {}
         for module in modules:
             users.setdefault(id(module.weight), []).append(module)
-        allowed = {key for key, owners in users.items() if all(type(m) in plain for m in owners) and key in weights}
+        allowed = {key for key, owners in users.items() if all(type(m) in plain for m in owners)}
         return {name for name, param in self.model.named_parameters(remove_duplicate=False) if id(param) in allowed}
 
     def _on_demand_name(self) -> str | None:

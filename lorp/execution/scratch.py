@@ -99,8 +99,7 @@ class StateStore:
         expected = (self.shape["tokens"], self.shape["width"])
         got = (sum(int(part.shape[0]) for part in parts), *{int(part.shape[-1]) for part in parts})
         if got != expected or any(part.dim() != 2 for part in parts):
-            shape = tuple(parts[0].shape) if len(parts) == 1 else got
-            raise ValueError(f"state {index} has shape {shape}, the store holds {expected}")
+            raise ValueError(f"state {index} has shape {got}, the store holds {expected}")
         tmp = self._path(index).with_suffix(".tmp")
         with tmp.open("wb") as fh:
             for part in parts:
