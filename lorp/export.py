@@ -34,6 +34,13 @@ _RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
 }
 
 
+# Passed to every ``from_pretrained``: the model runs its own modules. transformers (with the
+# ``kernels`` package it depends on) otherwise swaps layers for kernels fetched from the hub when a
+# model lands on a GPU, which is remote code, needs the network, and would make the reload check
+# compare different code.
+PLAIN_MODULES: dict[str, Any] = {"use_kernels": False}
+
+
 def _is_plain_float_model(model: torch.nn.Module) -> bool:
     # A model whose every parameter is a plain floating-point Parameter holds no packed/quantized
     # weights, so its state dict is what a dense checkpoint stores (e.g. a GGUF file dequantized at
@@ -191,7 +198,7 @@ def verify_reload(
     ids = probe_input_ids.to(device)
     was_training = model.training
     model.eval()
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, **PLAIN_MODULES}
     attn_impl = getattr(model.config, "_attn_implementation", None)
     if attn_impl:
         load_kwargs["attn_implementation"] = attn_impl

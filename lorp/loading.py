@@ -35,7 +35,7 @@ from lorp.depth import MAX_BLOCKS, blocks_in_config
 from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
 from lorp.execution import Runner
 from lorp.execution.choice import ExecutionChoice, WorkingSet, choose_execution, working_bytes
-from lorp.export import drop_leftover_quantization
+from lorp.export import PLAIN_MODULES, drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
 from lorp.shards import Checkpoint, read_header
 
@@ -524,7 +524,7 @@ def _load_located(
 
     dev, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **extra}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **PLAIN_MODULES, **extra}
     if device_map is not None:
         kwargs["device_map"] = device_map
     gguf_file = kwargs.get("gguf_file")

@@ -39,6 +39,8 @@ CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU's kernels run on after the call returns
     return time.perf_counter() - start
 
 

@@ -80,9 +80,9 @@ model.save_pretrained(sys.argv[2])
 SCRIPTS = {"imports": _IMPORTS, "streamed": _STREAMED, "resident": _RESIDENT}
 
 
-def generate(path: Path, shape: dict | None = None) -> int:
-    """Write the benchmark's model (``shape``, default ``SHAPE``) into ``path`` one tensor at a time;
-    its tensor bytes."""
+def generate(path: Path, shape: dict | None = None, device: str = "cpu") -> int:
+    """Write the benchmark's model (``shape``, default ``SHAPE``) into ``path`` one tensor at a time,
+    drawing the random weights on ``device``; its tensor bytes."""
     import torch
     from transformers import LlamaConfig
 
@@ -92,12 +92,12 @@ def generate(path: Path, shape: dict | None = None) -> int:
     config = LlamaConfig(**(shape or SHAPE), dtype="bfloat16")
     skeleton = meta_skeleton(config)
     planned = [Planned(name, "BF16", tuple(p.shape)) for name, p in sorted(skeleton.state_dict().items())]
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def produce(p: Planned) -> torch.Tensor:
         if p.name.endswith("norm.weight"):
             return torch.ones(p.shape, dtype=torch.bfloat16)
-        return (torch.randn(p.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        return (torch.randn(p.shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
 
     path.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(planned, SHARD_BYTES)

@@ -17,6 +17,7 @@ CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cos
 CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"  # scripts/bench_checkpoint.py
 EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
+GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
 OWNED_ELSEWHERE = (
     WORKER_HEADING,
     API_HEADING,
@@ -27,6 +28,7 @@ OWNED_ELSEWHERE = (
     CHECKPOINT_HEADING,
     EXECUTION_HEADING,
     CHOICE_HEADING,
+    GPU_HEADING,
 )
 
 

@@ -1,18 +1,26 @@
-"""The engine on CUDA in bfloat16: capture, auto, removal and the reload check. Skipped without a GPU."""
+"""The engine on CUDA: capture, auto, removal and the reload check in bfloat16, and a sequential job
+(one block on the device at a time) against a resident one. Skipped without a GPU."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file as safe_load
 
 from lorp.auto import auto_select
 from lorp.blocks import remove_blocks
 from lorp.calibration import TokenWindows
+from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
+from lorp.pipeline import run_prune
+from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
+from lorp.spec import ModelSpec, SelectionOptions
 
-from .archs import build, probe
+from .archs import build, probe, write_wide_llama
+from .test_pipeline import make_spec
 from .test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
 
 pytestmark = [
@@ -43,3 +51,48 @@ def test_bf16_prune_save_reload_on_cuda(name, tmp_path, tiny_tokenizer):
     out = save_pruned(model, tiny_tokenizer, tmp_path / name)
     report = verify_reload(out, model, probe().cuda())
     assert report["num_layers"] == 3
+
+
+def test_a_sequential_capture_on_cuda_holds_about_one_block_of_device_memory(tmp_path):
+    # 16 float32 blocks of 16 MiB (about 260 MiB of weights): the device holds one block, the pass's
+    # states and the head's slices, never the model.
+    write_wide_llama(tmp_path, num_hidden_layers=16)
+    size = Checkpoint(tmp_path).nbytes
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    runner = Runner.sequential(tmp_path, config, device="cuda", dtype=torch.float32)
+    ids = torch.randint(2, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    stats = capture_similarity(runner, TokenWindows(input_ids=ids, attention_mask=torch.ones_like(ids)), batch_size=2)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert np.isfinite(stats.S).all()
+    assert (runner.block_loads, runner.onloader.most_held) == (17, 1)
+    print(f"device peak {peak / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB checkpoint")
+    assert peak < 0.25 * size, (peak, size)
+
+
+def test_a_sequential_bf16_job_on_cuda_gives_the_resident_jobs_plan_and_checkpoint(
+    tiny_model_dir, corpus_files, tmp_path
+):
+    runs = {}
+    for mode in ("resident", "sequential"):
+        spec = make_spec(
+            tiny_model_dir,
+            corpus_files,
+            model=ModelSpec(id=str(tiny_model_dir), device="cuda", dtype="bfloat16"),
+            options=SelectionOptions(execution=mode, heal="linear"),
+        )
+        runs[mode] = run_prune(spec, tmp_path / mode)
+    r, s = runs["resident"].report, runs["sequential"].report
+    assert (s.execution.mode, r.execution.mode) == ("sequential", "resident")
+    assert s.chosen == r.chosen and s.heal.method == r.heal.method == "linear"
+    np.testing.assert_allclose(runs["sequential"].stats.S, runs["resident"].stats.S, rtol=0, atol=1e-2)
+    assert s.metrics.pruned["perplexity"] == pytest.approx(r.metrics.pruned["perplexity"], rel=1e-2)
+    got = safe_load(runs["sequential"].model_dir / "model.safetensors")
+    expected = safe_load(runs["resident"].model_dir / "model.safetensors")
+    # Run in bfloat16, written in the checkpoint's own dtype.
+    assert got.keys() == expected.keys() and {t.dtype for t in got.values()} == {torch.float32}
+    for name in expected:
+        torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=2e-2, atol=2e-2)
+    assert s.reload_check["max_abs_logit_diff"] <= 5e-2

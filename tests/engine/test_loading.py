@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorp.errors import InvalidRequestError, ModelLoadError
+from lorp.export import save_pruned, verify_reload
 from lorp.loading import load_model, resolve_device, resolve_dtype
 
 
@@ -31,6 +32,25 @@ def test_local_directory_loads_with_provenance(tiny_dir):
     assert prov["kind"] == "local" and prov["model_type"] == "llama"
     assert prov["weight_files"] == ["model.safetensors"] and len(prov["weights_sha256"]) == 64
     assert loaded.tokenizer.pad_token_id is not None
+
+
+def test_models_run_their_own_modules_never_kernels_from_the_hub(tiny_dir, tmp_path, monkeypatch):
+    # transformers turns hub kernels on by default: on a GPU it then fetches code from the hub at load
+    # time (found on an H200 with no network: every CUDA load failed). The load and the reload check
+    # both turn them off; tests/engine/test_gpu.py runs both on CUDA.
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="float32")
+    assert loaded.model.use_kernels is False
+    asked: list[object] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("use_kernels"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recorded)
+    out = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "saved")
+    verify_reload(out, loaded.model, torch.tensor([[1, 2, 3, 4]]))
+    assert asked == [False]
 
 
 def test_dtype_is_applied(tiny_dir):
