@@ -79,8 +79,10 @@ def negative_log_likelihood(
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
         for group in runner.groups(batches):
             with runner.pruned(removed, fits) as view:
-                for batch, final in zip(group, view.run_all(group), strict=True):
-                    nll, tokens = state_nll(view, batch, final)
+                finals = view.run_all(group)
+                with view.head():
+                    nlls = [state_nll(view, batch, final) for batch, final in zip(group, finals, strict=True)]
+                for batch, (nll, tokens) in zip(group, nlls, strict=True):
                     total_nll += nll
                     total_tokens += tokens
                     done += batch.num_windows

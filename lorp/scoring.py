@@ -323,7 +323,8 @@ class PlanScorer:
             states = [self.cache.state(b, start) for b in range(first, batches)]
             passes.append(PlanPass(frozenset(plan), {fit.anchor: fit for fit in plan_fits}, start, states))
         finals = self.runner.run_plans(cached, passes, should_cancel=self.should_cancel)
-        return [
-            [state_nll(self.runner, batch, final) for batch, final in zip(cached, plan_finals, strict=True)]
-            for plan_finals in finals
-        ]
+        with self.runner.head():
+            return [
+                [state_nll(self.runner, batch, final) for batch, final in zip(cached, plan_finals, strict=True)]
+                for plan_finals in finals
+            ]

@@ -150,7 +150,9 @@ class Onloader:
         self.held: set[int] = set()
         self.most_held = 0
         self._narrow: set[str] = set()
-        self._on_demand: str | None = None
+        self._embeddings: str | None = None  # loaded for a batch's embedding only (see load_outside)
+        self._head: str | None = None  # loaded for the logits only
+        self._head_users = 0
 
     def _stored(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
@@ -219,10 +221,13 @@ class Onloader:
         allowed = {key for key, owners in users.items() if all(type(m) in plain for m in owners)}
         return {name for name, param in self.model.named_parameters(remove_duplicate=False) if id(param) in allowed}
 
-    def _on_demand_name(self) -> str | None:
-        """The model's name for the token embeddings' weight when no other weight is tied to it: a
-        sequential runner then loads it only to embed a batch (``input_embeddings``), not for good."""
-        weight = self.model.get_input_embeddings().weight
+    def _on_demand_name(self, module: Any) -> str | None:
+        """The model's name for the weight of ``module`` (the token embeddings or the head) when no
+        other weight is tied to it: a sequential runner then loads it only while it is used
+        (:meth:`input_embeddings`, :meth:`head`), not for good."""
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return None
         name = next((n for n, p in self.model.named_parameters() if p is weight), None)
         tied = getattr(self.model, "all_tied_weights_keys", None)
         if tied is None:
@@ -230,23 +235,38 @@ class Onloader:
             return None if getattr(config, "tie_word_embeddings", True) else name
         return None if name in tied or name in tied.values() else name
 
+    def _stays_narrow(self, name: str) -> bool:
+        """Whether the model's weight ``name`` runs in the dtype the checkpoint stores it in (narrower
+        than the run's; see :meth:`load_outside`)."""
+        stored = DTYPES[self.checkpoint.tensors[self._stored(name)].dtype]
+        return name in self._narrow and stored.is_floating_point and stored.itemsize < self.dtype.itemsize
+
     def _load_outside_tensor(self, name: str) -> None:
         value = self.checkpoint.read(self._stored(name), device=self.device)
-        keep = name in self._narrow and value.is_floating_point() and value.itemsize < self.dtype.itemsize
-        _set(self.model, name, value.to(self.dtype) if value.is_floating_point() and not keep else value)
+        cast = value.is_floating_point() and not self._stays_narrow(name)
+        _set(self.model, name, value.to(self.dtype) if cast else value)
+
+    def _free_outside_tensor(self, name: str) -> None:
+        weight = self.model.get_parameter(name)
+        _set(self.model, name, torch.empty_like(weight, device="meta"))
+        trim_heap()
 
     def load_outside(self) -> None:
-        """Load the weights outside the decoder blocks (final norm, head, and the token embeddings when
-        the head is tied to them) for good; untied token embeddings wait for :meth:`input_embeddings`.
+        """Load the weights outside the decoder blocks for good (the final norm, and the token
+        embeddings and head when they are tied); untied token embeddings wait for
+        :meth:`input_embeddings` and an untied head for :meth:`head` (each is as large as a block or
+        two of a small model, and a job's heal fits need neither).
 
         The token embeddings and the head stay in the dtype the checkpoint stores them in when that is
         narrower than the run's (a bfloat16 checkpoint run in float32 on a CPU): the embeddings' rows
         and the head's weights are cast as they are used (:func:`_run_head_in`), which gives what
         weights cast on load give, and the host holds half the bytes."""
         self._narrow = self._narrow_names()
-        self._on_demand = self._on_demand_name()
+        embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        self._embeddings = self._on_demand_name(embeddings)
+        self._head = self._on_demand_name(head)
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if tensor.device.type == "meta" and self._outside(name) and name != self._on_demand:
+            if tensor.device.type == "meta" and self._outside(name) and name not in (self._embeddings, self._head):
                 self._load_outside_tensor(name)
         tie = getattr(self.model, "tie_weights", None)
         if callable(tie):
@@ -255,17 +275,17 @@ class Onloader:
             for key, buffer in list(buffer_owner._buffers.items()):
                 if buffer is not None and buffer.device != self.device and buffer.device.type != "meta":
                     buffer_owner._buffers[key] = buffer.to(self.device)
-        embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        if any(p is embeddings.weight for n, p in self.model.named_parameters() if n in self._narrow):
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        if any(named[n] is embeddings.weight and self._stays_narrow(n) for n in self._narrow):
             embeddings.register_forward_hook(lambda _module, _args, output: output.to(self.dtype))  # exact
-        if isinstance(head, torch.nn.Linear) and head.weight.dtype != self.dtype:
+        if isinstance(head, torch.nn.Linear) and any(named[n] is head.weight and self._stays_narrow(n) for n in named):
             _run_head_in(head, self.dtype)
 
     @contextmanager
     def input_embeddings(self) -> Iterator[None]:
         """The token embeddings on the device for the length of the ``with`` (loaded and freed when
         they wait on disk, see :meth:`load_outside`)."""
-        name = self._on_demand
+        name = self._embeddings
         if name is None or self.model.get_input_embeddings().weight.device.type != "meta":
             yield
             return
@@ -273,9 +293,25 @@ class Onloader:
         try:
             yield
         finally:
-            weight = self.model.get_input_embeddings().weight
-            _set(self.model, name, torch.empty_like(weight, device="meta"))
-            trim_heap()
+            self._free_outside_tensor(name)
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """The head on the device for the length of the ``with`` (loaded on entering the outermost
+        one and freed on leaving it when it waits on disk, see :meth:`load_outside`)."""
+        name = self._head
+        if name is None:
+            yield
+            return
+        if self._head_users == 0:
+            self._load_outside_tensor(name)
+        self._head_users += 1
+        try:
+            yield
+        finally:
+            self._head_users -= 1
+            if self._head_users == 0:
+                self._free_outside_tensor(name)
 
     @contextmanager
     def block(self, index: int) -> Iterator[torch.nn.Module]:

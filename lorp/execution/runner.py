@@ -312,16 +312,24 @@ class Runner:
         (states,) = self.states_all([batch])
         return states
 
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """The head ready for the length of the ``with``: a caller taking several batches' logits
+        holds it once for all of them (in sequential mode an untied head is otherwise loaded for each
+        call of :meth:`logits` and :meth:`window_logits`, and freed after it)."""
+        with self.onloader.head() if self.onloader is not None else nullcontext():
+            yield
+
     def logits(self, batch: Batch, final: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``final``, a state leaving its last block (its own norm and head)."""
-        with torch.no_grad():
+        with torch.no_grad(), self.head():
             return head_logits(self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form)
 
     def window_logits(self, batch: Batch, final: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """:meth:`logits` a window at a time, with the windows' rows of the batch: a whole batch's
         logits are ``[windows, tokens, vocabulary]``, 0.2 GB in float32 for 4 x 256 tokens of a
         49,152-word vocabulary, and a measure that reduces them per window never needs them all."""
-        with torch.no_grad():
+        with torch.no_grad(), self.head():
             for row in range(batch.num_windows):
                 rows = slice(row, row + 1)
                 yield (

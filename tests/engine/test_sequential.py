@@ -96,16 +96,18 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     sequential = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
     model = sequential.model
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    # A scaled embedding (Gemma's) computes in its weight's dtype: it, and a head tied to it, are cast.
-    scaled = type(embeddings) is not torch.nn.Embedding
-    tied = head is not None and head.weight is embeddings.weight
-    expected = {id(embeddings.weight)} if not scaled else set()
-    if head is not None and type(head) is torch.nn.Linear and not (tied and scaled):
-        expected.add(id(head.weight))
-    for weight, param in model.named_parameters():
-        if param.device.type != "meta":
-            assert param.dtype == (torch.bfloat16 if id(param) in expected else torch.float32), weight
+    with sequential.head():  # an untied head waits on disk until logits are taken
+        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+        # A scaled embedding (Gemma's) computes in its weight's dtype: it, and a head tied to it, are cast.
+        scaled = type(embeddings) is not torch.nn.Embedding
+        tied = head is not None and head.weight is embeddings.weight
+        expected = {id(embeddings.weight)} if not scaled else set()
+        if head is not None and type(head) is torch.nn.Linear and not (tied and scaled):
+            expected.add(id(head.weight))
+            assert head.weight.device.type != "meta"
+        for weight, param in model.named_parameters():
+            if param.device.type != "meta":
+                assert param.dtype == (torch.bfloat16 if id(param) in expected else torch.float32), weight
     assert expected or name.startswith("gemma")
     data = windows()
     ref = capture_similarity(resident, data, batch_size=2)
@@ -119,8 +121,11 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
     assert perplexity(sequential, data, batch_size=2) == pytest.approx(
         perplexity(resident, data, batch_size=2), rel=1e-6
     )
-    # Untied token embeddings are read only to embed a batch; tied ones are the head, held.
+    # Untied token embeddings are read only to embed a batch and an untied head only for logits; tied,
+    # they are one weight, held.
     assert (embeddings.weight.device.type == "meta") == (not tied), (name, tied)
+    if head is not None:
+        assert (model.get_output_embeddings().weight.device.type == "meta") == (not tied), (name, tied)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "gpt2"])
