@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'yes' if f32['chosen'] == bf16['chosen'] else 'NO'}. On this CPU (AMX bf16) the bfloat16 job took "
         f"{bf16['wall'] / f32['wall']:.2f}x the float32 one's time.",
         "",
-        f"What a sequential job holds for its whole length: the imports ({base / size:.3f} of the checkpoint), the "
-        f"head, kept in the checkpoint's dtype ({outside / 2 / size:.3f}; the token embeddings, as large, are read "
-        "only while a batch is embedded), one block at a time, and one pass's states. The dense states of the "
+        f"What a sequential job holds for its whole length: the imports ({base / size:.3f} of the checkpoint), one "
+        "block at a time, and one pass's states; the token embeddings and the head, kept in the checkpoint's dtype "
+        f"({outside / 2 / size:.3f} each), are read only while a batch is embedded and while logits are taken (the "
+        "heal fits, where the job peaks, hold neither). The dense states of the "
         "capture, the heal windows' MLP outputs and the validation windows' states wait in the job's scratch on "
         "disk, and so do the candidates' heal maps and M^T M (32 MB each at this width).",
         "",

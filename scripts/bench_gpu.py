@@ -11,7 +11,8 @@ Offline (a GPU machine with no hub and no ``gensim``), pass the tokenizer and th
 
     python scripts/bench_gpu.py --tokenizer DIR --calibration cal.jsonl --eval eval.jsonl [--out FILE]
 
-``--tokenizer`` defaults to the demo model's and the text to the built-in corpus.
+``--tokenizer`` defaults to the demo model's and the text to the built-in corpus. ``--profile
+FILE`` writes each job's profile beside FILE (where a sequential job's time goes: its block loads).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,9 +46,19 @@ LLAMA_8B = {
 BUDGET = 8
 # Runs the CLI in this process, then reports what the process peaked at on the device and the host.
 _JOB = """
-import json, resource, sys, torch
+import cProfile, io, json, os, pstats, resource, sys, torch
 from lorp.cli import main
+profile = os.environ.get("BENCH_PROFILE")
+profiler = cProfile.Profile() if profile else None
+if profiler:
+    profiler.enable()
 rc = main(sys.argv[1:])
+if profiler:
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    open(profile, "w").write(text.getvalue())
 print("PEAKS " + json.dumps({
     "device": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
     "host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -97,8 +109,11 @@ def run_job(model: Path, mode: str, out: Path, args: argparse.Namespace) -> dict
     ]  # fmt: skip
     if args.eval:
         cmd += ["--eval", args.eval]
+    env = dict(os.environ)
+    if args.profile is not None:
+        env["BENCH_PROFILE"] = str(args.profile.resolve().with_name(f"{args.profile.stem}-{mode}.txt"))
     started = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{mode} job failed:\n{done.stderr[-4000:]}")
@@ -142,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--modes", nargs="+", choices=["sequential", "resident"], default=["sequential", "resident"])
+    parser.add_argument(
+        "--profile", type=Path, help="write each job's cProfile (40 by cumulative, 25 by own time) beside this path"
+    )
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args(argv)
 
