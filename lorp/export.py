@@ -10,7 +10,6 @@ or mismatched key in the load report.
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import InvalidRequestError, ReloadCheckError
 from lorp.evaluation import greedy_tokens
-
-logger = logging.getLogger(__name__)
+from lorp.pretrained import PLAIN_MODULES, drop_leftover_quantization
 
 # Default tolerance on the max abs logit difference, relative to the largest reference logit (with a
 # floor of 1.0): the same weights on the same device give identical or near-identical logits, so the
@@ -32,50 +30,6 @@ _RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 1e-2,  # bf16 has 8 mantissa bits: 2^-8 ~ 4e-3 relative
     torch.float16: 2e-3,  # fp16 has 11: 2^-11 ~ 5e-4 relative
 }
-
-
-# Passed to every ``from_pretrained``: the model runs its own modules. transformers (with the
-# ``kernels`` package it depends on) otherwise swaps layers for kernels fetched from the hub when a
-# model lands on a GPU, which is remote code, needs the network, and would make the reload check
-# compare different code.
-PLAIN_MODULES: dict[str, Any] = {"use_kernels": False}
-
-
-def _is_plain_float_model(model: torch.nn.Module) -> bool:
-    # A model whose every parameter is a plain floating-point Parameter holds no packed/quantized
-    # weights, so its state dict is what a dense checkpoint stores (e.g. a GGUF file dequantized at
-    # load time, which keeps hf_quantizer and config.quantization_config around).
-    return all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point for p in model.parameters())
-
-
-def drop_leftover_quantization(model: Any) -> None:
-    """Forget the quantizer of a model whose weights are dense by now, so that it saves as a plain one.
-
-    A GGUF checkpoint loads dequantized but keeps its quantizer attached (``hf_quantizer``, the
-    ``is_quantized`` marks, ``config.quantization_config``), and ``save_pretrained`` then refuses
-    the model. Models that really hold quantized weights keep their state (saved with their config
-    where transformers can, refused here where it cannot).
-    """
-    hf_quantizer = getattr(model, "hf_quantizer", None)
-    has_qconfig = getattr(model.config, "quantization_config", None) is not None
-    if hf_quantizer is None and not has_qconfig:
-        return
-    if not _is_plain_float_model(model):
-        if hf_quantizer is not None and not hf_quantizer.is_serializable():
-            raise InvalidRequestError(
-                "the model holds quantized weights that transformers cannot serialize "
-                f"({type(hf_quantizer).__name__}); load it unquantized (or dequantized) to save it",
-                field="model.id",
-            )
-        # Serializable quantized weights: let save_pretrained write them with their config.
-        return
-    logger.info("dropping leftover quantization state (%s): the weights are dense", type(hf_quantizer).__name__)
-    model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

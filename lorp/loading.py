@@ -35,8 +35,8 @@ from lorp.depth import MAX_BLOCKS, blocks_in_config
 from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
 from lorp.execution import Runner
 from lorp.execution.choice import ExecutionChoice, WorkingSet, choose_execution, working_bytes
-from lorp.export import PLAIN_MODULES, drop_leftover_quantization
 from lorp.gguf_header import block_count, check_gguf
+from lorp.pretrained import PLAIN_MODULES, drop_leftover_quantization
 from lorp.shards import Checkpoint, read_header
 
 log = logging.getLogger(__name__)

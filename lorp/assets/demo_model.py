@@ -35,11 +35,11 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint to fp32 and save it as a safetensors Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from lorp.export import drop_leftover_quantization
+    from lorp.pretrained import PLAIN_MODULES, drop_leftover_quantization
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **PLAIN_MODULES)
     except Exception as exc:  # transformers raises many types here; the caller needs one
         raise ModelLoadError(f"could not load the GGUF file {gguf}: {exc}", field="model.id") from exc
     # The weights are already dequantized to fp32, but transformers still marks the model as
