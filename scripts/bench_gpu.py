@@ -9,7 +9,9 @@ resident host memory. The GPU is named in the recorded section.
 
 Offline (a GPU machine with no hub and no ``gensim``), pass the tokenizer and the text:
 
-    python scripts/bench_gpu.py --tokenizer DIR --calibration cal.jsonl --eval eval.jsonl [--out FILE]
+    python scripts/bench_gpu.py --export-offline DIR      # here, with the hub's or the packages' files
+    python scripts/bench_gpu.py --tokenizer DIR/tokenizer --calibration DIR/calibration.jsonl \
+        --eval DIR/evaluation.jsonl [--out FILE]          # there
 
 ``--tokenizer`` defaults to the demo model's and the text to the built-in corpus. ``--profile
 FILE`` writes each job's profile beside FILE (where a sequential job's time goes: its block loads).
@@ -79,6 +81,27 @@ print("CAPTURE " + json.dumps(bench_capture(loaded.model, data.capture, int(batc
 """
 
 
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
+            shutil.copyfile(file, target / file.name)
+
+
+def export_offline(folder: Path) -> None:
+    """What a GPU machine without the hub or ``gensim`` needs: the demo model's tokenizer
+    (``tokenizer/``) and the built-in corpus's two splits as JSONL (``calibration.jsonl``,
+    ``evaluation.jsonl``), for ``--tokenizer --calibration --eval``."""
+    from lorp.assets import builtin_corpus, demo_model_dir
+
+    corpus = builtin_corpus()
+    folder.mkdir(parents=True, exist_ok=True)
+    for role in ("calibration", "evaluation"):
+        lines = (json.dumps({"text": text}) + "\n" for text in getattr(corpus, role))
+        (folder / f"{role}.jsonl").write_text("".join(lines), encoding="utf-8")
+    _copy_tokenizer(demo_model_dir(), folder / "tokenizer")
+
+
 def prepare(path: Path, tokenizer: Path | None, shape: dict, device: str) -> None:
     if (path / "config.json").is_file():
         return
@@ -88,9 +111,7 @@ def prepare(path: Path, tokenizer: Path | None, shape: dict, device: str) -> Non
         tokenizer = demo_model_dir()
     print(f"generating {path} ...", flush=True)
     generate(path, shape, device=device)
-    for file in tokenizer.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
-            shutil.copyfile(file, path / file.name)
+    _copy_tokenizer(tokenizer, path)
 
 
 def _tagged(stderr: str, tag: str) -> dict:
@@ -160,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="write each job's cProfile (40 by cumulative, 25 by own time) beside this path"
     )
+    parser.add_argument("--export-offline", type=Path, metavar="DIR", help="write the offline files; stop")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.export_offline is not None:
+        export_offline(args.export_offline)
+        return 0
 
     import torch
 
