@@ -32,7 +32,7 @@ from app.jobspec import (
     to_prune_spec,
 )
 from app.repositories import lifecycle
-from app.storage import Storage, storage_from_url
+from app.storage import Storage, model_folder_store
 from app.storage.keys import key_problem
 from worker.failures import JobFailure
 from worker.retries import with_storage_retries
@@ -136,8 +136,7 @@ class JobInputs:
         every key a plain relative file name, at most ``LORP_MODEL_S3_MAX_OBJECTS`` objects and
         ``LORP_MODEL_S3_MAX_BYTES`` in all, refused before anything is copied."""
         folder = s3_model_folder(reference, self.settings)
-        # A store rooted at the model's folder: its keys are the files' paths inside the model directory.
-        store = storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **self.settings.s3_options())
+        store = model_folder_store(folder, self.settings)
         keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
         if not keys:
             raise JobFailure(

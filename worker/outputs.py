@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
 from app.db.session import session_scope
 from app.jobspec import JobCreate
 from app.repositories import lifecycle
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow, TaskMetricRow
-from app.storage import Storage, storage_from_url
+from app.storage import Storage
 from app.storage.keys import job_prefix
 from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
@@ -41,10 +40,6 @@ METRIC_UNITS: dict[str, str] = {
     "num_parameters": "",
 }
 RATIO_UNIT = "x"
-
-
-def artifact_storage(settings: Settings) -> Storage:
-    return storage_from_url(settings.artifact_storage_url, **settings.s3_options())
 
 
 def upload(

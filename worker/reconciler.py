@@ -53,11 +53,11 @@ def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | Non
 def _remove_outputs(settings: Settings, job_ids: list[uuid.UUID]) -> None:
     if not job_ids:
         return
+    from app.storage import artifact_store
     from app.storage.keys import job_prefix
-    from worker.outputs import artifact_storage
 
     try:
-        storage = artifact_storage(settings)
+        storage = artifact_store(settings)
         for job_id in job_ids:
             storage.delete_prefix(job_prefix(job_id))
     except Exception:
@@ -232,10 +232,10 @@ def presumed_lost_before(session: Session, settings: Settings, now: dt.datetime)
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> dict[str, int]:
     """Expire old jobs (LORP_ARTIFACT_TTL_DAYS) and purge deleted ones that have stopped."""
     from app.services.deletion import purge_pending
-    from worker.outputs import artifact_storage
+    from app.storage import artifact_store
 
     try:
-        storage = artifact_storage(settings)
+        storage = artifact_store(settings)
         with session_scope(factory) as session:
             return purge_pending(session, storage, ttl_days=settings.artifact_ttl_days, limit=BATCH)
     except Exception:

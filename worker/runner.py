@@ -30,7 +30,7 @@ from app.jobspec import JobCreate
 from app.repositories import lifecycle
 from app.repositories.events import add_event
 from app.repositories.lifecycle import ArtifactRow
-from app.storage import Storage
+from app.storage import Storage, artifact_store
 from lorp.errors import JobCancelled
 from lorp.stages import STAGES
 from worker import outputs
@@ -86,7 +86,7 @@ class _JobRun:
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = outputs.artifact_storage(self.settings)
+            self._storage = artifact_store(self.settings)
         return self._storage
 
     # -- engine callbacks --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from app.core.security import ANONYMOUS, Principal
 from app.db.session import session_factory, session_scope
 from app.services.keys import verify_api_key
 from app.services.workers import SupervisedWorker
-from app.storage import Storage, storage_from_url
+from app.storage import Storage, artifact_store
 
 
 class ServiceState:
@@ -54,14 +54,8 @@ class ServiceState:
     def storage(self) -> Storage:
         with self._lock:
             if self._storage is None:
-                self._storage = build_storage(self.settings)
+                self._storage = artifact_store(self.settings)
             return self._storage
-
-
-def build_storage(settings: Settings) -> Storage:
-    """The artifact store the settings name (S3 options are ignored by the local backend)."""
-    url = settings.artifact_storage_url
-    return storage_from_url(url, **settings.s3_options()) if url.startswith("s3://") else storage_from_url(url)
 
 
 def service_state(request: Request) -> ServiceState:

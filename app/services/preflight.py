@@ -18,7 +18,7 @@ from app.core import client_json
 from app.core.config import Settings
 from app.core.errors import Unprocessable
 from app.jobspec import JobCreate, ModelRef, local_model_path, s3_model_folder
-from app.storage import StorageError, storage_from_url
+from app.storage import StorageError, model_folder_store
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
 from lorp.foldable import fold_refusal
@@ -61,7 +61,7 @@ def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any]
             directory = Path(cached).parent if isinstance(cached, str) else None
         elif kind == "s3":
             folder = s3_model_folder(ref.id, settings)
-            store = storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **settings.s3_options())
+            store = model_folder_store(folder, settings)
             if store.size("config.json") > MAX_CONFIG_BYTES:
                 return None
             with store.open("config.json") as fh:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from app.storage.base import Storage
 from app.storage.local import LocalStorage
 from app.storage.s3 import S3Storage
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
+    from app.core.s3ref import S3Folder
 
 
 def storage_from_url(url: str, **s3_options: Any) -> Storage:
@@ -34,3 +38,16 @@ def storage_from_url(url: str, **s3_options: Any) -> Storage:
     if "://" in url:
         raise ValueError(f"storage URL {url!r}: unsupported scheme {parts.scheme!r}; use s3:// or file://")
     return LocalStorage(Path(url))
+
+
+def artifact_store(settings: Settings) -> Storage:
+    """The artifact store the settings name, with their S3 connection options: the one the API, the
+    worker and the reconciler all use."""
+    return storage_from_url(settings.artifact_storage_url, **settings.s3_options())
+
+
+def model_folder_store(folder: S3Folder, settings: Settings) -> Storage:
+    """A store rooted at a model's folder on S3 (its keys are the files' paths inside the model
+    directory), with the settings' S3 connection options: what the API's preflight reads the
+    config from and the worker downloads."""
+    return storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **settings.s3_options())

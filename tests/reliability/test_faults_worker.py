@@ -34,11 +34,12 @@ from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, 
 from app.db.session import session_factory, session_scope
 from app.main import create_app
 from app.repositories import lifecycle
+from app.storage import artifact_store
 from app.storage.keys import job_prefix
 from lorp.stages import STAGES
 from tests.reliability.record import full_size, record
 from tests.service.moto_server import MotoServer
-from worker import outputs, retries, runner
+from worker import retries, runner
 
 from .conftest import (
     FAST_TIMINGS,
@@ -103,7 +104,7 @@ def claim_to_first_stage(settings: Settings, job_id: uuid.UUID) -> list[float]:
 
 
 def stored_keys(settings: Settings, job_id: uuid.UUID) -> list[str]:
-    return sorted(outputs.artifact_storage(settings).list(job_prefix(job_id)))
+    return sorted(artifact_store(settings).list(job_prefix(job_id)))
 
 
 def check_one_artifact_set(settings: Settings, job_id: uuid.UUID) -> dict[str, int]:
@@ -117,7 +118,7 @@ def check_one_artifact_set(settings: Settings, job_id: uuid.UUID) -> dict[str, i
     keys = [a.storage_key for a in artifacts]
     assert all(k == f"jobs/{job_id}/{a.name}" for k, a in zip(keys, artifacts, strict=True))
     assert stored_keys(settings, job_id) == sorted(keys), "objects under the job's prefix differ from its rows"
-    storage = outputs.artifact_storage(settings)
+    storage = artifact_store(settings)
     for artifact in artifacts:
         digest = hashlib.sha256()
         for chunk in storage.iter_chunks(artifact.storage_key):

@@ -30,12 +30,13 @@ from app.core.config import Settings
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
 from app.services.keys import revoke_api_key
+from app.storage import artifact_store
 from lorp import assets
 from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
 from tests.service.helpers import create_job, job_request, upload_dataset
-from worker import outputs, runner
+from worker import runner
 
 pytestmark = pytest.mark.reliability
 
@@ -264,7 +265,7 @@ def test_artifact_name_traversal_is_404(
     client, auth = api
     key_id = _key_id(factory, auth)
     job_id = insert_job(factory, status=JobStatus.succeeded, owner_id=key_id)
-    storage = outputs.artifact_storage(settings)
+    storage = artifact_store(settings)
     stored = storage.put_bytes(f"jobs/{job_id}/report.json", b"{}", content_type="application/json")
     with factory() as session:
         session.add(
@@ -439,7 +440,7 @@ def _run_failed(settings: Settings, job_id: uuid.UUID, code: str, *needles: str)
     assert str(settings.work_dir) not in message, f"the message exposes the worker's folders: {message}"
     assert artifacts == 0
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
-    assert outputs.artifact_storage(settings).list(f"jobs/{job_id}") == []
+    assert artifact_store(settings).list(f"jobs/{job_id}") == []
     return f"failed {error_code} in {elapsed:.1f}s: {message[:120]}"
 
 

@@ -30,12 +30,13 @@ from app.core.config import Settings
 from app.db.migrate import upgrade_head
 from app.db.models import Artifact, Dataset, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from app.storage import artifact_store
 from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, insert_job, new_key
 from tests.service.helpers import create_job, job_request
 from tests.service.tmpfs import fill, mounted_tmpfs, used_files
-from worker import failures, outputs, runner
+from worker import failures, runner
 
 pytestmark = pytest.mark.reliability
 
@@ -235,7 +236,7 @@ def _run_on_full_disk(settings: Settings, disk: Path, model_root: Path, leave_by
         artifacts = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
     assert artifacts == 0
     assert not (settings.work_dir / str(job_id)).exists(), "the work folder must be removed"
-    assert outputs.artifact_storage(settings).list(f"jobs/{job_id}") == []
+    assert artifact_store(settings).list(f"jobs/{job_id}") == []
     assert used_files(disk) == [], "nothing of the job may stay on the full disk"
     return code, message
 

@@ -24,12 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.models import Artifact, Job, JobStatus
 from app.db.session import session_factory, session_scope
+from app.storage import artifact_store
 from tests.reliability.conftest import hostile_settings
 from tests.reliability.record import HostileCases
 from tests.service.api_helpers import assert_problem, bearer, client_for, new_key
 from tests.service.helpers import create_job, job_request
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
-from worker import outputs, runner
+from worker import runner
 
 pytestmark = pytest.mark.reliability
 
@@ -122,7 +123,7 @@ def _failed(settings: Settings, job_id: uuid.UUID, *needles: str) -> tuple[str, 
     for needle in needles:
         assert needle in message, message
     assert str(settings.resolved_data_dir) not in message and SECRET not in message
-    assert artifacts == 0 and outputs.artifact_storage(settings).list(f"jobs/{job_id}") == []
+    assert artifacts == 0 and artifact_store(settings).list(f"jobs/{job_id}") == []
     return code, message
 
 
@@ -196,7 +197,7 @@ def test_link_appearing_after_submission_fails_the_job_and_ships_nothing(
     (model / "chat_template.jinja").symlink_to(outside / "secret.jinja")
     code, message = _failed(settings, job_id, "chat_template.jinja is a link", "model.id")
     assert code in ("invalid_request", "model_load_failed")
-    stored = outputs.artifact_storage(settings)
+    stored = artifact_store(settings)
     for key in stored.list(""):
         assert SECRET.encode() not in b"".join(stored.iter_chunks(key)), key
     _note("tokenizer template link appearing after submission", f"failed {code}: {message[:160]}")
@@ -227,7 +228,7 @@ def test_s3_models_inside_the_service_own_outputs_are_refused(
 ) -> None:
     bucket = s3_settings.artifact_storage_url.removeprefix("s3://").split("/", 1)[0]
     victim = uuid.uuid4()
-    storage = outputs.artifact_storage(s3_settings)
+    storage = artifact_store(s3_settings)
     for path in (model_root / "tiny-llama").iterdir():
         storage.put_file(f"jobs/{victim}/model/{path.name}", path)
     key, _ = new_key(factory, "hostile-s3")

@@ -8,14 +8,14 @@ from app.core.config import Settings
 from app.db.models import Dataset, Job
 from app.db.session import session_factory, session_scope
 from app.jobspec import CalibrationRef, EvaluationRef, JobCreate, ModelRef, TargetSpec
-from worker import outputs
+from app.storage import artifact_store
 
 
 def upload_dataset(settings: Settings, data: bytes, *, name: str = "corpus.txt") -> uuid.UUID:
     """Put a .txt corpus into storage and register it, as ``POST /v1/datasets`` does (without its checks)."""
     dataset_id = uuid.uuid4()
     key = f"datasets/{dataset_id}/data.txt"
-    stored = outputs.artifact_storage(settings).put_bytes(key, data, content_type="text/plain")
+    stored = artifact_store(settings).put_bytes(key, data, content_type="text/plain")
     with session_scope(session_factory(settings.sqlalchemy_url)) as session:
         session.add(
             Dataset(

@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.api.deps import build_storage
-from app.storage import storage_from_url
+from app.storage import artifact_store, storage_from_url
 
 from .api_helpers import (
     client_for,
@@ -55,4 +54,4 @@ def test_openapi_documents_the_routes(api_settings, rollback_sessionmaker):
 
 
 def test_storage_helper_matches_settings(api_settings):
-    assert build_storage(api_settings).describe() == storage_from_url(api_settings.artifact_storage_url).describe()
+    assert artifact_store(api_settings).describe() == storage_from_url(api_settings.artifact_storage_url).describe()

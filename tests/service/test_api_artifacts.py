@@ -6,8 +6,8 @@ import hashlib
 import uuid
 from pathlib import Path
 
-from app.api.deps import build_storage
 from app.db.models import JobStatus
+from app.storage import artifact_store
 
 from .api_helpers import (
     FILES,
@@ -20,7 +20,7 @@ from .api_helpers import (
 
 def test_artifacts_are_listed_and_streamed(api_settings, rollback_sessionmaker):
     job_id = insert_job(rollback_sessionmaker, status=JobStatus.succeeded)
-    storage = build_storage(api_settings)
+    storage = artifact_store(api_settings)
     publish_files(rollback_sessionmaker, storage, job_id, FILES)
     client = client_for(api_settings, rollback_sessionmaker)
 
@@ -60,7 +60,7 @@ def test_artifacts_are_listed_and_streamed(api_settings, rollback_sessionmaker):
 
 def test_unfinished_jobs_list_no_artifacts(api_settings, rollback_sessionmaker):
     job_id = insert_job(rollback_sessionmaker, status=JobStatus.running)
-    publish_files(rollback_sessionmaker, build_storage(api_settings), job_id, {"heatmap.png": FILES["heatmap.png"]})
+    publish_files(rollback_sessionmaker, artifact_store(api_settings), job_id, {"heatmap.png": FILES["heatmap.png"]})
     client = client_for(api_settings, rollback_sessionmaker)
     assert client.get(f"/v1/jobs/{job_id}/artifacts").json() == []
     assert_problem(client.get(f"/v1/jobs/{job_id}/heatmap.png"), 404)
@@ -83,7 +83,7 @@ def test_s3_artifacts_redirect_to_a_presigned_url(api_settings, rollback_session
         }
     )
     job_id = insert_job(rollback_sessionmaker, status=JobStatus.succeeded)
-    storage = build_storage(settings)
+    storage = artifact_store(settings)
     publish_files(rollback_sessionmaker, storage, job_id, {"model/config.json": FILES["model/config.json"]})
     client = client_for(settings, rollback_sessionmaker)
     response = client.get(f"/v1/jobs/{job_id}/artifacts/model/config.json", follow_redirects=False)

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from app.api.deps import build_storage
 from app.db.models import Dataset
+from app.storage import artifact_store
 
 from .api_helpers import (
     DEMO_JOB,
@@ -33,7 +33,7 @@ def test_upload_text_dataset_and_use_it(api_settings, rollback_sessionmaker):
     with rollback_sessionmaker() as session:
         row = session.get(Dataset, uuid.UUID(dataset["id"]))
         assert row is not None and row.storage_key == f"datasets/{dataset['id']}/data.txt"
-    storage = build_storage(api_settings)
+    storage = artifact_store(api_settings)
     with storage.open(f"datasets/{dataset['id']}/data.txt") as fh:
         assert fh.read() == content
 
@@ -76,7 +76,7 @@ def test_bad_uploads_are_422_and_store_nothing(api_settings, rollback_sessionmak
     client = client_for(api_settings, rollback_sessionmaker)
     response = client.post("/v1/datasets", files={"file": (filename, content)}, data=data)
     assert_problem(response, 422, field)
-    assert build_storage(api_settings).list("datasets") == []
+    assert artifact_store(api_settings).list("datasets") == []
     with rollback_sessionmaker() as session:
         assert session.scalars(select(Dataset)).all() == []
 
@@ -97,7 +97,7 @@ def test_oversized_upload_is_413_and_stores_nothing(api_settings, rollback_sessi
     # Far over: refused from its Content-Length before the body is read.
     far = client.post("/v1/datasets", files={"file": ("big.txt", b"a" * 200_000)})
     assert_problem(far, 413)
-    assert build_storage(settings).list("datasets") == []
+    assert artifact_store(settings).list("datasets") == []
 
 
 @pytest.mark.parametrize(

@@ -80,13 +80,13 @@ def test_unexpected_errors_are_500_problems_without_internals(api_settings, roll
 def test_storage_errors_map_to_problems_without_keys_or_buckets(api_settings, rollback_sessionmaker):
     """The one mapping of the error tree: a missing object is 404, an unreachable store 503, and neither
     names the key, the bucket or the endpoint."""
-    from app.api.deps import build_storage
     from app.db.models import JobStatus
+    from app.storage import artifact_store
 
     from .api_helpers import FILES, insert_job, publish_files
 
     job_id = insert_job(rollback_sessionmaker, status=JobStatus.succeeded)
-    storage = build_storage(api_settings)
+    storage = artifact_store(api_settings)
     publish_files(rollback_sessionmaker, storage, job_id, FILES)
     storage.delete_prefix(f"jobs/{job_id}/heatmap.png")  # the row stays, the object goes
     client = client_for(api_settings, rollback_sessionmaker)

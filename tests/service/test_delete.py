@@ -23,9 +23,9 @@ from sqlalchemy import func, select
 from app.core.config import Settings
 from app.db.models import Analysis, Artifact, Job, JobStatus, Metric, Plan
 from app.db.session import session_factory, session_scope
+from app.storage import artifact_store
 from app.storage.keys import job_prefix
 from lorp_client import ApiError, Client
-from worker.outputs import artifact_storage
 from worker.reconciler import reconcile_once
 
 from .api_helpers import DEMO_JOB, client_for
@@ -144,7 +144,7 @@ def test_deleting_a_queued_job_cancels_it_and_frees_its_key(api_settings: Settin
 def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings, committed_jobs: list[uuid.UUID]) -> None:
     settings = api_settings.model_copy(update={"artifact_ttl_days": 7})
     factory = session_factory(settings.sqlalchemy_url)
-    storage = artifact_storage(settings)
+    storage = artifact_store(settings)
     now = dt.datetime.now(dt.UTC)
     ids = {}
     for name, age_days in (("old", 8), ("recent", 1)):

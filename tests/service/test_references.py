@@ -26,7 +26,8 @@ from app.db.models import Analysis, ApiKey, Job, JobStatus
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
 from app.services.keys import create_api_key
-from worker import outputs, runner
+from app.storage import artifact_store
+from worker import runner
 from worker.failures import JobFailure
 from worker.inputs import JobInputs
 
@@ -233,9 +234,7 @@ def test_an_oversized_s3_model_is_refused_before_anything_is_copied(
     url = f"s3://{_bucket(settings)}/models/tiny-llama/"
     _upload_model(settings, model_root, url)
     work = tmp_path / "work-of-one-job"
-    inputs = JobInputs(
-        settings, session_factory(settings.sqlalchemy_url), lambda: outputs.artifact_storage(settings), work
-    )
+    inputs = JobInputs(settings, session_factory(settings.sqlalchemy_url), lambda: artifact_store(settings), work)
     with pytest.raises(JobFailure) as err:
         inputs.resolve(job_request(url, "builtin", num_layers=1))
     assert err.value.code == "model_load_failed" and needle in err.value.message
@@ -302,7 +301,7 @@ def test_a_real_job_shows_no_internal_path(
     )
     job = _run(settings, request, jobs)
     assert job.status == JobStatus.succeeded, job.error_message
-    report_text = outputs.artifact_storage(settings).open(f"jobs/{job.id}/report.json").read().decode()
+    report_text = artifact_store(settings).open(f"jobs/{job.id}/report.json").read().decode()
     report = json.loads(report_text)
     assert report["request"]["model"]["id"] == url and report["provenance"]["model"]["source"] == url
     assert report["request"]["calibration"]["dataset"] == str(calibration)

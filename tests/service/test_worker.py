@@ -33,8 +33,8 @@ from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, 
 from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
-from app.storage import Storage, storage_from_url
-from worker import failures, outputs, runner, service_cli
+from app.storage import Storage, artifact_store, storage_from_url
+from worker import failures, runner, service_cli
 
 from .helpers import create_job, job_request, upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
@@ -113,7 +113,7 @@ def s3_settings(tmp_path: Path, pg_url: str, redis_url: str, model_root: Path, s
 
 
 def storage_of(settings: Settings) -> Storage:
-    return outputs.artifact_storage(settings)
+    return artifact_store(settings)
 
 
 def load_job(settings: Settings, job_id: uuid.UUID) -> Job:
