@@ -49,10 +49,26 @@ def prepare(path: Path) -> None:
 
     print(f"generating {path} ...", flush=True)
     generate(path, MODEL_SHAPE)
-    demo = demo_model_dir()
-    for file in demo.iterdir():
+    copy_tokenizer(demo_model_dir(), path)
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer's files of the model folder ``source``, copied into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
-            shutil.copyfile(file, path / file.name)
+            shutil.copyfile(file, target / file.name)
+
+
+def job_summary(report: dict) -> dict:
+    """What the benches read from a job's report.json: the plan chosen, healing, block loads, timings."""
+    return {
+        "chosen": report["chosen"]["pruned_layers"],
+        "candidate": report["chosen"]["candidate"],
+        "heal": report["heal"]["method"],
+        "loads": report["execution"]["block_loads"],
+        "timings": report["timings_s"],
+    }
 
 
 def run_job(model: Path, mode: str, out: Path, samples: int, seq_len: int, eval_windows: int, dtype: str) -> dict:
@@ -75,11 +91,7 @@ def run_job(model: Path, mode: str, out: Path, samples: int, seq_len: int, eval_
     return {
         "peak": peak_of(done.stderr),
         "wall": wall,
-        "chosen": report["chosen"]["pruned_layers"],
-        "candidate": report["chosen"]["candidate"],
-        "heal": report["heal"]["method"],
-        "loads": report["execution"]["block_loads"],
-        "timings": report["timings_s"],
+        **job_summary(report),
         "perplexity": (report["metrics"]["dense"].get("perplexity"), report["metrics"]["pruned"].get("perplexity")),
     }
 

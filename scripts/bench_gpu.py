@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench_checkpoint import generate
+from bench_execution import copy_tokenizer, job_summary
 from benchdoc import GPU_HEADING as HEADING
 from benchdoc import replace_section
 
@@ -81,13 +82,6 @@ print("CAPTURE " + json.dumps(bench_capture(loaded.model, data.capture, int(batc
 """
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for file in source.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
-            shutil.copyfile(file, target / file.name)
-
-
 def export_offline(folder: Path) -> None:
     """What a GPU machine without the hub or ``gensim`` needs: the demo model's tokenizer
     (``tokenizer/``) and the built-in corpus's two splits as JSONL (``calibration.jsonl``,
@@ -99,7 +93,7 @@ def export_offline(folder: Path) -> None:
     for role in ("calibration", "evaluation"):
         lines = (json.dumps({"text": text}) + "\n" for text in getattr(corpus, role))
         (folder / f"{role}.jsonl").write_text("".join(lines), encoding="utf-8")
-    _copy_tokenizer(demo_model_dir(), folder / "tokenizer")
+    copy_tokenizer(demo_model_dir(), folder / "tokenizer")
 
 
 def prepare(path: Path, tokenizer: Path | None, shape: dict, device: str) -> None:
@@ -111,7 +105,7 @@ def prepare(path: Path, tokenizer: Path | None, shape: dict, device: str) -> Non
         tokenizer = demo_model_dir()
     print(f"generating {path} ...", flush=True)
     generate(path, shape, device=device)
-    _copy_tokenizer(tokenizer, path)
+    copy_tokenizer(tokenizer, path)
 
 
 def _tagged(stderr: str, tag: str) -> dict:
@@ -147,11 +141,7 @@ def run_job(model: Path, mode: str, out: Path, args: argparse.Namespace) -> dict
     return {
         **_tagged(done.stderr, "PEAKS"),
         "wall": wall,
-        "chosen": report["chosen"]["pruned_layers"],
-        "candidate": report["chosen"]["candidate"],
-        "heal": report["heal"]["method"],
-        "loads": report["execution"]["block_loads"],
-        "timings": report["timings_s"],
+        **job_summary(report),
         "speedup": speed,
     }
 

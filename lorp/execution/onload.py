@@ -5,8 +5,9 @@ describes with its parameters on the meta device (no memory, no random initialis
 buffers real (the rotary frequencies and masks a model computes at construction and never stores).
 :class:`Onloader` then brings what a pass needs from the checkpoint's safetensors shards straight to
 the device, a tensor at a time (``lorp.shards``, no memory map): :meth:`Onloader.load_outside` the
-final norm and the head for the whole pass (untied token embeddings only while a batch is embedded,
-:meth:`Onloader.input_embeddings`); :meth:`Onloader.block` one decoder block
+final norm for the whole pass (untied token embeddings only while a batch is embedded,
+:meth:`Onloader.input_embeddings`, an untied head only while logits are taken, :meth:`Onloader.head`);
+:meth:`Onloader.block` one decoder block
 for the length of a ``with``, after which its parameters are on the meta device again and their memory
 is free. It counts the block loads and the most blocks held at once, so tests and the report can say
 what a pass cost.
@@ -19,7 +20,7 @@ import ctypes.util
 import functools
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ class Onloader:
         self._narrow: set[str] = set()
         self._embeddings: str | None = None  # loaded for a batch's embedding only (see load_outside)
         self._head: str | None = None  # loaded for the logits only
-        self._head_users = 0
+        self._users: dict[str, int] = {}  # open ``with`` blocks per weight loaded on demand
 
     def _stored(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
@@ -276,42 +277,38 @@ class Onloader:
                 if buffer is not None and buffer.device != self.device and buffer.device.type != "meta":
                     buffer_owner._buffers[key] = buffer.to(self.device)
         named = dict(self.model.named_parameters(remove_duplicate=False))
-        if any(named[n] is embeddings.weight and self._stays_narrow(n) for n in self._narrow):
+        narrow = {id(named[n]) for n in self._narrow if self._stays_narrow(n)}
+        if id(embeddings.weight) in narrow:
             embeddings.register_forward_hook(lambda _module, _args, output: output.to(self.dtype))  # exact
-        if isinstance(head, torch.nn.Linear) and any(named[n] is head.weight and self._stays_narrow(n) for n in named):
+        if isinstance(head, torch.nn.Linear) and id(head.weight) in narrow:
             _run_head_in(head, self.dtype)
 
     @contextmanager
-    def input_embeddings(self) -> Iterator[None]:
-        """The token embeddings on the device for the length of the ``with`` (loaded and freed when
-        they wait on disk, see :meth:`load_outside`)."""
-        name = self._embeddings
-        if name is None or self.model.get_input_embeddings().weight.device.type != "meta":
-            yield
-            return
-        self._load_outside_tensor(name)
-        try:
-            yield
-        finally:
-            self._free_outside_tensor(name)
-
-    @contextmanager
-    def head(self) -> Iterator[None]:
-        """The head on the device for the length of the ``with`` (loaded on entering the outermost
-        one and freed on leaving it when it waits on disk, see :meth:`load_outside`)."""
-        name = self._head
+    def _while_used(self, name: str | None) -> Iterator[None]:
+        """The weight ``name`` (one :meth:`load_outside` left on disk; None: loaded for good) on the
+        device from entering the outermost ``with`` to leaving it."""
         if name is None:
             yield
             return
-        if self._head_users == 0:
+        if not self._users.get(name):
             self._load_outside_tensor(name)
-        self._head_users += 1
+        self._users[name] = self._users.get(name, 0) + 1
         try:
             yield
         finally:
-            self._head_users -= 1
-            if self._head_users == 0:
+            self._users[name] -= 1
+            if not self._users[name]:
                 self._free_outside_tensor(name)
+
+    def input_embeddings(self) -> AbstractContextManager[None]:
+        """The token embeddings on the device for the length of the ``with`` (loaded and freed when
+        they wait on disk, see :meth:`load_outside`)."""
+        return self._while_used(self._embeddings)
+
+    def head(self) -> AbstractContextManager[None]:
+        """The head on the device for the length of the ``with`` (loaded on entering the outermost
+        one and freed on leaving it when it waits on disk, see :meth:`load_outside`)."""
+        return self._while_used(self._head)
 
     @contextmanager
     def block(self, index: int) -> Iterator[torch.nn.Module]:
