@@ -168,21 +168,26 @@ class CachedHealer:
             rows_kept, gram = self._anchors[anchor]
             rows = rows_kept if rows_kept is not None else self._kept_outputs(anchor)
             assert rows is not None
-            return rows, gram if isinstance(gram, torch.Tensor) else torch.load(gram, weights_only=True)
+            stored = gram if isinstance(gram, torch.Tensor) else torch.load(gram, weights_only=True)
+            return rows, stored.to(self.runner.device)
         rows = self._kept_outputs(anchor)
         in_cache = rows is not None
         if rows is None:
             rows = self._anchor_outputs(anchor, anchor, [], [])
             self.anchor_passes += 1
         m0 = rows[0][0]
-        mtm = torch.zeros(m0.shape[-1], m0.shape[-1], dtype=torch.float64, device=m0.device)
+        # On the runner's device: in sequential mode the rows wait on the host, and a GPU forms the
+        # Gram matrix (tokens x d^2 in float64) far faster than the host does.
+        mtm = torch.zeros(m0.shape[-1], m0.shape[-1], dtype=torch.float64, device=self.runner.device)
         for m, _ in rows:
-            m64 = m.to(torch.float64)
+            m64 = m.to(self.runner.device, torch.float64)
             mtm += m64.T @ m64
-        kept: torch.Tensor | Path = mtm
+        kept: torch.Tensor | Path
         if self.spill is not None:
             kept = self.spill / f"mtm-{anchor:05d}.pt"
-            torch.save(mtm, kept)
+            torch.save(mtm.cpu(), kept)
+        else:
+            kept = mtm.to(m0.device)  # kept where the rows are (the host in sequential mode)
         self._anchors[anchor] = (None if in_cache else rows, kept)
         while len(self._anchors) > self.max_cached_anchors:
             self._anchors.popitem(last=False)
@@ -191,7 +196,7 @@ class CachedHealer:
     def _fit(self, span: tuple[int, int], earlier: list[tuple[int, int]], earlier_fits: list[Fit]) -> Fit:
         start, end = span
         anchor = start - 1
-        stats = FitStatistics(self.cache.state(0, 0).device)
+        stats = FitStatistics(self.runner.device)  # statistics and solve on the device (see _dense_anchor)
         if self.mode == "dense" or not earlier:
             rows, mtm = self._dense_anchor(anchor)
             stats.mtm = mtm  # read, never written, by the fit

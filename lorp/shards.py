@@ -181,8 +181,7 @@ class Checkpoint:
         """One tensor, read from its file into memory of its own (no memory map), then moved to ``device``."""
         info = self.tensors[name]
         buffer = bytearray(info.nbytes)
-        for _ in _stored_parts(info, memoryview(buffer)):  # one part: the whole tensor
-            pass
+        read_span(info, 0, memoryview(buffer))
         dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
             tensor = torch.empty(info.shape, dtype=dtype)
@@ -197,19 +196,25 @@ _COPY_BYTES = 16 << 20  # a stored tensor copied verbatim goes through memory th
 def _stored_parts(info: TensorInfo, buffer: memoryview) -> Iterator[memoryview]:
     """The stored bytes of ``info`` read into ``buffer``, a buffer's length at a time (each part is
     valid until the next is read); a file that ends early is named as truncated."""
+    for begin in range(0, info.nbytes, len(buffer)):
+        part = buffer[: min(info.nbytes - begin, len(buffer))]
+        read_span(info, begin, part)
+        yield part
+
+
+def read_span(info: TensorInfo, begin: int, buffer: memoryview) -> None:
+    """Read the stored tensor ``info``'s bytes from ``begin`` on into ``buffer``, filling it (several
+    threads may read one file at once: each opens its own handle)."""
+    if begin < 0 or begin + len(buffer) > info.nbytes:
+        raise ValueError(f"bytes {begin}..{begin + len(buffer)} are outside tensor {info.name!r}")
     with info.file.open("rb", buffering=0) as src:
-        src.seek(info.data_start + info.begin)
-        left = info.nbytes
-        while left:
-            part = buffer[: min(left, len(buffer))]
-            done = 0
-            while done < len(part):
-                got = src.readinto(part[done:])
-                if not got:
-                    raise _corrupt(info.file, f"tensor {info.name!r} is cut short (truncated)")
-                done += got
-            yield part
-            left -= len(part)
+        src.seek(info.data_start + info.begin + begin)
+        done = 0
+        while done < len(buffer):
+            got = src.readinto(buffer[done:])
+            if not got:
+                raise _corrupt(info.file, f"tensor {info.name!r} is cut short (truncated)")
+            done += got
 
 
 def copy_stored(info: TensorInfo, fh: IO[bytes]) -> None:

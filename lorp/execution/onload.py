@@ -28,7 +28,8 @@ import torch
 
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import ModelLoadError
-from lorp.shards import DTYPES, Checkpoint
+from lorp.execution.staging import Stager
+from lorp.shards import DTYPES, Checkpoint, TensorInfo
 
 
 @functools.cache
@@ -137,9 +138,12 @@ class Onloader:
         source: the model folder (``model.safetensors`` or shards with their index).
         device: where the weights go.
         dtype: the dtype they run in (stored tensors are cast to it).
+        stage: load through a :class:`lorp.execution.staging.Stager` (default: on a CUDA device).
     """
 
-    def __init__(self, model: Any, source: Path, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: Any, source: Path, device: torch.device | str, dtype: torch.dtype, *, stage: bool | None = None
+    ) -> None:
         self.model = model
         self.checkpoint = Checkpoint(source)
         self.device = torch.device(device)
@@ -154,6 +158,8 @@ class Onloader:
         self._embeddings: str | None = None  # loaded for a batch's embedding only (see load_outside)
         self._head: str | None = None  # loaded for the logits only
         self._users: dict[str, int] = {}  # open ``with`` blocks per weight loaded on demand
+        self.stage = self.device.type == "cuda" if stage is None else stage
+        self.stager: Stager | None = None  # made at the first load when staging
 
     def _stored(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
@@ -184,12 +190,45 @@ class Onloader:
                 gaps.append(name)
         return sorted(gaps)
 
-    def _load(self, module: torch.nn.Module, prefix: str) -> None:
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if tensor.device.type != "meta":
-                continue
-            value = self.checkpoint.read(self._stored(prefix + name), device=self.device)
-            _set(module, name, value.to(self.dtype) if value.is_floating_point() else value)
+    def _staged(self) -> Stager | None:
+        """The stager loads go through when staging (made at the first load, its buffers the largest
+        block's stored bytes); None otherwise: each tensor is read straight into memory of its own
+        (what a CPU device wants: there is no copy after the read to overlap or speed up)."""
+        if self.stager is None and self.stage:
+            sizes = [
+                sum(info.nbytes for _, info in self._to_load(block, index)) for index, block in enumerate(self.blocks)
+            ]
+            self.stager = Stager(self.device, max(sizes, default=1))
+        return self.stager
+
+    def _to_load(self, block: torch.nn.Module, index: int) -> list[tuple[str, TensorInfo]]:
+        """Block ``index``'s tensors still on the meta device, with where each is stored."""
+        prefix = f"{self.path}.{index}."
+        return [
+            (name, self.checkpoint.tensors[self._stored(prefix + name)])
+            for name, tensor in [*block.named_parameters(), *block.named_buffers()]
+            if tensor.device.type == "meta"
+        ]
+
+    def _read(self, infos: list[TensorInfo]) -> list[torch.Tensor]:
+        """Stored tensors on the device, at their stored dtype."""
+        stager = self._staged()
+        if stager is None:
+            return [self.checkpoint.read(info.name, device=self.device) for info in infos]
+        loaded = stager.load(infos)
+        return [loaded[info.name] for info in infos]
+
+    def _load(self, block: torch.nn.Module, index: int) -> None:
+        wanted = self._to_load(block, index)
+        for (name, _), value in zip(wanted, self._read([info for _, info in wanted]), strict=True):
+            _set(block, name, value.to(self.dtype) if value.is_floating_point() else value)
+
+    def prefetch(self, index: int) -> None:
+        """Start reading block ``index`` from disk while the caller runs another (on a GPU; nothing
+        elsewhere): its next :meth:`block` then only copies it to the device."""
+        stager = self._staged()
+        if stager is not None:
+            stager.prefetch([info for _, info in self._to_load(self.blocks[index], index)])
 
     def round_to_stored(self, index: int, module: torch.nn.Module) -> None:
         """Round the weights of ``module`` (a part of block ``index``, changed in memory: a folded heal
@@ -243,7 +282,7 @@ class Onloader:
         return name in self._narrow and stored.is_floating_point and stored.itemsize < self.dtype.itemsize
 
     def _load_outside_tensor(self, name: str) -> None:
-        value = self.checkpoint.read(self._stored(name), device=self.device)
+        (value,) = self._read([self.checkpoint.tensors[self._stored(name)]])
         cast = value.is_floating_point() and not self._stays_narrow(name)
         _set(self.model, name, value.to(self.dtype) if cast else value)
 
@@ -311,10 +350,13 @@ class Onloader:
         return self._while_used(self._head)
 
     @contextmanager
-    def block(self, index: int) -> Iterator[torch.nn.Module]:
-        """Decoder block ``index`` with its weights on the device, for the length of the block."""
+    def block(self, index: int, then: int | None = None) -> Iterator[torch.nn.Module]:
+        """Decoder block ``index`` with its weights on the device, for the length of the block; with
+        ``then``, block ``then`` is read from disk meanwhile (:meth:`prefetch`)."""
         block = self.blocks[index]
-        self._load(block, f"{self.path}.{index}.")
+        self._load(block, index)
+        if then is not None:
+            self.prefetch(then)
         self.block_loads += 1
         self.held.add(index)
         self.most_held = max(self.most_held, len(self.held))
@@ -332,4 +374,7 @@ class Onloader:
         for name, param in list(self.model.named_parameters()):
             if param.device.type != "meta" and self._outside(name):
                 _set(self.model, name, torch.empty_like(param, device="meta"))
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
         trim_heap()

@@ -111,11 +111,14 @@ class Runner:
         self.block_runs = 0
 
     @classmethod
-    def sequential(cls, source: Path, config: Any, *, device: torch.device | str, dtype: torch.dtype) -> Runner:
+    def sequential(
+        cls, source: Path, config: Any, *, device: torch.device | str, dtype: torch.dtype, stage: bool | None = None
+    ) -> Runner:
         """A runner that keeps the decoder blocks on disk and loads each one onto ``device`` only
-        while a pass runs it (``lorp.execution.onload``); everything else is loaded once."""
+        while a pass runs it (``lorp.execution.onload``; ``stage``: through pinned buffers, the next
+        block read while one runs, by default on a GPU); everything else is loaded once."""
         model = skeleton(config, dtype)
-        onloader = Onloader(model, source, device, dtype)
+        onloader = Onloader(model, source, device, dtype, stage=stage)
         onloader.load_outside()
         return cls(model, onloader)
 
@@ -136,13 +139,13 @@ class Runner:
         return 0 if self.onloader is None else self.onloader.block_loads
 
     @contextmanager
-    def _block(self, index: int) -> Iterator[torch.nn.Module]:
+    def _block(self, index: int, then: int | None = None) -> Iterator[torch.nn.Module]:
         """Block ``index`` ready to run: where it lives, or loaded for the length of the block with
-        its heal map (if the view has one) folded in."""
+        its heal map (if the view has one) folded in, block ``then`` read from disk meanwhile."""
         if self.onloader is None:
             yield self.blocks[index]
             return
-        with self.onloader.block(index) as block:
+        with self.onloader.block(index, then) as block:
             fit = self._fits.get(index)
             if fit is not None:
                 projection, kind = output_projection(self.model, block)
@@ -241,11 +244,10 @@ class Runner:
                 raise ValueError("a pass that starts after block 0 needs the state entering its first block")
             states = [batch.entering for batch in batches]
         hidden = list(states)
+        order = [j for j in range(start, stop) if j not in self._removed]
         with torch.no_grad():
-            for j in range(start, stop):
-                if j in self._removed:
-                    continue
-                with self._block(j) as block:
+            for j, then in zip(order, [*order[1:], None], strict=True):
+                with self._block(j, then) as block:
                     for i, batch in enumerate(batches):
                         if on_input is not None:
                             on_input(i, j, hidden[i])
@@ -285,16 +287,16 @@ class Runner:
         if self._removed:
             raise RuntimeError("run_plans runs on the dense model, outside a pruned view")
         hidden = [list(p.states) for p in passes]
-        first = min((p.start for p in passes), default=self.num_blocks)
+        users = {
+            j: [k for k, p in enumerate(passes) if p.start <= j and j not in p.removed] for j in range(self.num_blocks)
+        }
+        order = [j for j in range(self.num_blocks) if users[j]]
         with torch.no_grad():
-            for j in range(first, self.num_blocks):
-                users = [k for k, p in enumerate(passes) if p.start <= j and j not in p.removed]
-                if not users:
-                    continue
+            for j, then in zip(order, [*order[1:], None], strict=True):
                 if should_cancel is not None and should_cancel():
                     raise JobCancelled("the job was cancelled while scoring plans")
-                with self._block(j) as block:
-                    for k in users:
+                with self._block(j, then) as block:
+                    for k in users[j]:
                         with self._folded_in(j, block, passes[k].fits.get(j)):
                             for i, batch in enumerate(batches):
                                 hidden[k][i] = batch.calls[j](block, hidden[k][i].to(self.device)).to(self.state_device)

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorp.shards import Checkpoint
 
 WORDS = [
     "the",
@@ -111,3 +114,20 @@ def trained_model_dir(tmp_path_factory, tiny_model_dir, structured_corpus, tiny_
     model.eval().save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def mixed_checkpoint(tmp_path: Path) -> Checkpoint:
+    """A safetensors checkpoint of tensors of every kind: dtypes, a scalar, an empty one."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(40, 30, generator=g).to(torch.bfloat16),  # 2,400 bytes: split at capacity 1,000
+        "b.bias": torch.randn(7, generator=g),
+        "c.index": torch.arange(11, dtype=torch.int64),
+        "d.flag": torch.tensor([True, False, True]),
+        "e.scalar": torch.tensor(3.5, dtype=torch.float16),
+        "f.empty": torch.zeros(0, 4),
+        "g.weight": torch.randn(9, 13, generator=g),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    return Checkpoint(tmp_path)

@@ -13,6 +13,7 @@ from lorp.auto import auto_select
 from lorp.blocks import remove_blocks
 from lorp.calibration import TokenWindows
 from lorp.execution import Runner
+from lorp.execution.staging import Stager
 from lorp.export import save_pruned, verify_reload
 from lorp.pipeline import run_prune
 from lorp.shards import Checkpoint
@@ -96,3 +97,23 @@ def test_a_sequential_bf16_job_on_cuda_gives_the_resident_jobs_plan_and_checkpoi
     for name in expected:
         torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=2e-2, atol=2e-2)
     assert s.reload_check["max_abs_logit_diff"] <= 5e-2
+
+
+@pytest.mark.parametrize("capacity", [100, 1000, 10_000])
+def test_a_stager_on_cuda_loads_through_pinned_buffers_what_the_plain_reader_reads(mixed_checkpoint, capacity):
+    stager = Stager("cuda", capacity)
+    checkpoint = mixed_checkpoint
+    infos = list(checkpoint.tensors.values())
+    try:
+        assert stager._buffer(0) is not None and stager._buffers[0].is_pinned()
+        stager.prefetch(infos)
+        for _ in range(3):  # a prefetched load, then loads that reuse both buffers
+            loaded = stager.load(infos)
+            stager.prefetch(infos[::-1])  # dropped by the next load
+            for info in infos:
+                got = loaded[info.name]
+                assert got.device.type == "cuda"
+                assert torch.equal(got.cpu(), checkpoint.read(info.name)), info.name
+        assert stager.prefetched == 1
+    finally:
+        stager.close()
