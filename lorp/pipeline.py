@@ -212,6 +212,14 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+# The calibration fields a capture's S and D do not depend on, and why (calibration_fingerprint).
+NOT_IN_CAPTURE = {
+    "dataset": "the text's own hash stands for it: the same text under another name is the same capture",
+    "batch_size": "how many windows run at once, not which",
+    "validation_windows": "how many held-out windows score plans; the split itself is validation_fraction",
+}
+
+
 def calibration_fingerprint(
     provenance: dict[str, Any], data: cal.CalibrationData, spec: CalibrationSpec, scope: str | None = None
 ) -> str:
@@ -226,12 +234,9 @@ def calibration_fingerprint(
     parts = [
         repr(sorted((k, str(v)) for k, v in provenance.items() if k not in ignored)),
         data.text_sha256,
-        str(spec.num_samples),
-        str(spec.seq_len),
-        str(spec.seed),
-        str(spec.chat_template),
-        spec.angular,
-        str(spec.validation_fraction),
+        # Every field of the spec, in its declared order, but those that cannot change S and D: a new
+        # calibration option makes captures differ until it is named here.
+        *(str(getattr(spec, name)) for name in type(spec).model_fields if name not in NOT_IN_CAPTURE),
     ]
     if scope is not None:
         parts.append(f"scope={scope}")

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file as safe_load
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
-from lorp.pipeline import run_analysis, run_prune
+from lorp.pipeline import NOT_IN_CAPTURE, calibration_fingerprint, run_analysis, run_prune
 from lorp.result import ChosenPlan
 from lorp.spec import (
     CalibrationSpec,
@@ -396,3 +397,44 @@ def test_a_sequential_job_asking_for_lm_eval_tasks_is_refused_before_loading(tin
     with pytest.raises(InvalidRequestError) as err:
         run_prune(spec, tmp_path / "out")
     assert err.value.field == "evaluation.tasks" and "'sequential'" in err.value.message
+
+
+def _fingerprint_data() -> CalibrationData:
+    empty = TokenWindows(input_ids=torch.zeros(0, 4, dtype=torch.long), attention_mask=torch.zeros(0, 4))
+    return CalibrationData(capture=empty, validation=empty, text_sha256="ab" * 32, num_stream_tokens=0)
+
+
+def test_the_calibration_fingerprint_follows_every_field_that_can_change_a_capture() -> None:
+    provenance = {"weights_sha256": "cd" * 32, "source": "/models/x", "device": "cpu"}
+    base = CalibrationSpec()
+    key = calibration_fingerprint(provenance, _fingerprint_data(), base)
+    changed = {
+        "dataset": "other.txt",
+        "num_samples": 8,
+        "seq_len": 64,
+        "seed": 3,
+        "chat_template": True,
+        "batch_size": 2,
+        "angular": "last_token",
+        "validation_fraction": 0.2,
+        "validation_windows": 4,
+    }
+    assert set(changed) == set(CalibrationSpec.model_fields)  # a new field is added here too
+    for name, value in changed.items():
+        other = calibration_fingerprint(provenance, _fingerprint_data(), base.model_copy(update={name: value}))
+        assert (other == key) == (name in NOT_IN_CAPTURE), name
+    # Where the hashed weights sit, and the device, do not matter; the scope does.
+    moved = {**provenance, "source": "/elsewhere", "device": "cuda"}
+    assert calibration_fingerprint(moved, _fingerprint_data(), base) == key
+    assert calibration_fingerprint(provenance, _fingerprint_data(), base, "tenant-a") != key
+
+
+class _WithStride(CalibrationSpec):
+    stride: int = 1  # a calibration option added later
+
+
+def test_a_calibration_option_added_later_changes_the_fingerprint_without_being_listed() -> None:
+    provenance = {"weights_sha256": "cd" * 32}
+    one = calibration_fingerprint(provenance, _fingerprint_data(), _WithStride(stride=1))
+    two = calibration_fingerprint(provenance, _fingerprint_data(), _WithStride(stride=2))
+    assert one != two
