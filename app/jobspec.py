@@ -16,6 +16,7 @@ import json
 import re
 import unicodedata
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.core import webhook_policy
 from app.core.config import Settings
 from app.core.errors import Unprocessable
-from app.core.s3ref import S3Folder, parse_s3_folder
+from app.core.s3ref import S3Location, is_s3_url, parse_s3_location
 from app.storage.keys import JOBS_PREFIX
 from lorp.confine import confinement_problem
 from lorp.spec import (
@@ -193,25 +194,61 @@ def local_model_path(value: str) -> Path:
     return Path(value.removeprefix("file://").removeprefix("file:")).expanduser().absolute()
 
 
-def _own_areas(settings: Settings) -> list[S3Folder]:
+ModelRefKind = Literal["demo", "hub", "local", "s3"]
+
+
+def _unresolvable(value: str) -> RequestError:
+    return RequestError(f"cannot resolve the local model path {value!r}", "model.id")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """What a ``model.id`` names, read once: its kind, and where the model is (``path`` for a local
+    directory or ``.gguf`` file, ``s3`` for an ``s3://`` folder; neither for the demo or a hub id).
+
+    :meth:`parse` reads the form only; what the settings allow is :func:`check_model_reference`'s."""
+
+    kind: ModelRefKind
+    path: Path | None = None
+    s3: S3Location | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> ModelLocation:
+        """The location ``value`` names; a :class:`RequestError` naming ``model.id`` when it names none."""
+        if value == DEMO_MODEL:
+            return cls("demo")
+        if is_s3_url(value):
+            try:
+                return cls("s3", s3=parse_s3_location(value))
+            except ValueError as exc:
+                raise RequestError(f"not a usable s3:// model reference: {exc}", "model.id") from None
+        if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
+            try:
+                return cls("local", path=local_model_path(value))
+            except (RuntimeError, OSError, ValueError):  # ~nosuchuser/..., a path the OS refuses
+                raise _unresolvable(value) from None
+        if "://" in value:
+            raise RequestError("URLs are not fetched; use a hub id, a path under a model root, or s3://", "model.id")
+        if not _HUB_ID.match(value) or ".." in value or "--" in value:
+            raise RequestError("not a valid hub model id (ORG/NAME)", "model.id")
+        return cls("hub")
+
+
+def _own_areas(settings: Settings) -> list[S3Location]:
     """Where the service keeps its tenants' files in S3 (job outputs, uploaded datasets): never a model."""
-    store = settings.artifact_storage_url
-    if not store.startswith("s3://"):
+    try:
+        store = parse_s3_location(settings.artifact_storage_url, whole_bucket=True)
+    except ValueError:  # a local store (or no usable s3:// one): nothing of the service's lies in S3
         return []
-    bucket, _, prefix = store.removeprefix("s3://").partition("/")
-    base = prefix.strip("/")
-    return [S3Folder(bucket, f"{base}/{area}" if base else area) for area in (JOBS_PREFIX, DATASETS_PREFIX)]
+    base = store.prefix
+    return [S3Location(store.bucket, f"{base}/{area}" if base else area) for area in (JOBS_PREFIX, DATASETS_PREFIX)]
 
 
-def s3_model_folder(value: str, settings: Settings) -> S3Folder:
-    """The folder an ``s3://`` model id names, when the operator allows it; else a 422 naming model.id.
+def _check_s3_model(folder: S3Location, settings: Settings) -> None:
+    """Refuse an ``s3://`` model folder the operator does not allow (a 422 naming model.id).
 
     Allowed: a folder inside one of ``LORP_MODEL_S3_PREFIXES`` (none: s3:// models are off) that
     neither lies in nor holds the service's own job outputs and uploads, whatever the prefixes say."""
-    try:
-        folder = parse_s3_folder(value)
-    except ValueError as exc:
-        raise RequestError(f"not a usable s3:// model reference: {exc}", "model.id") from None
     if not settings.model_s3_prefixes:
         raise RequestError(
             "s3:// models are off on this service: an operator allows folders with LORP_MODEL_S3_PREFIXES",
@@ -221,20 +258,18 @@ def s3_model_folder(value: str, settings: Settings) -> S3Folder:
         raise RequestError(
             "s3:// models may not lie in (or hold) the service's own job outputs and uploads", "model.id"
         )
-    allowed = [parse_s3_folder(entry) for entry in settings.model_s3_prefixes]
+    allowed = settings.model_s3_folders
     if not any(folder.within(prefix) for prefix in allowed):
         listed = ", ".join(prefix.url for prefix in allowed)
         raise RequestError(f"s3:// models must lie under a folder this service allows ({listed})", "model.id")
-    return folder
 
 
-def _check_local_model(value: str, settings: Settings) -> None:
+def _check_local_model(path: Path, value: str, settings: Settings) -> None:
     roots = model_roots(settings)
     try:
-        path = local_model_path(value)
         resolved = path.resolve()
-    except (RuntimeError, OSError, ValueError):  # ~nosuchuser/..., a link loop, a path the OS refuses
-        raise RequestError(f"cannot resolve the local model path {value!r}", "model.id") from None
+    except (RuntimeError, OSError, ValueError):  # a link loop, a path the OS refuses
+        raise _unresolvable(value) from None
     if not any(resolved.is_relative_to(root) for root in roots):
         configured = ", ".join(map(str, settings.model_roots)) or "none configured"
         raise RequestError(
@@ -247,35 +282,26 @@ def _check_local_model(value: str, settings: Settings) -> None:
         raise RequestError(f"the local model {value!r} cannot be used: {problem}", "model.id")
 
 
-def check_model_reference(ref: ModelRef, settings: Settings) -> str:
-    """Classify the model reference and refuse what the settings do not allow; returns its kind.
-
-    Kinds: ``demo``, ``hub`` (an id, only ever fetched through the hub's cache), ``local`` (a directory
-    or ``.gguf`` under a model root, every file of it resolving inside the roots), ``s3`` (a folder
-    under ``LORP_MODEL_S3_PREFIXES``, see :func:`s3_model_folder`).
+def check_model_reference(ref: ModelRef, settings: Settings) -> ModelLocation:
+    """The model reference's location (:meth:`ModelLocation.parse`), refused where the settings do not
+    allow it: a hub id (only ever fetched through the hub's cache) unless LORP_ALLOW_HUB_MODELS, a local
+    directory or ``.gguf`` unless every file of it resolves inside the model roots, an ``s3://`` folder
+    unless under ``LORP_MODEL_S3_PREFIXES`` (see :func:`_check_s3_model`).
     """
-    value = ref.id
-    if ref.trust_remote_code and value not in settings.trust_remote_code_models:
+    if ref.trust_remote_code and ref.id not in settings.trust_remote_code_models:
         raise RequestError(
-            f"trust_remote_code is not allowed for {value!r}; "
+            f"trust_remote_code is not allowed for {ref.id!r}; "
             "an operator must list it in LORP_TRUST_REMOTE_CODE_MODELS",
             "model.trust_remote_code",
         )
-    if value == DEMO_MODEL:
-        return "demo"
-    if value.lower().startswith("s3://"):
-        s3_model_folder(value, settings)
-        return "s3"
-    if value.startswith(("file:", "/", ".", "~")) or value.endswith(".gguf"):
-        _check_local_model(value, settings)
-        return "local"
-    if "://" in value:
-        raise RequestError("URLs are not fetched; use a hub id, a path under a model root, or s3://", "model.id")
-    if not _HUB_ID.match(value) or ".." in value or "--" in value:
-        raise RequestError("not a valid hub model id (ORG/NAME)", "model.id")
-    if not settings.allow_hub_models:
+    location = ModelLocation.parse(ref.id)
+    if location.s3 is not None:
+        _check_s3_model(location.s3, settings)
+    elif location.path is not None:
+        _check_local_model(location.path, ref.id, settings)
+    elif location.kind == "hub" and not settings.allow_hub_models:
         raise RequestError("hub models are disabled on this service (LORP_ALLOW_HUB_MODELS)", "model.id")
-    return "hub"
+    return location
 
 
 def to_prune_spec(

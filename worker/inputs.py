@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
+from app.core.s3ref import S3Location
 from app.db.session import session_scope
 from app.jobspec import (
     JobCreate,
     RequestError,
     check_model_reference,
     dataset_kind,
-    local_model_path,
     model_roots,
-    s3_model_folder,
     to_prune_spec,
 )
 from app.repositories import lifecycle
@@ -79,14 +78,14 @@ class JobInputs:
         ``self.sources`` then says what each reference is and what the client called it."""
         from lorp.pipeline import Sources
 
-        kind = check_model_reference(request.model, self.settings)
+        location = check_model_reference(request.model, self.settings)
         model_source = request.model.id
         roots: tuple[Path, ...] | None = None  # None: a hub model (confined to its cache folder), the demo
-        if kind == "s3":
-            dest = self._download_model(request.model.id)
+        if location.s3 is not None:
+            dest = self._download_model(request.model.id, location.s3)
             model_source, roots = str(dest), (self.work_dir / "model-source",)
-        elif kind == "local":
-            model_source, roots = str(local_model_path(model_source)), tuple(model_roots(self.settings))
+        elif location.path is not None:
+            model_source, roots = str(location.path), tuple(model_roots(self.settings))
             self._public_names[model_source] = request.model.id  # the client's own path, as it wrote it
         calibration = self._resolve_dataset(request.calibration.dataset, "calibration.dataset")
         evaluation = (
@@ -95,7 +94,7 @@ class JobInputs:
             else self._resolve_dataset(request.evaluation.dataset, "evaluation.dataset")
         )
         self.sources = Sources(
-            model_kind="hub" if kind == "hub" else "demo" if kind == "demo" else "local",
+            model_kind="hub" if location.kind == "hub" else "demo" if location.kind == "demo" else "local",
             model_roots=roots,
             model_name=request.model.id,
             calibration_name=request.calibration.dataset,
@@ -131,11 +130,10 @@ class JobInputs:
             with_storage_retries(f"downloading dataset {reference}", lambda: self.storage.download_to(key, local))
         return f"{local}#{text_field or 'text'}" if fmt == "jsonl" else str(local)
 
-    def _download_model(self, reference: str) -> Path:
+    def _download_model(self, reference: str, folder: S3Location) -> Path:
         """The model folder (or its one ``.gguf`` file) copied from S3, after checking what it holds:
         every key a plain relative file name, at most ``LORP_MODEL_S3_MAX_OBJECTS`` objects and
         ``LORP_MODEL_S3_MAX_BYTES`` in all, refused before anything is copied."""
-        folder = s3_model_folder(reference, self.settings)
         store = model_folder_store(folder, self.settings)
         keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
         if not keys:

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.core.s3ref import parse_s3_folder
+from app.core.s3ref import S3Location, parse_s3_location
 from app.core.webhook_policy import parse_allowed_host, parse_networks
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class S3Options(TypedDict):
+    """The S3 connection settings, as ``app.storage.S3Storage`` takes them."""
+
+    endpoint_url: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None
 
 
 class Settings(BaseSettings):
@@ -75,7 +84,7 @@ class Settings(BaseSettings):
     def _model_s3_prefixes_parse(cls, entries: list[str]) -> list[str]:
         for entry in entries:
             try:
-                parse_s3_folder(entry)
+                parse_s3_location(entry)
             except ValueError as exc:
                 raise ValueError(f"LORP_MODEL_S3_PREFIXES: {exc}") from None
         return entries
@@ -204,7 +213,12 @@ class Settings(BaseSettings):
             return self.storage_url
         return (self.resolved_data_dir / "artifacts").as_uri()
 
-    def s3_options(self) -> dict[str, str | None]:
+    @property
+    def model_s3_folders(self) -> list[S3Location]:
+        """``LORP_MODEL_S3_PREFIXES`` as folders (each checked when the settings were read)."""
+        return [parse_s3_location(entry) for entry in self.model_s3_prefixes]
+
+    def s3_options(self) -> S3Options:
         """The S3 connection settings, as ``storage_from_url`` takes them."""
         return {
             "endpoint_url": self.s3_endpoint_url,

@@ -114,9 +114,9 @@ def submit_job(
             raise Unprocessable(
                 f"Idempotency-Key must hold 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters", field="Idempotency-Key"
             )
-    kind = check_model_reference(spec.model, settings)
+    location = check_model_reference(spec.model, settings)
     preflight.check_execution(spec)
-    preflight.check_against_model(spec, kind, settings)
+    preflight.check_against_model(spec, location, settings)
     _check_dataset_reference(session, spec.calibration.dataset, principal, "calibration.dataset")
     _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
     eval_tasks.check_tasks(session, spec.evaluation.tasks)

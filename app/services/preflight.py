@@ -17,7 +17,7 @@ from typing import Any
 from app.core import client_json
 from app.core.config import Settings
 from app.core.errors import Unprocessable
-from app.jobspec import JobCreate, ModelRef, local_model_path, s3_model_folder
+from app.jobspec import JobCreate, ModelLocation, ModelRef
 from app.storage import StorageError, model_folder_store
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
@@ -48,20 +48,17 @@ def _config_dict(raw: bytes) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any] | None:
+def known_config(ref: ModelRef, location: ModelLocation, settings: Settings) -> dict[str, Any] | None:
     """The model's ``config.json`` where it can be read without loading weights (not for GGUF), else None."""
     try:
-        directory: Path | None = None
-        if kind == "local":
-            directory = local_model_path(ref.id)
-        elif kind == "hub":
+        directory: Path | None = location.path
+        if location.kind == "hub":
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(ref.id, "config.json", revision=ref.revision)
             directory = Path(cached).parent if isinstance(cached, str) else None
-        elif kind == "s3":
-            folder = s3_model_folder(ref.id, settings)
-            store = model_folder_store(folder, settings)
+        elif location.s3 is not None:
+            store = model_folder_store(location.s3, settings)
             if store.size("config.json") > MAX_CONFIG_BYTES:
                 return None
             with store.open("config.json") as fh:
@@ -76,17 +73,17 @@ def known_config(ref: ModelRef, kind: str, settings: Settings) -> dict[str, Any]
         return None
 
 
-def known_block_count(ref: ModelRef, kind: str, settings: Settings) -> int | None:
+def known_block_count(ref: ModelRef, location: ModelLocation, settings: Settings) -> int | None:
     """The model's decoder block count where it can be read without loading weights, else None."""
     try:
-        if kind == "demo":
+        if location.kind == "demo":
             from lorp.assets.packaged import demo_gguf_path
 
             count = _gguf_file_blocks(demo_gguf_path())
-        elif kind == "local" and local_model_path(ref.id).suffix == ".gguf":
-            count = _gguf_file_blocks(local_model_path(ref.id))
+        elif location.path is not None and location.path.suffix == ".gguf":
+            count = _gguf_file_blocks(location.path)
         else:
-            config = known_config(ref, kind, settings)
+            config = known_config(ref, location, settings)
             count = blocks_in_config(config) if config is not None else None
     except (OSError, ValueError, StorageError, EngineError) as exc:
         # Missing or unreadable: the worker loads the model and reports what is wrong with it.
@@ -144,11 +141,11 @@ def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
         )
 
 
-def check_heal(spec: JobCreate, kind: str, settings: Settings) -> None:
+def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> None:
     """Refuse ``options.heal: "linear"`` where the model's config says a map cannot be folded."""
     if spec.options.heal != "linear":
         return
-    config = known_config(spec.model, kind, settings)
+    config = known_config(spec.model, location, settings)
     if config is None:
         return
     why = fold_refusal(config.get("model_type"), config)
@@ -173,10 +170,10 @@ def check_execution(spec: JobCreate) -> None:
         )
 
 
-def check_against_model(spec: JobCreate, kind: str, settings: Settings) -> None:
+def check_against_model(spec: JobCreate, location: ModelLocation, settings: Settings) -> None:
     """``check_budget`` where the model's depth is known, and ``check_heal`` where its config is;
     otherwise the worker checks after loading."""
-    num_blocks = known_block_count(spec.model, kind, settings)
+    num_blocks = known_block_count(spec.model, location, settings)
     if num_blocks is not None:
         check_budget(spec, num_blocks, f"model {spec.model.id!r}")
-    check_heal(spec, kind, settings)
+    check_heal(spec, location, settings)

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from app.core.s3ref import S3Location, parse_s3_location
 from app.storage.base import Storage
 from app.storage.local import LocalStorage
 from app.storage.s3 import S3Storage
 
 if TYPE_CHECKING:
     from app.core.config import Settings
-    from app.core.s3ref import S3Folder
 
 
 def storage_from_url(url: str, **s3_options: Any) -> Storage:
@@ -23,11 +23,11 @@ def storage_from_url(url: str, **s3_options: Any) -> Storage:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "s3":
-        if not parts.netloc:
-            raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        if parts.query or parts.fragment:
-            raise ValueError(f"storage URL {url!r}: query strings and fragments are not supported")
-        return S3Storage(parts.netloc, prefix=unquote(parts.path).strip("/"), **s3_options)
+        try:
+            location = parse_s3_location(url, whole_bucket=True)
+        except ValueError as exc:
+            raise ValueError(f"storage URL {exc}: use s3://bucket[/prefix]") from None
+        return S3Storage(location.bucket, prefix=location.prefix, **s3_options)
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"storage URL {url!r} names a remote host; file URLs must be local (file:///abs/dir)")
@@ -46,8 +46,8 @@ def artifact_store(settings: Settings) -> Storage:
     return storage_from_url(settings.artifact_storage_url, **settings.s3_options())
 
 
-def model_folder_store(folder: S3Folder, settings: Settings) -> Storage:
+def model_folder_store(folder: S3Location, settings: Settings) -> Storage:
     """A store rooted at a model's folder on S3 (its keys are the files' paths inside the model
     directory), with the settings' S3 connection options: what the API's preflight reads the
     config from and the worker downloads."""
-    return storage_from_url(f"s3://{folder.bucket}/{folder.prefix}", **settings.s3_options())
+    return S3Storage(folder.bucket, prefix=folder.prefix, **settings.s3_options())

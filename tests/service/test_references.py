@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from tiny import save_tiny_llama
 
 from app.core.config import Settings
+from app.core.s3ref import S3Location, parse_s3_location
 from app.db.models import Analysis, ApiKey, Job, JobStatus
 from app.db.session import session_factory, session_scope
-from app.jobspec import JobCreate
+from app.jobspec import JobCreate, ModelLocation, ModelRef, RequestError, check_model_reference
 from app.services.keys import create_api_key
 from app.storage import artifact_store
 from worker import runner
@@ -84,7 +86,7 @@ def s3_settings(local_settings: Settings, s3_server: str) -> Settings:
 
 
 def _bucket(settings: Settings) -> str:
-    return settings.artifact_storage_url.removeprefix("s3://").split("/", 1)[0]
+    return parse_s3_location(settings.artifact_storage_url, whole_bucket=True).bucket
 
 
 def _upload_model(settings: Settings, model_root: Path, url: str) -> None:
@@ -132,6 +134,89 @@ def _run(settings: Settings, request: JobCreate, jobs: list[uuid.UUID], owner: u
         assert job is not None
         session.expunge(job)
         return job
+
+
+# -- the parser: what a model.id or an s3:// setting names, before any setting is consulted -----------------
+
+
+def test_s3_locations_parse_as_the_store_reads_them() -> None:
+    assert parse_s3_location("s3://bkt/models/x/") == S3Location("bkt", "models/x")
+    assert parse_s3_location("S3://bkt/models/x") == S3Location("bkt", "models/x")  # the scheme in any case
+    assert parse_s3_location(" s3://bkt/a%20b/c ") == S3Location("bkt", "a b/c")  # decoded as keys are written
+    assert parse_s3_location("s3://bkt", whole_bucket=True) == S3Location("bkt", "")
+    assert parse_s3_location("s3://bkt/", whole_bucket=True).url == "s3://bkt/"
+    assert S3Location("bkt", "models/x").url == "s3://bkt/models/x/"
+
+    refused = {
+        "s3://": "does not name a valid bucket",
+        "s3:///x": "does not name a valid bucket",
+        "s3://Bkt/x": "does not name a valid bucket",
+        "s3://u@bkt/x": "does not name a valid bucket",
+        "s3://bkt": "names a whole bucket",
+        "s3://bkt/": "names a whole bucket",
+        "s3://bkt/a/../b": "'..' segment",
+        "s3://bkt/%2e%2e/b": "'..' segment",
+        "s3://bkt/a//b": "empty",
+        "s3://bkt/a%5Cb": "backslash",
+        "s3://bkt/a%00b": "control character",
+        "s3://bkt/a?x=1": "query strings",
+        "s3://bkt/a#f": "fragments",
+        "http://bkt/a": "is not an s3:// URL",
+    }
+    for value, reason in refused.items():
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            parse_s3_location(value)
+    with pytest.raises(ValueError, match="does not name a valid bucket"):
+        parse_s3_location("s3:///x", whole_bucket=True)
+
+
+def test_s3_locations_nest_by_whole_segments() -> None:
+    models, bucket = S3Location("bkt", "models"), S3Location("bkt", "")
+    assert S3Location("bkt", "models/x").within(models) and models.within(models)
+    assert not S3Location("bkt", "modelsx/y").within(models)
+    assert not S3Location("other", "models/x").within(models)
+    assert models.within(bucket) and not bucket.within(models) and bucket.overlaps(models)
+
+
+def test_model_ids_parse_into_one_location_each(tmp_path: Path) -> None:
+    assert ModelLocation.parse("demo") == ModelLocation("demo")
+    assert ModelLocation.parse("Qwen/Qwen3-8B") == ModelLocation("hub")
+    assert ModelLocation.parse("gpt2") == ModelLocation("hub")
+    folder = S3Location("bkt", "models/x")
+    assert ModelLocation.parse("s3://bkt/models/x/") == ModelLocation("s3", s3=folder)
+    assert ModelLocation.parse("S3://bkt/models/x") == ModelLocation("s3", s3=folder)
+    assert ModelLocation.parse("s3://bkt/models/x.gguf").kind == "s3"  # s3 first, whatever the suffix
+    for local in (str(tmp_path / "m"), f"file:{tmp_path}/m", f"file://{tmp_path}/m"):
+        assert ModelLocation.parse(local) == ModelLocation("local", path=tmp_path / "m")
+    assert ModelLocation.parse("~/m").path == Path.home() / "m"
+    assert ModelLocation.parse("x.gguf").path == Path.cwd() / "x.gguf"
+
+    refused = {
+        "s3://": "not a usable s3:// model reference: 's3://' does not name a valid bucket",
+        "s3:///x": "not a usable s3:// model reference: 's3:///x' does not name a valid bucket",
+        "S3://bkt": "not a usable s3:// model reference: 'S3://bkt' names a whole bucket",
+        "s3://bkt/a/../b": "'..' segment",
+        "http://host/model": "URLs are not fetched",
+        "hf://org/name": "URLs are not fetched",
+        "Demo/../x": "not a valid hub model id",
+        "org--name": "not a valid hub model id",
+        "-org/name": "not a valid hub model id",
+        "~no-such-user-here/m": "cannot resolve the local model path",
+    }
+    for value, message in refused.items():
+        with pytest.raises(RequestError) as caught:
+            ModelLocation.parse(value)
+        assert message in caught.value.message and caught.value.errors[0].field == "model.id", value
+
+
+def test_an_s3_store_written_in_any_form_is_never_a_model() -> None:
+    """The store URL is read by the same parser as the model: an uppercase scheme or an encoded
+    prefix still keeps its job outputs out of what a model may name."""
+    for store in ("S3://bkt/%61rtifacts/", " s3://bkt/artifacts", "s3://bkt/artifacts"):
+        settings = Settings(storage_url=store, model_s3_prefixes=["s3://bkt/models/", "s3://bkt/artifacts/"])
+        with pytest.raises(RequestError, match="the service's own job outputs"):
+            check_model_reference(ModelRef(id="s3://bkt/artifacts/jobs/x/"), settings)
+        assert check_model_reference(ModelRef(id="s3://bkt/models/x/"), settings).s3 == S3Location("bkt", "models/x")
 
 
 # -- s3:// models at the API ----------------------------------------------------------------------------
