@@ -43,6 +43,29 @@ class ChosenPlan:
 
 
 @dataclass(frozen=True)
+class MetricKind:
+    """What one measurement is: its unit (empty: none) and whether it counts things (blocks,
+    parameters, bytes: stored as a float like every metric, shown as an integer)."""
+
+    unit: str
+    count: bool = False
+
+
+# The measurements ``Metrics.dense`` and ``Metrics.pruned`` hold (lorp.evaluation), the one list the
+# service stores and shows; each is stored when the job measured it. ``Metrics.ratios`` are in RATIO_UNIT.
+METRICS: dict[str, MetricKind] = {
+    "perplexity": MetricKind(""),
+    "prefill_tokens_per_s": MetricKind("tok/s"),
+    "decode_tokens_per_s": MetricKind("tok/s"),
+    "weights_bytes": MetricKind("B", count=True),
+    "peak_memory_bytes": MetricKind("B", count=True),
+    "num_layers": MetricKind("", count=True),
+    "num_parameters": MetricKind("", count=True),
+}
+RATIO_UNIT = "x"
+
+
+@dataclass(frozen=True)
 class Metrics:
     """Dense and pruned measurements (perplexity, speed, memory, sizes) and their ratios."""
 

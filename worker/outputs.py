@@ -21,6 +21,7 @@ from app.storage import Storage
 from app.storage.keys import job_prefix
 from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
+from lorp.result import METRICS, RATIO_UNIT
 from worker.failures import JobFailure
 from worker.retries import with_storage_retries
 
@@ -29,18 +30,6 @@ if TYPE_CHECKING:
     from lorp.result import PruneReport
 
 log = logging.getLogger(__name__)
-
-METRIC_UNITS: dict[str, str] = {
-    "perplexity": "",
-    "prefill_tokens_per_s": "tok/s",
-    "decode_tokens_per_s": "tok/s",
-    "weights_bytes": "B",
-    "peak_memory_bytes": "B",
-    "num_layers": "",
-    "num_parameters": "",
-}
-RATIO_UNIT = "x"
-
 
 def upload(
     storage: Storage,
@@ -165,10 +154,10 @@ def plan_rows(report: PruneReport) -> list[PlanRow]:
 def metric_rows(report: PruneReport) -> list[MetricRow]:
     rows: list[MetricRow] = []
     for phase, values in (("dense", report.metrics.dense), ("pruned", report.metrics.pruned)):
-        for name, unit in METRIC_UNITS.items():
+        for name, kind in METRICS.items():
             value = finite(values.get(name))
             if value is not None:
-                rows.append(MetricRow(name=name, phase=phase, value=value, unit=unit))
+                rows.append(MetricRow(name=name, phase=phase, value=value, unit=kind.unit))
     for name, ratio in report.metrics.ratios().items():
         value = finite(ratio)
         if value is not None:
@@ -211,8 +200,8 @@ def summary_of(
                 for name, p in report.plans.items()
             },
             "metrics": {
-                "dense": {k: metrics.dense.get(k) for k in METRIC_UNITS},
-                "pruned": {k: metrics.pruned.get(k) for k in METRIC_UNITS},
+                "dense": {k: metrics.dense.get(k) for k in METRICS},
+                "pruned": {k: metrics.pruned.get(k) for k in METRICS},
                 "ratio": metrics.ratios(),
             },
             "analysis_id": str(analysis_id),

@@ -27,6 +27,7 @@ from app.schemas import (
 )
 from app.services.workers import WAITING_FOR_WORKER, WorkerWait, worker_waits
 from lorp.jsonable import finite
+from lorp.result import METRICS
 
 HEATMAP = "heatmap.png"
 PLANS_CHART = "plans.png"
@@ -62,7 +63,7 @@ def _error(job: Job) -> JobError | None:
 
 
 # Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.
-COUNT_METRICS = frozenset({"num_layers", "num_parameters", "weights_bytes", "peak_memory_bytes"})
+COUNT_METRICS = frozenset(name for name, kind in METRICS.items() if kind.count)
 
 
 def _metric_value(name: str, value: float | None) -> int | float | None:

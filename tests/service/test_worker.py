@@ -34,6 +34,7 @@ from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
 from app.storage import Storage, artifact_store, storage_from_url
+from lorp.result import METRICS
 from worker import failures, runner, service_cli
 
 from .helpers import create_job, job_request, upload_dataset
@@ -243,6 +244,9 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
     assert metrics[("perplexity", "pruned")].unit == ""
     assert metrics[("decode_tokens_per_s", "dense")].unit == "tok/s"
     assert metrics[("weights_bytes", "pruned")].unit == "B"
+    # Every measurement lorp.result.METRICS names is stored, in its unit (peak memory: on CUDA only).
+    dense = {name: m.unit for (name, phase), m in metrics.items() if phase == "dense"}
+    assert dense == {name: kind.unit for name, kind in METRICS.items() if name != "peak_memory_bytes"}
     assert metrics[("speedup_bound", "ratio")].value == pytest.approx(1.5)
     assert job.summary is not None and job.summary["chosen"]["pruned_layers"] == job.pruned_layers
     # lm-eval's scores, dense and pruned, and the completions side by side
