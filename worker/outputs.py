@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def upload(
     storage: Storage,
     job_id: uuid.UUID,

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.base import utcnow
+from app.db.models import Job
 from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
@@ -81,6 +82,35 @@ def _send_locked(
     return True
 
 
+def _take_back(
+    session: Session,
+    job: Job,
+    counts: dict[str, int],
+    finished: list[uuid.UUID],
+    requeued: list[tuple[uuid.UUID, str]],
+    reason: str,
+    failure: tuple[str, str],
+) -> None:
+    """A running job taken back from its worker (silent or stuck): cancelled when a cancel was asked,
+    else queued again with ``reason`` while it has attempts left, else failed with ``failure`` (code,
+    message). Each change is fenced by the attempt, so one that another writer made first counts nothing."""
+    if job.cancel_requested_at is not None:
+        if lifecycle.finish_cancelled(session, job.id, job.attempts):
+            counts["cancelled"] += 1
+            finished.append(job.id)
+    elif job.attempts < job.max_attempts:
+        if lifecycle.requeue(session, job.id, job.attempts, reason):
+            counts["requeued"] += 1
+            requeued.append((job.id, job.queue))
+            log.warning("job %s: %s", job.id, reason)
+    else:
+        code, message = failure
+        if lifecycle.finish_failed(session, job.id, job.attempts, code, message):
+            counts["failed"] += 1
+            finished.append(job.id)
+            log.error("job %s failed: %s", job.id, message)
+
+
 def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, int]:
     """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled."""
     factory = session_factory(settings.sqlalchemy_url)
@@ -100,54 +130,28 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     with session_scope(factory) as session:
         cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
         for job in lifecycle.stale_running(session, cutoff, limit=BATCH):
-            if job.cancel_requested_at is not None:
-                if lifecycle.finish_cancelled(session, job.id, job.attempts):
-                    counts["cancelled"] += 1
-                    finished.append(job.id)
-            elif job.attempts < job.max_attempts:
-                reason = (
-                    f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
-                    f"attempt {job.attempts + 1} of {job.max_attempts} queued"
-                )
-                if lifecycle.requeue(session, job.id, job.attempts, reason):
-                    counts["requeued"] += 1
-                    requeued.append((job.id, job.queue))
-                    log.warning("job %s: %s", job.id, reason)
-            else:
-                message = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
-                if lifecycle.finish_failed(session, job.id, job.attempts, "worker_lost", message):
-                    counts["failed"] += 1
-                    finished.append(job.id)
-                    log.error("job %s failed: %s", job.id, message)
+            requeue = (
+                f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
+                f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+            )
+            failure = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
+            _take_back(session, job, counts, finished, requeued, requeue, ("worker_lost", failure))
 
         stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
         for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
             counts["stalled"] += 1
             quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"
-            if job.cancel_requested_at is not None:
-                if lifecycle.finish_cancelled(session, job.id, job.attempts):
-                    counts["cancelled"] += 1
-                    finished.append(job.id)
-            elif job.attempts < job.max_attempts:
-                reason = (
-                    f"{quiet} on {job.worker or 'unknown'} (LORP_STALL_TIMEOUT_S); "
-                    f"attempt {job.attempts + 1} of {job.max_attempts} queued"
-                )
-                if lifecycle.requeue(session, job.id, job.attempts, reason):
-                    counts["requeued"] += 1
-                    requeued.append((job.id, job.queue))
-                    log.warning("job %s: %s", job.id, reason)
-            else:
-                message = (
-                    f"the job stalled: {quiet} on attempt {job.attempts} of {job.max_attempts} (worker "
-                    f"{job.worker or 'unknown'} kept beating, so it was alive but stuck: a hung read of the model "
-                    "or the data, or a deadlock). Check that the model and data are readable from the worker, "
-                    "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
-                )
-                if lifecycle.finish_failed(session, job.id, job.attempts, "stalled", message):
-                    counts["failed"] += 1
-                    finished.append(job.id)
-                    log.error("job %s failed: %s", job.id, message)
+            requeue = (
+                f"{quiet} on {job.worker or 'unknown'} (LORP_STALL_TIMEOUT_S); "
+                f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+            )
+            failure = (
+                f"the job stalled: {quiet} on attempt {job.attempts} of {job.max_attempts} (worker "
+                f"{job.worker or 'unknown'} kept beating, so it was alive but stuck: a hung read of the model "
+                "or the data, or a deadlock). Check that the model and data are readable from the worker, "
+                "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
+            )
+            _take_back(session, job, counts, finished, requeued, requeue, ("stalled", failure))
     _remove_outputs(settings, finished)
 
     # Sent only after the requeue is committed, so the claim can find the job queued.

@@ -18,8 +18,8 @@ from app.repositories import jobs as jobs_repo
 from app.schemas import (
     DEFAULT_PLAN_METHODS,
     AnalysisOut,
-    PlanOut,
 )
+from app.services.job_views import plan_out
 from app.services.jobs import get_job
 from lorp.errors import EngineError
 from lorp.jsonable import finite
@@ -101,16 +101,7 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
         k=k,
         clusters=list(clusters),
         redundancy=[finite(v) for v in redundancy],
-        plans=[
-            PlanOut(
-                name=p.name,
-                k=p.k,
-                pruned_layers=list(p.pruned_layers),
-                validation_perplexity=finite(p.validation_perplexity),
-                chosen=p.chosen,
-            )
-            for p in plans
-        ],
+        plans=[plan_out(p) for p in plans],
         scores=_scores(S, D, n, options, structure),
         provenance=analysis.provenance,
         created_at=analysis.created_at,

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.db.models import Job, JobStatus
+from app.db.models import Job, JobStatus, Plan
 from app.repositories import analyses as analyses_repo
 from app.repositories import jobs as jobs_repo
 from app.schemas import (
@@ -64,6 +64,17 @@ def _error(job: Job) -> JobError | None:
 
 # Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.
 COUNT_METRICS = frozenset(name for name, kind in METRICS.items() if kind.count)
+
+
+def plan_out(plan: Plan) -> PlanOut:
+    """A stored candidate plan as the API shows it (a non-finite perplexity as null)."""
+    return PlanOut(
+        name=plan.name,
+        k=plan.k,
+        pruned_layers=list(plan.pruned_layers),
+        validation_perplexity=finite(plan.validation_perplexity),
+        chosen=plan.chosen,
+    )
 
 
 def _metric_value(name: str, value: float | None) -> int | float | None:
@@ -134,16 +145,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
         clusters=structure["clusters"] if structure else None,
         num_blocks=structure["num_blocks"] if structure else None,
         analysis_reused=job.analysis_reused,
-        plans=[
-            PlanOut(
-                name=p.name,
-                k=p.k,
-                pruned_layers=list(p.pruned_layers),
-                validation_perplexity=finite(p.validation_perplexity),
-                chosen=p.chosen,
-            )
-            for p in plans
-        ],
+        plans=[plan_out(p) for p in plans],
         chosen_method=job.chosen_method,
         pruned_layers=list(job.pruned_layers) if job.pruned_layers is not None else None,
         metrics=grouped,

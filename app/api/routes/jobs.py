@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -154,43 +155,44 @@ def _ascii_filename(name: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name) or "download"
 
 
-@router.get(
-    "/{job_id}/heatmap.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
+# A succeeded job's charts, each a PNG artifact under its own path (route name, artifact, what it shows).
+_CHARTS = (
+    ("heatmap.png", "get_heatmap", job_views.HEATMAP, "The similarity heat map of a succeeded job (PNG)."),
+    (
+        "plans.png",
+        "get_plans_chart",
+        job_views.PLANS_CHART,
+        "A succeeded job's candidate plans compared: validation perplexity, and task scores dense vs pruned (PNG).",
+    ),
+    (
+        "budgets.png",
+        "get_budget_chart",
+        job_views.BUDGET_CHART,
+        "A succeeded job's budget curve: each method's validation perplexity by blocks removed (PNG).",
+    ),
 )
-def get_heatmap(
-    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
-) -> Response:
-    """The similarity heat map of a succeeded job (PNG)."""
-    artifact = artifacts_service.get_artifact(session, job_id, job_views.HEATMAP, principal)
-    return _download(artifact, storage, settings)
 
 
-@router.get(
-    "/{job_id}/plans.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
-)
-def get_plans_chart(
-    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
-) -> Response:
-    """A succeeded job's candidate plans compared: validation perplexity, and task scores dense vs pruned (PNG)."""
-    artifact = artifacts_service.get_artifact(session, job_id, job_views.PLANS_CHART, principal)
-    return _download(artifact, storage, settings)
+def _chart_route(artifact_name: str, doc: str) -> Callable[..., Response]:
+    def get_chart(
+        job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
+    ) -> Response:
+        artifact = artifacts_service.get_artifact(session, job_id, artifact_name, principal)
+        return _download(artifact, storage, settings)
+
+    get_chart.__doc__ = doc
+    return get_chart
 
 
-@router.get(
-    "/{job_id}/budgets.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
-)
-def get_budget_chart(
-    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, storage: StorageDep, settings: SettingsDep
-) -> Response:
-    """A succeeded job's budget curve: each method's validation perplexity by blocks removed (PNG)."""
-    artifact = artifacts_service.get_artifact(session, job_id, job_views.BUDGET_CHART, principal)
-    return _download(artifact, storage, settings)
+for _path, _name, _artifact, _doc in _CHARTS:
+    router.add_api_route(
+        f"/{{job_id}}/{_path}",
+        _chart_route(_artifact, _doc),
+        methods=["GET"],
+        name=_name,
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 302: {"description": "presigned storage URL"}},
+    )
 
 
 @router.get(
