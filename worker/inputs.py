@@ -30,7 +30,8 @@ from app.jobspec import (
     model_roots,
     to_prune_spec,
 )
-from app.repositories import lifecycle
+from app.repositories import datasets as datasets_repo
+from app.repositories import jobs as jobs_repo
 from app.storage import Storage, model_folder_store
 from app.storage.keys import key_problem
 from worker.failures import JobFailure
@@ -111,7 +112,7 @@ class JobInputs:
         if self.job_id is None:
             return None
         with session_scope(self.factory) as session:
-            return lifecycle.job_owner(session, self.job_id)
+            return jobs_repo.owner_of(session, self.job_id)
 
     def _resolve_dataset(self, reference: str, field: str) -> str:
         kind = dataset_kind(reference)
@@ -119,7 +120,7 @@ class JobInputs:
             return reference  # "builtin" and "hf:..." are the engine's own grammar
         dataset_id = uuid.UUID(reference)
         with session_scope(self.factory) as session:
-            dataset = lifecycle.find_dataset(session, dataset_id)
+            dataset = datasets_repo.get(session, dataset_id)
             if dataset is None:
                 raise RequestError(f"dataset {reference} does not exist; upload it with POST /v1/datasets", field)
             fmt, text_field, key = dataset.format, dataset.text_field, dataset.storage_key

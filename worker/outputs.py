@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import session_scope
 from app.jobspec import JobCreate
+from app.repositories import analyses as analyses_repo
 from app.repositories import lifecycle
 from app.repositories.lifecycle import ArtifactRow, MetricRow, PlanRow, TaskMetricRow
 from app.storage import Storage
@@ -103,7 +104,7 @@ def publish(
         if reused_analysis_id is not None:
             analysis_id = reused_analysis_id
         else:
-            stored = lifecycle.store_analysis(
+            stored = analyses_repo.store(
                 session,
                 fingerprint=fingerprint,
                 model_source=request.model.id,

@@ -27,6 +27,7 @@ from app.core.config import Settings
 from app.db.models import UPLOADING_STAGE, EventKind, JobStatus
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
+from app.repositories import analyses as analyses_repo
 from app.repositories import lifecycle
 from app.repositories.events import add_event
 from app.repositories.lifecycle import ArtifactRow
@@ -151,7 +152,7 @@ class _JobRun:
 
         self._fingerprint = fingerprint
         with session_scope(self.factory) as session:
-            analysis = lifecycle.find_analysis(session, fingerprint)
+            analysis = analyses_repo.by_fingerprint(session, fingerprint)
             if analysis is None:
                 return None
             provenance = dict(analysis.provenance or {})

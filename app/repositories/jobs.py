@@ -1,4 +1,10 @@
-"""Queries on jobs, their events, plans, metrics and artifacts."""
+"""Queries on jobs, their events, plans, metrics and artifacts.
+
+A deleted job stays as a tombstone row (``deleted_at`` set). Whatever shows or counts jobs reads
+them through :func:`live_jobs` or :data:`LIVE` so that a deleted one is never among them. The
+worker's and the reconciler's queries (``app.repositories.lifecycle``) see every job: a deleted job
+that was running must still be stopped and purged.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,25 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, true, update
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, text, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.security import Principal
 from app.db.base import as_utc
-from app.db.models import Analysis, Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
+from app.db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Metric, Plan, TaskMetric
+
+LIVE: ColumnElement[bool] = Job.deleted_at.is_(None)
+"""The condition of a job not deleted, for counts and aggregates; :func:`live_jobs` for rows."""
+
+
+def live_jobs() -> Select[Job]:
+    """The base query of every read that shows jobs: the ones not deleted."""
+    return select(Job).where(LIVE)
+
+
+def count_live(session: Session, *criteria: ColumnElement[bool]) -> int:
+    """How many jobs not deleted match ``criteria``."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(LIVE, *criteria)) or 0)
 
 
 def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Principal) -> ColumnElement[bool]:
@@ -26,11 +45,17 @@ def owned_by(column: InstrumentedAttribute[uuid.UUID | None], principal: Princip
 
 def get_visible(session: Session, job_id: uuid.UUID, principal: Principal) -> Job | None:
     """The job if the principal may see it and it is not deleted."""
-    stmt = select(Job).where(Job.id == job_id, owned_by(Job.owner_id, principal), Job.deleted_at.is_(None))
+    stmt = live_jobs().where(Job.id == job_id, owned_by(Job.owner_id, principal))
     return session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
 
 
+def owner_of(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
+    """The key that owns the job, deleted or not (None: the anonymous owner, or no such job)."""
+    return session.scalar(select(Job.owner_id).where(Job.id == job_id))
+
+
 def get_by_idempotency_key(session: Session, owner_id: uuid.UUID | None, key: str) -> Job | None:
+    """The owner's job submitted with this Idempotency-Key: only a live one, as deleting clears the key."""
     owner = Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id
     stmt = select(Job).where(owner, Job.idempotency_key == key).order_by(Job.created_at).limit(1)
     return session.scalars(stmt.execution_options(populate_existing=True)).first()
@@ -67,9 +92,7 @@ def lock_owner(session: Session, owner_id: uuid.UUID, purpose: str) -> None:
 
 def queued_count(session: Session, owner_id: uuid.UUID) -> int:
     """How many of the owner's jobs wait in the queue (deleted ones left out)."""
-    stmt = select(func.count()).select_from(Job)
-    stmt = stmt.where(Job.owner_id == owner_id, Job.status == JobStatus.queued, Job.deleted_at.is_(None))
-    return int(session.scalar(stmt) or 0)
+    return count_live(session, Job.owner_id == owner_id, Job.status == JobStatus.queued)
 
 
 def add_job(session: Session, job: Job) -> Job:
@@ -88,7 +111,7 @@ def list_jobs(
     limit: int,
 ) -> list[Job]:
     """Newest first; ``after`` is the (created_at, id) of the last row of the previous page."""
-    stmt = select(Job).where(owned_by(Job.owner_id, principal), Job.deleted_at.is_(None))
+    stmt = live_jobs().where(owned_by(Job.owner_id, principal))
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if model is not None:
@@ -151,7 +174,7 @@ def artifact_by_name(session: Session, job_id: uuid.UUID, name: str) -> Artifact
 
 def count_by_status(session: Session) -> dict[str, int]:
     """Jobs per status, deleted ones left out."""
-    rows = session.execute(select(Job.status, func.count()).where(Job.deleted_at.is_(None)).group_by(Job.status)).all()
+    rows = session.execute(select(Job.status, func.count()).where(LIVE).group_by(Job.status)).all()
     return {str(JobStatus(status).value): int(count) for status, count in rows}
 
 
@@ -198,7 +221,7 @@ def mark_deleted(session: Session, job_id: uuid.UUID, at: dt.datetime) -> bool:
     """Hide the job from now on and free its Idempotency-Key; False when it was deleted already."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.deleted_at.is_(None))
+        .where(Job.id == job_id, LIVE)
         .values(deleted_at=at, idempotency_key=None)
         .execution_options(synchronize_session=False)
     )
@@ -226,7 +249,7 @@ def expired(session: Session, finished_before: dt.datetime, *, limit: int) -> li
     stmt = (
         select(Job.id)
         .where(
-            Job.deleted_at.is_(None),
+            LIVE,
             Job.finished_at.is_not(None),
             Job.finished_at < finished_before,
             Job.status.in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]),
@@ -237,21 +260,17 @@ def expired(session: Session, finished_before: dt.datetime, *, limit: int) -> li
     return list(session.scalars(stmt))
 
 
-def purge_rows(session: Session, job: Job, at: dt.datetime) -> bool:
-    """Remove a deleted job's result rows (artifacts, plans, metrics, task scores) and, when no other
-    live job uses it, its analysis; mark it purged. Returns whether its analysis was removed."""
+def delete_results(session: Session, job_id: uuid.UUID) -> None:
+    """Remove the job's result rows: artifacts, plans, metrics and task scores."""
     for model in (Artifact, Plan, Metric, TaskMetric):
-        session.execute(delete(model).where(model.job_id == job.id).execution_options(synchronize_session=False))
-    analysis_id, removed = job.analysis_id, False
+        session.execute(delete(model).where(model.job_id == job_id).execution_options(synchronize_session=False))
+
+
+def purge_rows(session: Session, job: Job, at: dt.datetime) -> uuid.UUID | None:
+    """Remove a deleted job's result rows and unlink its analysis; mark it purged. Returns the
+    analysis it used (``analyses.remove_if_unused`` decides whether that goes too)."""
+    delete_results(session, job.id)
+    analysis_id = job.analysis_id
     job.analysis_id, job.purged_at = None, at
     session.flush()
-    if analysis_id is not None:
-        users = session.scalar(
-            select(func.count()).select_from(Job).where(Job.analysis_id == analysis_id, Job.deleted_at.is_(None))
-        )
-        if not users:
-            session.execute(
-                delete(Analysis).where(Analysis.id == analysis_id).execution_options(synchronize_session=False)
-            )
-            removed = True
-    return removed
+    return analysis_id

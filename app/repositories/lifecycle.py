@@ -4,6 +4,10 @@ State changes are conditional UPDATEs on the job row, fenced by the attempt numb
 claimed: a worker whose job was taken away (requeued by the reconciler after a missed heartbeat, or
 cancelled) finds its writes matching no row instead of overwriting another attempt's state. These
 functions only flush; ``session_scope`` commits.
+
+They see deleted jobs too (what shows jobs reads ``jobs.live_jobs``): a job deleted while running is
+still stopped, requeued or finished here. The analysis a job stores and the dataset it reads are
+``app.repositories.analyses``' and ``app.repositories.datasets``'.
 """
 
 from __future__ import annotations
@@ -11,20 +15,17 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.db.base import as_utc, utcnow
 from app.db.models import (
     DONE_STAGE,
-    Analysis,
     ApiKey,
     Artifact,
-    Dataset,
     EventKind,
     Job,
     JobStatus,
@@ -33,7 +34,7 @@ from app.db.models import (
     TaskMetric,
 )
 from app.repositories.events import add_event
-from app.repositories.jobs import lock_owner
+from app.repositories.jobs import delete_results, lock_owner
 
 MAX_ERROR_MESSAGE = 4000
 
@@ -86,11 +87,6 @@ class ArtifactRow:
 def _owned(job_id: uuid.UUID, attempt: int) -> list[Any]:
     # The fencing condition: still running, and still the attempt this worker claimed.
     return [Job.id == job_id, Job.status == JobStatus.running, Job.attempts == attempt]
-
-
-def job_owner(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
-    """The key that owns the job (None: the anonymous owner, or no such job)."""
-    return session.scalar(select(Job.owner_id).where(Job.id == job_id))
 
 
 def _limited_owner(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
@@ -281,44 +277,10 @@ def finish_succeeded(
         return False
     # Rows can only exist from an earlier attempt if it published, which ends the job; clearing them
     # keeps a retry from ever showing a mixed set.
-    for model in (Plan, Metric, TaskMetric, Artifact):
-        session.execute(delete(model).where(model.job_id == job_id).execution_options(synchronize_session=False))
-    session.add_all(
-        Plan(
-            job_id=job_id,
-            name=p.name,
-            k=p.k,
-            pruned_layers=list(p.pruned_layers),
-            validation_perplexity=p.validation_perplexity,
-            chosen=p.chosen,
-        )
-        for p in plans
-    )
-    session.add_all(Metric(job_id=job_id, name=m.name, phase=m.phase, value=m.value, unit=m.unit) for m in metrics)
-    session.add_all(
-        TaskMetric(
-            job_id=job_id,
-            task=t.task,
-            metric=t.metric,
-            phase=t.phase,
-            value=t.value,
-            stderr=t.stderr,
-            num_samples=t.num_samples,
-            num_fewshot=t.num_fewshot,
-        )
-        for t in task_metrics
-    )
-    session.add_all(
-        Artifact(
-            job_id=job_id,
-            name=a.name,
-            storage_key=a.storage_key,
-            size_bytes=a.size_bytes,
-            sha256=a.sha256,
-            content_type=a.content_type,
-        )
-        for a in artifacts
-    )
+    delete_results(session, job_id)
+    # Each row's fields are its table's columns (PlanRow: plans, ...).
+    for model, rows in ((Plan, plans), (Metric, metrics), (TaskMetric, task_metrics), (Artifact, artifacts)):
+        session.add_all(model(job_id=job_id, **asdict(row)) for row in rows)
     add_event(session, job_id, EventKind.status, status=JobStatus.succeeded.value)
     return True
 
@@ -353,35 +315,6 @@ def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
         return False
     add_event(session, job_id, EventKind.status, status=JobStatus.cancelled.value, message="cancelled while running")
     return True
-
-
-def find_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
-
-
-def find_analysis(session: Session, fingerprint: str) -> Analysis | None:
-    return session.scalars(select(Analysis).where(Analysis.fingerprint == fingerprint)).one_or_none()
-
-
-def store_analysis(session: Session, *, fingerprint: str, **fields: Any) -> Analysis:
-    """Insert the analysis of ``fingerprint``, or return the one another job stored first.
-
-    The insert runs in a savepoint: when a concurrent job wins the unique fingerprint, only the
-    savepoint rolls back and the winner's row is read instead.
-    """
-    existing = find_analysis(session, fingerprint)
-    if existing is not None:
-        return existing
-    analysis = Analysis(fingerprint=fingerprint, **fields)
-    try:
-        with session.begin_nested():
-            session.add(analysis)
-    except IntegrityError:
-        winner = find_analysis(session, fingerprint)
-        if winner is None:
-            raise
-        return winner
-    return analysis
 
 
 # -- reconciler -------------------------------------------------------------------------------------

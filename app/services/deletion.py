@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from app.core.security import Principal
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobStatus
+from app.repositories import analyses as analyses_repo
 from app.repositories import events as events_repo
 from app.repositories import jobs as jobs_repo
 from app.services.jobs import get_job
@@ -68,7 +69,8 @@ def purge(session: Session, storage: Storage, job: Job) -> bool:
     except Exception:
         log.warning("could not remove the files of deleted job %s; the reconciler retries", job.id, exc_info=True)
         return False
-    removed_analysis = jobs_repo.purge_rows(session, job, utcnow())
+    analysis_id = jobs_repo.purge_rows(session, job, utcnow())
+    removed_analysis = analysis_id is not None and analyses_repo.remove_if_unused(session, analysis_id)
     log.info("purged deleted job %s%s", job.id, " and its analysis" if removed_analysis else "")
     return True
 

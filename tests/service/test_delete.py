@@ -4,7 +4,8 @@ On `lorp serve` (embedded: SQLite, local artifacts, a real worker and its reconc
 a finished job deleted through the client leaves no object and no result row, and an analysis
 another job shares stays until that job goes too; a running job deleted is stopped and purged once
 its worker stopped it. On Postgres: a queued job deleted is cancelled and its Idempotency-Key freed;
-LORP_ARTIFACT_TTL_DAYS makes the reconciler expire old jobs the same way.
+LORP_ARTIFACT_TTL_DAYS makes the reconciler expire old jobs the same way; a deleted job is left out
+of every read of live jobs (``jobs.live_jobs``, ``jobs.LIVE``), one by one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.db.models import Analysis, Artifact, Job, JobStatus, Metric, Plan
+from app.core.security import Principal
+from app.db.models import Analysis, ApiKey, Artifact, Job, JobStatus, Metric, Plan
 from app.db.session import session_factory, session_scope
+from app.repositories import analyses as analyses_repo
+from app.repositories import jobs as jobs_repo
 from app.storage import artifact_store
 from app.storage.keys import job_prefix
 from lorp_client import ApiError, Client
@@ -141,6 +146,24 @@ def test_deleting_a_queued_job_cancels_it_and_frees_its_key(api_settings: Settin
     assert client.delete(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
 
 
+def _analysis(session: Session) -> Analysis:
+    analysis = Analysis(
+        fingerprint=uuid.uuid4().hex, model_source="demo", dataset_sha256="0" * 64, num_samples=1, seq_len=8,
+        seed=0, num_tokens=8, num_blocks=2, similarity=[[1.0]], angular_distance=[[0.0]], rls=None, k=1,
+        clusters=[0, 0], redundancy=[None, None], provenance={},
+    )  # fmt: skip
+    session.add(analysis)
+    session.flush()
+    return analysis
+
+
+def _job(session: Session, **fields: Any) -> Job:
+    job = Job(request={}, request_hash="0" * 64, model_source="demo", method="lorp", **fields)
+    session.add(job)
+    session.flush()
+    return job
+
+
 def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings, committed_jobs: list[uuid.UUID]) -> None:
     settings = api_settings.model_copy(update={"artifact_ttl_days": 7})
     factory = session_factory(settings.sqlalchemy_url)
@@ -149,19 +172,12 @@ def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings, commit
     ids = {}
     for name, age_days in (("old", 8), ("recent", 1)):
         with session_scope(factory) as session:
-            analysis = Analysis(
-                fingerprint=uuid.uuid4().hex, model_source="demo", dataset_sha256="0" * 64, num_samples=1, seq_len=8,
-                seed=0, num_tokens=8, num_blocks=2, similarity=[[1.0]], angular_distance=[[0.0]], rls=None, k=1,
-                clusters=[0, 0], redundancy=[None, None], provenance={},
+            analysis = _analysis(session)
+            finished_at = now - dt.timedelta(days=age_days)
+            job = _job(
+                session, queue=settings.queue_name, status=JobStatus.succeeded, finished_at=finished_at,
+                analysis_id=analysis.id,
             )  # fmt: skip
-            session.add(analysis)
-            session.flush()
-            job = Job(
-                request={}, request_hash="0" * 64, model_source="demo", method="lorp", queue=settings.queue_name,
-                status=JobStatus.succeeded, finished_at=now - dt.timedelta(days=age_days), analysis_id=analysis.id,
-            )  # fmt: skip
-            session.add(job)
-            session.flush()
             key = f"{job_prefix(job.id)}/report.json"
             storage.put_bytes(key, b"{}", content_type="application/json")
             session.add(
@@ -195,3 +211,39 @@ def test_the_reconciler_expires_jobs_past_the_ttl(api_settings: Settings, commit
             else:
                 assert job.deleted_at is None and rows == 3 and len(objects) == 1
                 assert session.get(Analysis, analysis_id) is not None
+
+
+def test_a_deleted_job_is_left_out_of_every_read_of_live_jobs(db_session: Session) -> None:
+    """Each read that shows or counts jobs, one by one: the two deleted jobs (one queued, which only a
+    race could leave, one finished long ago) are gone from it, the two live twins stay."""
+    session, old = db_session, dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    owner = ApiKey(name="live-reads", prefix="lorp_live", key_hash=uuid.uuid4().hex * 2)
+    session.add(owner)
+    session.flush()
+    principal, admin = Principal(key_id=owner.id), Principal(key_id=None, is_admin=True)
+    shared, alone = _analysis(session), _analysis(session)
+    queued = {"queue": "live-reads", "status": JobStatus.queued, "owner_id": owner.id}
+    done = {**queued, "status": JobStatus.succeeded, "finished_at": old}
+    live = [_job(session, **queued), _job(session, **done, analysis_id=shared.id)]
+    deleted = [_job(session, **queued, analysis_id=shared.id), _job(session, **done, analysis_id=alone.id)]
+    counts = jobs_repo.count_by_status(session)
+    assert jobs_repo.queued_count(session, owner.id) == 2
+    for job in deleted:
+        assert jobs_repo.mark_deleted(session, job.id, dt.datetime.now(dt.UTC))
+
+    for job in deleted:
+        assert jobs_repo.get_visible(session, job.id, principal) is None
+        assert jobs_repo.get_visible(session, job.id, admin) is None
+        assert not jobs_repo.mark_deleted(session, job.id, dt.datetime.now(dt.UTC))  # once only
+        assert jobs_repo.owner_of(session, job.id) == owner.id  # the worker's read still finds it
+    assert all(jobs_repo.get_visible(session, job.id, principal) is not None for job in live)
+    listed = jobs_repo.list_jobs(session, principal, status=None, model=None, after=None, limit=10)
+    assert {j.id for j in listed} == {j.id for j in live}
+    assert jobs_repo.queued_count(session, owner.id) == 1
+    after = jobs_repo.count_by_status(session)
+    assert (counts["queued"] - after["queued"], counts["succeeded"] - after["succeeded"]) == (1, 1)
+    expired = jobs_repo.expired(session, dt.datetime.now(dt.UTC), limit=10_000)
+    assert live[1].id in expired and deleted[1].id not in expired
+    assert analyses_repo.remove_if_unused(session, shared.id) is False  # a live job still uses it
+    assert analyses_repo.remove_if_unused(session, alone.id) is True  # only a deleted one did
+    assert session.scalar(select(func.count()).select_from(Analysis).where(Analysis.id == alone.id)) == 0

@@ -367,7 +367,7 @@ def test_database_outage_mid_job_leaves_it_for_the_reconciler(
     def database_down(*_args: Any, **_kwargs: Any) -> None:
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(runner.lifecycle, "find_analysis", database_down)
+    monkeypatch.setattr(runner.analyses_repo, "by_fingerprint", database_down)
     assert runner.run_job(job_id, settings) == "lost"
     job = load_job(settings, job_id)
     assert job.status == JobStatus.running and job.attempts == 1

@@ -19,6 +19,7 @@ from app.core.config import Settings
 from app.db.models import Job, JobEvent, JobStatus, Worker
 from app.db.session import session_factory, session_scope
 from app.jobspec import JobCreate
+from app.repositories import analyses as analyses_repo
 from app.repositories import lifecycle
 from app.repositories import workers as workers_repo
 from worker import service_cli
@@ -295,7 +296,7 @@ def test_store_analysis_is_insert_or_get(settings: Settings) -> None:
     def store() -> None:
         with session_scope(factory) as session:
             barrier.wait()
-            ids.append(lifecycle.store_analysis(session, fingerprint=fingerprint, **fields).id)
+            ids.append(analyses_repo.store(session, fingerprint=fingerprint, **fields).id)
 
     threads = [threading.Thread(target=store) for _ in range(3)]
     for t in threads:
@@ -304,7 +305,7 @@ def test_store_analysis_is_insert_or_get(settings: Settings) -> None:
         t.join(timeout=60)
     assert len(ids) == 3 and len(set(ids)) == 1
     with session_scope(factory) as session:
-        found = lifecycle.find_analysis(session, fingerprint)
+        found = analyses_repo.by_fingerprint(session, fingerprint)
         assert found is not None and found.id == ids[0]
 
 
