@@ -3,7 +3,9 @@
 Measured side by side in one run, medians over interleaved repeats (shared machines are noisy):
 1. capture throughput vs a plain forward through the blocks alone (target >= 0.97);
 2. held-out perplexity of every method, auto included, at 2, 4, 6, 8 removed blocks (auto must be
-   within 5% of the best other method);
+   within 5% of the best other method); auto's plan is chosen as a job chooses it
+   (``lorp.planner.choose_plan`` on the calibration's validation windows), unhealed like the others
+   (``options.heal`` none: scripts/bench_plans.py measures healed plans);
 3. pruned vs dense decode speed-up against the bound N/(N-n).
 
     python scripts/bench.py [--out docs/benchmarks.md] [--num-samples 32 --seq-len 256]
@@ -24,13 +26,14 @@ import torch
 from benchdoc import other_sections, replace_section
 
 from lorp import calibration as cal
-from lorp.auto import auto_select
 from lorp.blocks import pruned_view
 from lorp.evaluation import measure_speed, perplexity
 from lorp.execution import Runner
 from lorp.loading import load_model
-from lorp.selection import SelectionOptions, candidate_plans
+from lorp.planner import choose_plan
+from lorp.selection import candidate_plans
 from lorp.similarity import capture_similarity
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 
 METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"
@@ -94,6 +97,85 @@ def _replace_capture_section(out: Path, cap: dict, args: argparse.Namespace) -> 
     return 0
 
 
+Table = dict[str, dict[int, tuple[float, list[int]]]]
+
+
+def _held_out_by_method(model, stats, data, eval_windows, budgets: list[int], args) -> tuple[Table, dict[int, str]]:
+    """Held-out perplexity and plan of each method at each budget, and auto's pick (chosen as a job
+    chooses, on the calibration's validation windows), every plan unhealed."""
+    opts = SelectionOptions(heal="none")  # every row unhealed, auto's too
+    calibration = CalibrationSpec(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    table: Table = {m: {} for m in (*METHODS, "auto")}
+    auto_pick: dict[int, str] = {}
+    for n in budgets:
+        plans = candidate_plans(stats.S, stats.D, n, opts)
+        for name in METHODS:
+            if name in plans:
+                with pruned_view(model, plans[name].pruned_layers):
+                    ppl = perplexity(model, eval_windows, batch_size=args.batch_size)
+                table[name][n] = (ppl, plans[name].pruned_layers)
+        spec = PruneSpec(
+            model=ModelSpec(id=args.model), target=TargetSpec(num_layers=n), calibration=calibration, options=opts
+        )
+        chosen = choose_plan(model, stats.S, stats.D, data, spec, stats.num_blocks).chosen
+        with pruned_view(model, chosen.pruned_layers):
+            table["auto"][n] = (perplexity(model, eval_windows, batch_size=args.batch_size), chosen.pruned_layers)
+        auto_pick[n] = chosen.method
+        print(f"n={n}: auto chose {chosen.method} {chosen.pruned_layers}", file=sys.stderr)
+    return table, auto_pick
+
+
+def _decode_speed(model, eval_windows, plans: list[list[int]], repeats: int) -> list[tuple[float, float]]:
+    """(dense, pruned) median decode tokens/s for each plan, runs interleaved."""
+    prompt = eval_windows.input_ids[:1, :128]
+    rows = []
+    for blocks in plans:
+        dense_runs, pruned_runs = [], []
+        for _ in range(repeats):
+            dense_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
+            with pruned_view(model, blocks):
+                pruned_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
+        rows.append((statistics.median(dense_runs), statistics.median(pruned_runs)))
+    return rows
+
+
+def _method_lines(table: Table, auto_pick: dict[int, str], budgets: list[int], dense_ppl: float) -> list[str]:
+    lines = [
+        f"## Held-out perplexity by method (dense: {dense_ppl:.2f})",
+        "",
+        "| method | " + " | ".join(f"n={n}" for n in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for name in (*METHODS, "auto"):
+        cells = []
+        for n in budgets:
+            if n in table[name]:
+                ppl, blocks = table[name][n]
+                cells.append(f"{ppl:.2f} {blocks}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    verdicts = []
+    for n in budgets:
+        best_other = min(table[m][n][0] for m in METHODS if n in table[m])
+        ratio = table["auto"][n][0] / best_other
+        verdicts.append(
+            f"| {n} | {auto_pick[n]} | {table['auto'][n][0]:.2f} | {best_other:.2f} | {ratio:.3f} | "
+            f"{'yes' if ratio <= 1.05 else 'NO'} |"
+        )
+    return [
+        *lines,
+        "auto against the best other method on the held-out text (auto chooses on the calibration",
+        "validation slice, never on this text):",
+        "",
+        "| n | auto chose | auto ppl | best other ppl | ratio | within 5% |",
+        "|---:|---|---:|---:|---:|---|",
+        *verdicts,
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks.md")
@@ -134,38 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         return _replace_capture_section(Path(args.out), cap, args)
     stats = capture_similarity(model, data.capture, batch_size=args.batch_size)
     n_blocks = stats.num_blocks
-    opts = SelectionOptions()
-
     dense_ppl = perplexity(model, eval_windows, batch_size=args.batch_size)
-    table: dict[str, dict[int, tuple[float, list[int]]]] = {m: {} for m in (*METHODS, "auto")}
-    auto_pick: dict[int, str] = {}
-    for n in budgets:
-        plans = candidate_plans(stats.S, stats.D, n, opts)
-        for name in METHODS:
-            if name in plans:
-                with pruned_view(model, plans[name].pruned_layers):
-                    ppl = perplexity(model, eval_windows, batch_size=args.batch_size)
-                table[name][n] = (ppl, plans[name].pruned_layers)
-        result = auto_select(model, stats.S, stats.D, n, data.validation, options=opts, batch_size=args.batch_size)
-        with pruned_view(model, result.chosen.pruned_layers):
-            table["auto"][n] = (
-                perplexity(model, eval_windows, batch_size=args.batch_size),
-                result.chosen.pruned_layers,
-            )
-        auto_pick[n] = result.chosen.method
-        print(f"n={n}: auto chose {result.chosen.method} {result.chosen.pruned_layers}", file=sys.stderr)
-
-    prompt = eval_windows.input_ids[:1, :128]
-    speed_rows = []
-    for n in budgets:
-        blocks = table["auto"][n][1]
-        dense_runs, pruned_runs = [], []
-        for _ in range(args.repeats):
-            dense_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
-            with pruned_view(model, blocks):
-                pruned_runs.append(measure_speed(model, prompt, new_tokens=32, repeats=1)["decode_tokens_per_s"])
-        d, p = statistics.median(dense_runs), statistics.median(pruned_runs)
-        speed_rows.append((n, d, p, p / d, n_blocks / (n_blocks - n)))
+    table, auto_pick = _held_out_by_method(model, stats, data, eval_windows, budgets, args)
+    speed_rows = _decode_speed(model, eval_windows, [table["auto"][n][1] for n in budgets], args.repeats)
 
     lines = [
         "# Benchmarks",
@@ -179,42 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Held-out: built-in evaluation split, {eval_windows.input_ids.shape[0]} x {args.seq_len} tokens.",
         "",
         *_capture_section(cap, args, "measured in this run"),
-        f"## Held-out perplexity by method (dense: {dense_ppl:.2f})",
-        "",
-        "| method | " + " | ".join(f"n={n}" for n in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-    ]
-    for name in (*METHODS, "auto"):
-        cells = []
-        for n in budgets:
-            if n in table[name]:
-                ppl, blocks = table[name][n]
-                cells.append(f"{ppl:.2f} {blocks}")
-            else:
-                cells.append("-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    verdicts = []
-    for n in budgets:
-        best_other = min(table[m][n][0] for m in METHODS if n in table[m])
-        ratio = table["auto"][n][0] / best_other
-        verdicts.append(
-            f"| {n} | {auto_pick[n]} | {table['auto'][n][0]:.2f} | {best_other:.2f} | {ratio:.3f} | "
-            f"{'yes' if ratio <= 1.05 else 'NO'} |"
-        )
-    lines += [
-        "auto against the best other method on the held-out text (auto chooses on the calibration",
-        "validation slice, never on this text):",
-        "",
-        "| n | auto chose | auto ppl | best other ppl | ratio | within 5% |",
-        "|---:|---|---:|---:|---:|---|",
-        *verdicts,
-        "",
+        *_method_lines(table, auto_pick, budgets, dense_ppl),
         "## Decode speed, pruned (auto's plan) vs dense, batch 1, 128-token prompt, 32 new tokens",
         "",
         "| n | dense tok/s | pruned tok/s | speed-up | bound N/(N-n) |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {n} | {d:.1f} | {p:.1f} | {s:.3f} | {b:.3f} |" for n, d, p, s, b in speed_rows],
+        *[
+            f"| {n} | {d:.1f} | {p:.1f} | {p / d:.3f} | {n_blocks / (n_blocks - n):.3f} |"
+            for n, (d, p) in zip(budgets, speed_rows, strict=True)
+        ],
         "",
     ]
     print("\n".join(lines))
