@@ -12,9 +12,11 @@ for a linear layer (``y = x W^T + b``), ``W <- W T`` for GPT-2's Conv1D (``y = x
 keeps its architecture and costs nothing more at inference (docs/algorithm.md §8a).
 
 The statistics ``M^T M`` and ``M^T (h_e - Y)`` are accumulated in float64 over the real (unpadded)
-tokens, d x d each, whatever the number of calibration windows. Spans are healed in depth order,
-each fitted on the model as already pruned and healed before it (``sequential``), or all fitted on
-the dense model in one pass (``dense``).
+tokens, d x d each, whatever the number of calibration windows (``FitStatistics``). Spans are healed
+in depth order, each fitted on the model as already pruned and healed before it (``sequential``), or
+all fitted on the dense model (``dense``): ``lorp.scoring.CachedHealer`` fits them from cached
+dense states. This module holds what a fit is (``SpanFit``, ``Fit``, ``FitStatistics``, the spans of
+a plan) and the fold.
 
 Architectures whose MLP output passes a norm before the residual add (Gemma 2/3 and OLMo 2/3's
 post-feedforward norms, OPT with post-layer-norm) cannot take a folded linear map: they are refused.
@@ -23,15 +25,13 @@ post-feedforward norms, OPT with post-layer-norm) cannot take a folded linear ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from lorp.calibration import TokenWindows
-from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.healed import (  # noqa: F401 (re-exported: the fold is part of what a heal is)
     fold,
     folded_bias,
@@ -39,7 +39,6 @@ from lorp.execution.healed import (  # noqa: F401 (re-exported: the fold is part
     heal_refusal,
     output_projection,
 )
-from lorp.execution.runner import real_tokens
 
 HealMode = Literal["sequential", "dense"]
 
@@ -150,103 +149,3 @@ class FitStatistics:
 
     def relative(self, squared: float) -> float:
         return math.sqrt(max(squared, 0.0) / self.zz) if self.zz > 0 else 0.0
-
-
-def heal_cuts(
-    model: Any,
-    pruned_layers: Sequence[int],
-    windows: TokenWindows,
-    *,
-    batch_size: int = 4,
-    mode: HealMode = "sequential",
-    ridge: float = DEFAULT_RIDGE,
-    progress: Callable[[int, int], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> list[SpanFit]:
-    """Fit and fold one linear map per removed span of the dense ``model`` (blocks still present).
-
-    The blocks in ``pruned_layers`` are not removed here (``lorp.blocks.remove_blocks`` does that
-    afterwards); each span's anchor block gets its map folded in. A span starting at block 0 has no
-    block before it and is left as it is.
-
-    Args:
-        model: the dense model, in eval mode.
-        pruned_layers: the blocks the plan removes.
-        windows: calibration windows (padding masked).
-        batch_size: sequences per forward pass.
-        mode: ``sequential`` (each span fitted on the model pruned and healed so far) or ``dense``.
-        ridge: the pull toward the identity, relative to the mean eigenvalue of M^T M.
-        progress: called as ``progress(passes_done, passes_total)``.
-        should_cancel: checked between batches.
-
-    Returns:
-        One ``SpanFit`` per healed span, in depth order.
-    """
-    spans = [(s, e) for s, e in contiguous_spans(pruned_layers) if s > 0]
-    if not spans:
-        return []
-    runner = as_runner(model)
-    for start, _ in spans:
-        output_projection(runner.model, runner.blocks[start - 1])  # refuses unfoldable architectures before any pass
-    groups = [spans] if mode == "dense" else [[span] for span in spans]
-    total = len(groups) * math.ceil(windows.num_windows / batch_size)
-    done = 0
-    fits: list[Fit] = []
-    spans_fitted: list[SpanFit] = []
-    for group in groups:
-        stats = [FitStatistics(runner.device) for _ in group]
-        # Fitted on the model pruned and healed by the earlier groups (none in dense mode).
-        removed = [b for fit in fits for b in range(fit.span.start, fit.span.end)]
-        for batch in runner.batches(windows, batch_size, should_cancel=should_cancel, doing="healing"):
-            targets = _dense_targets(runner, batch, [end for _, end in group])
-            with runner.pruned(removed, fits):
-                outputs = _anchor_outputs(runner, batch, [start - 1 for start, _ in group])
-            for (_, end), stat, (m, h) in zip(group, stats, outputs, strict=True):
-                stat.add(m, targets[end] - (h - m))
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        for (start, end), stat in zip(group, stats, strict=True):
-            T = stat.solve(ridge)
-            span = SpanFit(
-                start=start,
-                end=end,
-                anchor=start - 1,
-                num_tokens=stat.tokens,
-                residual_before=stat.relative(stat.squared_error(None)),
-                residual_after=stat.relative(stat.squared_error(T)),
-            )
-            fits.append(Fit(span=span, held=T))
-            spans_fitted.append(span)
-    for fit in fits:
-        projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])
-        fold(projection, kind, fit.T)
-    return spans_fitted
-
-
-def _dense_targets(runner: Runner, batch: Batch, ends: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The dense state entering each block in ``ends`` (``N``: leaving the last block), real tokens only."""
-    found: dict[int, torch.Tensor] = {}
-    wanted = set(ends)
-
-    def keep(j: int, hidden: torch.Tensor) -> None:
-        if j in wanted:
-            found[j] = real_tokens(hidden, batch.real)
-
-    top = max(ends)
-    found[top] = real_tokens(runner.run(batch, stop=top, on_input=keep), batch.real)
-    return found
-
-
-def _anchor_outputs(runner: Runner, batch: Batch, anchors: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(M, h_s) of each anchor block in the model as the runner's view has it, real tokens only."""
-    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    state: torch.Tensor | None = None
-    at = 0
-    for anchor in anchors:
-        projection, _ = output_projection(runner.model, runner.blocks[anchor])
-        with runner.watch(projection) as m:
-            state = runner.run(batch, start=at, state=state, stop=anchor + 1)
-        outputs.append((real_tokens(m[0], batch.real), real_tokens(state, batch.real)))
-        at = anchor + 1
-    return outputs

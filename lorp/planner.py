@@ -1,6 +1,7 @@
 """Choosing the plan that ships: the method's plan (or the best validated one), healed or not, and its size.
 
-Every plan is scored as it will ship: from cached dense states of the validation windows
+Selection criteria disagree badly on some models (docs/algorithm.md §7), so no plan reaches a user
+unmeasured. Every plan is scored as it will ship: from cached dense states of the validation windows
 (``lorp.scoring.PlanScorer``), and healed with maps fitted on the heal windows (the first capture
 windows, at most ``heal_token_cap(d)`` tokens) when healing is on. ``auto`` keeps the best of the
 one-pass plans, ``search`` grows a plan block by block (``lorp.search``) and keeps the best of it
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorp.auto import choose_best
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError
 from lorp.execution import as_runner
@@ -74,6 +74,11 @@ class PlanChoice:
     search_path: list[Step] = field(default_factory=list)
     heal_reason: str | None = None  # why the cuts ship unhealed, when they do
     scorer: PlanScorer | None = None  # what scored the candidates, for more plans (the budget curve)
+
+
+def choose_best(scores: dict[str, float], order: Sequence[str]) -> str:
+    """The candidate with the lowest finite score; ties go to the earlier name in ``order``."""
+    return min(order, key=lambda name: (scores[name] if math.isfinite(scores[name]) else math.inf, order.index(name)))
 
 
 def hidden_size(model: Any) -> int:

@@ -29,7 +29,8 @@ from lorp.evaluation import mean_to_perplexity, state_nll
 from lorp.execution import PlanPass, as_runner
 from lorp.execution.healed import fold, output_projection
 from lorp.execution.onload import trim_heap
-from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, real_tokens
+from lorp.execution.runner import real_tokens
+from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans
 from lorp.states import StateCache
 
 

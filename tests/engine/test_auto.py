@@ -1,4 +1,8 @@
-"""Method auto: temporary pruned views, plan scoring, and the choice of the best plan."""
+"""Method auto: temporary pruned views, plan scoring, and the choice of the best plan.
+
+Scoring and choosing are asserted on what jobs run (``lorp.planner.choose_plan``, ``lorp.scoring.PlanScorer``),
+against the independent reference in ``tests/engine/reference.py`` (every candidate measured over a pruned view).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,17 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from lorp.auto import auto_select, choose_best, score_candidates
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks
-from lorp.calibration import TokenWindows
+from lorp.calibration import CalibrationData, TokenWindows
 from lorp.evaluation import perplexity
-from lorp.selection import SelectionOptions
+from lorp.planner import choose_best, choose_plan
+from lorp.scoring import PlanScorer
 from lorp.similarity import capture_similarity
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
+from lorp.states import StateCache
 
 from .archs import ARCHS, build, probe
+from .reference import reference_auto_select
 
 VOCAB = 384
 
@@ -74,27 +81,16 @@ def test_pruned_view_restores_on_error(qwen3):
     assert qwen3.config.num_hidden_layers == 6
 
 
-def _fake_selection(name: str, blocks: list[int]):
-    from lorp.selection import Selection, Structure
-
-    structure = Structure(rls=1.0, k=2, clusters=[0] * 6, redundancy=[0.0] * 6)
-    return Selection(method=name, pruned_layers=blocks, structure=structure, scores={})
-
-
-def test_score_candidates_measures_identical_plans_once(qwen3):
+def test_identical_plans_are_measured_once(qwen3):
     val = windows()
-    cands = {
-        "a": _fake_selection("a", [1, 2]),
-        "b": _fake_selection("b", [3, 4]),
-        "c": _fake_selection("c", [1, 2]),
-    }
-    done: list[tuple[int, int]] = []
-    scores, dups = score_candidates(qwen3, cands, val, progress=lambda d, t: done.append((d, t)))
-    assert dups == {"c": "a"}
-    assert scores["c"] == scores["a"]
-    assert done == [(1, 2), (2, 2)]
+    scorer = PlanScorer(qwen3, StateCache(qwen3, val, batch_size=4))
+    a, b, c = scorer.score_many([[1, 2], [3, 4], [2, 1]])  # [2, 1]: the blocks of [1, 2] in another order
+    assert c == a
+    assert (scorer.evaluations, scorer.screenings) == (2, 0)
+    runs = scorer.runner.block_runs
+    assert scorer.score([1, 2]) == a and scorer.runner.block_runs == runs  # kept, not measured again
     with pruned_view(qwen3, [3, 4]):
-        assert scores["b"] == pytest.approx(perplexity(qwen3, val))
+        assert b == pytest.approx(perplexity(qwen3, val), rel=1e-5)
 
 
 def test_choose_best_lowest_then_order():
@@ -103,18 +99,38 @@ def test_choose_best_lowest_then_order():
     assert choose_best({"x": float("inf"), "y": float("inf")}, ["x", "y"]) == "x"
 
 
-def test_auto_select_picks_the_lowest_validation_perplexity(qwen3):
-    stats = capture_similarity(qwen3, windows(4, 16, seed=1))
-    val = windows(4, 16, seed=2)
-    result = auto_select(qwen3, stats.S, stats.D, 2, val, options=SelectionOptions())
-    assert set(result.scores) == set(result.candidates)
-    assert {"lorp", "shortgpt", "streamline", "angular", "reverse"} <= set(result.candidates)
-    best = min(result.scores.values())
-    assert result.scores[result.chosen.method] == best
-    assert result.chosen.pruned_layers == result.candidates[result.chosen.method].pruned_layers
+def test_auto_picks_the_lowest_validation_perplexity(qwen3):
+    capture, val = windows(4, 16, seed=1), windows(4, 16, seed=2)
+    stats = capture_similarity(qwen3, capture)
+    dense = {key: value.clone() for key, value in qwen3.state_dict().items()}
+    spec = PruneSpec(
+        model=ModelSpec(id="tiny-qwen3"),
+        method="auto",
+        target=TargetSpec(num_layers=2),
+        calibration=CalibrationSpec(batch_size=4),
+        options=SelectionOptions(heal="none"),
+    )
+    data = CalibrationData(capture=capture, validation=val, text_sha256="", num_stream_tokens=0)
+    choice = choose_plan(qwen3, stats.S, stats.D, data, spec, 6)
+    reference = reference_auto_select(qwen3, stats.S, stats.D, 2, val, batch_size=4)
+    assert set(choice.plans) == set(reference.candidates)
+    assert {"lorp", "shortgpt", "streamline", "angular", "reverse"} <= set(choice.plans)
+    # Four validation windows: the screening reads them all, so each distinct plan is measured once, in full.
+    plan_of = {name: tuple(sorted(plan.pruned_layers)) for name, plan in choice.plans.items()}
+    assert choice.scorer is not None
+    assert (choice.scorer.evaluations, choice.scorer.screenings) == (len(set(plan_of.values())), 0)
+    for name, score in choice.scores.items():
+        assert score == pytest.approx(reference.scores[name], rel=1e-5), name
+        assert all(choice.scores[other] == score for other in choice.scores if plan_of[other] == plan_of[name])
+    assert choice.scores[choice.chosen_name] == min(choice.scores.values())
+    # the lowest of every candidate measured the direct way, not only of the finalists
+    assert reference.scores[choice.chosen_name] == pytest.approx(reference.scores[reference.chosen], rel=1e-5)
+    assert choice.chosen.pruned_layers == choice.plans[choice.chosen_name].pruned_layers
+    assert choice.heal == "none" and choice.fits == []
+    assert np.isfinite(choice.scores[choice.chosen_name])
     # the model is left dense
     assert len(decoder_blocks(qwen3)) == 6
-    assert np.isfinite(best)
+    assert all(torch.equal(value, dense[key]) for key, value in qwen3.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["gpt2-inverse-scaling", *sorted(ARCHS)])

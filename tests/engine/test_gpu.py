@@ -9,16 +9,16 @@ import torch
 import transformers
 from safetensors.torch import load_file as safe_load
 
-from lorp.auto import auto_select
 from lorp.blocks import remove_blocks
-from lorp.calibration import TokenWindows
+from lorp.calibration import CalibrationData, TokenWindows
 from lorp.execution import Runner
 from lorp.execution.staging import Stager
 from lorp.export import save_pruned, verify_reload
 from lorp.pipeline import run_prune
+from lorp.planner import choose_plan
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
-from lorp.spec import ModelSpec, SelectionOptions
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 
 from .archs import build, probe, write_wide_llama
 from .test_pipeline import make_spec
@@ -47,8 +47,16 @@ def test_bf16_prune_save_reload_on_cuda(name, tmp_path, tiny_tokenizer):
     win = TokenWindows(input_ids=ids, attention_mask=torch.ones_like(ids))
     stats = capture_similarity(model, win, batch_size=2)
     assert np.isfinite(stats.S).all() and np.isfinite(stats.D).all()
-    result = auto_select(model, stats.S, stats.D, 1, win)
-    remove_blocks(model, result.chosen.pruned_layers)
+    spec = PruneSpec(
+        model=ModelSpec(id=name),
+        target=TargetSpec(num_layers=1),
+        calibration=CalibrationSpec(batch_size=2),
+        options=SelectionOptions(heal="none"),
+    )
+    data = CalibrationData(capture=win, validation=win, text_sha256="", num_stream_tokens=0)
+    choice = choose_plan(model, stats.S, stats.D, data, spec, 4)  # method auto, as a job chooses
+    assert np.isfinite(choice.scores[choice.chosen_name]) and len(choice.chosen.pruned_layers) == 1
+    remove_blocks(model, choice.chosen.pruned_layers)
     out = save_pruned(model, tiny_tokenizer, tmp_path / name)
     report = verify_reload(out, model, probe().cuda())
     assert report["num_layers"] == 3

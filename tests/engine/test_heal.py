@@ -1,11 +1,16 @@
-"""Healing a cut with a folded linear map (lorp.heal), pinned on tiny models of every architecture.
+"""Healing a cut with a folded linear map (lorp.heal), fitted as jobs fit it (``lorp.scoring.CachedHealer``,
+from cached dense states), pinned on tiny models of every architecture.
 
 - the fold is exact algebra: after folding T into the anchor block, its output is Y + M T;
 - a span that adds nothing is healed by the identity, and the healed pruned model equals the dense one;
 - the least-squares fit recovers a known map, and never leaves the anchor's output further from the
   target than no healing;
+- a sequential fit of a later span sees the model cut and healed before it; a dense one does not;
 - architectures that normalise the MLP output before the residual add are refused by name;
 - a healed and pruned model saves and reloads with equal logits.
+
+(``tests/engine/test_scoring.py`` holds the healer's fits and healed scores to the independent
+reference in ``tests/engine/reference.py``.)
 """
 
 from __future__ import annotations
@@ -18,17 +23,13 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
-from lorp.heal import (
-    FitStatistics,
-    _anchor_outputs,
-    contiguous_spans,
-    fold,
-    heal_cuts,
-    heal_refusal,
-    output_projection,
-)
+from lorp.heal import FitStatistics, HealMode, contiguous_spans, fold, heal_refusal, output_projection
+from lorp.planner import resolve_heal
+from lorp.scoring import CachedHealer, PlanScorer, apply_fits
+from lorp.states import StateCache
 
 from .archs import ARCHS, build, probe
+from .reference import anchor_outputs
 
 REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
 FOLDABLE = [name for name in ARCHS if name not in REFUSED]
@@ -40,6 +41,11 @@ def windows(batch: int = 6, length: int = 12, seed: int = 3) -> TokenWindows:
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding is masked out of the statistics
     return TokenWindows(input_ids=ids, attention_mask=mask)
+
+
+def healer(model: torch.nn.Module, mode: HealMode = "dense") -> CachedHealer:
+    """A job's healer (``dense``, as jobs fit, unless told) on the dense states of ``windows()``."""
+    return CachedHealer(model, StateCache(model, windows(), batch_size=4), mode=mode)
 
 
 def test_contiguous_spans() -> None:
@@ -54,13 +60,13 @@ def test_the_fold_is_exact_algebra(name: str) -> None:
     ids = probe()
     runner = Runner(model)
     batch = runner.batch(ids, torch.ones_like(ids))
-    ((m, h),) = _anchor_outputs(runner, batch, [1])
+    ((m, h),) = anchor_outputs(runner, batch, [1])
     width = m.shape[-1]
     g = torch.Generator().manual_seed(5)
     T = torch.eye(width, dtype=torch.float64) + 0.1 * torch.randn(width, width, generator=g, dtype=torch.float64)
     projection, kind = output_projection(model, anchor)
     fold(projection, kind, T)
-    ((m_after, h_after),) = _anchor_outputs(runner, batch, [1])
+    ((m_after, h_after),) = anchor_outputs(runner, batch, [1])
     expected = (h - m).double() + m.double() @ T
     torch.testing.assert_close(m_after.double(), m.double() @ T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h_after.double(), expected, rtol=1e-4, atol=1e-5)
@@ -71,14 +77,20 @@ def test_post_norm_architectures_are_refused_by_name(name: str) -> None:
     model = build(name)
     assert heal_refusal(model) is not None and "post_feedforward_layernorm" in heal_refusal(model)
     with pytest.raises(InvalidRequestError) as err:
-        heal_cuts(model, [2], windows())
-    assert err.value.field == "options.heal" and "normalises the MLP output" in err.value.message
+        resolve_heal(model, "linear", heal_tokens=10_000)  # a job asking for it: refused before any pass
+    assert err.value.field == "options.heal" and "post_feedforward_layernorm" in err.value.message
+    for mode in ("dense", "sequential"):
+        with pytest.raises(InvalidRequestError) as err:
+            healer(model, mode).fits([2])
+        assert err.value.field == "options.heal" and "normalises the MLP output" in err.value.message
 
 
 def test_an_opt_model_with_post_layer_norm_is_refused() -> None:
     model = build("opt", do_layer_norm_before=False)
     with pytest.raises(InvalidRequestError, match="do_layer_norm_before"):
-        heal_cuts(model, [2], windows())
+        resolve_heal(model, "linear", heal_tokens=10_000)
+    with pytest.raises(InvalidRequestError, match="do_layer_norm_before"):
+        healer(model).fits([2])
 
 
 def _silence(block: torch.nn.Module) -> None:
@@ -98,13 +110,13 @@ def test_a_span_that_adds_nothing_is_healed_by_the_identity(mode: str) -> None:
     with torch.no_grad():
         dense = model(input_ids=ids).logits
     before = [blocks[a].mlp.down_proj.weight.detach().clone() for a in (1, 3)]
-    fits = heal_cuts(model, [2, 4], windows(), mode=mode)
-    assert [(f.start, f.end, f.anchor) for f in fits] == [(2, 3, 1), (4, 5, 3)]
+    fits = healer(model, mode).fits([2, 4])
+    assert [(f.span.start, f.span.end, f.anchor) for f in fits] == [(2, 3, 1), (4, 5, 3)]
     for fit in fits:
-        assert fit.residual_before == pytest.approx(0.0, abs=1e-5) and fit.residual_after == pytest.approx(
-            0.0, abs=1e-6
-        )
-        assert fit.num_tokens == 6 * 12 - 3
+        assert fit.span.residual_before == pytest.approx(0.0, abs=1e-5)
+        assert fit.span.residual_after == pytest.approx(0.0, abs=1e-6)
+        assert fit.span.num_tokens == 6 * 12 - 3
+    apply_fits(model, fits)  # as a job folds the chosen plan's maps, before removing its blocks
     for a, weight in zip((1, 3), before, strict=True):
         torch.testing.assert_close(blocks[a].mlp.down_proj.weight, weight, rtol=1e-5, atol=1e-6)
     remove_blocks(model, [2, 4])
@@ -128,32 +140,35 @@ def test_the_fit_recovers_a_known_map_from_the_statistics() -> None:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "opt", "falcon", "phi3"])
 def test_healing_never_moves_the_anchor_output_away_from_the_target(name: str) -> None:
     model = build(name, **({"n_layer": 6} if name == "gpt2" else {"num_hidden_layers": 6}))
-    fits = heal_cuts(model, [2, 3], windows())
-    (fit,) = fits
-    assert (fit.start, fit.end, fit.anchor) == (2, 4, 1)
-    assert 0.0 <= fit.residual_after <= fit.residual_before
+    for mode in ("dense", "sequential"):  # one span: fitted on the dense model either way
+        (fit,) = healer(model, mode).fits([2, 3])
+        assert (fit.span.start, fit.span.end, fit.anchor) == (2, 4, 1)
+        assert 0.0 <= fit.span.residual_after <= fit.span.residual_before
 
 
 def test_sequential_fits_each_span_on_the_model_healed_before_it() -> None:
     # Two spans: the second one's statistics come from the model with the first span removed and
     # healed, so sequential and dense fits of it differ; with one span they are the same fit.
-    one_seq, one_dense = build("llama", num_hidden_layers=6), build("llama", num_hidden_layers=6)
-    assert heal_cuts(one_seq, [3], windows(), mode="sequential") == heal_cuts(one_dense, [3], windows(), mode="dense")
-    seq, dense = build("llama", num_hidden_layers=8), build("llama", num_hidden_layers=8)
-    fits_seq = heal_cuts(seq, [2, 5], windows(), mode="sequential")
-    fits_dense = heal_cuts(dense, [2, 5], windows(), mode="dense")
-    assert fits_seq[0] == fits_dense[0]
-    assert fits_seq[1].residual_before != pytest.approx(fits_dense[1].residual_before)
+    six = build("llama", num_hidden_layers=6)
+    (one_seq,), (one_dense,) = healer(six, "sequential").fits([3]), healer(six, "dense").fits([3])
+    assert one_seq.span == one_dense.span and torch.equal(one_seq.T, one_dense.T)
+    eight = build("llama", num_hidden_layers=8)
+    fits_seq, fits_dense = healer(eight, "sequential").fits([2, 5]), healer(eight, "dense").fits([2, 5])
+    assert fits_seq[0].span == fits_dense[0].span and torch.equal(fits_seq[0].T, fits_dense[0].T)
+    assert fits_seq[1].span.residual_before != pytest.approx(fits_dense[1].span.residual_before)
 
 
 def test_a_span_at_block_0_has_no_anchor_and_is_left_alone() -> None:
     model = build("llama")
-    assert heal_cuts(model, [0], windows()) == []
+    fit_on = healer(model)
+    assert fit_on.fits([0]) == [] and fit_on.fits([0, 1]) == [] and fit_on.fits_computed == 0
+    scorer = PlanScorer(model, StateCache(model, windows(seed=9), batch_size=4), healer=fit_on)
+    assert scorer.score([0]) == scorer.score([0], healed=False)  # scored healed, it is the plain cut
 
 
 def test_a_healed_pruned_model_saves_and_reloads_with_equal_logits(tmp_path, tiny_tokenizer) -> None:
     model = build("llama", num_hidden_layers=6)
-    heal_cuts(model, [2, 3], windows())
+    apply_fits(model, healer(model).fits([2, 3]))
     remove_blocks(model, [2, 3])
     out = save_pruned(model, tiny_tokenizer, tmp_path / "healed")
     check = verify_reload(out, model, probe())

@@ -2,8 +2,9 @@
 
 - a plan's score from the cached dense states equals its perplexity with the blocks removed, on
   every architecture (sliding windows, ALiBi, learned positions, GPT-2's layer scaling);
-- healed scores and fits from the cache equal ``lorp.heal.heal_cuts`` on the same windows, in both
-  modes, and a fit a plan shares with an earlier one is reused;
+- healed scores and fits from the cache equal the independent reference (``reference_heal_cuts``, in
+  tests/engine/reference.py: passes over the windows, no cache) on the same windows, in both modes, and
+  a fit a plan shares with an earlier one is reused;
 - cancelling between batches raises ``JobCancelled``.
 """
 
@@ -17,11 +18,11 @@ import torch
 from lorp.blocks import pruned_view
 from lorp.errors import JobCancelled
 from lorp.evaluation import perplexity
-from lorp.heal import heal_cuts
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.states import StateCache
 
 from .archs import ARCHS, six_blocks
+from .reference import reference_heal_cuts
 from .test_heal import FOLDABLE, windows
 
 PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]
@@ -58,7 +59,7 @@ def test_a_full_measure_after_a_screening_runs_only_the_windows_not_screened() -
 
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "falcon"])
-def test_cached_heal_fits_and_healed_scores_equal_heal_cuts(name: str, mode: str) -> None:
+def test_cached_heal_fits_and_healed_scores_equal_the_reference(name: str, mode: str) -> None:
     assert name in FOLDABLE
     fit_on, score_on = windows(batch=6, length=12, seed=3), windows(batch=4, length=12, seed=9)
     for plan in ([2, 3], [1, 4], [2, 4, 5]):
@@ -69,7 +70,7 @@ def test_cached_heal_fits_and_healed_scores_equal_heal_cuts(name: str, mode: str
         spans = [fit.span for fit in healer.fits(plan)]
 
         reference = six_blocks(name)
-        expected = heal_cuts(reference, plan, fit_on, batch_size=4, mode=mode)  # type: ignore[arg-type]
+        expected = reference_heal_cuts(reference, plan, fit_on, batch_size=4, mode=mode)  # type: ignore[arg-type]
         with pruned_view(reference, plan):
             full = perplexity(reference, score_on, batch_size=3)
         assert cached == pytest.approx(full, rel=1e-4), plan

@@ -1,0 +1,137 @@
+"""Independent references for the tests: the plain, uncached way to compute what jobs compute.
+
+Not what jobs run. A job chooses its plan through ``lorp.planner.choose_plan``: candidates scored
+from cached dense states (``lorp.scoring.PlanScorer``) and heal maps fitted from cached states
+(``lorp.scoring.CachedHealer``). The references here reach the same quantities directly, with no
+cache: each candidate measured by a perplexity pass over a pruned view, each heal map fitted by
+passes over the windows and folded in place. Tests hold the jobs' code to their answers; nothing
+in ``lorp/`` imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorp.blocks import pruned_view
+from lorp.calibration import TokenWindows
+from lorp.evaluation import perplexity
+from lorp.execution import Batch, Runner, as_runner
+from lorp.execution.runner import real_tokens
+from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, fold, output_projection
+from lorp.selection import Selection, SelectionOptions, candidate_plans
+
+
+@dataclass
+class ReferenceAuto:
+    """Every candidate plan, its held-out perplexity measured in full, and the lowest one's name."""
+
+    chosen: str
+    candidates: dict[str, Selection]
+    scores: dict[str, float]
+
+
+def reference_auto_select(
+    model: Any,
+    S: np.ndarray,
+    D: np.ndarray | None,
+    n: int,
+    validation: TokenWindows,
+    *,
+    options: SelectionOptions | None = None,
+    batch_size: int = 4,
+) -> ReferenceAuto:
+    """``auto``'s choice the direct way: every plan of ``candidate_plans(S, D, n)`` measured unhealed on
+    ``validation`` by a perplexity pass over a pruned view of ``model`` (identical plans once), the
+    lowest kept (ties: the earlier candidate). Independent reference, not what jobs run."""
+    candidates = candidate_plans(S, D, n, options or SelectionOptions())
+    measured: dict[tuple[int, ...], float] = {}
+    scores: dict[str, float] = {}
+    for name, plan in candidates.items():
+        key = tuple(sorted(plan.pruned_layers))
+        if key not in measured:
+            with pruned_view(model, key):
+                measured[key] = perplexity(model, validation, batch_size=batch_size)
+        scores[name] = measured[key]
+    chosen = min(candidates, key=lambda name: scores[name])
+    return ReferenceAuto(chosen=chosen, candidates=candidates, scores=scores)
+
+
+def reference_heal_cuts(
+    model: Any,
+    pruned_layers: Sequence[int],
+    windows: TokenWindows,
+    *,
+    batch_size: int = 4,
+    mode: HealMode = "sequential",
+    ridge: float = DEFAULT_RIDGE,
+) -> list[SpanFit]:
+    """Fit and fold one linear map per removed span of the dense ``model`` (its blocks still present),
+    streaming passes over ``windows``. Independent reference, not what jobs run.
+
+    The blocks in ``pruned_layers`` are not removed here; each span's anchor block gets its map folded
+    in. A span starting at block 0 has no block before it and is left as it is. ``sequential`` fits
+    each span on the model pruned and healed so far; ``dense`` fits every span on the dense model.
+
+    Returns:
+        One ``SpanFit`` per healed span, in depth order.
+    """
+    spans = [(s, e) for s, e in contiguous_spans(pruned_layers) if s > 0]
+    if not spans:
+        return []
+    runner = as_runner(model)
+    for start, _ in spans:
+        output_projection(runner.model, runner.blocks[start - 1])  # refuses unfoldable architectures before any pass
+    groups = [spans] if mode == "dense" else [[span] for span in spans]
+    fits: list[Fit] = []
+    for group in groups:
+        stats = [FitStatistics(runner.device) for _ in group]
+        # Fitted on the model pruned and healed by the earlier groups (none in dense mode).
+        removed = [b for fit in fits for b in range(fit.span.start, fit.span.end)]
+        for batch in runner.batches(windows, batch_size):
+            targets = _dense_targets(runner, batch, [end for _, end in group])
+            with runner.pruned(removed, fits):
+                outputs = anchor_outputs(runner, batch, [start - 1 for start, _ in group])
+            for (_, end), stat, (m, h) in zip(group, stats, outputs, strict=True):
+                stat.add(m, targets[end] - (h - m))
+        for (start, end), stat in zip(group, stats, strict=True):
+            T = stat.solve(ridge)
+            before, after = stat.relative(stat.squared_error(None)), stat.relative(stat.squared_error(T))
+            span = SpanFit(start, end, start - 1, stat.tokens, residual_before=before, residual_after=after)
+            fits.append(Fit(span=span, held=T))
+    for fit in fits:
+        projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])
+        fold(projection, kind, fit.T)
+    return [fit.span for fit in fits]
+
+
+def _dense_targets(runner: Runner, batch: Batch, ends: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The dense state entering each block in ``ends`` (``N``: leaving the last block), real tokens only."""
+    found: dict[int, torch.Tensor] = {}
+    wanted = set(ends)
+
+    def keep(j: int, hidden: torch.Tensor) -> None:
+        if j in wanted:
+            found[j] = real_tokens(hidden, batch.real)
+
+    top = max(ends)
+    found[top] = real_tokens(runner.run(batch, stop=top, on_input=keep), batch.real)
+    return found
+
+
+def anchor_outputs(runner: Runner, batch: Batch, anchors: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(M, h_s) of each anchor block in the model as the runner's view has it, real tokens only."""
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    state: torch.Tensor | None = None
+    at = 0
+    for anchor in anchors:
+        projection, _ = output_projection(runner.model, runner.blocks[anchor])
+        with runner.watch(projection) as m:
+            state = runner.run(batch, start=at, state=state, stop=anchor + 1)
+        outputs.append((real_tokens(m[0], batch.real), real_tokens(state, batch.real)))
+        at = anchor + 1
+    return outputs
