@@ -4,12 +4,14 @@ Not what jobs run. A job chooses its plan through ``lorp.planner.choose_plan``: 
 from cached dense states (``lorp.scoring.PlanScorer``) and heal maps fitted from cached states
 (``lorp.scoring.CachedHealer``). The references here reach the same quantities directly, with no
 cache: each candidate measured by a perplexity pass over a pruned view, each heal map fitted by
-passes over the windows and folded in place. Tests hold the jobs' code to their answers; nothing
-in ``lorp/`` imports this module.
+passes over the windows and folded in place; S and D are written out longhand per token and pair
+from the model's own hidden states (``brute_force``). Tests hold the jobs' code to their answers;
+nothing in ``lorp/`` imports this module.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,3 +137,45 @@ def anchor_outputs(runner: Runner, batch: Batch, anchors: Sequence[int]) -> list
         outputs.append((real_tokens(m[0], batch.real), real_tokens(state, batch.real)))
         at = anchor + 1
     return outputs
+
+
+def brute_force(model: torch.nn.Module, states_fn, windows: TokenWindows, last_token_only: bool = False):
+    """Per sequence, per real token, per pair: the definition of S and D written out longhand."""
+    seqs = []
+    with torch.no_grad():
+        for row in range(windows.input_ids.shape[0]):
+            length = int(windows.attention_mask[row].sum())
+            ids = windows.input_ids[row : row + 1, :length]
+            seqs.append([h[0].double() for h in states_fn(model, ids)])  # L x [length, d]
+    n_states = len(seqs[0])
+    s_tot = np.zeros((n_states, n_states))
+    d_tot = np.zeros((n_states, n_states))
+    count = d_count = 0
+    for states in seqs:
+        length = states[0].shape[0]
+        for t in range(length):
+            xs = [h[t] / (h[t].norm() + 1e-8) for h in states]
+            for i in range(n_states):
+                for j in range(n_states):
+                    dot = float(xs[i] @ xs[j])
+                    s_tot[i, j] += dot
+                    if not last_token_only or t == length - 1:
+                        d_tot[i, j] += math.acos(max(-1.0, min(1.0, dot))) / math.pi
+            count += 1
+            d_count += 1 if (not last_token_only or t == length - 1) else 0
+    S, D = s_tot / count, d_tot / d_count
+    np.fill_diagonal(S, 1.0)
+    np.fill_diagonal(D, 0.0)
+    return S, D
+
+
+def llama_states(model, ids):
+    # hidden_states[0..N-1] are the block inputs; the last entry has the final norm applied, so
+    # take h_N with the norm bypassed: an independent path from the capture's hooks.
+    norm = model.model.norm
+    model.model.norm = torch.nn.Identity()
+    try:
+        out = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        model.model.norm = norm
+    return list(out.hidden_states)

@@ -24,7 +24,7 @@ from lorp.similarity import capture_similarity
 from lorp.states import StateCache
 
 from .archs import build
-from .test_heal import windows
+from .helpers import windows
 
 
 def test_default_budgets_spread_up_to_the_jobs_own() -> None:

@@ -21,7 +21,7 @@ from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.pipeline import run_prune
 from lorp.spec import EvaluationSpec, TaskSpec
 
-from .test_pipeline import make_spec
+from .helpers import make_spec
 
 ARTICLES = [
     "Rivers carry water from the hills to the sea every day. The valley below the old town floods in spring. "

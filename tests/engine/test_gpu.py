@@ -21,8 +21,8 @@ from lorp.similarity import capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 
 from .archs import build, probe, write_wide_llama
-from .test_pipeline import make_spec
-from .test_similarity import brute_force, llama_states, tiny_llama, windows_with_padding
+from .helpers import make_spec, tiny_llama, windows_with_padding
+from .reference import brute_force, llama_states
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
@@ -28,19 +27,9 @@ from lorp.planner import resolve_heal
 from lorp.scoring import CachedHealer, PlanScorer, apply_fits
 from lorp.states import StateCache
 
-from .archs import ARCHS, build, probe
+from .archs import build, probe
+from .helpers import FOLDABLE, REFUSED, windows
 from .reference import anchor_outputs
-
-REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
-FOLDABLE = [name for name in ARCHS if name not in REFUSED]
-
-
-def windows(batch: int = 6, length: int = 12, seed: int = 3) -> TokenWindows:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 384, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -3:] = 0  # padding is masked out of the statistics
-    return TokenWindows(input_ids=ids, attention_mask=mask)
 
 
 def healer(model: torch.nn.Module, mode: HealMode = "dense") -> CachedHealer:

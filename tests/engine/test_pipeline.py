@@ -18,27 +18,12 @@ from lorp.result import ChosenPlan
 from lorp.spec import (
     CalibrationSpec,
     EvaluationSpec,
-    ModelSpec,
-    PruneSpec,
     SelectionOptions,
     TargetSpec,
 )
 from lorp.stages import STAGES
 
-
-def make_spec(model_dir: Path, files: tuple[Path, Path], **overrides) -> PruneSpec:
-    cal_file, eval_file = files
-    fields = {
-        "model": ModelSpec(id=str(model_dir), device="cpu"),
-        "method": "auto",
-        "target": TargetSpec(num_layers=2),
-        "calibration": CalibrationSpec(dataset=str(cal_file), num_samples=8, seq_len=32, batch_size=4),
-        "evaluation": EvaluationSpec(
-            dataset=f"{eval_file}#body", max_windows=6, speed_prompt_len=8, speed_new_tokens=4
-        ),
-    }
-    fields.update(overrides)
-    return PruneSpec(**fields)
+from .helpers import make_spec
 
 
 def test_run_prune_auto_writes_a_reloadable_model_and_a_full_report(tiny_model_dir, corpus_files, tmp_path):

@@ -37,8 +37,7 @@ from lorp.spec import CalibrationSpec, EvaluationSpec, SelectionOptions, TargetS
 from lorp.states import StateCache
 
 from .archs import build
-from .test_heal import windows
-from .test_pipeline import make_spec
+from .helpers import make_spec, windows
 
 QUIET = EvaluationSpec(perplexity=False, speed=False)
 

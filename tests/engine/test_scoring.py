@@ -22,8 +22,8 @@ from lorp.scoring import CachedHealer, PlanScorer
 from lorp.states import StateCache
 
 from .archs import ARCHS, six_blocks
+from .helpers import FOLDABLE, windows
 from .reference import reference_heal_cuts
-from .test_heal import FOLDABLE, windows
 
 PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]
 

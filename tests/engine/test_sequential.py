@@ -28,16 +28,7 @@ from lorp.similarity import capture_similarity
 from lorp.states import StateCache, StoredStateCache, window_store
 
 from .archs import ARCHS, six_blocks, write_wide_llama
-
-REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}  # no folded heal (post-MLP norms)
-
-
-def windows(batch: int = 5, length: int = 12, seed: int = 3) -> TokenWindows:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 384, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -3:] = 0
-    return TokenWindows(input_ids=ids, attention_mask=mask)
+from .helpers import REFUSED, windows
 
 
 def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
@@ -53,7 +44,7 @@ def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perp
 ) -> None:
     resident, sequential = both(name, tmp_path)
     n = resident.num_blocks
-    data = windows()
+    data = windows(5)
 
     ref = capture_similarity(resident, data, batch_size=2)
     got = capture_similarity(sequential, data, batch_size=2)
@@ -109,7 +100,7 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
             if param.device.type != "meta":
                 assert param.dtype == (torch.bfloat16 if id(param) in expected else torch.float32), weight
     assert expected or name.startswith("gemma")
-    data = windows()
+    data = windows(5)
     ref = capture_similarity(resident, data, batch_size=2)
     got = capture_similarity(sequential, data, batch_size=2)
     torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
@@ -131,7 +122,7 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "gpt2"])
 def test_a_capture_through_a_state_store_gives_the_same_statistics(name: str, tmp_path: Path) -> None:
     resident, sequential = both(name, tmp_path / "model")
-    data = windows()
+    data = windows(5)
     ref = capture_similarity(resident, data, batch_size=2)
     store = window_store(sequential, data, tmp_path / "scratch", key="job")
     got = capture_similarity(sequential, data, batch_size=2, store=store)
@@ -147,7 +138,7 @@ def test_a_stored_capture_reads_its_states_back_in_parts_with_the_same_statistic
 ) -> None:
     # Read back 5 tokens' states at a time: parts that split windows and batches, padding included.
     resident, sequential = both("llama", tmp_path / "model")
-    data = windows()
+    data = windows(5)
     monkeypatch.setattr("lorp.similarity.STORED_READ_BYTES", 5 * (resident.num_blocks + 1) * 32 * 4)
     ref = capture_similarity(resident, data, batch_size=2, angular=angular)
     store = window_store(sequential, data, tmp_path / "scratch", key="job")
@@ -162,7 +153,7 @@ def test_a_stored_capture_keeps_the_heal_windows_mlp_outputs_so_fits_load_no_blo
     """The capture writes each block's MLP output on the heal windows (the first ones) beside its
     states; a healer on that store fits as a resident healer does, without loading any block again."""
     resident, sequential = both(name, tmp_path / "model")
-    data = windows()
+    data = windows(5)
     heal_on = TokenWindows(input_ids=data.input_ids[:3], attention_mask=data.attention_mask[:3])
     store = window_store(sequential, data, tmp_path / "scratch", key="job")
     n = sequential.num_blocks
@@ -188,7 +179,7 @@ def test_a_bf16_pass_stores_its_states_as_bf16_losslessly(tmp_path: Path) -> Non
     model = six_blocks("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "model")
     sequential = Runner.sequential(tmp_path / "model", model.config, device="cpu", dtype=torch.bfloat16)
-    data = windows()
+    data = windows(5)
     ref = capture_similarity(sequential, data, batch_size=2)
     store = window_store(sequential, data, tmp_path / "scratch", key="job")
     assert store.dtype == torch.bfloat16 and store.row_bytes == 2 * store.shape["width"]
@@ -210,7 +201,7 @@ class _Killed(Exception):
 
 def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(tmp_path: Path) -> None:
     _, first = both("llama", tmp_path / "model")
-    data = windows()
+    data = windows(5)
     whole = capture_similarity(first, data, batch_size=2)
 
     _, interrupted = both("llama", tmp_path / "model")
@@ -243,7 +234,7 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
 
 def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> None:
     _, first = both("llama", tmp_path / "model")
-    data = windows()
+    data = windows(5)
     n = first.num_blocks
     whole = window_store(first, data, tmp_path / "whole-mlp", key="job", num_states=n)
     capture_similarity(
@@ -277,7 +268,7 @@ def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> N
 
 def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path) -> None:
     _, sequential = both("llama", tmp_path)
-    cache = StateCache(sequential, windows(), batch_size=2)
+    cache = StateCache(sequential, windows(5), batch_size=2)
     before = sequential.block_loads
     PlanScorer(sequential, cache).score([4])
     # blocks 5 (block 4 is removed), once for all three batches
@@ -290,9 +281,9 @@ def test_a_plan_score_loads_only_the_blocks_from_its_first_change(tmp_path: Path
 def test_plans_scored_together_load_each_block_once_for_all_of_them(tmp_path: Path) -> None:
     resident, sequential = both("llama", tmp_path)
     plans = [[2], [4], [1, 3], [2, 3]]
-    cache = StateCache(sequential, windows(), batch_size=2)
+    cache = StateCache(sequential, windows(5), batch_size=2)
     healer = CachedHealer(sequential, cache)
-    scorer = PlanScorer(sequential, StateCache(sequential, windows(seed=4), batch_size=2), healer=healer)
+    scorer = PlanScorer(sequential, StateCache(sequential, windows(5, seed=4), batch_size=2), healer=healer)
     for plan in plans:
         healer.fits(plan)  # the heal fits' own passes are not what this test counts
     before = sequential.block_loads
@@ -302,9 +293,9 @@ def test_plans_scored_together_load_each_block_once_for_all_of_them(tmp_path: Pa
     assert sequential.block_loads - before == 6
     assert scorer.evaluations == 4 and scorer.score_many(plans) == together  # reused, not measured again
     assert sequential.block_loads - before == 6
-    ref_cache = StateCache(resident, windows(), batch_size=2)
+    ref_cache = StateCache(resident, windows(5), batch_size=2)
     ref = PlanScorer(
-        resident, StateCache(resident, windows(seed=4), batch_size=2), healer=CachedHealer(resident, ref_cache)
+        resident, StateCache(resident, windows(5, seed=4), batch_size=2), healer=CachedHealer(resident, ref_cache)
     )
     for plan, score in zip(plans, together, strict=True):
         assert score == pytest.approx(ref.score(plan), rel=1e-6), plan

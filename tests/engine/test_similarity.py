@@ -2,85 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from lorp.calibration import TokenWindows
 from lorp.errors import JobCancelled
 from lorp.execution import Runner
 from lorp.similarity import capture_similarity
 
-VOCAB = 384
-
-
-def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def windows_with_padding() -> TokenWindows:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (5, 12), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0  # right padding of different lengths
-    mask[3, 5:] = 0
-    ids[mask == 0] = 0
-    return TokenWindows(input_ids=ids, attention_mask=mask)
-
-
-def brute_force(model: torch.nn.Module, states_fn, windows: TokenWindows, last_token_only: bool = False):
-    """Per sequence, per real token, per pair: the definition of S and D written out longhand."""
-    seqs = []
-    with torch.no_grad():
-        for row in range(windows.input_ids.shape[0]):
-            length = int(windows.attention_mask[row].sum())
-            ids = windows.input_ids[row : row + 1, :length]
-            seqs.append([h[0].double() for h in states_fn(model, ids)])  # L x [length, d]
-    n_states = len(seqs[0])
-    s_tot = np.zeros((n_states, n_states))
-    d_tot = np.zeros((n_states, n_states))
-    count = d_count = 0
-    for states in seqs:
-        length = states[0].shape[0]
-        for t in range(length):
-            xs = [h[t] / (h[t].norm() + 1e-8) for h in states]
-            for i in range(n_states):
-                for j in range(n_states):
-                    dot = float(xs[i] @ xs[j])
-                    s_tot[i, j] += dot
-                    if not last_token_only or t == length - 1:
-                        d_tot[i, j] += math.acos(max(-1.0, min(1.0, dot))) / math.pi
-            count += 1
-            d_count += 1 if (not last_token_only or t == length - 1) else 0
-    S, D = s_tot / count, d_tot / d_count
-    np.fill_diagonal(S, 1.0)
-    np.fill_diagonal(D, 0.0)
-    return S, D
-
-
-def llama_states(model, ids):
-    # hidden_states[0..N-1] are the block inputs; the last entry has the final norm applied, so
-    # take h_N with the norm bypassed: an independent path from the capture's hooks.
-    norm = model.model.norm
-    model.model.norm = torch.nn.Identity()
-    try:
-        out = model(input_ids=ids, output_hidden_states=True)
-    finally:
-        model.model.norm = norm
-    return list(out.hidden_states)
+from .helpers import VOCAB, tiny_llama, windows_with_padding
+from .reference import brute_force, llama_states
 
 
 def test_capture_matches_brute_force_llama_with_padding():

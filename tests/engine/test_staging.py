@@ -17,7 +17,7 @@ from lorp.similarity import capture_similarity
 from lorp.states import StateCache
 
 from .archs import six_blocks
-from .test_sequential import windows
+from .helpers import windows
 
 
 @pytest.mark.parametrize("capacity", [1, 100, 1000, 10_000])
@@ -67,7 +67,7 @@ def test_a_staged_sequential_runner_reads_each_next_block_early_with_the_same_re
     model.save_pretrained(tmp_path)
     resident = Runner(model)
     staged = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32, stage=True)
-    data = windows()
+    data = windows(5)
     ref, got = capture_similarity(resident, data, batch_size=2), capture_similarity(staged, data, batch_size=2)
     torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
     stager = staged.onloader.stager if staged.onloader is not None else None
