@@ -29,6 +29,7 @@ from lorp.curve import budget_curve, check_budgets, default_budgets
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
+from lorp.execution import Runner
 from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.scratch import StateStore
 from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
@@ -586,6 +587,98 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     return Prepared(loaded=loaded, n_blocks=n_blocks)
 
 
+def _reused(
+    precomputed: tuple[SimilarityStats, dict[str, Any]],
+    n_blocks: int,
+    loaded: LoadedModel,
+    spec: CalibrationSpec,
+    sources: Sources,
+) -> tuple[SimilarityStats, dict[str, Any]]:
+    """A stored capture's S and D and their provenance, checked against the model's block count."""
+    stats, stored = precomputed
+    if stats.num_blocks != n_blocks:
+        raise InvalidRequestError(
+            f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}", field="analysis"
+        )
+    return stats, _reused_provenance(stored, loaded, spec, sources)
+
+
+def _evaluation_data(loaded: LoadedModel, spec: PruneSpec, sources: Sources) -> tuple[list[str], cal.TokenWindows]:
+    """The held-out evaluation texts and their windows."""
+    eval_texts = cal.load_texts(
+        cal.parse_source(spec.evaluation.dataset), role="evaluation", hub_cache=sources.hub_cache
+    )
+    eval_windows = cal.evaluation_windows(
+        loaded.tokenizer, eval_texts, seq_len=spec.calibration.seq_len, max_windows=spec.evaluation.max_windows
+    )
+    return eval_texts, eval_windows
+
+
+def _capture(
+    prepared: Prepared,
+    data: cal.CalibrationData,
+    fit_on: cal.TokenWindows,
+    heal: str,
+    spec: PruneSpec,
+    stages: _Stages,
+    sink: StateSink | None,
+    folder: Path,
+    key: str,
+) -> tuple[SimilarityStats, StateStore | None, StateStore | None]:
+    """S and D, and in sequential mode the stores the capture wrote its states to (each state as its
+    block finishes, so a retry resumes; with a linear heal the heal windows' MLP outputs too, so that
+    fits run no block): (stats, states, MLP outputs)."""
+    runner = prepared.loaded.runner
+    store = mlp_store = None
+    if runner is not None:
+        store = window_store(runner, data.capture, folder, key)
+        if heal == "linear":
+            mlp_store = window_store(
+                runner, fit_on, folder.with_name(folder.name + "-mlp"), key, num_states=runner.num_blocks
+            )
+    stats = capture_similarity(
+        prepared.run_on,
+        data.capture,
+        batch_size=spec.calibration.batch_size,
+        angular=spec.calibration.angular,
+        progress=stages.fraction(Stage.capture),
+        should_cancel=stages.should_cancel,
+        keep_states=sink,
+        store=store,
+        mlp_store=mlp_store,
+    )
+    return stats, store, mlp_store
+
+
+def _stored_caches(
+    runner: Runner,
+    data: cal.CalibrationData,
+    fit_on: cal.TokenWindows,
+    heal: str,
+    spec: PruneSpec,
+    stages: _Stages,
+    store: StateStore | None,
+    mlp_store: StateStore | None,
+    scratch: Path,
+    key: str,
+) -> tuple[StateCache | None, StateCache]:
+    """A sequential job's dense-state caches on disk: the heal windows' (read from the capture's store,
+    whose first windows they are, when it ran here) and the validation windows'."""
+    batch_size = spec.calibration.batch_size
+    heal_cache: StateCache | None = None
+    if heal == "linear" and store is not None:
+        heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
+        heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.model.dtype, mlp=mlp_store)
+    elif heal == "linear":
+        heal_cache = stored_cache(
+            runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
+        )
+    validation_cache = stored_cache(
+        runner, data.validation, scratch / "validation", key, batch_size=batch_size, should_cancel=stages.should_cancel
+    )
+    return heal_cache, validation_cache
+
+
 def plan(
     prepared: Prepared,
     spec: PruneSpec,
@@ -599,15 +692,7 @@ def plan(
     loaded, n_blocks, model = prepared.loaded, prepared.n_blocks, prepared.loaded.model
     with stages.stage(Stage.calibration):
         data = _calibration_data(loaded, spec.calibration, sources)
-        eval_texts = cal.load_texts(
-            cal.parse_source(spec.evaluation.dataset), role="evaluation", hub_cache=sources.hub_cache
-        )
-        eval_windows = cal.evaluation_windows(
-            loaded.tokenizer,
-            eval_texts,
-            seq_len=spec.calibration.seq_len,
-            max_windows=spec.evaluation.max_windows,
-        )
+        eval_texts, eval_windows = _evaluation_data(loaded, spec, sources)
     fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)  # refuses before the capture
     runner = loaded.runner  # sequential: every cache of dense states lives on disk in the scratch
@@ -621,33 +706,13 @@ def plan(
     mlp_store: StateStore | None = None
     with _capture_scratch(sources) as scratch:
         if precomputed is not None:
-            stats, stored = precomputed
-            if stats.num_blocks != n_blocks:
-                raise InvalidRequestError(
-                    f"the stored analysis covers {stats.num_blocks} blocks but the model has {n_blocks}",
-                    field="analysis",
-                )
-            provenance = _reused_provenance(stored, loaded, spec.calibration, sources)
+            stats, provenance = _reused(precomputed, n_blocks, loaded, spec.calibration, sources)
         else:
             with stages.stage(Stage.capture):
-                if runner is not None:  # each state written as its block finishes; a retry resumes
-                    store = window_store(runner, data.capture, scratch / "capture", key)
-                    resumed_at = store.resumed_from - 1 if store.resumed_from else None
-                    if heal == "linear":  # the heal windows' MLP outputs, so that fits run no block
-                        mlp_store = window_store(
-                            runner, fit_on, scratch / "capture-mlp", key, num_states=runner.num_blocks
-                        )
-                stats = capture_similarity(
-                    prepared.run_on,
-                    data.capture,
-                    batch_size=batch_size,
-                    angular=spec.calibration.angular,
-                    progress=stages.fraction(Stage.capture),
-                    should_cancel=stages.should_cancel,
-                    keep_states=sink,
-                    store=store,
-                    mlp_store=mlp_store,
+                stats, store, mlp_store = _capture(
+                    prepared, data, fit_on, heal, spec, stages, sink, scratch / "capture", key
                 )
+                resumed_at = store.resumed_from - 1 if store is not None and store.resumed_from else None
             provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
         provenance = {
             **provenance,
@@ -658,20 +723,8 @@ def plan(
             heal_cache: StateCache | None = sink.cache() if sink is not None and sink.windows else None
             validation_cache: StateCache | None = None
             if runner is not None:
-                if heal == "linear" and store is not None:  # the heal windows are the capture's first
-                    heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
-                    heal_cache = StoredStateCache(store, heal_batches, batch_size, model.dtype, mlp=mlp_store)
-                elif heal == "linear":
-                    heal_cache = stored_cache(
-                        runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
-                    )
-                validation_cache = stored_cache(
-                    runner,
-                    data.validation,
-                    scratch / "validation",
-                    key,
-                    batch_size=batch_size,
-                    should_cancel=stages.should_cancel,
+                heal_cache, validation_cache = _stored_caches(
+                    runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key
                 )
             choice = choose_plan(
                 prepared.run_on,
@@ -750,6 +803,62 @@ def execute(
     return Executed(dense, pruned, dense_text, pruned_text, model_dir, reload_check)
 
 
+def _draw_charts(
+    out: Path, planned: Planned, executed: Executed, spec: PruneSpec, sources: Sources, n_blocks: int
+) -> dict[str, str]:
+    """The heat map, the plans compared and (when drawn) the budget curve; the report's file names."""
+    choice, curve, n = planned.choice, planned.curve, planned.choice.n
+    chosen, chosen_name, structure = choice.chosen, choice.chosen_name, choice.chosen.structure
+    dense, pruned = executed.dense, executed.pruned
+    plot_heatmap(
+        out / "heatmap.png",
+        planned.stats.S,
+        clusters=structure.clusters,
+        pruned=chosen.pruned_layers,
+        healed=[(fit.span.start, fit.span.end) for fit in choice.fits],
+        title=_heatmap_title(
+            sources.model_name or spec.model.id,
+            spec.method,
+            chosen_name,
+            chosen.pruned_layers,
+            healed=bool(choice.fits),
+        ),
+    )
+    pruned_tasks = {(t["task"], t["metric"]): t["value"] for t in pruned.get("tasks", [])}
+    plot_plans(
+        out / "plans.png",
+        choice.scores,
+        chosen=chosen_name,
+        tasks=[
+            (f"{t['task']} {t['metric']}", t["value"], pruned_tasks.get((t["task"], t["metric"])))
+            for t in dense.get("tasks", [])
+        ],
+        title=f"{spec.method}: {chosen_name} removes {len(chosen.pruned_layers)} of {n_blocks} blocks",
+    )
+    files = {"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png", "plans": "plans.png"}
+    if curve is not None:
+        plot_budget_curve(
+            out / "budgets.png",
+            curve,
+            chosen=(chosen_name, n, choice.scores[chosen_name]),
+            title=f"{spec.method}: each method's plan by blocks removed ({n_blocks}-block model)",
+        )
+        files["budget_curve"] = "budgets.png"
+    return files
+
+
+def _metrics(dense: dict[str, Any], pruned: dict[str, Any], n_blocks: int, n: int) -> Metrics:
+    """The dense and pruned measurements with their speed-ups (where both were measured) and bound."""
+    metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
+    if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
+        metrics = dataclasses.replace(
+            metrics,
+            decode_speedup=pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+            prefill_speedup=pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+        )
+    return metrics
+
+
 def report(
     prepared: Prepared,
     planned: Planned,
@@ -767,47 +876,8 @@ def report(
     with stages.stage(Stage.reporting):
         structure = chosen.structure
         save_analysis(out / "analysis.npz", stats.S, stats.D)
-        plot_heatmap(
-            out / "heatmap.png",
-            stats.S,
-            clusters=structure.clusters,
-            pruned=chosen.pruned_layers,
-            healed=[(fit.span.start, fit.span.end) for fit in choice.fits],
-            title=_heatmap_title(
-                sources.model_name or spec.model.id,
-                spec.method,
-                chosen_name,
-                chosen.pruned_layers,
-                healed=bool(choice.fits),
-            ),
-        )
-        pruned_tasks = {(t["task"], t["metric"]): t["value"] for t in pruned.get("tasks", [])}
-        plot_plans(
-            out / "plans.png",
-            choice.scores,
-            chosen=chosen_name,
-            tasks=[
-                (f"{t['task']} {t['metric']}", t["value"], pruned_tasks.get((t["task"], t["metric"])))
-                for t in dense.get("tasks", [])
-            ],
-            title=f"{spec.method}: {chosen_name} removes {len(chosen.pruned_layers)} of {n_blocks} blocks",
-        )
-        files = {"model": MODEL_SUBDIR, "analysis": "analysis.npz", "heatmap": "heatmap.png", "plans": "plans.png"}
-        if curve is not None:
-            plot_budget_curve(
-                out / "budgets.png",
-                curve,
-                chosen=(chosen_name, n, choice.scores[chosen_name]),
-                title=f"{spec.method}: each method's plan by blocks removed ({n_blocks}-block model)",
-            )
-            files["budget_curve"] = "budgets.png"
-        metrics = Metrics(dense=dense, pruned=pruned, speedup_bound=n_blocks / (n_blocks - n))
-        if "decode_tokens_per_s" in dense and "decode_tokens_per_s" in pruned:
-            metrics = dataclasses.replace(
-                metrics,
-                decode_speedup=pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
-                prefill_speedup=pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
-            )
+        files = _draw_charts(out, planned, executed, spec, sources, n_blocks)
+        metrics = _metrics(dense, pruned, n_blocks, n)
         prompts = [] if prepared.sequential else list(spec.evaluation.prompts)
         result = PruneReport(
             request=_public_request(spec, sources),

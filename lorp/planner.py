@@ -23,7 +23,7 @@ import numpy as np
 
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError
-from lorp.execution import as_runner
+from lorp.execution import Runner, as_runner
 from lorp.heal import HealMode, heal_refusal
 from lorp.scoring import CachedHealer, Fit, PlanScorer
 from lorp.search import GreedySearch, Step
@@ -253,35 +253,20 @@ def choose_plan(
     heal_refusal_reason = (
         "options.heal is none" if spec.options.heal == "none" else heal_unavailable(model, fit_on.num_tokens)
     )
-    batch = spec.calibration.batch_size
     started = time.perf_counter()
     healer = None
     if heal == "linear":
-        if heal_cache is None:
-            heal_cache = StateCache(runner, fit_on, batch_size=batch, should_cancel=should_cancel)
-        healer = CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel, spill=spill)
+        healer = _healer(runner, fit_on, spec.calibration.batch_size, heal_cache, should_cancel, spill)
     if validation_cache is None:
-        validation_cache = StateCache(runner, data.validation, batch_size=batch)
+        validation_cache = StateCache(runner, data.validation, batch_size=spec.calibration.batch_size)
     scorer = PlanScorer(runner, validation_cache, healer=healer, should_cancel=should_cancel)
     cache_s = time.perf_counter() - started
     chooser = _Chooser(spec, scorer, S, D, n_blocks, should_cancel, progress)
-    target = spec.target
-    quality: QualityOutcome | None = None
-    if target.max_perplexity_ratio is not None:
-        n, best, quality = _largest_within(chooser, scorer, target.max_perplexity_ratio, n_blocks, spec, progress)
-        name, chosen, plans, scores = best
-    else:
-        n = target.blocks_for(n_blocks)
-        name, chosen, plans, scores = chooser.best_at(n)
+    n, (name, chosen, plans, scores), quality = _best_for_target(chooser, scorer, spec, n_blocks, progress)
     fits = scorer.fits(chosen.pruned_layers)
     reason = heal_refusal_reason if heal == "none" else None
-    unhealed = None
-    # Measured in full only where the screening windows say the plan may do better unhealed.
-    if fits and scorer.score(chosen.pruned_layers, healed=False, screen=True) < scorer.score(
-        chosen.pruned_layers, screen=True
-    ):
-        unhealed = scorer.score(chosen.pruned_layers, healed=False)
-    if unhealed is not None and unhealed < scores[name]:
+    unhealed = _better_unhealed(scorer, chosen, scores[name]) if fits else None
+    if unhealed is not None:
         # A map can hurt held-out text (a long span it cannot stand in for): ship the plan unhealed.
         reason = f"the chosen plan scored better unhealed ({unhealed:.4g}) than healed ({scores[name]:.4g})"
         heal, fits = "none", []
@@ -307,6 +292,46 @@ def choose_plan(
         heal_reason=reason,
         scorer=scorer,
     )
+
+
+def _best_for_target(
+    chooser: _Chooser,
+    scorer: PlanScorer,
+    spec: PruneSpec,
+    n_blocks: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, Best, QualityOutcome | None]:
+    """The budget and the best plan at it: the target's block count, or for a quality target the
+    largest count whose best plan keeps within the bound (with how that was found)."""
+    bound = spec.target.max_perplexity_ratio
+    if bound is not None:
+        return _largest_within(chooser, scorer, bound, n_blocks, spec, progress)
+    n = spec.target.blocks_for(n_blocks)
+    return n, chooser.best_at(n), None
+
+
+def _healer(
+    runner: Runner,
+    fit_on: TokenWindows,
+    batch_size: int,
+    heal_cache: StateCache | None,
+    should_cancel: Callable[[], bool] | None,
+    spill: Path | None,
+) -> CachedHealer:
+    """A job's healer on the dense states of ``fit_on`` (those the capture kept, else computed now)."""
+    if heal_cache is None:
+        heal_cache = StateCache(runner, fit_on, batch_size=batch_size, should_cancel=should_cancel)
+    return CachedHealer(runner, heal_cache, mode=HEAL_MODE, should_cancel=should_cancel, spill=spill)
+
+
+def _better_unhealed(scorer: PlanScorer, chosen: Selection, healed: float) -> float | None:
+    """The chosen plan's unhealed score when it beats its healed score ``healed``, else None; measured
+    in full only where the screening windows say the plan may do better unhealed."""
+    plan = chosen.pruned_layers
+    if scorer.score(plan, healed=False, screen=True) >= scorer.score(plan, screen=True):
+        return None
+    unhealed = scorer.score(plan, healed=False)
+    return unhealed if unhealed < healed else None
 
 
 Best = tuple[str, Selection, dict[str, Selection], dict[str, float]]

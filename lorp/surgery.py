@@ -160,6 +160,20 @@ def _copy_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def _kept_blocks(config: Any, family: str, n_old: int, removed: Sequence[int], folds: Mapping[int, Any]) -> list[int]:
+    """The blocks a pruned checkpoint keeps, after checking the removal and that every fold can apply
+    (the family takes a fold; no map is for a removed block)."""
+    if folds:
+        why = fold_refusal(family, config.to_dict())
+        if why is not None:
+            raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
+    dropped = set(validate_indices(removed, n_old))
+    gone = sorted(set(folds) & dropped)
+    if gone:
+        raise InvalidRequestError(f"heal maps for blocks {gone}, which are removed", field="options.heal")
+    return [i for i in range(n_old) if i not in dropped]
+
+
 def write_pruned(
     source: Path,
     out: Path,
@@ -194,16 +208,8 @@ def write_pruned(
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     skeleton = meta_skeleton(config)
     layout = block_layout(skeleton)
-    if folds:
-        why = fold_refusal(layout.family, config.to_dict())
-        if why is not None:
-            raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
     n_old = int(getattr(config, layout.num_layers_attr))
-    dropped = set(validate_indices(removed, n_old))
-    kept = [i for i in range(n_old) if i not in dropped]
-    gone = sorted(set(folds) & dropped)
-    if gone:
-        raise InvalidRequestError(f"heal maps for blocks {gone}, which are removed", field="options.heal")
+    kept = _kept_blocks(config, layout.family, n_old, removed, folds)
     checkpoint = Checkpoint(source)
     planned, sources = _plan(checkpoint, skeleton, kept, folds)
 

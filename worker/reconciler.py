@@ -126,40 +126,62 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     }
     finished: list[uuid.UUID] = []
     requeued: list[tuple[uuid.UUID, str]] = []
-
     with session_scope(factory) as session:
-        cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
-        for job in lifecycle.stale_running(session, cutoff, limit=BATCH):
-            requeue = (
-                f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
-                f"attempt {job.attempts + 1} of {job.max_attempts} queued"
-            )
-            failure = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
-            _take_back(session, job, counts, finished, requeued, requeue, ("worker_lost", failure))
-
-        stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
-        for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
-            counts["stalled"] += 1
-            quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"
-            requeue = (
-                f"{quiet} on {job.worker or 'unknown'} (LORP_STALL_TIMEOUT_S); "
-                f"attempt {job.attempts + 1} of {job.max_attempts} queued"
-            )
-            failure = (
-                f"the job stalled: {quiet} on attempt {job.attempts} of {job.max_attempts} (worker "
-                f"{job.worker or 'unknown'} kept beating, so it was alive but stuck: a hung read of the model "
-                "or the data, or a deadlock). Check that the model and data are readable from the worker, "
-                "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
-            )
-            _take_back(session, job, counts, finished, requeued, requeue, ("stalled", failure))
+        _take_back_running(session, settings, now, counts, finished, requeued)
     _remove_outputs(settings, finished)
+    _send_requeued(settings, factory, requeued, counts)
+    _resend_after_lost_workers(settings, factory, now, counts)
+    _send_due_queued(settings, factory, now, counts)
+    counts.update(_purge_deleted(settings, factory))
+    if any(counts.values()):
+        log.info("reconcile: %s", counts)
+    return counts
 
-    # Sent only after the requeue is committed, so the claim can find the job queued.
+
+def _take_back_running(
+    session: Session,
+    settings: Settings,
+    now: dt.datetime,
+    counts: dict[str, int],
+    finished: list[uuid.UUID],
+    requeued: list[tuple[uuid.UUID, str]],
+) -> None:
+    """Running jobs whose worker went silent (no heartbeat) or got stuck (beating, no progress)."""
+    cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
+    for job in lifecycle.stale_running(session, cutoff, limit=BATCH):
+        requeue = (
+            f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
+            f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+        )
+        failure = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
+        _take_back(session, job, counts, finished, requeued, requeue, ("worker_lost", failure))
+
+    stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
+    for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
+        counts["stalled"] += 1
+        quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"
+        requeue = (
+            f"{quiet} on {job.worker or 'unknown'} (LORP_STALL_TIMEOUT_S); "
+            f"attempt {job.attempts + 1} of {job.max_attempts} queued"
+        )
+        failure = (
+            f"the job stalled: {quiet} on attempt {job.attempts} of {job.max_attempts} (worker "
+            f"{job.worker or 'unknown'} kept beating, so it was alive but stuck: a hung read of the model "
+            "or the data, or a deadlock). Check that the model and data are readable from the worker, "
+            "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
+        )
+        _take_back(session, job, counts, finished, requeued, requeue, ("stalled", failure))
+
+
+def _send_requeued(
+    settings: Settings, factory: sessionmaker[Session], requeued: list[tuple[uuid.UUID, str]], counts: dict[str, int]
+) -> None:
+    """Send the jobs queued again; only after the requeue is committed, so the claim finds them queued."""
     for job_id, queue in requeued:
         try:
             enqueue_job(job_id, settings, queue)
         except Exception:
-            # It stays queued and never enqueued: the queued sweep below (or the next pass) sends it.
+            # It stays queued and never enqueued: the queued sweep (or the next pass) sends it.
             counts["enqueue_errors"] += 1
             log.warning("could not enqueue requeued job %s", job_id, exc_info=True)
             continue
@@ -167,8 +189,13 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
             lifecycle.mark_enqueued(session, job_id)
         counts["enqueued"] += 1
 
+
+def _resend_after_lost_workers(
+    settings: Settings, factory: sessionmaker[Session], now: dt.datetime, counts: dict[str, int]
+) -> None:
+    """Queued jobs whose message a worker that died may have taken: sent again (a duplicate is harmless)."""
     with session_scope(factory) as session:
-        since = now - dt.timedelta(seconds=settings.queued_timeout_s)  # older: the sweep below resends anyway
+        since = now - dt.timedelta(seconds=settings.queued_timeout_s)  # older: the due sweep resends anyway
         lost = workers_repo.lost_by_queue(session, since, settings.worker_timeout_s, now)
         for queue, last_beat in lost.items():
             # It died some time after its last beat: a message sent up to when it counts as dead may be its.
@@ -179,6 +206,11 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                     break
                 log.warning("job %s: sent again, a worker on queue %s died (last beat %s)", job_id, queue, last_beat)
 
+
+def _send_due_queued(
+    settings: Settings, factory: sessionmaker[Session], now: dt.datetime, counts: dict[str, int]
+) -> None:
+    """Queued jobs never sent, or whose message is taken for lost, sent (cancelled if asked meanwhile)."""
     with session_scope(factory) as session:
         grace = now - dt.timedelta(seconds=min(settings.queued_timeout_s, ENQUEUE_GRACE_S))
         # Jobs deferred at their claim (their key at LORP_KEY_MAX_RUNNING_JOBS) go again once it has room.
@@ -195,10 +227,6 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
                 continue
             if not _send_locked(session, settings, job_id, queue, counts, "enqueued"):
                 break
-    counts.update(_purge_deleted(settings, factory))
-    if any(counts.values()):
-        log.info("reconcile: %s", counts)
-    return counts
 
 
 def presumed_lost_before(session: Session, settings: Settings, now: dt.datetime) -> dict[str, dt.datetime]:

@@ -170,85 +170,92 @@ def _is_connection_failure(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) or bool(getattr(exc, "connection_invalidated", False))
 
 
+async def _lorp_error(request: Request, exc: LorpError) -> JSONResponse:
+    # The project's one error tree: the service's errors carry their status; the engine's are the
+    # caller's to fix (422) when the request cannot be satisfied as stated, else 400.
+    if isinstance(exc, ServiceError) and exc.status >= 500 and (full := _disk_full(request, exc)) is not None:
+        return full  # a store's write that found no space (never a 4xx: those are the caller's)
+    if isinstance(exc, ServiceError):
+        status, title, errors, headers = exc.status, exc.title, exc.errors, exc.headers or None
+    else:
+        status = 422 if isinstance(exc, InvalidRequestError) else 400
+        title, headers = _phrase(status), None
+        errors = [FieldError(exc.field, exc.public_message)] if exc.field else []
+    if status >= 500:
+        logger.error("%s: %s", exc.code, exc.message)
+    elif isinstance(exc, ObjectNotFound):
+        # A row points at an object the store no longer holds: not the caller's doing, but a missing
+        # resource rather than a crash.
+        logger.warning("object missing from storage: %s", exc.message)
+    return problem_response(
+        request,
+        status=status,
+        code=exc.code,
+        title=title,
+        detail=exc.public_message,
+        errors=errors,
+        headers=headers,
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _validation_problem(request, validation_errors(exc))
+
+
+async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
+    return _validation_problem(request, exc.errors)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
+    return problem_response(
+        request,
+        status=exc.status_code,
+        code=_HTTP_CODES.get(exc.status_code, "http_error"),
+        detail=detail,
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
+    # Every pooled connection is busy (or the database stalls): a temporary condition, not a bug.
+    logger.error("database connection pool exhausted: %s", exc)
+    return problem_response(
+        request, status=503, code="database_unavailable", detail="the database is busy; retry later"
+    )
+
+
+async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+    if (full := _disk_full(request, exc)) is not None:
+        return full  # SQLite's "database or disk is full", Postgres' SQLSTATE 53100
+    if isinstance(exc, IntegrityError):
+        logger.warning("integrity error: %s", exc.orig)
+        return problem_response(
+            request, status=409, code="conflict", detail="the request conflicts with the current state"
+        )
+    if _is_connection_failure(exc):
+        logger.error("database unavailable: %s", exc.orig)
+        return problem_response(
+            request, status=503, code="database_unavailable", detail="the database is unavailable; retry later"
+        )
+    logger.exception("database error", exc_info=exc)
+    return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if (full := _disk_full(request, exc)) is not None:
+        return full  # a plain write (an upload spooled to the temporary folder) found no space
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register one handler per error family (the project's own tree, request validation, HTTP, the
     database, anything else); together they cover every exception."""
-
-    @app.exception_handler(LorpError)
-    async def _lorp_error(request: Request, exc: LorpError) -> JSONResponse:
-        # The project's one error tree: the service's errors carry their status; the engine's are the
-        # caller's to fix (422) when the request cannot be satisfied as stated, else 400.
-        if isinstance(exc, ServiceError) and exc.status >= 500 and (full := _disk_full(request, exc)) is not None:
-            return full  # a store's write that found no space (never a 4xx: those are the caller's)
-        if isinstance(exc, ServiceError):
-            status, title, errors, headers = exc.status, exc.title, exc.errors, exc.headers or None
-        else:
-            status = 422 if isinstance(exc, InvalidRequestError) else 400
-            title, headers = _phrase(status), None
-            errors = [FieldError(exc.field, exc.public_message)] if exc.field else []
-        if status >= 500:
-            logger.error("%s: %s", exc.code, exc.message)
-        elif isinstance(exc, ObjectNotFound):
-            # A row points at an object the store no longer holds: not the caller's doing, but a missing
-            # resource rather than a crash.
-            logger.warning("object missing from storage: %s", exc.message)
-        return problem_response(
-            request,
-            status=status,
-            code=exc.code,
-            title=title,
-            detail=exc.public_message,
-            errors=errors,
-            headers=headers,
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_problem(request, validation_errors(exc))
-
-    @app.exception_handler(InvalidInput)
-    async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
-        return _validation_problem(request, exc.errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
-        return problem_response(
-            request,
-            status=exc.status_code,
-            code=_HTTP_CODES.get(exc.status_code, "http_error"),
-            detail=detail,
-            headers=dict(exc.headers) if exc.headers else None,
-        )
-
-    @app.exception_handler(PoolTimeoutError)
-    async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
-        # Every pooled connection is busy (or the database stalls): a temporary condition, not a bug.
-        logger.error("database connection pool exhausted: %s", exc)
-        return problem_response(
-            request, status=503, code="database_unavailable", detail="the database is busy; retry later"
-        )
-
-    @app.exception_handler(DBAPIError)
-    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
-        if (full := _disk_full(request, exc)) is not None:
-            return full  # SQLite's "database or disk is full", Postgres' SQLSTATE 53100
-        if isinstance(exc, IntegrityError):
-            logger.warning("integrity error: %s", exc.orig)
-            return problem_response(
-                request, status=409, code="conflict", detail="the request conflicts with the current state"
-            )
-        if _is_connection_failure(exc):
-            logger.error("database unavailable: %s", exc.orig)
-            return problem_response(
-                request, status=503, code="database_unavailable", detail="the database is unavailable; retry later"
-            )
-        logger.exception("database error", exc_info=exc)
-        return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if (full := _disk_full(request, exc)) is not None:
-            return full  # a plain write (an upload spooled to the temporary folder) found no space
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem_response(request, status=500, code="internal_error", detail="an internal error occurred")
+    app.exception_handler(LorpError)(_lorp_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(InvalidInput)(_invalid_input)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(PoolTimeoutError)(_pool_exhausted)
+    app.exception_handler(DBAPIError)(_database_error)
+    app.exception_handler(Exception)(_unexpected)

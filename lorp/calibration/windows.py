@@ -136,6 +136,28 @@ def _chat_wrap(tokenizer: Any, windows: TokenWindows, seq_len: int) -> TokenWind
     return TokenWindows(input_ids=ids, attention_mask=mask, starts=windows.starts)
 
 
+def _check_validation(validation_fraction: float, max_validation_windows: int) -> None:
+    if not 0.0 <= validation_fraction < 1.0:
+        raise CalibrationError(
+            f"validation_fraction must be in [0, 1), got {validation_fraction}", field="calibration.validation_fraction"
+        )
+    if max_validation_windows < 0:
+        raise CalibrationError(
+            f"max_validation_windows must be at least 0, got {max_validation_windows}",
+            field="calibration.validation_windows",
+        )
+
+
+def _draw_starts(available: int, num_samples: int, seq_len: int, seed: int) -> list[int]:
+    """``num_samples`` non-overlapping window starts in the first ``available`` tokens, sorted, drawn
+    uniformly over all placements: choose sorted distinct q_i in [0, available - M*T + M) and shift
+    window i by i*(T-1), which leaves at least T between consecutive starts."""
+    rng = np.random.default_rng(seed)
+    population = available - num_samples * seq_len + num_samples
+    picks = np.sort(rng.choice(population, size=num_samples, replace=False))
+    return [int(q) + i * (seq_len - 1) for i, q in enumerate(picks)]
+
+
 def build_calibration(
     tokenizer: Any,
     texts: list[str],
@@ -178,15 +200,7 @@ def build_calibration(
             ``chat_template`` when the tokenizer has no template.
     """
     _check_sizes(seq_len=seq_len, num_samples=num_samples)
-    if not 0.0 <= validation_fraction < 1.0:
-        raise CalibrationError(
-            f"validation_fraction must be in [0, 1), got {validation_fraction}", field="calibration.validation_fraction"
-        )
-    if max_validation_windows < 0:
-        raise CalibrationError(
-            f"max_validation_windows must be at least 0, got {max_validation_windows}",
-            field="calibration.validation_windows",
-        )
+    _check_validation(validation_fraction, max_validation_windows)
     stream = tokenize_stream(tokenizer, texts)
     total = int(stream.numel())
 
@@ -206,12 +220,7 @@ def build_calibration(
             field=field_at_fault,
         )
 
-    # Uniform over non-overlapping placements: choose sorted distinct q_i in [0, available - M*T + M)
-    # and shift window i by i*(T-1), which leaves at least T between consecutive starts.
-    rng = np.random.default_rng(seed)
-    population = available - num_samples * seq_len + num_samples
-    picks = np.sort(rng.choice(population, size=num_samples, replace=False))
-    starts = [int(q) + i * (seq_len - 1) for i, q in enumerate(picks)]
+    starts = _draw_starts(available, num_samples, seq_len, seed)
     capture_ids = torch.stack([stream[s : s + seq_len] for s in starts]).clone()
     capture = TokenWindows(input_ids=capture_ids, attention_mask=torch.ones_like(capture_ids), starts=tuple(starts))
     if chat_template:
