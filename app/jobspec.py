@@ -5,8 +5,10 @@ selection options are the engine's own models, every other bound is the engine's
 field names are the same, so an engine error's field is the request's path. What the request adds
 is what only a service has: references (an uploaded dataset id, an ``s3://`` model, the hub) that
 the worker resolves into local sources, and the absence of the engine's operator-only knobs
-(device, pickled weights, validation sizes). ``to_prune_spec`` turns a resolved request into the
-engine's ``PruneSpec``.
+(device, pickled weights, validation sizes). What each reference is (a demo, hub, local or ``s3://``
+model and the folders it must stay in; a built-in, hub or uploaded dataset) is decided once, by
+``resolve_references``, for the API's checks and the worker alike; ``to_prune_spec`` turns a request
+whose references the worker made local into the engine's ``PruneSpec``.
 """
 
 from __future__ import annotations
@@ -304,6 +306,83 @@ def check_model_reference(ref: ModelRef, settings: Settings) -> ModelLocation:
     return location
 
 
+DatasetKind = Literal["builtin", "uploaded", "hub"]
+# How the engine loads a model (``lorp.loading.ModelKind``): an s3:// model is loaded from its local copy.
+LoadKind = Literal["demo", "hub", "local"]
+
+
+def dataset_kind(reference: str) -> DatasetKind:
+    """What a dataset reference (already in the request's grammar, ``CalibrationRef``) names: the
+    built-in corpus, a hub dataset (``hf:...``) or an uploaded dataset's id."""
+    if reference == BUILTIN:
+        return "builtin"
+    if reference.startswith("hf:"):
+        return "hub"
+    return "uploaded"
+
+
+@dataclass(frozen=True)
+class DatasetReference:
+    """One dataset field of a request, read once: what the client wrote (``name``, which the report and
+    messages show), the JSON path it came from (``field``, which its errors name) and its kind."""
+
+    name: str
+    field: str
+    kind: DatasetKind
+
+    @classmethod
+    def read(cls, name: str, field: str) -> DatasetReference:
+        return cls(name, field, dataset_kind(name))
+
+    @property
+    def upload_id(self) -> uuid.UUID | None:
+        """The uploaded dataset's id, whose text must be fetched; None for the built-in corpus and a hub
+        dataset, which the engine reads as they are written (its own grammar)."""
+        return uuid.UUID(self.name) if self.kind == "uploaded" else None
+
+
+@dataclass(frozen=True)
+class JobReferences:
+    """What a request's references are, decided once from the request and the settings
+    (:func:`resolve_references`).
+
+    ``model`` is where ``model_name`` (the client's ``model.id``) is, as the settings allowed it;
+    ``model_roots`` the folders a local model (every file of it, links followed) must resolve into,
+    None for the others: the demo and a hub model stay in their caches, and an ``s3://`` model in the
+    folder the worker copies it into, which only the worker knows."""
+
+    model_name: str
+    model: ModelLocation
+    model_roots: tuple[Path, ...] | None
+    calibration: DatasetReference
+    evaluation: DatasetReference | None
+
+    @property
+    def load_kind(self) -> LoadKind:
+        """How the engine loads the model: the demo, a hub id, or a local copy (a local or ``s3://`` model)."""
+        kind = self.model.kind
+        if kind == "demo" or kind == "hub":
+            return kind
+        return "local"
+
+
+def resolve_references(request: JobCreate, settings: Settings) -> JobReferences:
+    """What each of ``request``'s references is, where the settings allow it: the model as
+    :func:`check_model_reference` reads and checks it (a refusal is a :class:`RequestError` naming
+    ``model.id`` or ``model.trust_remote_code``), with the roots a local model must stay in, and each
+    dataset field's kind. Reads no database or store: whether an uploaded dataset exists, and what an
+    ``s3://`` folder holds, are for the caller to find out."""
+    location = check_model_reference(request.model, settings)
+    evaluation = request.evaluation.dataset
+    return JobReferences(
+        model_name=request.model.id,
+        model=location,
+        model_roots=tuple(model_roots(settings)) if location.kind == "local" else None,
+        calibration=DatasetReference.read(request.calibration.dataset, "calibration.dataset"),
+        evaluation=None if evaluation is None else DatasetReference.read(evaluation, "evaluation.dataset"),
+    )
+
+
 def to_prune_spec(
     request: JobCreate,
     *,
@@ -312,7 +391,8 @@ def to_prune_spec(
     evaluation_source: str | None,
     device: str = "auto",
 ) -> PruneSpec:
-    """The engine's spec for a request whose references the worker resolved to local sources."""
+    """The engine's spec for a request whose references the worker made local: ``model_source`` and the
+    dataset sources are what the engine reads in place of the request's model id and datasets."""
     calibration = request.calibration.model_dump(exclude={"dataset"})
     evaluation = request.evaluation.model_dump(exclude={"dataset"})
     return PruneSpec(
@@ -329,17 +409,6 @@ def to_prune_spec(
         options=SelectionOptions.model_validate(request.options.model_dump(exclude={"dtype"})),
         evaluation=EvaluationSpec(dataset=evaluation_source, **evaluation),
     )
-
-
-DatasetKind = Literal["builtin", "uploaded", "hub"]
-
-
-def dataset_kind(reference: str) -> DatasetKind:
-    if reference == BUILTIN:
-        return "builtin"
-    if reference.startswith("hf:"):
-        return "hub"
-    return "uploaded"
 
 
 def host_allowed(url: str, allowed: list[str]) -> bool:

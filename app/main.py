@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ServiceState
 from app.api.problems import BodyTooLarge, install_error_handlers, problem_response
-from app.api.routes import datasets, health, jobs, plans, tasks, web
+from app.api.routes import datasets, health, jobs, methods, plans, tasks, web
 from app.core.config import Settings, get_settings
 from app.observability import Metrics, MetricsMiddleware
 from app.schemas import Problem
@@ -163,6 +163,7 @@ def create_app(
         (API_PREFIX, plans.router),
         (API_PREFIX, datasets.router),
         (API_PREFIX, tasks.router),
+        (API_PREFIX, methods.router),
         ("", web.router),
     )
     for prefix, router in routers:

@@ -8,6 +8,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lorp.selection import plan_methods
 from lorp.spec import NumClusters, ProtectedLayers, Seed
 from lorp_client.models import (
     AnalysisOut,
@@ -25,6 +26,8 @@ from lorp_client.models import (
     JobListItem,
     JobOut,
     JobSummary,
+    MethodOut,
+    MethodsOut,
     Page,
     PlanOut,
     PlanResult,
@@ -34,7 +37,6 @@ from lorp_client.models import (
 )
 
 __all__ = [
-    "DEFAULT_PLAN_METHODS",
     "AnalysisOut",
     "ArtifactOut",
     "BudgetCurveOut",
@@ -50,6 +52,8 @@ __all__ = [
     "JobListItem",
     "JobOut",
     "JobSummary",
+    "MethodOut",
+    "MethodsOut",
     "Page",
     "PlanOut",
     "PlanResult",
@@ -58,8 +62,6 @@ __all__ = [
     "Problem",
     "TaskMetricOut",
 ]
-
-DEFAULT_PLAN_METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 
 
 class PlansRequest(BaseModel):
@@ -70,7 +72,12 @@ class PlansRequest(BaseModel):
     job_id: uuid.UUID
     budgets: list[int] | None = Field(default=None, min_length=1, max_length=64, description="blocks to remove")
     ratios: list[float] | None = Field(default=None, min_length=1, max_length=64, description="fractions of N")
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_PLAN_METHODS), min_length=1, max_length=16)
+    methods: list[str] = Field(
+        default_factory=plan_methods,
+        min_length=1,
+        max_length=16,
+        description="default: every one-pass method (GET /v1/methods lists them)",
+    )
     # The engine's option types (the same bounds as a job's options); unset means the job's own.
     num_clusters: NumClusters | None = None
     protected_layers: ProtectedLayers | None = None

@@ -1,8 +1,10 @@
 """The engine's command line: ``python -m lorp`` (and the ``lorp`` command, which adds the service's).
 
-lorp prune   --model M --num-layers n|--ratio r [--method auto] [--calibration SPEC] --out DIR
+lorp prune   --model M --num-layers n|--ratio r|--max-perplexity-ratio x|--max-kl x [--method auto]
+             [--selection-metric perplexity|kl] [--calibration SPEC] --out DIR
 lorp analyze --model M [--calibration SPEC] --out FILE.npz
 lorp select  --similarity FILE --num-layers n --method NAME [--num-clusters K] [--json]
+lorp methods [--json]
 
 Errors name the input at fault (``lorp: error [num_layers]: ...``) and exit with status 2.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from lorp.errors import EngineError
+from lorp.selection import REGISTRY, all_methods, method_row, plan_methods
 
 if TYPE_CHECKING:
     from lorp.result import PruneReport
@@ -68,11 +71,8 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-seed", type=int, default=0, help="spectral clustering random_state (default 0)")
 
 
-def add_engine_commands(sub: Any) -> dict[str, Handler]:
-    """``prune``, ``analyze`` and ``select`` on ``sub`` (an argparse subparsers object)."""
-    prune = sub.add_parser("prune", help="analyse, select, remove blocks, verify, evaluate, save")
-    _add_model_args(prune)
-    target = prune.add_mutually_exclusive_group(required=True)
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--num-layers", type=int, help="blocks to remove")
     target.add_argument("--ratio", type=float, help="fraction of blocks to remove (rounded down)")
     target.add_argument(
@@ -80,8 +80,30 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
         type=float,
         help="remove the most blocks whose best plan keeps validation perplexity within this multiple of dense",
     )
+    target.add_argument(
+        "--max-kl",
+        type=float,
+        help="remove the most blocks whose best plan keeps the validation mean KL from the dense model's "
+        "next-token distributions within this many nats",
+    )
+
+
+def add_engine_commands(sub: Any) -> dict[str, Handler]:
+    """``prune``, ``analyze``, ``select`` and ``methods`` on ``sub`` (an argparse subparsers object)."""
+    prune = sub.add_parser("prune", help="analyse, select, remove blocks, verify, evaluate, save")
+    _add_model_args(prune)
+    _add_target_args(prune)
     prune.add_argument(
-        "--method", default="auto", help="auto (default), search, lorp, shortgpt, streamline, angular, reverse"
+        "--method",
+        default="auto",
+        help=f"{', '.join(all_methods())} (default auto); `lorp methods` says what each does",
+    )
+    prune.add_argument(
+        "--selection-metric",
+        choices=["perplexity", "kl"],
+        default="perplexity",
+        help="what ranks the plans auto and search validate: validation perplexity (default), or the mean KL "
+        "from the dense model's predictions on the validation windows (kl)",
     )
     prune.add_argument(
         "--heal",
@@ -137,11 +159,14 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
     sel = sub.add_parser("select", help="pure selection from a saved analysis (.npz with S and D, or .npy S)")
     sel.add_argument("--similarity", required=True, help=".npz with S and D, or .npy with S")
     sel.add_argument("--num-layers", type=int, required=True, help="blocks to remove")
-    sel.add_argument("--method", default="lorp", help="lorp (default), shortgpt, streamline, angular, reverse")
+    sel.add_argument("--method", default="lorp", help=f"{', '.join(plan_methods())} (default lorp)")
     _add_selection_args(sel)
     sel.add_argument("--json", action="store_true", help="print one JSON object")
 
-    return {"prune": _cmd_prune, "analyze": _cmd_analyze, "select": _cmd_select}
+    methods = sub.add_parser("methods", help="the pruning methods: what each does, what auto and the curve use")
+    methods.add_argument("--json", action="store_true", help="print a JSON list")
+
+    return {"prune": _cmd_prune, "analyze": _cmd_analyze, "select": _cmd_select, "methods": _cmd_methods}
 
 
 def build_parser(extend: Extension | None = None) -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
@@ -213,7 +238,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     spec = PruneSpec(
         model=_model_spec(args),
         method=args.method,
-        target=TargetSpec(num_layers=args.num_layers, ratio=args.ratio, max_perplexity_ratio=args.max_perplexity_ratio),
+        target=TargetSpec(
+            num_layers=args.num_layers,
+            ratio=args.ratio,
+            max_perplexity_ratio=args.max_perplexity_ratio,
+            max_kl=args.max_kl,
+        ),
         calibration=_calibration_spec(args),
         options=SelectionOptions(
             num_clusters=args.num_clusters,
@@ -221,6 +251,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             cluster_seed=args.cluster_seed,
             heal=args.heal,
             execution=args.execution,
+            selection_metric=args.selection_metric,
         ),
         evaluation=EvaluationSpec(
             dataset=args.eval_source,
@@ -265,13 +296,7 @@ def _summary(report: PruneReport, out_dir: str) -> str:
             at = execution.resumed_at_block
             lines.append(f"resumed         the capture went on from an earlier run's states at block {at}")
         lines.extend(f"skipped         {line}" for line in execution.skipped)
-    quality = report.selection.quality_target if report.selection is not None else None
-    if quality is not None:
-        after = _fmt(quality["next_ratio"], ".3f")
-        lines.append(
-            f"quality target  {report.num_layers_removed} blocks within {quality['max_perplexity_ratio']}x dense "
-            f"validation perplexity (ratio {quality['ratio']:.3f}; one block more: {after})"
-        )
+    lines.extend(_quality_lines(report))
     heal = report.heal
     if heal.method != "none":
         for span in heal.spans:
@@ -287,15 +312,15 @@ def _summary(report: PruneReport, out_dir: str) -> str:
             f"({report.selection.heal_fits} heal fits) "
             f"in {report.selection.cache_s + report.selection.scoring_s:.1f} s"
         )
-    scored = {name: p for name, p in report.plans.items() if p.validation_perplexity is not None}
-    if scored:
-        healed = " healed," if heal.method != "none" else ""
-        lines.append(f"candidates      (validation perplexity,{healed} lower is better)")
-        for name, plan in sorted(scored.items(), key=lambda kv: kv[1].validation_perplexity or 0.0):
-            lines.append(f"  {name:<12} {plan.validation_perplexity:>10.2f}  {plan.pruned_layers}")
+    lines.extend(_candidate_lines(report))
     if "perplexity" in metrics.dense:
         lines.append(
             f"perplexity      dense {_fmt(metrics.dense['perplexity'])} -> pruned {_fmt(metrics.pruned['perplexity'])}"
+        )
+    if "kl_mean" in metrics.pruned:
+        lines.append(
+            f"vs dense        KL {metrics.pruned['kl_mean']:.4f} nats mean, {metrics.pruned['kl_p99']:.3f} p99; "
+            f"same top token {metrics.pruned['top1_agreement']:.1%}"
         )
     pruned_tasks = {(t["task"], t["metric"]): t for t in metrics.pruned.get("tasks", [])}
     for score in metrics.dense.get("tasks", []):
@@ -316,6 +341,45 @@ def _summary(report: PruneReport, out_dir: str) -> str:
     charts = [f"{out_dir}/{report.files[k]}" for k in ("heatmap", "plans", "budget_curve") if k in report.files]
     lines.append(f"charts          {', '.join(charts)}")
     return "\n".join(lines)
+
+
+def _quality_lines(report: PruneReport) -> list[str]:
+    """What a quality target chose (``selection.quality_target``), when the job had one."""
+    quality = report.selection.quality_target if report.selection is not None else None
+    if quality is None:
+        return []
+    n = report.num_layers_removed
+    if "max_kl" in quality:
+        after = _fmt(quality["next_kl"], ".4f")
+        return [
+            f"quality target  {n} blocks within {quality['max_kl']} nats validation mean KL from dense "
+            f"(KL {quality['kl']:.4f}; one block more: {after})"
+        ]
+    after = _fmt(quality["next_ratio"], ".3f")
+    return [
+        f"quality target  {n} blocks within {quality['max_perplexity_ratio']}x dense "
+        f"validation perplexity (ratio {quality['ratio']:.3f}; one block more: {after})"
+    ]
+
+
+def _candidate_lines(report: PruneReport) -> list[str]:
+    """The candidates measured in full, best first by the job's selection metric: validation perplexity
+    and, where measured, the mean KL from the dense model."""
+    scored = {name: p for name, p in report.plans.items() if p.validation_perplexity is not None}
+    if not scored:
+        return []
+    by_kl = report.request.get("options", {}).get("selection_metric") == "kl"
+    with_kl = any(p.validation_kl is not None for p in scored.values())
+    healed = " healed," if report.heal.method != "none" else ""
+    columns = "validation perplexity, mean KL from dense" if with_kl else "validation perplexity"
+    ranked = ", ranked by KL" if by_kl else ""
+    lines = [f"candidates      ({columns},{healed} lower is better{ranked})"]
+    for name, plan in sorted(
+        scored.items(), key=lambda kv: (kv[1].validation_kl if by_kl else kv[1].validation_perplexity) or 0.0
+    ):
+        kl = f" {_fmt(plan.validation_kl, '.4f'):>10}" if with_kl else ""
+        lines.append(f"  {name:<12} {plan.validation_perplexity:>10.2f}{kl}  {plan.pruned_layers}")
+    return lines
 
 
 def _curve_lines(report: PruneReport) -> list[str]:
@@ -370,6 +434,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
     else:
         for key, value in payload.items():
             print(f"{key:<14}{value}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    rows = [method_row(info) for info in REGISTRY.values()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        uses = [word for word, on in (("model", row["needs_model"]), ("auto", row["auto_candidate"])) if on]
+        uses += ["curve"] if row["on_curve"] else []
+        print(f"{row['name']:<12}{','.join(uses):<18}{row['label']}")
     return 0
 
 

@@ -16,9 +16,8 @@ import numpy as np
 from lorp.errors import InvalidRequestError
 from lorp.result import BudgetCurve, CurvePoint
 from lorp.scoring import PlanScorer
-from lorp.selection import METHODS, SelectionOptions, Structure, eligible_blocks
+from lorp.selection import METHODS, REGISTRY, SelectionOptions, Structure, curve_methods, eligible_blocks
 
-CURVE_METHODS = ("lorp", "shortgpt", "streamline", "angular")
 DEFAULT_POINTS = 4
 CURVE_FIELD = "evaluation.curve_budgets"
 
@@ -42,6 +41,30 @@ def check_budgets(budgets: Sequence[int], n_blocks: int, options: SelectionOptio
             )
 
 
+def curve_plans(
+    S: np.ndarray,
+    D: np.ndarray | None,
+    budgets: Sequence[int],
+    options: SelectionOptions,
+    structure: Structure,
+    searched: dict[int, list[int]] | None = None,
+) -> list[tuple[str, int, list[int]]]:
+    """(method, budget, blocks) of every plan the curve scores: each registered method the curve draws
+    (``lorp.selection.curve_methods``) at each budget where it has a plan, then the searched plan."""
+    methods = [m for m in curve_methods() if not REGISTRY[m].needs_distance or D is not None]
+    plans: list[tuple[str, int, list[int]]] = []
+    for n in budgets:
+        for name in methods:
+            try:
+                selection = METHODS[name](S, D, n, options, structure=structure)
+            except InvalidRequestError:  # no such plan here (a budget, or a statistic, it lacks)
+                continue
+            plans.append((name, n, list(selection.pruned_layers)))
+        if searched and n in searched:
+            plans.append(("search", n, list(searched[n])))
+    return plans
+
+
 def budget_curve(
     scorer: PlanScorer,
     S: np.ndarray,
@@ -58,22 +81,13 @@ def budget_curve(
     A method that has no plan at a budget (``angular`` without D, a contiguous run the protected
     blocks break) has no point there.
     """
-    methods = [m for m in CURVE_METHODS if m != "angular" or D is not None]
-    plans: list[tuple[str, int, list[int]]] = []
-    for n in budgets:
-        for name in methods:
-            try:
-                selection = METHODS[name](S, D, n, options, structure=structure)
-            except InvalidRequestError:  # no such plan here (a budget, or a statistic, it lacks)
-                continue
-            plans.append((name, n, list(selection.pruned_layers)))
-        if searched and n in searched:
-            plans.append(("search", n, list(searched[n])))
-    dense = scorer.score([])
+    plans = curve_plans(S, D, budgets, options, structure, searched)
+    dense = scorer.score([], metric="perplexity")  # the curve is in perplexity whatever chose the plan
     points = []
     for done, n in enumerate(budgets):  # each budget's plans measured together, one pass over the blocks
         at_n = [(name, pruned) for name, budget, pruned in plans if budget == n]
-        for (name, pruned), score in zip(at_n, scorer.score_many([p for _, p in at_n]), strict=True):
+        scores = scorer.score_many([p for _, p in at_n], metric="perplexity")
+        for (name, pruned), score in zip(at_n, scores, strict=True):
             points.append(CurvePoint(name, n, pruned, score))
         if progress is not None:
             progress(done + 1, len(budgets))

@@ -12,6 +12,7 @@ import torch
 
 from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
+from lorp.divergence import DenseFinals, Divergence, next_token_valid, token_divergence
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.healed import FoldedMap
@@ -25,18 +26,40 @@ def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tu
     # -log softmax(z)[t] = logsumexp(z) - z[t], without writing the whole log-softmax out
     z = logits[:, :-1].float()
     nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    valid = next_token_valid(mask)
     return float(nll[valid].double().sum()), int(valid.sum())
 
 
-def state_nll(runner: Runner, batch: Batch, final: torch.Tensor) -> tuple[float, int]:
+def state_nll(
+    runner: Runner,
+    batch: Batch,
+    final: torch.Tensor,
+    *,
+    dense: torch.Tensor | None = None,
+    divergence: Divergence | None = None,
+) -> tuple[float, int]:
     """:func:`batch_nll` of the logits of ``final`` (a state leaving the last block), reduced a window
-    at a time so that a batch's logits are never held whole (``Runner.window_logits``)."""
+    at a time so that a batch's logits are never held whole (``Runner.window_logits``).
+
+    With ``dense`` (the dense model's final state of the same batch) and ``divergence``, the same
+    windows' divergence of these predictions from the dense ones is added to ``divergence``
+    (``lorp.divergence``): the dense logits come from the same head, a window at a time too."""
     total, count = 0.0, 0
-    for rows, logits in runner.window_logits(batch, final):
-        nll, tokens = batch_nll(logits, batch.ids[rows], batch.mask[rows])
-        total += nll
-        count += tokens
+    # Both window generators switch gradients off while they run; the dense one, never run to its end,
+    # is closed here, inside this block, so that neither leaves them off for the caller.
+    with torch.no_grad():
+        dense_windows = runner.window_logits(batch, dense) if dense is not None else None
+        try:
+            for rows, logits in runner.window_logits(batch, final):
+                nll, tokens = batch_nll(logits, batch.ids[rows], batch.mask[rows])
+                total += nll
+                count += tokens
+                if dense_windows is not None and divergence is not None:
+                    _, dense_logits = next(dense_windows)
+                    divergence.add(*token_divergence(dense_logits, logits, next_token_valid(batch.mask[rows])))
+        finally:
+            if dense_windows is not None:
+                dense_windows.close()
     return total, count
 
 
@@ -57,6 +80,9 @@ def negative_log_likelihood(
     progress: Callable[[int, int], None] | None = None,
     removed: Sequence[int] = (),
     fits: Sequence[FoldedMap] = (),
+    keep: DenseFinals | None = None,
+    against: DenseFinals | None = None,
+    divergence: Divergence | None = None,
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
@@ -75,13 +101,20 @@ def negative_log_likelihood(
     total_tokens = 0
     count = windows.num_windows
     done = 0
+    index = 0  # the batch's position in the whole pass
     with torch.inference_mode():
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
         for group in runner.groups(batches):
             with runner.pruned(removed, fits) as view:
                 finals = view.run_all(group)
                 with view.head():
-                    nlls = [state_nll(view, batch, final) for batch, final in zip(group, finals, strict=True)]
+                    nlls = []
+                    for i, (batch, final) in enumerate(zip(group, finals, strict=True)):
+                        if keep is not None:
+                            keep.keep(final)
+                        dense = against.get(index + i, final.shape) if against is not None else None
+                        nlls.append(state_nll(view, batch, final, dense=dense, divergence=divergence))
+                index += len(group)
                 for batch, (nll, tokens) in zip(group, nlls, strict=True):
                     total_nll += nll
                     total_tokens += tokens
@@ -92,7 +125,8 @@ def negative_log_likelihood(
 
 
 def perplexity(model: Any, windows: TokenWindows, **kwargs: Any) -> float:
-    """exp of the mean next-token negative log-likelihood over the windows (see ``negative_log_likelihood``)."""
+    """exp of the mean next-token negative log-likelihood over the windows (see ``negative_log_likelihood``,
+    whose keywords it takes: ``keep`` / ``against`` and ``divergence`` gather the divergence on the way)."""
     return mean_to_perplexity(*negative_log_likelihood(model, windows, **kwargs))
 
 

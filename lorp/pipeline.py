@@ -26,6 +26,7 @@ from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.curve import budget_curve, check_budgets, default_budgets
+from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
@@ -57,9 +58,9 @@ from lorp.result import (
     StructureSummary,
 )
 from lorp.scoring import Fit, apply_fits
-from lorp.selection import Selection, analyze_structure, validate_budget
+from lorp.selection import Selection, analyze_structure, scored_methods, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
-from lorp.spec import VALIDATED_METHODS, CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
 from lorp.stages import Stage
 from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache, window_store
 from lorp.surgery import stored_dtypes, write_pruned
@@ -339,20 +340,27 @@ def _measure_sequential(
     stage: Stage,
     removed: Sequence[int] = (),
     fits: Sequence[Fit] = (),
+    keep: DenseFinals | None = None,
+    against: DenseFinals | None = None,
 ) -> dict[str, Any]:
-    """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity through
-    the execution layer, and the block and parameter counts."""
+    """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity (and,
+    pruned, the divergence from the dense predictions) through the execution layer, and the block and
+    parameter counts."""
     assert loaded.runner is not None
     metrics: dict[str, Any] = {}
     if eval_windows is not None and spec.evaluation.perplexity:
-        metrics["perplexity"] = perplexity(
-            loaded.runner,
-            eval_windows,
-            batch_size=spec.calibration.batch_size,
-            should_cancel=stages.should_cancel,
-            progress=stages.fraction(stage),
-            removed=removed,
-            fits=fits,
+        metrics.update(
+            _held_out(
+                loaded.runner,
+                eval_windows,
+                spec,
+                stages,
+                stages.fraction(stage),
+                keep=keep,
+                against=against,
+                removed=removed,
+                fits=fits,
+            )
         )
     blocks = decoder_blocks(loaded.model)
     gone = {id(p) for i in set(removed) for p in blocks[i].parameters()}
@@ -362,22 +370,56 @@ def _measure_sequential(
     return metrics
 
 
+def _held_out(
+    model: Any,
+    eval_windows: cal.TokenWindows,
+    spec: PruneSpec,
+    stages: _Stages,
+    progress: Callable[[int, int], None],
+    *,
+    keep: DenseFinals | None = None,
+    against: DenseFinals | None = None,
+    **view: Any,
+) -> dict[str, float]:
+    """Held-out perplexity; the dense pass ``keep``s its final states, and the pruned pass, ``against``
+    them, adds its divergence from the dense predictions (``lorp.divergence``)."""
+    divergence = Divergence() if against is not None else None
+    metrics = {
+        "perplexity": perplexity(
+            model,
+            eval_windows,
+            batch_size=spec.calibration.batch_size,
+            should_cancel=stages.should_cancel,
+            progress=progress,
+            keep=keep,
+            against=against,
+            divergence=divergence,
+            **view,
+        )
+    }
+    if divergence is not None:
+        metrics.update(divergence.summary())
+    return metrics
+
+
 def _measure(
-    loaded: LoadedModel, eval_windows: cal.TokenWindows | None, spec: PruneSpec, stages: _Stages, stage: Stage
+    loaded: LoadedModel,
+    eval_windows: cal.TokenWindows | None,
+    spec: PruneSpec,
+    stages: _Stages,
+    stage: Stage,
+    keep: DenseFinals | None = None,
+    against: DenseFinals | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The model's metrics as it is now (perplexity, speed, downstream tasks) and its completions."""
+    """The model's metrics as it is now (perplexity and, pruned, the divergence from the dense
+    predictions; speed, downstream tasks) and its completions."""
     model = loaded.model
     metrics: dict[str, Any] = {}
     ev = spec.evaluation
     split = 0.5 if ev.tasks else 1.0  # perplexity fills the stage's progress, or its first half
     if eval_windows is not None and ev.perplexity:
-        metrics["perplexity"] = perplexity(
-            model,
-            eval_windows,
-            batch_size=spec.calibration.batch_size,
-            should_cancel=stages.should_cancel,
-            progress=stages.fraction(stage, 0.0, split),
-        )
+        progress = stages.fraction(stage, 0.0, split)
+        metrics.update(_held_out(model, eval_windows, spec, stages, progress, keep=keep, against=against))
     if eval_windows is not None and ev.speed:
         prompt = _speed_prompt(eval_windows, ev.speed_prompt_len, ev.speed_batch)
         metrics.update(measure_speed(model, prompt, new_tokens=ev.speed_new_tokens))
@@ -418,7 +460,7 @@ def _selection_summary(choice: PlanChoice) -> SelectionSummary:
         cache_s=choice.cache_s,
         scoring_s=choice.scoring_s,
         search_path=[dataclasses.asdict(step) for step in choice.search_path],
-        quality_target=dataclasses.asdict(choice.quality) if choice.quality is not None else None,
+        quality_target=choice.quality.summary() if choice.quality is not None else None,
     )
 
 
@@ -495,7 +537,7 @@ def _execution_summary(loaded: LoadedModel, spec: PruneSpec, resumed_at: int | N
 
 def _heatmap_title(source: str, method: str, chosen: str, pruned: list[int], healed: bool = False) -> str:
     name = Path(source).name if "/" in source else source
-    plan = f"{method} chose {chosen}" if method in VALIDATED_METHODS and chosen != method else method
+    plan = f"{method} chose {chosen}" if method in scored_methods() and chosen != method else method
     return f"{name}: {plan}, removing blocks {pruned}{' (healed)' if healed else ''}"
 
 
@@ -770,11 +812,12 @@ def execute(
     chosen = choice.chosen
     dense_text: list[str] = []
     pruned_text: list[str] = []
+    finals = DenseFinals()  # the dense pass's final states, for the pruned pass's divergence
     with stages.stage(Stage.evaluating_dense):
         if prepared.sequential:
-            dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
+            dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         else:
-            dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense)
+            dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
     with stages.stage(Stage.pruning):
         if not prepared.sequential:
             model = loaded.model
@@ -784,10 +827,17 @@ def execute(
     with stages.stage(Stage.evaluating_pruned):
         if prepared.sequential:
             pruned = _measure_sequential(
-                loaded, eval_windows, spec, stages, Stage.evaluating_pruned, chosen.pruned_layers, choice.fits
+                loaded,
+                eval_windows,
+                spec,
+                stages,
+                Stage.evaluating_pruned,
+                chosen.pruned_layers,
+                choice.fits,
+                against=finals,
             )
         else:
-            pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned)
+            pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned, against=finals)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
         _save(loaded, model_dir, chosen.pruned_layers, choice.fits)
@@ -825,9 +875,11 @@ def _draw_charts(
         ),
     )
     pruned_tasks = {(t["task"], t["metric"]): t["value"] for t in pruned.get("tasks", [])}
+    by_kl = choice.metric == "kl"  # the candidates drawn by what chose among them
     plot_plans(
         out / "plans.png",
-        choice.scores,
+        choice.kl if by_kl else choice.scores,
+        measure="validation mean KL from the dense model (nats)" if by_kl else "validation perplexity",
         chosen=chosen_name,
         tasks=[
             (f"{t['task']} {t['metric']}", t["value"], pruned_tasks.get((t["task"], t["metric"])))
@@ -899,6 +951,7 @@ def report(
                     pruned_layers=list(sel.pruned_layers),
                     k=sel.structure.k if name != "search" else None,
                     validation_perplexity=choice.scores.get(name),
+                    validation_kl=choice.kl.get(name),
                 )
                 for name, sel in choice.plans.items()
             },

@@ -5,16 +5,18 @@ unmeasured. Every plan is scored as it will ship: from cached dense states of th
 (``lorp.scoring.PlanScorer``), and healed with maps fitted on the heal windows (the first capture
 windows, at most ``heal_token_cap(d)`` tokens) when healing is on. ``auto`` keeps the best of the
 one-pass plans, ``search`` grows a plan block by block (``lorp.search``) and keeps the best of it
-and the one-pass plans, any other method's plan is scored for the report. A quality target
-(``target.max_perplexity_ratio``) raises the budget one block at a time and keeps the largest
-whose best plan stays within the bound (docs/algorithm.md §8b).
+and the one-pass plans, any other method's plan is scored for the report. "Best" is by
+``options.selection_metric``: validation perplexity, or the validation windows' mean KL from the
+dense model's predictions (``kl``). A quality target (``target.max_perplexity_ratio`` or
+``target.max_kl``) raises the budget one block at a time and keeps the largest whose best plan
+stays within the bound (docs/algorithm.md §8b).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from lorp.heal import HealMode, heal_refusal
 from lorp.scoring import CachedHealer, Fit, PlanScorer
 from lorp.search import GreedySearch, Step
 from lorp.selection import Selection, analyze_structure, candidate_plans, eligible_blocks, select, validate_budget
-from lorp.spec import Heal, PruneSpec
+from lorp.spec import Heal, PruneSpec, SelectionMetric, TargetSpec
 from lorp.states import StateCache
 
 HEAL_MAX_TOKENS = 8192
@@ -43,19 +45,75 @@ HEAL_MODE: HealMode = "dense"
 
 
 @dataclass(frozen=True)
-class QualityOutcome:
-    """What a ``max_perplexity_ratio`` target chose: the budget, its ratio, and the ratio one block further."""
+class QualityBound:
+    """A quality target: the most blocks whose best plan keeps its measure within ``limit``.
 
-    max_perplexity_ratio: float
+    ``max_perplexity_ratio`` measures a plan's validation perplexity over the dense model's on the same
+    windows (its ``ratio``); ``max_kl`` its validation mean KL from the dense model's predictions
+    (its ``kl``, nats; the dense model's own is 0).
+    """
+
+    field: str  # the target's field: max_perplexity_ratio or max_kl
+    limit: float
+
+    @classmethod
+    def of(cls, target: TargetSpec) -> QualityBound | None:
+        name = target.quality_field
+        return None if name is None else cls(name, float(getattr(target, name)))
+
+    @property
+    def metric(self) -> SelectionMetric:
+        return "kl" if self.field == "max_kl" else "perplexity"
+
+    @property
+    def label(self) -> str:
+        """What the measure is called in the report's ``quality_target``."""
+        return "kl" if self.metric == "kl" else "ratio"
+
+    def measure(self, scorer: PlanScorer, plan: Sequence[int], *, screen: bool = False) -> float:
+        """The plan's measure on the full validation windows or (``screen``) the screening ones."""
+        value = scorer.score(plan, screen=screen, metric=self.metric)
+        return value if self.metric == "kl" else value / scorer.score([], screen=screen, metric="perplexity")
+
+    def describe(self, value: float) -> str:
+        """What a plan measuring ``value`` raised, for a refusal."""
+        if self.metric == "kl":
+            return f"the validation mean KL from the dense model to {value:.3g} nats"
+        return f"validation perplexity to {value:.3g}x the dense model's"
+
+
+@dataclass(frozen=True)
+class QualityOutcome:
+    """What a quality target chose: the budget, its best plan's measure, and the measure one block further."""
+
+    bound: QualityBound
     dense_validation_perplexity: float
     num_layers: int
-    ratio: float
-    next_ratio: float | None  # None when no further block could be removed
+    value: float
+    next_value: float | None  # None when no further block could be removed
+
+    def summary(self) -> dict[str, Any]:
+        """The report's ``selection.quality_target``: ``{field: limit, "dense_validation_perplexity",
+        "num_layers", label: value, "next_" + label: next value}``, e.g. ``max_perplexity_ratio`` with
+        ``ratio`` and ``next_ratio``, ``max_kl`` with ``kl`` and ``next_kl``."""
+        label = self.bound.label
+        return {
+            self.bound.field: self.bound.limit,
+            "dense_validation_perplexity": self.dense_validation_perplexity,
+            "num_layers": self.num_layers,
+            label: self.value,
+            f"next_{label}": self.next_value,
+        }
 
 
 @dataclass
 class PlanChoice:
-    """The plan to apply, the candidates it was chosen from, its heal fits and what choosing cost."""
+    """The plan to apply, the candidates it was chosen from, its heal fits and what choosing cost.
+
+    ``scores``: the validation perplexity of each candidate measured in full, as it ships; ``kl``: their
+    validation mean KL from the dense model, where the job measured it (``metric`` kl, or a ``max_kl``
+    target); ``metric``: which of the two chose the plan.
+    """
 
     n: int
     chosen: Selection
@@ -74,6 +132,8 @@ class PlanChoice:
     search_path: list[Step] = field(default_factory=list)
     heal_reason: str | None = None  # why the cuts ship unhealed, when they do
     scorer: PlanScorer | None = None  # what scored the candidates, for more plans (the budget curve)
+    kl: dict[str, float] = field(default_factory=dict)
+    metric: SelectionMetric = "perplexity"
 
 
 def choose_best(scores: dict[str, float], order: Sequence[str]) -> str:
@@ -200,8 +260,8 @@ class _Chooser:
         step = self.search.path[n - 1]
         structure = analyze_structure(self.S, self.opts)
         plans: dict[str, Selection] = {"search": Selection("search", list(step.pruned_layers), structure, {})}
-        if not final:
-            return "search", plans["search"], plans, {"search": step.validation_perplexity}
+        if not final:  # its screening score, kept by the scorer since the step measured it
+            return "search", plans["search"], plans, {"search": self.scorer.score(step.pruned_layers, screen=True)}
         seeds = candidate_plans(self.S, self.D, n, self.opts)
         screened = self._scores(seeds, list(seeds), screen=True)
         finalists = ["search", *sorted(screened, key=lambda name: screened[name])[:FINALIST_SEEDS]]
@@ -257,9 +317,7 @@ def choose_plan(
     healer = None
     if heal == "linear":
         healer = _healer(runner, fit_on, spec.calibration.batch_size, heal_cache, should_cancel, spill)
-    if validation_cache is None:
-        validation_cache = StateCache(runner, data.validation, batch_size=spec.calibration.batch_size)
-    scorer = PlanScorer(runner, validation_cache, healer=healer, should_cancel=should_cancel)
+    scorer = _scorer(runner, data.validation, spec, healer, validation_cache, should_cancel)
     cache_s = time.perf_counter() - started
     chooser = _Chooser(spec, scorer, S, D, n_blocks, should_cancel, progress)
     n, (name, chosen, plans, scores), quality = _best_for_target(chooser, scorer, spec, n_blocks, progress)
@@ -270,7 +328,7 @@ def choose_plan(
         # A map can hurt held-out text (a long span it cannot stand in for): ship the plan unhealed.
         reason = f"the chosen plan scored better unhealed ({unhealed:.4g}) than healed ({scores[name]:.4g})"
         heal, fits = "none", []
-        scores = {**scores, name: unhealed}
+    perplexities, kls = _figures(scorer, plans, scores, unhealed=name if unhealed is not None else None)
     if progress is not None:
         progress(1, 1)
     return PlanChoice(
@@ -278,7 +336,7 @@ def choose_plan(
         chosen=chosen,
         chosen_name=name,
         plans=plans,
-        scores=scores,
+        scores=perplexities,
         heal=heal,
         fits=fits,
         heal_tokens=fit_on.num_tokens if healer is not None else 0,
@@ -291,6 +349,8 @@ def choose_plan(
         search_path=list(chooser.search.path),
         heal_reason=reason,
         scorer=scorer,
+        kl=kls,
+        metric=scorer.metric,
     )
 
 
@@ -303,11 +363,33 @@ def _best_for_target(
 ) -> tuple[int, Best, QualityOutcome | None]:
     """The budget and the best plan at it: the target's block count, or for a quality target the
     largest count whose best plan keeps within the bound (with how that was found)."""
-    bound = spec.target.max_perplexity_ratio
+    bound = QualityBound.of(spec.target)
     if bound is not None:
         return _largest_within(chooser, scorer, bound, n_blocks, spec, progress)
     n = spec.target.blocks_for(n_blocks)
     return n, chooser.best_at(n), None
+
+
+def _scorer(
+    runner: Runner,
+    validation: TokenWindows,
+    spec: PruneSpec,
+    healer: CachedHealer | None,
+    validation_cache: StateCache | None,
+    should_cancel: Callable[[], bool] | None,
+) -> PlanScorer:
+    """A job's scorer on the dense states of the validation windows (given, else computed now), by the
+    job's selection metric, measuring KL too where a ``max_kl`` target needs it."""
+    if validation_cache is None:
+        validation_cache = StateCache(runner, validation, batch_size=spec.calibration.batch_size)
+    return PlanScorer(
+        runner,
+        validation_cache,
+        healer=healer,
+        should_cancel=should_cancel,
+        metric=spec.options.selection_metric,
+        measure_kl=spec.target.max_kl is not None,
+    )
 
 
 def _healer(
@@ -334,6 +416,22 @@ def _better_unhealed(scorer: PlanScorer, chosen: Selection, healed: float) -> fl
     return unhealed if unhealed < healed else None
 
 
+def _figures(
+    scorer: PlanScorer, plans: dict[str, Selection], names: Iterable[str], unhealed: str | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The named candidates' validation perplexity and (where the scorer measures it) mean KL, as they
+    ship: ``unhealed`` (the chosen one, when it ships unhealed) as cut, the others as scored. Read from
+    what choosing measured, not measured again."""
+    perplexities: dict[str, float] = {}
+    kls: dict[str, float] = {}
+    for name in names:
+        perplexity, kl = scorer.figures(plans[name].pruned_layers, healed=False if name == unhealed else None)
+        perplexities[name] = perplexity
+        if kl is not None:
+            kls[name] = kl
+    return perplexities, kls
+
+
 Best = tuple[str, Selection, dict[str, Selection], dict[str, float]]
 
 
@@ -344,18 +442,18 @@ def _key(plan: Selection) -> tuple[int, ...]:
 def _largest_within(
     chooser: _Chooser,
     scorer: PlanScorer,
-    bound: float,
+    bound: QualityBound,
     n_blocks: int,
     spec: PruneSpec,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[int, Best, QualityOutcome]:
-    """Raise the budget while the best plan's screened ratio stays within ``bound``, then confirm in full.
+    """Raise the budget while the best plan's screened measure stays within the bound, then confirm in full.
 
-    The scan compares screening scores (the first validation windows, dense screened alike); the
-    chosen budget is then measured on every window and stepped down while it exceeds the bound.
-    ``next_ratio`` is the full-window ratio of the best screened plan one block further.
+    The scan compares screening measures (the first validation windows; a perplexity ratio is over the
+    dense model's perplexity there); the chosen budget is then measured on every window and stepped
+    down while it exceeds the bound. ``next_value`` is the full-window measure of the best screened
+    plan one block further.
     """
-    dense_screen, dense = scorer.score([], screen=True), scorer.score([])
     limit = len(eligible_blocks(n_blocks, spec.options))
     within = 0
     over: Selection | None = None
@@ -364,34 +462,32 @@ def _largest_within(
             validate_budget(n_blocks, n, spec.options)
         except BudgetError:
             break
-        name, plan, _, scores = chooser.best_at(n, final=False)
+        _, plan, _, _ = chooser.best_at(n, final=False)
         if progress is not None:
             progress(n, limit)
-        if scores[name] / dense_screen > bound:
+        if bound.measure(scorer, plan.pruned_layers, screen=True) > bound.limit:
             over = plan
             break
         within = n
     while within >= 1:
         best = chooser.best_at(within, final=True, finalists=FINALIST_SEEDS + 1)
-        if best[3][best[0]] / dense <= bound:
+        if bound.measure(scorer, best[1].pruned_layers) <= bound.limit:
             break
         over, within = best[1], within - 1
     if within < 1:
-        first = scorer.score(over.pruned_layers) / dense if over is not None else math.inf
+        first = bound.measure(scorer, over.pruned_layers) if over is not None else math.inf
         raise BudgetError(
-            f"removing even one block raises validation perplexity to {first:.3g}x the dense model's, "
-            f"above target.max_perplexity_ratio {bound}",
-            field="target.max_perplexity_ratio",
+            f"removing even one block raises {bound.describe(first)}, above target.{bound.field} {bound.limit}",
+            field=f"target.{bound.field}",
         )
-    name, _, _, scores = best
     return (
         within,
         best,
         QualityOutcome(
-            max_perplexity_ratio=bound,
-            dense_validation_perplexity=dense,
+            bound=bound,
+            dense_validation_perplexity=scorer.score([], metric="perplexity"),
             num_layers=within,
-            ratio=scores[name] / dense,
-            next_ratio=scorer.score(over.pruned_layers) / dense if over is not None else None,
+            value=bound.measure(scorer, best[1].pruned_layers),
+            next_value=bound.measure(scorer, over.pruned_layers) if over is not None else None,
         ),
     )

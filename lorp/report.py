@@ -14,6 +14,7 @@ import numpy as np
 from lorp.errors import InvalidRequestError, MissingStatisticError
 from lorp.jsonable import json_safe
 from lorp.result import BudgetCurve
+from lorp.selection import REGISTRY
 
 _VERSIONED = (
     "torch",
@@ -169,16 +170,18 @@ def plot_plans(
     path: str | Path,
     scores: Mapping[str, float | None],
     *,
+    measure: str = "validation perplexity",
     chosen: str,
     tasks: Sequence[tuple[str, float, float | None]] = (),
     title: str = "",
 ) -> Path:
-    """Compare the candidate plans: validation perplexity of each (the chosen one marked) and, where
-    downstream tasks were run, each task's score dense vs pruned.
+    """Compare the candidate plans: each one's score (the chosen one marked) and, where downstream tasks
+    were run, each task's score dense vs pruned.
 
     Args:
         path: Output PNG.
-        scores: validation perplexity per candidate (None: not measured in full, left out).
+        scores: the score per candidate, lower better (None: not measured in full, left out).
+        measure: what the scores are (the axis label): validation perplexity, or mean KL.
         chosen: the candidate that shipped.
         tasks: (label, dense value, pruned value) per task metric.
         title: Figure title.
@@ -198,7 +201,7 @@ def plot_plans(
     colors = ["#d62728" if k == chosen else "#7f9fbf" for k in names]
     bars = ax.barh(range(len(names)), values, color=colors)
     ax.set_yticks(range(len(names)), [f"{k} (chosen)" if k == chosen else k for k in names], fontsize=8)
-    if values and max(values) / max(min(values), 1e-12) > 20:
+    if values and min(values) > 0 and max(values) / min(values) > 20:  # (a KL may be 0: no log axis then)
         ax.set_xscale("log")
         ax.set_xlim(min(values) / 1.5, max(values) * 6)  # room for the last bar's label
     elif values:
@@ -206,7 +209,7 @@ def plot_plans(
     for bar, value in zip(bars, values, strict=True):
         label = f" {value:,.0f}" if value >= 1000 else f" {value:.3g}"
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
-    ax.set_xlabel("validation perplexity of the plan (lower is better)")
+    ax.set_xlabel(f"{measure} of the plan (lower is better)")
     ax.set_title("candidate plans", fontsize=10)
     if tasks:
         ax2 = axes[0][1]
@@ -226,13 +229,10 @@ def plot_plans(
     return _save(fig, path)
 
 
-_CURVE_STYLE = {
-    "lorp": ("#d62728", "o"),
-    "shortgpt": ("#1f77b4", "s"),
-    "streamline": ("#2ca02c", "^"),
-    "angular": ("#9467bd", "v"),
-    "search": ("#ff7f0e", "D"),
-}
+def curve_style(method: str) -> tuple[str, str]:
+    """(colour, marker) of a method's line: what it registered (``lorp.selection.register``), grey else."""
+    info = REGISTRY.get(method)
+    return (info.color, info.marker) if info is not None else ("#7f7f7f", "x")
 
 
 def plot_budget_curve(
@@ -260,7 +260,7 @@ def plot_budget_curve(
     values = [p.validation_perplexity for p in curve.points if np.isfinite(p.validation_perplexity)]
     for rank, method in enumerate(methods):
         points = sorted((p.budget, p.validation_perplexity) for p in curve.points if p.method == method)
-        color, marker = _CURVE_STYLE.get(method, ("#7f7f7f", "x"))
+        color, marker = curve_style(method)
         # Methods that agree draw over each other: the earlier lines are wider so each stays visible.
         ax.plot(
             [b for b, _ in points],

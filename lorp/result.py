@@ -27,11 +27,14 @@ class StructureSummary:
 
 @dataclass(frozen=True)
 class PlanScore:
-    """One candidate plan: the blocks it removes, its K (LoRP's plans) and its validation perplexity."""
+    """One candidate plan: the blocks it removes, its K (LoRP's plans), its validation perplexity and its
+    validation mean KL from the dense model's predictions (nats; measured when the job ranks plans by
+    it or bounds it, ``options.selection_metric`` kl or ``target.max_kl``). None: not measured in full."""
 
     pruned_layers: list[int]
     k: int | None
     validation_perplexity: float | None
+    validation_kl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class MetricKind:
 # service stores and shows; each is stored when the job measured it. ``Metrics.ratios`` are in RATIO_UNIT.
 METRICS: dict[str, MetricKind] = {
     "perplexity": MetricKind(""),
+    # The pruned model's divergence from the dense model's predictions (lorp.divergence); pruned only.
+    "kl_mean": MetricKind("nats"),
+    "kl_p99": MetricKind("nats"),
+    "top1_agreement": MetricKind(""),
     "prefill_tokens_per_s": MetricKind("tok/s"),
     "decode_tokens_per_s": MetricKind("tok/s"),
     "weights_bytes": MetricKind("B", count=True),

@@ -7,9 +7,10 @@ already cut (``sequential`` mode) runs the blocks from its first anchor to its o
 candidate shares with an earlier one (the same span, and in ``sequential`` mode the same spans
 before it) is reused. ``PlanScorer`` measures a plan's perplexity on a
 ``StateCache`` of the validation windows, running only the blocks from the plan's first change
-onward; a plan already scored is not measured again, and one measured in full after its screening
-reads only the windows the screening did not. Both say how much they did (fits,
-evaluations, seconds) for the report.
+onward, and when asked its mean KL from the dense model's predictions there (from the cached
+dense final states, through the same head); a plan already scored is not measured again, and one
+measured in full after its screening reads only the windows the screening did not. Both say how
+much they did (fits, evaluations, seconds) for the report.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ from typing import Any
 import torch
 
 from lorp.blocks import decoder_blocks
-from lorp.errors import JobCancelled
+from lorp.divergence import Divergence
+from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import mean_to_perplexity, state_nll
 from lorp.execution import PlanPass, as_runner
 from lorp.execution.healed import fold, output_projection
 from lorp.execution.onload import trim_heap
 from lorp.execution.runner import real_tokens
 from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans
+from lorp.options import SelectionMetric
 from lorp.states import StateCache
+
+# One batch's measure of one plan: the NLL sum, the real-token count (the positions both sums are
+# over) and the KL sum from the dense predictions (None: this scorer does not measure KL).
+BatchSums = tuple[float, int, float | None]
 
 
 def healable_spans(plan: Sequence[int]) -> list[tuple[int, int]]:
@@ -223,7 +230,14 @@ class CachedHealer:
 
 
 class PlanScorer:
-    """Validation perplexity of plans, from the dense states of the validation windows.
+    """Validation scores of plans, from the dense states of the validation windows.
+
+    A plan's score is what ``metric`` says: its validation perplexity, or (``kl``) the mean over the
+    same positions of KL(dense || pruned) of the next-token distributions (``lorp.divergence``), the
+    dense predictions taken from the cached states leaving the dense model's last block through the
+    same head. Perplexity is always measured; KL only when the metric or ``measure_kl`` asks for it
+    (it costs a second head pass per window), and then for every plan. ``score(..., metric=)`` reads
+    either one of what was measured.
 
     ``score(plan, screen=True)`` measures only the first ``screen_windows`` windows: a search
     compares closely related plans on the same tokens, where a few windows rank them well, and
@@ -234,6 +248,8 @@ class PlanScorer:
         cache: dense states on the validation windows.
         healer: fits for healed scores (None: plans are scored unhealed only).
         screen_windows: windows a screening score reads (rounded up to whole batches).
+        metric: what :meth:`score` returns unless told otherwise.
+        measure_kl: measure KL beside perplexity even when ``metric`` is perplexity (a ``max_kl`` target).
     """
 
     def __init__(
@@ -244,15 +260,23 @@ class PlanScorer:
         healer: CachedHealer | None = None,
         should_cancel: Callable[[], bool] | None = None,
         screen_windows: int = 4,
+        metric: SelectionMetric = "perplexity",
+        measure_kl: bool = False,
     ) -> None:
         self.runner = as_runner(model)
         self.cache = cache
         self.healer = healer
         self.should_cancel = should_cancel
+        self.metric: SelectionMetric = metric
+        self.measures_kl = measure_kl or metric == "kl"
         self.screen_batches = min(cache.num_batches, max(1, -(-screen_windows // cache.batch_size)))
-        # Per plan (and healed or not), the NLL sum and token count of each batch measured so far,
-        # from the first: a full measure after a screening runs only the batches it did not read.
-        self._nll: dict[tuple[tuple[int, ...], bool], list[tuple[float, int]]] = {}
+        # Per plan (and healed or not), the BatchSums of each batch measured so far, from the first:
+        # a full measure after a screening runs only the batches it did not read.
+        self._nll: dict[tuple[tuple[int, ...], bool], list[BatchSums]] = {}
+        # The dense final state of each batch a KL was taken on, read from the cache once: a resident
+        # cache's own tensor; a sequential job's, read from disk, then held on the host (one of the
+        # N + 1 states per batch).
+        self._dense_finals: dict[int, torch.Tensor] = {}
         self.evaluations = 0
         self.screenings = 0
         self.seconds = 0.0
@@ -264,19 +288,44 @@ class PlanScorer:
     def fits(self, plan: Sequence[int]) -> list[Fit]:
         return self.healer.fits(plan) if self.healer is not None else []
 
-    def score(self, plan: Sequence[int], *, healed: bool | None = None, screen: bool = False) -> float:
-        """The plan's validation perplexity, healed when this scorer heals (``healed=False``: as cut).
+    def score(
+        self,
+        plan: Sequence[int],
+        *,
+        healed: bool | None = None,
+        screen: bool = False,
+        metric: SelectionMetric | None = None,
+    ) -> float:
+        """The plan's validation score, healed when this scorer heals (``healed=False``: as cut).
 
-        ``screen``: on the first windows only (``screen_windows``).
+        ``screen``: on the first windows only (``screen_windows``). ``metric``: ``perplexity`` or
+        ``kl`` (mean nats) rather than the scorer's own ``metric``; ``kl`` needs a scorer that
+        measures it (``measures_kl``).
         """
-        return self.score_many([plan], healed=healed, screen=screen)[0]
+        return self.score_many([plan], healed=healed, screen=screen, metric=metric)[0]
+
+    def figures(
+        self, plan: Sequence[int], *, healed: bool | None = None, screen: bool = False
+    ) -> tuple[float, float | None]:
+        """The plan's validation perplexity and mean KL (None where this scorer does not measure KL),
+        from one measure: what a report shows of it."""
+        perplexity = self.score(plan, healed=healed, screen=screen, metric="perplexity")
+        return perplexity, self.score(plan, healed=healed, screen=screen, metric="kl") if self.measures_kl else None
 
     def score_many(
-        self, plans: Sequence[Sequence[int]], *, healed: bool | None = None, screen: bool = False
+        self,
+        plans: Sequence[Sequence[int]],
+        *,
+        healed: bool | None = None,
+        screen: bool = False,
+        metric: SelectionMetric | None = None,
     ) -> list[float]:
         """:meth:`score` of several plans, measured together: one pass over the blocks serves every
         plan not scored before (``Runner.run_plans``: in sequential mode each block is loaded once for
         all of them, not once per plan)."""
+        metric = metric or self.metric
+        if metric == "kl" and not self.measures_kl:
+            raise ValueError("this scorer does not measure KL: give it metric='kl' or measure_kl=True")
         heal = self.heals if healed is None else healed and self.heals
         batches = self.screen_batches if screen else self.cache.num_batches
         keys = [(tuple(sorted(set(plan))), heal) for plan in plans]
@@ -296,14 +345,21 @@ class PlanScorer:
             else:
                 self.screenings += len(pending)
             self.seconds += time.perf_counter() - started
-        return [self._perplexity(key, batches) for key in keys]
+        return [self._reduce(key, batches, metric) for key in keys]
 
-    def _perplexity(self, key: tuple[tuple[int, ...], bool], batches: int) -> float:
-        nll, tokens = 0.0, 0
-        for batch_sum, batch_tokens in self._nll[key][:batches]:
-            nll += batch_sum
+    def _reduce(self, key: tuple[tuple[int, ...], bool], batches: int, metric: SelectionMetric) -> float:
+        """The plan's score over its first ``batches`` batches: the perplexity of the summed NLL, or
+        the summed KL over the same token count."""
+        nll, tokens, kl = 0.0, 0, 0.0
+        for batch_nll, batch_tokens, batch_kl in self._nll[key][:batches]:
+            nll += batch_nll
             tokens += batch_tokens
-        return mean_to_perplexity(nll, tokens)
+            kl += batch_kl or 0.0
+        if metric == "perplexity":
+            return mean_to_perplexity(nll, tokens)
+        if tokens == 0:
+            raise InvalidRequestError("no tokens to evaluate", field="evaluation.dataset")
+        return kl / tokens
 
     def _start(self, plan: tuple[int, ...], fits: list[Fit]) -> int:
         """The first block a plan's pass runs: its first change (a removed block or an anchor); with
@@ -319,8 +375,8 @@ class PlanScorer:
 
     def _measure(
         self, plans: list[tuple[int, ...]], fits: list[list[Fit]], first: int, batches: int
-    ) -> list[list[tuple[float, int]]]:
-        """Per plan, the NLL sum and real-token count of each batch ``first .. batches-1``."""
+    ) -> list[list[BatchSums]]:
+        """Per plan, the :data:`BatchSums` of each batch ``first .. batches-1``."""
         _check(self.should_cancel)
         cached = self.cache.batches[first:batches]
         passes = []
@@ -331,6 +387,18 @@ class PlanScorer:
         finals = self.runner.run_plans(cached, passes, should_cancel=self.should_cancel)
         with self.runner.head():
             return [
-                [state_nll(self.runner, batch, final) for batch, final in zip(cached, plan_finals, strict=True)]
+                [self._sums(b, final) for b, final in zip(range(first, batches), plan_finals, strict=True)]
                 for plan_finals in finals
             ]
+
+    def _sums(self, b: int, final: torch.Tensor) -> BatchSums:
+        """Batch ``b``'s sums for a plan whose pass left ``final``; the KL sum against the dense final
+        state the cache holds for the batch (through the same head, a window at a time)."""
+        batch = self.cache.batches[b]
+        if not self.measures_kl:
+            return (*state_nll(self.runner, batch, final), None)
+        if b not in self._dense_finals:
+            self._dense_finals[b] = self.cache.state(b, self.cache.num_blocks)
+        divergence = Divergence()
+        nll, tokens = state_nll(self.runner, batch, final, dense=self._dense_finals[b], divergence=divergence)
+        return nll, tokens, divergence.kl_sum

@@ -1,8 +1,9 @@
 """Method ``search``: plans grown block by block, every step validated, seeded by the one-pass plans.
 
 A greedy removal in the manner of SLEB (Song et al., 2024): from the best plan of ``n`` blocks, try
-adding one more block and keep the addition whose validation perplexity (healed, when healing is
-on) is lowest, compared on the scorer's screening windows (``PlanScorer.score(screen=True)``).
+adding one more block and keep the addition whose validation score (perplexity, or mean KL from
+the dense model with ``options.selection_metric`` kl; healed, when healing is on) is lowest,
+compared on the scorer's screening windows (``PlanScorer.score(screen=True)``).
 Trying every block at every step costs ``N`` evaluations a step; this search tries a shortlist:
 the ``width`` blocks the dense similarity ranks most redundant (ShortGPT's score) and the blocks
 adjacent to the plan's spans (a span one block longer keeps its anchor, and its healed map often
@@ -27,12 +28,14 @@ DEFAULT_WIDTH = 3
 
 @dataclass(frozen=True)
 class Step:
-    """The best plan the search found at one budget, its screening score, and how many candidates it tried."""
+    """The best plan the search found at one budget, its screening perplexity (and mean KL from the
+    dense model, where the scorer measures it), and how many candidates it tried."""
 
     num_layers: int
     pruned_layers: list[int]
     validation_perplexity: float
     tried: int
+    validation_kl: float | None = None
 
 
 @dataclass
@@ -72,8 +75,9 @@ class GreedySearch:
             raise ValueError("no eligible block is left to remove")
         grown = self.scorer.score_many([[*self.plan, b] for b in options], screen=True)
         scored = list(zip(grown, options, strict=True))
-        best_score, best = min(scored)
+        _, best = min(scored)
         self.plan = sorted([*self.plan, best])
-        step = Step(len(self.plan), list(self.plan), best_score, len(options))
+        perplexity, kl = self.scorer.figures(self.plan, screen=True)  # measured already: read, not run
+        step = Step(len(self.plan), list(self.plan), perplexity, len(options), kl)
         self.path.append(step)
         return step

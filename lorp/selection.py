@@ -6,8 +6,10 @@ angular-distance matrix, which may be absent when only a bare S was supplied. No
 model, the disk or torch: every method is a deterministic function of its arguments (the spectral
 clustering is seeded), so the same inputs always give the same plan.
 
-The method ``auto`` is not a selection method in this sense: it scores the plans of
-:func:`candidate_plans` with the model and lives with the code that can run it.
+Every method registers here once (:data:`REGISTRY`), and every list of methods elsewhere derives
+from it. ``auto`` and ``search`` are declared, not implemented, here: they score plans (``auto`` the
+plans of :func:`candidate_plans`) with the model and live with the code that can run it
+(``lorp.planner``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from lorp.errors import BudgetError, InvalidRequestError, MissingStatisticError
-from lorp.spec import SelectionOptions
+from lorp.options import SelectionOptions
 
 Matrix = npt.NDArray[np.float64]
 
@@ -86,31 +88,150 @@ class MethodFn(Protocol):
     ) -> Selection: ...
 
 
+Variants = Callable[[Matrix, "Matrix | None", int, SelectionOptions, Selection], dict[str, Selection]]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Everything the house knows about one method, registered once (:func:`register`, :func:`declare`).
+
+    Every list of methods derives from :data:`REGISTRY`: the job spec's ``method`` (``lorp.spec``),
+    auto's candidates (:func:`candidate_plans`), the budget curve (``lorp.curve``), the plot styles
+    (``lorp.report``), ``POST /v1/plans``'s default methods, ``GET /v1/methods`` (the web form's and the
+    client's choices) and ``lorp prune --method``.
+
+    Attributes:
+        name: the public name, as requests and reports spell it.
+        label: one line saying what the method does, for help texts and the web form.
+        plan: the plan function of S, D and n; ``None`` for a method that scores plans on the model
+            (``auto``, ``search``: they live in ``lorp.planner`` and need a job, not only S and D).
+        validated: ``auto`` scores this method's plan (and its :attr:`variants`) among its candidates.
+        curve: the budget curve draws this method's plan at every budget.
+        color, marker: its line in the plots (matplotlib colour and marker).
+        needs_distance: the plan needs D (a bare S cannot give it; auto and the curve skip it then).
+        variants: further candidates ``auto`` validates beside the method's own plan, by key.
+    """
+
+    name: str
+    label: str
+    plan: MethodFn | None
+    validated: bool
+    curve: bool
+    color: str
+    marker: str
+    needs_distance: bool = False
+    variants: Variants | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        return self.plan is None
+
+
+# Every method by name, in registration order (the order auto lists its candidates in).
+REGISTRY: dict[str, MethodInfo] = {}
+# The one-pass methods' plan functions by name: a view of REGISTRY kept by register().
 METHODS: dict[str, MethodFn] = {}
 
 
-def register(name: str) -> Callable[[MethodFn], MethodFn]:
-    """Add a selection method to :data:`METHODS` under ``name``.
+def _add(info: MethodInfo) -> None:
+    if info.name in REGISTRY:
+        raise ValueError(f"method {info.name!r} is registered twice")
+    REGISTRY[info.name] = info
+    if info.plan is not None:
+        METHODS[info.name] = info.plan
 
-    Args:
-        name: the public method name (as used in requests and reports).
 
-    Returns:
-        A decorator that registers the function and returns it unchanged.
+def register(
+    name: str,
+    *,
+    label: str,
+    color: str,
+    marker: str,
+    validated: bool = True,
+    curve: bool = True,
+    needs_distance: bool = False,
+    variants: Variants | None = None,
+) -> Callable[[MethodFn], MethodFn]:
+    """A decorator adding a one-pass selection method (a plan from S, D and n) to :data:`REGISTRY`.
+
+    The keywords are :class:`MethodInfo`'s; the decorated function is its ``plan``, returned unchanged.
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
-        if name in METHODS:
-            raise ValueError(f"selection method {name!r} is registered twice")
-        METHODS[name] = fn
+        _add(MethodInfo(name, label, fn, validated, curve, color, marker, needs_distance, variants))
         return fn
 
     return decorator
 
 
+def declare(name: str, *, label: str, color: str, marker: str) -> None:
+    """Add a method that scores plans on the model (no plan function here: ``lorp.planner`` runs it)."""
+    _add(MethodInfo(name, label, None, validated=False, curve=False, color=color, marker=marker))
+
+
+def unregister(name: str) -> None:
+    """Remove a method (for a test that registered a toy one); unknown names are ignored."""
+    REGISTRY.pop(name, None)
+    METHODS.pop(name, None)
+
+
 def method_names() -> list[str]:
-    """The registered method names, sorted."""
+    """The one-pass methods' names, sorted (the ones :func:`select` runs from S and D alone)."""
     return sorted(METHODS)
+
+
+def all_methods() -> list[str]:
+    """Every method a job may name, in registration order (the model-scored ones first)."""
+    return list(REGISTRY)
+
+
+def plan_methods() -> list[str]:
+    """The one-pass methods, in registration order (``POST /v1/plans`` lists these by default)."""
+    return [name for name, info in REGISTRY.items() if not info.needs_model]
+
+
+def scored_methods() -> list[str]:
+    """The methods that score plans on the model (a job's report names the candidate they chose)."""
+    return [name for name, info in REGISTRY.items() if info.needs_model]
+
+
+def curve_methods() -> list[str]:
+    """The methods the budget curve draws at every budget, in registration order."""
+    return [name for name, info in REGISTRY.items() if info.curve]
+
+
+def check_method(name: str) -> str:
+    """``name`` if a method of that name is registered, else ValueError listing the known ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(all_methods())}")
+    return name
+
+
+def method_row(info: MethodInfo) -> dict[str, Any]:
+    """A method as ``GET /v1/methods`` and ``lorp methods --json`` list it."""
+    return {
+        "name": info.name,
+        "label": info.label,
+        "needs_model": info.needs_model,
+        "auto_candidate": info.validated,
+        "on_curve": info.curve,
+        "needs_distance": info.needs_distance,
+    }
+
+
+# The methods that need the model: auto and search score candidate plans (lorp.planner).
+declare(
+    "auto",
+    label="validate every one-pass method's plans (and LoRP at other K) on held-out windows; ship the best",
+    color="#000000",
+    marker="*",
+)
+declare(
+    "search",
+    label="grow the plan a block at a time, each step keeping the block whose removal scores best (greedy)",
+    color="#ff7f0e",
+    marker="D",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +626,24 @@ def _no_run_error(n_blocks: int, n: int, protected: frozenset[int]) -> BudgetErr
     )
 
 
-@register("lorp")
+def _lorp_other_k(m: Matrix, D: Matrix | None, n: int, opts: SelectionOptions, own: Selection) -> dict[str, Selection]:
+    """auto's further LoRP candidates: the plan at each K of :data:`AUTO_K_VALUES` in 2..N-2."""
+    base = own.structure
+    out: dict[str, Selection] = {}
+    for k in AUTO_K_VALUES:
+        if 2 <= k <= m.shape[0] - 3:
+            structure = base if k == base.k else _structure_for_k(m, base.rls, k, opts.cluster_seed)
+            out[f"lorp_k{k}"] = select_lorp(m, D, n, opts, structure=structure)
+    return out
+
+
+@register(
+    "lorp",
+    label="LoRP: cluster the blocks into phases by similarity and spread the cut over them",
+    color="#d62728",
+    marker="o",
+    variants=_lorp_other_k,
+)
 def select_lorp(
     S: npt.ArrayLike,
     D: npt.ArrayLike | None,
@@ -529,7 +667,12 @@ def select_lorp(
     return Selection("lorp", pruned, st, {"redundancy": list(st.redundancy)})
 
 
-@register("shortgpt")
+@register(
+    "shortgpt",
+    label="ShortGPT: the blocks of lowest Block Influence, 1 - S[l, l+1]",
+    color="#1f77b4",
+    marker="s",
+)
 def select_shortgpt(
     S: npt.ArrayLike,
     D: npt.ArrayLike | None,
@@ -556,7 +699,26 @@ def select_shortgpt(
     return Selection("shortgpt", sorted(ranked[:n]), st, {"block_influence": bi})
 
 
-@register("streamline")
+def _streamline_runner_ups(
+    m: Matrix, D: Matrix | None, n: int, opts: SelectionOptions, own: Selection
+) -> dict[str, Selection]:
+    """auto's further contiguous candidates: the eligible runs ranked 2 .. :data:`RUNNER_UP_RUNS`."""
+    n_blocks = m.shape[0] - 1
+    run_sim = own.scores["run_similarity"]
+    ranked = _ranked_runs(run_sim, n_blocks, n, protected_set(n_blocks, opts))
+    return {
+        f"streamline_{rank}": Selection("streamline", list(range(start, start + n)), own.structure, own.scores)
+        for rank, start in enumerate(ranked[1:RUNNER_UP_RUNS], 2)
+    }
+
+
+@register(
+    "streamline",
+    label="LLM-Streamline: the contiguous run whose input and output are most similar, S[s, s+n]",
+    color="#2ca02c",
+    marker="^",
+    variants=_streamline_runner_ups,
+)
 def select_streamline(
     S: npt.ArrayLike,
     D: npt.ArrayLike | None,
@@ -595,7 +757,13 @@ def _ranked_runs(run_sim: list[float], n_blocks: int, n: int, protected: frozens
     return sorted(starts, key=lambda s: (-run_sim[s], s))
 
 
-@register("angular")
+@register(
+    "angular",
+    label="angular distance (Gromov et al.): the contiguous run of smallest D[s, s+n]",
+    color="#9467bd",
+    marker="v",
+    needs_distance=True,
+)
 def select_angular(
     S: npt.ArrayLike,
     D: npt.ArrayLike | None,
@@ -631,7 +799,13 @@ def select_angular(
     return Selection("angular", list(range(best, best + n)), st, {"run_angular_distance": run_dist})
 
 
-@register("reverse")
+@register(
+    "reverse",
+    label="reverse order: the deepest blocks that are not protected",
+    color="#8c564b",
+    marker="x",
+    curve=False,
+)
 def select_reverse(
     S: npt.ArrayLike,
     D: npt.ArrayLike | None,
@@ -684,7 +858,8 @@ def select(
             invalid S, options or budget (:class:`BudgetError`), or a missing D
             (:class:`MissingStatisticError`).
     """
-    if method in ("auto", "search"):
+    info = REGISTRY.get(method)
+    if info is not None and info.plan is None:
         raise InvalidRequestError(
             f"method {method!r} scores candidate plans by perplexity and so needs the model, not just "
             f"the similarity matrix; use `lorp prune` with method {method}, or pick one of "
@@ -695,7 +870,7 @@ def select(
     if fn is None:
         raise InvalidRequestError(
             f"unknown selection method {method!r}; known methods: {', '.join(method_names())} "
-            "(and 'auto' and 'search', which need the model)",
+            f"(and {', '.join(repr(m) for m in scored_methods())}, which need the model)",
             field="method",
         )
     return fn(S, D, n, options)
@@ -709,11 +884,12 @@ def candidate_plans(
 ) -> dict[str, Selection]:
     """Every plan that method ``auto`` validates, keyed by candidate name.
 
-    The keys are ``lorp`` (K from the RLS or the override), ``lorp_k2`` .. ``lorp_k6`` (those K in
-    2..N-2), ``shortgpt``, ``streamline``, ``streamline_2`` and ``streamline_3`` (the eligible runs
-    with the second and third largest S[s, s+n], where they exist), ``angular`` (only when D is
-    given) and ``reverse``; each Selection's ``method`` is its key. A contiguous-run method with no
-    run avoiding the protected blocks is left out.
+    Each registered method with ``validated`` set gives its plan under its own name, then its
+    ``variants``, in registration order: today ``lorp`` (K from the RLS or the override), ``lorp_k2``
+    .. ``lorp_k6`` (those K in 2..N-2), ``shortgpt``, ``streamline``, ``streamline_2`` and
+    ``streamline_3`` (the eligible runs with the second and third largest S[s, s+n], where they
+    exist), ``angular`` (only when D is given) and ``reverse``; each Selection's ``method`` is its
+    key. A contiguous-run method with no run avoiding the protected blocks is left out.
 
     Args:
         S: the (N+1) x (N+1) similarity matrix.
@@ -725,40 +901,19 @@ def candidate_plans(
         BudgetError: when n fails :func:`validate_budget`.
         InvalidRequestError: for an invalid S, D or options.
     """
-    m, n_blocks, opts, protected = _prepare(S, n, options)
-    if D is not None:
-        _as_distance(D, m.shape)
+    m, _, opts, _ = _prepare(S, n, options)
+    d = _as_distance(D, m.shape) if D is not None else None
     base = analyze_structure(m, opts)
-    by_k: dict[int, Structure] = {base.k: base}
     plans: dict[str, Selection] = {}
-
-    def keep(key: str, sel: Selection) -> None:
-        plans[key] = Selection(key, sel.pruned_layers, sel.structure, sel.scores)
-
-    keep("lorp", select_lorp(m, D, n, opts, structure=base))
-    for k in AUTO_K_VALUES:
-        if not 2 <= k <= n_blocks - 2:
+    for name, info in REGISTRY.items():
+        if not info.validated or info.plan is None or (info.needs_distance and d is None):
             continue
-        if k not in by_k:
-            by_k[k] = _structure_for_k(m, base.rls, k, opts.cluster_seed)
-        keep(f"lorp_k{k}", select_lorp(m, D, n, opts, structure=by_k[k]))
-
-    baselines: list[tuple[str, MethodFn]] = [("shortgpt", select_shortgpt), ("streamline", select_streamline)]
-    if D is not None:
-        baselines.append(("angular", select_angular))
-    baselines.append(("reverse", select_reverse))
-    for key, fn in baselines:
         try:
-            keep(key, fn(m, D, n, opts, structure=base))
+            own = info.plan(m, d, n, opts, structure=base)
         except BudgetError:
             # validate_budget passed above, so this is a run method whose every run hits a protected
             # block: that candidate simply does not exist for this budget.
             continue
-        if key == "streamline":
-            run_sim = plans[key].scores["run_similarity"]
-            for rank, start in enumerate(_ranked_runs(run_sim, n_blocks, n, protected)[1:RUNNER_UP_RUNS], 2):
-                keep(
-                    f"streamline_{rank}",
-                    Selection(key, list(range(start, start + n)), base, {"run_similarity": run_sim}),
-                )
+        found = {name: own, **(info.variants(m, d, n, opts, own) if info.variants is not None else {})}
+        plans.update({key: Selection(key, sel.pruned_layers, sel.structure, sel.scores) for key, sel in found.items()})
     return plans

@@ -92,9 +92,9 @@ def capture_similarity(
     if angular not in ("all_tokens", "last_token"):
         raise InvalidRequestError(f"unknown angular mode {angular!r}", field="calibration.angular")
     runner = as_runner(model)
-    n_states = runner.num_blocks + 1
-    s_sum = np.zeros((n_states, n_states), dtype=np.float64)
-    d_sum = np.zeros((n_states, n_states), dtype=np.float64)
+    # The sums stay where the states are until the end: read back per batch, each read would wait for
+    # the device and leave it idle while the next batch's work is queued.
+    sums: list[torch.Tensor] = []
     n_tokens = 0
     n_angular = 0
     total = int(windows.input_ids.shape[0])
@@ -113,20 +113,20 @@ def capture_similarity(
             if angular == "last_token":
                 last = _last_token_positions(batch.mask) - offset
                 last = last[(last >= 0) & (last < x.shape[0])]
-            batch_s, batch_d = _pair_sums(x, last)
-            s_sum += batch_s
-            d_sum += batch_d
+            batch_sums = _pair_sums(x, last)
+            sums = [batch_sums] if not sums else [sums[0] + batch_sums.to(sums[0].device)]
             n_tokens += int(x.shape[0])
             n_angular += int(x.shape[0]) if last is None else int(last.numel())
-            if offset + x.shape[0] == int(batch.real.sum()):  # the batch's last part
+            if offset + x.shape[0] == batch.real_count:  # the batch's last part
                 done += batch.num_windows
                 if progress is not None and not stored:  # a stored pass reports its blocks instead
                     progress(done, total)
 
     if n_tokens == 0:
         raise InvalidRequestError("the calibration windows hold no real tokens", field="calibration.dataset")
+    s_sum, d_sum = sums[0].cpu().numpy()
     S = s_sum / n_tokens
-    D = d_sum / max(n_angular, 1)
+    D = d_sum / math.pi / max(n_angular, 1)
     np.fill_diagonal(S, 1.0)
     np.fill_diagonal(D, 0.0)
     return SimilarityStats(S=S, D=D, num_tokens=n_tokens, num_sequences=total, angular_mode=angular)
@@ -151,7 +151,7 @@ def _stored_states(
     rows = max(1, STORED_READ_BYTES // (n_states * store.shape["width"] * 4))
     begin = 0
     for batch in batches:
-        count = int(batch.real.sum())
+        count = batch.real_count
         for offset in range(0, count, rows):
             part = min(rows, count - offset)
             x = torch.empty((part, n_states, store.shape["width"]), dtype=torch.float32)
@@ -184,9 +184,8 @@ def _real_states(
         def store(
             i: int, index: int, hidden: torch.Tensor, group: list[Batch] = group, buffers: list[Any] = buffers
         ) -> None:
-            real = group[i].real
             h = hidden.detach().to(device)
-            h = h.reshape(-1, h.shape[-1]) if bool(real.all()) else h[real.to(device)]  # [tokens, d]
+            h = h[group[i].real.to(device)] if group[i].padded else h.reshape(-1, h.shape[-1])  # [tokens, d]
             buffer = buffers[i]
             if buffer is None:
                 buffer = buffers[i] = torch.empty(
@@ -221,8 +220,9 @@ def _last_token_positions(mask: torch.Tensor) -> torch.Tensor:
     return ends[counts > 0]
 
 
-def _pair_sums(x: torch.Tensor, last: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """Sums over tokens of x_i . x_j (for S) and of arccos(x_i . x_j) / pi (for D).
+def _pair_sums(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Sums over tokens of x_i . x_j (for S) and of arccos(x_i . x_j) (for D), stacked ``[2, L, L]`` in
+    float64 on x's device.
 
     ``x`` holds the raw states, ``[tokens, L, d]``. One batched product gives every token's L x L
     Gram matrix G; its diagonal holds the squared norms, so the normalised products are
@@ -233,8 +233,8 @@ def _pair_sums(x: torch.Tensor, last: torch.Tensor | None) -> tuple[np.ndarray, 
     """
     tokens, n_states, _ = x.shape
     chunk = max(1, _D_CHUNK_ELEMENTS // (n_states * n_states))
-    s_total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
-    d_total = torch.zeros((n_states, n_states), dtype=torch.float64, device=x.device)
+    totals = torch.zeros((2, n_states, n_states), dtype=torch.float64, device=x.device)
+    s_total, d_total = totals[0], totals[1]
 
     def cosines(part: torch.Tensor) -> torch.Tensor:
         gram = torch.bmm(part, part.transpose(1, 2))  # [chunk, L, L], float32
@@ -249,4 +249,4 @@ def _pair_sums(x: torch.Tensor, last: torch.Tensor | None) -> tuple[np.ndarray, 
     if last is not None:
         cos = cosines(x[last]).clamp_(-1.0, 1.0)
         d_total += torch.arccos(cos).sum(dim=0, dtype=torch.float64)
-    return s_total.cpu().numpy(), (d_total / math.pi).cpu().numpy()
+    return totals

@@ -13,34 +13,62 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from lorp.errors import BudgetError
+from lorp.options import (
+    MAX_SEED,
+    Execution,
+    Heal,
+    NumClusters,
+    ProtectedLayers,
+    Seed,
+    SelectionMetric,
+    SelectionOptions,
+    StrictModel,
+)
+from lorp.selection import all_methods, check_method
 
-Method = Literal["auto", "search", "lorp", "shortgpt", "streamline", "angular", "reverse"]
-Heal = Literal["linear", "none"]
-Execution = Literal["auto", "resident", "sequential"]
-# Methods that score plans on the model itself (the others need only S and D).
-VALIDATED_METHODS = ("auto", "search")
+__all__ = [
+    "MAX_SEED",
+    "BatchSize",
+    "CalibrationSpec",
+    "DType",
+    "DownstreamFields",
+    "EvaluationSpec",
+    "Execution",
+    "Heal",
+    "MaxWindows",
+    "Method",
+    "ModelSpec",
+    "NumClusters",
+    "NumSamples",
+    "ProtectedLayers",
+    "PruneSpec",
+    "Seed",
+    "SelectionMetric",
+    "SelectionOptions",
+    "SeqLen",
+    "StrictModel",
+    "TargetSpec",
+    "TaskSpec",
+    "execution_refusal",
+]
+
+# A method's name: any method of lorp.selection.REGISTRY, checked when validated (so a method registered
+# later is accepted too), and listed as the JSON schema's enum when the schema is drawn.
+Method = Annotated[
+    str,
+    AfterValidator(check_method),
+    Field(json_schema_extra=lambda schema: schema.update(enum=all_methods())),
+]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-# The bounds, once. A seed is a 31-bit integer because that is what every RNG here accepts.
-MAX_SEED = 2**31 - 1
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 NumSamples = Annotated[int, Field(ge=1, le=4096, description="calibration windows M")]
 SeqLen = Annotated[int, Field(ge=8, le=32768, description="tokens per window T")]
 BatchSize = Annotated[int, Field(ge=1, le=512, description="sequences per forward pass")]
 MaxWindows = Annotated[int, Field(ge=1, le=4096, description="evaluation windows")]
-NumClusters = Annotated[int, Field(ge=2, le=1000, description="LoRP's K, 2 <= K <= N-2 for the model")]
-ProtectedLayers = Annotated[
-    tuple[int, ...],
-    Field(max_length=1000, description="blocks never pruned; default first and last; negative counts from the end"),
-]
 Revision = Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9._/-]+$", description="branch, tag or commit")]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(StrictModel):
@@ -61,8 +89,10 @@ class ModelSpec(StrictModel):
 class TargetSpec(StrictModel):
     """How many blocks to remove: a count, a ratio of the model's blocks, or a quality bound.
 
-    ``max_perplexity_ratio`` cuts the most blocks whose best plan keeps validation perplexity within
-    that multiple of the dense model's; the count is then found by scoring, after the capture.
+    A quality bound cuts the most blocks whose best plan (by ``options.selection_metric``) keeps a
+    validation measure within it: ``max_perplexity_ratio`` bounds its validation perplexity over the
+    dense model's, ``max_kl`` its mean KL(dense || pruned) of the next-token distributions on the
+    validation windows (nats). The count is then found by scoring, after the capture.
     """
 
     num_layers: int | None = Field(default=None, ge=1)
@@ -73,31 +103,44 @@ class TargetSpec(StrictModel):
         le=1000.0,
         description="validation perplexity of the pruned model over the dense one, at most this",
     )
+    max_kl: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="validation mean KL(dense || pruned) of the next-token distributions, in nats, at most this",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetSpec:
-        given = [v for v in (self.num_layers, self.ratio, self.max_perplexity_ratio) if v is not None]
+        given = [v for v in (self.num_layers, self.ratio, self.max_perplexity_ratio, self.max_kl) if v is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of num_layers, ratio or max_perplexity_ratio")
+            raise ValueError("give exactly one of num_layers, ratio, max_perplexity_ratio or max_kl")
         return self
 
     @property
+    def quality_field(self) -> str | None:
+        """The quality bound's field (``max_perplexity_ratio`` or ``max_kl``) when the target is one, else None."""
+        if self.max_perplexity_ratio is not None:
+            return "max_perplexity_ratio"
+        return "max_kl" if self.max_kl is not None else None
+
+    @property
     def is_quality_bound(self) -> bool:
-        return self.max_perplexity_ratio is not None
+        return self.quality_field is not None
 
     def blocks_for(self, n_blocks: int) -> int:
         """The block budget for a model of ``n_blocks`` blocks.
 
         A ratio rounds down (``floor(ratio * N)``): the service never removes more than asked. A
         quality bound has no budget before plans are scored (``BudgetError``, field
-        ``target.max_perplexity_ratio``).
+        ``target.max_perplexity_ratio`` or ``target.max_kl``).
         """
         if self.num_layers is not None:
             return self.num_layers
         if self.ratio is None:
             raise BudgetError(
-                "a max_perplexity_ratio target has no block count until plans are scored",
-                field="target.max_perplexity_ratio",
+                f"a {self.quality_field} target has no block count until plans are scored",
+                field=f"target.{self.quality_field}",
             )
         n = math.floor(self.ratio * n_blocks + 1e-9)
         if n < 1:
@@ -125,32 +168,6 @@ class CalibrationSpec(StrictModel):
     angular: Literal["all_tokens", "last_token"] = "all_tokens"
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     validation_windows: int = Field(default=16, ge=1, le=1024)
-
-
-class SelectionOptions(StrictModel):
-    """Options every selection method shares (``lorp.selection`` takes them as they are).
-
-    Attributes:
-        num_clusters: LoRP's granularity K, overriding the RLS table; must satisfy 2 <= K <= N-2.
-        protected_layers: blocks never pruned. ``None`` means the default {0, N-1}; an explicit tuple
-            replaces the default (it may be empty). Negative entries count from the end (-1 is N-1).
-        cluster_seed: ``random_state`` of the spectral clustering.
-        heal: ``linear`` folds a fitted linear map into the block before each removed span
-            (``lorp.heal``), ``none`` removes the blocks as they are. Unset: ``linear`` where the
-            architecture can fold one, ``none`` where it cannot (Gemma 2/3, OLMo 2/3). Validated
-            methods score every plan healed the same way it will ship.
-        execution: how the model runs (``lorp.execution.choice``): ``resident`` (whole, on the device),
-            ``sequential`` (one decoder block at a time, loaded from the safetensors files; the dense and
-            pruned model's speed, lm-eval tasks and completions are then skipped) or ``auto``
-            (resident when the weights and the job's working set fit the device's memory budget).
-            Both give the same statistics, plan and pruned weights.
-    """
-
-    num_clusters: NumClusters | None = None
-    protected_layers: ProtectedLayers | None = None
-    cluster_seed: Seed = 0
-    heal: Heal | None = None
-    execution: Execution = "auto"
 
 
 TaskName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]

@@ -130,7 +130,7 @@ class StateSink:
         if take < batch.num_windows:  # the last batch kept is cut short: made ready again, smaller
             batch = runner.batch(batch.ids[:take], batch.mask[:take])
         real = batch.real
-        rows = real_states[: int(real.sum())]  # real tokens are in window order
+        rows = real_states[: batch.real_count]  # real tokens are in window order
         kept: list[torch.Tensor] = []
         for j in range(rows.shape[1]):
             full = torch.zeros((*batch.ids.shape, rows.shape[2]), dtype=self.dtype, device=rows.device)
@@ -186,7 +186,7 @@ def store_states(
     as the block runs, before its state; a block whose MLP output a resumed pass did not keep is left
     out, and so is every block after it (the heal fits then run their anchors again)."""
     n_states = runner.num_blocks + 1
-    rows = [int(batch.real.sum()) for batch in batches]
+    rows = [batch.real_count for batch in batches]
     offsets = [sum(rows[:i]) for i in range(len(rows))]
 
     def real_rows(states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -258,7 +258,7 @@ class StoredStateCache(StateCache):
         ids = torch.cat([b.ids.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         mask = torch.cat([b.mask.cpu() for b in batches]) if batches else torch.zeros(0, 0, dtype=torch.long)
         self.windows = TokenWindows(input_ids=ids, attention_mask=mask)
-        self._rows = [int(batch.real.sum()) for batch in batches]
+        self._rows = [batch.real_count for batch in batches]
         self._offsets = [sum(self._rows[:i]) for i in range(len(self._rows))]
 
     def state(self, batch: int, block: int) -> torch.Tensor:

@@ -75,11 +75,35 @@ sys.path.insert(0, "scripts")
 from bench import bench_capture
 from lorp import calibration as cal
 from lorp.loading import load_model
-model, text, batch, repeats, device, samples, seq_len = sys.argv[1:]
+model, text, batch, repeats, device, samples, seq_len, profile = sys.argv[1:]
 loaded = load_model(model, device=device, dtype="bfloat16")
 texts = cal.load_texts(cal.parse_source(text))
 data = cal.build_calibration(loaded.tokenizer, texts, num_samples=int(samples), seq_len=int(seq_len))
 print("CAPTURE " + json.dumps(bench_capture(loaded.model, data.capture, int(batch), int(repeats))))
+if profile:  # where the capture's time goes beyond the plain pass: the device's kernels and the host's waits
+    import torch
+    from torch.profiler import ProfilerActivity, profile as profiled
+    from lorp.similarity import capture_similarity
+    from lorp.execution import Runner
+    runner = Runner(loaded.model)
+    def plain():
+        with torch.inference_mode():
+            for b in runner.batches(data.capture, int(batch)):
+                runner.run(b)
+    def capture():
+        capture_similarity(loaded.model, data.capture, batch_size=int(batch))
+    tables = []
+    for name, fn in (("plain", plain), ("capture", capture)):
+        cuda = torch.cuda.is_available()
+        with profiled(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        averages = prof.key_averages()
+        device_time = "cuda_time_total" if cuda else "self_cpu_time_total"
+        tables += [f"== {name}: by device time", averages.table(sort_by=device_time, row_limit=25),
+                   f"== {name}: by host time", averages.table(sort_by="cpu_time_total", row_limit=25)]
+    open(profile, "w").write(chr(10).join(tables))
 """
 
 
@@ -163,7 +187,8 @@ def run_job(model: Path, mode: str, out: Path, args: argparse.Namespace) -> dict
 
 def capture_throughput(model: Path, args: argparse.Namespace) -> dict:
     sizes = (args.batch_size, args.repeats, args.device, args.num_samples, args.seq_len)
-    cmd = [sys.executable, "-c", _CAPTURE, str(model), args.calibration, *map(str, sizes)]
+    profile = str(args.profile.with_name(args.profile.name + ".capture")) if args.profile else ""
+    cmd = [sys.executable, "-c", _CAPTURE, str(model), args.calibration, *map(str, sizes), profile]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"capture bench failed:\n{done.stderr[-4000:]}")
@@ -184,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--modes", nargs="+", choices=["sequential", "resident"], default=["sequential", "resident"])
     parser.add_argument(
-        "--profile", type=Path, help="write each job's cProfile (40 by cumulative, 25 by own time) beside this path"
+        "--profile",
+        type=Path,
+        help="write each job's cProfile (40 by cumulative, 25 by own time) beside this path, and the capture's "
+        "torch.profiler tables (plain pass and capture, by device and host time) to PATH.capture",
     )
     parser.add_argument("--export-offline", type=Path, metavar="DIR", help="write the offline files; stop")
     parser.add_argument("--out", default="docs/benchmarks.md")

@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {n} | {best:.2f} | {result['auto'][2]:.2f} | {auto_ratio:.2f} | {result['search'][2]:.2f} | "
             f"{search_ratio:.2f} | {result['search'][4]:.1f} | {result['search'][0]} |"
         )
-    after = f"{q.next_ratio:.3f}" if q.next_ratio is not None else "none (nothing more to remove)"
+    after = f"{q.next_value:.3f}" if q.next_value is not None else "none (nothing more to remove)"
     section += [
         "",
         f"Quality target `max_perplexity_ratio` {args.quality_ratio} (auto, healed): chose {q.num_layers} blocks "
-        f"{quality.chosen.pruned_layers} ({quality.chosen_name}); validation ratio {q.ratio:.3f}, one block more "
+        f"{quality.chosen.pruned_layers} ({quality.chosen_name}); validation ratio {q.value:.3f}, one block more "
         f"{after}; held-out ratio {quality_held_out:.3f}; cost {quality_s / capture_s:.1f} x capture.",
     ]
     print("\n".join(section))

@@ -145,6 +145,11 @@ def print_summary(job: dict[str, Any]) -> None:
             print(f"  {mark} {plan['name']:<11} {plan['validation_perplexity']:>9.2f}  {plan['pruned_layers']}")
     if dense.get("perplexity") is not None and pruned.get("perplexity") is not None:
         print(f"perplexity       dense {dense['perplexity']:.2f} -> pruned {pruned['perplexity']:.2f} (held-out text)")
+    if pruned.get("kl_mean") is not None:
+        print(
+            f"vs dense         KL {pruned['kl_mean']:.4f} nats mean, {pruned['kl_p99']:.3f} p99; "
+            f"same top token {pruned['top1_agreement']:.1%} (held-out text)"
+        )
     if ratio.get("decode_speedup") is not None:
         print(
             f"decode speed-up  x{ratio['decode_speedup']:.2f} "

@@ -1,11 +1,13 @@
 """A job's inputs, made local: uploaded datasets and ``s3://`` models fetched into the work folder.
 
-Each reference is resolved only as what the settings allow (``app.jobspec.check_model_reference``): a
-hub id only through the hub's cache, a local model only inside the model roots (every file of it),
-an ``s3://`` model only from a folder ``LORP_MODEL_S3_PREFIXES`` names, within bounded size. The engine
-is told what each reference is and what the client called it (``lorp.pipeline.Sources``), so the
-report and the provenance carry the client's names (``dataset <id>``, the ``s3://`` URL, the model id),
-never the worker's paths; :meth:`JobInputs.public_message` does the same for error messages.
+What each reference is, and whether the settings allow it, is decided once by
+``app.jobspec.resolve_references``: a hub id only through the hub's cache, a local model only inside
+the model roots (every file of it), an ``s3://`` model only from a folder ``LORP_MODEL_S3_PREFIXES``
+names. This module does the I/O that follows: an ``s3://`` model copied within bounded size, an
+uploaded dataset looked up and fetched. The engine is told what each reference is and what the client
+called it (``lorp.pipeline.Sources``), so the report and the provenance carry the client's names
+(``dataset <id>``, the ``s3://`` URL, the model id), never the worker's paths;
+:meth:`JobInputs.public_message` does the same for error messages.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from app.core.config import Settings
 from app.core.s3ref import S3Location
 from app.db.session import session_scope
 from app.jobspec import (
+    DatasetReference,
     JobCreate,
+    JobReferences,
     RequestError,
-    check_model_reference,
-    dataset_kind,
-    model_roots,
+    resolve_references,
     to_prune_spec,
 )
 from app.repositories import datasets as datasets_repo
@@ -74,32 +76,26 @@ class JobInputs:
     def storage(self) -> Storage:
         return self._storage()
 
+    @property
+    def model_copy_dir(self) -> Path:
+        """Where an ``s3://`` model is copied (a folder of the work folder)."""
+        return self.work_dir / "model-source"
+
     def resolve(self, request: JobCreate) -> PruneSpec:
         """The engine's spec, with uploaded datasets and s3:// models fetched into the work folder;
         ``self.sources`` then says what each reference is and what the client called it."""
         from lorp.pipeline import Sources
 
-        location = check_model_reference(request.model, self.settings)
-        model_source = request.model.id
-        roots: tuple[Path, ...] | None = None  # None: a hub model (confined to its cache folder), the demo
-        if location.s3 is not None:
-            dest = self._download_model(request.model.id, location.s3)
-            model_source, roots = str(dest), (self.work_dir / "model-source",)
-        elif location.path is not None:
-            model_source, roots = str(location.path), tuple(model_roots(self.settings))
-            self._public_names[model_source] = request.model.id  # the client's own path, as it wrote it
-        calibration = self._resolve_dataset(request.calibration.dataset, "calibration.dataset")
-        evaluation = (
-            None
-            if request.evaluation.dataset is None
-            else self._resolve_dataset(request.evaluation.dataset, "evaluation.dataset")
-        )
+        refs = resolve_references(request, self.settings)
+        model_source, roots = self._local_model(refs)
+        calibration = self._local_dataset(refs.calibration)
+        evaluation = None if refs.evaluation is None else self._local_dataset(refs.evaluation)
         self.sources = Sources(
-            model_kind="hub" if location.kind == "hub" else "demo" if location.kind == "demo" else "local",
+            model_kind=refs.load_kind,
             model_roots=roots,
-            model_name=request.model.id,
-            calibration_name=request.calibration.dataset,
-            evaluation_name=request.evaluation.dataset,
+            model_name=refs.model_name,
+            calibration_name=refs.calibration.name,
+            evaluation_name=None if refs.evaluation is None else refs.evaluation.name,
             hub_cache=self.settings.resolved_data_dir.joinpath(*HUB_CACHE_SUBDIR),
             analysis_scope=analysis_scope(self._owner()),
             scratch=self.settings.job_scratch_root / str(self.job_id) if self.job_id is not None else None,
@@ -114,21 +110,35 @@ class JobInputs:
         with session_scope(self.factory) as session:
             return jobs_repo.owner_of(session, self.job_id)
 
-    def _resolve_dataset(self, reference: str, field: str) -> str:
-        kind = dataset_kind(reference)
-        if kind != "uploaded":
-            return reference  # "builtin" and "hf:..." are the engine's own grammar
-        dataset_id = uuid.UUID(reference)
+    def _local_model(self, refs: JobReferences) -> tuple[str, tuple[Path, ...] | None]:
+        """What the engine loads and the folders it must stay in: an ``s3://`` model's copy, confined to
+        the folder it was copied into; else the local path or the id, with the reference's own roots."""
+        if refs.model.s3 is not None:
+            dest = self._download_model(refs.model_name, refs.model.s3)
+            return str(dest), (self.model_copy_dir,)
+        if refs.model.path is None:
+            return refs.model_name, refs.model_roots  # the demo, a hub id
+        self._public_names[str(refs.model.path)] = refs.model_name  # the client's own path, as it wrote it
+        return str(refs.model.path), refs.model_roots
+
+    def _local_dataset(self, dataset: DatasetReference) -> str:
+        """What the engine reads for ``dataset``: an uploaded dataset's file fetched into the work folder
+        (``#FIELD`` added for JSONL); the built-in corpus and ``hf:...`` as written (the engine's grammar)."""
+        dataset_id = dataset.upload_id
+        if dataset_id is None:
+            return dataset.name
         with session_scope(self.factory) as session:
-            dataset = datasets_repo.get(session, dataset_id)
-            if dataset is None:
-                raise RequestError(f"dataset {reference} does not exist; upload it with POST /v1/datasets", field)
-            fmt, text_field, key = dataset.format, dataset.text_field, dataset.storage_key
+            row = datasets_repo.get(session, dataset_id)
+            if row is None:
+                raise RequestError(
+                    f"dataset {dataset.name} does not exist; upload it with POST /v1/datasets", dataset.field
+                )
+            fmt, text_field, key = row.format, row.text_field, row.storage_key
         suffix = ".jsonl" if fmt == "jsonl" else ".txt"
         local = self.work_dir / "data" / f"{dataset_id}{suffix}"
-        self._public_names[str(local)] = f"dataset {reference}"
+        self._public_names[str(local)] = f"dataset {dataset.name}"
         if not local.exists():
-            with_storage_retries(f"downloading dataset {reference}", lambda: self.storage.download_to(key, local))
+            with_storage_retries(f"downloading dataset {dataset.name}", lambda: self.storage.download_to(key, local))
         return f"{local}#{text_field or 'text'}" if fmt == "jsonl" else str(local)
 
     def _download_model(self, reference: str, folder: S3Location) -> Path:
@@ -162,7 +172,7 @@ class JobInputs:
                     f"{reference} holds more than {self.settings.model_s3_max_bytes} bytes, more than this "
                     "service copies for a model (LORP_MODEL_S3_MAX_BYTES)",
                 )
-        dest = self.work_dir / "model-source"
+        dest = self.model_copy_dir
         self._public_names[str(dest)] = reference.rstrip("/")
         for key in keys:
             target = dest.joinpath(*key.split("/"))

@@ -198,7 +198,11 @@ def summary_of(
             "method": report.method,
             "chosen": {"candidate": report.chosen.candidate, "pruned_layers": report.chosen.pruned_layers},
             "plans": {
-                name: {"pruned_layers": p.pruned_layers, "validation_perplexity": p.validation_perplexity}
+                name: {
+                    "pruned_layers": p.pruned_layers,
+                    "validation_perplexity": p.validation_perplexity,
+                    "validation_kl": p.validation_kl,
+                }
                 for name, p in report.plans.items()
             },
             "metrics": {

@@ -16,14 +16,13 @@ from app.jobspec import JobCreate
 from app.repositories import analyses as analyses_repo
 from app.repositories import jobs as jobs_repo
 from app.schemas import (
-    DEFAULT_PLAN_METHODS,
     AnalysisOut,
 )
 from app.services.job_views import plan_out
 from app.services.jobs import get_job
 from lorp.errors import EngineError
 from lorp.jsonable import finite
-from lorp.selection import METHODS, SelectionOptions, Structure, analyze_structure
+from lorp.selection import METHODS, SelectionOptions, Structure, analyze_structure, plan_methods
 
 
 def _job_budget(request: dict[str, Any], num_blocks: int) -> tuple[int | None, SelectionOptions]:
@@ -51,7 +50,7 @@ def _scores(
     if n is None or structure is None:
         return {}
     out: dict[str, dict[str, list[float | None]]] = {}
-    for name in DEFAULT_PLAN_METHODS:
+    for name in plan_methods():
         try:
             selection = METHODS[name](S, D, n, options, structure=structure)
         except EngineError:
@@ -101,7 +100,7 @@ def get_analysis(session: Session, job_id: uuid.UUID, principal: Principal) -> A
         k=k,
         clusters=list(clusters),
         redundancy=[finite(v) for v in redundancy],
-        plans=[plan_out(p) for p in plans],
+        plans=[plan_out(p, job.summary) for p in plans],
         scores=_scores(S, D, n, options, structure),
         provenance=analysis.provenance,
         created_at=analysis.created_at,

@@ -66,13 +66,16 @@ def _error(job: Job) -> JobError | None:
 COUNT_METRICS = frozenset(name for name, kind in METRICS.items() if kind.count)
 
 
-def plan_out(plan: Plan) -> PlanOut:
-    """A stored candidate plan as the API shows it (a non-finite perplexity as null)."""
+def plan_out(plan: Plan, summary: dict[str, Any] | None = None) -> PlanOut:
+    """A stored candidate plan as the API shows it (a non-finite score as null); its validation KL, kept
+    in the job's ``summary`` rather than the plan table, where the job measured it."""
+    kept = ((summary or {}).get("plans") or {}).get(plan.name) or {}
     return PlanOut(
         name=plan.name,
         k=plan.k,
         pruned_layers=list(plan.pruned_layers),
         validation_perplexity=finite(plan.validation_perplexity),
+        validation_kl=finite(kept.get("validation_kl")),
         chosen=plan.chosen,
     )
 
@@ -145,7 +148,7 @@ def _summary(session: Session, job: Job, links: JobLinks) -> JobSummary | None:
         clusters=structure["clusters"] if structure else None,
         num_blocks=structure["num_blocks"] if structure else None,
         analysis_reused=job.analysis_reused,
-        plans=[plan_out(p) for p in plans],
+        plans=[plan_out(p, job.summary) for p in plans],
         chosen_method=job.chosen_method,
         pruned_layers=list(job.pruned_layers) if job.pruned_layers is not None else None,
         metrics=grouped,

@@ -24,7 +24,7 @@ from app.core.errors import Conflict, NotFound, ServiceError, Unprocessable
 from app.core.security import Principal
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobStatus
-from app.jobspec import JobCreate, check_model_reference, dataset_kind, webhook_url_problem
+from app.jobspec import DatasetReference, JobCreate, resolve_references, webhook_url_problem
 from app.queue import enqueue_job
 from app.repositories import datasets as datasets_repo
 from app.repositories import events as events_repo
@@ -58,11 +58,15 @@ class Submission:
     created: bool
 
 
-def _check_dataset_reference(session: Session, reference: str | None, principal: Principal, field: str) -> None:
-    if reference is None or dataset_kind(reference) != "uploaded":
+def _check_dataset_reference(session: Session, dataset: DatasetReference | None, principal: Principal) -> None:
+    """An uploaded dataset must exist and be the caller's to use (the built-in corpus and hub datasets
+    are the engine's to read)."""
+    if dataset is None or dataset.upload_id is None:
         return
-    if datasets_repo.get_visible(session, uuid.UUID(reference), principal) is None:
-        raise Unprocessable(f"no uploaded dataset {reference} (upload one with POST /v1/datasets)", field=field)
+    if datasets_repo.get_visible(session, dataset.upload_id, principal) is None:
+        raise Unprocessable(
+            f"no uploaded dataset {dataset.name} (upload one with POST /v1/datasets)", field=dataset.field
+        )
 
 
 def _replay(existing: Job, fingerprint: str) -> Submission:
@@ -114,11 +118,11 @@ def submit_job(
             raise Unprocessable(
                 f"Idempotency-Key must hold 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters", field="Idempotency-Key"
             )
-    location = check_model_reference(spec.model, settings)
+    references = resolve_references(spec, settings)
     preflight.check_execution(spec)
-    preflight.check_against_model(spec, location, settings)
-    _check_dataset_reference(session, spec.calibration.dataset, principal, "calibration.dataset")
-    _check_dataset_reference(session, spec.evaluation.dataset, principal, "evaluation.dataset")
+    preflight.check_against_model(spec, references.model, settings)
+    _check_dataset_reference(session, references.calibration, principal)
+    _check_dataset_reference(session, references.evaluation, principal)
     eval_tasks.check_tasks(session, spec.evaluation.tasks)
     if spec.notify is not None:
         webhook_problem = webhook_url_problem(

@@ -84,6 +84,24 @@ async function refreshJobs() {
   }
 }
 
+// The form's methods come from the service (the engine's registry), never from this page.
+async function loadMethods() {
+  try {
+    const listed = await (await api("/v1/methods")).json();
+    const select = document.getElementById("method");
+    select.replaceChildren(
+      ...listed.methods.map((method) => {
+        const option = el("option", method.name, { value: method.name, title: method.label });
+        option.selected = method.name === listed.default;
+        return option;
+      })
+    );
+    select.dataset.ready = "true";
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
 function setUpJobsPage() {
   document.getElementById("submit-form").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -106,6 +124,7 @@ function setUpJobsPage() {
       showError(error.message);
     }
   });
+  loadMethods();
   refreshJobs();
   setInterval(refreshJobs, 2000);
 }
@@ -149,7 +168,7 @@ function fillResults(job) {
   const summary = job.summary || {};
   document.querySelector("#plans tbody").replaceChildren(
     ...(summary.plans || []).map((plan) =>
-      row([plan.chosen ? "*" : "", plan.name, JSON.stringify(plan.pruned_layers), fmt(plan.validation_perplexity, 2)], plan.chosen ? { class: "chosen" } : {})
+      row([plan.chosen ? "*" : "", plan.name, JSON.stringify(plan.pruned_layers), fmt(plan.validation_perplexity, 2), fmt(plan.validation_kl, 4)], plan.chosen ? { class: "chosen" } : {})
     )
   );
   const metrics = summary.metrics || {};

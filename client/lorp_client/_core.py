@@ -28,12 +28,13 @@ CHUNK = 1024 * 1024
 
 def job_body(body: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
     """The job request: ``body`` as given, with the shortcuts (``model``, ``num_layers``, ``ratio``,
-    ``max_perplexity_ratio``, ``dataset``, ``method``) filled into their sections."""
+    ``max_perplexity_ratio``, ``max_kl``, ``dataset``, ``selection_metric``, ``method``) filled into their
+    sections."""
     out: dict[str, Any] = json.loads(json.dumps(body or {}))
     if (model := fields.pop("model", None)) is not None:
         out["model"] = {"id": model} if isinstance(model, str) else model
     target = {}
-    for key in ("num_layers", "ratio", "max_perplexity_ratio"):
+    for key in ("num_layers", "ratio", "max_perplexity_ratio", "max_kl"):
         value = fields.pop(key, None)
         if value is not None:
             target[key] = value
@@ -41,6 +42,8 @@ def job_body(body: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, A
         out["target"] = {**out.get("target", {}), **target}
     if (dataset := fields.pop("dataset", None)) is not None:
         out["calibration"] = {**out.get("calibration", {}), "dataset": str(dataset)}
+    if (metric := fields.pop("selection_metric", None)) is not None:
+        out["options"] = {**out.get("options", {}), "selection_metric": metric}
     for key, value in fields.items():
         if value is None:
             continue

@@ -8,6 +8,7 @@
     lorp jobs cancel ID [--json]
     lorp jobs download ID DIR
     lorp jobs delete ID [--json]
+    lorp jobs methods [--json]
 
 The server and key come from ``--url`` / ``--api-key`` or ``LORP_URL`` / ``LORP_API_KEY``. ``wait`` and
 ``download`` draw a progress bar on stderr (stage and percent, bytes per file); ``--json`` prints the
@@ -50,7 +51,13 @@ def add_jobs_command(sub: Any, *, prog: str | None = None) -> dict[str, Handler]
     target.add_argument("--num-layers", type=int, help="blocks to remove")
     target.add_argument("--ratio", type=float, help="fraction of the blocks to remove")
     target.add_argument("--max-perplexity-ratio", type=float, help="remove as many as keep perplexity within this")
-    submit.add_argument("--method", help="auto, search, lorp, shortgpt, streamline, angular, reverse")
+    target.add_argument(
+        "--max-kl", type=float, help="remove as many as keep the mean KL from the dense model within this (nats)"
+    )
+    submit.add_argument(
+        "--selection-metric", choices=["perplexity", "kl"], help="what ranks validated plans (default perplexity)"
+    )
+    submit.add_argument("--method", help="a pruning method (default auto); `methods` lists the service's")
     data = submit.add_mutually_exclusive_group()
     data.add_argument("--dataset", help="calibration: builtin, an uploaded dataset's reference, or a source")
     data.add_argument("--dataset-file", type=Path, help="upload this .txt or .jsonl and calibrate on it")
@@ -77,6 +84,9 @@ def add_jobs_command(sub: Any, *, prog: str | None = None) -> dict[str, Handler]
         one.add_argument("--json", action="store_true")
         if name == "wait":
             one.add_argument("--timeout", type=float)
+
+    methods = cmds.add_parser("methods", help="the pruning methods the service runs", parents=[common])
+    methods.add_argument("--json", action="store_true")
 
     download = cmds.add_parser("download", help="download a succeeded job's files (sha256-checked)", parents=[common])
     download.add_argument("job_id")
@@ -170,6 +180,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         num_layers=args.num_layers,
         ratio=args.ratio,
         max_perplexity_ratio=args.max_perplexity_ratio,
+        max_kl=args.max_kl,
+        selection_metric=args.selection_metric,
         method=args.method,
         dataset=dataset,
     )
@@ -182,6 +194,18 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         _download(client, job.id, args.download)
     _show_job(job, args.json)
     return _outcome(job)
+
+
+def _show_methods(client: Client, as_json: bool) -> None:
+    listed = client.methods()
+    if as_json:
+        print(listed.model_dump_json())
+        return
+    for method in listed.methods:
+        uses = [w for w, on in (("model", method.needs_model), ("auto", method.auto_candidate)) if on]
+        uses += ["curve"] if method.on_curve else []
+        default = " (default)" if method.name == listed.default else ""
+        print(f"{method.name:<12}{','.join(uses):<18}{method.label}{default}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
                     _show_job(item, args.json)
                     if args.limit and shown >= args.limit:
                         break
+                return 0
+            if command == "methods":
+                _show_methods(client, args.json)
                 return 0
             if command == "status":
                 _show_job(client.get(args.job_id), args.json)

@@ -22,6 +22,7 @@ from lorp_client.models import (
     JobListItem,
     JobOut,
     JobStatus,
+    MethodsOut,
     Page,
 )
 
@@ -82,9 +83,9 @@ class Client:
         self, body: dict[str, Any] | None = None, *, idempotency_key: str | None = None, **fields: Any
     ) -> JobOut:
         """Submit a job: ``body`` is the request of ``POST /v1/jobs``; ``model=``, ``num_layers=``,
-        ``ratio=``, ``max_perplexity_ratio=``, ``dataset=`` and ``method=`` fill it in, other keywords
-        set whole sections (``options=``, ``evaluation=`` ...). An idempotency key is generated unless
-        given, so a retried submission never creates a second job."""
+        ``ratio=``, ``max_perplexity_ratio=``, ``max_kl=``, ``dataset=``, ``selection_metric=`` and
+        ``method=`` fill it in, other keywords set whole sections (``options=``, ``evaluation=`` ...).
+        An idempotency key is generated unless given, so a retried submission never creates a second job."""
         key = idempotency_key or _core.new_idempotency_key()
         payload = _core.job_body(body, fields)
         response = self._request("POST", "/v1/jobs", json=payload, headers={"Idempotency-Key": key})
@@ -168,6 +169,10 @@ class Client:
             raise _core.api_error(response)
         checks: dict[str, Any] = response.json()["checks"]
         return checks
+
+    def methods(self) -> MethodsOut:
+        """The pruning methods a job's ``method`` may name, what each does and which auto and the curve use."""
+        return _core.parse(self._request("GET", "/v1/methods"), MethodsOut)
 
     def tasks(self, *, source: str | None = None, prefix: str | None = None, limit: int = 100) -> EvalTasksOut:
         """The downstream tasks the workers published (``evaluation.tasks`` may name them)."""

@@ -73,12 +73,15 @@ class JobLinks(BaseModel):
 
 
 class PlanOut(BaseModel):
-    """One candidate plan of a job: the blocks it cuts and, when validated, its held-out perplexity."""
+    """One candidate plan of a job: the blocks it cuts and, when validated, its validation perplexity and
+    (where the job measured it: ``options.selection_metric`` kl or ``target.max_kl``) its validation
+    mean KL from the dense model's next-token distributions, in nats."""
 
     name: str
     k: int | None
     pruned_layers: list[int]
     validation_perplexity: float | None
+    validation_kl: float | None = None
     chosen: bool
 
 
@@ -111,6 +114,24 @@ class EvalTasksOut(BaseModel):
     tasks: list[EvalTaskOut]
     total: int
     published_at: dt.datetime | None
+
+
+class MethodOut(BaseModel):
+    """A pruning method a job's ``method`` may name (the engine's registry, as ``GET /v1/methods`` lists it)."""
+
+    name: str
+    label: str = Field(description="what the method does, in one line")
+    needs_model: bool = Field(description="scores plans on the model (auto, search), so POST /v1/plans cannot run it")
+    auto_candidate: bool = Field(description="auto scores this method's plan among its candidates")
+    on_curve: bool = Field(description="the budget curve draws this method's plan at every budget")
+    needs_distance: bool = Field(description="needs the angular-distance matrix D, not only S")
+
+
+class MethodsOut(BaseModel):
+    """Every method, in the engine's order; ``default`` is what a job without ``method`` runs."""
+
+    methods: list[MethodOut]
+    default: str
 
 
 class CurvePointOut(BaseModel):

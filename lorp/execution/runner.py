@@ -29,7 +29,7 @@ scores and fits (tests/engine/test_sequential.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +51,19 @@ GroupCallback = Callable[[int, int, torch.Tensor], None]
 @dataclass
 class Batch:
     """A batch of windows ready to run: tokens, the state entering block 0, each block's call, and
-    what the blocks return (a tensor or a tuple)."""
+    what the blocks return (a tensor or a tuple).
+
+    ``real_count`` (the real tokens) and ``padded`` (whether any position is padding) are read from
+    the mask on the host when the batch is made: asked of the mask on a GPU, each would wait for the
+    device, once per block of a pass."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     entering: torch.Tensor
     calls: list[BlockCall]
     form: OutputForm
+    real_count: int
+    padded: bool
 
     @property
     def real(self) -> torch.Tensor:
@@ -173,13 +179,16 @@ class Runner:
         self._check_current()
         if self._removed:
             raise RuntimeError("batches are made on the dense model, outside a pruned view")
+        real_count, padded = int(mask.bool().sum()), not bool(mask.bool().all())  # on the host, before the move
         ids, mask = ids.to(self.device), mask.to(self.device)
         # The first batch learns what a block returns by running block 0 once.
         first = self._block(0) if self._form is None and self.onloader is not None else nullcontext()
         embeddings = self.onloader.input_embeddings() if self.onloader is not None else nullcontext()
         with torch.no_grad(), first, embeddings:
             entering, calls, self._form = record_calls(self.model, self._live, ids, mask, self._form)
-        return Batch(ids=ids, mask=mask, entering=entering, calls=calls, form=self._form)
+        return Batch(
+            ids=ids, mask=mask, entering=entering, calls=calls, form=self._form, real_count=real_count, padded=padded
+        )
 
     def batches(
         self,
@@ -327,7 +336,7 @@ class Runner:
         with torch.no_grad(), self.head():
             return head_logits(self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form)
 
-    def window_logits(self, batch: Batch, final: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    def window_logits(self, batch: Batch, final: torch.Tensor) -> Generator[tuple[slice, torch.Tensor], None, None]:
         """:meth:`logits` a window at a time, with the windows' rows of the batch: a whole batch's
         logits are ``[windows, tokens, vocabulary]``, 0.2 GB in float32 for 4 x 256 tokens of a
         49,152-word vocabulary, and a measure that reduces them per window never needs them all."""

@@ -21,6 +21,7 @@ import torch
 
 from lorp.blocks import pruned_view
 from lorp.calibration import TokenWindows
+from lorp.divergence import next_token_valid, token_divergence
 from lorp.evaluation import perplexity
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.runner import real_tokens
@@ -30,7 +31,7 @@ from lorp.selection import Selection, SelectionOptions, candidate_plans
 
 @dataclass
 class ReferenceAuto:
-    """Every candidate plan, its held-out perplexity measured in full, and the lowest one's name."""
+    """Every candidate plan, its held-out score (perplexity, or mean KL) measured in full, and the lowest one's name."""
 
     chosen: str
     candidates: dict[str, Selection]
@@ -46,21 +47,37 @@ def reference_auto_select(
     *,
     options: SelectionOptions | None = None,
     batch_size: int = 4,
+    metric: str = "perplexity",
 ) -> ReferenceAuto:
     """``auto``'s choice the direct way: every plan of ``candidate_plans(S, D, n)`` measured unhealed on
-    ``validation`` by a perplexity pass over a pruned view of ``model`` (identical plans once), the
-    lowest kept (ties: the earlier candidate). Independent reference, not what jobs run."""
+    ``validation`` by a perplexity pass over a pruned view of ``model`` (``metric="kl"``: by
+    :func:`reference_kl`) (identical plans once), the lowest kept (ties: the earlier candidate).
+    Independent reference, not what jobs run."""
     candidates = candidate_plans(S, D, n, options or SelectionOptions())
     measured: dict[tuple[int, ...], float] = {}
     scores: dict[str, float] = {}
     for name, plan in candidates.items():
         key = tuple(sorted(plan.pruned_layers))
-        if key not in measured:
+        if key not in measured and metric == "kl":
+            measured[key] = reference_kl(model, key, validation)
+        elif key not in measured:
             with pruned_view(model, key):
                 measured[key] = perplexity(model, validation, batch_size=batch_size)
         scores[name] = measured[key]
     chosen = min(candidates, key=lambda name: scores[name])
     return ReferenceAuto(chosen=chosen, candidates=candidates, scores=scores)
+
+
+def reference_kl(model: Any, pruned_layers: Sequence[int], validation: TokenWindows) -> float:
+    """The mean KL(dense || pruned) of the next-token distributions over ``validation``'s counted
+    positions, from transformers' own forward of ``model`` and of a pruned view of it (no cached state)."""
+    ids, mask = validation.input_ids, validation.attention_mask
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        with pruned_view(model, pruned_layers):
+            pruned = model(input_ids=ids, attention_mask=mask).logits
+    kl, _ = token_divergence(dense, pruned, next_token_valid(mask))
+    return float(kl.mean())
 
 
 def reference_heal_cuts(

@@ -1,12 +1,15 @@
 """Method auto: temporary pruned views, plan scoring, and the choice of the best plan.
 
 Scoring and choosing are asserted on what jobs run (``lorp.planner.choose_plan``, ``lorp.scoring.PlanScorer``),
-against the independent reference in ``tests/engine/reference.py`` (every candidate measured over a pruned view).
+against the independent reference in ``tests/engine/reference.py`` (every candidate measured over a pruned view),
+by validation perplexity and by the mean KL from the dense predictions (``options.selection_metric``), and
+the most blocks a ``target.max_kl`` allows.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -15,15 +18,16 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks
 from lorp.calibration import CalibrationData, TokenWindows
+from lorp.errors import BudgetError
 from lorp.evaluation import perplexity
-from lorp.planner import choose_best, choose_plan
+from lorp.planner import PlanChoice, choose_best, choose_plan
 from lorp.scoring import PlanScorer
 from lorp.similarity import capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 from lorp.states import StateCache
 
 from .archs import ARCHS, build, probe
-from .reference import reference_auto_select
+from .reference import reference_auto_select, reference_kl
 
 VOCAB = 384
 
@@ -131,6 +135,76 @@ def test_auto_picks_the_lowest_validation_perplexity(qwen3):
     # the model is left dense
     assert len(decoder_blocks(qwen3)) == 6
     assert all(torch.equal(value, dense[key]) for key, value in qwen3.state_dict().items())
+
+
+def test_auto_by_kl_picks_the_candidate_nearest_the_dense_predictions(qwen3):
+    capture, val = windows(4, 16, seed=1), windows(4, 16, seed=2)
+    stats = capture_similarity(qwen3, capture)
+    spec = PruneSpec(
+        model=ModelSpec(id="tiny-qwen3"),
+        method="auto",
+        target=TargetSpec(num_layers=2),
+        calibration=CalibrationSpec(batch_size=4),
+        options=SelectionOptions(heal="none", selection_metric="kl"),
+    )
+    data = CalibrationData(capture=capture, validation=val, text_sha256="", num_stream_tokens=0)
+    choice = choose_plan(qwen3, stats.S, stats.D, data, spec, 6)
+    by_kl = reference_auto_select(qwen3, stats.S, stats.D, 2, val, batch_size=4, metric="kl")
+    by_perplexity = reference_auto_select(qwen3, stats.S, stats.D, 2, val, batch_size=4)
+    assert choice.metric == "kl" and set(choice.plans) == set(by_kl.candidates)
+    # The finalists measured in full carry both figures, each equal to the direct measure.
+    assert choice.kl and set(choice.kl) == set(choice.scores)
+    for name in choice.kl:
+        assert choice.kl[name] == pytest.approx(by_kl.scores[name], rel=1e-4), name
+        assert choice.scores[name] == pytest.approx(by_perplexity.scores[name], rel=1e-5), name
+    # The lowest KL of every candidate measured the direct way, not only of the finalists.
+    assert choice.kl[choice.chosen_name] == min(choice.kl.values())
+    assert by_kl.scores[choice.chosen_name] == pytest.approx(by_kl.scores[by_kl.chosen], rel=1e-4)
+    assert reference_kl(qwen3, choice.chosen.pruned_layers, val) == pytest.approx(
+        choice.kl[choice.chosen_name], rel=1e-4
+    )
+    # Here the two metrics disagree, and KL decided: perplexity would have cut other blocks.
+    lowest_perplexity = by_perplexity.candidates[by_perplexity.chosen].pruned_layers
+    assert sorted(lowest_perplexity) != sorted(choice.chosen.pruned_layers)
+    assert len(decoder_blocks(qwen3)) == 6
+
+
+def test_a_max_kl_target_cuts_the_most_blocks_whose_best_plan_keeps_within_it(qwen3):
+    capture, val = windows(4, 16, seed=1), windows(4, 16, seed=2)
+    stats = capture_similarity(qwen3, capture)
+    data = CalibrationData(capture=capture, validation=val, text_sha256="", num_stream_tokens=0)
+
+    def choose(target: TargetSpec, metric: str = "kl") -> PlanChoice:
+        options = SelectionOptions(heal="none", selection_metric=metric)
+        spec = PruneSpec(model=ModelSpec(id="tiny-qwen3"), target=target, options=options)
+        return choose_plan(qwen3, stats.S, stats.D, data, spec, 6)
+
+    best = {n: choose(TargetSpec(num_layers=n)) for n in (1, 2, 3)}
+    kl = {n: choice.kl[choice.chosen_name] for n, choice in best.items()}
+    assert kl[1] < kl[2] < kl[3]  # (on this model each further block moves the predictions further)
+    bound = math.sqrt(kl[2] * kl[3])
+    choice = choose(TargetSpec(max_kl=bound))
+    assert choice.n == 2 and sorted(choice.chosen.pruned_layers) == sorted(best[2].chosen.pruned_layers)
+    quality = choice.quality
+    assert quality is not None and quality.bound.field == "max_kl"
+    assert quality.value == choice.kl[choice.chosen_name] == pytest.approx(kl[2]) and kl[2] <= bound
+    # One block more breaks the bound: the best 3-block plan's KL is past it.
+    assert quality.next_value == pytest.approx(kl[3]) and kl[3] > bound
+    assert quality.summary() == {
+        "max_kl": bound,
+        "dense_validation_perplexity": choice.scorer.score([], metric="perplexity"),
+        "num_layers": 2,
+        "kl": quality.value,
+        "next_kl": quality.next_value,
+    }
+    # A bound no single block keeps within names its field.
+    with pytest.raises(BudgetError) as info:
+        choose(TargetSpec(max_kl=kl[1] / 2))
+    assert info.value.field == "target.max_kl" and f"above target.max_kl {kl[1] / 2}" in str(info.value)
+    # Ranked by perplexity, the bound still reads each budget's best plan's KL (measured beside it).
+    by_perplexity = choose(TargetSpec(max_kl=1.0), metric="perplexity")
+    assert by_perplexity.metric == "perplexity" and by_perplexity.n == 4  # every eligible block
+    assert by_perplexity.kl[by_perplexity.chosen_name] == by_perplexity.quality.value <= 1.0
 
 
 @pytest.mark.parametrize("name", ["gpt2-inverse-scaling", *sorted(ARCHS)])

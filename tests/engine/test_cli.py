@@ -177,12 +177,19 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     assert "  blocks removed          1         3\n  lorp " in out
     assert f"{tmp_path / 'n'}/budgets.png" in out
 
-    code, out, err = run_cli(
-        ["prune", *common, "--num-layers", "2", "--curve-budgets", "--out", str(tmp_path / "c")], capsys
-    )
+    kl_target = ["--selection-metric", "kl", "--max-kl", "0.1"]
+    code, out, err = run_cli(["prune", *common, *kl_target, "--curve-budgets", "--out", str(tmp_path / "c")], capsys)
     assert code == 0, err
     assert "budget curve" not in out and not (tmp_path / "c" / "budgets.png").exists()
     assert "execution       resident on cpu (" in out and "fit the budget" in out and "skipped" not in out
+    # Ranked and bounded by the validation mean KL from the dense model.
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    quality, n = report["selection"]["quality_target"], report["num_layers_removed"]
+    assert report["request"]["options"]["selection_metric"] == "kl" and quality["max_kl"] == 0.1
+    assert quality["num_layers"] == n >= 1 and quality["kl"] <= 0.1
+    assert report["plans"][report["chosen"]["candidate"]]["validation_kl"] == quality["kl"]
+    assert f"quality target  {n} blocks within 0.1 nats validation mean KL from dense (KL {quality['kl']:.4f};" in out
+    assert "candidates      (validation perplexity, mean KL from dense, healed, lower is better, ranked by KL)" in out
 
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", *common, "--num-layers", "2", "--heal", "cubic", "--out", str(tmp_path / "x")])

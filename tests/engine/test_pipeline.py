@@ -226,8 +226,9 @@ def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint
 ):
     runs = {}
     for mode in ("resident", "sequential"):
-        spec = make_spec(tiny_model_dir, corpus_files, options=SelectionOptions(execution=mode, heal="linear"))
-        runs[mode] = run_prune(spec, tmp_path / mode)
+        # Ranked by KL: the sequential scorer reads the dense final states from its store on disk.
+        options = SelectionOptions(execution=mode, heal="linear", selection_metric="kl")
+        runs[mode] = run_prune(make_spec(tiny_model_dir, corpus_files, options=options), tmp_path / mode)
     resident, sequential = runs["resident"], runs["sequential"]
     np.testing.assert_allclose(sequential.stats.S, resident.stats.S, rtol=0, atol=1e-6)
     np.testing.assert_allclose(sequential.stats.D, resident.stats.D, rtol=0, atol=1e-6)
@@ -236,12 +237,22 @@ def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint
     for name, plan in r.plans.items():
         assert s.plans[name].pruned_layers == plan.pruned_layers
         if plan.validation_perplexity is None:  # screened only, in both modes
-            assert s.plans[name].validation_perplexity is None
+            assert s.plans[name].validation_perplexity is None and s.plans[name].validation_kl is None
         else:
             assert s.plans[name].validation_perplexity == pytest.approx(plan.validation_perplexity, rel=1e-5)
+            assert plan.validation_kl is not None and plan.validation_kl > 0
+            assert s.plans[name].validation_kl == pytest.approx(plan.validation_kl, rel=1e-4, abs=1e-7)
+    measured = {name: plan.validation_kl for name, plan in r.plans.items() if plan.validation_kl is not None}
+    assert measured[r.chosen.candidate] == min(measured.values())
     for key in ("perplexity", "num_layers", "num_parameters"):
         assert s.metrics.dense[key] == pytest.approx(r.metrics.dense[key], rel=1e-5), key
         assert s.metrics.pruned[key] == pytest.approx(r.metrics.pruned[key], rel=1e-5), key
+    # The divergence from the dense predictions, pruned only, alike in both modes.
+    for key in ("kl_mean", "kl_p99", "top1_agreement"):
+        assert key not in r.metrics.dense and key not in s.metrics.dense
+        assert s.metrics.pruned[key] == pytest.approx(r.metrics.pruned[key], rel=1e-4, abs=1e-7), key
+    assert r.metrics.pruned["kl_mean"] > 0 and 0 < r.metrics.pruned["top1_agreement"] < 1
+    assert r.metrics.pruned["kl_p99"] >= r.metrics.pruned["kl_mean"]
     # The same checkpoint: the same tensor names, values and config.
     got, expected = _tensors(sequential.model_dir), _tensors(resident.model_dir)
     assert got.keys() == expected.keys()

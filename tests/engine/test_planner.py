@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -212,6 +213,15 @@ def test_target_kinds_are_exclusive() -> None:
     with pytest.raises(BudgetError) as info:
         TargetSpec(max_perplexity_ratio=1.5).blocks_for(30)
     assert info.value.field == "target.max_perplexity_ratio"
+    with pytest.raises(ValueError, match="exactly one of num_layers, ratio, max_perplexity_ratio or max_kl"):
+        TargetSpec(max_perplexity_ratio=1.5, max_kl=0.1)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            TargetSpec(max_kl=bad)
+    with pytest.raises(BudgetError) as info:
+        TargetSpec(max_kl=0.1).blocks_for(30)
+    assert info.value.field == "target.max_kl" and "a max_kl target has no block count" in str(info.value)
+    assert TargetSpec(max_kl=0.1).is_quality_bound and not TargetSpec(num_layers=2).is_quality_bound
 
 
 @pytest.mark.parametrize(("width", "kept"), [(576, 8192 // 512), (2048, 16384 // 512), (8192, 64)])

@@ -5,7 +5,9 @@
 - healed scores and fits from the cache equal the independent reference (``reference_heal_cuts``, in
   tests/engine/reference.py: passes over the windows, no cache) on the same windows, in both modes, and
   a fit a plan shares with an earlier one is reused;
-- cancelling between batches raises ``JobCancelled``.
+- cancelling between batches raises ``JobCancelled``;
+- a plan's KL score (``metric="kl"``) is 0 for the dense model and, for a cut, the divergence of the
+  pruned model's logits from the dense model's; a search by KL keeps the addition nearest the dense model.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import pytest
 import torch
 
 from lorp.blocks import pruned_view
+from lorp.divergence import next_token_valid, token_divergence
 from lorp.errors import JobCancelled
 from lorp.evaluation import perplexity
 from lorp.scoring import CachedHealer, PlanScorer
+from lorp.search import GreedySearch
 from lorp.states import StateCache
 
 from .archs import ARCHS, six_blocks
-from .helpers import FOLDABLE, windows
+from .helpers import FOLDABLE, tiny_llama, windows, windows_with_padding
 from .reference import reference_heal_cuts
 
 PLANS = [[], [2], [1, 2], [3, 4], [5], [1, 4, 5], [0, 3]]
@@ -178,3 +182,45 @@ def test_a_longer_span_after_the_same_anchor_reuses_its_outputs_and_fits_the_sam
     assert list(healer._anchors) == [1]
     (fresh,) = CachedHealer(model, cache, mode="dense").fits([2, 3, 4])
     assert torch.allclose(grown.T, fresh.T) and grown.span == fresh.span
+
+
+def test_the_kl_score_is_zero_for_the_dense_model_and_the_pruned_views_divergence_for_a_plan() -> None:
+    model, data = tiny_llama(5), windows_with_padding()
+    cache = StateCache(model, data, batch_size=2)
+    scorer = PlanScorer(model, cache, metric="kl")
+    assert scorer.score([]) == pytest.approx(0.0, abs=1e-7)
+    plan = [1, 2]
+    ids, mask = data.input_ids, data.attention_mask
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids, attention_mask=mask).logits
+        with pruned_view(model, plan):
+            pruned_logits = model(input_ids=ids, attention_mask=mask).logits
+            full = perplexity(model, data, batch_size=2)
+    kl, _ = token_divergence(dense_logits, pruned_logits, next_token_valid(mask))
+    assert float(kl.mean()) > 0
+    assert scorer.score(plan) == pytest.approx(float(kl.mean()), rel=1e-4)
+    # Perplexity comes from the same measure, read back without running a block.
+    runs = scorer.runner.block_runs
+    assert scorer.score(plan, metric="perplexity") == pytest.approx(full, rel=1e-5)
+    assert scorer.figures(plan) == (scorer.score(plan, metric="perplexity"), scorer.score(plan))
+    assert scorer.runner.block_runs == runs and scorer.evaluations == 2
+    # A perplexity scorer measures no KL unless asked to; asked, it ranks by perplexity and keeps both.
+    plain = PlanScorer(model, cache)
+    assert plain.figures(plan) == (scorer.score(plan, metric="perplexity"), None)
+    with pytest.raises(ValueError, match="does not measure KL"):
+        plain.score(plan, metric="kl")
+    both = PlanScorer(model, cache, measure_kl=True)
+    assert both.score(plan) == plain.score(plan) and both.score(plan, metric="kl") == scorer.score(plan)
+    assert torch.is_grad_enabled()  # the dense logits' pass leaves gradients as it found them
+
+
+def test_a_search_by_kl_keeps_the_addition_nearest_the_dense_predictions() -> None:
+    model = six_blocks("llama")
+    scorer = PlanScorer(model, StateCache(model, windows(batch=8, length=12), batch_size=4), metric="kl")
+    S = torch.rand(7, 7, generator=torch.Generator().manual_seed(1)).double().numpy()
+    search = GreedySearch(scorer, S, eligible=list(range(1, 5)), width=3)
+    shortlist = search.shortlist()
+    step = search.step()
+    assert step.pruned_layers == [min(shortlist, key=lambda b: scorer.score([b], screen=True))]
+    assert step.validation_kl == scorer.score(step.pruned_layers, screen=True)
+    assert step.validation_perplexity == scorer.score(step.pruned_layers, screen=True, metric="perplexity")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
@@ -53,6 +54,18 @@ def new_key(factory: sessionmaker[Session], name: str, admin: bool = False) -> t
         plaintext, row = create_api_key(session, name, admin)
         session.commit()
         return plaintext, row.id
+
+
+def row_count(factory: sessionmaker[Session], table: type[Any]) -> int:
+    """Rows of ``table`` in the test database as ``factory`` sees them: a refused request must not add
+    one (compare before and after: rows other tests' workers committed are there too)."""
+    with factory() as session:
+        return int(session.scalar(select(func.count()).select_from(table)) or 0)
+
+
+def job_count(factory: sessionmaker[Session]) -> int:
+    """:func:`row_count` of jobs."""
+    return row_count(factory, Job)
 
 
 def bearer(key: str) -> dict[str, str]:

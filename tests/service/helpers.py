@@ -46,6 +46,7 @@ def job_request(
     perplexity: bool = True,
     speed: bool = False,
     tasks: list[dict] | None = None,
+    options: dict | None = None,
 ) -> JobCreate:
     """A small, valid job on ``model_id`` calibrated on ``dataset`` (an uploaded id or a source)."""
     return JobCreate.model_validate(
@@ -59,6 +60,7 @@ def job_request(
             "evaluation": EvaluationRef.model_validate(
                 {"max_windows": eval_windows, "perplexity": perplexity, "speed": speed, "tasks": tasks or []}
             ),
+            "options": options or {},
         }
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import func, select
 
 from app.db.models import Job
 
@@ -14,6 +13,7 @@ from .api_helpers import (
     assert_problem,
     bearer,
     client_for,
+    job_count,
     new_key,
 )
 
@@ -60,12 +60,12 @@ def test_auth_isolates_owners_and_admin_sees_all(api_settings, rollback_sessionm
 )
 def test_auth_refuses_missing_or_wrong_keys(api_settings, rollback_sessionmaker, headers):
     settings = api_settings.model_copy(update={"auth_required": True})
+    before = job_count(rollback_sessionmaker)
     client = client_for(settings, rollback_sessionmaker)
     for response in (client.get("/v1/jobs", headers=headers), client.post("/v1/jobs", json=DEMO_JOB, headers=headers)):
         assert_problem(response, 401)
         assert response.headers["www-authenticate"] == "Bearer"
-    with rollback_sessionmaker() as session:
-        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert job_count(rollback_sessionmaker) == before
 
 
 def test_revoked_key_is_refused(api_settings, rollback_sessionmaker):

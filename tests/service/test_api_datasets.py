@@ -7,7 +7,6 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import select
 
 from app.db.models import Dataset
 from app.storage import artifact_store
@@ -16,6 +15,7 @@ from .api_helpers import (
     DEMO_JOB,
     assert_problem,
     client_for,
+    row_count,
 )
 
 
@@ -73,12 +73,12 @@ def test_upload_jsonl_counts_documents(api_settings, rollback_sessionmaker):
     ],
 )
 def test_bad_uploads_are_422_and_store_nothing(api_settings, rollback_sessionmaker, filename, content, data, field):
+    before = row_count(rollback_sessionmaker, Dataset)  # other tests' workers commit datasets in this database
     client = client_for(api_settings, rollback_sessionmaker)
     response = client.post("/v1/datasets", files={"file": (filename, content)}, data=data)
     assert_problem(response, 422, field)
     assert artifact_store(api_settings).list("datasets") == []
-    with rollback_sessionmaker() as session:
-        assert session.scalars(select(Dataset)).all() == []
+    assert row_count(rollback_sessionmaker, Dataset) == before
 
 
 def test_missing_file_is_422(api_settings, rollback_sessionmaker):

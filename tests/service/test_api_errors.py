@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from app.core.config import Settings
 from app.db.migrate import upgrade_head
-from app.db.models import Dataset, Job, JobStatus
+from app.db.models import Dataset, JobStatus
 from app.db.session import session_factory
 
 from .api_helpers import (
@@ -20,6 +20,8 @@ from .api_helpers import (
     assert_problem,
     client_for,
     insert_job,
+    job_count,
+    row_count,
 )
 from .tmpfs import fill, mounted_tmpfs, used_files
 
@@ -163,12 +165,12 @@ def test_job_body_text_no_database_can_store_is_422_naming_it(api_settings, roll
     """NUL reached Postgres (a 500 for notify.url, notify.secret and prompts); an unpaired surrogate was a 422
     that did not say why, or named only ``body``."""
     settings = api_settings.model_copy(update={"webhook_allowed_hosts": ["hooks.example.com"]})
+    before = job_count(rollback_sessionmaker)
     client = client_for(settings, rollback_sessionmaker, raise_server_exceptions=False)
     response = client.post("/v1/jobs", content=raw.encode(), headers=JSON)
     body = assert_problem(response, 422, field)
     assert message in next(e["message"] for e in body["errors"] if e["field"] == field)
-    with rollback_sessionmaker() as session:
-        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert job_count(rollback_sessionmaker) == before
 
 
 def test_plans_body_and_idempotency_key_with_nul_are_422(api_settings, rollback_sessionmaker):
@@ -224,6 +226,7 @@ def test_upload_onto_a_full_disk_is_503_disk_full_and_stores_nothing(api_setting
     with mounted_tmpfs(tmp_path / "full", 512) as disk:
         settings = api_settings.model_copy(update={"storage_url": (disk / "artifacts").as_uri()})
         fill(disk, leave_bytes=16 * 1024)
+        datasets_before = row_count(rollback_sessionmaker, Dataset)
         client = client_for(settings, rollback_sessionmaker, raise_server_exceptions=False)
         response = client.post("/v1/datasets", files={"file": ("c.txt", b"calibration text " * 4096)})
         body = assert_problem(response, 503)
@@ -232,7 +235,7 @@ def test_upload_onto_a_full_disk_is_503_disk_full_and_stores_nothing(api_setting
         assert str(disk) not in response.text
         assert used_files(disk) == []  # the store's temporary file is gone too
     with rollback_sessionmaker() as session:
-        assert session.scalar(select(func.count()).select_from(Dataset)) == 0
+        assert session.scalar(select(func.count()).select_from(Dataset)) == datasets_before
 
 
 def test_embedded_database_on_a_full_disk_is_503_disk_full(tmp_path):

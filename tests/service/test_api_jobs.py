@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.db.models import Job, JobEvent, JobStatus
+from lorp_client.models import PlanOut
 
 from .api_helpers import (
     DEMO_JOB,
@@ -18,6 +19,7 @@ from .api_helpers import (
     client_for,
     finished_job,
     insert_job,
+    job_count,
     new_key,
     queued_messages,
     utc,
@@ -31,7 +33,8 @@ def test_create_job_is_queued_recorded_and_enqueued(api_settings, rollback_sessi
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["progress"] == 0.0 and job["error"] is None
-    assert job["request"]["target"] == {"num_layers": 2, "ratio": None, "max_perplexity_ratio": None}
+    assert job["request"]["target"] == {"num_layers": 2, "ratio": None, "max_perplexity_ratio": None, "max_kl": None}
+    assert job["request"]["options"]["selection_metric"] == "perplexity"
     assert job["links"]["self"] == f"/v1/jobs/{job['id']}"
 
     job_id = uuid.UUID(job["id"])
@@ -110,6 +113,7 @@ def test_pagination_is_newest_first_without_duplicates(api_settings, rollback_se
             model,
         )
     client = client_for(api_settings, rollback_sessionmaker)
+    total = job_count(rollback_sessionmaker)
 
     seen: list[str] = []
     cursor = None
@@ -127,13 +131,15 @@ def test_pagination_is_newest_first_without_duplicates(api_settings, rollback_se
         cursor = body["next_cursor"]
         if cursor is None:
             break
-    assert pages == 5
-    assert len(seen) == len(set(seen)) == 23
+    # Jobs other tests' workers committed are listed too (older than ours: created now, ours in 2026).
+    assert len(seen) == len(set(seen)) == total and pages == -(-total // 5)
     expected = sorted(ids, key=lambda i: (ids[i][0], i), reverse=True)
-    assert seen == [str(i) for i in expected]
+    assert [i for i in seen if uuid.UUID(i) in ids] == [str(i) for i in expected]
 
     queued = client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()["items"]
-    assert {item["id"] for item in queued} == {str(i) for i, v in ids.items() if v[1] == JobStatus.queued}
+    assert all(item["status"] == "queued" for item in queued)
+    ours = {item["id"] for item in queued if uuid.UUID(item["id"]) in ids}
+    assert ours == {str(i) for i, v in ids.items() if v[1] == JobStatus.queued}
     by_model = client.get("/v1/jobs", params={"model": "org/model-a", "status": "succeeded"}).json()["items"]
     assert {item["id"] for item in by_model} == {
         str(i) for i, v in ids.items() if v[2] == "org/model-a" and v[1] == JobStatus.succeeded
@@ -186,6 +192,28 @@ def test_job_summary_shows_its_own_structure(api_settings, rollback_sessionmaker
     summary = client.get(f"/v1/jobs/{job_id}").json()["summary"]
     assert summary["k"] == 5 and summary["rls"] == pytest.approx(0.3) and summary["clusters"] == own["clusters"]
     assert summary["report"] == own
+
+
+def test_job_summary_shows_each_plans_validation_kl_where_the_job_measured_it(api_settings, rollback_sessionmaker):
+    """The KL is kept in the job's summary (the worker's, from report.json), not in the plan table."""
+    kept = {
+        "plans": {
+            "lorp": {"pruned_layers": [3, 7], "validation_perplexity": 21.5, "validation_kl": 0.0125},
+            "shortgpt": {"pruned_layers": [8, 9], "validation_perplexity": 25.0, "validation_kl": None},
+        }
+    }
+    job_id, _ = finished_job(rollback_sessionmaker, summary=kept)
+    client = client_for(api_settings, rollback_sessionmaker)
+    for body in (client.get(f"/v1/jobs/{job_id}").json()["summary"], client.get(f"/v1/jobs/{job_id}/analysis").json()):
+        plans = {p["name"]: p for p in body["plans"]}
+        assert plans["lorp"]["validation_kl"] == 0.0125 and plans["lorp"]["validation_perplexity"] == 21.5
+        assert plans["shortgpt"]["validation_kl"] is None
+        assert [PlanOut.model_validate(p).validation_kl for p in body["plans"]] == [
+            p["validation_kl"] for p in body["plans"]
+        ]
+    job_id, _ = finished_job(rollback_sessionmaker)  # a summary without KL (a job ranked by perplexity)
+    plans = client.get(f"/v1/jobs/{job_id}").json()["summary"]["plans"]
+    assert [p["validation_kl"] for p in plans] == [None, None]
 
 
 def test_unfinished_job_has_no_summary(api_settings, rollback_sessionmaker):
@@ -261,16 +289,22 @@ def test_cancel_finished_job_conflicts(api_settings, rollback_sessionmaker, stat
         ({**DEMO_JOB, "target": {"max_perplexity_ratio": 0.9}}, "target.max_perplexity_ratio"),
         ({**DEMO_JOB, "target": {"max_perplexity_ratio": "loose"}}, "target.max_perplexity_ratio"),
         ({**DEMO_JOB, "target": {"num_layers": 2, "max_perplexity_ratio": 1.5}}, "target"),
+        ({**DEMO_JOB, "target": {"max_kl": 0}}, "target.max_kl"),
+        ({**DEMO_JOB, "target": {"max_kl": -0.5}}, "target.max_kl"),
+        ({**DEMO_JOB, "target": {"max_kl": "tight"}}, "target.max_kl"),
+        ({**DEMO_JOB, "target": {"max_perplexity_ratio": 1.5, "max_kl": 0.1}}, "target"),
+        ({**DEMO_JOB, "options": {"selection_metric": "bleu"}}, "options.selection_metric"),
+        ({**DEMO_JOB, "options": {"selection_metric": 1}}, "options.selection_metric"),
         ({**DEMO_JOB, "calibration": {"num_samples": 0}}, "calibration.num_samples"),
         ({"target": {"num_layers": 2}}, "model"),
         ([1, 2, 3], "body"),
     ],
 )
 def test_bad_job_requests_name_the_field(api_settings, rollback_sessionmaker, body, field):
+    before = job_count(rollback_sessionmaker)
     client = client_for(api_settings, rollback_sessionmaker)
     assert_problem(client.post("/v1/jobs", json=body), 422, field)
-    with rollback_sessionmaker() as session:
-        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert job_count(rollback_sessionmaker) == before
 
 
 @pytest.mark.parametrize(
@@ -281,6 +315,8 @@ def test_bad_job_requests_name_the_field(api_settings, rollback_sessionmaker, bo
         {"options": {"heal": "none"}, "method": "shortgpt"},
         {"target": {"max_perplexity_ratio": 1.5}},
         {"method": "search", "target": {"max_perplexity_ratio": 1.25}, "options": {"heal": "linear"}},
+        {"target": {"max_kl": 0.05}, "options": {"selection_metric": "kl"}},
+        {"method": "search", "options": {"selection_metric": "kl"}},
     ],
 )
 def test_heal_search_and_quality_targets_are_accepted_and_recorded(api_settings, rollback_sessionmaker, extra):

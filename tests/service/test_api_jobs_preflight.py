@@ -16,12 +16,10 @@ from typing import Any
 import boto3
 import pytest
 from gguf import GGUFWriter
-from sqlalchemy import func, select
 
 from app.core.config import Settings
-from app.db.models import Job
 
-from .api_helpers import assert_problem, client_for, queued_messages
+from .api_helpers import assert_problem, client_for, job_count, queued_messages
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
 
 DEMO_BLOCKS = 30  # SmolLM2-135M; blocks 0 and 29 are protected by default, so 28 may go
@@ -30,11 +28,6 @@ DEMO_BLOCKS = 30  # SmolLM2-135M; blocks 0 and 29 are protected by default, so 2
 def submit(settings: Settings, factory: Any, model: str, **body: Any) -> Any:
     client = client_for(settings, factory)
     return client.post("/v1/jobs", json={"model": {"id": model}, "target": {"num_layers": 2}, **body})
-
-
-def count_jobs(factory: Any) -> int:
-    with factory() as session:
-        return int(session.scalar(select(func.count()).select_from(Job)))
 
 
 @pytest.mark.parametrize(
@@ -50,11 +43,11 @@ def count_jobs(factory: Any) -> int:
     ],
 )
 def test_the_demo_models_depth_bounds_the_budget(api_settings, rollback_sessionmaker, redis_url, body, field, needle):
-    before = count_jobs(rollback_sessionmaker)
+    before = job_count(rollback_sessionmaker)
     problem = assert_problem(submit(api_settings, rollback_sessionmaker, "demo", **body), 422, field)
     assert needle in problem["detail"], problem["detail"]
     assert f"{DEMO_BLOCKS} decoder blocks" in problem["detail"]
-    assert count_jobs(rollback_sessionmaker) == before
+    assert job_count(rollback_sessionmaker) == before
     assert queued_messages(redis_url, api_settings.queue_name) == []
 
 
@@ -172,11 +165,11 @@ def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot
     directory = root / "post-norm"
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps({"model_type": "gemma2", "num_hidden_layers": 6}))
-    before = count_jobs(rollback_sessionmaker)
+    before = job_count(rollback_sessionmaker)
     problem = assert_problem(
         submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "linear"}), 422, "options.heal"
     )
-    assert "post_feedforward_layernorm" in problem["detail"] and count_jobs(rollback_sessionmaker) == before
+    assert "post_feedforward_layernorm" in problem["detail"] and job_count(rollback_sessionmaker) == before
     for options in ({"heal": "none"}, {}):  # unset: the worker heals where it can, here not at all
         response = submit(api_settings, rollback_sessionmaker, str(directory), options=options)
         assert response.status_code == 202, response.text
@@ -187,7 +180,7 @@ def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(
     directory = root / "plain-llama"
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6}))
-    before = count_jobs(rollback_sessionmaker)
+    before = job_count(rollback_sessionmaker)
     sequential = {"execution": "sequential"}
     tasks = {"tasks": [{"name": "lorp_cloze", "limit": 4}]}
     problem = assert_problem(
@@ -203,7 +196,7 @@ def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(
         422,
         "options.execution",
     )
-    assert count_jobs(rollback_sessionmaker) == before
+    assert job_count(rollback_sessionmaker) == before
     # Sequential without tasks is accepted (speed and completions are skipped, and the summary says so).
     response = submit(api_settings, rollback_sessionmaker, str(directory), options=sequential)
     assert response.status_code == 202, response.text

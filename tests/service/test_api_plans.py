@@ -194,3 +194,23 @@ def test_plans_the_job_scored_carry_their_validation_perplexity(api_settings, ro
     plain_id, _ = finished_job(rollback_sessionmaker)
     plain = client.get(f"/v1/jobs/{plain_id}").json()
     assert plain["links"]["budget_chart"] is None and plain["summary"]["budget_curve"] is None
+
+
+def test_a_job_ranked_and_bounded_by_kl_lends_its_selection_options_to_plans(api_settings, rollback_sessionmaker):
+    """A job's KL options (selection_metric, a max_kl target) pass through POST /v1/plans' copy of its
+    selection options, and its analysis has no budget of its own until plans are scored."""
+    request = {
+        "model": {"id": "demo"},
+        "target": {"max_kl": 0.05},
+        "options": {"selection_metric": "kl", "num_clusters": 4},
+    }
+    job_id, _ = finished_job(rollback_sessionmaker, request=request)
+    client = client_for(api_settings, rollback_sessionmaker)
+    response = client.post("/v1/plans", json={"job_id": str(job_id), "budgets": [3], "methods": ["lorp"]})
+    assert response.status_code == 200, response.text
+    (plan,) = response.json()["plans"]
+    S, D = similarity_stats(12)
+    expected = engine_select("lorp", S, D, 3, SelectionOptions(num_clusters=4, selection_metric="kl"))
+    assert plan["k"] == 4 and plan["pruned_layers"] == expected.pruned_layers
+    analysis = client.get(f"/v1/jobs/{job_id}/analysis")
+    assert analysis.status_code == 200, analysis.text

@@ -3,14 +3,14 @@ checked at submission (an unknown task is a 422 naming its entry, before anythin
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from app.db.models import EvalTask, Job
+from app.db.models import EvalTask
 from app.db.session import session_scope
 from app.repositories.eval_tasks import EvalTaskRow, replace_catalogue
 from worker.catalogue import publish_catalogue
 
-from .api_helpers import DEMO_JOB, assert_problem, client_for
+from .api_helpers import DEMO_JOB, assert_problem, client_for, job_count
 
 CATALOGUE = [
     EvalTaskRow("lorp_cloze", "built-in", ["acc", "acc_norm"]),
@@ -56,12 +56,12 @@ def test_tasks_are_listed_built_in_first_and_filtered(api_settings, rollback_ses
 
 def test_an_unknown_task_is_refused_at_submission_naming_its_entry(api_settings, rollback_sessionmaker) -> None:
     _publish(rollback_sessionmaker)
+    before = job_count(rollback_sessionmaker)
     client = client_for(api_settings, rollback_sessionmaker)
     response = client.post("/v1/jobs", json=_job([{"name": "lorp_cloze"}, {"name": "no_such_task"}]))
     body = assert_problem(response, 422, "evaluation.tasks.1.name")
     assert "no_such_task" in body["detail"]
-    with rollback_sessionmaker() as session:
-        assert session.scalar(select(func.count()).select_from(Job)) == 0  # nothing recorded
+    assert job_count(rollback_sessionmaker) == before  # nothing recorded
     accepted = client.post("/v1/jobs", json=_job([{"name": "lorp_cloze", "limit": 50}, {"name": "hellaswag"}]))
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["request"]["evaluation"]["tasks"][0] == {

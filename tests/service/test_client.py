@@ -8,6 +8,7 @@ serves ranges (S3), and the asyncio twin.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -269,9 +270,33 @@ def test_body_shortcuts_and_retry_after() -> None:
         "target": {"ratio": 0.25},
         "calibration": {"dataset": "builtin", "seed": 3},
     }
+    kl = job_body({"options": {"heal": "linear"}}, {"model": "demo", "max_kl": 0.05, "selection_metric": "kl"})
+    assert kl == {
+        "options": {"heal": "linear", "selection_metric": "kl"},
+        "model": {"id": "demo"},
+        "target": {"max_kl": 0.05},
+    }
     assert retry_after(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
     assert retry_after(httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
     assert retry_after(httpx.Response(503)) is None
+
+
+def test_jobs_submit_sends_a_kl_target_and_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorp_client import cli as jobs_cli
+
+    sent: list[Any] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(422, json={"code": "invalid_request", "detail": "seen", "field": "target"})
+
+    transport = httpx.MockTransport(answer)
+    monkeypatch.setattr(jobs_cli, "_client", lambda _args: Client("http://lorp.test", transport=transport))
+    parser = argparse.ArgumentParser()
+    jobs_cli.add_jobs_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["jobs", "submit", "--model", "demo", "--max-kl", "0.05", "--selection-metric", "kl"])
+    assert jobs_cli.run(args) == 2
+    assert sent == [{"model": {"id": "demo"}, "target": {"max_kl": 0.05}, "options": {"selection_metric": "kl"}}]
 
 
 def test_readiness_and_the_task_catalogue(embedded: dict[str, Any]) -> None:

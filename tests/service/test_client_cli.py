@@ -76,6 +76,27 @@ def test_refusals_and_failures_have_their_own_exit_status(embedded: dict[str, An
     assert "num_layers" in failed.stdout + failed.stderr
 
 
+def test_methods_are_the_services(embedded: dict[str, Any]) -> None:
+    """`lorp-jobs methods` lists what GET /v1/methods serves, the default marked; --json is the response."""
+    listed = jobs(embedded, "methods", "--json", command=LORP_JOBS)
+    assert listed.returncode == 0, listed.stderr
+    body = json.loads(listed.stdout)
+    assert [m["name"] for m in body["methods"]] == [
+        "auto",
+        "search",
+        "lorp",
+        "shortgpt",
+        "streamline",
+        "angular",
+        "reverse",
+    ]
+    shown = jobs(embedded, "methods")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 7 and lines[0].startswith("auto") and lines[0].endswith("(default)")
+    assert lines[2].startswith("lorp") and "auto,curve" in lines[2]
+
+
 def test_cancel_from_the_command_line(embedded: dict[str, Any]) -> None:
     submitted = jobs(
         embedded, "submit", "--model", embedded["model"], "--num-layers", "2", "--dataset", "builtin", "--json"

@@ -73,6 +73,11 @@ def test_the_demo_prints_its_local_files_and_rounded_numbers(demo_run: dict[str,
     for name, plan in report["plans"].items():
         if plan["validation_perplexity"] is not None:
             assert re.search(rf"{name} +{plan['validation_perplexity']:.2f}  ", out), (name, out)
+    pruned = report["metrics"]["pruned"]  # the divergence from the dense predictions, as the report has it
+    assert (
+        f"vs dense         KL {pruned['kl_mean']:.4f} nats mean, {pruned['kl_p99']:.3f} p99; "
+        f"same top token {pruned['top1_agreement']:.1%}" in out
+    )
     heal = report["heal"]  # the demo model folds maps and the demo's 8,192 tokens are enough to fit them
     if heal["method"] == "linear":
         assert heal["spans"] and "candidates       validation perplexity (healed, " in out

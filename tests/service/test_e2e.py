@@ -155,6 +155,8 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
         for score in report["metrics"][phase]["tasks"]:
             assert served[score["metric"]]["value"] == pytest.approx(score["value"])
             assert served[score["metric"]]["num_samples"] == 3
+    for name in ("kl_mean", "kl_p99", "top1_agreement"):  # the divergence, in /v1 as in the report
+        assert summary["metrics"]["pruned"][name] == pytest.approx(report["metrics"]["pruned"][name])
     assert [g["prompt"] for g in report["generations"]] == ["the block"]
     assert worker_summary["generations"] == report["generations"]
     pruned = AutoModelForCausalLM.from_pretrained(out / "model")

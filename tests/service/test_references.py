@@ -26,9 +26,19 @@ from app.core.config import Settings
 from app.core.s3ref import S3Location, parse_s3_location
 from app.db.models import Analysis, ApiKey, Job, JobStatus
 from app.db.session import session_factory, session_scope
-from app.jobspec import JobCreate, ModelLocation, ModelRef, RequestError, check_model_reference
+from app.jobspec import (
+    DatasetReference,
+    JobCreate,
+    JobReferences,
+    ModelLocation,
+    ModelRef,
+    RequestError,
+    check_model_reference,
+    resolve_references,
+)
 from app.services.keys import create_api_key
 from app.storage import artifact_store
+from lorp.assets.cache import cache_dir
 from worker import runner
 from worker.failures import JobFailure
 from worker.inputs import JobInputs
@@ -217,6 +227,128 @@ def test_an_s3_store_written_in_any_form_is_never_a_model() -> None:
         with pytest.raises(RequestError, match="the service's own job outputs"):
             check_model_reference(ModelRef(id="s3://bkt/artifacts/jobs/x/"), settings)
         assert check_model_reference(ModelRef(id="s3://bkt/models/x/"), settings).s3 == S3Location("bkt", "models/x")
+
+
+# -- one reading of a request's references, for the API and the worker ------------------------------------
+
+
+def _request(model: str, calibration: str = "builtin", evaluation: str | None = None, **model_fields: Any) -> JobCreate:
+    return JobCreate.model_validate(
+        {
+            "model": {"id": model, **model_fields},
+            "target": {"num_layers": 1},
+            "calibration": {"dataset": calibration},
+            "evaluation": {"dataset": evaluation},
+        }
+    )
+
+
+def _reference_settings(model_root: Path, **update: Any) -> Settings:
+    return Settings(
+        storage_url="s3://bkt/artifacts", model_s3_prefixes=["s3://bkt/models/"], model_roots=[model_root], **update
+    )
+
+
+def test_each_reference_is_read_once_into_its_kind(model_root: Path) -> None:
+    """``resolve_references`` says what every reference of a request is: the model's kind, location and
+    the roots a local one stays in (how the engine loads it), and each dataset field's kind."""
+    settings = _reference_settings(model_root)
+    upload = uuid.uuid4()
+    builtin = DatasetReference("builtin", "calibration.dataset", "builtin")
+    local = model_root / "tiny-llama"
+    expected = {
+        "demo": JobReferences("demo", ModelLocation("demo"), None, builtin, None),
+        "Qwen/Qwen3-8B": JobReferences("Qwen/Qwen3-8B", ModelLocation("hub"), None, builtin, None),
+        str(local): JobReferences(
+            str(local),
+            ModelLocation("local", path=local),
+            (model_root.resolve(), cache_dir().resolve()),
+            builtin,
+            None,
+        ),
+        "s3://bkt/models/x/": JobReferences(
+            "s3://bkt/models/x/", ModelLocation("s3", s3=S3Location("bkt", "models/x")), None, builtin, None
+        ),
+    }
+    load_kinds = {"demo": "demo", "Qwen/Qwen3-8B": "hub", str(local): "local", "s3://bkt/models/x/": "local"}
+    for model, references in expected.items():
+        resolved = resolve_references(_request(model), settings)
+        assert resolved == references, model
+        assert resolved.load_kind == load_kinds[model], model
+
+    hub = "hf:wikitext/wikitext-2-raw-v1:train#text"
+    resolved = resolve_references(_request("demo", hub, str(upload)), settings)
+    assert resolved.calibration == DatasetReference(hub, "calibration.dataset", "hub")
+    assert resolved.evaluation == DatasetReference(str(upload), "evaluation.dataset", "uploaded")
+    assert resolved.calibration.upload_id is None and resolved.evaluation.upload_id == upload
+    assert builtin.upload_id is None
+
+
+def test_a_refused_reference_names_its_field(model_root: Path, tmp_path: Path) -> None:
+    """The one reading refuses what the settings do not allow, as ``check_model_reference`` does."""
+    settings = _reference_settings(model_root)
+    refused: dict[str, tuple[JobCreate, Settings, str]] = {
+        "model.trust_remote_code": (
+            _request("Qwen/Qwen3-8B", trust_remote_code=True),
+            settings,
+            "trust_remote_code is not allowed for 'Qwen/Qwen3-8B'",
+        ),
+        "model.id": (_request("org/name"), settings.model_copy(update={"allow_hub_models": False}), "hub models"),
+    }
+    for field, (request, used, message) in refused.items():
+        with pytest.raises(RequestError) as caught:
+            resolve_references(request, used)
+        assert message in caught.value.message and caught.value.errors[0].field == field
+    for model, message in {
+        str(tmp_path / "elsewhere"): "must lie inside the configured model roots",
+        "s3://bkt/artifacts/jobs/x/": "the service's own job outputs",
+        "s3://bkt/elsewhere/x/": "must lie under a folder this service allows",
+    }.items():
+        with pytest.raises(RequestError, match=re.escape(message)) as caught:
+            resolve_references(_request(model), settings)
+        assert caught.value.errors[0].field == "model.id", model
+
+
+def test_the_worker_hands_the_engine_each_reference_as_read(model_root: Path, tmp_path: Path) -> None:
+    """References that need no copy reach the engine as they were read: the spec names the local path,
+    the hub id or the demo and the datasets as written, and ``Sources`` what each is and the client's names."""
+    settings = _reference_settings(model_root, data_dir=tmp_path / "data")
+    local = model_root / "tiny-llama"
+    hub = "hf:wikitext/wikitext-2-raw-v1:train#text"
+
+    def nothing_stored() -> Any:
+        raise AssertionError("no store is needed")
+
+    cases = {
+        "demo": ("demo", "demo", None),
+        "Qwen/Qwen3-8B": ("hub", "Qwen/Qwen3-8B", None),
+        str(local): ("local", str(local), (model_root.resolve(), cache_dir().resolve())),
+    }
+    for model, (kind, source, roots) in cases.items():
+        inputs = JobInputs(settings, sessionmaker(), nothing_stored, tmp_path / "work")
+        spec = inputs.resolve(_request(model, hub, "builtin"))
+        assert (spec.model.id, spec.calibration.dataset, spec.evaluation.dataset) == (source, hub, "builtin")
+        sources = inputs.sources
+        assert sources is not None
+        assert (sources.model_kind, sources.model_roots, sources.model_name) == (kind, roots, model)
+        assert (sources.calibration_name, sources.evaluation_name) == (hub, "builtin")
+        assert sources.analysis_scope == "owner:anonymous" and sources.scratch is None
+    inputs = JobInputs(settings, sessionmaker(), nothing_stored, tmp_path / "work")
+    assert inputs.resolve(_request("demo")).evaluation.dataset is None and inputs.sources is not None
+    assert inputs.sources.evaluation_name is None
+
+
+def test_a_missing_upload_is_refused_naming_its_field(
+    local_settings: Settings, model_root: Path, tmp_path: Path
+) -> None:
+    missing = uuid.uuid4()
+    inputs = JobInputs(
+        local_settings, session_factory(local_settings.sqlalchemy_url), lambda: artifact_store(local_settings), tmp_path
+    )
+    with pytest.raises(RequestError) as caught:
+        inputs.resolve(_request(str(model_root / "tiny-llama"), "builtin", str(missing)))
+    assert caught.value.message == f"dataset {missing} does not exist; upload it with POST /v1/datasets"
+    assert caught.value.errors[0].field == "evaluation.dataset"
 
 
 # -- s3:// models at the API ----------------------------------------------------------------------------

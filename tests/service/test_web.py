@@ -49,6 +49,11 @@ def test_submit_through_the_form_and_read_the_job_page(browser: Any, embedded: d
     page.goto(f"{embedded['base']}/")
     page.fill("#model", embedded["model"])
     page.fill("#num_layers", "1")
+    # The form offers what the service lists (the engine's registry), with the default selected.
+    page.wait_for_selector("#method[data-ready=true]", timeout=30_000)
+    offered = page.eval_on_selector_all("#method option", "options => options.map(o => [o.value, o.selected])")
+    listed = page.request.get(f"{embedded['base']}/v1/methods").json()
+    assert offered == [[m["name"], m["name"] == listed["default"]] for m in listed["methods"]]
     page.select_option("#method", "lorp")
     page.fill("#num_samples", "4")
     page.fill("#seq_len", "32")

@@ -34,6 +34,7 @@ from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
 from app.storage import Storage, artifact_store, storage_from_url
+from lorp.divergence import DIVERGENCE_METRICS
 from lorp.result import METRICS
 from worker import failures, runner, service_cli
 
@@ -246,7 +247,12 @@ def test_end_to_end_with_celery_worker_redis_postgres_and_s3(
     assert metrics[("weights_bytes", "pruned")].unit == "B"
     # Every measurement lorp.result.METRICS names is stored, in its unit (peak memory: on CUDA only).
     dense = {name: m.unit for (name, phase), m in metrics.items() if phase == "dense"}
-    assert dense == {name: kind.unit for name, kind in METRICS.items() if name != "peak_memory_bytes"}
+    measured = {name: kind.unit for name, kind in METRICS.items() if name != "peak_memory_bytes"}
+    assert dense == {name: unit for name, unit in measured.items() if name not in DIVERGENCE_METRICS}
+    pruned = {name: m.unit for (name, phase), m in metrics.items() if phase == "pruned"}
+    assert pruned == measured  # the divergence from the dense predictions is the pruned model's
+    assert metrics[("kl_mean", "pruned")].unit == "nats" and metrics[("kl_mean", "pruned")].value > 0
+    assert 0 < metrics[("top1_agreement", "pruned")].value <= 1
     assert metrics[("speedup_bound", "ratio")].value == pytest.approx(1.5)
     assert job.summary is not None and job.summary["chosen"]["pruned_layers"] == job.pruned_layers
     # lm-eval's scores, dense and pruned, and the completions side by side
@@ -514,7 +520,11 @@ def test_second_job_reuses_the_stored_analysis(local_settings: Settings, model_r
     # A seed no other test uses: the first job's fingerprint is new to this database.
     first = create_job(settings, job_request(str(model_root / "tiny-llama"), dataset_id, seed=7, method="shortgpt"))
     assert runner.run_job(first, settings) == "succeeded"
-    second = create_job(settings, job_request(str(model_root / "tiny-llama"), dataset_id, seed=7, num_layers=1))
+    # Ranked by KL, which the stored analysis does not depend on.
+    by_kl = {"selection_metric": "kl"}
+    second = create_job(
+        settings, job_request(str(model_root / "tiny-llama"), dataset_id, seed=7, num_layers=1, options=by_kl)
+    )
     assert runner.run_job(second, settings) == "succeeded"
     job1, job2 = load_job(settings, first), load_job(settings, second)
     assert job1.analysis_reused is False and job2.analysis_reused is True
@@ -523,6 +533,10 @@ def test_second_job_reuses_the_stored_analysis(local_settings: Settings, model_r
     assert "capture" not in stage_events(settings, second)
     assert job2.summary is not None and job2.summary["analysis_reused"] is True
     assert len(job2.pruned_layers or []) == 1
+    # The summary keeps each measured plan's validation KL (the first job, ranked by perplexity, has none).
+    assert job1.summary is not None and all(p["validation_kl"] is None for p in job1.summary["plans"].values())
+    kl = {name: p["validation_kl"] for name, p in job2.summary["plans"].items() if p["validation_kl"] is not None}
+    assert kl and kl[job2.chosen_method] == min(kl.values()) > 0
 
 
 # -- s3:// model references -------------------------------------------------------------------------
