@@ -229,6 +229,14 @@ class CachedHealer:
         )
 
 
+GROUP_STATE_BYTES = 128 * 2**20
+"""The most bytes of plans' states one block-major scoring pass holds at once. Every plan in a pass
+carries its own state per validation batch from its first change to the end, so scoring a search's or
+auto's dozens of plans in one pass would hold dozens of copies of the validation states; past this cap
+the plans are scored in several passes (in sequential execution, each pass loads its blocks again: more
+block loads for a bounded peak). The scores are the same either way."""
+
+
 class PlanScorer:
     """Validation scores of plans, from the dense states of the validation windows.
 
@@ -250,6 +258,7 @@ class PlanScorer:
         screen_windows: windows a screening score reads (rounded up to whole batches).
         metric: what :meth:`score` returns unless told otherwise.
         measure_kl: measure KL beside perplexity even when ``metric`` is perplexity (a ``max_kl`` target).
+        group_state_bytes: most bytes of plan states one pass holds (:data:`GROUP_STATE_BYTES`).
     """
 
     def __init__(
@@ -262,6 +271,7 @@ class PlanScorer:
         screen_windows: int = 4,
         metric: SelectionMetric = "perplexity",
         measure_kl: bool = False,
+        group_state_bytes: int = GROUP_STATE_BYTES,
     ) -> None:
         self.runner = as_runner(model)
         self.cache = cache
@@ -277,6 +287,7 @@ class PlanScorer:
         # cache's own tensor; a sequential job's, read from disk, then held on the host (one of the
         # N + 1 states per batch).
         self._dense_finals: dict[int, torch.Tensor] = {}
+        self.group_state_bytes = group_state_bytes
         self.evaluations = 0
         self.screenings = 0
         self.seconds = 0.0
@@ -376,7 +387,21 @@ class PlanScorer:
     def _measure(
         self, plans: list[tuple[int, ...]], fits: list[list[Fit]], first: int, batches: int
     ) -> list[list[BatchSums]]:
-        """Per plan, the :data:`BatchSums` of each batch ``first .. batches-1``."""
+        """Per plan, the :data:`BatchSums` of each batch ``first .. batches-1``: the plans in groups whose
+        states in flight stay under ``group_state_bytes`` (one block-major pass per group)."""
+        probe = self.cache.state(first, 0)
+        tokens = sum(batch.ids.numel() for batch in self.cache.batches[first:batches])
+        per_plan = tokens * probe.shape[-1] * probe.element_size()
+        size = max(1, self.group_state_bytes // max(1, per_plan))
+        sums: list[list[BatchSums]] = []
+        for at in range(0, len(plans), size):
+            sums.extend(self._measure_group(plans[at : at + size], fits[at : at + size], first, batches))
+        return sums
+
+    def _measure_group(
+        self, plans: list[tuple[int, ...]], fits: list[list[Fit]], first: int, batches: int
+    ) -> list[list[BatchSums]]:
+        """:meth:`_measure` of one group, in one pass."""
         _check(self.should_cancel)
         cached = self.cache.batches[first:batches]
         passes = []

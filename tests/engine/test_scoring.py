@@ -5,6 +5,7 @@
 - healed scores and fits from the cache equal the independent reference (``reference_heal_cuts``, in
   tests/engine/reference.py: passes over the windows, no cache) on the same windows, in both modes, and
   a fit a plan shares with an earlier one is reused;
+- plans past the scorer's cap on states in flight are scored in several passes, with the same scores;
 - cancelling between batches raises ``JobCancelled``;
 - a plan's KL score (``metric="kl"``) is 0 for the dense model and, for a cut, the divergence of the
   pruned model's logits from the dense model's; a search by KL keeps the addition nearest the dense model.
@@ -59,6 +60,21 @@ def test_a_full_measure_after_a_screening_runs_only_the_windows_not_screened() -
     assert runs_in_full > 0 and (scorer.runner.block_runs - before) * 4 == runs_in_full * 3  # batches 2..4
     assert (scorer.screenings, scorer.evaluations) == (2, 2)
     assert scorer.score_many([[2], [3, 4]], screen=True) == screened  # read from the kept sums
+
+
+def test_plans_past_the_state_cap_are_scored_in_several_passes_with_the_same_scores() -> None:
+    model = six_blocks("llama")
+    cache = StateCache(model, windows(batch=6, length=12, seed=4), batch_size=2)
+    one_pass = PlanScorer(model, cache).score_many(PLANS)
+    per_plan = sum(b.ids.numel() for b in cache.batches) * model.config.hidden_size * 4
+    capped = PlanScorer(model, cache, group_state_bytes=2 * per_plan)  # two plans' states per pass
+    passes = []
+    run_plans = capped.runner.run_plans
+    capped.runner.run_plans = lambda batches, plan_passes, **kw: passes.append(len(plan_passes)) or run_plans(
+        batches, plan_passes, **kw
+    )
+    assert capped.score_many(PLANS) == one_pass  # exactly: the same sums per plan
+    assert passes == [2, 2, 2, 1]
 
 
 @pytest.mark.parametrize("mode", ["sequential", "dense"])
