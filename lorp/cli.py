@@ -1,7 +1,8 @@
 """The engine's command line: ``python -m lorp`` (and the ``lorp`` command, which adds the service's).
 
 lorp prune   --model M --num-layers n|--ratio r|--max-perplexity-ratio x|--max-kl x [--method auto]
-             [--selection-metric perplexity|kl] [--calibration SPEC] --out DIR
+             [--selection-metric perplexity|kl] [--heal linear|distill|none] [--heal-steps N]
+             [--calibration SPEC] --out DIR
 lorp analyze --model M [--calibration SPEC] --out FILE.npz
 lorp select  --similarity FILE --num-layers n --method NAME [--num-clusters K] [--json]
 lorp methods [--json]
@@ -16,11 +17,12 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
 from lorp.errors import EngineError
+from lorp.options import DEFAULT_HEAL_STEPS, Heal
 from lorp.selection import REGISTRY, all_methods, method_row, plan_methods
 
 if TYPE_CHECKING:
@@ -107,8 +109,15 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
     )
     prune.add_argument(
         "--heal",
-        choices=["linear", "none"],
-        help="fold a fitted linear map into the block before each cut (default: linear where the architecture allows)",
+        choices=list(get_args(Heal)),
+        help="linear: fold a fitted linear map into the block before each cut (default where the architecture "
+        "allows); distill: then train low-rank adapters toward the dense model's predictions, shipped where they "
+        "score better on the validation windows; none: remove the blocks as they are",
+    )
+    prune.add_argument(
+        "--heal-steps",
+        type=int,
+        help=f"distillation steps with --heal distill (default {DEFAULT_HEAL_STEPS}; 0 ships the linear heal)",
     )
     prune.add_argument(
         "--execution",
@@ -250,6 +259,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             protected_layers=args.protect,
             cluster_seed=args.cluster_seed,
             heal=args.heal,
+            heal_steps=args.heal_steps,
             execution=args.execution,
             selection_metric=args.selection_metric,
         ),
@@ -298,6 +308,8 @@ def _summary(report: PruneReport, out_dir: str) -> str:
         lines.extend(f"skipped         {line}" for line in execution.skipped)
     lines.extend(_quality_lines(report))
     heal = report.heal
+    if heal.distill is not None:
+        lines.append(_distill_line(heal.distill))
     if heal.method != "none":
         for span in heal.spans:
             lines.append(
@@ -341,6 +353,21 @@ def _summary(report: PruneReport, out_dir: str) -> str:
     charts = [f"{out_dir}/{report.files[k]}" for k in ("heatmap", "plans", "budget_curve") if k in report.files]
     lines.append(f"charts          {', '.join(charts)}")
     return "\n".join(lines)
+
+
+def _distill_line(distill: dict[str, Any]) -> str:
+    """What distillation did and which heal shipped."""
+    after = distill["distilled_perplexity"]
+    scores = (
+        f"validation ppl {distill['linear_perplexity']:.3f} linear -> {after:.3f} distilled, "
+        f"KL {distill['linear_kl']:.4f} -> {distill['distilled_kl']:.4f}; "
+        if after is not None
+        else ""
+    )
+    return (
+        f"distilled       {distill['steps']} steps, {distill['tokens']} tokens, {distill['seconds']:.1f} s: {scores}"
+        f"{distill['shipped']} shipped ({distill['reason']})"
+    )
 
 
 def _quality_lines(report: PruneReport) -> list[str]:

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-Heal = Literal["linear", "none"]
+Heal = Literal["linear", "distill", "none"]
 Execution = Literal["auto", "resident", "sequential"]
 SelectionMetric = Literal["perplexity", "kl"]
+
+DEFAULT_HEAL_STEPS = 32  # distillation steps when options.heal_steps is unset (docs/benchmarks.md chose it)
+MAX_HEAL_STEPS = 10_000
+HealSteps = Annotated[int, Field(ge=0, le=MAX_HEAL_STEPS, description="distillation steps (options.heal distill)")]
+
+
+def folds_maps(heal: str | None) -> bool:
+    """Whether a heal method folds linear maps into the blocks before each cut: ``linear`` does, and
+    ``distill`` starts from them (``lorp.distill``)."""
+    return heal in ("linear", "distill")
+
 
 # The bounds, once. A seed is a 31-bit integer because that is what every RNG here accepts.
 MAX_SEED = 2**31 - 1
@@ -37,9 +48,15 @@ class SelectionOptions(StrictModel):
             replaces the default (it may be empty). Negative entries count from the end (-1 is N-1).
         cluster_seed: ``random_state`` of the spectral clustering.
         heal: ``linear`` folds a fitted linear map into the block before each removed span
-            (``lorp.heal``), ``none`` removes the blocks as they are. Unset: ``linear`` where the
-            architecture can fold one, ``none`` where it cannot (Gemma 2/3, OLMo 2/3). Validated
-            methods score every plan healed the same way it will ship.
+            (``lorp.heal``), ``none`` removes the blocks as they are, ``distill`` folds the linear
+            maps and then trains low-rank adapters on the kept blocks toward the dense model's
+            predictions on the calibration windows, merged into the weights (``lorp.distill``;
+            shipped only where it scores better on the validation windows than the linear heal).
+            Unset: ``linear`` where the architecture can fold one, ``none`` where it cannot (Gemma 2/3,
+            OLMo 2/3). Validated methods score every plan with the linear heal (``distill`` too:
+            distillation runs once, on the chosen plan).
+        heal_steps: distillation steps (each a calibration batch of windows); only with ``heal``
+            distill. Unset: :data:`DEFAULT_HEAL_STEPS`; 0 ships the linear heal.
         execution: how the model runs (``lorp.execution.choice``): ``resident`` (whole, on the device),
             ``sequential`` (one decoder block at a time, loaded from the safetensors files; the dense and
             pruned model's speed, lm-eval tasks and completions are then skipped) or ``auto``
@@ -56,5 +73,13 @@ class SelectionOptions(StrictModel):
     protected_layers: ProtectedLayers | None = None
     cluster_seed: Seed = 0
     heal: Heal | None = None
+    heal_steps: HealSteps | None = None
     execution: Execution = "auto"
     selection_metric: SelectionMetric = "perplexity"
+
+    @field_validator("heal_steps")
+    @classmethod
+    def _steps_need_distill(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        if steps is not None and info.data.get("heal") != "distill":
+            raise ValueError("heal_steps is for options.heal 'distill' (the distillation's steps)")
+        return steps

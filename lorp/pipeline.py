@@ -26,6 +26,7 @@ from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.curve import budget_curve, check_budgets, default_budgets
+from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights
 from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
@@ -35,6 +36,7 @@ from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.scratch import StateStore
 from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
+from lorp.options import DEFAULT_HEAL_STEPS, folds_maps
 from lorp.planner import (
     HEAL_MODE,
     PlanChoice,
@@ -63,7 +65,7 @@ from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
 from lorp.stages import Stage
 from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache, window_store
-from lorp.surgery import stored_dtypes, write_pruned
+from lorp.surgery import stored_dtypes, stored_tensor_dtypes, write_pruned
 
 log = logging.getLogger(__name__)
 
@@ -441,14 +443,18 @@ def _measure(
     return metrics, completions
 
 
-def _heal_summary(choice: PlanChoice) -> HealSummary:
+def _heal_summary(choice: PlanChoice, distilled: DistillSummary | None = None) -> HealSummary:
+    """How the cuts shipped: unhealed, linear maps, or (``distill``) the maps and the distilled adapters,
+    with the distillation's figures whichever of the two shipped."""
     if choice.heal == "none":
         return HealSummary(method="none", reason=choice.heal_reason)
     return HealSummary(
-        method=choice.heal,
+        method=distilled.shipped if distilled is not None else choice.heal,
         mode=HEAL_MODE,
         num_tokens=choice.heal_tokens,
         spans=[dataclasses.asdict(fit.span) for fit in choice.fits],
+        reason=distilled.reason if distilled is not None and distilled.shipped != "distill" else None,
+        distill=dataclasses.asdict(distilled) if distilled is not None else None,
     )
 
 
@@ -482,7 +488,13 @@ def _budget_curve(choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, s
     )
 
 
-def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Sequence[Fit]) -> None:
+def _save(
+    loaded: LoadedModel,
+    model_dir: Path,
+    removed: Sequence[int],
+    fits: Sequence[Fit],
+    replaced: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the pruned model: by tensor surgery on the source's safetensors files when there are any
     (the stored dtypes kept, about one tensor held at a time), else ``save_pretrained`` of the model in
     memory (a GGUF file, pickled weights); the tokenizer and generation config as the engine loaded them."""
@@ -490,7 +502,7 @@ def _save(loaded: LoadedModel, model_dir: Path, removed: Sequence[int], fits: Se
         save_pruned(loaded.model, loaded.tokenizer, model_dir)
         return
     folds = {fit.anchor: fit for fit in fits}  # each map read as its tensor is written
-    write_pruned(loaded.weights, model_dir, removed, folds, device=loaded.device)
+    write_pruned(loaded.weights, model_dir, removed, folds, replaced=replaced, device=loaded.device)
     if not (model_dir / "generation_config.json").exists() and loaded.model.generation_config is not None:
         loaded.model.generation_config.save_pretrained(model_dir)
     if loaded.tokenizer is not None:
@@ -607,17 +619,20 @@ class Executed:
     pruned_text: list[str]
     model_dir: Path
     reload_check: dict[str, Any]
+    distilled: DistillSummary | None = None
 
 
 def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = None) -> Prepared:
     """Load the model (whole, or its skeleton and a sequential runner: ``options.execution``) and check
     the job against it: the budget, the options, the curve's budgets and the tasks, before any pass."""
     stages = stages or _Stages(None, None)
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks), spec.options.heal)
     if refusal is not None:
         raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
         loaded = _load(spec.model, sources, spec.options.execution, working_set(spec.calibration))
+    if loaded.runner is not None and (refusal := execution_refusal("sequential", 0, spec.options.heal)):
+        raise InvalidRequestError(refusal[0], field=refusal[1])  # auto chose sequential
     n_blocks = len(decoder_blocks(loaded.model))
     opts = spec.options
     if not spec.target.is_quality_bound:
@@ -674,7 +689,7 @@ def _capture(
     store = mlp_store = None
     if runner is not None:
         store = window_store(runner, data.capture, folder, key)
-        if heal == "linear":
+        if folds_maps(heal):
             mlp_store = window_store(
                 runner, fit_on, folder.with_name(folder.name + "-mlp"), key, num_states=runner.num_blocks
             )
@@ -708,10 +723,10 @@ def _stored_caches(
     whose first windows they are, when it ran here) and the validation windows'."""
     batch_size = spec.calibration.batch_size
     heal_cache: StateCache | None = None
-    if heal == "linear" and store is not None:
+    if folds_maps(heal) and store is not None:
         heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
         heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.model.dtype, mlp=mlp_store)
-    elif heal == "linear":
+    elif folds_maps(heal):
         heal_cache = stored_cache(
             runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
         )
@@ -739,7 +754,7 @@ def plan(
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)  # refuses before the capture
     runner = loaded.runner  # sequential: every cache of dense states lives on disk in the scratch
     batch_size = spec.calibration.batch_size
-    sink = StateSink(fit_on.num_windows, batch_size, model.dtype) if heal == "linear" and runner is None else None
+    sink = StateSink(fit_on.num_windows, batch_size, model.dtype) if folds_maps(heal) and runner is None else None
     fingerprint = calibration_fingerprint(loaded.provenance, data, spec.calibration, sources.analysis_scope)
     key = f"{fingerprint}|batch={batch_size}|{spec.calibration.angular}"
     precomputed = lookup_analysis(fingerprint) if lookup_analysis is not None else None
@@ -813,17 +828,25 @@ def execute(
     dense_text: list[str] = []
     pruned_text: list[str] = []
     finals = DenseFinals()  # the dense pass's final states, for the pruned pass's divergence
+    teacher: tuple[DenseFinals, DenseFinals] | None = None
     with stages.stage(Stage.evaluating_dense):
         if prepared.sequential:
             dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
+        if choice.heal == "distill":  # the dense predictions distillation learns, and is judged by
+            teacher = _teacher(loaded.model, planned.data, spec, stages)
     with stages.stage(Stage.pruning):
         if not prepared.sequential:
             model = loaded.model
             anchors = [fit.anchor for fit in choice.fits]
             apply_fits(model, choice.fits, stored_dtypes(loaded.weights, model, anchors) if loaded.weights else None)
             remove_blocks(model, chosen.pruned_layers)
+    distilled: DistillSummary | None = None
+    replaced: dict[str, torch.Tensor] = {}
+    if teacher is not None:
+        with stages.stage(Stage.distilling):
+            distilled, replaced = _distill(loaded, planned, spec, teacher, stages)
     with stages.stage(Stage.evaluating_pruned):
         if prepared.sequential:
             pruned = _measure_sequential(
@@ -840,7 +863,7 @@ def execute(
             pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned, against=finals)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
-        _save(loaded, model_dir, chosen.pruned_layers, choice.fits)
+        _save(loaded, model_dir, chosen.pruned_layers, choice.fits, replaced)
     with stages.stage(Stage.verifying):
         validation = planned.data.validation
         probe = validation.input_ids[:2, : min(32, validation.input_ids.shape[1])]
@@ -850,7 +873,53 @@ def execute(
             reload_check = verify_reload(model_dir, loaded.model, probe)
         else:  # the written model, run block by block: one block beside the pruned model, not a second copy
             reload_check = verify_reload_blockwise(model_dir, loaded.model, probe)
-    return Executed(dense, pruned, dense_text, pruned_text, model_dir, reload_check)
+    return Executed(dense, pruned, dense_text, pruned_text, model_dir, reload_check, distilled)
+
+
+def _teacher(
+    model: Any, data: cal.CalibrationData, spec: PruneSpec, stages: _Stages
+) -> tuple[DenseFinals, DenseFinals]:
+    """The dense model's final states on the calibration windows (distillation's training windows) and
+    on the validation windows (what decides whether the distilled model ships): two dense passes."""
+    batch_size = spec.calibration.batch_size
+    return (
+        dense_finals(model, data.capture, batch_size, stages.should_cancel),
+        dense_finals(model, data.validation, batch_size, stages.should_cancel),
+    )
+
+
+def _distill(
+    loaded: LoadedModel, planned: Planned, spec: PruneSpec, teacher: tuple[DenseFinals, DenseFinals], stages: _Stages
+) -> tuple[DistillSummary, dict[str, torch.Tensor]]:
+    """Distil the pruned model in memory (``lorp.distill``); where the distilled model ships, its changed
+    weights rounded to the dtypes the checkpoint stores (the model measured is the model written), by
+    their names in the pruned checkpoint."""
+    choice, model = planned.choice, loaded.model
+    removed = sorted(choice.chosen.pruned_layers)
+    anchors = [fit.anchor - sum(1 for r in removed if r < fit.anchor) for fit in choice.fits]
+    steps = spec.options.heal_steps
+    summary = distill(
+        model,
+        planned.data.capture,
+        teacher[0],
+        planned.data.validation,
+        teacher[1],
+        anchors=anchors,
+        steps=DEFAULT_HEAL_STEPS if steps is None else steps,
+        batch_size=spec.calibration.batch_size,
+        seed=spec.calibration.seed,
+        metric=spec.options.selection_metric,
+        should_cancel=stages.should_cancel,
+        progress=stages.fraction(Stage.distilling),
+    )
+    if summary.shipped != "distill":
+        return summary, {}
+    weights = distilled_weights(model, summary.blocks)
+    if loaded.weights is not None:
+        stored = stored_tensor_dtypes(loaded.weights, model, removed, weights)
+        for name, weight in weights.items():
+            weight.data = weight.data.to(stored.get(name, weight.dtype)).to(weight.dtype)
+    return summary, weights
 
 
 def _draw_charts(
@@ -959,7 +1028,7 @@ def report(
             reload_check=executed.reload_check,
             timings_s=stages.timings,
             files=files,
-            heal=_heal_summary(choice),
+            heal=_heal_summary(choice, executed.distilled),
             selection=_selection_summary(choice),
             generations=[
                 Generation(prompt=prompt, dense=d, pruned=p)

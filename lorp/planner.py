@@ -27,6 +27,7 @@ from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError
 from lorp.execution import Runner, as_runner
 from lorp.heal import HealMode, heal_refusal
+from lorp.options import folds_maps
 from lorp.scoring import CachedHealer, Fit, PlanScorer
 from lorp.search import GreedySearch, Step
 from lorp.selection import Selection, analyze_structure, candidate_plans, eligible_blocks, select, validate_budget
@@ -166,13 +167,15 @@ def heal_unavailable(model: Any, heal_tokens: int | None = None) -> str | None:
 
 
 def resolve_heal(model: Any, requested: Heal | None, heal_tokens: int | None = None) -> Heal:
-    """``linear`` or ``none``: unset means ``linear`` wherever ``heal_unavailable`` finds no reason against.
+    """``linear``, ``distill`` or ``none``: unset means ``linear`` wherever ``heal_unavailable`` finds no
+    reason against.
 
-    An explicit ``linear`` that cannot be applied is refused (field ``options.heal``).
+    An explicit ``linear`` or ``distill`` (which starts from the linear maps) that cannot be applied is
+    refused (field ``options.heal``).
     """
     why = heal_unavailable(model, heal_tokens)
-    if requested == "linear" and why is not None:
-        message = f"options.heal 'linear' cannot be applied: {why}; or use 'none'"
+    if folds_maps(requested) and why is not None:
+        message = f"options.heal {requested!r} cannot be applied: {why}; or use 'none'"
         raise InvalidRequestError(message, field="options.heal")
     if requested is None:
         return "none" if why is not None else "linear"
@@ -315,7 +318,7 @@ def choose_plan(
     )
     started = time.perf_counter()
     healer = None
-    if heal == "linear":
+    if folds_maps(heal):
         healer = _healer(runner, fit_on, spec.calibration.batch_size, heal_cache, should_cancel, spill)
     scorer = _scorer(runner, data.validation, spec, healer, validation_cache, should_cancel)
     cache_s = time.perf_counter() - started

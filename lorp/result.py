@@ -97,13 +97,16 @@ class HealSummary:
     Each span: ``start``, ``end``, ``anchor`` (the block the map is folded into), ``num_tokens`` and
     ``residual_before`` / ``residual_after``: the anchor's distance from the dense target relative to
     the part its MLP must supply, without and with the map (how much of the gap the map closed).
+    ``method`` is what shipped: asked for ``distill``, ``distill`` or (the validation guard kept it)
+    ``linear``, and ``distill`` holds the distillation's figures either way.
     """
 
     method: str
     mode: str | None = None
     num_tokens: int = 0
     spans: list[dict[str, Any]] = field(default_factory=list)
-    reason: str | None = None  # why the cuts ship unhealed, when they do
+    reason: str | None = None  # why the cuts ship unhealed (or, asked to distil, with the linear heal)
+    distill: dict[str, Any] | None = None  # lorp.distill.DistillSummary, where distillation ran
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ class Stage(enum.StrEnum):
     budget_curve = "budget_curve"
     evaluating_dense = "evaluating_dense"
     pruning = "pruning"
+    distilling = "distilling"
     evaluating_pruned = "evaluating_pruned"
     saving = "saving"
     verifying = "verifying"

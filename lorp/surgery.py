@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,28 @@ def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int,
     return found
 
 
+def stored_tensor_dtypes(
+    source: Path, model: Any, removed: Sequence[int], names: Iterable[str]
+) -> dict[str, torch.dtype]:
+    """The dtype each of ``names`` (tensors of the pruned checkpoint: kept blocks renumbered, as the
+    pruned ``model`` names them) is stored in at the source, read from the headers only."""
+    key = _block_key(block_layout(model).path)
+    gone = set(removed)
+    wanted = set(names)
+    found: dict[str, torch.dtype] = {}
+    for name, info in Checkpoint(source).tensors.items():
+        out = name
+        match = key.match(name)
+        if match:
+            old = int(match.group("index"))
+            if old in gone:
+                continue
+            out = f"{match.group('head')}.{old - sum(1 for r in gone if r < old)}.{match.group('rest')}"
+        if out in wanted:
+            found[out] = DTYPES[info.dtype]
+    return found
+
+
 def _copy_files(source: Path, out: Path) -> list[str]:
     copied = []
     for path in sorted(source.iterdir()):
@@ -180,6 +202,7 @@ def write_pruned(
     removed: Sequence[int],
     folds: Mapping[int, torch.Tensor | FoldedMap] | None = None,
     *,
+    replaced: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: torch.device | str = "cpu",
 ) -> WrittenCheckpoint:
@@ -192,6 +215,9 @@ def write_pruned(
         folds: original index of an anchor block -> the d x d map folded into its MLP output projection,
             or a fit holding it (``lorp.heal.Fit``: its map is read when its tensor is written, so maps kept
             in files are never all in memory at once).
+        replaced: tensors written instead of what the source holds, by their name in the pruned
+            checkpoint (a distilled block's weights, ``lorp.distill``: its fold already in them), cast
+            to the stored dtype.
         max_shard_bytes: the most bytes of tensors one weight file holds (a larger tensor gets a file of its own).
         device: where the folds are computed (the in-memory fold's device gives bit-equal weights).
 
@@ -212,8 +238,16 @@ def write_pruned(
     kept = _kept_blocks(config, layout.family, n_old, removed, folds)
     checkpoint = Checkpoint(source)
     planned, sources = _plan(checkpoint, skeleton, kept, folds)
+    replaced = dict(replaced or {})
+    unknown = sorted(set(replaced) - set(sources))
+    if unknown:
+        raise InvalidRequestError(
+            f"the pruned checkpoint has no tensors {unknown[:5]} to replace", field="options.heal"
+        )
 
     def produce(p: Planned) -> torch.Tensor | TensorInfo:
+        if p.name in replaced:
+            return replaced[p.name].detach().to("cpu", DTYPES[p.dtype])
         src = sources[p.name]
         if src.fold is None:  # copied as stored, a part at a time
             return checkpoint.tensors[src.name]

@@ -18,6 +18,7 @@ CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"
 EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
+DISTILL_HEADING = "## Healing by distillation: none, linear and distill side by side"  # scripts/bench_distill.py
 OWNED_ELSEWHERE = (
     WORKER_HEADING,
     API_HEADING,
@@ -29,6 +30,7 @@ OWNED_ELSEWHERE = (
     EXECUTION_HEADING,
     CHOICE_HEADING,
     GPU_HEADING,
+    DISTILL_HEADING,
 )
 
 

@@ -22,6 +22,7 @@ from app.storage import StorageError, model_folder_store
 from lorp.depth import blocks_in_config, blocks_in_gguf, plausible
 from lorp.errors import BudgetError, EngineError, InvalidRequestError
 from lorp.foldable import fold_refusal
+from lorp.options import folds_maps
 from lorp.selection import protected_set
 from lorp.spec import execution_refusal
 
@@ -142,8 +143,10 @@ def check_budget(spec: JobCreate, num_blocks: int, model: str) -> None:
 
 
 def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> None:
-    """Refuse ``options.heal: "linear"`` where the model's config says a map cannot be folded."""
-    if spec.options.heal != "linear":
+    """Refuse ``options.heal`` ``linear`` (or ``distill``, which starts from the linear maps) where the
+    model's config says a map cannot be folded."""
+    heal = spec.options.heal
+    if not folds_maps(heal):
         return
     config = known_config(spec.model, location, settings)
     if config is None:
@@ -151,7 +154,7 @@ def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> 
     why = fold_refusal(config.get("model_type"), config)
     if why is not None:
         raise Unprocessable(
-            f"options.heal 'linear' cannot be applied to model {spec.model.id!r}: {why}; use 'none'",
+            f"options.heal {heal!r} cannot be applied to model {spec.model.id!r}: {why}; use 'none'",
             field="options.heal",
         )
 
@@ -159,7 +162,7 @@ def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> 
 def check_execution(spec: JobCreate) -> None:
     """Refuse what ``options.execution`` cannot give: lm-eval tasks in a sequential run, and a sequential
     run of a GGUF file (its weights are not safetensors a block can be read from)."""
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks), spec.options.heal)
     if refusal is not None:
         raise Unprocessable(refusal[0], field=refusal[1])
     if spec.options.execution == "sequential" and spec.model.id.lower().endswith(".gguf"):

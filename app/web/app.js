@@ -112,6 +112,7 @@ function setUpJobsPage() {
       target: { num_layers: Number(value("num_layers")) },
       calibration: { dataset: value("dataset") || "builtin", num_samples: Number(value("num_samples")), seq_len: Number(value("seq_len")) },
     };
+    if (value("heal")) body.options = { heal: value("heal") };
     try {
       const response = await api("/v1/jobs", {
         method: "POST",
@@ -146,6 +147,12 @@ function executionFact(execution) {
   return `${execution.mode} on ${device}${loads}${skipped.length ? `; skipped ${skipped.join(", ")}` : ""}`;
 }
 
+function healFact(heal) {
+  if (!heal) return null;
+  if (heal.distill) return `${heal.method}: ${heal.distill.reason}`;
+  return heal.reason ? `${heal.method} (${heal.reason})` : heal.method;
+}
+
 function fillFacts(job) {
   const facts = document.getElementById("facts");
   const summary = job.summary || {};
@@ -156,6 +163,7 @@ function fillFacts(job) {
     ["RLS / K", summary.rls !== undefined && summary.rls !== null ? `${fmt(summary.rls)} / ${summary.k}` : null],
     ["chosen", summary.chosen_method ? `${summary.chosen_method}: blocks ${JSON.stringify(summary.pruned_layers)} of ${summary.num_blocks}` : null],
     ["execution", summary.execution ? executionFact(summary.execution) : null],
+    ["heal", healFact((summary.report || {}).heal)],
   ];
   facts.replaceChildren();
   for (const [name, value] of items) {

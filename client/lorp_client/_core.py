@@ -28,8 +28,8 @@ CHUNK = 1024 * 1024
 
 def job_body(body: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
     """The job request: ``body`` as given, with the shortcuts (``model``, ``num_layers``, ``ratio``,
-    ``max_perplexity_ratio``, ``max_kl``, ``dataset``, ``selection_metric``, ``method``) filled into their
-    sections."""
+    ``max_perplexity_ratio``, ``max_kl``, ``dataset``, ``selection_metric``, ``heal``, ``heal_steps``,
+    ``method``) filled into their sections."""
     out: dict[str, Any] = json.loads(json.dumps(body or {}))
     if (model := fields.pop("model", None)) is not None:
         out["model"] = {"id": model} if isinstance(model, str) else model
@@ -42,8 +42,9 @@ def job_body(body: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, A
         out["target"] = {**out.get("target", {}), **target}
     if (dataset := fields.pop("dataset", None)) is not None:
         out["calibration"] = {**out.get("calibration", {}), "dataset": str(dataset)}
-    if (metric := fields.pop("selection_metric", None)) is not None:
-        out["options"] = {**out.get("options", {}), "selection_metric": metric}
+    for key in ("selection_metric", "heal", "heal_steps"):
+        if (value := fields.pop(key, None)) is not None:
+            out["options"] = {**out.get("options", {}), key: value}
     for key, value in fields.items():
         if value is None:
             continue

@@ -57,6 +57,13 @@ def add_jobs_command(sub: Any, *, prog: str | None = None) -> dict[str, Handler]
     submit.add_argument(
         "--selection-metric", choices=["perplexity", "kl"], help="what ranks validated plans (default perplexity)"
     )
+    submit.add_argument(
+        "--heal",
+        choices=["linear", "distill", "none"],
+        help="how the cuts are healed: linear maps (default where the model allows), then a short distillation "
+        "toward the dense model (distill), or not at all",
+    )
+    submit.add_argument("--heal-steps", type=int, help="distillation steps with --heal distill")
     submit.add_argument("--method", help="a pruning method (default auto); `methods` lists the service's")
     data = submit.add_mutually_exclusive_group()
     data.add_argument("--dataset", help="calibration: builtin, an uploaded dataset's reference, or a source")
@@ -182,6 +189,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         max_perplexity_ratio=args.max_perplexity_ratio,
         max_kl=args.max_kl,
         selection_metric=args.selection_metric,
+        heal=args.heal,
+        heal_steps=args.heal_steps,
         method=args.method,
         dataset=dataset,
     )

@@ -83,8 +83,9 @@ class Client:
         self, body: dict[str, Any] | None = None, *, idempotency_key: str | None = None, **fields: Any
     ) -> JobOut:
         """Submit a job: ``body`` is the request of ``POST /v1/jobs``; ``model=``, ``num_layers=``,
-        ``ratio=``, ``max_perplexity_ratio=``, ``max_kl=``, ``dataset=``, ``selection_metric=`` and
-        ``method=`` fill it in, other keywords set whole sections (``options=``, ``evaluation=`` ...).
+        ``ratio=``, ``max_perplexity_ratio=``, ``max_kl=``, ``dataset=``, ``selection_metric=``, ``heal=``,
+        ``heal_steps=`` and ``method=`` fill it in, other keywords set whole sections (``options=``,
+        ``evaluation=`` ...).
         An idempotency key is generated unless given, so a retried submission never creates a second job."""
         key = idempotency_key or _core.new_idempotency_key()
         payload = _core.job_body(body, fields)

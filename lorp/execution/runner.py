@@ -355,6 +355,19 @@ class Runner:
                     ),
                 )
 
+    def logits_with_grad(self, batch: Batch) -> torch.Tensor:
+        """The logits of the model as it stands with gradients flowing to whatever requires them (a
+        distillation step, ``lorp.distill``). Resident only: a backward pass needs every block it ran
+        held, with its activations."""
+        if self.onloader is not None:
+            raise RuntimeError("a pass with gradients needs the model resident")
+        hidden = batch.entering
+        for j in range(self.num_blocks):
+            if j not in self._removed:
+                hidden = batch.calls[j](self.blocks[j], hidden)
+                self.block_runs += 1
+        return head_logits(self.model, self._live, batch.ids, batch.mask, hidden, batch.form)
+
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """The logits of the model as it stands (in a pruned view: the pruned model's)."""
         return self.logits(batch, self.run(batch))

@@ -70,8 +70,8 @@ def test_plans_past_the_state_cap_are_scored_in_several_passes_with_the_same_sco
     capped = PlanScorer(model, cache, group_state_bytes=2 * per_plan)  # two plans' states per pass
     passes = []
     run_plans = capped.runner.run_plans
-    capped.runner.run_plans = lambda batches, plan_passes, **kw: passes.append(len(plan_passes)) or run_plans(
-        batches, plan_passes, **kw
+    capped.runner.run_plans = lambda batches, plan_passes, **kw: (
+        passes.append(len(plan_passes)) or run_plans(batches, plan_passes, **kw)
     )
     assert capped.score_many(PLANS) == one_pass  # exactly: the same sums per plan
     assert passes == [2, 2, 2, 1]

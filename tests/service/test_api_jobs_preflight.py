@@ -170,6 +170,10 @@ def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot
         submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "linear"}), 422, "options.heal"
     )
     assert "post_feedforward_layernorm" in problem["detail"] and job_count(rollback_sessionmaker) == before
+    problem = assert_problem(  # distillation starts from the linear maps
+        submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "distill"}), 422, "options.heal"
+    )
+    assert "options.heal 'distill'" in problem["detail"] and job_count(rollback_sessionmaker) == before
     for options in ({"heal": "none"}, {}):  # unset: the worker heals where it can, here not at all
         response = submit(api_settings, rollback_sessionmaker, str(directory), options=options)
         assert response.status_code == 202, response.text
@@ -196,7 +200,22 @@ def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(
         422,
         "options.execution",
     )
+    # Distillation needs a backward pass through the whole pruned model: never sequential.
+    problem = assert_problem(
+        submit(api_settings, rollback_sessionmaker, str(directory), options={**sequential, "heal": "distill"}),
+        422,
+        "options.heal",
+    )
+    assert "'distill'" in problem["detail"] and "sequential" in problem["detail"]
+    for options, field in (
+        ({"heal": "linear", "heal_steps": 4}, "options.heal_steps"),
+        ({"heal": "distill", "heal_steps": -1}, "options.heal_steps"),
+        ({"heal": "distil"}, "options.heal"),
+    ):
+        assert_problem(submit(api_settings, rollback_sessionmaker, str(directory), options=options), 422, field)
     assert job_count(rollback_sessionmaker) == before
+    response = submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "distill", "heal_steps": 0})
+    assert response.status_code == 202, response.text
     # Sequential without tasks is accepted (speed and completions are skipped, and the summary says so).
     response = submit(api_settings, rollback_sessionmaker, str(directory), options=sequential)
     assert response.status_code == 202, response.text

@@ -294,9 +294,11 @@ def test_jobs_submit_sends_a_kl_target_and_metric(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(jobs_cli, "_client", lambda _args: Client("http://lorp.test", transport=transport))
     parser = argparse.ArgumentParser()
     jobs_cli.add_jobs_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["jobs", "submit", "--model", "demo", "--max-kl", "0.05", "--selection-metric", "kl"])
+    target = ["--max-kl", "0.05", "--selection-metric", "kl"]
+    args = parser.parse_args(["jobs", "submit", "--model", "demo", *target, "--heal", "distill", "--heal-steps", "8"])
     assert jobs_cli.run(args) == 2
-    assert sent == [{"model": {"id": "demo"}, "target": {"max_kl": 0.05}, "options": {"selection_metric": "kl"}}]
+    options = {"selection_metric": "kl", "heal": "distill", "heal_steps": 8}
+    assert sent == [{"model": {"id": "demo"}, "target": {"max_kl": 0.05}, "options": options}]
 
 
 def test_readiness_and_the_task_catalogue(embedded: dict[str, Any]) -> None:

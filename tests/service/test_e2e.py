@@ -72,13 +72,13 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert upload.status_code == 201, upload.text
     dataset_id = upload.json()["id"]
 
-    # The full stack runs the validated search with healing asked for; the embedded one runs auto.
+    # The full stack runs the validated search with distillation asked for; the embedded one runs auto.
     searched = mode == "full"
     body = {
         "model": {"id": str(model_root / "tiny")},
         "method": "search" if searched else "auto",
         "target": {"num_layers": 2},
-        "options": {"heal": "linear"} if searched else {},
+        "options": {"heal": "distill", "heal_steps": 3} if searched else {},
         "calibration": {"dataset": dataset_id, "num_samples": 8, "seq_len": 32, "batch_size": 2},
         "evaluation": {
             "dataset": dataset_id,
@@ -109,8 +109,13 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     if searched:
         path = worker_summary["selection"]["search_path"]
         assert [step["num_layers"] for step in path] == [1, 2] and "search" in scored
-        heal = worker_summary["heal"]
-        assert heal["method"] == "linear" or heal["reason"].startswith("the chosen plan scored better unhealed")
+        heal = worker_summary["heal"]  # distilled, or the linear heal the guard kept, or (maps hurt) unhealed
+        if heal["method"] == "none":
+            assert heal["reason"].startswith("the chosen plan scored better unhealed") and heal["distill"] is None
+        else:
+            assert heal["method"] == heal["distill"]["shipped"] in ("distill", "linear"), heal
+            assert heal["distill"]["steps"] == 3 and heal["distill"]["tokens"] > 0
+            assert "distilling" in worker_summary["timings_s"]
         assert all(s["residual_after"] <= s["residual_before"] for s in heal["spans"])
     plans = client.post("/v1/plans", json={"job_id": job_id, "budgets": [1, 2]}).json()["plans"]
     if searched:
@@ -188,6 +193,9 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     # The same job run one block at a time (options.execution: sequential) by the same worker: the same
     # statistics and plan; the summary names the mode and the device, and what it did not measure.
     body["options"] = {**body["options"], "execution": "sequential"}
+    refused = client.post("/v1/jobs", json=body)  # distillation needs a backward pass through the whole model
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "options.heal", refused.text
+    body["options"] = {"heal": "linear", "execution": "sequential"}  # the plan is chosen with the linear heal
     refused = client.post("/v1/jobs", json=body)  # lm-eval tasks need the model whole
     assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "evaluation.tasks", refused.text
     body["evaluation"] = {**body["evaluation"], "tasks": [], "curve_budgets": []}

@@ -57,6 +57,7 @@ def test_submit_through_the_form_and_read_the_job_page(browser: Any, embedded: d
     page.select_option("#method", "lorp")
     page.fill("#num_samples", "4")
     page.fill("#seq_len", "32")
+    page.select_option("#heal", "none")
     page.click("#submit-button")
     page.wait_for_url("**/jobs/*", timeout=30_000)
     job_id = page.url.rstrip("/").split("/")[-1]
@@ -74,6 +75,7 @@ def test_submit_through_the_form_and_read_the_job_page(browser: Any, embedded: d
     assert page.locator("#generations pre").count() >= 2  # dense and pruned completions
     assert "blocks [" in (page.text_content("[data-fact=chosen]") or "")
     assert (page.text_content("[data-fact=execution]") or "").startswith("resident on cpu")
+    assert page.text_content("[data-fact=heal]") == "none (options.heal is none)"  # the form's choice, sent
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "job-page.png"
     page.screenshot(path=str(shot), full_page=True)

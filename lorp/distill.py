@@ -1,0 +1,251 @@
+"""Distillation heal (``options.heal: distill``, docs/algorithm.md §8c): after the linear maps are folded
+and the blocks removed, a short training of low-rank adapters on the kept blocks toward the dense
+model's next-token distributions on the calibration windows, merged into the weights.
+
+- The teacher is the dense model's final states on the windows (:class:`DenseFinals`, kept by a dense
+  pass before the cut): depth pruning leaves the final norm and head unchanged, so the dense logits
+  come from those states through the pruned model's own head, a window at a time.
+- The student is the pruned model with LoRA adapters (peft) on the linear layers of its kept blocks
+  (:data:`SCOPES`): the loss is the mean over counted positions of KL(dense || pruned), the measure the
+  job reports (``lorp.divergence``). Each step is one batch of windows, a window at a time (gradients
+  accumulated), in an order drawn from the seed; adapters start as zero updates, so no step is the
+  linear heal exactly.
+- The validation windows decide what ships (never the held-out text, never the training windows):
+  the distilled model only where it scores better than the linear heal it started from, by the job's
+  selection metric; otherwise the adapters are dropped unmerged and the model is the linear heal, bit
+  for bit. :class:`DistillSummary` says which shipped and why.
+
+Resident only: a backward pass needs the blocks it runs held with their activations; sequential
+execution is refused (``lorp.spec.execution_refusal``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from lorp.blocks import decoder_blocks
+from lorp.calibration import TokenWindows
+from lorp.divergence import DenseFinals, Divergence, next_token_valid
+from lorp.errors import JobCancelled
+from lorp.evaluation import mean_to_perplexity, negative_log_likelihood
+from lorp.execution import Runner
+from lorp.options import DEFAULT_HEAL_STEPS, SelectionMetric
+
+LEARNING_RATE = 2e-3
+RANK = 8
+ALPHA = 16
+Scope = Literal["all", "cuts"]
+SCOPES: tuple[Scope, ...] = ("all", "cuts")
+"""Which kept blocks get adapters: every one, or the two after each cut (the anchor the map is folded
+into and the block after it)."""
+
+
+@dataclass(frozen=True)
+class DistillSummary:
+    """What a distillation did and which model shipped.
+
+    ``shipped``: ``distill`` or ``linear``; ``reason`` says why. Scores are on the validation windows:
+    perplexity, and mean KL from the dense model, before (the linear heal) and after distillation.
+    """
+
+    steps: int
+    tokens: int
+    seconds: float
+    learning_rate: float
+    rank: int
+    scope: str
+    blocks: list[int]
+    metric: str
+    linear_perplexity: float
+    linear_kl: float
+    distilled_perplexity: float | None
+    distilled_kl: float | None
+    first_loss: float | None
+    last_loss: float | None
+    shipped: str
+    reason: str
+
+
+def dense_finals(
+    model: Any, windows: TokenWindows, batch_size: int, should_cancel: Callable[[], bool] | None
+) -> DenseFinals:
+    """The dense model's states leaving its last block on ``windows`` (one pass), the teacher's."""
+    finals = DenseFinals()
+    negative_log_likelihood(model, windows, batch_size=batch_size, should_cancel=should_cancel, keep=finals)
+    return finals
+
+
+def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_size: int) -> tuple[float, float]:
+    """Validation perplexity and mean KL from the dense model of the model as it stands."""
+    divergence = Divergence()
+    nll, tokens = negative_log_likelihood(model, windows, batch_size=batch_size, against=finals, divergence=divergence)
+    return mean_to_perplexity(nll, tokens), divergence.summary()["kl_mean"]
+
+
+def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]:
+    """The kept blocks (pruned model's numbering) that get adapters: all, or each cut's anchor and the
+    block after it (``anchors``: the kept block before each cut, in the pruned numbering)."""
+    if scope == "all" or not anchors:
+        return list(range(num_kept))
+    return sorted({b for a in anchors for b in (a, a + 1) if 0 <= b < num_kept})
+
+
+def _target_modules(model: Any, blocks: list[int]) -> list[str]:
+    """Full names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) inside ``blocks``."""
+    wanted = {id(decoder_blocks(model)[b]) for b in blocks}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in wanted:
+            for child, sub in module.named_modules():
+                if child and (isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D"):
+                    names.append(f"{name}.{child}")
+    return names
+
+
+def distilled_weights(model: Any, blocks: list[int]) -> dict[str, torch.Tensor]:
+    """The weights distillation changed (merged into the linear layers of ``blocks``), by name."""
+    return {f"{name}.weight": model.get_submodule(name).weight for name in _target_modules(model, blocks)}
+
+
+def _kl_loss(dense: torch.Tensor, student: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed KL(dense || student) over the counted positions of one window, and their count."""
+    p_log = torch.log_softmax(dense[:, :-1].float(), dim=-1)[valid]
+    q_log = torch.log_softmax(student[:, :-1].float(), dim=-1)[valid]
+    return (p_log.exp() * (p_log - q_log)).sum(), int(valid.sum())
+
+
+def distill(
+    model: Any,
+    train: TokenWindows,
+    train_finals: DenseFinals,
+    validation: TokenWindows,
+    validation_finals: DenseFinals,
+    *,
+    anchors: list[int],
+    steps: int = DEFAULT_HEAL_STEPS,
+    batch_size: int = 4,
+    seed: int = 0,
+    metric: SelectionMetric = "perplexity",
+    learning_rate: float = LEARNING_RATE,
+    rank: int = RANK,
+    scope: Scope = "all",
+    should_cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DistillSummary:
+    """Distil the pruned ``model`` (resident, changed in place) toward the dense model; see the module.
+
+    Args:
+        model: the pruned model, linear maps folded, blocks removed.
+        train, train_finals: calibration windows and the dense model's final states on them
+            (:func:`dense_finals`, batched by ``batch_size``).
+        validation, validation_finals: the validation windows and the dense final states there.
+        anchors: each cut's anchor block in the pruned model's numbering (``scope`` cuts).
+        steps: optimiser steps, each ``batch_size`` windows; 0 ships the linear heal.
+        seed: the adapters' initialisation and the window order.
+        metric: what decides between the distilled and the linear model on the validation windows.
+    """
+    started = time.perf_counter()
+    linear_ppl, linear_kl = _validation(model, validation, validation_finals, batch_size)
+    kept = len(decoder_blocks(model))
+    blocks = adapted_blocks(kept, anchors, scope)
+    base = DistillSummary(
+        steps=0, tokens=0, seconds=0.0, learning_rate=learning_rate, rank=rank, scope=scope, blocks=blocks,
+        metric=metric, linear_perplexity=linear_ppl, linear_kl=linear_kl, distilled_perplexity=None,
+        distilled_kl=None, first_loss=None, last_loss=None, shipped="linear", reason="options.heal_steps is 0",
+    )  # fmt: skip
+    if steps == 0:
+        return dataclasses.replace(base, seconds=time.perf_counter() - started)
+    from peft import LoraConfig, get_peft_model  # the worker's dependency, imported where it is used
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=_target_modules(model, blocks))
+        with warnings.catch_warnings():  # peft asks transformers a question v5 renamed; nothing of ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            wrapped = get_peft_model(model, config)
+    losses, tokens = _train(
+        model, wrapped, train, train_finals, steps, batch_size, seed, learning_rate, should_cancel, progress
+    )
+    distilled_ppl, distilled_kl = _validation(model, validation, validation_finals, batch_size)
+    before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
+    better = math.isfinite(after) and after < before
+    what = "validation perplexity" if metric == "perplexity" else "validation KL"
+    if better:
+        wrapped.merge_and_unload()
+        reason = f"distillation lowered the {what} from {before:.4g} to {after:.4g}"
+    else:
+        wrapped.unload()  # the adapters dropped unmerged: the linear heal as it was
+        reason = (
+            f"distillation did not lower the {what} ({before:.4g} linear, {after:.4g} distilled): the linear heal ships"
+        )
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return dataclasses.replace(
+        base, steps=steps, tokens=tokens, seconds=time.perf_counter() - started, distilled_perplexity=distilled_ppl,
+        distilled_kl=distilled_kl, first_loss=losses[0], last_loss=losses[-1],
+        shipped="distill" if better else "linear", reason=reason,
+    )  # fmt: skip
+
+
+def _train(
+    model: Any,
+    wrapped: Any,
+    train: TokenWindows,
+    train_finals: DenseFinals,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    learning_rate: float,
+    should_cancel: Callable[[], bool] | None,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[float], int]:
+    """The optimiser loop: per step, one batch of windows a window at a time; returns each step's mean
+    KL (nats) and the tokens trained on."""
+    runner = Runner(model)
+    finals = torch.cat(train_finals.finals)
+    windows = list(runner.batches(train, 1))  # a batch per window: its calls fit its own mask
+    if finals.shape[0] != len(windows):
+        raise ValueError("the teacher's final states do not match the training windows")
+    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
+    order = torch.Generator().manual_seed(seed)
+    queue: list[int] = []
+    losses: list[float] = []
+    seen = 0
+    model.train(False)  # no dropout: the adapters learn the deterministic model
+    for step in range(steps):
+        if should_cancel is not None and should_cancel():
+            wrapped.unload()
+            raise JobCancelled("the job was cancelled while distilling the pruned model")
+        picked: list[int] = []
+        while len(picked) < min(batch_size, len(windows)):
+            if not queue:
+                queue = torch.randperm(len(windows), generator=order).tolist()
+            picked.append(queue.pop())
+        counted = [int(next_token_valid(windows[w].mask).sum()) for w in picked]
+        total = max(1, sum(counted))
+        step_loss = 0.0
+        with torch.enable_grad():
+            for w in picked:
+                batch = windows[w]
+                teacher = runner.logits(batch, finals[w : w + 1])
+                loss, _ = _kl_loss(teacher, runner.logits_with_grad(batch), next_token_valid(batch.mask))
+                (loss / total).backward()
+                step_loss += float(loss.detach()) / total
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        seen += sum(counted)
+        if progress is not None:
+            progress(step + 1, steps)
+    return losses, seen

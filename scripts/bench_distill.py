@@ -1,0 +1,273 @@
+"""Healing by distillation on the demo model: held-out perplexity, divergence from the dense model and the
+built-in task, for heal none / linear / distill, side by side in one run.
+
+At each budget, for ``auto`` and ``search`` (each choice made as a job makes it, ``choose_plan``): the
+plan chosen unhealed and shipped as it is, the plan chosen with the linear heal and shipped with its
+maps, and that plan distilled (``lorp.distill``, as a job runs it: the dense model's final states on the
+calibration and validation windows, the adapters trained on the calibration windows, the validation
+guard). On the same held-out windows of the built-in evaluation text: perplexity, mean KL(dense ||
+pruned) and top-1 agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for auto at the
+``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows,
+measured right before each budget's runs (the machine is shared).
+
+    python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64]
+
+``--explore STEPS:LR:SCOPE ...`` distils auto's healed plan at the first budget once per setting and
+prints held-out figures only (how the defaults in lorp.options / lorp.distill were chosen); nothing
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchdemo import demo_calibration, demo_model  # noqa: E402
+from benchdoc import DISTILL_HEADING, replace_section  # noqa: E402
+
+from lorp import calibration as cal  # noqa: E402
+from lorp.assets.cloze import TASK_NAME  # noqa: E402
+from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
+from lorp.distill import LEARNING_RATE, dense_finals, distill  # noqa: E402
+from lorp.divergence import DenseFinals, Divergence  # noqa: E402
+from lorp.downstream import run_tasks  # noqa: E402
+from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
+from lorp.execution import folded  # noqa: E402
+from lorp.options import DEFAULT_HEAL_STEPS  # noqa: E402
+from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
+from lorp.scoring import apply_fits  # noqa: E402
+from lorp.similarity import capture_similarity  # noqa: E402
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec, TaskSpec  # noqa: E402
+from lorp.states import StateSink  # noqa: E402
+
+HEALS = ("none", "linear", "distill")
+
+
+class Measure:
+    """Held-out perplexity, KL and top-1 agreement against the dense model, and the task's accuracy."""
+
+    def __init__(self, model, tokenizer, windows, batch_size: int, limit: int) -> None:
+        self.model, self.tokenizer, self.windows, self.batch_size = model, tokenizer, windows, batch_size
+        self.task = [TaskSpec(name=TASK_NAME, limit=limit)] if limit else []
+        self.dense = DenseFinals()
+        self.dense_ppl = mean_to_perplexity(
+            *negative_log_likelihood(model, windows, batch_size=batch_size, keep=self.dense)
+        )
+
+    def held_out(self, model, plan=(), fits=()) -> dict[str, float]:
+        divergence = Divergence()
+        nll, tokens = negative_log_likelihood(
+            model, self.windows, batch_size=self.batch_size, removed=plan, fits=fits, against=self.dense,
+            divergence=divergence,
+        )  # fmt: skip
+        return {"ppl": mean_to_perplexity(nll, tokens), **divergence.summary()}
+
+    def accuracy(self, model, plan=(), fits=()) -> float | None:
+        if not self.task:
+            return None
+        with folded(model, fits), pruned_view(model, plan):
+            scores, _ = run_tasks(model, self.tokenizer, self.task, batch_size=8)
+        return next(s.value for s in scores if s.metric == "acc")
+
+
+def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, scope):
+    """A copy of ``model`` with the choice's maps folded, its blocks removed and then distilled."""
+    pruned = copy.deepcopy(model)
+    apply_fits(pruned, choice.fits)
+    removed = sorted(choice.chosen.pruned_layers)
+    remove_blocks(pruned, removed)
+    anchors = [fit.anchor - sum(1 for r in removed if r < fit.anchor) for fit in choice.fits]
+    started = time.perf_counter()
+    summary = distill(
+        pruned, data.capture, teacher[0], data.validation, teacher[1], anchors=anchors, steps=steps,
+        batch_size=args.batch_size, learning_rate=learning_rate, scope=scope,
+    )  # fmt: skip
+    return pruned, summary, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 6, 8, 10])
+    parser.add_argument("--methods", nargs="+", default=["auto", "search"])
+    parser.add_argument("--task-budgets", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--limit", type=int, default=200, help="items of the built-in task (0: skip it)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_HEAL_STEPS)
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    parser.add_argument("--scope", default="all", choices=["all", "cuts"])
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-len", type=int, default=512)
+    parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    loaded = demo_model()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n_blocks = len(decoder_blocks(model))
+    calibration = CalibrationSpec(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    data = demo_calibration(tokenizer, calibration)
+    held_out_windows = cal.evaluation_windows(
+        tokenizer,
+        cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
+        seq_len=args.eval_len,
+        max_windows=args.eval_windows,
+    )
+    measure = Measure(model, tokenizer, held_out_windows, args.batch_size, args.limit)
+    teacher = (
+        dense_finals(model, data.capture, args.batch_size, None),
+        dense_finals(model, data.validation, args.batch_size, None),
+    )
+
+    def capture():
+        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
+        started = time.perf_counter()
+        stats = capture_similarity(model, data.capture, batch_size=args.batch_size, keep_states=sink)
+        return stats, sink.cache(), time.perf_counter() - started
+
+    def job(stats, heal_cache, method: str, heal: str, n: int):
+        spec = PruneSpec(
+            model=ModelSpec(id="demo"),
+            method=method,
+            target=TargetSpec(num_layers=n),
+            calibration=calibration,
+            options=SelectionOptions(heal=heal),  # type: ignore[arg-type]
+        )
+        started = time.perf_counter()
+        choice = choose_plan(model, stats.S, stats.D, data, spec, n_blocks, heal_cache=heal_cache)
+        return choice, time.perf_counter() - started
+
+    if args.explore is not None:
+        n = args.budgets[0]
+        stats, heal_cache, capture_s = capture()
+        choice, _ = job(stats, heal_cache, "auto", "linear", n)
+        linear = measure.held_out(model, choice.chosen.pruned_layers, choice.fits)
+        print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
+        for setting in args.explore:
+            steps, lr, scope = setting.split(":")
+            pruned, summary, seconds = distilled_copy(model, choice, data, teacher, args, int(steps), float(lr), scope)
+            got = measure.held_out(pruned)
+            print(
+                f"{setting}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
+                f"{summary.distilled_perplexity:.3f}, KL {summary.linear_kl:.4f} -> {summary.distilled_kl:.4f}, "
+                f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, {seconds:.0f} s = "
+                f"{seconds / capture_s:.1f} x capture, shipped {summary.shipped}",
+                flush=True,
+            )
+            del pruned
+        return 0
+
+    dense_acc = measure.accuracy(model)
+    rows = []
+    for n in args.budgets:
+        stats, heal_cache, capture_s = capture()
+        row: dict[str, dict] = {}
+        distilled_by_plan: dict[tuple, tuple] = {}
+        for method in args.methods:
+            plain, plain_s = job(stats, heal_cache, method, "none", n)
+            healed, healed_s = job(stats, heal_cache, method, "linear", n)
+            cells = {
+                "none": {**measure.held_out(model, plain.chosen.pruned_layers), "plan": plain.chosen.pruned_layers,
+                         "cost": plain_s / capture_s},
+                "linear": {**measure.held_out(model, healed.chosen.pruned_layers, healed.fits),
+                           "plan": healed.chosen.pruned_layers, "cost": healed_s / capture_s},
+            }  # fmt: skip
+            key = tuple(healed.chosen.pruned_layers)
+            if key not in distilled_by_plan:
+                pruned, summary, seconds = distilled_copy(
+                    model, healed, data, teacher, args, args.steps, args.learning_rate, args.scope
+                )
+                shipped = pruned if summary.shipped == "distill" else None
+                figures = measure.held_out(pruned) if shipped is not None else cells["linear"]
+                accuracy = measure.accuracy(pruned) if method == "auto" and n in args.task_budgets else None
+                distilled_by_plan[key] = (figures, summary, seconds, accuracy)
+                del pruned
+            figures, summary, seconds, accuracy = distilled_by_plan[key]
+            cells["distill"] = {
+                **{k: figures[k] for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement")},
+                "plan": healed.chosen.pruned_layers,
+                "cost": (healed_s + seconds) / capture_s,
+                "shipped": summary.shipped,
+                "distill_cost": seconds / capture_s,
+            }
+            if method == "auto" and n in args.task_budgets:
+                cells["none"]["acc"] = measure.accuracy(model, plain.chosen.pruned_layers)
+                cells["linear"]["acc"] = measure.accuracy(model, healed.chosen.pruned_layers, healed.fits)
+                cells["distill"]["acc"] = accuracy if accuracy is not None else cells["linear"]["acc"]
+            row[method] = cells
+            print(n, method, {h: {k: v for k, v in c.items()} for h, c in cells.items()}, flush=True)
+        rows.append((n, capture_s, row))
+
+    heading = (
+        f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
+        f"--limit {args.limit} --steps {args.steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
+        f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
+        f"(distillation trains on them; {data.validation.num_windows} validation windows decide what ships); held-out: "
+        f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
+        f"{measure.dense_ppl:.2f}); `{TASK_NAME}` accuracy on its first {args.limit} items (dense "
+        f"{dense_acc if dense_acc is not None else float('nan'):.3f}). Distillation: {args.steps} steps of "
+        f"{args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on {args.scope} kept blocks."
+    )
+    section = [
+        DISTILL_HEADING,
+        "",
+        heading,
+        "",
+        "Each cell: held-out perplexity / mean KL (nats) / top-1 agreement. Cost: choosing (and, for distill, "
+        "the teacher passes and the distillation) relative to one capture.",
+        "",
+        "| blocks | method | none | linear | distill (shipped) | cost none / linear / distill |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(c: dict) -> str:
+        return f"{c['ppl']:.2f} / {c['kl_mean']:.3f} / {c['top1_agreement']:.3f}"
+
+    for n, _, row in rows:
+        for method, cells in row.items():
+            section.append(
+                f"| {n} | {method} | {cell(cells['none'])} | {cell(cells['linear'])} | {cell(cells['distill'])} "
+                f"({cells['distill']['shipped']}) | {cells['none']['cost']:.1f} / {cells['linear']['cost']:.1f} / "
+                f"{cells['distill']['cost']:.1f} |"
+            )
+    section += [
+        "",
+        "Targets: distill's held-out perplexity against the best unhealed plan of the run (auto's or search's, "
+        "chosen unhealed), <= 0.70 at 6 blocks and <= 0.50 at 8 and 10; mean KL lower with distill than linear "
+        "at every budget; distillation <= 20 captures at 8 blocks; task accuracy >= 95% of dense at 4, >= 85% at 8.",
+        "",
+        "| blocks | best unhealed ppl | linear ratio | distill ratio | KL linear -> distill (auto) "
+        "| distillation x capture (auto) | acc none / linear / distill (of dense) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, _, row in rows:
+        best = min(cells["none"]["ppl"] for cells in row.values())
+        linear = min(cells["linear"]["ppl"] for cells in row.values())
+        distilled = min(cells["distill"]["ppl"] for cells in row.values())
+        auto = row.get("auto", next(iter(row.values())))
+        accs = "n/a"
+        if "acc" in auto["none"] and dense_acc:
+            accs = " / ".join(f"{auto[h]['acc']:.3f} ({auto[h]['acc'] / dense_acc:.0%})" for h in HEALS)
+        section.append(
+            f"| {n} | {best:.2f} | {linear / best:.2f} | {distilled / best:.2f} | {auto['linear']['kl_mean']:.3f} -> "
+            f"{auto['distill']['kl_mean']:.3f} | {auto['distill']['distill_cost']:.1f} | {accs} |"
+        )
+    print("\n".join(section))
+    replace_section(args.out, DISTILL_HEADING, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Distillation heal (lorp.distill, ``options.heal: distill``).
+
+- with no steps, and where distillation makes the validation score worse (a harmful learning rate),
+  the model is the linear heal bit for bit and the summary says the linear heal shipped and why;
+- distillation lowers the validation KL it is judged by, and is deterministic for a seed;
+- the adapters go on every kept block, or on the two after each cut;
+- a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
+- a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
+  the logits the engine measured, its adapted weights differ from the linear job's and nothing else
+  does; a sequential job, and heal_steps without distill, are refused naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from lorp.blocks import decoder_blocks, remove_blocks
+from lorp.distill import adapted_blocks, dense_finals, distill
+from lorp.divergence import next_token_valid
+from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.pipeline import run_prune
+from lorp.spec import SelectionOptions
+
+from .helpers import make_spec, tiny_llama, windows
+
+TRAIN = windows(batch=8, length=24, seed=1)
+VALIDATION = windows(batch=4, length=24, seed=2)
+
+
+def _pruned() -> tuple[torch.nn.Module, dict]:
+    """A tiny model cut at blocks 2 and 3, with the dense model's final states on both window sets."""
+    model = tiny_llama(6)
+    teacher = {
+        "train_finals": dense_finals(model, TRAIN, 4, None),
+        "validation_finals": dense_finals(model, VALIDATION, 4, None),
+    }
+    remove_blocks(model, [2, 3])
+    return model, teacher
+
+
+def _run(model: torch.nn.Module, teacher: dict, **kwargs) -> object:
+    kwargs = {"anchors": [1], "batch_size": 4, "metric": "kl", "learning_rate": 5e-3, **kwargs}
+    return distill(model, TRAIN, teacher["train_finals"], VALIDATION, teacher["validation_finals"], **kwargs)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_steps_ship_the_linear_heal_unchanged() -> None:
+    model, teacher = _pruned()
+    before = _weights(model)
+    summary = _run(model, teacher, steps=0)
+    assert summary.shipped == "linear" and summary.reason == "options.heal_steps is 0"
+    assert summary.distilled_perplexity is None and summary.linear_perplexity > 1
+    assert _equal(_weights(model), before)
+
+
+def test_a_harmful_learning_rate_is_caught_by_the_validation_guard() -> None:
+    model, teacher = _pruned()
+    before = _weights(model)
+    summary = _run(model, teacher, steps=6, learning_rate=5.0)
+    assert summary.shipped == "linear"
+    assert summary.distilled_kl > summary.linear_kl and "the linear heal ships" in summary.reason
+    assert _equal(_weights(model), before)  # the adapters dropped unmerged
+    assert not any("peft" in type(m).__module__ for m in decoder_blocks(model)[0].modules())
+
+
+def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
+    runs = []
+    for _ in range(2):
+        model, teacher = _pruned()
+        before = _weights(model)
+        summary = _run(model, teacher, steps=12)
+        runs.append((summary, _weights(model)))
+    (first, weights), (second, again) = runs
+    assert first.shipped == "distill" and first.distilled_kl < first.linear_kl
+    counted = int(next_token_valid(TRAIN.attention_mask).sum())
+    assert first.last_loss < first.first_loss and first.tokens == 6 * counted  # 12 x 4 windows: 6 times each
+    assert _equal(weights, again) and first.distilled_kl == second.distilled_kl
+    changed = {k for k in weights if not torch.equal(weights[k], before[k])}
+    assert changed and all(".layers." in k and k.endswith("proj.weight") for k in changed)  # kept blocks' linears only
+    assert not any(p.requires_grad for p in model.parameters())
+    assert list(model.state_dict()) == list(before)  # merged: the architecture's own parameters, no adapter
+
+
+def test_adapters_on_every_kept_block_or_the_two_after_each_cut() -> None:
+    assert adapted_blocks(6, [1, 3], "all") == [0, 1, 2, 3, 4, 5]
+    assert adapted_blocks(6, [1, 3], "cuts") == [1, 2, 3, 4]
+    assert adapted_blocks(6, [5], "cuts") == [5]
+    model, teacher = _pruned()
+    before = _weights(model)
+    summary = _run(model, teacher, steps=4, scope="cuts")
+    assert summary.blocks == [1, 2]
+    changed = {k for k, v in _weights(model).items() if not torch.equal(v, before[k])}
+    assert summary.shipped == "linear" or {k.split(".")[2] for k in changed} <= {"1", "2"}
+
+
+def test_a_cancel_between_steps_raises_and_leaves_no_adapter() -> None:
+    model, teacher = _pruned()
+    before = _weights(model)
+    asked = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(JobCancelled, match="distilling"):
+        _run(model, teacher, steps=10, should_cancel=cancel)
+    assert _equal(_weights(model), before)
+
+
+def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits(
+    tiny_model_dir, corpus_files, tmp_path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    seen: list[tuple[str, float]] = []
+    for heal in ("linear", "distill"):
+        options = SelectionOptions(heal=heal, selection_metric="kl", **({"heal_steps": 8} if heal == "distill" else {}))
+        spec = make_spec(tiny_model_dir, corpus_files, options=options)
+        runs[heal] = run_prune(spec, tmp_path / heal, progress=lambda stage, f: seen.append((stage, f)))
+        if heal == "linear":
+            assert "distilling" not in {stage for stage, _ in seen}
+            seen.clear()
+    stages = list(dict.fromkeys(stage for stage, _ in seen))
+    assert stages.index("pruning") + 1 == stages.index("distilling") == stages.index("evaluating_pruned") - 1
+    assert ("distilling", 1.0) in seen  # progress by step
+    linear, distilled = runs["linear"].report, runs["distill"].report
+    assert distilled.chosen.pruned_layers == linear.chosen.pruned_layers  # chosen with the linear heal
+    summary = distilled.heal.distill
+    assert summary["steps"] == 8 and summary["shipped"] == distilled.heal.method
+    assert summary["distilled_kl"] is not None and summary["linear_kl"] > 0
+    assert distilled.reload_check["max_abs_logit_diff"] <= 1e-5  # the written model is the one measured
+    reloaded = AutoModelForCausalLM.from_pretrained(runs["distill"].model_dir)
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.num_hidden_layers == 6
+    ours = load_file(runs["distill"].model_dir / "model.safetensors")
+    theirs = load_file(runs["linear"].model_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    differ = {k for k in ours if not torch.equal(ours[k], theirs[k])}
+    if summary["shipped"] == "distill":
+        assert differ and all(".layers." in k and k.endswith("proj.weight") for k in differ)
+        assert distilled.metrics.pruned["kl_mean"] != linear.metrics.pruned["kl_mean"]
+    else:
+        assert not differ
+
+
+def test_distillation_is_refused_in_sequential_execution_and_heal_steps_without_it(
+    tiny_model_dir, corpus_files, tmp_path
+) -> None:
+    options = SelectionOptions(heal="distill", execution="sequential")
+    with pytest.raises(InvalidRequestError, match="distill") as refused:
+        run_prune(make_spec(tiny_model_dir, corpus_files, options=options), tmp_path / "out")
+    assert refused.value.field == "options.heal"
+    with pytest.raises(ValidationError, match="heal_steps"):
+        SelectionOptions(heal="linear", heal_steps=4)
+    assert copy.copy(SelectionOptions(heal="distill", heal_steps=0)).heal_steps == 0
