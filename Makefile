@@ -81,6 +81,7 @@ bench: setup
 	$(PY) scripts/bench_checkpoint.py --out docs/benchmarks.md
 	$(PY) scripts/bench_execution.py --out docs/benchmarks.md
 	$(PY) scripts/bench_choice.py --out docs/benchmarks.md
+	$(PY) scripts/bench_distill.py --out docs/benchmarks.md
 
 clean:
 	rm -rf runs var .pytest_cache .ruff_cache .mypy_cache
