@@ -90,6 +90,22 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_heal_args(prune: argparse.ArgumentParser) -> None:
+    """``--heal`` and ``--heal-steps``: ``options.heal`` and ``options.heal_steps``."""
+    prune.add_argument(
+        "--heal",
+        choices=list(get_args(Heal)),
+        help="linear: fold a fitted linear map into the block before each cut (default where the architecture "
+        "allows); distill: then train low-rank adapters toward the dense model's predictions, shipped where they "
+        "score better on the validation windows; none: remove the blocks as they are",
+    )
+    prune.add_argument(
+        "--heal-steps",
+        type=int,
+        help=f"distillation steps with --heal distill (default {DEFAULT_HEAL_STEPS}; 0 ships the linear heal)",
+    )
+
+
 def add_engine_commands(sub: Any) -> dict[str, Handler]:
     """``prune``, ``analyze``, ``select`` and ``methods`` on ``sub`` (an argparse subparsers object)."""
     prune = sub.add_parser("prune", help="analyse, select, remove blocks, verify, evaluate, save")
@@ -107,18 +123,7 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
         help="what ranks the plans auto and search validate: validation perplexity (default), or the mean KL "
         "from the dense model's predictions on the validation windows (kl)",
     )
-    prune.add_argument(
-        "--heal",
-        choices=list(get_args(Heal)),
-        help="linear: fold a fitted linear map into the block before each cut (default where the architecture "
-        "allows); distill: then train low-rank adapters toward the dense model's predictions, shipped where they "
-        "score better on the validation windows; none: remove the blocks as they are",
-    )
-    prune.add_argument(
-        "--heal-steps",
-        type=int,
-        help=f"distillation steps with --heal distill (default {DEFAULT_HEAL_STEPS}; 0 ships the linear heal)",
-    )
+    _add_heal_args(prune)
     prune.add_argument(
         "--execution",
         choices=["auto", "resident", "sequential"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,34 @@ def _kept_blocks(config: Any, family: str, n_old: int, removed: Sequence[int], f
     return [i for i in range(n_old) if i not in dropped]
 
 
+def _producer(
+    checkpoint: Checkpoint,
+    sources: dict[str, _Source],
+    replaced: dict[str, torch.Tensor],
+    device: torch.device | str,
+) -> Callable[[Planned], torch.Tensor | TensorInfo]:
+    """What writes each output tensor: a replacement cast to the stored dtype, the source's tensor as
+    stored (read a part at a time), or the source's tensor with its heal map folded in on ``device``."""
+    unknown = sorted(set(replaced) - set(sources))
+    if unknown:
+        raise InvalidRequestError(
+            f"the pruned checkpoint has no tensors {unknown[:5]} to replace", field="options.heal"
+        )
+
+    def produce(p: Planned) -> torch.Tensor | TensorInfo:
+        if p.name in replaced:
+            return replaced[p.name].detach().to("cpu", DTYPES[p.dtype])
+        src = sources[p.name]
+        if src.fold is None:
+            return checkpoint.tensors[src.name]
+        moved = checkpoint.read(src.name).to(device)
+        T = src.fold if isinstance(src.fold, torch.Tensor) else src.fold.T
+        result = folded_bias(moved, T) if src.is_bias else folded_weight(moved, src.kind, T)
+        return result.to("cpu")
+
+    return produce
+
+
 def write_pruned(
     source: Path,
     out: Path,
@@ -238,24 +266,7 @@ def write_pruned(
     kept = _kept_blocks(config, layout.family, n_old, removed, folds)
     checkpoint = Checkpoint(source)
     planned, sources = _plan(checkpoint, skeleton, kept, folds)
-    replaced = dict(replaced or {})
-    unknown = sorted(set(replaced) - set(sources))
-    if unknown:
-        raise InvalidRequestError(
-            f"the pruned checkpoint has no tensors {unknown[:5]} to replace", field="options.heal"
-        )
-
-    def produce(p: Planned) -> torch.Tensor | TensorInfo:
-        if p.name in replaced:
-            return replaced[p.name].detach().to("cpu", DTYPES[p.dtype])
-        src = sources[p.name]
-        if src.fold is None:  # copied as stored, a part at a time
-            return checkpoint.tensors[src.name]
-        moved = checkpoint.read(src.name).to(device)
-        T = src.fold if isinstance(src.fold, torch.Tensor) else src.fold.T
-        result = folded_bias(moved, T) if src.is_bias else folded_weight(moved, src.kind, T)
-        return result.to("cpu")
-
+    produce = _producer(checkpoint, sources, dict(replaced or {}), device)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(sorted(planned, key=lambda p: p.name), max_shard_bytes)
     names = shard_names(len(shards))
