@@ -90,6 +90,11 @@ def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_si
     return mean_to_perplexity(nll, tokens), divergence.summary()["kl_mean"]
 
 
+def pruned_anchors(anchors: list[int], removed: list[int]) -> list[int]:
+    """Each anchor block's index in the pruned model (the kept blocks renumbered after ``removed``)."""
+    return [a - sum(1 for r in removed if r < a) for a in anchors]
+
+
 def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]:
     """The kept blocks (pruned model's numbering) that get adapters: all, or each cut's anchor and the
     block after it (``anchors``: the kept block before each cut, in the pruned numbering)."""

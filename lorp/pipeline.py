@@ -26,7 +26,7 @@ from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.curve import budget_curve, check_budgets, default_budgets
-from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights
+from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights, pruned_anchors
 from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
@@ -896,7 +896,7 @@ def _distill(
     their names in the pruned checkpoint."""
     choice, model = planned.choice, loaded.model
     removed = sorted(choice.chosen.pruned_layers)
-    anchors = [fit.anchor - sum(1 for r in removed if r < fit.anchor) for fit in choice.fits]
+    anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     steps = spec.options.heal_steps
     summary = distill(
         model,

@@ -38,7 +38,7 @@ from benchdoc import DISTILL_HEADING, replace_section  # noqa: E402
 from lorp import calibration as cal  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
-from lorp.distill import LEARNING_RATE, dense_finals, distill  # noqa: E402
+from lorp.distill import LEARNING_RATE, dense_finals, distill, pruned_anchors  # noqa: E402
 from lorp.divergence import DenseFinals, Divergence  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
@@ -86,7 +86,7 @@ def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, sco
     apply_fits(pruned, choice.fits)
     removed = sorted(choice.chosen.pruned_layers)
     remove_blocks(pruned, removed)
-    anchors = [fit.anchor - sum(1 for r in removed if r < fit.anchor) for fit in choice.fits]
+    anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     started = time.perf_counter()
     summary = distill(
         pruned, data.capture, teacher[0], data.validation, teacher[1], anchors=anchors, steps=steps,
