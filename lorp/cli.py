@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from pydantic import ValidationError
 
 from lorp.errors import EngineError
-from lorp.options import DEFAULT_HEAL_STEPS, Heal
+from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, Heal
 from lorp.selection import REGISTRY, all_methods, method_row, plan_methods
 
 if TYPE_CHECKING:
@@ -96,13 +96,15 @@ def _add_heal_args(prune: argparse.ArgumentParser) -> None:
         "--heal",
         choices=list(get_args(Heal)),
         help="linear: fold a fitted linear map into the block before each cut (default where the architecture "
-        "allows); distill: then train low-rank adapters toward the dense model's predictions, shipped where they "
-        "score better on the validation windows; none: remove the blocks as they are",
+        "allows); distill: then train low-rank adapters toward the dense model's predictions (sequential "
+        "execution: each cut's anchor block toward the dense span's output), shipped where they score better on "
+        "the validation windows; none: remove the blocks as they are",
     )
     prune.add_argument(
         "--heal-steps",
         type=int,
-        help=f"distillation steps with --heal distill (default {DEFAULT_HEAL_STEPS}; 0 ships the linear heal)",
+        help=f"distillation steps with --heal distill (default {DEFAULT_HEAL_STEPS}; in sequential execution "
+        f"{DEFAULT_LOCAL_HEAL_STEPS} per anchor block; 0 ships the linear heal)",
     )
 
 

@@ -15,8 +15,8 @@ model's next-token distributions on the calibration windows, merged into the wei
   selection metric; otherwise the adapters are dropped unmerged and the model is the linear heal, bit
   for bit. :class:`DistillSummary` says which shipped and why.
 
-Resident only: a backward pass needs the blocks it runs held with their activations; sequential
-execution is refused (``lorp.spec.execution_refusal``).
+Resident only: a backward pass needs the blocks it runs held with their activations. Sequential
+execution distils block-locally instead (``lorp.local_distill``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ class DistillSummary:
     last_loss: float | None
     shipped: str
     reason: str
+    loss: str = "kl"
+    """What was learned: ``kl``, the whole pruned model's next-token distributions against the dense
+    model's (resident); ``state``, each cut's anchor block's output against the dense span's output,
+    relative squared error (block-local, ``lorp.local_distill``: sequential execution)."""
 
 
 def dense_finals(
@@ -103,16 +107,24 @@ def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]
     return sorted({b for a in anchors for b in (a, a + 1) if 0 <= b < num_kept})
 
 
+def linear_layers(block: torch.nn.Module) -> list[str]:
+    """Names inside ``block`` of its linear layers (``nn.Linear``, GPT-2's ``Conv1D``): what gets adapters."""
+    return [
+        name
+        for name, sub in block.named_modules()
+        if name and (isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D")
+    ]
+
+
 def _target_modules(model: Any, blocks: list[int]) -> list[str]:
-    """Full names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) inside ``blocks``."""
+    """Full names of the linear layers inside ``blocks``."""
     wanted = {id(decoder_blocks(model)[b]) for b in blocks}
-    names = []
-    for name, module in model.named_modules():
-        if id(module) in wanted:
-            for child, sub in module.named_modules():
-                if child and (isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D"):
-                    names.append(f"{name}.{child}")
-    return names
+    return [
+        f"{name}.{child}"
+        for name, module in model.named_modules()
+        if id(module) in wanted
+        for child in linear_layers(module)
+    ]
 
 
 def distilled_weights(model: Any, blocks: list[int]) -> dict[str, torch.Tensor]:

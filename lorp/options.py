@@ -15,6 +15,9 @@ Execution = Literal["auto", "resident", "sequential"]
 SelectionMetric = Literal["perplexity", "kl"]
 
 DEFAULT_HEAL_STEPS = 32  # distillation steps when options.heal_steps is unset (docs/benchmarks.md chose it)
+# Block-local distillation (sequential execution): steps per anchor block when unset. A step runs one
+# block, not the model, so more of them cost less than resident distillation's (docs/benchmarks.md).
+DEFAULT_LOCAL_HEAL_STEPS = 128
 MAX_HEAL_STEPS = 10_000
 HealSteps = Annotated[int, Field(ge=0, le=MAX_HEAL_STEPS, description="distillation steps (options.heal distill)")]
 
@@ -51,12 +54,16 @@ class SelectionOptions(StrictModel):
             (``lorp.heal``), ``none`` removes the blocks as they are, ``distill`` folds the linear
             maps and then trains low-rank adapters on the kept blocks toward the dense model's
             predictions on the calibration windows, merged into the weights (``lorp.distill``;
-            shipped only where it scores better on the validation windows than the linear heal).
+            shipped only where it scores better on the validation windows than the linear heal; in
+            sequential execution each cut's anchor block learns the dense span's output instead,
+            ``lorp.local_distill``).
             Unset: ``linear`` where the architecture can fold one, ``none`` where it cannot (Gemma 2/3,
             OLMo 2/3). Validated methods score every plan with the linear heal (``distill`` too:
             distillation runs once, on the chosen plan).
         heal_steps: distillation steps (each a calibration batch of windows); only with ``heal``
-            distill. Unset: :data:`DEFAULT_HEAL_STEPS`; 0 ships the linear heal.
+            distill. Unset: :data:`DEFAULT_HEAL_STEPS`, or in sequential execution (block-local,
+            ``lorp.local_distill``) :data:`DEFAULT_LOCAL_HEAL_STEPS` per anchor block; 0 ships the
+            linear heal.
         execution: how the model runs (``lorp.execution.choice``): ``resident`` (whole, on the device),
             ``sequential`` (one decoder block at a time, loaded from the safetensors files; the dense and
             pruned model's speed, lm-eval tasks and completions are then skipped) or ``auto``

@@ -33,10 +33,12 @@ from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import WorkingSet, memory_budget
+from lorp.execution.healed import FoldedMap
 from lorp.execution.scratch import StateStore
 from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
-from lorp.options import DEFAULT_HEAL_STEPS, folds_maps
+from lorp.local_distill import distill_locally, pruned_weight_names
+from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, folds_maps
 from lorp.planner import (
     HEAL_MODE,
     PlanChoice,
@@ -59,7 +61,7 @@ from lorp.result import (
     SelectionSummary,
     StructureSummary,
 )
-from lorp.scoring import Fit, apply_fits
+from lorp.scoring import apply_fits
 from lorp.selection import Selection, analyze_structure, scored_methods, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
@@ -341,7 +343,7 @@ def _measure_sequential(
     stages: _Stages,
     stage: Stage,
     removed: Sequence[int] = (),
-    fits: Sequence[Fit] = (),
+    fits: Sequence[FoldedMap] = (),
     keep: DenseFinals | None = None,
     against: DenseFinals | None = None,
 ) -> dict[str, Any]:
@@ -492,7 +494,7 @@ def _save(
     loaded: LoadedModel,
     model_dir: Path,
     removed: Sequence[int],
-    fits: Sequence[Fit],
+    fits: Sequence[FoldedMap],
     replaced: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the pruned model: by tensor surgery on the source's safetensors files when there are any
@@ -626,13 +628,11 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     """Load the model (whole, or its skeleton and a sequential runner: ``options.execution``) and check
     the job against it: the budget, the options, the curve's budgets and the tasks, before any pass."""
     stages = stages or _Stages(None, None)
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks), spec.options.heal)
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
     if refusal is not None:
         raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
         loaded = _load(spec.model, sources, spec.options.execution, working_set(spec.calibration))
-    if loaded.runner is not None and (refusal := execution_refusal("sequential", 0, spec.options.heal)):
-        raise InvalidRequestError(refusal[0], field=refusal[1])  # auto chose sequential
     n_blocks = len(decoder_blocks(loaded.model))
     opts = spec.options
     if not spec.target.is_quality_bound:
@@ -834,7 +834,7 @@ def execute(
             dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
-        if choice.heal == "distill":  # the dense predictions distillation learns, and is judged by
+        if choice.heal == "distill" and not prepared.sequential:  # what distillation learns, and is judged by
             teacher = _teacher(loaded.model, planned.data, spec, stages)
     with stages.stage(Stage.pruning):
         if not prepared.sequential:
@@ -844,9 +844,14 @@ def execute(
             remove_blocks(model, chosen.pruned_layers)
     distilled: DistillSummary | None = None
     replaced: dict[str, torch.Tensor] = {}
-    if teacher is not None:
+    fits: Sequence[FoldedMap] = choice.fits
+    if choice.heal == "distill":
         with stages.stage(Stage.distilling):
-            distilled, replaced = _distill(loaded, planned, spec, teacher, stages)
+            if teacher is not None:
+                distilled, replaced = _distill(loaded, planned, spec, teacher, stages)
+            else:  # sequential: block-local, from the states one pass computes
+                distilled, fits = _distill_locally(loaded, planned, spec, stages)
+                replaced = pruned_weight_names(loaded.model, chosen.pruned_layers, fits)
     with stages.stage(Stage.evaluating_pruned):
         if prepared.sequential:
             pruned = _measure_sequential(
@@ -856,19 +861,19 @@ def execute(
                 stages,
                 Stage.evaluating_pruned,
                 chosen.pruned_layers,
-                choice.fits,
+                fits,
                 against=finals,
             )
         else:
             pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned, against=finals)
     model_dir = out / MODEL_SUBDIR
     with stages.stage(Stage.saving):
-        _save(loaded, model_dir, chosen.pruned_layers, choice.fits, replaced)
+        _save(loaded, model_dir, chosen.pruned_layers, fits, replaced)
     with stages.stage(Stage.verifying):
         validation = planned.data.validation
         probe = validation.input_ids[:2, : min(32, validation.input_ids.shape[1])]
         if loaded.runner is not None:
-            reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, choice.fits)
+            reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, fits)
         elif _second_copy_fits(loaded):
             reload_check = verify_reload(model_dir, loaded.model, probe)
         else:  # the written model, run block by block: one block beside the pruned model, not a second copy
@@ -920,6 +925,28 @@ def _distill(
         for name, weight in weights.items():
             weight.data = weight.data.to(stored.get(name, weight.dtype)).to(weight.dtype)
     return summary, weights
+
+
+def _distill_locally(
+    loaded: LoadedModel, planned: Planned, spec: PruneSpec, stages: _Stages
+) -> tuple[DistillSummary, list[FoldedMap]]:
+    """Sequential execution's distillation (``lorp.local_distill``): each cut's anchor block learns the
+    dense span's output; the fits that ship (trained, or the linear heal's as they were)."""
+    assert loaded.runner is not None
+    steps = spec.options.heal_steps
+    return distill_locally(
+        loaded.runner,
+        planned.data.capture,
+        planned.data.validation,
+        removed=planned.choice.chosen.pruned_layers,
+        fits=planned.choice.fits,
+        steps=DEFAULT_LOCAL_HEAL_STEPS if steps is None else steps,
+        batch_size=spec.calibration.batch_size,
+        seed=spec.calibration.seed,
+        metric=spec.options.selection_metric,
+        should_cancel=stages.should_cancel,
+        progress=stages.fraction(Stage.distilling),
+    )
 
 
 def _draw_charts(

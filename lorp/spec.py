@@ -248,18 +248,11 @@ class EvaluationSpec(DownstreamFields):
     speed_batch: int = Field(default=1, ge=1, le=256)
 
 
-def execution_refusal(execution: str, tasks: int, heal: str | None = None) -> tuple[str, str] | None:
+def execution_refusal(execution: str, tasks: int) -> tuple[str, str] | None:
     """(message, field) when a request's ``options.execution`` cannot give what it asks, else None:
-    lm-eval tasks and distillation (a backward pass through the pruned model) need the model whole on
-    the device, which ``sequential`` never loads. (Speed and completions, asked by default, are skipped
-    instead, and the report says so.) ``execution`` is what was asked, or what ``auto`` chose."""
-    if execution == "sequential" and heal == "distill":
-        return (
-            "options.heal 'distill' trains through the whole pruned model and needs it on the device, and "
-            "this job runs sequentially (options.execution 'sequential', or 'auto' where the model does not "
-            "fit the device's memory): use 'linear', or 'resident' on a device the model fits",
-            "options.heal",
-        )
+    lm-eval tasks need the model whole on the device, which ``sequential`` never loads. (Speed and
+    completions, asked by default, are skipped instead, and the report says so; distillation runs
+    block-locally, ``lorp.local_distill``.)"""
     if execution == "sequential" and tasks:
         return (
             "evaluation.tasks need the model whole on the device, and options.execution 'sequential' never "

@@ -5,8 +5,10 @@ At each budget, for ``auto`` and ``search`` (each choice made as a job makes it,
 plan chosen unhealed and shipped as it is, the plan chosen with the linear heal and shipped with its
 maps, and that plan distilled (``lorp.distill``, as a job runs it: the dense model's final states on the
 calibration and validation windows, the adapters trained on the calibration windows, the validation
-guard). On the same held-out windows of the built-in evaluation text: perplexity, mean KL(dense ||
-pruned) and top-1 agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for auto at the
+guard), and distilled block-locally as a sequential job does (``lorp.local_distill``, each cut's anchor
+toward the dense span's output, same steps per anchor and learning rate, same guard). On the same
+held-out windows of the built-in evaluation text: perplexity, mean KL(dense || pruned) and top-1
+agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for auto at the
 ``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows,
 measured right before each budget's runs (the machine is shared).
 
@@ -42,8 +44,9 @@ from lorp.distill import LEARNING_RATE, dense_finals, distill, pruned_anchors  #
 from lorp.divergence import DenseFinals, Divergence  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
-from lorp.execution import folded  # noqa: E402
-from lorp.options import DEFAULT_HEAL_STEPS  # noqa: E402
+from lorp.execution import Runner, folded  # noqa: E402
+from lorp.local_distill import LOCAL_LEARNING_RATE, distill_locally  # noqa: E402
+from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import apply_fits  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
@@ -95,6 +98,17 @@ def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, sco
     return pruned, summary, time.perf_counter() - started
 
 
+def distilled_locally(model, choice, data, args, steps, learning_rate):
+    """The choice's fits with its anchors distilled block-locally (``lorp.local_distill``, what a sequential
+    job runs; run here through the resident runner, which gives the same weights)."""
+    started = time.perf_counter()
+    summary, shipped = distill_locally(
+        Runner(model), data.capture, data.validation, removed=choice.chosen.pruned_layers, fits=choice.fits,
+        steps=steps, batch_size=args.batch_size, learning_rate=learning_rate,
+    )  # fmt: skip
+    return shipped, summary, time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 6, 8, 10])
@@ -103,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=200, help="items of the built-in task (0: skip it)")
     parser.add_argument("--steps", type=int, default=DEFAULT_HEAL_STEPS)
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_HEAL_STEPS, help="block-local, per anchor")
+    parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
     parser.add_argument("--scope", default="all", choices=["all", "cuts"])
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -157,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
         for setting in args.explore:
             steps, lr, scope = setting.split(":")
-            pruned, summary, seconds = distilled_copy(model, choice, data, teacher, args, int(steps), float(lr), scope)
-            got = measure.held_out(pruned)
+            if scope == "local":
+                shipped, summary, seconds = distilled_locally(model, choice, data, args, int(steps), float(lr))
+                got = measure.held_out(model, choice.chosen.pruned_layers, shipped)
+            else:
+                pruned, summary, seconds = distilled_copy(
+                    model, choice, data, teacher, args, int(steps), float(lr), scope
+                )
+                got = measure.held_out(pruned)
+                del pruned
             print(
                 f"{setting}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
                 f"{summary.distilled_perplexity:.3f}, KL {summary.linear_kl:.4f} -> {summary.distilled_kl:.4f}, "
@@ -166,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{seconds / capture_s:.1f} x capture, shipped {summary.shipped}",
                 flush=True,
             )
-            del pruned
         return 0
 
     dense_acc = measure.accuracy(model)
@@ -192,15 +214,26 @@ def main(argv: list[str] | None = None) -> int:
                 shipped = pruned if summary.shipped == "distill" else None
                 figures = measure.held_out(pruned) if shipped is not None else cells["linear"]
                 accuracy = measure.accuracy(pruned) if method == "auto" and n in args.task_budgets else None
-                distilled_by_plan[key] = (figures, summary, seconds, accuracy)
+                fits, local, local_s = distilled_locally(
+                    model, healed, data, args, args.local_steps, args.local_learning_rate
+                )
+                local_figures = measure.held_out(model, healed.chosen.pruned_layers, fits)
+                distilled_by_plan[key] = (figures, summary, seconds, accuracy, (local_figures, local, local_s))
                 del pruned
-            figures, summary, seconds, accuracy = distilled_by_plan[key]
+            figures, summary, seconds, accuracy, (local_figures, local, local_s) = distilled_by_plan[key]
             cells["distill"] = {
                 **{k: figures[k] for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement")},
                 "plan": healed.chosen.pruned_layers,
                 "cost": (healed_s + seconds) / capture_s,
                 "shipped": summary.shipped,
                 "distill_cost": seconds / capture_s,
+            }
+            cells["local"] = {
+                **{k: local_figures[k] for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement")},
+                "plan": healed.chosen.pruned_layers,
+                "cost": (healed_s + local_s) / capture_s,
+                "shipped": local.shipped,
+                "distill_cost": local_s / capture_s,
             }
             if method == "auto" and n in args.task_budgets:
                 cells["none"]["acc"] = measure.accuracy(model, plain.chosen.pruned_layers)
@@ -212,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
 
     heading = (
         f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
-        f"--limit {args.limit} --steps {args.steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
+        f"--methods {' '.join(args.methods)} --limit {args.limit} "
+        f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
+        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
         f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
         f"(distillation trains on them; {data.validation.num_windows} validation windows decide what ships); held-out: "
         f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
         f"{measure.dense_ppl:.2f}); `{TASK_NAME}` accuracy on its first {args.limit} items (dense "
         f"{dense_acc if dense_acc is not None else float('nan'):.3f}). Distillation: {args.steps} steps of "
-        f"{args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on {args.scope} kept blocks."
+        f"{args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on {args.scope} kept blocks; "
+        f"block-local: {args.local_steps} steps per anchor, learning rate {args.local_learning_rate:g}."
     )
     section = [
         DISTILL_HEADING,
@@ -228,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         "Each cell: held-out perplexity / mean KL (nats) / top-1 agreement. Cost: choosing (and, for distill, "
         "the teacher passes and the distillation) relative to one capture.",
         "",
-        "| blocks | method | none | linear | distill (shipped) | cost none / linear / distill |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| blocks | method | none | linear | distill (shipped) | block-local (shipped) "
+        "| cost none / linear / distill / block-local |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
 
     def cell(c: dict) -> str:
@@ -239,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         for method, cells in row.items():
             section.append(
                 f"| {n} | {method} | {cell(cells['none'])} | {cell(cells['linear'])} | {cell(cells['distill'])} "
-                f"({cells['distill']['shipped']}) | {cells['none']['cost']:.1f} / {cells['linear']['cost']:.1f} / "
-                f"{cells['distill']['cost']:.1f} |"
+                f"({cells['distill']['shipped']}) | {cell(cells['local'])} ({cells['local']['shipped']}) | "
+                f"{cells['none']['cost']:.1f} / {cells['linear']['cost']:.1f} / {cells['distill']['cost']:.1f} / "
+                f"{cells['local']['cost']:.1f} |"
             )
     section += [
         "",
@@ -248,21 +286,24 @@ def main(argv: list[str] | None = None) -> int:
         "chosen unhealed), <= 0.70 at 6 blocks and <= 0.50 at 8 and 10; mean KL lower with distill than linear "
         "at every budget; distillation <= 20 captures at 8 blocks; task accuracy >= 95% of dense at 4, >= 85% at 8.",
         "",
-        "| blocks | best unhealed ppl | linear ratio | distill ratio | KL linear -> distill (auto) "
-        "| distillation x capture (auto) | acc none / linear / distill (of dense) |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| blocks | best unhealed ppl | linear ratio | distill ratio | block-local ratio "
+        "| KL linear -> distill / block-local (auto) | distillation / block-local x capture (auto) "
+        "| acc none / linear / distill (of dense) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for n, _, row in rows:
         best = min(cells["none"]["ppl"] for cells in row.values())
         linear = min(cells["linear"]["ppl"] for cells in row.values())
         distilled = min(cells["distill"]["ppl"] for cells in row.values())
+        local_best = min(cells["local"]["ppl"] for cells in row.values())
         auto = row.get("auto", next(iter(row.values())))
         accs = "n/a"
         if "acc" in auto["none"] and dense_acc:
             accs = " / ".join(f"{auto[h]['acc']:.3f} ({auto[h]['acc'] / dense_acc:.0%})" for h in HEALS)
         section.append(
-            f"| {n} | {best:.2f} | {linear / best:.2f} | {distilled / best:.2f} | {auto['linear']['kl_mean']:.3f} -> "
-            f"{auto['distill']['kl_mean']:.3f} | {auto['distill']['distill_cost']:.1f} | {accs} |"
+            f"| {n} | {best:.2f} | {linear / best:.2f} | {distilled / best:.2f} | {local_best / best:.2f} | "
+            f"{auto['linear']['kl_mean']:.3f} -> {auto['distill']['kl_mean']:.3f} / {auto['local']['kl_mean']:.3f} | "
+            f"{auto['distill']['distill_cost']:.1f} / {auto['local']['distill_cost']:.1f} | {accs} |"
         )
     print("\n".join(section))
     replace_section(args.out, DISTILL_HEADING, section)

@@ -162,7 +162,7 @@ def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> 
 def check_execution(spec: JobCreate) -> None:
     """Refuse what ``options.execution`` cannot give: lm-eval tasks in a sequential run, and a sequential
     run of a GGUF file (its weights are not safetensors a block can be read from)."""
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks), spec.options.heal)
+    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
     if refusal is not None:
         raise Unprocessable(refusal[0], field=refusal[1])
     if spec.options.execution == "sequential" and spec.model.id.lower().endswith(".gguf"):

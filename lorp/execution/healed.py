@@ -5,12 +5,17 @@ projection (``W <- T^T W``, ``b <- b T`` for a linear layer, ``W <- W T`` for GP
 the block compute it at no extra cost. Passes that score a healed plan fold its maps for their length
 (:func:`folded`); the checkpoint writer folds the stored weights with the same :func:`folded_weight`,
 so a weight stored folded equals the one the engine measured.
+
+A map may come with the anchor block's weights trained on top of it (:class:`TrainedFold`, block-local
+distillation, ``lorp.local_distill``): those weights, the fold already in them, replace the block's
+own after the fold, for a pass or for good (:func:`put_weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +33,37 @@ class FoldedMap(Protocol):
 
     @property
     def T(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TrainedFold:
+    """A heal map (``fit``, read when folded: maps kept in files stay there), and the weights its anchor
+    block learned on top of it (by name inside the block, the fold already in them): what block-local
+    distillation ships for a cut."""
+
+    fit: FoldedMap
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def anchor(self) -> int:
+        return self.fit.anchor
+
+    @property
+    def T(self) -> torch.Tensor:
+        return self.fit.T
+
+
+def trained_weights(fit: FoldedMap) -> Mapping[str, torch.Tensor]:
+    """The block weights a fit replaces after its fold (a :class:`TrainedFold`'s), or none."""
+    return getattr(fit, "weights", None) or {}
+
+
+def put_weights(block: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (by name inside ``block``) into the block's parameters, cast to theirs."""
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameter = block.get_parameter(name)
+            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
 
 
 def heal_refusal(model: Any) -> str | None:
@@ -84,20 +120,21 @@ def fold(projection: Any, kind: str, T: torch.Tensor) -> None:
 
 @contextmanager
 def folded(model: Any, fits: Sequence[FoldedMap]) -> Iterator[None]:
-    """The fits folded into their anchor blocks for the length of the block, then the weights restored."""
+    """The fits folded into their anchor blocks (and a :class:`TrainedFold`'s weights put in after its
+    fold) for the length of the block, then the weights restored."""
     blocks = decoder_blocks(model)
-    saved: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = []
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     try:
         for fit in fits:
-            projection, kind = output_projection(model, blocks[fit.anchor])
-            bias = getattr(projection, "bias", None)
-            kept_bias = None if bias is None else bias.detach().clone()
-            saved.append((projection, projection.weight.detach().clone(), kept_bias))
+            block = blocks[fit.anchor]
+            projection, kind = output_projection(model, block)
+            touched = [projection.weight, *([projection.bias] if getattr(projection, "bias", None) is not None else [])]
+            touched += [block.get_parameter(name) for name in trained_weights(fit)]
+            saved += [(parameter, parameter.detach().clone()) for parameter in touched]
             fold(projection, kind, fit.T)
+            put_weights(block, trained_weights(fit))
         yield
     finally:
         with torch.no_grad():
-            for projection, weight, bias in reversed(saved):
-                projection.weight.copy_(weight)
-                if bias is not None:
-                    projection.bias.copy_(bias)
+            for parameter, value in reversed(saved):
+                parameter.copy_(value)

@@ -237,9 +237,15 @@ class Onloader:
         names = {id(tensor): name for name, tensor in block.named_parameters()}
         with torch.no_grad():
             for tensor in module.parameters():
-                stored = DTYPES[self.checkpoint.tensors[self._stored(f"{self.path}.{index}.{names[id(tensor)]}")].dtype]
-                if tensor.dtype != stored:
-                    tensor.copy_(tensor.to(stored).to(tensor.dtype))
+                rounded = self.rounded(index, names[id(tensor)], tensor)
+                if rounded is not tensor:
+                    tensor.copy_(rounded)
+
+    def rounded(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value``, a new value of block ``index``'s weight ``name``, rounded to the dtype the
+        checkpoint stores that weight in (and back to ``value``'s dtype)."""
+        stored = DTYPES[self.checkpoint.tensors[self._stored(f"{self.path}.{index}.{name}")].dtype]
+        return value if value.dtype == stored else value.to(stored).to(value.dtype)
 
     def _outside(self, name: str) -> bool:
         """Whether the model's tensor ``name`` lies outside the decoder blocks."""

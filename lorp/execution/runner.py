@@ -30,7 +30,7 @@ scores and fits (tests/engine/test_sequential.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from lorp.blocks import decoder_blocks, input_device, pruned_view
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution.calls import BlockCall, OutputForm, head_logits, record_calls
-from lorp.execution.healed import FoldedMap, fold, folded, output_projection
+from lorp.execution.healed import FoldedMap, fold, folded, output_projection, put_weights, trained_weights
 from lorp.execution.onload import Onloader, skeleton
 
 StateCallback = Callable[[int, torch.Tensor], None]
@@ -157,7 +157,21 @@ class Runner:
                 projection, kind = output_projection(self.model, block)
                 fold(projection, kind, fit.T)
                 self.onloader.round_to_stored(index, projection)  # as the written checkpoint holds it
+                put_weights(block, trained_weights(fit))  # a distilled anchor's weights, stored-rounded
             yield block
+
+    def block(self, index: int, then: int | None = None) -> AbstractContextManager[torch.nn.Module]:
+        """Block ``index`` open for a pass that does more with it than run it (a block-local training,
+        ``lorp.local_distill``): where it lives, or loaded for the length of the ``with`` (block
+        ``then`` read meanwhile). Counted as a load like any pass's."""
+        return self._block(index, then)
+
+    def stored_weights(self, index: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` of block ``index`` (by name inside it) rounded to the dtypes the checkpoint stores
+        them in (sequential; resident models run as loaded and are returned as given)."""
+        if self.onloader is None:
+            return dict(weights)
+        return {name: self.onloader.rounded(index, name, value) for name, value in weights.items()}
 
     def groups(self, batches: Iterable[Batch]) -> Iterator[list[Batch]]:
         """Batches gathered for block-major passes: one at a time when resident (a batch's states are
@@ -268,7 +282,7 @@ class Runner:
         return hidden
 
     @contextmanager
-    def _folded_in(self, index: int, block: torch.nn.Module, fit: FoldedMap | None) -> Iterator[None]:
+    def folded_in(self, index: int, block: torch.nn.Module, fit: FoldedMap | None) -> Iterator[None]:
         """``fit`` folded into ``block`` (block ``index``, open) for the length of the ``with``, then
         the block's weights as they were (in sequential mode rounded as the checkpoint stores them)."""
         if fit is None:
@@ -306,7 +320,7 @@ class Runner:
                     raise JobCancelled("the job was cancelled while scoring plans")
                 with self._block(j, then) as block:
                     for k in users[j]:
-                        with self._folded_in(j, block, passes[k].fits.get(j)):
+                        with self.folded_in(j, block, passes[k].fits.get(j)):
                             for i, batch in enumerate(batches):
                                 hidden[k][i] = batch.calls[j](block, hidden[k][i].to(self.device)).to(self.state_device)
                                 self.block_runs += 1

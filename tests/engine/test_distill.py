@@ -7,7 +7,8 @@
 - a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
-  does; a sequential job, and heal_steps without distill, are refused naming the field.
+  does; a sequential job distils block-locally (lorp.local_distill) and writes what it measured;
+  heal_steps without distill is refused naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.distill import adapted_blocks, dense_finals, distill
 from lorp.divergence import next_token_valid
-from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.errors import JobCancelled
 from lorp.pipeline import run_prune
 from lorp.spec import SelectionOptions
 
@@ -155,13 +156,33 @@ def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits
         assert not differ
 
 
-def test_distillation_is_refused_in_sequential_execution_and_heal_steps_without_it(
+def test_a_sequential_distilled_job_distils_block_locally_and_writes_what_it_measured(
     tiny_model_dir, corpus_files, tmp_path
 ) -> None:
-    options = SelectionOptions(heal="distill", execution="sequential")
-    with pytest.raises(InvalidRequestError, match="distill") as refused:
-        run_prune(make_spec(tiny_model_dir, corpus_files, options=options), tmp_path / "out")
-    assert refused.value.field == "options.heal"
+    runs = {}
+    for heal in ("linear", "distill"):
+        extra = {"heal_steps": 8} if heal == "distill" else {}
+        options = SelectionOptions(heal=heal, execution="sequential", selection_metric="kl", **extra)
+        runs[heal] = run_prune(make_spec(tiny_model_dir, corpus_files, options=options), tmp_path / heal)
+    linear, distilled = runs["linear"].report, runs["distill"].report
+    assert distilled.execution.mode == "sequential" and distilled.chosen.pruned_layers == linear.chosen.pruned_layers
+    summary = distilled.heal.distill
+    assert (summary["scope"], summary["loss"], summary["steps"]) == ("local", "state", 8)
+    assert summary["shipped"] == distilled.heal.method and "block-local" in summary["reason"]
+    assert summary["last_loss"] < summary["first_loss"]  # the anchors learned the spans' outputs
+    assert distilled.reload_check["max_abs_logit_diff"] <= 1e-5  # the written model is the one measured
+    ours = load_file(runs["distill"].model_dir / "model.safetensors")
+    theirs = load_file(runs["linear"].model_dir / "model.safetensors")
+    differ = {k for k in ours if not torch.equal(ours[k], theirs[k])}
+    anchors = {f"model.layers.{b}." for b in summary["blocks"]}
+    if summary["shipped"] == "distill":  # only the anchors' linear weights changed
+        assert differ and all(k.endswith("proj.weight") and k.startswith(tuple(anchors)) for k in differ)
+        assert distilled.metrics.pruned["kl_mean"] != linear.metrics.pruned["kl_mean"]
+    else:
+        assert not differ
+
+
+def test_heal_steps_only_with_distill() -> None:
     with pytest.raises(ValidationError, match="heal_steps"):
         SelectionOptions(heal="linear", heal_steps=4)
     assert copy.copy(SelectionOptions(heal="distill", heal_steps=0)).heal_steps == 0

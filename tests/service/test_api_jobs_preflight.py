@@ -200,13 +200,6 @@ def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(
         422,
         "options.execution",
     )
-    # Distillation needs a backward pass through the whole pruned model: never sequential.
-    problem = assert_problem(
-        submit(api_settings, rollback_sessionmaker, str(directory), options={**sequential, "heal": "distill"}),
-        422,
-        "options.heal",
-    )
-    assert "'distill'" in problem["detail"] and "sequential" in problem["detail"]
     for options, field in (
         ({"heal": "linear", "heal_steps": 4}, "options.heal_steps"),
         ({"heal": "distill", "heal_steps": -1}, "options.heal_steps"),

@@ -193,10 +193,6 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     # The same job run one block at a time (options.execution: sequential) by the same worker: the same
     # statistics and plan; the summary names the mode and the device, and what it did not measure.
     body["options"] = {**body["options"], "execution": "sequential"}
-    if searched:
-        refused = client.post("/v1/jobs", json=body)  # distillation needs a backward pass through the whole model
-        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "options.heal", refused.text
-        body["options"] = {"heal": "linear", "execution": "sequential"}  # the plan is chosen with the linear heal
     refused = client.post("/v1/jobs", json=body)  # lm-eval tasks need the model whole
     assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "evaluation.tasks", refused.text
     body["evaluation"] = {**body["evaluation"], "tasks": [], "curve_budgets": []}
@@ -211,6 +207,10 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert [line.split(":")[0] for line in execution["skipped"]] == ["evaluation.prompts"]
     assert summary["execution"]["mode"] == "resident" and summary["execution"]["skipped"] == []
     assert rerun["summary"]["tasks"] == [] and rerun["summary"]["report"]["generations"] == []
+    if searched and worker_summary["heal"]["distill"] is not None:  # sequential: distilled block-locally
+        local = rerun["summary"]["report"]["heal"]["distill"]
+        assert (local["scope"], local["loss"], local["steps"]) == ("local", "state", 3), local
+        assert rerun["summary"]["report"]["heal"]["method"] == local["shipped"] and "block-local" in local["reason"]
     # Its states waited in the job's scratch (a folder per job, kept across attempts); it is gone once
     # the job succeeded: the attempt removes it as it ends, just after the status it reports.
     scratch = tmp_path / "data" / "scratch"
