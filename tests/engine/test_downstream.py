@@ -182,14 +182,15 @@ def test_task_names_are_checked_by_the_spec() -> None:
 
 def test_the_builtin_task_tells_the_demo_model_from_a_catastrophic_cut() -> None:
     """The dense demo model is well above chance (1/4) and LoRP's own 4-of-30 plan, whose held-out
-    perplexity is in the thousands, falls back towards chance. Measured on the 48 items used here:
-    dense acc 0.667, LoRP [6, 17, 27, 28] 0.375; on 200 items: 0.595, 0.300, and auto's plan at the
-    same budget [15, 16, 17, 18] 0.515 unhealed (stderr about 0.035 each)."""
+    perplexity is in the thousands, falls back towards chance. Measured on the 24 items used here
+    (the same items every run, so the figures are fixed): dense acc 0.583, LoRP [6, 17, 27, 28] 0.375;
+    on 48 items 0.667, 0.375; on 200 items: 0.595, 0.300, and auto's plan at the same budget
+    [15, 16, 17, 18] 0.515 unhealed (stderr about 0.035 each). make bench measures the task at 200."""
     from lorp.blocks import pruned_view
     from lorp.loading import load_model
 
     loaded = load_model("demo", device="cpu")
-    task = [TaskSpec(name=TASK_NAME, limit=48)]
+    task = [TaskSpec(name=TASK_NAME, limit=24)]
 
     def accuracy() -> float:
         scores, _ = run_tasks(loaded.model, loaded.tokenizer, task, batch_size=8)
@@ -198,6 +199,6 @@ def test_the_builtin_task_tells_the_demo_model_from_a_catastrophic_cut() -> None
     dense = accuracy()
     with pruned_view(loaded.model, [6, 17, 27, 28]):
         catastrophic = accuracy()
-    print(f"lorp_cloze acc on 48 items: dense {dense:.3f}, LoRP 4/30 {catastrophic:.3f}")
-    assert dense >= 0.45  # chance is 0.25; 0.45 is more than three standard errors above it at 48 items
+    print(f"lorp_cloze acc on 24 items: dense {dense:.3f}, LoRP 4/30 {catastrophic:.3f}")
+    assert dense >= 0.45  # chance is 0.25; the dense model's 14 of 24 is far above it
     assert catastrophic <= dense - 0.15
