@@ -1,5 +1,6 @@
-"""The engine on CUDA: capture, auto, removal and the reload check in bfloat16, and a sequential job
-(one block on the device at a time) against a resident one. Skipped without a GPU."""
+"""The engine on CUDA: capture, auto, removal and the reload check in bfloat16, a sequential job
+(one block on the device at a time) against a resident one, and a sequential job distilled
+block-locally. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -125,3 +126,19 @@ def test_a_stager_on_cuda_loads_through_pinned_buffers_what_the_plain_reader_rea
         assert stager.prefetched == 1
     finally:
         stager.close()
+
+
+def test_a_sequential_bf16_job_on_cuda_distils_block_locally_and_writes_what_it_measured(
+    tiny_model_dir, corpus_files, tmp_path
+):
+    spec = make_spec(
+        tiny_model_dir,
+        corpus_files,
+        model=ModelSpec(id=str(tiny_model_dir), device="cuda", dtype="bfloat16"),
+        options=SelectionOptions(execution="sequential", heal="distill", heal_steps=8),
+    )
+    report = run_prune(spec, tmp_path / "distill").report
+    summary = report.heal.distill
+    assert report.execution.mode == "sequential" and (summary["scope"], summary["loss"]) == ("local", "state")
+    assert summary["shipped"] == report.heal.method and summary["last_loss"] < summary["first_loss"]
+    assert report.reload_check["max_abs_logit_diff"] <= 5e-2  # the written model is the one measured
