@@ -395,19 +395,23 @@ def test_queued_job_cancelled_before_start_never_runs(local_settings: Settings, 
 # -- 3. cancelling a running job --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stage", ["capture", "distilling"])
 def test_cancel_running_job_leaves_no_artifacts(
-    local_settings: Settings, model_root: Path, corpus_bytes: bytes
+    local_settings: Settings, model_root: Path, corpus_bytes: bytes, stage: str
 ) -> None:
     settings = local_settings
     dataset_id = upload_dataset(settings, corpus_bytes)
-    # Many samples one at a time: the capture takes far longer than the cancel check interval.
-    request = job_request(str(model_root / "tiny-llama"), dataset_id, num_samples=256, batch_size=1, seed=3)
+    if stage == "capture":  # many samples one at a time: the capture takes far longer than the cancel check interval
+        request = job_request(str(model_root / "tiny-llama"), dataset_id, num_samples=256, batch_size=1, seed=3)
+    else:  # a distillation of far more steps than the cancel check interval lets run
+        options = {"heal": "distill", "heal_steps": 10_000}
+        request = job_request(str(model_root / "tiny-llama"), dataset_id, num_samples=16, seed=3, options=options)
     job_id = create_job(settings, request)
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run_job(job_id, settings)))
     thread.start()
     try:
-        wait_for(lambda: load_job(settings, job_id).stage == "capture", timeout=60, what="the capture stage")
+        wait_for(lambda: load_job(settings, job_id).stage == stage, timeout=60, what=f"the {stage} stage")
         with session_scope(session_factory(settings.sqlalchemy_url)) as session:
             session.execute(update(Job).where(Job.id == job_id).values(cancel_requested_at=dt.datetime.now(dt.UTC)))
         cancelled_at = time.monotonic()
