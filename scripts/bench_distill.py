@@ -15,8 +15,10 @@ measured right before each budget's runs (the machine is shared).
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64]
 
 ``--explore STEPS:LR:SCOPE ...`` distils auto's healed plan at the first budget once per setting and
-prints held-out figures only (how the defaults in lorp.options / lorp.distill were chosen); nothing
-is written.
+prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
+were chosen); nothing is written. SCOPE: ``all`` or ``cuts`` (resident distillation's adapters),
+``local`` (block-local, STEPS per anchor), ``local+all`` (block-local at its defaults, then resident
+distillation of STEPS from there).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from lorp.divergence import DenseFinals, Divergence  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
 from lorp.execution import Runner, folded  # noqa: E402
+from lorp.execution.healed import put_weights, trained_weights  # noqa: E402
 from lorp.local_distill import LOCAL_LEARNING_RATE, distill_locally  # noqa: E402
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
@@ -83,10 +86,14 @@ class Measure:
         return next(s.value for s in scores if s.metric == "acc")
 
 
-def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, scope):
-    """A copy of ``model`` with the choice's maps folded, its blocks removed and then distilled."""
+def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, scope, fits=None):
+    """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
+    fold) folded, its blocks removed and then distilled."""
     pruned = copy.deepcopy(model)
-    apply_fits(pruned, choice.fits)
+    fits = choice.fits if fits is None else fits
+    apply_fits(pruned, fits)
+    for fit in fits:
+        put_weights(decoder_blocks(pruned)[fit.anchor], trained_weights(fit))
     removed = sorted(choice.chosen.pruned_layers)
     remove_blocks(pruned, removed)
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
@@ -176,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             if scope == "local":
                 shipped, summary, seconds = distilled_locally(model, choice, data, args, int(steps), float(lr))
                 got = measure.held_out(model, choice.chosen.pruned_layers, shipped)
+            elif scope == "local+all":  # block-local at its defaults first, then the whole model from there
+                shipped, _, first_s = distilled_locally(
+                    model, choice, data, args, args.local_steps, args.local_learning_rate
+                )
+                pruned, summary, seconds = distilled_copy(
+                    model, choice, data, teacher, args, int(steps), float(lr), "all", fits=shipped
+                )
+                seconds += first_s
+                got = measure.held_out(pruned)
+                del pruned
             else:
                 pruned, summary, seconds = distilled_copy(
                     model, choice, data, teacher, args, int(steps), float(lr), scope
