@@ -893,6 +893,20 @@ def _teacher(
     )
 
 
+def _training(spec: PruneSpec, stages: _Stages, default_steps: int) -> dict[str, Any]:
+    """What a distillation (whole-model or block-local) takes from the job: its steps (``default_steps``
+    when unset), batch size, seed and selection metric, and the stage's cancel and progress."""
+    steps = spec.options.heal_steps
+    return {
+        "steps": default_steps if steps is None else steps,
+        "batch_size": spec.calibration.batch_size,
+        "seed": spec.calibration.seed,
+        "metric": spec.options.selection_metric,
+        "should_cancel": stages.should_cancel,
+        "progress": stages.fraction(Stage.distilling),
+    }
+
+
 def _distill(
     loaded: LoadedModel, planned: Planned, spec: PruneSpec, teacher: tuple[DenseFinals, DenseFinals], stages: _Stages
 ) -> tuple[DistillSummary, dict[str, torch.Tensor]]:
@@ -902,7 +916,6 @@ def _distill(
     choice, model = planned.choice, loaded.model
     removed = sorted(choice.chosen.pruned_layers)
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
-    steps = spec.options.heal_steps
     summary = distill(
         model,
         planned.data.capture,
@@ -910,12 +923,7 @@ def _distill(
         planned.data.validation,
         teacher[1],
         anchors=anchors,
-        steps=DEFAULT_HEAL_STEPS if steps is None else steps,
-        batch_size=spec.calibration.batch_size,
-        seed=spec.calibration.seed,
-        metric=spec.options.selection_metric,
-        should_cancel=stages.should_cancel,
-        progress=stages.fraction(Stage.distilling),
+        **_training(spec, stages, DEFAULT_HEAL_STEPS),
     )
     if summary.shipped != "distill":
         return summary, {}
@@ -933,19 +941,13 @@ def _distill_locally(
     """Sequential execution's distillation (``lorp.local_distill``): each cut's anchor block learns the
     dense span's output; the fits that ship (trained, or the linear heal's as they were)."""
     assert loaded.runner is not None
-    steps = spec.options.heal_steps
     return distill_locally(
         loaded.runner,
         planned.data.capture,
         planned.data.validation,
         removed=planned.choice.chosen.pruned_layers,
         fits=planned.choice.fits,
-        steps=DEFAULT_LOCAL_HEAL_STEPS if steps is None else steps,
-        batch_size=spec.calibration.batch_size,
-        seed=spec.calibration.seed,
-        metric=spec.options.selection_metric,
-        should_cancel=stages.should_cancel,
-        progress=stages.fraction(Stage.distilling),
+        **_training(spec, stages, DEFAULT_LOCAL_HEAL_STEPS),
     )
 
 
