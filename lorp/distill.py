@@ -42,10 +42,11 @@ from lorp.options import DEFAULT_HEAL_STEPS, SelectionMetric
 LEARNING_RATE = 2e-3
 RANK = 8
 ALPHA = 16
-Scope = Literal["all", "cuts"]
-SCOPES: tuple[Scope, ...] = ("all", "cuts")
-"""Which kept blocks get adapters: every one, or the two after each cut (the anchor the map is folded
-into and the block after it)."""
+Scope = Literal["all", "tail", "cuts"]
+SCOPES: tuple[Scope, ...] = ("all", "tail", "cuts")
+"""Which kept blocks get adapters: every one; every one from the first cut's anchor on (the blocks
+before it are frozen, so their output is computed once per window and each step runs only the rest);
+or the two after each cut (the anchor the map is folded into and the block after it)."""
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,12 @@ def pruned_anchors(anchors: list[int], removed: list[int]) -> list[int]:
 
 
 def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]:
-    """The kept blocks (pruned model's numbering) that get adapters: all, or each cut's anchor and the
-    block after it (``anchors``: the kept block before each cut, in the pruned numbering)."""
+    """The kept blocks (pruned model's numbering) that get adapters (:data:`SCOPES`; ``anchors``: the
+    kept block before each cut, in the pruned numbering)."""
     if scope == "all" or not anchors:
         return list(range(num_kept))
+    if scope == "tail":
+        return list(range(max(0, min(anchors)), num_kept))
     return sorted({b for a in anchors for b in (a, a + 1) if 0 <= b < num_kept})
 
 
@@ -189,8 +192,9 @@ def distill(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             wrapped = get_peft_model(model, config)
     losses, tokens = _train(
-        model, wrapped, train, train_finals, steps, batch_size, seed, learning_rate, should_cancel, progress
-    )
+        model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, should_cancel,
+        progress,
+    )  # fmt: skip
     distilled_ppl, distilled_kl = _validation(model, validation, validation_finals, batch_size)
     before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
     better = math.isfinite(after) and after < before
@@ -217,6 +221,7 @@ def _train(
     wrapped: Any,
     train: TokenWindows,
     train_finals: DenseFinals,
+    first: int,
     steps: int,
     batch_size: int,
     seed: int,
@@ -225,12 +230,14 @@ def _train(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[float], int]:
     """The optimiser loop: per step, one batch of windows a window at a time; returns each step's mean
-    KL (nats) and the tokens trained on."""
+    KL (nats) and the tokens trained on. Blocks before ``first`` (the first adapted one) never change:
+    the state entering ``first`` is computed once per window, and each step runs from there."""
     runner = Runner(model)
     finals = torch.cat(train_finals.finals)
     windows = list(runner.batches(train, 1))  # a batch per window: its calls fit its own mask
     if finals.shape[0] != len(windows):
         raise ValueError("the teacher's final states do not match the training windows")
+    entering = runner.run_all(windows, stop=first) if first > 0 else [None] * len(windows)
     trained = [p for p in wrapped.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
@@ -255,7 +262,8 @@ def _train(
             for w in picked:
                 batch = windows[w]
                 teacher = runner.logits(batch, finals[w : w + 1])
-                loss, _ = _kl_loss(teacher, runner.logits_with_grad(batch), next_token_valid(batch.mask))
+                student = runner.logits_with_grad(batch, start=first, state=entering[w])
+                loss, _ = _kl_loss(teacher, student, next_token_valid(batch.mask))
                 (loss / total).backward()
                 step_loss += float(loss.detach()) / total
         optimiser.step()

@@ -16,9 +16,9 @@ measured right before each budget's runs (the machine is shared).
 
 ``--explore STEPS:LR:SCOPE ...`` distils auto's healed plan at the first budget once per setting and
 prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
-were chosen); nothing is written. SCOPE: ``all`` or ``cuts`` (resident distillation's adapters),
-``local`` (block-local, STEPS per anchor), ``local+all`` (block-local at its defaults, then resident
-distillation of STEPS from there).
+were chosen); nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident distillation's
+adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor), ``local+all``
+(block-local at its defaults, then resident distillation of STEPS from there).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from benchdoc import DISTILL_HEADING, replace_section  # noqa: E402
 from lorp import calibration as cal  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
-from lorp.distill import LEARNING_RATE, dense_finals, distill, pruned_anchors  # noqa: E402
+from lorp.distill import LEARNING_RATE, SCOPES, dense_finals, distill, pruned_anchors  # noqa: E402
 from lorp.divergence import DenseFinals, Divergence  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_HEAL_STEPS, help="block-local, per anchor")
     parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
-    parser.add_argument("--scope", default="all", choices=["all", "cuts"])
+    parser.add_argument("--scope", default="all", choices=list(SCOPES))
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -369,14 +369,17 @@ class Runner:
                     ),
                 )
 
-    def logits_with_grad(self, batch: Batch) -> torch.Tensor:
+    def logits_with_grad(self, batch: Batch, *, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
         """The logits of the model as it stands with gradients flowing to whatever requires them (a
-        distillation step, ``lorp.distill``). Resident only: a backward pass needs every block it ran
-        held, with its activations."""
+        distillation step, ``lorp.distill``), from ``state`` entering block ``start`` (the embedded
+        input when omitted). Resident only: a backward pass needs every block it ran held, with its
+        activations."""
         if self.onloader is not None:
             raise RuntimeError("a pass with gradients needs the model resident")
-        hidden = batch.entering
-        for j in range(self.num_blocks):
+        if state is None and start != 0:
+            raise ValueError("a pass that starts after block 0 needs the state entering its first block")
+        hidden = batch.entering if state is None else state
+        for j in range(start, self.num_blocks):
             if j not in self._removed:
                 hidden = batch.calls[j](self.blocks[j], hidden)
                 self.block_runs += 1

@@ -3,7 +3,8 @@
 - with no steps, and where distillation makes the validation score worse (a harmful learning rate),
   the model is the linear heal bit for bit and the summary says the linear heal shipped and why;
 - distillation lowers the validation KL it is judged by, and is deterministic for a seed;
-- the adapters go on every kept block, or on the two after each cut;
+- the adapters go on every kept block, on every one from the first cut on (each step runs from the
+  state the frozen blocks before it give, computed once), or on the two after each cut;
 - a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
@@ -24,6 +25,7 @@ from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.distill import adapted_blocks, dense_finals, distill
 from lorp.divergence import next_token_valid
 from lorp.errors import JobCancelled
+from lorp.execution import Runner
 from lorp.pipeline import run_prune
 from lorp.spec import SelectionOptions
 
@@ -94,16 +96,33 @@ def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
     assert list(model.state_dict()) == list(before)  # merged: the architecture's own parameters, no adapter
 
 
-def test_adapters_on_every_kept_block_or_the_two_after_each_cut() -> None:
+def test_adapters_on_every_kept_block_from_the_first_cut_or_the_two_after_each_cut() -> None:
     assert adapted_blocks(6, [1, 3], "all") == [0, 1, 2, 3, 4, 5]
+    assert adapted_blocks(6, [1, 3], "tail") == [1, 2, 3, 4, 5]
+    assert adapted_blocks(6, [3, 1], "tail") == [1, 2, 3, 4, 5]
     assert adapted_blocks(6, [1, 3], "cuts") == [1, 2, 3, 4]
     assert adapted_blocks(6, [5], "cuts") == [5]
-    model, teacher = _pruned()
-    before = _weights(model)
-    summary = _run(model, teacher, steps=4, scope="cuts")
-    assert summary.blocks == [1, 2]
-    changed = {k for k, v in _weights(model).items() if not torch.equal(v, before[k])}
-    assert summary.shipped == "linear" or {k.split(".")[2] for k in changed} <= {"1", "2"}
+    assert adapted_blocks(6, [], "tail") == adapted_blocks(6, [], "cuts") == [0, 1, 2, 3, 4, 5]
+    for scope, blocks in (("cuts", [1, 2]), ("tail", [1, 2, 3])):
+        model, teacher = _pruned()
+        before = _weights(model)
+        summary = _run(model, teacher, steps=8, scope=scope)
+        assert summary.blocks == blocks and summary.shipped == "distill"
+        changed = {k for k, v in _weights(model).items() if not torch.equal(v, before[k])}
+        assert changed and {int(k.split(".")[2]) for k in changed} <= set(blocks)
+
+
+def test_a_pass_with_gradients_from_a_block_gives_the_logits_of_the_whole_pass() -> None:
+    """Distillation computes the frozen blocks' output once per window and runs each step from there."""
+    model, _ = _pruned()
+    runner = Runner(model)
+    (batch,) = list(runner.batches(TRAIN, 8))
+    whole = runner.logits_with_grad(batch)
+    for start in (1, 3):
+        entering = runner.run(batch, stop=start)
+        torch.testing.assert_close(runner.logits_with_grad(batch, start=start, state=entering), whole)
+    with pytest.raises(ValueError, match="state entering"):
+        runner.logits_with_grad(batch, start=2)
 
 
 def test_a_cancel_between_steps_raises_and_leaves_no_adapter() -> None:
