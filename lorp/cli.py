@@ -164,6 +164,11 @@ def add_engine_commands(sub: Any) -> dict[str, Handler]:
         help="budgets the budget curve scores each method's plan at (default: up to 4 up to the job's; "
         "none given: no curve)",
     )
+    prune.add_argument(
+        "--curve-distill",
+        action="store_true",
+        help="with --heal distill: distil the best plan at each curve budget too (a distillation per budget)",
+    )
     prune.add_argument("--out", required=True, help="output directory (missing or empty)")
     prune.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -278,6 +283,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             tasks=[TaskSpec(name=name, limit=args.task_limit, num_fewshot=args.num_fewshot) for name in args.tasks],
             **({"prompts": args.prompts} if args.prompts else {}),
             curve_budgets=args.curve_budgets,
+            curve_distill=args.curve_distill,
         ),
     )
     bars = _Bars()
@@ -430,6 +436,9 @@ def _curve_lines(report: PruneReport) -> list[str]:
     ]
     for method in dict.fromkeys(p.method for p in curve.points):
         lines.append(f"  {method:<14} " + "".join(f"{_fmt(scores.get((method, n))):>10}" for n in budgets))
+    distilled = {p.budget: p.distilled_perplexity for p in curve.points if p.distilled_perplexity is not None}
+    if distilled:  # the best plan at each budget, distilled (--curve-distill)
+        lines.append(f"  {'distilled':<14} " + "".join(f"{_fmt(distilled.get(n)):>10}" for n in budgets))
     return lines
 
 

@@ -4,11 +4,14 @@ The plans are the ones ``POST /v1/plans`` lists for the same statistics and opti
 selection functions on the same S and D); the curve adds what the service cannot compute without
 the model: each plan's validation perplexity, scored the way the job scores its candidates (healed
 when the job heals, by the same ``PlanScorer``, so a plan the job already scored costs nothing). A
-job that ran ``search`` adds its searched plan at each budget it reached.
+job that ran ``search`` adds its searched plan at each budget it reached. A distilling job can have
+the best plan at each budget distilled too (``evaluation.curve_distill``: :func:`best_points`,
+:func:`with_distilled`; the pipeline runs the distillations).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -92,3 +95,25 @@ def budget_curve(
         if progress is not None:
             progress(done + 1, len(budgets))
     return BudgetCurve(healed=scorer.heals, dense_validation_perplexity=dense, points=points)
+
+
+def best_points(curve: BudgetCurve) -> dict[int, CurvePoint]:
+    """The point with the lowest finite validation perplexity at each budget (the first of equals), by budget."""
+    best: dict[int, CurvePoint] = {}
+    for point in curve.points:
+        if not np.isfinite(point.validation_perplexity):
+            continue
+        held = best.get(point.budget)
+        if held is None or point.validation_perplexity < held.validation_perplexity:
+            best[point.budget] = point
+    return dict(sorted(best.items()))
+
+
+def with_distilled(curve: BudgetCurve, distilled: dict[int, float]) -> BudgetCurve:
+    """``curve`` with ``distilled[n]`` put on the best point at each budget ``n`` (:func:`best_points`)."""
+    best = {id(point): n for n, point in best_points(curve).items() if n in distilled}
+    points = [
+        dataclasses.replace(point, distilled_perplexity=distilled[best[id(point)]]) if id(point) in best else point
+        for point in curve.points
+    ]
+    return dataclasses.replace(curve, points=points)

@@ -25,18 +25,19 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from lorp.blocks import decoder_blocks
+from lorp.blocks import decoder_blocks, pruned_view
 from lorp.calibration import TokenWindows
 from lorp.divergence import DenseFinals, Divergence, next_token_valid
 from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood
-from lorp.execution import Runner
+from lorp.execution import Runner, folded
+from lorp.execution.healed import FoldedMap
 from lorp.options import DEFAULT_HEAL_STEPS, SelectionMetric
 
 LEARNING_RATE = 2e-3
@@ -159,6 +160,7 @@ def distill(
     scope: Scope = "all",
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    merge: bool = True,
 ) -> DistillSummary:
     """Distil the pruned ``model`` (resident, changed in place) toward the dense model; see the module.
 
@@ -171,6 +173,8 @@ def distill(
         steps: optimiser steps, each ``batch_size`` windows; 0 ships the linear heal.
         seed: the adapters' initialisation and the window order.
         metric: what decides between the distilled and the linear model on the validation windows.
+        merge: False measures only: the adapters are dropped whichever way the guard decides, and the
+            model is left as it came (:func:`trial`).
     """
     started = time.perf_counter()
     linear_ppl, linear_kl = _validation(model, validation, validation_finals, batch_size)
@@ -199,14 +203,15 @@ def distill(
     before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
     better = math.isfinite(after) and after < before
     what = "validation perplexity" if metric == "perplexity" else "validation KL"
-    if better:
+    if better and merge:
         wrapped.merge_and_unload()
+    else:  # the adapters dropped unmerged: the linear heal as it was
+        wrapped.unload()
+    if better:
         reason = f"distillation lowered the {what} from {before:.4g} to {after:.4g}"
     else:
-        wrapped.unload()  # the adapters dropped unmerged: the linear heal as it was
-        reason = (
-            f"distillation did not lower the {what} ({before:.4g} linear, {after:.4g} distilled): the linear heal ships"
-        )
+        reason = f"distillation did not lower the {what} ({before:.4g} linear, {after:.4g} distilled): "
+        reason += "the linear heal ships"
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return dataclasses.replace(
@@ -214,6 +219,28 @@ def distill(
         distilled_kl=distilled_kl, first_loss=losses[0], last_loss=losses[-1],
         shipped="distill" if better else "linear", reason=reason,
     )  # fmt: skip
+
+
+def trial(
+    model: Any,
+    removed: Sequence[int],
+    fits: Sequence[FoldedMap],
+    train: TokenWindows,
+    train_finals: DenseFinals,
+    validation: TokenWindows,
+    validation_finals: DenseFinals,
+    **training: Any,
+) -> DistillSummary:
+    """What distilling a plan would ship, measured on the dense resident ``model`` and undone: its
+    maps folded and its blocks cut for the length of the call, distilled and scored, the adapters
+    dropped (the budget curve drawn distilled, ``evaluation.curve_distill``). ``training``: as
+    :func:`distill` takes it."""
+    removed = sorted(int(b) for b in removed)
+    with folded(model, fits), pruned_view(model, removed):
+        anchors = pruned_anchors([fit.anchor for fit in fits], removed)
+        return distill(
+            model, train, train_finals, validation, validation_finals, anchors=anchors, merge=False, **training
+        )
 
 
 def _train(

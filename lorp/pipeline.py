@@ -25,8 +25,8 @@ import torch
 from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.curve import budget_curve, check_budgets, default_budgets
-from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights, pruned_anchors
+from lorp.curve import best_points, budget_curve, check_budgets, default_budgets, with_distilled
+from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights, pruned_anchors, trial
 from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
@@ -64,7 +64,7 @@ from lorp.result import (
 from lorp.scoring import apply_fits
 from lorp.selection import Selection, analyze_structure, scored_methods, validate_budget
 from lorp.similarity import SimilarityStats, capture_similarity
-from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, execution_refusal
+from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, curve_refusal, execution_refusal
 from lorp.stages import Stage
 from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache, window_store
 from lorp.surgery import stored_dtypes, stored_tensor_dtypes, write_pruned
@@ -472,7 +472,9 @@ def _selection_summary(choice: PlanChoice) -> SelectionSummary:
     )
 
 
-def _budget_curve(choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, stages: _Stages) -> BudgetCurve | None:
+def _budget_curve(
+    choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, stages: _Stages, high: float = 1.0
+) -> BudgetCurve | None:
     requested = spec.evaluation.curve_budgets
     budgets = default_budgets(choice.n) if requested is None else sorted(requested)
     if not budgets or choice.scorer is None:
@@ -486,8 +488,46 @@ def _budget_curve(choice: PlanChoice, stats: SimilarityStats, spec: PruneSpec, s
         spec.options,
         analyze_structure(stats.S, spec.options),
         searched=searched,
-        progress=stages.fraction(Stage.budget_curve),
+        progress=stages.fraction(Stage.budget_curve, 0.0, high),
     )
+
+
+def _distilled_curve(
+    prepared: Prepared,
+    data: cal.CalibrationData,
+    choice: PlanChoice,
+    curve: BudgetCurve,
+    spec: PruneSpec,
+    stages: _Stages,
+    teacher: tuple[DenseFinals, DenseFinals] | None,
+) -> BudgetCurve:
+    """``evaluation.curve_distill``: the best plan at each curve budget distilled as the job distils its
+    own (resident: ``lorp.distill.trial`` on the dense model, undone after; sequential: block-local),
+    its shipped validation perplexity put on its point. The curve stage's second half."""
+    assert choice.scorer is not None  # a curve is drawn only where plans were scored
+    best = best_points(curve)
+    found: dict[int, float] = {}
+    for done, (n, point) in enumerate(best.items()):
+        fits = choice.scorer.fits(point.pruned_layers)
+        low = 0.5 + 0.5 * done / len(best)
+        training = {
+            **_training(spec, stages, DEFAULT_HEAL_STEPS if teacher is not None else DEFAULT_LOCAL_HEAL_STEPS),
+            "progress": stages.fraction(Stage.budget_curve, low, low + 0.5 / len(best)),
+        }
+        if teacher is not None:
+            summary = trial(
+                prepared.loaded.model, point.pruned_layers, fits, data.capture, teacher[0], data.validation,
+                teacher[1], **training,
+            )  # fmt: skip
+        else:
+            assert prepared.loaded.runner is not None
+            summary, _ = distill_locally(
+                prepared.loaded.runner, data.capture, data.validation, removed=point.pruned_layers, fits=fits,
+                **training,
+            )  # fmt: skip
+        shipped = summary.distilled_perplexity if summary.shipped == "distill" else summary.linear_perplexity
+        found[n] = float("nan") if shipped is None else shipped
+    return with_distilled(curve, found)
 
 
 def _save(
@@ -608,6 +648,7 @@ class Planned:
     choice: PlanChoice
     curve: BudgetCurve | None
     resumed_at_block: int | None = None  # a sequential capture that went on from an earlier attempt's states
+    teacher: tuple[DenseFinals, DenseFinals] | None = None  # drawing the curve distilled kept them for execute
 
 
 @dataclass
@@ -628,7 +669,10 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     """Load the model (whole, or its skeleton and a sequential runner: ``options.execution``) and check
     the job against it: the budget, the options, the curve's budgets and the tasks, before any pass."""
     stages = stages or _Stages(None, None)
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    evaluation = spec.evaluation
+    refusal = execution_refusal(spec.options.execution, len(evaluation.tasks)) or curve_refusal(
+        spec.options.heal, evaluation.curve_distill, evaluation.curve_budgets
+    )
     if refusal is not None:
         raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
@@ -798,8 +842,13 @@ def plan(
             )
             if sources.scratch is None:  # the scratch goes with this call: the chosen maps come along held
                 choice.fits = [fit.loaded() for fit in choice.fits]
+        teacher: tuple[DenseFinals, DenseFinals] | None = None
         with stages.stage(Stage.budget_curve):
-            curve = _budget_curve(choice, stats, spec, stages)
+            distil_curve = spec.evaluation.curve_distill and choice.heal == "distill"
+            curve = _budget_curve(choice, stats, spec, stages, high=0.5 if distil_curve else 1.0)
+            if curve is not None and distil_curve:
+                teacher = _teacher(model, data, spec, stages) if runner is None else None
+                curve = _distilled_curve(prepared, data, choice, curve, spec, stages, teacher)
     return Planned(
         data=data,
         eval_texts=eval_texts,
@@ -810,6 +859,7 @@ def plan(
         choice=choice,
         curve=curve,
         resumed_at_block=resumed_at,
+        teacher=teacher,
     )
 
 
@@ -835,7 +885,7 @@ def execute(
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         if choice.heal == "distill" and not prepared.sequential:  # what distillation learns, and is judged by
-            teacher = _teacher(loaded.model, planned.data, spec, stages)
+            teacher = planned.teacher or _teacher(loaded.model, planned.data, spec, stages)
     with stages.stage(Stage.pruning):
         if not prepared.sequential:
             model = loaded.model

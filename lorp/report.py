@@ -242,7 +242,8 @@ def plot_budget_curve(
     chosen: tuple[str, int, float] | None = None,
     title: str = "",
 ) -> Path:
-    """Validation perplexity against blocks removed, one line per method, the dense model dashed.
+    """Validation perplexity against blocks removed, one line per method (and, on a curve drawn
+    distilled, the best plan at each budget distilled, dotted), the dense model dashed.
 
     Args:
         path: Output PNG.
@@ -272,6 +273,19 @@ def plot_budget_curve(
             markersize=5,
             alpha=0.85,
         )
+    distilled = sorted((p.budget, p.distilled_perplexity) for p in curve.points if p.distilled_perplexity is not None)
+    if distilled:  # the best plan at each budget, distilled (evaluation.curve_distill)
+        ax.plot(
+            [b for b, _ in distilled],
+            [v for _, v in distilled],
+            marker="D",
+            color="#000000",
+            linestyle=":",
+            label="best plan, distilled",
+            linewidth=1.6,
+            markersize=5,
+        )
+        values += [v for _, v in distilled if np.isfinite(v)]
     dense = curve.dense_validation_perplexity
     ax.axhline(dense, color="#444444", linestyle="--", linewidth=1, label=f"dense ({dense:.3g})")
     if chosen is not None:

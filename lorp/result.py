@@ -124,12 +124,18 @@ class SelectionSummary:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """One method's plan at one budget (blocks removed) and its validation perplexity."""
+    """One method's plan at one budget (blocks removed) and its validation perplexity.
+
+    ``distilled_perplexity``: on the best plan at each budget of a curve drawn distilled
+    (``evaluation.curve_distill``), the validation perplexity of what a distilling job would ship
+    for it (the distilled model, or the linear heal where the validation guard kept it); else None.
+    """
 
     method: str
     budget: int
     pruned_layers: list[int]
     validation_perplexity: float
+    distilled_perplexity: float | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ __all__ = [
     "StrictModel",
     "TargetSpec",
     "TaskSpec",
+    "curve_refusal",
     "execution_refusal",
 ]
 
@@ -214,6 +215,11 @@ class DownstreamFields(StrictModel):
         description="budgets (blocks removed) at which the budget curve scores each one-pass method's plan; "
         "default: up to 4 spread over 1..the job's budget, ending at it; [] for no curve",
     )
+    curve_distill: bool = Field(
+        default=False,
+        description="with options.heal 'distill': also distil the best plan at each curve budget, as the job "
+        "distils its own (one distillation per budget), and draw it as the curve's distilled line",
+    )
 
     @model_validator(mode="after")
     def _distinct_tasks(self) -> DownstreamFields:
@@ -259,6 +265,25 @@ def execution_refusal(execution: str, tasks: int) -> tuple[str, str] | None:
             "loads it whole; drop the tasks, or use 'auto' (which skips them only where the model does not fit) "
             "or 'resident'",
             "evaluation.tasks",
+        )
+    return None
+
+
+def curve_refusal(heal: str | None, curve_distill: bool, curve_budgets: list[int] | None) -> tuple[str, str] | None:
+    """(message, field) when ``evaluation.curve_distill`` cannot be given, else None: it distils as the
+    job does, so it needs ``options.heal: distill``, and a curve to draw."""
+    if not curve_distill:
+        return None
+    if heal != "distill":
+        return (
+            "evaluation.curve_distill distils the best plan at each curve budget as a distilling job does: it "
+            "needs options.heal 'distill'",
+            "evaluation.curve_distill",
+        )
+    if curve_budgets == []:
+        return (
+            "evaluation.curve_distill needs a budget curve, and evaluation.curve_budgets is []",
+            "evaluation.curve_distill",
         )
     return None
 

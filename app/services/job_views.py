@@ -113,6 +113,7 @@ def _budget_curve(summary: dict[str, Any] | None) -> BudgetCurveOut | None:
                 budget=int(p["budget"]),
                 pruned_layers=[int(b) for b in p["pruned_layers"]],
                 validation_perplexity=finite(p.get("validation_perplexity")),
+                distilled_perplexity=finite(p.get("distilled_perplexity")),
             )
             for p in curve.get("points", [])
         ],

@@ -24,7 +24,7 @@ from lorp.errors import BudgetError, EngineError, InvalidRequestError
 from lorp.foldable import fold_refusal
 from lorp.options import folds_maps
 from lorp.selection import protected_set
-from lorp.spec import execution_refusal
+from lorp.spec import curve_refusal, execution_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,12 @@ def check_heal(spec: JobCreate, location: ModelLocation, settings: Settings) -> 
 
 def check_execution(spec: JobCreate) -> None:
     """Refuse what ``options.execution`` cannot give: lm-eval tasks in a sequential run, and a sequential
-    run of a GGUF file (its weights are not safetensors a block can be read from)."""
-    refusal = execution_refusal(spec.options.execution, len(spec.evaluation.tasks))
+    run of a GGUF file (its weights are not safetensors a block can be read from); and a curve drawn
+    distilled (``evaluation.curve_distill``) in a job that does not distil."""
+    evaluation = spec.evaluation
+    refusal = execution_refusal(spec.options.execution, len(evaluation.tasks)) or curve_refusal(
+        spec.options.heal, evaluation.curve_distill, evaluation.curve_budgets
+    )
     if refusal is not None:
         raise Unprocessable(refusal[0], field=refusal[1])
     if spec.options.execution == "sequential" and spec.model.id.lower().endswith(".gguf"):

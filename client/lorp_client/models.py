@@ -139,6 +139,11 @@ class CurvePointOut(BaseModel):
     budget: int = Field(description="blocks removed")
     pruned_layers: list[int]
     validation_perplexity: float | None
+    distilled_perplexity: float | None = Field(
+        default=None,
+        description="on the best plan at each budget of a curve drawn distilled (evaluation.curve_distill): the "
+        "validation perplexity of what a distilling job would ship for it",
+    )
 
 
 class BudgetCurveOut(BaseModel):

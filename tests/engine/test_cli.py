@@ -191,6 +191,20 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     assert f"quality target  {n} blocks within 0.1 nats validation mean KL from dense (KL {quality['kl']:.4f};" in out
     assert "candidates      (validation perplexity, mean KL from dense, healed, lower is better, ranked by KL)" in out
 
+    # The curve drawn distilled: each budget's best plan distilled, a row of its own.
+    distilled = ["--num-layers", "2", "--heal", "distill", "--heal-steps", "4", "--curve-distill"]
+    code, out, err = run_cli(
+        ["prune", *common, *distilled, "--curve-budgets", "1", "2", "--out", str(tmp_path / "d")], capsys
+    )
+    assert code == 0, err
+    points = json.loads((tmp_path / "d" / "report.json").read_text())["budget_curve"]["points"]
+    assert sorted(p["budget"] for p in points if p["distilled_perplexity"] is not None) == [1, 2]
+    assert "\n  distilled  " in out
+    code, out, err = run_cli(
+        ["prune", *common, "--num-layers", "2", "--curve-distill", "--out", str(tmp_path / "e")], capsys
+    )
+    assert code != 0 and "evaluation.curve_distill" in err and "options.heal 'distill'" in err
+
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", *common, "--num-layers", "2", "--heal", "cubic", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "invalid choice: 'cubic'" in capsys.readouterr().err

@@ -5,16 +5,19 @@
 - every point is the selection function's own plan (the plan ``POST /v1/plans`` lists) with the
   scorer's score for exactly those blocks; a plan already scored is not measured again; angular
   has no points without D; a search's plans join at the budgets they reached;
-- the chart is a PNG with the shipped plan starred.
+- the chart is a PNG with the shipped plan starred;
+- a curve drawn distilled carries each budget's distilled figure on its best plan, drawn as a dotted line.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from lorp.curve import budget_curve, check_budgets, default_budgets
+from lorp.curve import best_points, budget_curve, check_budgets, default_budgets, with_distilled
 from lorp.errors import InvalidRequestError
 from lorp.report import plot_budget_curve
 from lorp.result import BudgetCurve, CurvePoint
@@ -117,3 +120,33 @@ def test_the_chart_stars_the_shipped_plan(tmp_path) -> None:
     assert starred.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The star (and its legend entry) are the only black marks; text and axes are anti-aliased thin lines.
     assert _black_pixels(starred) > _black_pixels(plain) + 150
+
+
+def _curve(values: dict[str, list[float]]) -> BudgetCurve:
+    return BudgetCurve(
+        healed=True,
+        dense_validation_perplexity=9.5,
+        points=[
+            CurvePoint(method, n, list(range(n)), value)
+            for method, scores in values.items()
+            for n, value in zip((1, 2, 3), scores, strict=True)
+        ],
+    )
+
+
+def test_the_distilled_line_goes_on_the_best_plan_at_each_budget(tmp_path) -> None:
+    curve = _curve({"lorp": [12.0, 20.0, float("nan")], "shortgpt": [11.0, 25.0, 40.0], "streamline": [11.0, 21, 39]})
+    best = best_points(curve)
+    assert {n: (p.method, p.validation_perplexity) for n, p in best.items()} == {
+        1: ("shortgpt", 11.0),  # the first of equals
+        2: ("lorp", 20.0),
+        3: ("streamline", 39.0),  # a non-finite score is never the best
+    }
+    distilled = with_distilled(curve, {1: 10.5, 2: 17.0})
+    marked = {(p.method, p.budget): p.distilled_perplexity for p in distilled.points if p.distilled_perplexity}
+    assert marked == {("shortgpt", 1): 10.5, ("lorp", 2): 17.0}
+    assert [dataclasses.replace(p, distilled_perplexity=None) for p in distilled.points] == curve.points
+    # The chart draws it as a dotted black line: more black than the same curve without it.
+    plain = plot_budget_curve(tmp_path / "plain.png", curve)
+    drawn = plot_budget_curve(tmp_path / "distilled.png", with_distilled(curve, {1: 10.5, 2: 17.0, 3: 30.0}))
+    assert _black_pixels(drawn) > _black_pixels(plain) + 100

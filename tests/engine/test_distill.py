@@ -9,12 +9,16 @@
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
   does; a sequential job distils block-locally (lorp.local_distill) and writes what it measured;
-  heal_steps without distill is refused naming the field.
+  heal_steps without distill is refused naming the field;
+- a budget curve drawn distilled (``evaluation.curve_distill``), resident and sequential: each
+  budget's best plan carries what distilling it would ship, never worse than its linear score, and
+  the job is bit for bit what it is without it; refused without distill or without a curve.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -24,9 +28,9 @@ from safetensors.torch import load_file
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.distill import adapted_blocks, dense_finals, distill
 from lorp.divergence import next_token_valid
-from lorp.errors import JobCancelled
+from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution import Runner
-from lorp.pipeline import run_prune
+from lorp.pipeline import run_prune, validate
 from lorp.spec import SelectionOptions
 
 from .helpers import make_spec, tiny_llama, windows
@@ -199,6 +203,51 @@ def test_a_sequential_distilled_job_distils_block_locally_and_writes_what_it_mea
         assert distilled.metrics.pruned["kl_mean"] != linear.metrics.pruned["kl_mean"]
     else:
         assert not differ
+
+
+@pytest.mark.parametrize("execution", ["resident", "sequential"])
+def test_a_curve_drawn_distilled_marks_each_budgets_best_plan_and_leaves_the_job_as_it_was(
+    execution, tiny_model_dir, corpus_files, tmp_path
+) -> None:
+    runs = {}
+    for drawn in (False, True):
+        spec = make_spec(
+            tiny_model_dir,
+            corpus_files,
+            options=SelectionOptions(heal="distill", heal_steps=32, execution=execution),
+        )
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"curve_distill": drawn})})
+        runs[drawn] = run_prune(spec, tmp_path / str(drawn))
+    plain, drawn = runs[False].report, runs[True].report
+    points = drawn.budget_curve.points
+    marked = {p.budget: p for p in points if p.distilled_perplexity is not None}
+    assert sorted(marked) == [1, 2]  # the default budgets of a 2-block job
+    for n, point in marked.items():
+        assert point.validation_perplexity == min(p.validation_perplexity for p in points if p.budget == n)
+        assert point.distilled_perplexity <= point.validation_perplexity * (1 + 1e-6)  # never worse: the guard
+    assert any(p.distilled_perplexity < p.validation_perplexity for p in marked.values())  # and it learned
+    heal = drawn.heal.distill
+    if marked[2].pruned_layers == drawn.chosen.pruned_layers:  # the job's own distillation, the same figure
+        shipped = heal["distilled_perplexity"] if heal["shipped"] == "distill" else heal["linear_perplexity"]
+        assert marked[2].distilled_perplexity == pytest.approx(shipped, rel=1e-6)
+    # The curve's trials are undone: the rest of the curve, the job and its checkpoint are as without them.
+    assert [dataclasses.replace(p, distilled_perplexity=None) for p in points] == plain.budget_curve.points
+    assert heal == {**plain.heal.distill, "seconds": heal["seconds"]}
+    for key in ("perplexity", "kl_mean", "top1_agreement"):
+        assert drawn.metrics.pruned[key] == plain.metrics.pruned[key]
+    ours = load_file(runs[True].model_dir / "model.safetensors")
+    theirs = load_file(runs[False].model_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_curve_drawn_distilled_needs_a_distilling_job_and_a_curve(tiny_model_dir, corpus_files) -> None:
+    for options, budgets in ((SelectionOptions(heal="linear"), None), (SelectionOptions(heal="distill"), [])):
+        spec = make_spec(tiny_model_dir, corpus_files, options=options)
+        asked = {"curve_distill": True, "curve_budgets": budgets}
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update=asked)})
+        with pytest.raises(InvalidRequestError, match="curve") as refused:
+            validate(spec)
+        assert refused.value.field == "evaluation.curve_distill"
 
 
 def test_heal_steps_only_with_distill() -> None:

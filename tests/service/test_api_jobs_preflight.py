@@ -206,7 +206,23 @@ def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(
         ({"heal": "distil"}, "options.heal"),
     ):
         assert_problem(submit(api_settings, rollback_sessionmaker, str(directory), options=options), 422, field)
+    for options, evaluation in (  # a curve drawn distilled needs a distilling job, and a curve
+        ({"heal": "linear"}, {"curve_distill": True}),
+        ({}, {"curve_distill": True}),
+        ({"heal": "distill"}, {"curve_distill": True, "curve_budgets": []}),
+    ):
+        problem = assert_problem(
+            submit(api_settings, rollback_sessionmaker, str(directory), options=options, evaluation=evaluation),
+            422,
+            "evaluation.curve_distill",
+        )
+        assert "curve" in problem["detail"]
     assert job_count(rollback_sessionmaker) == before
+    evaluation = {"curve_distill": True, "curve_budgets": [1, 2]}
+    response = submit(
+        api_settings, rollback_sessionmaker, str(directory), options={"heal": "distill"}, evaluation=evaluation
+    )
+    assert response.status_code == 202, response.text
     response = submit(api_settings, rollback_sessionmaker, str(directory), options={"heal": "distill", "heal_steps": 0})
     assert response.status_code == 202, response.text
     # Sequential without tasks is accepted (speed and completions are skipped, and the summary says so).

@@ -166,7 +166,13 @@ def test_plans_the_job_scored_carry_their_validation_perplexity(api_settings, ro
         "dense_validation_perplexity": 20.0,
         "points": [
             {"method": "shortgpt", "budget": 2, "pruned_layers": shortgpt_2[::-1], "validation_perplexity": 30.5},
-            {"method": "lorp", "budget": 1, "pruned_layers": lorp_1, "validation_perplexity": 24.25},
+            {  # drawn distilled (evaluation.curve_distill): /v1/plans keeps the plan's own score
+                "method": "lorp",
+                "budget": 1,
+                "pruned_layers": lorp_1,
+                "validation_perplexity": 24.25,
+                "distilled_perplexity": 22.5,
+            },
         ],
     }
     lorp_2 = engine_select("lorp", S, D, 2, SelectionOptions()).pruned_layers
@@ -187,9 +193,11 @@ def test_plans_the_job_scored_carry_their_validation_perplexity(api_settings, ro
     assert job["links"]["budget_chart"] == f"/v1/jobs/{job_id}/budgets.png"
     served = job["summary"]["budget_curve"]
     assert served["healed"] is True and served["dense_validation_perplexity"] == 20.0
-    assert [(p["method"], p["budget"], p["validation_perplexity"]) for p in served["points"]] == [
-        ("shortgpt", 2, 30.5),
-        ("lorp", 1, 24.25),
+    assert [
+        (p["method"], p["budget"], p["validation_perplexity"], p["distilled_perplexity"]) for p in served["points"]
+    ] == [
+        ("shortgpt", 2, 30.5, None),
+        ("lorp", 1, 24.25, 22.5),
     ]
     plain_id, _ = finished_job(rollback_sessionmaker)
     plain = client.get(f"/v1/jobs/{plain_id}").json()
