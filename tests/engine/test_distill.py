@@ -214,7 +214,7 @@ def test_a_curve_drawn_distilled_marks_each_budgets_best_plan_and_leaves_the_job
         spec = make_spec(
             tiny_model_dir,
             corpus_files,
-            options=SelectionOptions(heal="distill", heal_steps=32, execution=execution),
+            options=SelectionOptions(heal="distill", heal_steps=12, execution=execution),
         )
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"curve_distill": drawn})})
         runs[drawn] = run_prune(spec, tmp_path / str(drawn))
