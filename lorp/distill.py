@@ -79,6 +79,13 @@ class DistillSummary:
     model's (resident); ``state``, each cut's anchor block's output against the dense span's output,
     relative squared error (block-local, ``lorp.local_distill``: sequential execution)."""
 
+    @property
+    def shipped_perplexity(self) -> float:
+        """The validation perplexity of the model that shipped (distilled, or the linear heal)."""
+        if self.shipped == "distill" and self.distilled_perplexity is not None:
+            return self.distilled_perplexity
+        return self.linear_perplexity
+
 
 def dense_finals(
     model: Any, windows: TokenWindows, batch_size: int, should_cancel: Callable[[], bool] | None

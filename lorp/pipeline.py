@@ -511,22 +511,22 @@ def _distilled_curve(
         fits = choice.scorer.fits(point.pruned_layers)
         low = 0.5 + 0.5 * done / len(best)
         training = {
-            **_training(spec, stages, DEFAULT_HEAL_STEPS if teacher is not None else DEFAULT_LOCAL_HEAL_STEPS),
+            **_training(spec, stages, DEFAULT_LOCAL_HEAL_STEPS if prepared.sequential else DEFAULT_HEAL_STEPS),
             "progress": stages.fraction(Stage.budget_curve, low, low + 0.5 / len(best)),
         }
-        if teacher is not None:
-            summary = trial(
-                prepared.loaded.model, point.pruned_layers, fits, data.capture, teacher[0], data.validation,
-                teacher[1], **training,
-            )  # fmt: skip
-        else:
+        if prepared.sequential:
             assert prepared.loaded.runner is not None
             summary, _ = distill_locally(
                 prepared.loaded.runner, data.capture, data.validation, removed=point.pruned_layers, fits=fits,
                 **training,
             )  # fmt: skip
-        shipped = summary.distilled_perplexity if summary.shipped == "distill" else summary.linear_perplexity
-        found[n] = float("nan") if shipped is None else shipped
+        else:
+            assert teacher is not None
+            summary = trial(
+                prepared.loaded.model, point.pruned_layers, fits, data.capture, teacher[0], data.validation,
+                teacher[1], **training,
+            )  # fmt: skip
+        found[n] = summary.shipped_perplexity
     return with_distilled(curve, found)
 
 
@@ -847,7 +847,7 @@ def plan(
             distil_curve = spec.evaluation.curve_distill and choice.heal == "distill"
             curve = _budget_curve(choice, stats, spec, stages, high=0.5 if distil_curve else 1.0)
             if curve is not None and distil_curve:
-                teacher = _teacher(model, data, spec, stages) if runner is None else None
+                teacher = None if prepared.sequential else _teacher(model, data, spec, stages)
                 curve = _distilled_curve(prepared, data, choice, curve, spec, stages, teacher)
     return Planned(
         data=data,
