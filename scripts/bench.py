@@ -37,6 +37,8 @@ from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, T
 
 METHODS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 CAPTURE_HEADING = "## Capture throughput (medians of interleaved repeats)"
+PERPLEXITY_HEADING = "## Held-out perplexity by method"  # the dense figure follows in the heading
+SPEED_HEADING = "## Decode speed, pruned (auto's plan) vs dense"
 
 
 def _timed(fn) -> float:
@@ -141,7 +143,7 @@ def _decode_speed(model, eval_windows, plans: list[list[int]], repeats: int) -> 
 
 def _method_lines(table: Table, auto_pick: dict[int, str], budgets: list[int], dense_ppl: float) -> list[str]:
     lines = [
-        f"## Held-out perplexity by method (dense: {dense_ppl:.2f})",
+        f"{PERPLEXITY_HEADING} (dense: {dense_ppl:.2f})",
         "",
         "| method | " + " | ".join(f"n={n}" for n in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *_capture_section(cap, args, "measured in this run"),
         *_method_lines(table, auto_pick, budgets, dense_ppl),
-        "## Decode speed, pruned (auto's plan) vs dense, batch 1, 128-token prompt, 32 new tokens",
+        f"{SPEED_HEADING}, batch 1, 128-token prompt, 32 new tokens",
         "",
         "| n | dense tok/s | pruned tok/s | speed-up | bound N/(N-n) |",
         "|---:|---:|---:|---:|---:|",
@@ -245,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     if args.out:
-        # The worker and API sections come from their own scripts: keep them.
-        kept = other_sections(Path(args.out))
+        # Every other section (other scripts', and hand-written notes) is kept as it is.
+        kept = other_sections(Path(args.out), (CAPTURE_HEADING, PERPLEXITY_HEADING, SPEED_HEADING))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join([*lines, *kept]).rstrip() + "\n")
     return 0

@@ -1,7 +1,8 @@
 """docs/benchmarks.md is written by several scripts, each owning its ``## `` sections.
 
 ``replace_section`` swaps one section in place (or appends it); ``other_sections`` gives back the
-sections a full rewrite by ``bench.py`` must keep because other scripts wrote them.
+sections a full rewrite by ``bench.py`` must keep: every ``## `` section it does not write itself, whether
+another script wrote it or a person did (notes on how a default was chosen).
 """
 
 from __future__ import annotations
@@ -19,19 +20,6 @@ EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
 DISTILL_HEADING = "## Healing by distillation: none, linear and distill side by side"  # scripts/bench_distill.py
-OWNED_ELSEWHERE = (
-    WORKER_HEADING,
-    API_HEADING,
-    HEAL_HEADING,
-    PLANS_HEADING,
-    TASKS_HEADING,
-    CURVE_HEADING,
-    CHECKPOINT_HEADING,
-    EXECUTION_HEADING,
-    CHOICE_HEADING,
-    GPU_HEADING,
-    DISTILL_HEADING,
-)
 
 
 def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
@@ -54,8 +42,13 @@ def replace_section(out: Path, heading: str, section: list[str]) -> None:
     out.write_text("\n".join(lines).rstrip() + "\n")
 
 
-def other_sections(out: Path, headings: tuple[str, ...] = OWNED_ELSEWHERE) -> list[str]:
-    """The lines of the file's sections with these headings, in file order (empty when absent)."""
+def other_sections(out: Path, rewritten: tuple[str, ...]) -> list[str]:
+    """The lines of the file's ``## `` sections whose heading starts with none of ``rewritten``, in file
+    order (empty when there is no file): what a rewrite of the ``rewritten`` sections keeps."""
     lines = out.read_text().splitlines() if out.is_file() else []
-    spans = sorted(span for heading in headings if (span := _span(lines, heading)) is not None)
-    return [line for start, end in spans for line in lines[start:end]]
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    kept: list[str] = []
+    for start, end in zip(starts, [*starts[1:], len(lines)], strict=True):
+        if not lines[start].startswith(rewritten):
+            kept += lines[start:end]
+    return kept
