@@ -33,6 +33,7 @@ def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
 def replace_section(out: Path, heading: str, section: list[str]) -> None:
     """Put ``section`` (starting with ``heading``) in place of the file's section of that heading."""
     lines = out.read_text().splitlines() if out.is_file() else []
+    section = section if section and not section[-1] else [*section, ""]  # a blank line before the next
     span = _span(lines, heading)
     if span is None:
         lines += ["", *section]
