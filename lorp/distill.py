@@ -40,7 +40,7 @@ from lorp.execution import Runner, folded
 from lorp.execution.healed import FoldedMap
 from lorp.options import DEFAULT_HEAL_STEPS, SelectionMetric
 
-LEARNING_RATE = 2e-3
+LEARNING_RATE = 5e-3
 RANK = 8
 ALPHA = 16
 Scope = Literal["all", "tail", "cuts"]
@@ -48,6 +48,14 @@ SCOPES: tuple[Scope, ...] = ("all", "tail", "cuts")
 """Which kept blocks get adapters: every one; every one from the first cut's anchor on (the blocks
 before it are frozen, so their output is computed once per window and each step runs only the rest);
 or the two after each cut (the anchor the map is folded into and the block after it)."""
+DEFAULT_SCOPE: Scope = "tail"
+READS_PER_WINDOW = 4
+"""How many times a distillation reads each training window, at most where the calibration text has
+enough: a job draws ``steps x batch_size / READS_PER_WINDOW`` windows (:func:`windows_to_read`), the
+capture's and more. Read more often, the adapters learn the windows rather than the model (on 64
+windows, 128 steps of 4 fit the training KL to 0.22 while the validation KL stayed at 0.60); read 4
+times, 128 windows did as well as 512 read once, for a quarter of the teacher's passes
+(docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,9 @@ class DistillSummary:
     """What was learned: ``kl``, the whole pruned model's next-token distributions against the dense
     model's (resident); ``state``, each cut's anchor block's output against the dense span's output,
     relative squared error (block-local, ``lorp.local_distill``: sequential execution)."""
+    windows: int = 0
+    """The distinct windows trained on: :func:`windows_to_read` of the steps where the calibration text
+    has them, fewer where it ran out; the capture's where those are more."""
 
     @property
     def shipped_perplexity(self) -> float:
@@ -101,6 +112,18 @@ def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_si
     divergence = Divergence()
     nll, tokens = negative_log_likelihood(model, windows, batch_size=batch_size, against=finals, divergence=divergence)
     return mean_to_perplexity(nll, tokens), divergence.summary()["kl_mean"]
+
+
+MAX_TRAINING_WINDOWS = 1024
+"""The most training windows a distillation draws, whatever its steps: the teacher keeps two states
+per token of them (0.6 GB for 1,024 windows of 256 tokens at width 576 in float32, 4.3 GB at 4,096 in
+bfloat16); a longer run reads them more often."""
+
+
+def windows_to_read(steps: int, batch_size: int) -> int:
+    """The training windows ``steps`` of ``batch_size`` windows read, each :data:`READS_PER_WINDOW`
+    times, at most :data:`MAX_TRAINING_WINDOWS`."""
+    return min(math.ceil(steps * batch_size / READS_PER_WINDOW), MAX_TRAINING_WINDOWS)
 
 
 def pruned_anchors(anchors: list[int], removed: list[int]) -> list[int]:
@@ -143,11 +166,20 @@ def distilled_weights(model: Any, blocks: list[int]) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": model.get_submodule(name).weight for name in _target_modules(model, blocks)}
 
 
-def _kl_loss(dense: torch.Tensor, student: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed KL(dense || student) over the counted positions of one window, and their count."""
-    p_log = torch.log_softmax(dense[:, :-1].float(), dim=-1)[valid]
-    q_log = torch.log_softmax(student[:, :-1].float(), dim=-1)[valid]
-    return (p_log.exp() * (p_log - q_log)).sum(), int(valid.sum())
+def _kl_sum(dense: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Summed KL(dense || student) over the positions of two logit tensors of one shape."""
+    p_log = torch.log_softmax(dense.float(), dim=-1)
+    q_log = torch.log_softmax(student.float(), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum()
+
+
+def loss_positions(mask: torch.Tensor, positions: int | None, order: torch.Generator) -> torch.Tensor | None:
+    """The positions of one window whose next-token predictions a step's loss reads: None for every
+    counted one, else ``positions`` of them drawn from ``order``, in order."""
+    counted = next_token_valid(mask)[0].nonzero().squeeze(1)
+    if positions is None or positions >= counted.numel():
+        return None if positions is None else counted
+    return counted[torch.randperm(counted.numel(), generator=order)[:positions]].sort().values
 
 
 def distill(
@@ -164,7 +196,8 @@ def distill(
     metric: SelectionMetric = "perplexity",
     learning_rate: float = LEARNING_RATE,
     rank: int = RANK,
-    scope: Scope = "all",
+    scope: Scope = DEFAULT_SCOPE,
+    positions: int | None = None,
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     merge: bool = True,
@@ -180,6 +213,8 @@ def distill(
         steps: optimiser steps, each ``batch_size`` windows; 0 ships the linear heal.
         seed: the adapters' initialisation and the window order.
         metric: what decides between the distilled and the linear model on the validation windows.
+        positions: the positions of each window the loss reads, drawn anew each time from the seed
+            (the head and the KL then run on those alone); None reads every counted position.
         merge: False measures only: the adapters are dropped whichever way the guard decides, and the
             model is left as it came (:func:`trial`).
     """
@@ -191,6 +226,7 @@ def distill(
         steps=0, tokens=0, seconds=0.0, learning_rate=learning_rate, rank=rank, scope=scope, blocks=blocks,
         metric=metric, linear_perplexity=linear_ppl, linear_kl=linear_kl, distilled_perplexity=None,
         distilled_kl=None, first_loss=None, last_loss=None, shipped="linear", reason="options.heal_steps is 0",
+        windows=train.num_windows,
     )  # fmt: skip
     if steps == 0:
         return dataclasses.replace(base, seconds=time.perf_counter() - started)
@@ -203,8 +239,8 @@ def distill(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             wrapped = get_peft_model(model, config)
     losses, tokens = _train(
-        model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, should_cancel,
-        progress,
+        model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
+        should_cancel, progress,
     )  # fmt: skip
     distilled_ppl, distilled_kl = _validation(model, validation, validation_finals, batch_size)
     before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
@@ -260,6 +296,7 @@ def _train(
     batch_size: int,
     seed: int,
     learning_rate: float,
+    positions: int | None,
     should_cancel: Callable[[], bool] | None,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[list[float], int]:
@@ -289,15 +326,22 @@ def _train(
             if not queue:
                 queue = torch.randperm(len(windows), generator=order).tolist()
             picked.append(queue.pop())
-        counted = [int(next_token_valid(windows[w].mask).sum()) for w in picked]
+        keep = [loss_positions(windows[w].mask, positions, order) for w in picked]
+        counted = [
+            int(next_token_valid(windows[w].mask).sum()) if k is None else k.numel()
+            for w, k in zip(picked, keep, strict=True)
+        ]
         total = max(1, sum(counted))
         step_loss = 0.0
         with torch.enable_grad():
-            for w in picked:
+            for w, k in zip(picked, keep, strict=True):
                 batch = windows[w]
-                teacher = runner.logits(batch, finals[w : w + 1])
-                student = runner.logits_with_grad(batch, start=first, state=entering[w])
-                loss, _ = _kl_loss(teacher, student, next_token_valid(batch.mask))
+                teacher = runner.logits(batch, finals[w : w + 1], keep=k)
+                student = runner.logits_with_grad(batch, start=first, state=entering[w], keep=k)
+                if k is None:  # every position: the last predicts past the window, the padded ones nothing
+                    valid = next_token_valid(batch.mask)
+                    teacher, student = teacher[:, :-1][valid], student[:, :-1][valid]
+                loss = _kl_sum(teacher, student)
                 (loss / total).backward()
                 step_loss += float(loss.detach()) / total
         optimiser.step()

@@ -325,7 +325,7 @@ def distill_locally(
         distilled_perplexity=distilled[0] if trained else None, distilled_kl=distilled[1] if trained else None,
         first_loss=sum(t.first_loss for t in trained) / len(trained) if trained else None,
         last_loss=sum(t.last_loss for t in trained) / len(trained) if trained else None,
-        shipped="distill" if better else "linear", reason=reason, loss="state",
+        shipped="distill" if better else "linear", reason=reason, loss="state", windows=train.num_windows,
     )  # fmt: skip
     return summary, [local.shipped.get(fit.anchor, fit) for fit in fits] if better else list(fits)
 

@@ -26,7 +26,15 @@ from lorp import assets
 from lorp import calibration as cal
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.curve import best_points, budget_curve, check_budgets, default_budgets, with_distilled
-from lorp.distill import DistillSummary, dense_finals, distill, distilled_weights, pruned_anchors, trial
+from lorp.distill import (
+    DistillSummary,
+    dense_finals,
+    distill,
+    distilled_weights,
+    pruned_anchors,
+    trial,
+    windows_to_read,
+)
 from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
@@ -166,14 +174,16 @@ def _check_options(n_blocks: int, spec: PruneSpec) -> None:
         )
 
 
-def working_set(spec: CalibrationSpec) -> WorkingSet:
+def working_set(spec: CalibrationSpec, num_training: int = 0) -> WorkingSet:
     """What a job keeps beside the weights (``options.execution: auto``'s budget): the dense states of
-    the validation and heal windows, and one batch."""
+    the validation and heal windows, one batch, and distillation's states on its ``num_training``
+    windows (:func:`num_training_windows`)."""
     capture = spec.num_samples * spec.seq_len
     return WorkingSet(
         validation_tokens=spec.validation_windows * spec.seq_len,
         batch_tokens=spec.batch_size * spec.seq_len,
         heal_tokens=lambda width: min(capture, heal_token_cap(width)),
+        distill_tokens=num_training * spec.seq_len,
     )
 
 
@@ -195,7 +205,9 @@ def _load(
     )
 
 
-def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec, sources: Sources = _CLI) -> cal.CalibrationData:
+def _calibration_data(
+    loaded: LoadedModel, spec: CalibrationSpec, sources: Sources = _CLI, num_training: int = 0
+) -> cal.CalibrationData:
     source = cal.parse_source(spec.dataset)
     texts = cal.load_texts(source, role="calibration", hub_cache=sources.hub_cache)
     return cal.build_calibration(
@@ -207,7 +219,17 @@ def _calibration_data(loaded: LoadedModel, spec: CalibrationSpec, sources: Sourc
         chat_template=spec.chat_template,
         validation_fraction=spec.validation_fraction,
         max_validation_windows=spec.validation_windows,
+        num_training=num_training,
     )
+
+
+def num_training_windows(spec: PruneSpec) -> int:
+    """The windows whole-model distillation trains on (``options.heal: distill``), each read a few
+    times (``lorp.distill.windows_to_read``); 0 without distillation."""
+    if spec.options.heal != "distill":
+        return 0
+    steps = spec.options.heal_steps
+    return windows_to_read(DEFAULT_HEAL_STEPS if steps is None else steps, spec.calibration.batch_size)
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
@@ -523,7 +545,7 @@ def _distilled_curve(
         else:
             assert teacher is not None
             summary = trial(
-                prepared.loaded.model, point.pruned_layers, fits, data.capture, teacher[0], data.validation,
+                prepared.loaded.model, point.pruned_layers, fits, data.training_windows, teacher[0], data.validation,
                 teacher[1], **training,
             )  # fmt: skip
         found[n] = summary.shipped_perplexity
@@ -676,7 +698,9 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
     if refusal is not None:
         raise InvalidRequestError(refusal[0], field=refusal[1])
     with stages.stage(Stage.loading):
-        loaded = _load(spec.model, sources, spec.options.execution, working_set(spec.calibration))
+        loaded = _load(
+            spec.model, sources, spec.options.execution, working_set(spec.calibration, num_training_windows(spec))
+        )
     n_blocks = len(decoder_blocks(loaded.model))
     opts = spec.options
     if not spec.target.is_quality_bound:
@@ -792,7 +816,7 @@ def plan(
     stages = stages or _Stages(None, None)
     loaded, n_blocks, model = prepared.loaded, prepared.n_blocks, prepared.loaded.model
     with stages.stage(Stage.calibration):
-        data = _calibration_data(loaded, spec.calibration, sources)
+        data = _calibration_data(loaded, spec.calibration, sources, num_training_windows(spec))
         eval_texts, eval_windows = _evaluation_data(loaded, spec, sources)
     fit_on = heal_windows(data.capture, hidden_size(model))
     heal = resolve_heal(model, spec.options.heal, fit_on.num_tokens)  # refuses before the capture
@@ -934,11 +958,12 @@ def execute(
 def _teacher(
     model: Any, data: cal.CalibrationData, spec: PruneSpec, stages: _Stages
 ) -> tuple[DenseFinals, DenseFinals]:
-    """The dense model's final states on the calibration windows (distillation's training windows) and
-    on the validation windows (what decides whether the distilled model ships): two dense passes."""
+    """The dense model's final states on distillation's training windows (the capture windows and the
+    further ones it asked for, ``num_training_windows``) and on the validation windows (what decides
+    whether the distilled model ships): two dense passes."""
     batch_size = spec.calibration.batch_size
     return (
-        dense_finals(model, data.capture, batch_size, stages.should_cancel),
+        dense_finals(model, data.training_windows, batch_size, stages.should_cancel),
         dense_finals(model, data.validation, batch_size, stages.should_cancel),
     )
 
@@ -968,7 +993,7 @@ def _distill(
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     summary = distill(
         model,
-        planned.data.capture,
+        planned.data.training_windows,
         teacher[0],
         planned.data.validation,
         teacher[1],

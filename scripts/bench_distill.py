@@ -14,7 +14,7 @@ measured right before each budget's runs (the machine is shared).
 
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64]
 
-``--explore STEPS:LR:SCOPE ...`` distils auto's healed plan at the first budget once per setting and
+``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once per setting and
 prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
 were chosen); nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident distillation's
 adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor), ``local+all``
@@ -42,7 +42,16 @@ from benchdoc import DISTILL_HEADING, replace_section  # noqa: E402
 from lorp import calibration as cal  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
-from lorp.distill import LEARNING_RATE, SCOPES, dense_finals, distill, pruned_anchors  # noqa: E402
+from lorp.distill import (  # noqa: E402
+    DEFAULT_SCOPE,
+    LEARNING_RATE,
+    RANK,
+    SCOPES,
+    dense_finals,
+    distill,
+    pruned_anchors,
+    windows_to_read,
+)
 from lorp.divergence import DenseFinals, Divergence  # noqa: E402
 from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
@@ -86,7 +95,9 @@ class Measure:
         return next(s.value for s in scores if s.metric == "acc")
 
 
-def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, scope, fits=None):
+def distilled_copy(
+    model, choice, data, teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None
+):
     """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
     fold) folded, its blocks removed and then distilled."""
     pruned = copy.deepcopy(model)
@@ -99,8 +110,8 @@ def distilled_copy(model, choice, data, teacher, args, steps, learning_rate, sco
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     started = time.perf_counter()
     summary = distill(
-        pruned, data.capture, teacher[0], data.validation, teacher[1], anchors=anchors, steps=steps,
-        batch_size=args.batch_size, learning_rate=learning_rate, scope=scope,
+        pruned, data.training_windows, teacher[0], data.validation, teacher[1], anchors=anchors, steps=steps,
+        batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank, positions=positions,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -126,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_HEAL_STEPS, help="block-local, per anchor")
     parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
-    parser.add_argument("--scope", default="all", choices=list(SCOPES))
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--scope", default=DEFAULT_SCOPE, choices=list(SCOPES))
+    parser.add_argument("--num-samples", type=int, default=CalibrationSpec().num_samples)  # a job's default
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=CalibrationSpec().batch_size)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-len", type=int, default=512)
-    parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE")
+    parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE[:RANK[:POSITIONS]]")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -141,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     n_blocks = len(decoder_blocks(model))
     calibration = CalibrationSpec(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
-    data = demo_calibration(tokenizer, calibration)
+    # What distillation trains on, as a job draws it (for the longest run asked for).
+    most_steps = max([args.steps, *(int(setting.split(":")[0]) for setting in args.explore or [])])
+    data = demo_calibration(tokenizer, calibration, num_training=windows_to_read(most_steps, args.batch_size))
     held_out_windows = cal.evaluation_windows(
         tokenizer,
         cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
@@ -149,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         max_windows=args.eval_windows,
     )
     measure = Measure(model, tokenizer, held_out_windows, args.batch_size, args.limit)
+    started = time.perf_counter()
     teacher = (
-        dense_finals(model, data.capture, args.batch_size, None),
+        dense_finals(model, data.training_windows, args.batch_size, None),
         dense_finals(model, data.validation, args.batch_size, None),
     )
+    teacher_s = time.perf_counter() - started  # a job's two teacher passes: part of what distilling costs
+    print(f"teacher: {data.training_windows.num_windows} training windows, {teacher_s:.1f} s", flush=True)
 
     def capture():
         sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         linear = measure.held_out(model, choice.chosen.pruned_layers, choice.fits)
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
         for setting in args.explore:
-            steps, lr, scope = setting.split(":")
+            steps, lr, scope, *rest = setting.split(":")
             if scope == "local":
                 shipped, summary, seconds = distilled_locally(model, choice, data, args, int(steps), float(lr))
                 got = measure.held_out(model, choice.chosen.pruned_layers, shipped)
@@ -194,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                 got = measure.held_out(pruned)
                 del pruned
             else:
+                rank = int(rest[0]) if rest else RANK
+                positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
-                    model, choice, data, teacher, args, int(steps), float(lr), scope
+                    model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions
                 )
                 got = measure.held_out(pruned)
                 del pruned
@@ -241,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             cells["distill"] = {
                 **{k: figures[k] for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement")},
                 "plan": healed.chosen.pruned_layers,
-                "cost": (healed_s + seconds) / capture_s,
+                "cost": (healed_s + teacher_s + seconds) / capture_s,
                 "shipped": summary.shipped,
-                "distill_cost": seconds / capture_s,
+                "distill_cost": (teacher_s + seconds) / capture_s,
             }
             cells["local"] = {
                 **{k: local_figures[k] for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement")},
@@ -266,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
         f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
         f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
-        f"(distillation trains on them; {data.validation.num_windows} validation windows decide what ships); held-out: "
+        f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
+        f"as a job draws them; block-local on these; {data.validation.num_windows} validation windows decide "
+        "what ships); held-out: "
         f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
         f"{measure.dense_ppl:.2f}); `{TASK_NAME}` accuracy on its first {args.limit} items (dense "
         f"{dense_acc if dense_acc is not None else float('nan'):.3f}). Distillation: {args.steps} steps of "

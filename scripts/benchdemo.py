@@ -17,7 +17,7 @@ def demo_model() -> LoadedModel:
     return load_model("demo", device="cpu")
 
 
-def demo_calibration(tokenizer: Any, spec: CalibrationSpec) -> cal.CalibrationData:
+def demo_calibration(tokenizer: Any, spec: CalibrationSpec, num_training: int = 0) -> cal.CalibrationData:
     return cal.build_calibration(
         tokenizer,
         cal.load_texts(cal.parse_source("builtin"), role="calibration"),
@@ -26,4 +26,5 @@ def demo_calibration(tokenizer: Any, spec: CalibrationSpec) -> cal.CalibrationDa
         seed=0,
         validation_fraction=spec.validation_fraction,
         max_validation_windows=spec.validation_windows,
+        num_training=num_training,
     )

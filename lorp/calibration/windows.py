@@ -5,6 +5,9 @@ cut into windows of ``seq_len`` tokens.
   first part of the stream, for the similarity capture (docs/algorithm.md §1-2);
 - validation windows: consecutive windows over the last part of the stream, held out from capture,
   on which ``auto`` scores candidate plans;
+- training windows (``options.heal: distill`` only): the capture windows and, where distillation asks
+  for more, further windows from the same first part that overlap none of them, so that a long
+  distillation does not read the same few windows over and over (docs/algorithm.md §8c);
 - evaluation windows: consecutive non-overlapping windows over held-out text (docs/algorithm.md §9).
 """
 
@@ -57,12 +60,20 @@ class CalibrationData:
             ``capture``, on which candidate plans are scored.
         text_sha256: hash of the documents used (provenance).
         num_stream_tokens: the length of the whole token stream.
+        training: what distillation trains on where it asked for more windows than the capture's
+            (``num_training``): the capture windows followed by the further ones; None otherwise.
     """
 
     capture: TokenWindows
     validation: TokenWindows
     text_sha256: str
     num_stream_tokens: int
+    training: TokenWindows | None = None
+
+    @property
+    def training_windows(self) -> TokenWindows:
+        """Distillation's training windows: :attr:`training`, or the capture windows."""
+        return self.training if self.training is not None else self.capture
 
 
 def tokenize_stream(tokenizer: Any, texts: list[str], *, min_tokens: int | None = None) -> torch.Tensor:
@@ -158,6 +169,22 @@ def _draw_starts(available: int, num_samples: int, seq_len: int, seed: int) -> l
     return [int(q) + i * (seq_len - 1) for i, q in enumerate(picks)]
 
 
+def _fresh_starts(available: int, taken: list[int], seq_len: int, count: int, seed: int) -> list[int]:
+    """Up to ``count`` window starts in the first ``available`` tokens overlapping none of the windows
+    starting at ``taken`` nor each other, sorted: every slot laid end to end in the gaps between the
+    taken windows, ``count`` of them drawn with a generator of their own from ``seed`` (all of them when
+    there are no more)."""
+    slots: list[int] = []
+    edge = 0
+    for start in [*sorted(taken), available]:
+        slots += range(edge, start - seq_len + 1, seq_len)
+        edge = start + seq_len
+    if len(slots) <= count:
+        return slots
+    picks = np.sort(np.random.default_rng([seed, 1]).choice(len(slots), size=count, replace=False))
+    return [slots[int(i)] for i in picks]
+
+
 def build_calibration(
     tokenizer: Any,
     texts: list[str],
@@ -168,6 +195,7 @@ def build_calibration(
     chat_template: bool = False,
     validation_fraction: float = 0.1,
     max_validation_windows: int = 16,
+    num_training: int = 0,
 ) -> CalibrationData:
     """Cut calibration text into capture windows and a held-out validation slice.
 
@@ -189,6 +217,10 @@ def build_calibration(
         validation_fraction: the share of the stream held out at its end, in ``[0, 1)``; 0 gives no
             validation windows.
         max_validation_windows: the most validation windows kept (0 for none).
+        num_training: the windows distillation trains on; where that is more than
+            ``num_samples``, the capture windows are followed by further ones from the same text,
+            overlapping none of them (:attr:`CalibrationData.training`; fewer where the text runs
+            out, and distillation then reads each window more often).
 
     Returns:
         The capture and validation windows with the text's hash and the stream's length.
@@ -221,10 +253,23 @@ def build_calibration(
         )
 
     starts = _draw_starts(available, num_samples, seq_len, seed)
-    capture_ids = torch.stack([stream[s : s + seq_len] for s in starts]).clone()
-    capture = TokenWindows(input_ids=capture_ids, attention_mask=torch.ones_like(capture_ids), starts=tuple(starts))
-    if chat_template:
-        capture = _chat_wrap(tokenizer, capture, seq_len)
+
+    def windows_at(at: list[int]) -> TokenWindows:
+        ids = torch.stack([stream[s : s + seq_len] for s in at]).clone()
+        drawn = TokenWindows(input_ids=ids, attention_mask=torch.ones_like(ids), starts=tuple(at))
+        return _chat_wrap(tokenizer, drawn, seq_len) if chat_template else drawn
+
+    capture = windows_at(starts)
+    training = None
+    if num_training > num_samples and (
+        fresh := _fresh_starts(available, starts, seq_len, num_training - num_samples, seed)
+    ):
+        more = windows_at(fresh)
+        training = TokenWindows(
+            input_ids=torch.cat([capture.input_ids, more.input_ids]),
+            attention_mask=torch.cat([capture.attention_mask, more.attention_mask]),
+            starts=capture.starts + more.starts,
+        )
 
     n_validation = min(held_out // seq_len, max_validation_windows) if validation_fraction > 0 else 0
     validation = _consecutive_windows(stream, available, seq_len, n_validation)
@@ -233,6 +278,7 @@ def build_calibration(
         validation=validation,
         text_sha256=texts_sha256(texts),
         num_stream_tokens=total,
+        training=training,
     )
 
 

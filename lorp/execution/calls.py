@@ -19,6 +19,7 @@ return what the real block returns, learned once by calling block 0 (:class:`Out
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -158,8 +159,11 @@ def head_logits(
     mask: torch.Tensor,
     final: torch.Tensor,
     form: OutputForm,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model's logits for the state ``final`` leaving its last block (its own norm and head).
+    """The model's logits for the state ``final`` leaving its last block (its own norm and head);
+    ``keep`` (positions, 1-D) gives only those positions' logits, ``[windows, len(keep), vocabulary]``:
+    the head runs on those alone where the model's forward takes ``logits_to_keep``.
 
     The forward is given zero embeddings rather than the tokens: the state entering block 0 is replaced
     by ``final`` anyway, and the embedding table is not read (a sequential runner does not hold it)."""
@@ -168,6 +172,10 @@ def head_logits(
     )
     width = int(model.get_input_embeddings().embedding_dim)
     embeds = torch.zeros((*ids.shape, width), dtype=final.dtype, device=final.device)
+    sliced = keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters
     with _relays(blocks, recording):
-        out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-    return out.logits
+        if sliced:
+            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        else:
+            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    return out.logits if keep is None or sliced else out.logits[:, keep]

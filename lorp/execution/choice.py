@@ -9,7 +9,9 @@ the weights plus the job's working set fit the device's memory budget, and seque
 - the working set is what a resident run keeps beside them: the dense state caches (N + 1 states of
   every validation and heal token), and one batch's activations (a block's widest intermediate and
   the logits, a few times over for what the kernels hold); on the CPU also the blocks' MLP outputs on
-  the heal tokens, which the capture keeps on the host (N of them per token, ``lorp.states.StateSink``).
+  the heal tokens, which the capture keeps on the host (N of them per token, ``lorp.states.StateSink``);
+  with ``heal: distill``, two states per training token (the dense model's final state, the teacher,
+  and the state entering the first adapted block).
 
 Sequential execution needs the weights in safetensors files (it reads them a block at a time); a GGUF
 file or pickled weights run resident, and an explicit ``sequential`` for them is refused.
@@ -44,6 +46,7 @@ class WorkingSet:
     validation_tokens: int  # validation tokens whose N+1 dense states are cached
     batch_tokens: int  # tokens in one batch (windows x length)
     heal_tokens: Callable[[int], int] = field(default=lambda width: 0)
+    distill_tokens: int = 0  # whole-model distillation's training tokens: two states each (teacher, entering)
 
     def cached_tokens(self, width: int) -> int:
         """Tokens whose N+1 dense states a model of hidden size ``width`` caches: validation and heal."""
@@ -117,6 +120,7 @@ def working_bytes(
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     size = torch.empty((), dtype=dtype).element_size()
     states = (blocks + 1) * work.cached_tokens(width) * size * width
+    states += 2 * work.distill_tokens * size * width
     if device is None or device.type == "cpu":
         states += blocks * work.heal_tokens(width) * size * width
     activations = 4 * work.batch_tokens * max(inner, width) * size + work.batch_tokens * vocab * 4

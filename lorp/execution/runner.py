@@ -345,10 +345,13 @@ class Runner:
         with self.onloader.head() if self.onloader is not None else nullcontext():
             yield
 
-    def logits(self, batch: Batch, final: torch.Tensor) -> torch.Tensor:
-        """The model's logits for ``final``, a state leaving its last block (its own norm and head)."""
+    def logits(self, batch: Batch, final: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits for ``final``, a state leaving its last block (its own norm and head); at
+        the positions ``keep`` alone where given."""
         with torch.no_grad(), self.head():
-            return head_logits(self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form)
+            return head_logits(
+                self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form, keep=keep
+            )
 
     def window_logits(self, batch: Batch, final: torch.Tensor) -> Generator[tuple[slice, torch.Tensor], None, None]:
         """:meth:`logits` a window at a time, with the windows' rows of the batch: a whole batch's
@@ -369,11 +372,13 @@ class Runner:
                     ),
                 )
 
-    def logits_with_grad(self, batch: Batch, *, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
+    def logits_with_grad(
+        self, batch: Batch, *, start: int = 0, state: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The logits of the model as it stands with gradients flowing to whatever requires them (a
         distillation step, ``lorp.distill``), from ``state`` entering block ``start`` (the embedded
-        input when omitted). Resident only: a backward pass needs every block it ran held, with its
-        activations."""
+        input when omitted); at the positions ``keep`` alone where given. Resident only: a backward pass
+        needs every block it ran held, with its activations."""
         if self.onloader is not None:
             raise RuntimeError("a pass with gradients needs the model resident")
         if state is None and start != 0:
@@ -383,7 +388,7 @@ class Runner:
             if j not in self._removed:
                 hidden = batch.calls[j](self.blocks[j], hidden)
                 self.block_runs += 1
-        return head_logits(self.model, self._live, batch.ids, batch.mask, hidden, batch.form)
+        return head_logits(self.model, self._live, batch.ids, batch.mask, hidden, batch.form, keep=keep)
 
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """The logits of the model as it stands (in a pruned view: the pruned model's)."""

@@ -266,6 +266,36 @@ def test_windows_non_overlapping_and_disjoint(tiny_tokenizer, texts: list[str]) 
         assert val == [validation_start + i * seq_len for i in range(len(val))]
 
 
+def test_training_windows_extend_the_capture_with_unseen_text(tiny_tokenizer, texts: list[str]) -> None:
+    seq_len = 40
+    stream = tokenize_stream(tiny_tokenizer, texts)
+    plain = build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, seed=2)
+    assert plain.training is None and plain.training_windows is plain.capture
+    assert build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, num_training=6).training is None
+
+    data = build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, seed=2, num_training=20)
+    training = data.training_windows
+    assert torch.equal(data.capture.input_ids, plain.capture.input_ids)  # the capture does not change
+    assert training.input_ids.shape == (20, seq_len) and bool((training.attention_mask == 1).all())
+    assert training.starts[:6] == data.capture.starts and torch.equal(training.input_ids[:6], data.capture.input_ids)
+    everything = sorted([*training.starts, *data.validation.starts])
+    assert all(b - a >= seq_len for a, b in itertools.pairwise(everything))  # no window overlaps another
+    for row, start in zip(training.input_ids, training.starts, strict=True):
+        assert torch.equal(row, stream[start : start + seq_len])
+    again = build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, seed=2, num_training=20)
+    assert again.training_windows.starts == training.starts
+    other = build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, seed=3, num_training=20)
+    assert other.training_windows.starts[6:] != training.starts[6:]
+
+    # Where the text runs out, every slot left between the capture windows, and no more.
+    available = data.validation.starts[0]
+    most = build_calibration(tiny_tokenizer, texts, num_samples=6, seq_len=seq_len, seed=2, num_training=10_000)
+    gaps = [*data.capture.starts, available]
+    free = sum((b - a - (seq_len if i else 0)) // seq_len for i, (a, b) in enumerate(itertools.pairwise([0, *gaps])))
+    assert most.training_windows.num_windows == 6 + free < 10_000
+    assert all(b - a >= seq_len for a, b in itertools.pairwise(sorted(most.training_windows.starts)))
+
+
 def test_capture_deterministic_by_seed(tiny_tokenizer, texts: list[str]) -> None:
     kwargs = {"num_samples": 6, "seq_len": 32}
     a = build_calibration(tiny_tokenizer, texts, seed=3, **kwargs)

@@ -2,13 +2,15 @@
 
 - with no steps, and where distillation makes the validation score worse (a harmful learning rate),
   the model is the linear heal bit for bit and the summary says the linear heal shipped and why;
-- distillation lowers the validation KL it is judged by, and is deterministic for a seed;
+- distillation lowers the validation KL it is judged by, and is deterministic for a seed; a loss on
+  a few positions per window reads those positions' logits alone (the head runs on them only);
 - the adapters go on every kept block, on every one from the first cut on (each step runs from the
   state the frozen blocks before it give, computed once), or on the two after each cut;
 - a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
-  does; a sequential job distils block-locally (lorp.local_distill) and writes what it measured;
+  does, and it trained on the capture's windows and more of the calibration text, each read 4 times; a
+  sequential job distils block-locally (lorp.local_distill) and writes what it measured;
   heal_steps without distill is refused naming the field;
 - a budget curve drawn distilled (``evaluation.curve_distill``), resident and sequential: each
   budget's best plan carries what distilling it would ship, never worse than its linear score, and
@@ -26,7 +28,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.distill import adapted_blocks, dense_finals, distill
+from lorp.distill import MAX_TRAINING_WINDOWS, adapted_blocks, dense_finals, distill, loss_positions, windows_to_read
 from lorp.divergence import next_token_valid
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution import Runner
@@ -129,6 +131,35 @@ def test_a_pass_with_gradients_from_a_block_gives_the_logits_of_the_whole_pass()
         runner.logits_with_grad(batch, start=2)
 
 
+def test_logits_at_some_positions_are_the_whole_pass_logits_there() -> None:
+    """What a loss on a few positions per window reads: the head runs on those positions alone."""
+    model, _ = _pruned()
+    runner = Runner(model)
+    (batch,) = list(runner.batches(TRAIN, 8))
+    keep = torch.tensor([0, 5, 6, 22])
+    whole = runner.logits_with_grad(batch)
+    torch.testing.assert_close(runner.logits_with_grad(batch, keep=keep), whole[:, keep])
+    final = runner.run(batch)
+    torch.testing.assert_close(runner.logits(batch, final, keep=keep), runner.logits(batch, final)[:, keep])
+
+
+def test_a_loss_on_some_positions_reads_that_many_per_window_and_still_learns() -> None:
+    mask = TRAIN.attention_mask[:1].clone()
+    mask[0, 20:] = 0  # padding: positions 0-18 predict a real next token
+    order = torch.Generator().manual_seed(0)
+    picked = loss_positions(mask, 5, order)
+    assert picked.tolist() == sorted(set(picked.tolist())) and len(picked) == 5 and int(picked.max()) <= 18
+    assert loss_positions(mask, 5, order).tolist() != picked.tolist()  # drawn anew each time
+    assert loss_positions(mask, 50, order).tolist() == list(range(19))
+    assert loss_positions(mask, None, order) is None
+
+    model, teacher = _pruned()
+    summary = _run(model, teacher, steps=12, positions=6)
+    assert summary.tokens == 12 * 4 * 6  # 12 steps of 4 windows, 6 positions each
+    assert summary.shipped == "distill" and summary.distilled_kl < summary.linear_kl
+    assert summary.last_loss < summary.first_loss
+
+
 def test_a_cancel_between_steps_raises_and_leaves_no_adapter() -> None:
     model, teacher = _pruned()
     before = _weights(model)
@@ -151,7 +182,9 @@ def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits
     runs = {}
     seen: list[tuple[str, float]] = []
     for heal in ("linear", "distill"):
-        options = SelectionOptions(heal=heal, selection_metric="kl", **({"heal_steps": 8} if heal == "distill" else {}))
+        options = SelectionOptions(
+            heal=heal, selection_metric="kl", **({"heal_steps": 16} if heal == "distill" else {})
+        )
         spec = make_spec(tiny_model_dir, corpus_files, options=options)
         runs[heal] = run_prune(spec, tmp_path / heal, progress=lambda stage, f: seen.append((stage, f)))
         if heal == "linear":
@@ -163,8 +196,11 @@ def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits
     linear, distilled = runs["linear"].report, runs["distill"].report
     assert distilled.chosen.pruned_layers == linear.chosen.pruned_layers  # chosen with the linear heal
     summary = distilled.heal.distill
-    assert summary["steps"] == 8 and summary["shipped"] == distilled.heal.method
+    assert summary["steps"] == 16 and summary["shipped"] == distilled.heal.method
     assert summary["distilled_kl"] is not None and summary["linear_kl"] > 0
+    # 16 steps of 4 windows read 16 windows 4 times each: the 8 capture windows and 8 more of the text
+    assert summary["windows"] == 16 == windows_to_read(16, 4) and summary["tokens"] == 64 * 31
+    assert windows_to_read(10_000, 4) == MAX_TRAINING_WINDOWS  # the teacher's states stay bounded
     assert distilled.reload_check["max_abs_logit_diff"] <= 1e-5  # the written model is the one measured
     reloaded = AutoModelForCausalLM.from_pretrained(runs["distill"].model_dir)
     assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.num_hidden_layers == 6

@@ -379,6 +379,9 @@ def test_the_working_set_counts_the_heal_tokens_a_models_width_keeps() -> None:
     assert on_gpu >= states
     # On the CPU the device is the host, where the capture keeps the heal tokens' MLP outputs.
     assert on_cpu - on_gpu == 32 * work.heal_tokens(wide) * wide * 2
+    # Distillation keeps two states (the teacher's, the one entering its first adapted block) per window.
+    distilling = working_bytes(config, torch.bfloat16, 32, working_set(calibration, 512), torch.device("cuda"))
+    assert distilling - on_gpu == 2 * 512 * 256 * wide * 2
 
 
 def test_a_state_store_writes_a_state_whole_or_in_parts_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
