@@ -228,8 +228,13 @@ def num_training_windows(spec: PruneSpec) -> int:
     times (``lorp.distill.windows_to_read``); 0 without distillation."""
     if spec.options.heal != "distill":
         return 0
+    return windows_to_read(_heal_steps(spec, DEFAULT_HEAL_STEPS), spec.calibration.batch_size)
+
+
+def _heal_steps(spec: PruneSpec, default_steps: int) -> int:
+    """``options.heal_steps``, or ``default_steps`` when unset."""
     steps = spec.options.heal_steps
-    return windows_to_read(DEFAULT_HEAL_STEPS if steps is None else steps, spec.calibration.batch_size)
+    return default_steps if steps is None else steps
 
 
 def _prepare_out_dir(out_dir: str | Path) -> Path:
@@ -971,9 +976,8 @@ def _teacher(
 def _training(spec: PruneSpec, stages: _Stages, default_steps: int) -> dict[str, Any]:
     """What a distillation (whole-model or block-local) takes from the job: its steps (``default_steps``
     when unset), batch size, seed and selection metric, and the stage's cancel and progress."""
-    steps = spec.options.heal_steps
     return {
-        "steps": default_steps if steps is None else steps,
+        "steps": _heal_steps(spec, default_steps),
         "batch_size": spec.calibration.batch_size,
         "seed": spec.calibration.seed,
         "metric": spec.options.selection_metric,
