@@ -57,8 +57,12 @@ def finished_job(embedded: dict[str, Any]) -> dict[str, Any]:
     with Client(embedded["base"]) as client:
         job = client.submit(**_cheap(embedded["model"], embedded["dataset"]))
         assert job.status == JobStatus.queued
-        final = client.wait(
-            job.id, timeout=240, poll_interval=0.1, on_progress=lambda j: seen.append((j.status, j.stage, j.progress))
+        final = client.wait(  # polled at least every 0.5 s: a tiny job runs for seconds, not minutes
+            job.id,
+            timeout=240,
+            poll_interval=0.1,
+            max_interval=0.5,
+            on_progress=lambda j: seen.append((j.status, j.stage, j.progress)),
         )
     return {"job": final, "seen": seen}
 
