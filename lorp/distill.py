@@ -33,7 +33,7 @@ import torch
 
 from lorp.blocks import decoder_blocks, pruned_view
 from lorp.calibration import TokenWindows
-from lorp.divergence import DenseFinals, Divergence, next_token_valid
+from lorp.divergence import DenseFinals, Divergence, next_token_valid, position_kl
 from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood
 from lorp.execution import Runner, folded
@@ -49,13 +49,13 @@ SCOPES: tuple[Scope, ...] = ("all", "tail", "cuts")
 before it are frozen, so their output is computed once per window and each step runs only the rest);
 or the two after each cut (the anchor the map is folded into and the block after it)."""
 DEFAULT_SCOPE: Scope = "tail"
-READS_PER_WINDOW = 4
+READS_PER_WINDOW = 1
 """How many times a distillation reads each training window, at most where the calibration text has
 enough: a job draws ``steps x batch_size / READS_PER_WINDOW`` windows (:func:`windows_to_read`), the
-capture's and more. Read more often, the adapters learn the windows rather than the model (on 64
-windows, 128 steps of 4 fit the training KL to 0.22 while the validation KL stayed at 0.60); read 4
-times, 128 windows did as well as 512 read once, for a quarter of the teacher's passes
-(docs/benchmarks.md)."""
+capture's and more. Read more often, the adapters learn the windows rather than the model: at 8 of 30
+blocks on the demo model, 80 steps of 4 on 320 windows read once reach a held-out perplexity of 23.11
+where the same steps on 80 windows read 4 times reach 23.76 (docs/benchmarks.md). Each window costs
+the teacher a pass through the dense blocks (not the head): there, about half what a step spends on it."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,40 @@ class DistillSummary:
 
 
 def dense_finals(
-    model: Any, windows: TokenWindows, batch_size: int, should_cancel: Callable[[], bool] | None
+    model: Any,
+    windows: TokenWindows,
+    batch_size: int,
+    should_cancel: Callable[[], bool] | None,
+    entering_block: int = 0,
 ) -> DenseFinals:
-    """The dense model's states leaving its last block on ``windows`` (one pass), the teacher's."""
-    finals = DenseFinals()
-    negative_log_likelihood(model, windows, batch_size=batch_size, should_cancel=should_cancel, keep=finals)
+    """The dense model's states leaving its last block on ``windows`` (one pass through the blocks, not
+    the head: the logits are taken from these states a window at a time as the steps read them), the
+    teacher's; and, for ``entering_block`` > 0, the states entering that block on the way: the first
+    block a distillation trains (:func:`first_trained_block`), whose frozen blocks before it the
+    student would otherwise run once more on every window."""
+    runner = Runner(model)
+    finals = DenseFinals(entering_block=entering_block)
+    batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="distilling")
+    with torch.inference_mode():
+        for group in runner.groups(batches):
+            states = runner.run_all(group, stop=entering_block) if entering_block else None
+            if states is not None:
+                finals.entering += [state.detach().to("cpu") for state in states]
+            for final in runner.run_all(group, start=entering_block, states=states):
+                finals.keep(final)
     return finals
+
+
+def first_trained_block(
+    num_blocks: int, removed: Sequence[int], anchors: Sequence[int], scope: Scope = DEFAULT_SCOPE
+) -> int:
+    """The first block (dense numbering) a distillation of the plan (``removed``, each cut's ``anchors``
+    in dense numbering) puts adapters on, where the pruned model's state entering it is the dense
+    model's (no block before it is removed); else 0."""
+    kept = [b for b in range(num_blocks) if b not in set(removed)]
+    blocks = adapted_blocks(len(kept), pruned_anchors(list(anchors), sorted(removed)), scope)
+    first = kept[min(blocks)] if blocks else 0
+    return first if all(r > first for r in removed) else 0
 
 
 def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_size: int) -> tuple[float, float]:
@@ -166,13 +194,6 @@ def distilled_weights(model: Any, blocks: list[int]) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": model.get_submodule(name).weight for name in _target_modules(model, blocks)}
 
 
-def _kl_sum(dense: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Summed KL(dense || student) over the positions of two logit tensors of one shape."""
-    p_log = torch.log_softmax(dense.float(), dim=-1)
-    q_log = torch.log_softmax(student.float(), dim=-1)
-    return (p_log.exp() * (p_log - q_log)).sum()
-
-
 def loss_positions(mask: torch.Tensor, positions: int | None, order: torch.Generator) -> torch.Tensor | None:
     """The positions of one window whose next-token predictions a step's loss reads: None for every
     counted one, else ``positions`` of them drawn from ``order``, in order."""
@@ -207,7 +228,8 @@ def distill(
     Args:
         model: the pruned model, linear maps folded, blocks removed.
         train, train_finals: calibration windows and the dense model's final states on them
-            (:func:`dense_finals`, batched by ``batch_size``).
+            (:func:`dense_finals`, batched by ``batch_size``); where it kept the states entering a block,
+            they must be this plan's (:func:`first_trained_block`), and the student starts from them.
         validation, validation_finals: the validation windows and the dense final states there.
         anchors: each cut's anchor block in the pruned model's numbering (``scope`` cuts).
         steps: optimiser steps, each ``batch_size`` windows; 0 ships the linear heal.
@@ -279,11 +301,21 @@ def trial(
     dropped (the budget curve drawn distilled, ``evaluation.curve_distill``). ``training``: as
     :func:`distill` takes it."""
     removed = sorted(int(b) for b in removed)
+    first = first_trained_block(
+        len(decoder_blocks(model)), removed, [fit.anchor for fit in fits], training.get("scope", DEFAULT_SCOPE)
+    )
+    if train_finals.entering and train_finals.entering_block != first:  # kept for another plan's student
+        train_finals = dataclasses.replace(train_finals, entering=[], entering_block=0)
     with folded(model, fits), pruned_view(model, removed):
         anchors = pruned_anchors([fit.anchor for fit in fits], removed)
         return distill(
             model, train, train_finals, validation, validation_finals, anchors=anchors, merge=False, **training
         )
+
+
+def _per_window(states: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Batches' states as one ``[1, tokens, d]`` view per window, in order (no copy)."""
+    return [row for state in states for row in state.split(1)]
 
 
 def _train(
@@ -304,11 +336,16 @@ def _train(
     KL (nats) and the tokens trained on. Blocks before ``first`` (the first adapted one) never change:
     the state entering ``first`` is computed once per window, and each step runs from there."""
     runner = Runner(model)
-    finals = torch.cat(train_finals.finals)
+    finals = _per_window(train_finals.finals)
     windows = list(runner.batches(train, 1))  # a batch per window: its calls fit its own mask
-    if finals.shape[0] != len(windows):
+    if len(finals) != len(windows):
         raise ValueError("the teacher's final states do not match the training windows")
-    entering = runner.run_all(windows, stop=first) if first > 0 else [None] * len(windows)
+    if first == 0:
+        entering: list[torch.Tensor | None] = [None] * len(windows)
+    elif train_finals.entering_block == first and train_finals.entering:  # the teacher's pass kept them
+        entering = list(_per_window(train_finals.entering))
+    else:
+        entering = list(runner.run_all(windows, stop=first))
     trained = [p for p in wrapped.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
@@ -336,12 +373,14 @@ def _train(
         with torch.enable_grad():
             for w, k in zip(picked, keep, strict=True):
                 batch = windows[w]
-                teacher = runner.logits(batch, finals[w : w + 1], keep=k)
-                student = runner.logits_with_grad(batch, start=first, state=entering[w], keep=k)
+                teacher = runner.logits(batch, finals[w], keep=k)
+                state = entering[w]
+                state = None if state is None else state.to(runner.device)  # kept on the host by the teacher
+                student = runner.logits_with_grad(batch, start=first, state=state, keep=k)
                 if k is None:  # every position: the last predicts past the window, the padded ones nothing
-                    valid = next_token_valid(batch.mask)
-                    teacher, student = teacher[:, :-1][valid], student[:, :-1][valid]
-                loss = _kl_sum(teacher, student)
+                    loss = position_kl(teacher[:, :-1], student[:, :-1])[next_token_valid(batch.mask)].sum()
+                else:
+                    loss = position_kl(teacher, student).sum()
                 (loss / total).backward()
                 step_loss += float(loss.detach()) / total
         optimiser.step()

@@ -31,6 +31,7 @@ from lorp.distill import (
     dense_finals,
     distill,
     distilled_weights,
+    first_trained_block,
     pruned_anchors,
     trial,
     windows_to_read,
@@ -876,7 +877,7 @@ def plan(
             distil_curve = spec.evaluation.curve_distill and choice.heal == "distill"
             curve = _budget_curve(choice, stats, spec, stages, high=0.5 if distil_curve else 1.0)
             if curve is not None and distil_curve:
-                teacher = None if prepared.sequential else _teacher(model, data, spec, stages)
+                teacher = None if prepared.sequential else _teacher(model, data, spec, stages, choice)
                 curve = _distilled_curve(prepared, data, choice, curve, spec, stages, teacher)
     return Planned(
         data=data,
@@ -914,7 +915,7 @@ def execute(
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         if choice.heal == "distill" and not prepared.sequential:  # what distillation learns, and is judged by
-            teacher = planned.teacher or _teacher(loaded.model, planned.data, spec, stages)
+            teacher = planned.teacher or _teacher(loaded.model, planned.data, spec, stages, choice)
     with stages.stage(Stage.pruning):
         if not prepared.sequential:
             model = loaded.model
@@ -961,14 +962,18 @@ def execute(
 
 
 def _teacher(
-    model: Any, data: cal.CalibrationData, spec: PruneSpec, stages: _Stages
+    model: Any, data: cal.CalibrationData, spec: PruneSpec, stages: _Stages, choice: PlanChoice
 ) -> tuple[DenseFinals, DenseFinals]:
     """The dense model's final states on distillation's training windows (the capture windows and the
     further ones it asked for, ``num_training_windows``) and on the validation windows (what decides
-    whether the distilled model ships): two dense passes."""
+    whether the distilled model ships): two dense passes. The first also keeps the states entering the
+    first block the chosen plan's distillation trains (the student starts there)."""
     batch_size = spec.calibration.batch_size
+    first = first_trained_block(
+        len(decoder_blocks(model)), choice.chosen.pruned_layers, [fit.anchor for fit in choice.fits]
+    )
     return (
-        dense_finals(model, data.training_windows, batch_size, stages.should_cancel),
+        dense_finals(model, data.training_windows, batch_size, stages.should_cancel, entering_block=first),
         dense_finals(model, data.validation, batch_size, stages.should_cancel),
     )
 

@@ -10,7 +10,9 @@ toward the dense span's output, same steps per anchor and learning rate, same gu
 held-out windows of the built-in evaluation text: perplexity, mean KL(dense || pruned) and top-1
 agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for auto at the
 ``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows,
-measured right before each budget's runs (the machine is shared).
+measured right before each budget's runs (the machine is shared). Each method's plans get a section of
+docs/benchmarks.md of their own (``benchdoc.distill_heading``), so ``--methods search`` alone records
+search's plans and leaves auto's section as it was.
 
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64]
 
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdemo import demo_calibration, demo_model  # noqa: E402
-from benchdoc import DISTILL_HEADING, replace_section  # noqa: E402
+from benchdoc import distill_heading, replace_section  # noqa: E402
 
 from lorp import calibration as cal  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
@@ -49,6 +51,7 @@ from lorp.distill import (  # noqa: E402
     SCOPES,
     dense_finals,
     distill,
+    first_trained_block,
     pruned_anchors,
     windows_to_read,
 )
@@ -96,22 +99,28 @@ class Measure:
 
 
 def distilled_copy(
-    model, choice, data, teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None
+    model, choice, data, validation_teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None
 ):
     """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
-    fold) folded, its blocks removed and then distilled."""
+    fold) folded, its blocks removed and then distilled; the seconds count the teacher's pass over the
+    training windows (``validation_teacher``: the dense final states on the validation windows)."""
     pruned = copy.deepcopy(model)
     fits = choice.fits if fits is None else fits
     apply_fits(pruned, fits)
     for fit in fits:
         put_weights(decoder_blocks(pruned)[fit.anchor], trained_weights(fit))
     removed = sorted(choice.chosen.pruned_layers)
+    # The teacher on the training windows, as a job runs it for its plan: timed with the distillation.
+    started = time.perf_counter()
+    first = first_trained_block(len(decoder_blocks(model)), removed, [fit.anchor for fit in choice.fits], scope)
+    train_teacher = dense_finals(model, data.training_windows, args.batch_size, None, entering_block=first)
+    print(f"teacher: {data.training_windows.num_windows} training windows, {time.perf_counter() - started:.1f} s")
     remove_blocks(pruned, removed)
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
-    started = time.perf_counter()
     summary = distill(
-        pruned, data.training_windows, teacher[0], data.validation, teacher[1], anchors=anchors, steps=steps,
-        batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank, positions=positions,
+        pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
+        steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
+        positions=positions,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -125,6 +134,77 @@ def distilled_locally(model, choice, data, args, steps, learning_rate):
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate,
     )  # fmt: skip
     return shipped, summary, time.perf_counter() - started
+
+
+def method_section(method, rows, args, started_at, n_blocks, data, measure, dense_acc) -> list[str]:
+    """docs/benchmarks.md's section for ``method``: its plans at each budget, none / linear / distill /
+    block-local side by side, then the issue's targets against its own plan chosen unhealed."""
+    task = ""
+    if method == "auto" and args.limit and dense_acc is not None:
+        task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
+    heading = (
+        f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
+        f"--methods {' '.join(args.methods)} --limit {args.limit} "
+        f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
+        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
+        f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
+        f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
+        f"as a job draws them; block-local on these; {data.validation.num_windows} validation windows decide "
+        "what ships); held-out: "
+        f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
+        f"{measure.dense_ppl:.2f}){task}. Distillation: "
+        f"{args.steps} steps of {args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on "
+        f"{args.scope} kept blocks; block-local: {args.local_steps} steps per anchor, learning rate "
+        f"{args.local_learning_rate:g}."
+    )
+    section = [
+        distill_heading(method),
+        "",
+        heading,
+        "",
+        f"Each cell: held-out perplexity / mean KL (nats) / top-1 agreement of {method}'s plan: chosen unhealed "
+        "(none), chosen with the linear heal and shipped with its maps (linear), that plan distilled (distill) "
+        "and distilled block-locally (block-local); the model that shipped in brackets. Cost: choosing (and, "
+        "for distill, the teacher passes and the distillation) relative to one capture.",
+        "",
+        "| blocks | none | linear | distill (shipped) | block-local (shipped) "
+        "| cost none / linear / distill / block-local |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(c: dict) -> str:
+        return f"{c['ppl']:.2f} / {c['kl_mean']:.3f} / {c['top1_agreement']:.3f}"
+
+    for n, cells in rows:
+        section.append(
+            f"| {n} | {cell(cells['none'])} | {cell(cells['linear'])} | {cell(cells['distill'])} "
+            f"({cells['distill']['shipped']}) | {cell(cells['local'])} ({cells['local']['shipped']}) | "
+            f"{cells['none']['cost']:.1f} / {cells['linear']['cost']:.1f} / {cells['distill']['cost']:.1f} / "
+            f"{cells['local']['cost']:.1f} |"
+        )
+    section += [
+        "",
+        f"Targets, against {method}'s plan chosen unhealed: distill's held-out perplexity <= 0.70 of it at 6 "
+        "blocks and <= 0.50 at 8 and 10; mean KL lower with distill than linear at every budget; distillation "
+        "<= 20 captures at 8 blocks; task accuracy >= 95% of dense at 4, >= 85% at 8.",
+        "",
+        "| blocks | unhealed ppl | linear ratio | distill ratio | block-local ratio "
+        "| KL linear -> distill / block-local | distillation / block-local x capture "
+        "| acc none / linear / distill (of dense) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, cells in rows:
+        best = cells["none"]["ppl"]
+        accs = "n/a"
+        if "acc" in cells["none"] and dense_acc:
+            accs = " / ".join(f"{cells[h]['acc']:.3f} ({cells[h]['acc'] / dense_acc:.0%})" for h in HEALS)
+        section.append(
+            f"| {n} | {best:.2f} | {cells['linear']['ppl'] / best:.2f} | {cells['distill']['ppl'] / best:.2f} | "
+            f"{cells['local']['ppl'] / best:.2f} | {cells['linear']['kl_mean']:.3f} -> "
+            f"{cells['distill']['kl_mean']:.3f} / {cells['local']['kl_mean']:.3f} | "
+            f"{cells['distill']['distill_cost']:.1f} / {cells['local']['distill_cost']:.1f} | {accs} |"
+        )
+    return section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     measure = Measure(model, tokenizer, held_out_windows, args.batch_size, args.limit)
     started = time.perf_counter()
-    teacher = (
-        dense_finals(model, data.training_windows, args.batch_size, None),
-        dense_finals(model, data.validation, args.batch_size, None),
-    )
-    teacher_s = time.perf_counter() - started  # a job's two teacher passes: part of what distilling costs
-    print(f"teacher: {data.training_windows.num_windows} training windows, {teacher_s:.1f} s", flush=True)
+    teacher = dense_finals(model, data.validation, args.batch_size, None)  # its pass on the training windows: per plan
+    teacher_s = time.perf_counter() - started  # part of what distilling costs
 
     def capture():
         sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
@@ -278,72 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             print(n, method, {h: {k: v for k, v in c.items()} for h, c in cells.items()}, flush=True)
         rows.append((n, capture_s, row))
 
-    heading = (
-        f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
-        f"--methods {' '.join(args.methods)} --limit {args.limit} "
-        f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
-        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
-        f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
-        f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
-        f"as a job draws them; block-local on these; {data.validation.num_windows} validation windows decide "
-        "what ships); held-out: "
-        f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
-        f"{measure.dense_ppl:.2f}); `{TASK_NAME}` accuracy on its first {args.limit} items (dense "
-        f"{dense_acc if dense_acc is not None else float('nan'):.3f}). Distillation: {args.steps} steps of "
-        f"{args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on {args.scope} kept blocks; "
-        f"block-local: {args.local_steps} steps per anchor, learning rate {args.local_learning_rate:g}."
-    )
-    section = [
-        DISTILL_HEADING,
-        "",
-        heading,
-        "",
-        "Each cell: held-out perplexity / mean KL (nats) / top-1 agreement. Cost: choosing (and, for distill, "
-        "the teacher passes and the distillation) relative to one capture.",
-        "",
-        "| blocks | method | none | linear | distill (shipped) | block-local (shipped) "
-        "| cost none / linear / distill / block-local |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-
-    def cell(c: dict) -> str:
-        return f"{c['ppl']:.2f} / {c['kl_mean']:.3f} / {c['top1_agreement']:.3f}"
-
-    for n, _, row in rows:
-        for method, cells in row.items():
-            section.append(
-                f"| {n} | {method} | {cell(cells['none'])} | {cell(cells['linear'])} | {cell(cells['distill'])} "
-                f"({cells['distill']['shipped']}) | {cell(cells['local'])} ({cells['local']['shipped']}) | "
-                f"{cells['none']['cost']:.1f} / {cells['linear']['cost']:.1f} / {cells['distill']['cost']:.1f} / "
-                f"{cells['local']['cost']:.1f} |"
-            )
-    section += [
-        "",
-        "Targets: distill's held-out perplexity against the best unhealed plan of the run (auto's or search's, "
-        "chosen unhealed), <= 0.70 at 6 blocks and <= 0.50 at 8 and 10; mean KL lower with distill than linear "
-        "at every budget; distillation <= 20 captures at 8 blocks; task accuracy >= 95% of dense at 4, >= 85% at 8.",
-        "",
-        "| blocks | best unhealed ppl | linear ratio | distill ratio | block-local ratio "
-        "| KL linear -> distill / block-local (auto) | distillation / block-local x capture (auto) "
-        "| acc none / linear / distill (of dense) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for n, _, row in rows:
-        best = min(cells["none"]["ppl"] for cells in row.values())
-        linear = min(cells["linear"]["ppl"] for cells in row.values())
-        distilled = min(cells["distill"]["ppl"] for cells in row.values())
-        local_best = min(cells["local"]["ppl"] for cells in row.values())
-        auto = row.get("auto", next(iter(row.values())))
-        accs = "n/a"
-        if "acc" in auto["none"] and dense_acc:
-            accs = " / ".join(f"{auto[h]['acc']:.3f} ({auto[h]['acc'] / dense_acc:.0%})" for h in HEALS)
-        section.append(
-            f"| {n} | {best:.2f} | {linear / best:.2f} | {distilled / best:.2f} | {local_best / best:.2f} | "
-            f"{auto['linear']['kl_mean']:.3f} -> {auto['distill']['kl_mean']:.3f} / {auto['local']['kl_mean']:.3f} | "
-            f"{auto['distill']['distill_cost']:.1f} / {auto['local']['distill_cost']:.1f} | {accs} |"
-        )
-    print("\n".join(section))
-    replace_section(args.out, DISTILL_HEADING, section)
+    for method in args.methods:
+        section = method_section(method, [(n, row[method]) for n, _, row in rows], args, started_at, n_blocks,
+                                 data, measure, dense_acc)  # fmt: skip
+        print("\n".join(section))
+        replace_section(args.out, distill_heading(method), section)
     return 0
 
 

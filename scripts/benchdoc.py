@@ -19,7 +19,12 @@ CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"
 EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
-DISTILL_HEADING = "## Healing by distillation: none, linear and distill side by side"  # scripts/bench_distill.py
+
+
+def distill_heading(method: str) -> str:
+    """scripts/bench_distill.py's section for one method's plans (auto's and search's are recorded apart,
+    so either can be run again alone)."""
+    return f"## Healing by distillation, {method}'s plan: none, linear and distill side by side"
 
 
 def _span(lines: list[str], heading: str) -> tuple[int, int] | None:

@@ -9,7 +9,7 @@
 - a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
-  does, and it trained on the capture's windows and more of the calibration text, each read 4 times; a
+  does, and it trained on the capture's windows and more of the calibration text, each read once; a
   sequential job distils block-locally (lorp.local_distill) and writes what it measured;
   heal_steps without distill is refused naming the field;
 - a budget curve drawn distilled (``evaluation.curve_distill``), resident and sequential: each
@@ -28,7 +28,15 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.distill import MAX_TRAINING_WINDOWS, adapted_blocks, dense_finals, distill, loss_positions, windows_to_read
+from lorp.distill import (
+    MAX_TRAINING_WINDOWS,
+    adapted_blocks,
+    dense_finals,
+    distill,
+    first_trained_block,
+    loss_positions,
+    windows_to_read,
+)
 from lorp.divergence import next_token_valid
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution import Runner
@@ -118,6 +126,54 @@ def test_adapters_on_every_kept_block_from_the_first_cut_or_the_two_after_each_c
         assert changed and {int(k.split(".")[2]) for k in changed} <= set(blocks)
 
 
+def test_the_teachers_final_states_give_the_dense_models_own_logits() -> None:
+    """The teacher's pass runs the blocks only; its states through the head are the forward's logits."""
+    model = tiny_llama(4)
+    finals = dense_finals(model, TRAIN, 3, None)
+    assert [tuple(f.shape[:2]) for f in finals.finals] == [(3, 24), (3, 24), (2, 24)]
+    runner = Runner(model)
+    with torch.no_grad():
+        whole = model(input_ids=TRAIN.input_ids, attention_mask=TRAIN.attention_mask).logits
+    for i, batch in enumerate(runner.batches(TRAIN, 3)):
+        torch.testing.assert_close(runner.logits(batch, finals.finals[i]), whole[3 * i : 3 * i + 3])
+
+
+def test_the_first_trained_block_is_the_first_cuts_anchor_where_nothing_before_it_is_removed() -> None:
+    assert first_trained_block(10, [4, 5, 7], [3, 6]) == 3  # tail: from the first cut's anchor
+    assert first_trained_block(10, [4, 5, 7], [3, 6], "all") == 0
+    assert first_trained_block(10, [0, 4, 5], [3]) == 0  # block 0 removed: the pruned states differ from there
+
+
+def test_a_teacher_that_kept_the_states_entering_the_first_trained_block_spares_the_students_prefix() -> None:
+    """The teacher's pass keeps the states entering the first adapted block, which the student's frozen
+    blocks would give: the distillation starting from them learns what it learns from its own."""
+    model = tiny_llama(6)
+    first = first_trained_block(6, [2, 3], [1])
+    kept = dense_finals(model, TRAIN, 4, None, entering_block=first)
+    plain = dense_finals(model, TRAIN, 4, None)
+    assert first == 1 and kept.entering_block == 1 and not plain.entering
+    for mine, theirs in zip(kept.finals, plain.finals, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    runner = Runner(model)
+    for batch, entering in zip(runner.batches(TRAIN, 4), kept.entering, strict=True):
+        torch.testing.assert_close(entering, runner.run(batch, stop=1))
+    validation = dense_finals(model, VALIDATION, 4, None)
+    remove_blocks(model, [2, 3])
+    before = _weights(model)
+    runs, prefix_runs = {}, {}
+    for name, finals in (("kept", kept), ("own", plain)):
+        for key, value in before.items():  # the same start each time
+            model.state_dict()[key].copy_(value)
+        calls: list[int] = []
+        hook = decoder_blocks(model)[0].register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        runs[name] = _run(model, {"train_finals": finals, "validation_finals": validation}, steps=6)
+        hook.remove()
+        prefix_runs[name] = len(calls)
+    assert prefix_runs["own"] - prefix_runs["kept"] == TRAIN.num_windows  # a window at a time, once each
+    assert runs["kept"].last_loss == pytest.approx(runs["own"].last_loss, rel=1e-4)
+    assert runs["kept"].distilled_kl == pytest.approx(runs["own"].distilled_kl, rel=1e-4)
+
+
 def test_a_pass_with_gradients_from_a_block_gives_the_logits_of_the_whole_pass() -> None:
     """Distillation computes the frozen blocks' output once per window and runs each step from there."""
     model, _ = _pruned()
@@ -198,8 +254,8 @@ def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits
     summary = distilled.heal.distill
     assert summary["steps"] == 16 and summary["shipped"] == distilled.heal.method
     assert summary["distilled_kl"] is not None and summary["linear_kl"] > 0
-    # 16 steps of 4 windows read 16 windows 4 times each: the 8 capture windows and 8 more of the text
-    assert summary["windows"] == 16 == windows_to_read(16, 4) and summary["tokens"] == 64 * 31
+    # 16 steps of 4 windows read 64 windows once each: the 8 capture windows and 56 more of the text
+    assert summary["windows"] == 64 == windows_to_read(16, 4) and summary["tokens"] == 64 * 31
     assert windows_to_read(10_000, 4) == MAX_TRAINING_WINDOWS  # the teacher's states stay bounded
     assert distilled.reload_check["max_abs_logit_diff"] <= 1e-5  # the written model is the one measured
     reloaded = AutoModelForCausalLM.from_pretrained(runs["distill"].model_dir)
@@ -250,7 +306,7 @@ def test_a_curve_drawn_distilled_marks_each_budgets_best_plan_and_leaves_the_job
         spec = make_spec(
             tiny_model_dir,
             corpus_files,
-            options=SelectionOptions(heal="distill", heal_steps=12, execution=execution),
+            options=SelectionOptions(heal="distill", heal_steps=24, execution=execution),
         )
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"curve_distill": drawn})})
         runs[drawn] = run_prune(spec, tmp_path / str(drawn))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorp.blocks import remove_blocks
-from lorp.divergence import DenseFinals, Divergence, next_token_valid, token_divergence
+from lorp.divergence import DenseFinals, Divergence, next_token_valid, position_kl, token_divergence
 from lorp.evaluation import negative_log_likelihood
 
 from .helpers import tiny_llama, windows_with_padding
@@ -35,6 +35,30 @@ def test_closed_form_on_hand_built_logits_with_padding_left_out():
     assert summary["kl_mean"] == pytest.approx(expected / 2, abs=1e-7)
     assert summary["kl_p99"] == pytest.approx(0.99 * expected, abs=1e-7)  # linear between 0 and the one
     assert summary["top1_agreement"] == 0.5
+
+
+def test_position_kl_gives_the_closed_form_and_autograds_gradient():
+    dense = torch.tensor([[[0.0, math.log(3.0)], [1.0, 2.0]]])
+    pruned = torch.tensor([[[math.log(1.5), 0.0], [1.0, 2.0]]])
+    expected = 0.25 * math.log(0.25 / 0.6) + 0.75 * math.log(0.75 / 0.4)
+    assert position_kl(dense, pruned)[0].tolist() == pytest.approx([expected, 0.0], abs=1e-7)
+
+    # Its written-out gradient is the one autograd finds through log_softmax, weighted per position.
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 5, 11, generator=generator) * 3
+    student = (torch.randn(2, 5, 11, generator=generator) * 3).requires_grad_()
+    weights = torch.rand(2, 5, generator=generator)
+    (position_kl(teacher, student) * weights).sum().backward()
+    mine = student.grad.clone()
+    student.grad = None
+    p_log, q_log = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    ((p_log.exp() * (p_log - q_log)).sum(-1) * weights).sum().backward()
+    assert torch.allclose(mine, student.grad, atol=1e-6)
+    assert not torch.allclose(mine, torch.zeros_like(mine))
+    kl, _ = token_divergence(teacher, student.detach(), torch.ones(2, 4, dtype=torch.bool))
+    assert position_kl(teacher, student)[:, :-1].flatten().tolist() == pytest.approx(kl.tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        position_kl(teacher, student[:, :3])
 
 
 def _measure(model, windows, **kwargs) -> float:

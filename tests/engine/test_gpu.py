@@ -1,6 +1,6 @@
 """The engine on CUDA: capture, auto, removal and the reload check in bfloat16, a sequential job
-(one block on the device at a time) against a resident one, and a sequential job distilled
-block-locally. Skipped without a GPU."""
+(one block on the device at a time) against a resident one, a sequential job distilled
+block-locally and a resident one distilled whole. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -128,17 +128,23 @@ def test_a_stager_on_cuda_loads_through_pinned_buffers_what_the_plain_reader_rea
         stager.close()
 
 
-def test_a_sequential_bf16_job_on_cuda_distils_block_locally_and_writes_what_it_measured(
-    tiny_model_dir, corpus_files, tmp_path
+@pytest.mark.parametrize(("execution", "scope", "loss"), [("sequential", "local", "state"), ("resident", "tail", "kl")])
+def test_a_bf16_job_on_cuda_distils_and_writes_what_it_measured(
+    execution, scope, loss, tiny_model_dir, corpus_files, tmp_path
 ):
+    """Sequential: each cut's anchor block-locally. Resident: the whole model, its teacher's states kept
+    on the host and taken to the device a window at a time."""
     spec = make_spec(
         tiny_model_dir,
         corpus_files,
         model=ModelSpec(id=str(tiny_model_dir), device="cuda", dtype="bfloat16"),
-        options=SelectionOptions(execution="sequential", heal="distill", heal_steps=8),
+        options=SelectionOptions(execution=execution, heal="distill", heal_steps=8, selection_metric="kl"),
     )
     report = run_prune(spec, tmp_path / "distill").report
     summary = report.heal.distill
-    assert report.execution.mode == "sequential" and (summary["scope"], summary["loss"]) == ("local", "state")
-    assert summary["shipped"] == report.heal.method and summary["last_loss"] < summary["first_loss"]
+    assert report.execution.mode == execution and (summary["scope"], summary["loss"]) == (scope, loss)
+    assert summary["shipped"] == report.heal.method and summary["steps"] == 8
+    assert summary["distilled_kl"] is not None and summary["first_loss"] > 0
+    if execution == "sequential":  # a block's relative error falls; the tiny model's KL is step-to-step noise
+        assert summary["last_loss"] < summary["first_loss"]
     assert report.reload_check["max_abs_logit_diff"] <= 5e-2  # the written model is the one measured
