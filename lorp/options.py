@@ -14,7 +14,7 @@ Heal = Literal["linear", "distill", "none"]
 Execution = Literal["auto", "resident", "sequential"]
 SelectionMetric = Literal["perplexity", "kl"]
 
-DEFAULT_HEAL_STEPS = 80  # distillation steps when options.heal_steps is unset (docs/benchmarks.md chose it)
+DEFAULT_HEAL_STEPS = 100  # distillation steps when options.heal_steps is unset (docs/benchmarks.md chose it)
 # Block-local distillation (sequential execution): steps per anchor block when unset. A step runs one
 # block, not the model, so more of them cost less than resident distillation's (docs/benchmarks.md).
 DEFAULT_LOCAL_HEAL_STEPS = 128

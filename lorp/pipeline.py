@@ -33,6 +33,7 @@ from lorp.distill import (
     distilled_weights,
     first_trained_block,
     pruned_anchors,
+    training_autocast,
     trial,
     windows_to_read,
 )
@@ -552,7 +553,7 @@ def _distilled_curve(
             assert teacher is not None
             summary = trial(
                 prepared.loaded.model, point.pruned_layers, fits, data.training_windows, teacher[0], data.validation,
-                teacher[1], **training,
+                teacher[1], autocast=training_autocast(prepared.loaded.model), **training,
             )  # fmt: skip
         found[n] = summary.shipped_perplexity
     return with_distilled(curve, found)
@@ -967,15 +968,19 @@ def _teacher(
     """The dense model's final states on distillation's training windows (the capture windows and the
     further ones it asked for, ``num_training_windows``) and on the validation windows (what decides
     whether the distilled model ships): two dense passes. The first also keeps the states entering the
-    first block the chosen plan's distillation trains (the student starts there)."""
+    first block the chosen plan's distillation trains (the student starts there), and computes as the
+    steps do (``lorp.distill.training_autocast``); the second in the model's own precision."""
     batch_size = spec.calibration.batch_size
     first = first_trained_block(
         len(decoder_blocks(model)), choice.chosen.pruned_layers, [fit.anchor for fit in choice.fits]
     )
     return (
-        dense_finals(model, data.training_windows, batch_size, stages.should_cancel, entering_block=first),
+        dense_finals(
+            model, data.training_windows, batch_size, stages.should_cancel, entering_block=first,
+            autocast=training_autocast(model),
+        ),
         dense_finals(model, data.validation, batch_size, stages.should_cancel),
-    )
+    )  # fmt: skip
 
 
 def _training(spec: PruneSpec, stages: _Stages, default_steps: int) -> dict[str, Any]:
@@ -1007,6 +1012,7 @@ def _distill(
         planned.data.validation,
         teacher[1],
         anchors=anchors,
+        autocast=training_autocast(model),
         **_training(spec, stages, DEFAULT_HEAL_STEPS),
     )
     if summary.shipped != "distill":

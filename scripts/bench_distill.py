@@ -53,6 +53,7 @@ from lorp.distill import (  # noqa: E402
     distill,
     first_trained_block,
     pruned_anchors,
+    training_autocast,
     windows_to_read,
 )
 from lorp.divergence import DenseFinals, Divergence  # noqa: E402
@@ -113,14 +114,17 @@ def distilled_copy(
     # The teacher on the training windows, as a job runs it for its plan: timed with the distillation.
     started = time.perf_counter()
     first = first_trained_block(len(decoder_blocks(model)), removed, [fit.anchor for fit in choice.fits], scope)
-    train_teacher = dense_finals(model, data.training_windows, args.batch_size, None, entering_block=first)
+    autocast = training_autocast(model) if args.precision == "auto" else None
+    train_teacher = dense_finals(
+        model, data.training_windows, args.batch_size, None, entering_block=first, autocast=autocast
+    )
     print(f"teacher: {data.training_windows.num_windows} training windows, {time.perf_counter() - started:.1f} s")
     remove_blocks(pruned, removed)
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     summary = distill(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
-        positions=positions,
+        positions=positions, autocast=autocast,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -139,6 +143,8 @@ def distilled_locally(model, choice, data, args, steps, learning_rate):
 def method_section(method, rows, args, started_at, n_blocks, data, measure, dense_acc) -> list[str]:
     """docs/benchmarks.md's section for ``method``: its plans at each budget, none / linear / distill /
     block-local side by side, then the issue's targets against its own plan chosen unhealed."""
+    autocast = training_autocast(measure.model) if args.precision == "auto" else None
+    precision = "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
     task = ""
     if method == "auto" and args.limit and dense_acc is not None:
         task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
@@ -146,7 +152,8 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
         f"--methods {' '.join(args.methods)} --limit {args.limit} "
         f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
-        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}). "
+        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}; "
+        f"distillation's training passes in {precision}). "
         f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
         f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
         f"as a job draws them; block-local on these; {data.validation.num_windows} validation windows decide "
@@ -199,8 +206,8 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         if "acc" in cells["none"] and dense_acc:
             accs = " / ".join(f"{cells[h]['acc']:.3f} ({cells[h]['acc'] / dense_acc:.0%})" for h in HEALS)
         section.append(
-            f"| {n} | {best:.2f} | {cells['linear']['ppl'] / best:.2f} | {cells['distill']['ppl'] / best:.2f} | "
-            f"{cells['local']['ppl'] / best:.2f} | {cells['linear']['kl_mean']:.3f} -> "
+            f"| {n} | {best:.2f} | {cells['linear']['ppl'] / best:.3f} | {cells['distill']['ppl'] / best:.3f} | "
+            f"{cells['local']['ppl'] / best:.3f} | {cells['linear']['kl_mean']:.3f} -> "
             f"{cells['distill']['kl_mean']:.3f} / {cells['local']['kl_mean']:.3f} | "
             f"{cells['distill']['distill_cost']:.1f} / {cells['local']['distill_cost']:.1f} | {accs} |"
         )
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=CalibrationSpec().batch_size)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-len", type=int, default=512)
+    parser.add_argument(
+        "--precision", choices=["auto", "float32"], default="auto",
+        help="distillation's training passes: as a job runs them (auto: lorp.distill.training_autocast), or float32",
+    )  # fmt: skip
     parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE[:RANK[:POSITIONS]]")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)

@@ -375,10 +375,16 @@ class Runner:
     def logits_with_grad(
         self, batch: Batch, *, start: int = 0, state: torch.Tensor | None = None, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The logits of the model as it stands with gradients flowing to whatever requires them (a
-        distillation step, ``lorp.distill``), from ``state`` entering block ``start`` (the embedded
-        input when omitted); at the positions ``keep`` alone where given. Resident only: a backward pass
-        needs every block it ran held, with its activations."""
+        """The logits of the model as it stands with gradients flowing to whatever requires them, from
+        ``state`` entering block ``start`` (the embedded input when omitted); at the positions ``keep``
+        alone where given: :meth:`run_with_grad`, then :meth:`head_with_grad`."""
+        return self.head_with_grad(batch, self.run_with_grad(batch, start=start, state=state), keep=keep)
+
+    def run_with_grad(self, batch: Batch, *, start: int = 0, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The state leaving the last block of the model as it stands, with gradients flowing to whatever
+        requires them (a distillation step, ``lorp.distill``), from ``state`` entering block ``start``
+        (the embedded input when omitted). Resident only: a backward pass needs every block it ran held,
+        with its activations."""
         if self.onloader is not None:
             raise RuntimeError("a pass with gradients needs the model resident")
         if state is None and start != 0:
@@ -388,7 +394,16 @@ class Runner:
             if j not in self._removed:
                 hidden = batch.calls[j](self.blocks[j], hidden)
                 self.block_runs += 1
-        return head_logits(self.model, self._live, batch.ids, batch.mask, hidden, batch.form, keep=keep)
+        return hidden
+
+    def head_with_grad(
+        self, batch: Batch, final: torch.Tensor, *, rows: slice | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits for ``final`` (the state leaving the last block, of the batch's windows ``rows`` where
+        given) with gradients flowing to it; at the positions ``keep`` alone where given. A step takes
+        them a window at a time: a batch's logits over a large vocabulary dwarf its states."""
+        ids, mask = (batch.ids, batch.mask) if rows is None else (batch.ids[rows], batch.mask[rows])
+        return head_logits(self.model, self._live, ids, mask, final, batch.form, keep=keep)
 
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """The logits of the model as it stands (in a pruned view: the pruned model's)."""

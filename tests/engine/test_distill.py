@@ -35,6 +35,8 @@ from lorp.distill import (
     distill,
     first_trained_block,
     loss_positions,
+    native_bfloat16,
+    training_autocast,
     windows_to_read,
 )
 from lorp.divergence import next_token_valid
@@ -49,11 +51,12 @@ TRAIN = windows(batch=8, length=24, seed=1)
 VALIDATION = windows(batch=4, length=24, seed=2)
 
 
-def _pruned() -> tuple[torch.nn.Module, dict]:
-    """A tiny model cut at blocks 2 and 3, with the dense model's final states on both window sets."""
+def _pruned(autocast: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
+    """A tiny model cut at blocks 2 and 3, with the dense model's final states on both window sets (on the
+    training windows computed under ``autocast``, as a job's teacher computes them)."""
     model = tiny_llama(6)
     teacher = {
-        "train_finals": dense_finals(model, TRAIN, 4, None),
+        "train_finals": dense_finals(model, TRAIN, 4, None, autocast=autocast),
         "validation_finals": dense_finals(model, VALIDATION, 4, None),
     }
     remove_blocks(model, [2, 3])
@@ -100,7 +103,7 @@ def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
         summary = _run(model, teacher, steps=12)
         runs.append((summary, _weights(model)))
     (first, weights), (second, again) = runs
-    assert first.shipped == "distill" and first.distilled_kl < first.linear_kl
+    assert first.shipped == "distill" and first.distilled_kl < first.linear_kl and first.precision == "float32"
     counted = int(next_token_valid(TRAIN.attention_mask).sum())
     assert first.last_loss < first.first_loss and first.tokens == 6 * counted  # 12 x 4 windows: 6 times each
     assert _equal(weights, again) and first.distilled_kl == second.distilled_kl
@@ -108,6 +111,48 @@ def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
     assert changed and all(".layers." in k and k.endswith("proj.weight") for k in changed)  # kept blocks' linears only
     assert not any(p.requires_grad for p in model.parameters())
     assert list(model.state_dict()) == list(before)  # merged: the architecture's own parameters, no adapter
+
+
+def test_training_passes_compute_in_bfloat16_where_the_device_has_it_and_still_learn() -> None:
+    """bfloat16 autocast for a float32 model on a device with native bfloat16 (forced here: on a CPU
+    without it, autocast emulates it); the adapters, the merged weights and the teacher's states stay
+    float32, the validation guard reads the model's own precision, and a seed still decides it all."""
+    cpu = torch.device("cpu")
+    assert training_autocast(tiny_llama(6)) == (torch.bfloat16 if native_bfloat16(cpu) else None)
+    assert training_autocast(tiny_llama(6).to(torch.bfloat16)) is None  # already computes in half precision
+    runs = []
+    for autocast in (torch.bfloat16, torch.bfloat16, None):
+        model, teacher = _pruned(autocast)
+        assert teacher["train_finals"].finals[0].dtype == torch.float32
+        summary = _run(model, teacher, steps=12, autocast=autocast)
+        runs.append((summary, _weights(model)))
+    (half, weights), (again, same), (full, full_weights) = runs
+    assert half.precision == "bfloat16" and full.precision == "float32"
+    assert half.shipped == "distill" and half.distilled_kl < half.linear_kl
+    assert half.linear_kl == full.linear_kl  # the guard's passes: float32 either way
+    assert _equal(weights, same) and half.distilled_kl == again.distilled_kl
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert not _equal(weights, full_weights)  # the steps did compute in bfloat16
+    assert abs(half.distilled_kl - full.distilled_kl) < 0.1 * (full.linear_kl - full.distilled_kl)
+
+
+def test_a_step_runs_its_windows_through_the_blocks_together_and_the_head_one_at_a_time() -> None:
+    """The blocks see a step's 4 windows as one batch; the head (over the whole vocabulary) and the
+    loss see one window at a time, their gradients gathered before the blocks' backward pass."""
+    model, teacher = _pruned()
+    sizes: dict[str, list[int]] = {"block": [], "head": []}
+
+    def seen(kind: str):  # the passes with gradients: the steps' own, not the teacher's or the guard's
+        return lambda _m, args, _out: sizes[kind].append(args[0].shape[0]) if torch.is_grad_enabled() else None
+
+    hooks = [
+        decoder_blocks(model)[-1].register_forward_hook(seen("block")),
+        model.lm_head.register_forward_hook(seen("head")),
+    ]
+    summary = _run(model, teacher, steps=3)
+    for hook in hooks:
+        hook.remove()
+    assert summary.steps == 3 and sizes == {"block": [4] * 3, "head": [1] * 12}
 
 
 def test_adapters_on_every_kept_block_from_the_first_cut_or_the_two_after_each_cut() -> None:
@@ -139,16 +184,16 @@ def test_the_teachers_final_states_give_the_dense_models_own_logits() -> None:
 
 
 def test_the_first_trained_block_is_the_first_cuts_anchor_where_nothing_before_it_is_removed() -> None:
-    assert first_trained_block(10, [4, 5, 7], [3, 6]) == 3  # tail: from the first cut's anchor
-    assert first_trained_block(10, [4, 5, 7], [3, 6], "all") == 0
-    assert first_trained_block(10, [0, 4, 5], [3]) == 0  # block 0 removed: the pruned states differ from there
+    assert first_trained_block(10, [4, 5, 7], [3, 6], "tail") == 3  # from the first cut's anchor
+    assert first_trained_block(10, [4, 5, 7], [3, 6], "all") == first_trained_block(10, [4, 5, 7], [3, 6]) == 0
+    assert first_trained_block(10, [0, 4, 5], [3], "tail") == 0  # block 0 removed: the pruned states differ from there
 
 
 def test_a_teacher_that_kept_the_states_entering_the_first_trained_block_spares_the_students_prefix() -> None:
     """The teacher's pass keeps the states entering the first adapted block, which the student's frozen
     blocks would give: the distillation starting from them learns what it learns from its own."""
     model = tiny_llama(6)
-    first = first_trained_block(6, [2, 3], [1])
+    first = first_trained_block(6, [2, 3], [1], "tail")
     kept = dense_finals(model, TRAIN, 4, None, entering_block=first)
     plain = dense_finals(model, TRAIN, 4, None)
     assert first == 1 and kept.entering_block == 1 and not plain.entering
@@ -166,7 +211,7 @@ def test_a_teacher_that_kept_the_states_entering_the_first_trained_block_spares_
             model.state_dict()[key].copy_(value)
         calls: list[int] = []
         hook = decoder_blocks(model)[0].register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        runs[name] = _run(model, {"train_finals": finals, "validation_finals": validation}, steps=6)
+        runs[name] = _run(model, {"train_finals": finals, "validation_finals": validation}, steps=6, scope="tail")
         hook.remove()
         prefix_runs[name] = len(calls)
     assert prefix_runs["own"] - prefix_runs["kept"] == TRAIN.num_windows  # a window at a time, once each
@@ -253,6 +298,7 @@ def test_a_distilled_job_writes_a_checkpoint_that_reloads_to_the_measured_logits
     assert distilled.chosen.pruned_layers == linear.chosen.pruned_layers  # chosen with the linear heal
     summary = distilled.heal.distill
     assert summary["steps"] == 16 and summary["shipped"] == distilled.heal.method
+    assert summary["precision"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
     assert summary["distilled_kl"] is not None and summary["linear_kl"] > 0
     # 16 steps of 4 windows read 64 windows once each: the 8 capture windows and 56 more of the text
     assert summary["windows"] == 64 == windows_to_read(16, 4) and summary["tokens"] == 64 * 31
