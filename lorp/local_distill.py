@@ -35,7 +35,7 @@ import torch
 
 from lorp.blocks import block_layout
 from lorp.calibration import TokenWindows
-from lorp.distill import ALPHA, RANK, DistillSummary, linear_layers, pruned_anchors
+from lorp.distill import ALPHA, DistillSummary, linear_layers, pruned_anchors
 from lorp.divergence import Divergence
 from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, state_nll
@@ -45,6 +45,7 @@ from lorp.heal import contiguous_spans
 from lorp.options import DEFAULT_LOCAL_HEAL_STEPS, SelectionMetric
 
 LOCAL_LEARNING_RATE = 1e-2  # chosen with bench_distill.py --explore (docs/benchmarks.md)
+LOCAL_RANK = 8  # the block-local adapters' rank, measured at it (whole-model distillation: lorp.distill.RANK)
 
 
 def _run(
@@ -270,7 +271,7 @@ def distill_locally(
     seed: int = 0,
     metric: SelectionMetric = "perplexity",
     learning_rate: float = LOCAL_LEARNING_RATE,
-    rank: int = RANK,
+    rank: int = LOCAL_RANK,
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[DistillSummary, list[FoldedMap]]:
