@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from lorp.blocks import decoder_blocks, pruned_view
+from lorp.blocks import decoder_blocks, input_device, pruned_view
 from lorp.calibration import TokenWindows
 from lorp.divergence import DenseFinals, Divergence, next_token_valid, position_kl
 from lorp.errors import JobCancelled
@@ -130,13 +130,12 @@ def training_autocast(model: Any) -> torch.dtype | None:
     distilled model's held-out figures are the same to three digits (docs/benchmarks.md)."""
     if next(model.parameters()).dtype != torch.float32:
         return None
-    return torch.bfloat16 if native_bfloat16(Runner(model).device) else None
+    return torch.bfloat16 if native_bfloat16(torch.device(input_device(model))) else None
 
 
 def _autocast(model: Any, dtype: torch.dtype | None) -> Any:
     """A context computing in ``dtype`` under autocast on the model's device; nothing where None."""
-    device = Runner(model).device
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(torch.device(input_device(model)).type, dtype=dtype, enabled=dtype is not None)
 
 
 def dense_finals(
@@ -387,16 +386,15 @@ def _train(
     computed once per window, and each step runs from there."""
     runner = Runner(model)
     finals = _per_window(train_finals.finals)
-    windows = list(runner.batches(train, 1))  # a batch per window: its calls fit its own mask
-    if len(finals) != len(windows):
+    if len(finals) != train.num_windows:
         raise ValueError("the teacher's final states do not match the training windows")
-    if first == 0:
-        entering: list[torch.Tensor | None] = [None] * len(windows)
-    elif train_finals.entering_block == first and train_finals.entering:  # the teacher's pass kept them
-        entering = list(_per_window(train_finals.entering))
-    else:
+    masks = list(train.attention_mask.to(runner.device).split(1))  # each window's, as its step batch holds it
+    entering: list[torch.Tensor] = []  # per window, where the steps start after block 0
+    if first > 0 and train_finals.entering_block == first and train_finals.entering:  # the teacher kept them
+        entering = _per_window(train_finals.entering)
+    elif first > 0:  # a batch per window: its calls fit its own mask
         with _autocast(model, autocast):
-            entering = list(runner.run_all(windows, stop=first))
+            entering = list(runner.run_all(list(runner.batches(train, 1)), stop=first))
     trained = [p for p in wrapped.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
@@ -410,28 +408,27 @@ def _train(
             wrapped.unload()
             raise JobCancelled("the job was cancelled while distilling the pruned model")
         picked: list[int] = []
-        while len(picked) < min(batch_size, len(windows)):
+        while len(picked) < min(batch_size, len(finals)):
             if not queue:
-                queue = torch.randperm(len(windows), generator=order).tolist()
+                queue = torch.randperm(len(finals), generator=order).tolist()
             picked.append(queue.pop())
-        keep = [loss_positions(windows[w].mask, positions, order) for w in picked]
+        keep = [loss_positions(masks[w], positions, order) for w in picked]
         counted = [
-            int(next_token_valid(windows[w].mask).sum()) if k is None else k.numel()
-            for w, k in zip(picked, keep, strict=True)
+            int(next_token_valid(masks[w]).sum()) if k is None else k.numel() for w, k in zip(picked, keep, strict=True)
         ]
         total = max(1, sum(counted))
         step_loss = 0.0
         with torch.enable_grad(), _autocast(model, autocast):
             batch = runner.batch(train.input_ids[picked], train.attention_mask[picked])
-            state = None if entering[picked[0]] is None else torch.cat([entering[w] for w in picked])  # type: ignore[misc]
-            state = None if state is None else state.to(runner.device)  # kept on the host by the teacher
+            state = torch.cat([entering[w] for w in picked]).to(runner.device) if entering else None  # from the host
             final = runner.run_with_grad(batch, start=first, state=state)  # the blocks: the batch at once
             leaf = final.detach().requires_grad_()  # the head: a window at a time, into the leaf's gradient
             for row, (w, k) in enumerate(zip(picked, keep, strict=True)):
-                teacher = runner.logits(windows[w], finals[w], keep=k)
-                student = runner.head_with_grad(batch, leaf[row : row + 1], rows=slice(row, row + 1), keep=k)
+                rows = slice(row, row + 1)
+                teacher = runner.logits(batch, finals[w], keep=k, rows=rows)
+                student = runner.head_with_grad(batch, leaf[rows], rows=rows, keep=k)
                 if k is None:  # every position: the last predicts past the window, the padded ones nothing
-                    loss = position_kl(teacher[:, :-1], student[:, :-1])[next_token_valid(windows[w].mask)].sum()
+                    loss = position_kl(teacher[:, :-1], student[:, :-1])[next_token_valid(masks[w])].sum()
                 else:
                     loss = position_kl(teacher, student).sum()
                 (loss / total).backward()

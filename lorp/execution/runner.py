@@ -345,13 +345,13 @@ class Runner:
         with self.onloader.head() if self.onloader is not None else nullcontext():
             yield
 
-    def logits(self, batch: Batch, final: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's logits for ``final``, a state leaving its last block (its own norm and head); at
-        the positions ``keep`` alone where given."""
+    def logits(
+        self, batch: Batch, final: torch.Tensor, keep: torch.Tensor | None = None, rows: slice | None = None
+    ) -> torch.Tensor:
+        """The model's logits for ``final``, a state leaving its last block (its own norm and head), of the
+        batch's windows ``rows`` where given; at the positions ``keep`` alone where given."""
         with torch.no_grad(), self.head():
-            return head_logits(
-                self.model, self._live, batch.ids, batch.mask, final.to(self.device), batch.form, keep=keep
-            )
+            return self.head_with_grad(batch, final.to(self.device), rows=rows, keep=keep)
 
     def window_logits(self, batch: Batch, final: torch.Tensor) -> Generator[tuple[slice, torch.Tensor], None, None]:
         """:meth:`logits` a window at a time, with the windows' rows of the batch: a whole batch's
