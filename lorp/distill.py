@@ -178,6 +178,25 @@ def first_trained_block(
     return first if all(r > first for r in removed) else 0
 
 
+def plan_teacher(
+    model: Any,
+    windows: TokenWindows,
+    batch_size: int,
+    removed: Sequence[int],
+    anchors: Sequence[int],
+    *,
+    scope: Scope = DEFAULT_SCOPE,
+    autocast: torch.dtype | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DenseFinals:
+    """The teacher for distilling one plan (``removed``, each cut's ``anchors`` in dense numbering) on the
+    training ``windows``: the dense ``model``'s final states, and the states entering the first block the
+    plan's student trains (:func:`first_trained_block`), computed as the steps compute (``autocast``,
+    :func:`training_autocast` in a job)."""
+    first = first_trained_block(len(decoder_blocks(model)), removed, anchors, scope)
+    return dense_finals(model, windows, batch_size, should_cancel, entering_block=first, autocast=autocast)
+
+
 def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_size: int) -> tuple[float, float]:
     """Validation perplexity and mean KL from the dense model of the model as it stands."""
     divergence = Divergence()

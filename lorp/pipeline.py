@@ -31,7 +31,7 @@ from lorp.distill import (
     dense_finals,
     distill,
     distilled_weights,
-    first_trained_block,
+    plan_teacher,
     pruned_anchors,
     training_autocast,
     trial,
@@ -971,13 +971,10 @@ def _teacher(
     first block the chosen plan's distillation trains (the student starts there), and computes as the
     steps do (``lorp.distill.training_autocast``); the second in the model's own precision."""
     batch_size = spec.calibration.batch_size
-    first = first_trained_block(
-        len(decoder_blocks(model)), choice.chosen.pruned_layers, [fit.anchor for fit in choice.fits]
-    )
     return (
-        dense_finals(
-            model, data.training_windows, batch_size, stages.should_cancel, entering_block=first,
-            autocast=training_autocast(model),
+        plan_teacher(
+            model, data.training_windows, batch_size, choice.chosen.pruned_layers, [fit.anchor for fit in choice.fits],
+            autocast=training_autocast(model), should_cancel=stages.should_cancel,
         ),
         dense_finals(model, data.validation, batch_size, stages.should_cancel),
     )  # fmt: skip

@@ -51,7 +51,7 @@ from lorp.distill import (  # noqa: E402
     SCOPES,
     dense_finals,
     distill,
-    first_trained_block,
+    plan_teacher,
     pruned_anchors,
     training_autocast,
     windows_to_read,
@@ -113,11 +113,11 @@ def distilled_copy(
     removed = sorted(choice.chosen.pruned_layers)
     # The teacher on the training windows, as a job runs it for its plan: timed with the distillation.
     started = time.perf_counter()
-    first = first_trained_block(len(decoder_blocks(model)), removed, [fit.anchor for fit in choice.fits], scope)
     autocast = training_autocast(model) if args.precision == "auto" else None
-    train_teacher = dense_finals(
-        model, data.training_windows, args.batch_size, None, entering_block=first, autocast=autocast
-    )
+    train_teacher = plan_teacher(
+        model, data.training_windows, args.batch_size, removed, [fit.anchor for fit in choice.fits], scope=scope,
+        autocast=autocast,
+    )  # fmt: skip
     print(f"teacher: {data.training_windows.num_windows} training windows, {time.perf_counter() - started:.1f} s")
     remove_blocks(pruned, removed)
     anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)

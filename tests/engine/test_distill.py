@@ -36,6 +36,7 @@ from lorp.distill import (
     first_trained_block,
     loss_positions,
     native_bfloat16,
+    plan_teacher,
     training_autocast,
     windows_to_read,
 )
@@ -194,7 +195,7 @@ def test_a_teacher_that_kept_the_states_entering_the_first_trained_block_spares_
     blocks would give: the distillation starting from them learns what it learns from its own."""
     model = tiny_llama(6)
     first = first_trained_block(6, [2, 3], [1], "tail")
-    kept = dense_finals(model, TRAIN, 4, None, entering_block=first)
+    kept = plan_teacher(model, TRAIN, 4, [2, 3], [1], scope="tail")  # the plan's teacher, as a job takes it
     plain = dense_finals(model, TRAIN, 4, None)
     assert first == 1 and kept.entering_block == 1 and not plain.entering
     for mine, theirs in zip(kept.finals, plain.finals, strict=True):
