@@ -8,7 +8,7 @@ calibration and validation windows, the adapters trained on the calibration wind
 guard), and distilled block-locally as a sequential job does (``lorp.local_distill``, each cut's anchor
 toward the dense span's output, same steps per anchor and learning rate, same guard). On the same
 held-out windows of the built-in evaluation text: perplexity, mean KL(dense || pruned) and top-1
-agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for auto at the
+agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for each method at the
 ``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows,
 measured right before each budget's runs (the machine is shared). Each method's plans get a section of
 docs/benchmarks.md of their own (``benchdoc.distill_heading``), so ``--methods search`` alone records
@@ -146,7 +146,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
     autocast = training_autocast(measure.model) if args.precision == "auto" else None
     precision = "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
     task = ""
-    if method == "auto" and args.limit and dense_acc is not None:
+    if args.limit and dense_acc is not None:
         task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
     heading = (
         f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 shipped = pruned if summary.shipped == "distill" else None
                 figures = measure.held_out(pruned) if shipped is not None else cells["linear"]
-                accuracy = measure.accuracy(pruned) if method == "auto" and n in args.task_budgets else None
+                accuracy = measure.accuracy(pruned) if n in args.task_budgets else None
                 fits, local, local_s = distilled_locally(
                     model, healed, data, args, args.local_steps, args.local_learning_rate
                 )
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shipped": local.shipped,
                 "distill_cost": local_s / capture_s,
             }
-            if method == "auto" and n in args.task_budgets:
+            if n in args.task_budgets:
                 cells["none"]["acc"] = measure.accuracy(model, plain.chosen.pruned_layers)
                 cells["linear"]["acc"] = measure.accuracy(model, healed.chosen.pruned_layers, healed.fits)
                 cells["distill"]["acc"] = accuracy if accuracy is not None else cells["linear"]["acc"]
