@@ -14,7 +14,7 @@ measured right before each budget's runs (the machine is shared). Each method's 
 docs/benchmarks.md of their own (``benchdoc.distill_heading``), so ``--methods search`` alone records
 search's plans and leaves auto's section as it was.
 
-    python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64]
+    python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.25]
 
 ``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once per setting and
 prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
@@ -45,6 +45,7 @@ from lorp import calibration as cal  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
 from lorp.distill import (  # noqa: E402
+    CE_WEIGHT,
     DEFAULT_SCOPE,
     LEARNING_RATE,
     RANK,
@@ -124,7 +125,7 @@ def distilled_copy(
     summary = distill(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
-        positions=positions, autocast=autocast,
+        positions=positions, autocast=autocast, ce_weight=args.ce_weight,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -146,13 +147,15 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
     autocast = training_autocast(measure.model) if args.precision == "auto" else None
     precision = "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
     task = ""
+    ce_flag = f" --ce-weight {args.ce_weight:g}" if args.ce_weight else ""
+    loss = f", loss KL + {args.ce_weight:g} x cross-entropy on the training text" if args.ce_weight else ""
     if args.limit and dense_acc is not None:
         task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
     heading = (
         f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
         f"--methods {' '.join(args.methods)} --limit {args.limit} "
         f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
-        f"--local-steps {args.local_steps}` ({platform.machine()}, CPU float32, torch {torch.__version__}; "
+        f"--local-steps {args.local_steps}{ce_flag}` ({platform.machine()}, CPU float32, torch {torch.__version__}; "
         f"distillation's training passes in {precision}). "
         f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
         f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
@@ -161,7 +164,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
         f"{measure.dense_ppl:.2f}){task}. Distillation: "
         f"{args.steps} steps of {args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on "
-        f"{args.scope} kept blocks; block-local: {args.local_steps} steps per anchor, learning rate "
+        f"{args.scope} kept blocks{loss}; block-local: {args.local_steps} steps per anchor, learning rate "
         f"{args.local_learning_rate:g}."
     )
     section = [
@@ -225,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_HEAL_STEPS, help="block-local, per anchor")
     parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
     parser.add_argument("--scope", default=DEFAULT_SCOPE, choices=list(SCOPES))
+    parser.add_argument(
+        "--ce-weight", type=float, default=CE_WEIGHT,
+        help="the student's cross-entropy on the training text beside the KL (lorp.distill.CE_WEIGHT)",
+    )  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=CalibrationSpec().num_samples)  # a job's default
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=CalibrationSpec().batch_size)

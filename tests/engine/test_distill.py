@@ -42,6 +42,7 @@ from lorp.distill import (
 )
 from lorp.divergence import next_token_valid
 from lorp.errors import InvalidRequestError, JobCancelled
+from lorp.evaluation import negative_log_likelihood
 from lorp.execution import Runner
 from lorp.pipeline import run_prune, validate
 from lorp.spec import SelectionOptions
@@ -84,6 +85,22 @@ def test_no_steps_ship_the_linear_heal_unchanged() -> None:
     assert summary.shipped == "linear" and summary.reason == "options.heal_steps is 0"
     assert summary.distilled_perplexity is None and summary.linear_perplexity > 1
     assert _equal(_weights(model), before)
+
+
+def test_a_cross_entropy_term_adds_the_students_own_loss_on_the_text_to_the_kl() -> None:
+    """``ce_weight``: the first step (adapters at zero, so the student is the linear heal) reads every
+    training window and its loss is the KL plus the weight times the pruned model's mean negative
+    log-likelihood of the windows' next tokens; the training then differs from the KL's alone."""
+    model, teacher = _pruned()
+    nll, tokens = negative_log_likelihood(model, TRAIN, batch_size=8)
+    before = _weights(model)
+    kl_only = _run(model, teacher, steps=2, batch_size=8)
+    kl_weights = _weights(model)
+    model.load_state_dict(before)
+    mixed = _run(model, teacher, steps=2, batch_size=8, ce_weight=0.5)
+    assert (kl_only.loss, mixed.loss, mixed.ce_weight) == ("kl", "kl+ce", 0.5)
+    assert mixed.first_loss == pytest.approx(kl_only.first_loss + 0.5 * nll / tokens, rel=1e-4)
+    assert not _equal(_weights(model), kl_weights)
 
 
 def test_a_harmful_learning_rate_is_caught_by_the_validation_guard() -> None:
