@@ -14,7 +14,7 @@ measured right before each budget's runs (the machine is shared). Each method's 
 docs/benchmarks.md of their own (``benchdoc.distill_heading``), so ``--methods search`` alone records
 search's plans and leaves auto's section as it was.
 
-    python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.25]
+    python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.3]
 
 ``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once per setting and
 prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
