@@ -16,11 +16,12 @@ search's plans and leaves auto's section as it was.
 
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.3]
 
-``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once per setting and
-prints held-out figures only (how the defaults in lorp.options / lorp.distill / lorp.local_distill
-were chosen); nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident distillation's
-adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor), ``local+all``
-(block-local at its defaults, then resident distillation of STEPS from there).
+``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once
+per setting and prints held-out figures only (how the defaults in lorp.options / lorp.distill /
+lorp.local_distill were chosen), and ``lorp_cloze``'s accuracy where ``--limit`` is not 0; nothing is
+written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident distillation's adapters, ``lorp.distill.SCOPES``),
+``local`` (block-local, STEPS per anchor), ``local+all`` (block-local at its defaults, then resident
+distillation of STEPS from there). ``--seed`` seeds the distillations (adapters, window order).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def distilled_copy(
     summary = distill(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
-        positions=positions, autocast=autocast, ce_weight=args.ce_weight,
+        positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -136,7 +137,7 @@ def distilled_locally(model, choice, data, args, steps, learning_rate):
     started = time.perf_counter()
     summary, shipped = distill_locally(
         Runner(model), data.capture, data.validation, removed=choice.chosen.pruned_layers, fits=choice.fits,
-        steps=steps, batch_size=args.batch_size, learning_rate=learning_rate,
+        steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, seed=args.seed,
     )  # fmt: skip
     return shipped, summary, time.perf_counter() - started
 
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=DEFAULT_LOCAL_HEAL_STEPS, help="block-local, per anchor")
     parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
     parser.add_argument("--scope", default=DEFAULT_SCOPE, choices=list(SCOPES))
+    parser.add_argument("--seed", type=int, default=0, help="the distillations' seed (adapters, window order)")
     parser.add_argument(
         "--ce-weight", type=float, default=CE_WEIGHT,
         help="the student's cross-entropy on the training text beside the KL (lorp.distill.CE_WEIGHT)",
@@ -288,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         choice, _ = job(stats, heal_cache, "auto", "linear", n)
         linear = measure.held_out(model, choice.chosen.pruned_layers, choice.fits)
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
+        if args.limit:
+            print(f"{TASK_NAME} accuracy: dense {measure.accuracy(model)}", flush=True)
         for setting in args.explore:
             steps, lr, scope, *rest = setting.split(":")
             if scope == "local":
                 shipped, summary, seconds = distilled_locally(model, choice, data, args, int(steps), float(lr))
                 got = measure.held_out(model, choice.chosen.pruned_layers, shipped)
+                accuracy = measure.accuracy(model, choice.chosen.pruned_layers, shipped)
             elif scope == "local+all":  # block-local at its defaults first, then the whole model from there
                 shipped, _, first_s = distilled_locally(
                     model, choice, data, args, args.local_steps, args.local_learning_rate
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 seconds += first_s
                 got = measure.held_out(pruned)
+                accuracy = measure.accuracy(pruned)
                 del pruned
             else:
                 rank = int(rest[0]) if rest else RANK
@@ -310,12 +316,14 @@ def main(argv: list[str] | None = None) -> int:
                     model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions
                 )
                 got = measure.held_out(pruned)
+                accuracy = measure.accuracy(pruned)
                 del pruned
             print(
                 f"{setting}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
                 f"{summary.distilled_perplexity:.3f}, KL {summary.linear_kl:.4f} -> {summary.distilled_kl:.4f}, "
                 f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, {seconds:.0f} s = "
-                f"{seconds / capture_s:.1f} x capture, shipped {summary.shipped}",
+                f"{seconds / capture_s:.1f} x capture, shipped {summary.shipped}"
+                + (f", {TASK_NAME} accuracy {accuracy}" if accuracy is not None else ""),
                 flush=True,
             )
         return 0
