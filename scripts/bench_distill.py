@@ -148,7 +148,8 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
     autocast = training_autocast(measure.model) if args.precision == "auto" else None
     precision = "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
     task = ""
-    ce_flag = f" --ce-weight {args.ce_weight:g}" if args.ce_weight else ""
+    flags = f" --ce-weight {args.ce_weight:g}" if args.ce_weight else ""
+    flags += f" --seed {args.seed}" if args.seed else ""
     loss = f", loss KL + {args.ce_weight:g} x cross-entropy on the training text" if args.ce_weight else ""
     if args.limit and dense_acc is not None:
         task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
@@ -156,7 +157,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         f"Recorded {started_at} by `python scripts/bench_distill.py --budgets {' '.join(map(str, args.budgets))} "
         f"--methods {' '.join(args.methods)} --limit {args.limit} "
         f"--task-budgets {' '.join(map(str, args.task_budgets))} --steps {args.steps} "
-        f"--local-steps {args.local_steps}{ce_flag}` ({platform.machine()}, CPU float32, torch {torch.__version__}; "
+        f"--local-steps {args.local_steps}{flags}` ({platform.machine()}, CPU float32, torch {torch.__version__}; "
         f"distillation's training passes in {precision}). "
         f"Demo model ({n_blocks} blocks); calibration {args.num_samples} x {args.seq_len} built-in tokens "
         f"(distillation trains on {data.training_windows.num_windows} windows of the same text, these and more, "
