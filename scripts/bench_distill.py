@@ -295,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{TASK_NAME} accuracy: dense {measure.accuracy(model)}", flush=True)
         for setting in args.explore:
             steps, lr, scope, *rest = setting.split(":")
+            # What is measured: the dense model with the plan cut and its fits folded, or a distilled copy.
             if scope == "local":
                 shipped, summary, seconds = distilled_locally(model, choice, data, args, int(steps), float(lr))
-                got = measure.held_out(model, choice.chosen.pruned_layers, shipped)
-                accuracy = measure.accuracy(model, choice.chosen.pruned_layers, shipped)
+                measured = (model, choice.chosen.pruned_layers, shipped)
             elif scope == "local+all":  # block-local at its defaults first, then the whole model from there
                 shipped, _, first_s = distilled_locally(
                     model, choice, data, args, args.local_steps, args.local_learning_rate
@@ -307,18 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                     model, choice, data, teacher, args, int(steps), float(lr), "all", fits=shipped
                 )
                 seconds += first_s
-                got = measure.held_out(pruned)
-                accuracy = measure.accuracy(pruned)
-                del pruned
+                measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             else:
                 rank = int(rest[0]) if rest else RANK
                 positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
                     model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions
                 )
-                got = measure.held_out(pruned)
-                accuracy = measure.accuracy(pruned)
-                del pruned
+                measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
+            got = measure.held_out(*measured)
+            accuracy = measure.accuracy(*measured)
+            del measured
             print(
                 f"{setting}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
                 f"{summary.distilled_perplexity:.3f}, KL {summary.linear_kl:.4f} -> {summary.distilled_kl:.4f}, "
