@@ -377,8 +377,10 @@ def _distill_line(distill: dict[str, Any]) -> str:
         if after is not None
         else ""
     )
+    warm = f" (each cut's anchor first {distill['warm_steps']} steps alone)" if distill.get("warm_steps") else ""
     return (
-        f"distilled       {distill['steps']} steps, {distill['tokens']} tokens, {distill['seconds']:.1f} s: {scores}"
+        f"distilled       {distill['steps']} steps{warm}, {distill['tokens']} tokens, {distill['seconds']:.1f} s: "
+        f"{scores}"
         f"{distill['shipped']} shipped ({distill['reason']})"
     )
 

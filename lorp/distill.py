@@ -9,15 +9,19 @@ model's next-token distributions on the calibration windows, merged into the wei
   (:data:`SCOPES`): the loss is the mean over counted positions of KL(dense || pruned), the measure the
   job reports (``lorp.divergence``). Each step is one batch of windows, in an order drawn from the
   seed, through the blocks together and through the head and the loss a window at a time; adapters
-  start as zero updates, so no step is the linear heal exactly.
+  start as zero updates.
+- The steps start from the linear heal with each healed cut's anchor block first trained alone toward
+  the dense span's output (:data:`WARM_STEPS`, ``lorp.anchor_training``), on the dense states the
+  teacher's pass kept around the cut on the first windows (:func:`plan_teacher`): a head start no step
+  of the whole model finds as cheaply.
 - Where the model computes in float32 on a device with native bfloat16 arithmetic (an AMX or
   AVX512-BF16 CPU, a CUDA GPU that has it), the teacher's pass over the training windows and every step
   run under bfloat16 autocast (:func:`training_autocast`): the adapters and their optimiser stay in
   float32, and the validation passes that decide what ships stay in the model's own precision.
 - The validation windows decide what ships (never the held-out text, never the training windows):
   the distilled model only where it scores better than the linear heal it started from, by the job's
-  selection metric; otherwise the adapters are dropped unmerged and the model is the linear heal, bit
-  for bit. :class:`DistillSummary` says which shipped and why.
+  selection metric; otherwise the adapters are dropped unmerged, the anchors put back, and the model is
+  the linear heal, bit for bit. :class:`DistillSummary` says which shipped and why.
 
 Resident only: a backward pass needs the blocks it runs held with their activations. Sequential
 execution distils block-locally instead (``lorp.local_distill``).
@@ -26,6 +30,7 @@ execution distils block-locally instead (``lorp.local_distill``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 import warnings
@@ -35,21 +40,22 @@ from typing import Any, Literal
 
 import torch
 
+from lorp.anchor_training import ALPHA, linear_layers, train_anchor
 from lorp.blocks import decoder_blocks, input_device, pruned_view
 from lorp.calibration import TokenWindows
-from lorp.divergence import DenseFinals, Divergence, next_token_valid, position_kl
+from lorp.divergence import CutStates, DenseFinals, Divergence, next_token_valid, position_kl
 from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood
 from lorp.execution import Runner, folded
 from lorp.execution.healed import FoldedMap
-from lorp.options import DEFAULT_HEAL_STEPS, SelectionMetric
+from lorp.heal import contiguous_spans
+from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, SelectionMetric
 
 LEARNING_RATE = 5e-3
 RANK = 32
 """The adapters' rank. On fresh windows more rank keeps paying: at 8 of 30 blocks on the demo model,
 100 steps at ranks 8, 16, 32 and 64 reach held-out perplexities of 22.22, 21.95, 21.78 and 21.69 for
 about the same time (the adapters' products are small beside the blocks'; docs/benchmarks.md)."""
-ALPHA = 16
 Scope = Literal["all", "tail", "cuts"]
 SCOPES: tuple[Scope, ...] = ("all", "tail", "cuts")
 """Which kept blocks get adapters: every one; every one from the first cut's anchor on (the blocks
@@ -65,6 +71,18 @@ At 8 of 30 blocks on the demo model, 100 steps reach a held-out perplexity of 21
 20.81 / 20.62 at weights 0 / 0.2 / 0.3 / 0.5 / 1.0 with mean KL 0.462 / 0.464 / 0.466 / 0.474 / 0.494:
 the term pulls the student toward the text and away from the dense model, and at 4 blocks weight 0.3
 takes the built-in task from 0.550 to 0.535 while the perplexity falls (docs/benchmarks.md)."""
+WARM_STEPS = DEFAULT_LOCAL_HEAL_STEPS
+"""Steps each healed cut's anchor block trains toward the dense span's output (``lorp.anchor_training``,
+block-local distillation's defaults) before the whole model's steps start; 0 starts them from the linear
+heal. At 8 of 30 blocks on the demo model this start takes 100 steps from a held-out perplexity of 21.78
+/ mean KL 0.462 to 21.36 / 0.447 (docs/benchmarks.md)."""
+WARM_WINDOWS = 64
+"""The training windows (the first ones: the capture's) whose dense states around each cut the teacher's
+pass keeps for the anchors' start: two states per cut and token, at most :data:`WARM_STATE_BYTES` in all
+(fewer windows where they would be more)."""
+WARM_STATE_BYTES = 2 * 1024**3
+"""The most host memory the states kept for the anchors' start take (float32 counted): 75 MB on the demo
+model at 64 windows of 256 tokens; a model of width 8,192 on 2,048-token windows keeps 16 windows a cut."""
 READS_PER_WINDOW = 1
 """How many times a distillation reads each training window, at most where the calibration text has
 enough: a job draws ``steps x batch_size / READS_PER_WINDOW`` windows (:func:`windows_to_read`), the
@@ -108,6 +126,9 @@ class DistillSummary:
     precision: str = "float32"
     """What the training passes computed in: ``bfloat16`` under autocast (:func:`training_autocast`), else
     the model's own dtype."""
+    warm_steps: int = 0
+    """Steps each healed cut's anchor block trained toward the dense span's output before the whole
+    model's steps (:data:`WARM_STEPS`; whole-model distillation only)."""
     windows: int = 0
     """The distinct windows trained on: :func:`windows_to_read` of the steps where the calibration text
     has them, fewer where it ran out; the capture's where those are more."""
@@ -163,17 +184,43 @@ def dense_finals(
     student would otherwise run once more on every window. ``autocast``: the dtype the pass computes in
     (the training windows' teacher, :func:`training_autocast`); None for the model's own (the validation
     windows', which decide what ships)."""
+    return _dense_pass(model, windows, batch_size, should_cancel, entering_block, autocast)[0]
+
+
+def _dense_pass(
+    model: Any,
+    windows: TokenWindows,
+    batch_size: int,
+    should_cancel: Callable[[], bool] | None,
+    entering_block: int = 0,
+    autocast: torch.dtype | None = None,
+    keep_at: Sequence[int] = (),
+    keep_windows: int = 0,
+) -> tuple[DenseFinals, dict[int, list[torch.Tensor]]]:
+    """:func:`dense_finals`, and beside them, by block, the states entering each block of ``keep_at`` (the
+    number of blocks: the states leaving the last) on the batches of the first ``keep_windows`` windows."""
     runner = Runner(model)
     finals = DenseFinals(entering_block=entering_block)
+    kept: dict[int, list[torch.Tensor]] = {block: [] for block in keep_at}
     batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="distilling")
+    seen = 0
+
+    def keep(_: int, block: int, state: torch.Tensor) -> None:
+        if block in kept:
+            kept[block].append(state.detach().to("cpu"))
+
     with torch.inference_mode(), _autocast(model, autocast):
         for group in runner.groups(batches):
-            states = runner.run_all(group, stop=entering_block) if entering_block else None
+            wanted = keep if seen < keep_windows else None
+            states = runner.run_all(group, stop=entering_block, on_input=wanted) if entering_block else None
             if states is not None:
                 finals.entering += [state.detach().to("cpu") for state in states]
-            for final in runner.run_all(group, start=entering_block, states=states):
+            for final in runner.run_all(group, start=entering_block, states=states, on_input=wanted):
                 finals.keep(final)
-    return finals
+                if wanted is not None and runner.num_blocks in kept:
+                    kept[runner.num_blocks].append(finals.finals[-1])
+            seen += sum(batch.num_windows for batch in group)
+    return finals, kept
 
 
 def first_trained_block(
@@ -197,14 +244,34 @@ def plan_teacher(
     *,
     scope: Scope = DEFAULT_SCOPE,
     autocast: torch.dtype | None = None,
+    warm_windows: int = WARM_WINDOWS,
     should_cancel: Callable[[], bool] | None = None,
 ) -> DenseFinals:
     """The teacher for distilling one plan (``removed``, each cut's ``anchors`` in dense numbering) on the
-    training ``windows``: the dense ``model``'s final states, and the states entering the first block the
-    plan's student trains (:func:`first_trained_block`), computed as the steps compute (``autocast``,
-    :func:`training_autocast` in a job)."""
-    first = first_trained_block(len(decoder_blocks(model)), removed, anchors, scope)
-    return dense_finals(model, windows, batch_size, should_cancel, entering_block=first, autocast=autocast)
+    training ``windows``: the dense ``model``'s final states, the states entering the first block the
+    plan's student trains (:func:`first_trained_block`), and around each healed cut the states entering
+    its anchor and leaving its span on the first ``warm_windows`` windows (the anchor's warm start,
+    :func:`distill`), computed as the steps compute (``autocast``, :func:`training_autocast` in a job)."""
+    num_blocks = len(decoder_blocks(model))
+    gone = sorted(int(b) for b in removed)
+    first = first_trained_block(num_blocks, gone, anchors, scope)
+    spans = [(start - 1, end) for start, end in contiguous_spans(gone) if start - 1 in set(anchors)]
+    keep_at = sorted({block for span in spans for block in span}) if warm_windows else []
+    if keep_at:  # within the memory bound, at least one batch
+        width = int(model.get_input_embeddings().embedding_dim)
+        per_window = len(keep_at) * windows.input_ids.shape[1] * width * 4
+        warm_windows = max(1, min(warm_windows, WARM_STATE_BYTES // per_window))
+    finals, kept = _dense_pass(
+        model, windows, batch_size, should_cancel, entering_block=first, autocast=autocast, keep_at=keep_at,
+        keep_windows=warm_windows,
+    )  # fmt: skip
+    finals.plan = tuple(gone)
+    finals.cuts = [
+        CutStates(pruned_anchors([anchor], gone)[0], kept[anchor], kept[end])
+        for anchor, end in spans
+        if kept.get(anchor)
+    ]
+    return finals
 
 
 def _validation(model: Any, windows: TokenWindows, finals: DenseFinals, batch_size: int) -> tuple[float, float]:
@@ -239,15 +306,6 @@ def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]
     if scope == "tail":
         return list(range(max(0, min(anchors)), num_kept))
     return sorted({b for a in anchors for b in (a, a + 1) if 0 <= b < num_kept})
-
-
-def linear_layers(block: torch.nn.Module) -> list[str]:
-    """Names inside ``block`` of its linear layers (``nn.Linear``, GPT-2's ``Conv1D``): what gets adapters."""
-    return [
-        name
-        for name, sub in block.named_modules()
-        if name and (isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D")
-    ]
 
 
 def _target_modules(model: Any, blocks: list[int]) -> list[str]:
@@ -293,6 +351,7 @@ def distill(
     positions: int | None = None,
     autocast: torch.dtype | None = None,
     ce_weight: float = CE_WEIGHT,
+    warm_steps: int = WARM_STEPS,
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     merge: bool = True,
@@ -315,6 +374,9 @@ def distill(
             The validation passes that decide what ships always run in the model's own.
         ce_weight: the weight of the student's cross-entropy on the windows' next tokens beside the KL
             (:data:`CE_WEIGHT`); 0 learns the KL alone.
+        warm_steps: steps each cut's anchor block first trains toward the dense span's output, on the
+            states the teacher kept around the cut (``train_finals.cuts``, :func:`plan_teacher`); none
+            where it kept none. Where the linear heal ships, the anchors are put back as they were.
         merge: False measures only: the adapters are dropped whichever way the guard decides, and the
             model is left as it came (:func:`trial`).
     """
@@ -333,24 +395,32 @@ def distill(
         return dataclasses.replace(base, seconds=time.perf_counter() - started)
     from peft import LoraConfig, get_peft_model  # the worker's dependency, imported where it is used
 
+    warm = train_finals.cuts if warm_steps else []
+    warmed = _warm_start(model, train, warm, warm_steps, seed, should_cancel)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=_target_modules(model, blocks))
         with warnings.catch_warnings():  # peft asks transformers a question v5 renamed; nothing of ours
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             wrapped = get_peft_model(model, config)
-    losses, tokens = _train(
-        model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
-        autocast, ce_weight, should_cancel, progress,
-    )  # fmt: skip
+    try:
+        losses, tokens = _train(
+            model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
+            autocast, ce_weight, should_cancel, progress,
+        )  # fmt: skip
+    except BaseException:
+        _put_back(warmed)
+        raise
     distilled_ppl, distilled_kl = _validation(model, validation, validation_finals, batch_size)
     before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
     better = math.isfinite(after) and after < before
     what = "validation perplexity" if metric == "perplexity" else "validation KL"
     if better and merge:
         wrapped.merge_and_unload()
-    else:  # the adapters dropped unmerged: the linear heal as it was
+    else:  # the adapters dropped unmerged and the anchors put back: the linear heal as it was
         wrapped.unload()
+        _put_back(warmed)
     if better:
         reason = f"distillation lowered the {what} from {before:.4g} to {after:.4g}"
     else:
@@ -361,8 +431,60 @@ def distill(
     return dataclasses.replace(
         base, steps=steps, tokens=tokens, seconds=time.perf_counter() - started, distilled_perplexity=distilled_ppl,
         distilled_kl=distilled_kl, first_loss=losses[0], last_loss=losses[-1],
-        shipped="distill" if better else "linear", reason=reason,
+        shipped="distill" if better else "linear", reason=reason, warm_steps=warm_steps if warm else 0,
     )  # fmt: skip
+
+
+def _warm_start(
+    model: Any,
+    train: TokenWindows,
+    cuts: Sequence[CutStates],
+    steps: int,
+    seed: int,
+    should_cancel: Callable[[], bool] | None,
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Each cut's anchor block (pruned numbering) trained ``steps`` toward the dense span's output from the
+    dense state entering it, on the first windows (``cuts``: the states the teacher kept), in depth
+    order; its linear weights replaced by the trained ones in place. Returns each replaced parameter with
+    its values as they were (:func:`_put_back`; the parameters stay the same objects under peft)."""
+    if not cuts or steps == 0:
+        return []
+    runner = Runner(model)
+    ends = list(itertools.accumulate(state.shape[0] for state in cuts[0].entering))  # the teacher's batches
+    batches = [
+        runner.batch(train.input_ids[begin:end], train.attention_mask[begin:end])
+        for begin, end in zip([0, *ends], ends, strict=False)
+    ]
+    blocks = decoder_blocks(model)
+
+    def step_done() -> None:
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("the job was cancelled while distilling the pruned model")
+
+    originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        for cut in cuts:
+            block = blocks[cut.anchor]
+            trained = train_anchor(
+                block, cut.anchor, batches, cut.entering, cut.leaving, steps=steps, seed=seed,
+                device=runner.device, keep=runner.device, step_done=step_done,
+            )  # fmt: skip
+            for name, weight in trained.weights.items():
+                target = block.get_parameter(name)
+                originals.append((target, target.detach().clone()))
+                with torch.no_grad():
+                    target.copy_(weight)
+    except BaseException:  # a cancel: the anchors trained so far put back
+        _put_back(originals)
+        raise
+    return originals
+
+
+def _put_back(originals: Sequence[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """The weights :func:`_warm_start` replaced, as they were (the first cut's first)."""
+    with torch.no_grad():
+        for parameter, values in reversed(originals):
+            parameter.copy_(values)
 
 
 def trial(
@@ -385,6 +507,8 @@ def trial(
     )
     if train_finals.entering and train_finals.entering_block != first:  # kept for another plan's student
         train_finals = dataclasses.replace(train_finals, entering=[], entering_block=0)
+    if train_finals.cuts and train_finals.plan != tuple(removed):  # around another plan's cuts
+        train_finals = dataclasses.replace(train_finals, cuts=[])
     with folded(model, fits), pruned_view(model, removed):
         anchors = pruned_anchors([fit.anchor for fit in fits], removed)
         return distill(

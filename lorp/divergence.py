@@ -92,6 +92,17 @@ def position_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> t
     return result
 
 
+@dataclass(frozen=True)
+class CutStates:
+    """The dense states around one cut on a distillation's first windows, per batch: ``entering`` its
+    anchor block (the kept block before the removed span; ``anchor`` is its index in the pruned model)
+    and ``leaving`` the span (entering the first block after it, or leaving the last block)."""
+
+    anchor: int
+    entering: list[torch.Tensor]
+    leaving: list[torch.Tensor]
+
+
 @dataclass
 class DenseFinals:
     """The dense model's states leaving its last block, per evaluation batch, kept on the host by the
@@ -102,6 +113,12 @@ class DenseFinals:
     """Where the pass was asked for them (a distillation's teacher, ``lorp.distill.dense_finals``): the
     states entering block :attr:`entering_block`, per batch, which the student's frozen blocks give too."""
     entering_block: int = 0
+    cuts: list[CutStates] = field(default_factory=list)
+    """Where the pass was asked for them (a distillation's teacher, ``lorp.distill.plan_teacher``): for each
+    healed cut of the plan, the dense states entering its anchor and leaving its span on the first
+    windows, from which the anchor learns what the span did before the whole model's steps."""
+    plan: tuple[int, ...] = ()
+    """The removed blocks of the plan :attr:`entering_block` and :attr:`cuts` were kept for."""
 
     def keep(self, final: torch.Tensor) -> None:
         self.finals.append(final.detach().to("cpu"))

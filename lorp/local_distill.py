@@ -23,19 +23,18 @@ than the linear heal by the job's selection metric; otherwise the fits ship as t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from lorp.anchor_training import LOCAL_LEARNING_RATE, LOCAL_RANK, TrainedAnchor, train_anchor
 from lorp.blocks import block_layout
 from lorp.calibration import TokenWindows
-from lorp.distill import ALPHA, DistillSummary, linear_layers, pruned_anchors
+from lorp.distill import DistillSummary, pruned_anchors
 from lorp.divergence import Divergence
 from lorp.errors import JobCancelled
 from lorp.evaluation import mean_to_perplexity, state_nll
@@ -43,9 +42,6 @@ from lorp.execution import Batch, Runner
 from lorp.execution.healed import FoldedMap, TrainedFold
 from lorp.heal import contiguous_spans
 from lorp.options import DEFAULT_LOCAL_HEAL_STEPS, SelectionMetric
-
-LOCAL_LEARNING_RATE = 1e-2  # chosen with bench_distill.py --explore (docs/benchmarks.md)
-LOCAL_RANK = 8  # the block-local adapters' rank, measured at it (whole-model distillation: lorp.distill.RANK)
 
 
 def _run(
@@ -71,95 +67,6 @@ def _scores(
             part, count = state_nll(runner, batch, final, dense=teacher, divergence=divergence)
             nll, tokens = nll + part, tokens + count
     return mean_to_perplexity(nll, tokens), divergence.summary()["kl_mean"]
-
-
-def _token_scale(entering: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per real token, what its squared error is divided by: what the anchor and the span add to that
-    token, ``||h_e - x_a||^2`` (floored at 1e-6 of the mean squared state, for a token they barely move).
-
-    Per token, not per batch: the states of these models carry a few dimensions, and the first token,
-    far larger than the rest (on the demo model 5 dimensions hold 99% of what a span adds, the first
-    token 79%); summed over a batch those would be nearly all the loss, and they are the part the linear
-    map already gets right (0.2% of the batch's sum left, 34% of the mean token's)."""
-    floor = 1e-6 * float(target.float().pow(2).sum(-1).mean())
-    return (target - entering).float().pow(2).sum(-1).clamp_min(floor)
-
-
-@dataclasses.dataclass
-class _Trained:
-    weights: dict[str, torch.Tensor]
-    first_loss: float
-    last_loss: float
-    tokens: int
-
-
-def _train_anchor(
-    block: torch.nn.Module,
-    index: int,
-    batches: Sequence[Batch],
-    inputs: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    *,
-    steps: int,
-    seed: int,
-    learning_rate: float,
-    rank: int,
-    device: torch.device,
-    keep: torch.device,
-    step_done: Callable[[], None],
-) -> _Trained:
-    """LoRA adapters on a copy of the (folded) anchor block ``index``, trained ``steps`` batches so that
-    it maps ``inputs`` to ``targets``; the copy's linear weights with the adapters merged, by name, on
-    ``keep`` (where the runner keeps states: the host in sequential mode)."""
-    from peft import LoraConfig, inject_adapter_in_model  # the worker's dependency, imported where it is used
-    from peft.tuners.lora import LoraLayer
-
-    student = copy.deepcopy(block)
-    for parameter in student.parameters():
-        parameter.requires_grad_(False)
-    names = linear_layers(student)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-        torch.manual_seed(seed + index)
-        config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=names)
-        inject_adapter_in_model(config, student)
-    trained = [p for p in student.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
-    # Each token's squared error relative to a per-token scale (see _token_scale), averaged over tokens.
-    scales = [
-        _token_scale(x.to(device)[b.real], t.to(device)[b.real])
-        for b, x, t in zip(batches, inputs, targets, strict=True)
-    ]
-    order = torch.Generator().manual_seed(seed + index)
-    queue: list[int] = []
-    losses: list[float] = []
-    tokens = 0
-    student.train(False)
-    for _ in range(steps):
-        if not queue:
-            queue = torch.randperm(len(batches), generator=order).tolist()
-        b = queue.pop()
-        batch = batches[b]
-        with torch.enable_grad():
-            out = batch.calls[index](student, inputs[b].to(device))
-            error = (out - targets[b].to(device))[batch.real]
-            loss = (error.float().pow(2).sum(-1) / scales[b]).mean()
-            loss.backward()
-        optimiser.step()
-        schedule.step()
-        optimiser.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        tokens += batch.real_count
-        step_done()
-    weights: dict[str, torch.Tensor] = {}
-    for name in names:
-        layer = student.get_submodule(name)
-        if isinstance(layer, LoraLayer):
-            layer.merge()
-            base: Any = layer.get_base_layer()
-            weights[f"{name}.weight"] = base.weight.detach().to(keep)
-    return _Trained(weights, losses[0], losses[-1], tokens)
 
 
 @dataclasses.dataclass
@@ -188,7 +95,7 @@ class _LocalPass:
     ) -> None:
         self.runner, self.train, self.validation, self.tick = runner, train, validation, tick
         self.streams = _Streams.entering(train, validation)
-        self.trained: list[_Trained] = []
+        self.trained: list[TrainedAnchor] = []
         self.shipped: dict[int, TrainedFold] = {}
 
     def _student(self, block: torch.nn.Module, index: int, *, linear: bool = True) -> None:
@@ -221,7 +128,7 @@ class _LocalPass:
                 if steps == 0:
                     self._student(block, anchor, linear=False)
                     return
-                learned = _train_anchor(
+                learned = train_anchor(
                     block, anchor, self.train, s.student, s.dense, steps=steps, device=r.device,
                     keep=r.state_device, step_done=self.tick, **training,
                 )  # fmt: skip

@@ -43,6 +43,7 @@ from benchdemo import demo_calibration, demo_model  # noqa: E402
 from benchdoc import distill_heading, replace_section  # noqa: E402
 
 from lorp import calibration as cal  # noqa: E402
+from lorp.anchor_training import LOCAL_LEARNING_RATE  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
 from lorp.distill import (  # noqa: E402
@@ -51,6 +52,8 @@ from lorp.distill import (  # noqa: E402
     LEARNING_RATE,
     RANK,
     SCOPES,
+    WARM_STEPS,
+    WARM_WINDOWS,
     dense_finals,
     distill,
     plan_teacher,
@@ -63,7 +66,7 @@ from lorp.downstream import run_tasks  # noqa: E402
 from lorp.evaluation import mean_to_perplexity, negative_log_likelihood  # noqa: E402
 from lorp.execution import Runner, folded  # noqa: E402
 from lorp.execution.healed import put_weights, trained_weights  # noqa: E402
-from lorp.local_distill import LOCAL_LEARNING_RATE, distill_locally  # noqa: E402
+from lorp.local_distill import distill_locally  # noqa: E402
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import apply_fits  # noqa: E402
@@ -126,7 +129,7 @@ def distilled_copy(
     summary = distill(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
-        positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed,
+        positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed, warm_steps=args.warm_steps,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -150,6 +153,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
     task = ""
     flags = f" --ce-weight {args.ce_weight:g}" if args.ce_weight else ""
     flags += f" --seed {args.seed}" if args.seed else ""
+    flags += f" --warm-steps {args.warm_steps}" if args.warm_steps != WARM_STEPS else ""
     loss = f", loss KL + {args.ce_weight:g} x cross-entropy on the training text" if args.ce_weight else ""
     if args.limit and dense_acc is not None:
         task = f"; `{TASK_NAME}` accuracy on its first {args.limit} items (dense {dense_acc:.3f})"
@@ -166,7 +170,9 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         f"{args.eval_windows} x {args.eval_len} tokens of the built-in evaluation text (dense perplexity "
         f"{measure.dense_ppl:.2f}){task}. Distillation: "
         f"{args.steps} steps of {args.batch_size} windows, learning rate {args.learning_rate:g}, adapters on "
-        f"{args.scope} kept blocks{loss}; block-local: {args.local_steps} steps per anchor, learning rate "
+        f"{args.scope} kept blocks{loss}, each healed cut's anchor first trained {args.warm_steps} steps toward "
+        f"the dense span's output on the first {WARM_WINDOWS} training windows; block-local: {args.local_steps} "
+        "steps per anchor, learning rate "
         f"{args.local_learning_rate:g}."
     )
     section = [
@@ -231,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-learning-rate", type=float, default=LOCAL_LEARNING_RATE)
     parser.add_argument("--scope", default=DEFAULT_SCOPE, choices=list(SCOPES))
     parser.add_argument("--seed", type=int, default=0, help="the distillations' seed (adapters, window order)")
+    parser.add_argument(
+        "--warm-steps", type=int, default=WARM_STEPS,
+        help="steps each cut's anchor trains toward the dense span's output first (lorp.distill.WARM_STEPS)",
+    )  # fmt: skip
     parser.add_argument(
         "--ce-weight", type=float, default=CE_WEIGHT,
         help="the student's cross-entropy on the training text beside the KL (lorp.distill.CE_WEIGHT)",

@@ -4,9 +4,12 @@
   the model is the linear heal bit for bit and the summary says the linear heal shipped and why;
 - distillation lowers the validation KL it is judged by, and is deterministic for a seed; a loss on
   a few positions per window reads those positions' logits alone (the head runs on them only);
+- the plan's teacher keeps the dense states around each healed cut on the first windows, and each
+  cut's anchor trains toward them before the whole model's steps (a far lower first loss);
 - the adapters go on every kept block, on every one from the first cut on (each step runs from the
   state the frozen blocks before it give, computed once), or on the two after each cut;
-- a cancel between steps raises ``JobCancelled`` and leaves no adapter in the model;
+- a cancel between steps (the anchor's or the whole model's) raises ``JobCancelled`` and leaves the
+  model as it was, with no adapter;
 - a whole job: the distilled checkpoint reloads in transformers with its architecture unchanged and
   the logits the engine measured, its adapted weights differ from the linear job's and nothing else
   does, and it trained on the capture's windows and more of the calibration text, each read once; a
@@ -30,6 +33,7 @@ from safetensors.torch import load_file
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.distill import (
     MAX_TRAINING_WINDOWS,
+    WARM_STEPS,
     adapted_blocks,
     dense_finals,
     distill,
@@ -54,11 +58,12 @@ VALIDATION = windows(batch=4, length=24, seed=2)
 
 
 def _pruned(autocast: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
-    """A tiny model cut at blocks 2 and 3, with the dense model's final states on both window sets (on the
-    training windows computed under ``autocast``, as a job's teacher computes them)."""
+    """A tiny model cut at blocks 2 and 3 (block 1 the anchor), with the dense model's final states on both
+    window sets (on the training windows the plan's teacher, computed under ``autocast``, as a job takes
+    it: the states around the cut kept too, for the anchor's warm start)."""
     model = tiny_llama(6)
     teacher = {
-        "train_finals": dense_finals(model, TRAIN, 4, None, autocast=autocast),
+        "train_finals": plan_teacher(model, TRAIN, 4, [2, 3], [1], autocast=autocast),
         "validation_finals": dense_finals(model, VALIDATION, 4, None),
     }
     remove_blocks(model, [2, 3])
@@ -94,10 +99,10 @@ def test_a_cross_entropy_term_adds_the_students_own_loss_on_the_text_to_the_kl()
     model, teacher = _pruned()
     nll, tokens = negative_log_likelihood(model, TRAIN, batch_size=8)
     before = _weights(model)
-    kl_only = _run(model, teacher, steps=2, batch_size=8)
+    kl_only = _run(model, teacher, steps=2, batch_size=8, warm_steps=0)  # from the linear heal itself
     kl_weights = _weights(model)
     model.load_state_dict(before)
-    mixed = _run(model, teacher, steps=2, batch_size=8, ce_weight=0.5)
+    mixed = _run(model, teacher, steps=2, batch_size=8, ce_weight=0.5, warm_steps=0)
     assert (kl_only.loss, mixed.loss, mixed.ce_weight) == ("kl", "kl+ce", 0.5)
     assert mixed.first_loss == pytest.approx(kl_only.first_loss + 0.5 * nll / tokens, rel=1e-4)
     assert not _equal(_weights(model), kl_weights)
@@ -118,7 +123,7 @@ def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
     for _ in range(2):
         model, teacher = _pruned()
         before = _weights(model)
-        summary = _run(model, teacher, steps=12)
+        summary = _run(model, teacher, steps=12, warm_steps=0)  # the whole model's steps alone
         runs.append((summary, _weights(model)))
     (first, weights), (second, again) = runs
     assert first.shipped == "distill" and first.distilled_kl < first.linear_kl and first.precision == "float32"
@@ -129,6 +134,33 @@ def test_distillation_lowers_the_validation_kl_and_is_deterministic() -> None:
     assert changed and all(".layers." in k and k.endswith("proj.weight") for k in changed)  # kept blocks' linears only
     assert not any(p.requires_grad for p in model.parameters())
     assert list(model.state_dict()) == list(before)  # merged: the architecture's own parameters, no adapter
+
+
+def test_each_cuts_anchor_first_learns_the_dense_spans_output_from_the_states_the_teacher_kept() -> None:
+    """The plan's teacher keeps, on the first windows, the dense states entering each healed cut's anchor
+    and leaving its span (the last block's output where the span ends the model); the anchor trains
+    toward them before the whole model's steps, so the first step starts far closer to the dense model.
+    Deterministic for a seed, like the rest."""
+    model = tiny_llama(6)
+    teacher = plan_teacher(model, TRAIN, 4, [2, 3, 5], [1, 4], warm_windows=4)
+    assert teacher.plan == (2, 3, 5) and [cut.anchor for cut in teacher.cuts] == [1, 2]  # pruned numbering
+    runner = Runner(model)
+    (batch,) = [next(iter(runner.batches(TRAIN, 4)))]  # the first 4 windows alone
+    first, second = teacher.cuts
+    assert len(first.entering) == len(first.leaving) == len(second.leaving) == 1
+    torch.testing.assert_close(first.entering[0], runner.run(batch, stop=1))
+    torch.testing.assert_close(first.leaving[0], runner.run(batch, stop=4))
+    torch.testing.assert_close(second.entering[0], runner.run(batch, stop=4))
+    torch.testing.assert_close(second.leaving[0], teacher.finals[0])  # the span runs to the end
+
+    runs = {}
+    for name, warm_steps in (("cold", 0), ("warm", 64), ("again", 64)):
+        model, pruned_teacher = _pruned()
+        runs[name] = (_run(model, pruned_teacher, steps=4, warm_steps=warm_steps), _weights(model))
+    (cold, _), (warm, weights), (again, same) = runs["cold"], runs["warm"], runs["again"]
+    assert (cold.warm_steps, warm.warm_steps) == (0, 64) and warm.shipped == "distill"
+    assert warm.first_loss < cold.first_loss / 2 and warm.distilled_kl < cold.distilled_kl
+    assert _equal(weights, same) and warm.distilled_kl == again.distilled_kl
 
 
 def test_training_passes_compute_in_bfloat16_where_the_device_has_it_and_still_learn() -> None:
@@ -212,7 +244,8 @@ def test_a_teacher_that_kept_the_states_entering_the_first_trained_block_spares_
     blocks would give: the distillation starting from them learns what it learns from its own."""
     model = tiny_llama(6)
     first = first_trained_block(6, [2, 3], [1], "tail")
-    kept = plan_teacher(model, TRAIN, 4, [2, 3], [1], scope="tail")  # the plan's teacher, as a job takes it
+    # the plan's teacher, as a job takes it (no anchor warm start: both runs start from the linear heal)
+    kept = plan_teacher(model, TRAIN, 4, [2, 3], [1], scope="tail", warm_windows=0)
     plain = dense_finals(model, TRAIN, 4, None)
     assert first == 1 and kept.entering_block == 1 and not plain.entering
     for mine, theirs in zip(kept.finals, plain.finals, strict=True):
@@ -273,20 +306,22 @@ def test_a_loss_on_some_positions_reads_that_many_per_window_and_still_learns() 
     assert loss_positions(mask, None, order) is None
 
     model, teacher = _pruned()
-    summary = _run(model, teacher, steps=12, positions=6)
+    summary = _run(model, teacher, steps=12, positions=6, warm_steps=0)
     assert summary.tokens == 12 * 4 * 6  # 12 steps of 4 windows, 6 positions each
     assert summary.shipped == "distill" and summary.distilled_kl < summary.linear_kl
     assert summary.last_loss < summary.first_loss
 
 
-def test_a_cancel_between_steps_raises_and_leaves_no_adapter() -> None:
+@pytest.mark.parametrize("asks", [3, WARM_STEPS + 3])  # during the anchor's own steps, during the whole model's
+def test_a_cancel_between_steps_raises_and_leaves_no_adapter(asks: int) -> None:
+    """Cancel is asked before each step; the model comes back as it was, the anchor's start undone too."""
     model, teacher = _pruned()
     before = _weights(model)
     asked = []
 
     def cancel() -> bool:
         asked.append(1)
-        return len(asked) > 2
+        return len(asked) >= asks
 
     with pytest.raises(JobCancelled, match="distilling"):
         _run(model, teacher, steps=10, should_cancel=cancel)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file as safe_load
 
 from lorp.blocks import remove_blocks
 from lorp.calibration import CalibrationData, TokenWindows
+from lorp.distill import WARM_STEPS
 from lorp.execution import Runner
 from lorp.execution.staging import Stager
 from lorp.export import save_pruned, verify_reload
@@ -145,6 +146,7 @@ def test_a_bf16_job_on_cuda_distils_and_writes_what_it_measured(
     assert report.execution.mode == execution and (summary["scope"], summary["loss"]) == (scope, loss)
     assert summary["shipped"] == report.heal.method and summary["steps"] == 8
     assert summary["distilled_kl"] is not None and summary["first_loss"] > 0
+    assert summary["warm_steps"] == (WARM_STEPS if execution == "resident" else 0)  # the anchor first, resident
     if execution == "sequential":  # a block's relative error falls; the tiny model's KL is step-to-step noise
         assert summary["last_loss"] < summary["first_loss"]
     assert report.reload_check["max_abs_logit_diff"] <= 5e-2  # the written model is the one measured
