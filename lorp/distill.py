@@ -74,8 +74,8 @@ takes the built-in task from 0.550 to 0.535 while the perplexity falls (docs/ben
 WARM_STEPS = DEFAULT_LOCAL_HEAL_STEPS
 """Steps each healed cut's anchor block trains toward the dense span's output (``lorp.anchor_training``,
 block-local distillation's defaults) before the whole model's steps start; 0 starts them from the linear
-heal. At 8 of 30 blocks on the demo model this start takes 100 steps from a held-out perplexity of 21.78
-/ mean KL 0.462 to 21.36 / 0.447 (docs/benchmarks.md)."""
+heal. At 8 of 30 blocks on the demo model this start takes 100 steps from a held-out perplexity of 21.77
+/ mean KL 0.462 to 21.38 / 0.448, for 0.6 of a capture more (side by side, docs/benchmarks.md)."""
 WARM_WINDOWS = 64
 """The training windows (the first ones: the capture's) whose dense states around each cut the teacher's
 pass keeps for the anchors' start: two states per cut and token, at most :data:`WARM_STATE_BYTES` in all
