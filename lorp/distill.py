@@ -176,6 +176,8 @@ def dense_finals(
     should_cancel: Callable[[], bool] | None,
     entering_block: int = 0,
     autocast: torch.dtype | None = None,
+    keep: dict[int, list[torch.Tensor]] | None = None,
+    keep_windows: int = 0,
 ) -> DenseFinals:
     """The dense model's states leaving its last block on ``windows`` (one pass through the blocks, not
     the head: the logits are taken from these states a window at a time as the steps read them), the
@@ -183,35 +185,22 @@ def dense_finals(
     block a distillation trains (:func:`first_trained_block`), whose frozen blocks before it the
     student would otherwise run once more on every window. ``autocast``: the dtype the pass computes in
     (the training windows' teacher, :func:`training_autocast`); None for the model's own (the validation
-    windows', which decide what ships)."""
-    return _dense_pass(model, windows, batch_size, should_cancel, entering_block, autocast)[0]
-
-
-def _dense_pass(
-    model: Any,
-    windows: TokenWindows,
-    batch_size: int,
-    should_cancel: Callable[[], bool] | None,
-    entering_block: int = 0,
-    autocast: torch.dtype | None = None,
-    keep_at: Sequence[int] = (),
-    keep_windows: int = 0,
-) -> tuple[DenseFinals, dict[int, list[torch.Tensor]]]:
-    """:func:`dense_finals`, and beside them, by block, the states entering each block of ``keep_at`` (the
-    number of blocks: the states leaving the last) on the batches of the first ``keep_windows`` windows."""
+    windows', which decide what ships). ``keep``: lists by block, filled with the states entering each
+    (the number of blocks: the states leaving the last) on the batches of the first ``keep_windows``
+    windows (:func:`plan_teacher`)."""
     runner = Runner(model)
     finals = DenseFinals(entering_block=entering_block)
-    kept: dict[int, list[torch.Tensor]] = {block: [] for block in keep_at}
+    kept = {} if keep is None else keep
     batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="distilling")
     seen = 0
 
-    def keep(_: int, block: int, state: torch.Tensor) -> None:
+    def collect(_: int, block: int, state: torch.Tensor) -> None:
         if block in kept:
             kept[block].append(state.detach().to("cpu"))
 
     with torch.inference_mode(), _autocast(model, autocast):
         for group in runner.groups(batches):
-            wanted = keep if seen < keep_windows else None
+            wanted = collect if seen < keep_windows else None
             states = runner.run_all(group, stop=entering_block, on_input=wanted) if entering_block else None
             if states is not None:
                 finals.entering += [state.detach().to("cpu") for state in states]
@@ -220,7 +209,7 @@ def _dense_pass(
                 if wanted is not None and runner.num_blocks in kept:
                     kept[runner.num_blocks].append(finals.finals[-1])
             seen += sum(batch.num_windows for batch in group)
-    return finals, kept
+    return finals
 
 
 def first_trained_block(
@@ -255,14 +244,16 @@ def plan_teacher(
     num_blocks = len(decoder_blocks(model))
     gone = sorted(int(b) for b in removed)
     first = first_trained_block(num_blocks, gone, anchors, scope)
-    spans = [(start - 1, end) for start, end in contiguous_spans(gone) if start - 1 in set(anchors)]
+    healed = set(anchors)
+    spans = [(start - 1, end) for start, end in contiguous_spans(gone) if start - 1 in healed]
     keep_at = sorted({block for span in spans for block in span}) if warm_windows else []
     if keep_at:  # within the memory bound, at least one batch
         width = int(model.get_input_embeddings().embedding_dim)
         per_window = len(keep_at) * windows.input_ids.shape[1] * width * 4
         warm_windows = max(1, min(warm_windows, WARM_STATE_BYTES // per_window))
-    finals, kept = _dense_pass(
-        model, windows, batch_size, should_cancel, entering_block=first, autocast=autocast, keep_at=keep_at,
+    kept: dict[int, list[torch.Tensor]] = {block: [] for block in keep_at}
+    finals = dense_finals(
+        model, windows, batch_size, should_cancel, entering_block=first, autocast=autocast, keep=kept,
         keep_windows=warm_windows,
     )  # fmt: skip
     finals.plan = tuple(gone)
