@@ -17,9 +17,12 @@ function showError(message) {
 }
 
 async function api(path, options = {}) {
+  const sent = sessionStorage.getItem(KEY);
   const response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
   if (response.status === 401) {
-    sessionStorage.removeItem(KEY);
+    // Forget the key only when it is the one refused: a refresh that left before a key was typed
+    // in, and comes back 401 after, must not wipe the new key before the page reloads with it.
+    if (sessionStorage.getItem(KEY) === sent) sessionStorage.removeItem(KEY);
     document.getElementById("key-form").hidden = false;
     throw new Error("an API key is required");
   }
