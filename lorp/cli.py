@@ -378,8 +378,10 @@ def _distill_line(distill: dict[str, Any]) -> str:
         else ""
     )
     warm = f" (each cut's anchor first {distill['warm_steps']} steps alone)" if distill.get("warm_steps") else ""
+    loss = {"kl": "KL", "state": "block output"}.get(distill["loss"], f"KL + {distill.get('ce_weight', 0):g} x text CE")
     return (
-        f"distilled       {distill['steps']} steps{warm}, {distill['tokens']} tokens, {distill['seconds']:.1f} s: "
+        f"distilled       {distill['steps']} steps{warm}, loss {loss}, {distill['tokens']} tokens, "
+        f"{distill['seconds']:.1f} s: "
         f"{scores}"
         f"{distill['shipped']} shipped ({distill['reason']})"
     )

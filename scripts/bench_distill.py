@@ -151,7 +151,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
     autocast = training_autocast(measure.model) if args.precision == "auto" else None
     precision = "float32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
     task = ""
-    flags = f" --ce-weight {args.ce_weight:g}" if args.ce_weight else ""
+    flags = f" --ce-weight {args.ce_weight:g}" if args.ce_weight != CE_WEIGHT else ""
     flags += f" --seed {args.seed}" if args.seed else ""
     flags += f" --warm-steps {args.warm_steps}" if args.warm_steps != WARM_STEPS else ""
     loss = f", loss KL + {args.ce_weight:g} x cross-entropy on the training text" if args.ce_weight else ""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lorp.cli import main
+from lorp.distill import CE_WEIGHT
 from lorp.report import save_analysis
 from lorp.selection import SelectionOptions, select
 
@@ -200,6 +201,7 @@ def test_prune_takes_heal_search_and_a_quality_target(trained_model_dir, structu
     points = json.loads((tmp_path / "d" / "report.json").read_text())["budget_curve"]["points"]
     assert sorted(p["budget"] for p in points if p["distilled_perplexity"] is not None) == [1, 2]
     assert "\n  distilled  " in out
+    assert f", loss KL + {CE_WEIGHT:g} x text CE, " in out  # the summary says what was learned
     code, out, err = run_cli(
         ["prune", *common, "--num-layers", "2", "--curve-distill", "--out", str(tmp_path / "e")], capsys
     )

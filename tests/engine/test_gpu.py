@@ -129,7 +129,9 @@ def test_a_stager_on_cuda_loads_through_pinned_buffers_what_the_plain_reader_rea
         stager.close()
 
 
-@pytest.mark.parametrize(("execution", "scope", "loss"), [("sequential", "local", "state"), ("resident", "all", "kl")])
+@pytest.mark.parametrize(
+    ("execution", "scope", "loss"), [("sequential", "local", "state"), ("resident", "all", "kl+ce")]
+)
 def test_a_bf16_job_on_cuda_distils_and_writes_what_it_measured(
     execution, scope, loss, tiny_model_dir, corpus_files, tmp_path
 ):
