@@ -5,8 +5,7 @@
 const KEY = "lorp_api_key";
 const FINAL = ["succeeded", "failed", "cancelled"];
 
-function authHeaders() {
-  const key = sessionStorage.getItem(KEY);
+function authHeaders(key) {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
@@ -18,7 +17,7 @@ function showError(message) {
 
 async function api(path, options = {}) {
   const sent = sessionStorage.getItem(KEY);
-  const response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  const response = await fetch(path, { ...options, headers: { ...authHeaders(sent), ...(options.headers || {}) } });
   if (response.status === 401) {
     // Forget the key only when it is the one refused: a refresh that left before a key was typed
     // in, and comes back 401 after, must not wipe the new key before the page reloads with it.
