@@ -9,10 +9,11 @@ guard), and distilled block-locally as a sequential job does (``lorp.local_disti
 toward the dense span's output, same steps per anchor and learning rate, same guard). On the same
 held-out windows of the built-in evaluation text: perplexity, mean KL(dense || pruned) and top-1
 agreement; on ``lorp_cloze`` (first ``--limit`` items) the accuracy, for each method at the
-``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows,
-measured right before each budget's runs (the machine is shared). Each method's plans get a section of
-docs/benchmarks.md of their own (``benchdoc.distill_heading``), so ``--methods search`` alone records
-search's plans and leaves auto's section as it was.
+``--task-budgets``. Costs are wall time relative to one capture of the same calibration windows: each
+budget's runs come right after a capture of their own, and the unit is the median of the run's captures
+(the same work each time, whose time still varies by a tenth or more between budgets on this machine).
+Each method's plans get a section of docs/benchmarks.md of their own (``benchdoc.distill_heading``), so
+``--methods search`` alone records search's plans and leaves auto's section as it was.
 
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.3]
 
@@ -30,6 +31,7 @@ import argparse
 import copy
 import datetime as dt
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -145,7 +147,20 @@ def distilled_locally(model, choice, data, args, steps, learning_rate):
     return shipped, summary, time.perf_counter() - started
 
 
-def method_section(method, rows, args, started_at, n_blocks, data, measure, dense_acc) -> list[str]:
+def in_median_captures(rows: list) -> tuple[list, float]:
+    """``rows`` (budget, capture seconds, cells by method) with each cost, measured against its own
+    budget's capture, restated against the median capture of the run; and that median."""
+    unit = statistics.median(capture_s for _, capture_s, _ in rows)
+    for _, capture_s, row in rows:
+        for cells in row.values():
+            for cell in cells.values():
+                for key in ("cost", "distill_cost"):
+                    if key in cell:
+                        cell[key] *= capture_s / unit
+    return rows, unit
+
+
+def method_section(method, rows, args, started_at, n_blocks, data, measure, dense_acc, captures) -> list[str]:
     """docs/benchmarks.md's section for ``method``: its plans at each budget, none / linear / distill /
     block-local side by side, then the issue's targets against its own plan chosen unhealed."""
     autocast = training_autocast(measure.model) if args.precision == "auto" else None
@@ -183,7 +198,9 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         f"Each cell: held-out perplexity / mean KL (nats) / top-1 agreement of {method}'s plan: chosen unhealed "
         "(none), chosen with the linear heal and shipped with its maps (linear), that plan distilled (distill) "
         "and distilled block-locally (block-local); the model that shipped in brackets. Cost: choosing (and, "
-        "for distill, the teacher passes and the distillation) relative to one capture.",
+        "for distill, the teacher passes and the distillation) relative to one capture of the calibration "
+        f"windows: the median of this run's {len(captures)}, {statistics.median(captures):.1f} s "
+        f"({min(captures):.1f}-{max(captures):.1f} s).",
         "",
         "| blocks | none | linear | distill (shipped) | block-local (shipped) "
         "| cost none / linear / distill / block-local |",
@@ -387,12 +404,14 @@ def main(argv: list[str] | None = None) -> int:
                 cells["linear"]["acc"] = measure.accuracy(model, healed.chosen.pruned_layers, healed.fits)
                 cells["distill"]["acc"] = accuracy if accuracy is not None else cells["linear"]["acc"]
             row[method] = cells
-            print(n, method, {h: {k: v for k, v in c.items()} for h, c in cells.items()}, flush=True)
+            print(n, method, f"capture {capture_s:.1f} s", {h: dict(c) for h, c in cells.items()}, flush=True)
         rows.append((n, capture_s, row))
 
+    rows, _ = in_median_captures(rows)
+    captures = [capture_s for _, capture_s, _ in rows]
     for method in args.methods:
         section = method_section(method, [(n, row[method]) for n, _, row in rows], args, started_at, n_blocks,
-                                 data, measure, dense_acc)  # fmt: skip
+                                 data, measure, dense_acc, captures)  # fmt: skip
         print("\n".join(section))
         replace_section(args.out, distill_heading(method), section)
     return 0
