@@ -199,7 +199,7 @@ def method_section(method, rows, args, started_at, n_blocks, data, measure, dens
         "(none), chosen with the linear heal and shipped with its maps (linear), that plan distilled (distill) "
         "and distilled block-locally (block-local); the model that shipped in brackets. Cost: choosing (and, "
         "for distill, the teacher passes and the distillation) relative to one capture of the calibration "
-        f"windows: the median of this run's {len(captures)}, {statistics.median(captures):.1f} s "
+        f"windows: the median of the run's {len(captures)} captures, {statistics.median(captures):.1f} s "
         f"({min(captures):.1f}-{max(captures):.1f} s).",
         "",
         "| blocks | none | linear | distill (shipped) | block-local (shipped) "
