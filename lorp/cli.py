@@ -378,7 +378,8 @@ def _distill_line(distill: dict[str, Any]) -> str:
         else ""
     )
     warm = f" (each cut's anchor first {distill['warm_steps']} steps alone)" if distill.get("warm_steps") else ""
-    loss = {"kl": "KL", "state": "block output"}.get(distill["loss"], f"KL + {distill.get('ce_weight', 0):g} x text CE")
+    losses = {"kl": "KL", "kl+ce": f"KL + {distill.get('ce_weight', 0):g} x text CE", "state": "block output"}
+    loss = losses.get(distill["loss"], distill["loss"])
     return (
         f"distilled       {distill['steps']} steps{warm}, loss {loss}, {distill['tokens']} tokens, "
         f"{distill['seconds']:.1f} s: "

@@ -147,9 +147,9 @@ def distilled_locally(model, choice, data, args, steps, learning_rate):
     return shipped, summary, time.perf_counter() - started
 
 
-def in_median_captures(rows: list) -> tuple[list, float]:
-    """``rows`` (budget, capture seconds, cells by method) with each cost, measured against its own
-    budget's capture, restated against the median capture of the run; and that median."""
+def in_median_captures(rows: list) -> None:
+    """Each cost in ``rows`` (budget, capture seconds, cells by method), measured against its own
+    budget's capture, restated in place against the median capture of the run."""
     unit = statistics.median(capture_s for _, capture_s, _ in rows)
     for _, capture_s, row in rows:
         for cells in row.values():
@@ -157,7 +157,6 @@ def in_median_captures(rows: list) -> tuple[list, float]:
                 for key in ("cost", "distill_cost"):
                     if key in cell:
                         cell[key] *= capture_s / unit
-    return rows, unit
 
 
 def method_section(method, rows, args, started_at, n_blocks, data, measure, dense_acc, captures) -> list[str]:
@@ -407,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print(n, method, f"capture {capture_s:.1f} s", {h: dict(c) for h, c in cells.items()}, flush=True)
         rows.append((n, capture_s, row))
 
-    rows, _ = in_median_captures(rows)
+    in_median_captures(rows)
     captures = [capture_s for _, capture_s, _ in rows]
     for method in args.methods:
         section = method_section(method, [(n, row[method]) for n, _, row in rows], args, started_at, n_blocks,
