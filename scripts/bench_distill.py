@@ -17,12 +17,13 @@ Each method's plans get a section of docs/benchmarks.md of their own (``benchdoc
 
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.3]
 
-``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan at the first budget once
-per setting and prints held-out figures only (how the defaults in lorp.options / lorp.distill /
-lorp.local_distill were chosen), and ``lorp_cloze``'s accuracy where ``--limit`` is not 0; nothing is
-written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident distillation's adapters, ``lorp.distill.SCOPES``),
-``local`` (block-local, STEPS per anchor), ``local+all`` (block-local at its defaults, then resident
-distillation of STEPS from there). ``--seed`` seeds the distillations (adapters, window order).
+``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan (``--explore-method``
+names another method's) at the first budget once per setting and prints held-out figures only (how the
+defaults in lorp.options / lorp.distill / lorp.local_distill were chosen), and ``lorp_cloze``'s accuracy
+where ``--limit`` is not 0; nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident
+distillation's adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor),
+``local+all`` (block-local at its defaults, then resident distillation of STEPS from there).
+``--seed`` seeds the distillations (adapters, window order).
 """
 
 from __future__ import annotations
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         help="distillation's training passes: as a job runs them (auto: lorp.distill.training_autocast), or float32",
     )  # fmt: skip
     parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE[:RANK[:POSITIONS]]")
+    parser.add_argument("--explore-method", default="auto", help="whose plan --explore distils (chosen healed)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.explore is not None:
         n = args.budgets[0]
         stats, heal_cache, capture_s = capture()
-        choice, _ = job(stats, heal_cache, "auto", "linear", n)
+        choice, _ = job(stats, heal_cache, args.explore_method, "linear", n)
         linear = measure.held_out(model, choice.chosen.pruned_layers, choice.fits)
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
         if args.limit:
