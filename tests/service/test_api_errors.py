@@ -239,11 +239,16 @@ def test_upload_onto_a_full_disk_is_503_disk_full_and_stores_nothing(api_setting
 
 
 def test_embedded_database_on_a_full_disk_is_503_disk_full(tmp_path):
-    """SQLite on a full disk answers reads and fails writes ("database or disk is full")."""
+    """SQLite on a full disk answers reads and fails writes ("database or disk is full").
+
+    Reads need the WAL index (``lorp.db-shm``), which SQLite deletes when a database's last connection
+    closes and cannot create again on a full disk ("disk I/O error"): the service has read before its
+    disk fills, as a running one has, and its pool keeps that connection (and so the index) open."""
     with mounted_tmpfs(tmp_path / "embedded", 4096) as disk:
         settings = Settings(data_dir=disk)
         upgrade_head(settings.sqlalchemy_url)
         client = client_for(settings, session_factory(settings.sqlalchemy_url), raise_server_exceptions=False)
+        assert client.get("/v1/jobs").status_code == 200
         fill(disk)
         big = {**DEMO_JOB, "evaluation": {"prompts": ["p" * 2000] * 16}}
         response = client.post("/v1/jobs", json=big)
