@@ -30,16 +30,15 @@ def run_online() -> None:
     if url.startswith("sqlite"):
         from app.db.session import make_engine
 
-        engine = make_engine(url)
+        # Unpooled, as for Postgres below: no connection outlives the migration (a pooled one would close
+        # only when the garbage collector frees the engine).
+        engine = make_engine(url, pooled=False)
     else:
         engine = engine_from_config({"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
-            with context.begin_transaction():
-                context.run_migrations()
-    finally:
-        engine.dispose()  # no pooled connection outlives the migration (until the garbage collector's turn)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 if context.is_offline_mode():
