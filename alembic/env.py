@@ -30,9 +30,7 @@ def run_online() -> None:
     if url.startswith("sqlite"):
         from app.db.session import make_engine
 
-        # Unpooled, as for Postgres below: no connection outlives the migration (a pooled one would close
-        # only when the garbage collector frees the engine).
-        engine = make_engine(url, pooled=False)
+        engine = make_engine(url)
     else:
         engine = engine_from_config({"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with engine.connect() as connection:
