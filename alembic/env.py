@@ -30,7 +30,9 @@ def run_online() -> None:
     if url.startswith("sqlite"):
         from app.db.session import make_engine
 
-        engine = make_engine(url)
+        # Unpooled, as for Postgres below: no connection outlives the migration (a pooled one would close
+        # only when the garbage collector frees the engine).
+        engine = make_engine(url, pooled=False)
     else:
         engine = engine_from_config({"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with engine.connect() as connection:

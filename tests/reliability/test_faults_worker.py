@@ -387,7 +387,11 @@ def test_time_limit_fails_the_job_and_the_worker_runs_the_next(
                 seed=4000,
             ),
         )
-        wait_for(lambda: load_job(settings, slow).status.terminal, limit + 60, "the time limit", 0.1)
+        try:
+            wait_for(lambda: load_job(settings, slow).status.terminal, limit + 60, "the time limit", 0.1)
+        except AssertionError:
+            late = load_job(settings, slow)
+            raise AssertionError((late.status, late.stage, late.attempts, fleet.logs(20000))) from None
         job = load_job(settings, slow)
         assert job.status == JobStatus.failed, (job.status, job.error_code, fleet.logs())
         assert job.error_code == "time_limit_exceeded", job.error_message
