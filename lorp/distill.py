@@ -344,6 +344,7 @@ def distill(
     autocast: torch.dtype | None = None,
     ce_weight: float = CE_WEIGHT,
     warm_steps: int = WARM_STEPS,
+    position_weights: Sequence[torch.Tensor] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     merge: bool = True,
@@ -366,6 +367,10 @@ def distill(
             The validation passes that decide what ships always run in the model's own.
         ce_weight: the weight of the student's cross-entropy on the windows' next tokens beside the KL
             (:data:`CE_WEIGHT`); 0 learns the KL alone.
+        position_weights: per training window, a weight for each position's prediction (``[tokens - 1]``,
+            in window order): its KL counts that many times in the loss (``scripts/bench_distill.py``'s
+            ``--context-weight`` weights by how much a prediction depends on distant context; it did not
+            help, docs/benchmarks.md). None weighs every position alike.
         warm_steps: steps each cut's anchor block first trains toward the dense span's output, on the
             states the teacher kept around the cut (``train_finals.cuts``, :func:`plan_teacher`); none
             where it kept none. Where the linear heal ships, the anchors are put back as they were.
@@ -399,7 +404,7 @@ def distill(
     try:
         losses, tokens = _train(
             model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
-            autocast, ce_weight, should_cancel, progress,
+            autocast, ce_weight, should_cancel, progress, position_weights,
         )  # fmt: skip
     except BaseException:
         _put_back(warmed)
@@ -528,6 +533,7 @@ def _train(
     ce_weight: float,
     should_cancel: Callable[[], bool] | None,
     progress: Callable[[int, int], None] | None,
+    position_weights: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[float], int]:
     """The optimiser loop: per step, one batch of windows, through the blocks together and through the
     head and the loss a window at a time (their gradients gathered on the state leaving the last block,
@@ -579,9 +585,15 @@ def _train(
                 student = runner.head_with_grad(batch, leaf[rows], rows=rows, keep=k)
                 valid = next_token_valid(masks[w])[0]
                 if k is None:  # every position: the last predicts past the window, the padded ones nothing
-                    loss = position_kl(teacher[:, :-1], student[:, :-1])[0, valid].sum()
+                    kl = position_kl(teacher[:, :-1], student[:, :-1])[0]
+                    if position_weights is not None:
+                        kl = kl * position_weights[w].to(kl.device)
+                    loss = kl[valid].sum()
                 else:
-                    loss = position_kl(teacher, student).sum()
+                    kl = position_kl(teacher, student)[0]
+                    if position_weights is not None:
+                        kl = kl * position_weights[w].to(kl.device)[k]
+                    loss = kl.sum()
                 if ce_weight:  # the student's own loss on the window's next tokens, beside the KL
                     ids = train.input_ids[w].to(student.device)
                     predicted, following = (

@@ -23,7 +23,9 @@ defaults in lorp.options / lorp.distill / lorp.local_distill were chosen), and `
 where ``--limit`` is not 0; nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident
 distillation's adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor),
 ``local+all`` (block-local at its defaults, then resident distillation of STEPS from there).
-``--seed`` seeds the distillations (adapters, window order).
+``--seed`` seeds the distillations (adapters, window order). ``--context-weight BETA ...`` runs each
+setting once per BETA with each prediction's KL weighted by how much the dense model's prediction depends
+on distant context (``context_dependence``, ``--context-chunk`` tokens; 0: unweighted).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import itertools
 import platform
 import statistics
 import sys
@@ -78,6 +81,7 @@ from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, T
 from lorp.states import StateSink  # noqa: E402
 
 HEALS = ("none", "linear", "distill")
+QUANTILES = torch.tensor([0.1, 0.5, 0.9, 0.99])
 
 
 class Measure:
@@ -107,8 +111,55 @@ class Measure:
         return next(s.value for s in scores if s.metric == "acc")
 
 
+def context_dependence(model, windows, chunk: int, batch_size: int) -> list[torch.Tensor]:
+    """Each training window's per-prediction context dependence: the KL between the dense model's
+    prediction with the whole window before it and with only its last ``chunk / 2`` to ``chunk`` tokens
+    (from two chunkings offset by half a chunk; the first ``chunk`` positions see all there is, 0)."""
+    half = chunk // 2
+    length = windows.input_ids.shape[1]
+    positions = torch.arange(length)
+    first_better = (positions % chunk) >= torch.where(positions < half, positions, (positions - half) % chunk)
+    autocast = training_autocast(model)
+    depend: list[torch.Tensor] = []
+
+    def chunked(ids, mask, start):
+        bounds = [0, *range(start, length, chunk), length] if start else [*range(0, length, chunk), length]
+        outs = []
+        for a, b in itertools.pairwise(bounds):
+            outs.append(model(input_ids=ids[:, a:b], attention_mask=mask[:, a:b]).logits.float().log_softmax(-1))
+        return torch.cat(outs, dim=1)
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        for at in range(0, windows.num_windows, batch_size):
+            ids = windows.input_ids[at : at + batch_size]
+            mask = windows.attention_mask[at : at + batch_size]
+            full = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            short = torch.where(first_better[None, :, None], chunked(ids, mask, 0), chunked(ids, mask, half))
+            kl = (full.exp() * (full - short)).sum(-1) * mask
+            depend += list(kl[:, :-1])
+    return depend
+
+
+def context_weights(depend: list[torch.Tensor], beta: float) -> list[torch.Tensor]:
+    """Per-prediction loss weights of mean 1: ``1 + beta x`` the context dependence over its mean on
+    all the windows, divided by ``1 + beta``."""
+    mean = float(torch.stack(depend).mean())
+    return [(1 + beta * d / mean) / (1 + beta) for d in depend]
+
+
 def distilled_copy(
-    model, choice, data, validation_teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None
+    model,
+    choice,
+    data,
+    validation_teacher,
+    args,
+    steps,
+    learning_rate,
+    scope,
+    fits=None,
+    rank=RANK,
+    positions=None,
+    position_weights=None,
 ):
     """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
     fold) folded, its blocks removed and then distilled; the seconds count the teacher's pass over the
@@ -133,6 +184,7 @@ def distilled_copy(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
         positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed, warm_steps=args.warm_steps,
+        position_weights=position_weights,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -273,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE[:RANK[:POSITIONS]]")
     parser.add_argument("--explore-method", default="auto", help="whose plan --explore distils (chosen healed)")
+    parser.add_argument(
+        "--context-weight",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        help="--explore: also weight each prediction's KL by its context dependence (context_weights)",
+    )
+    parser.add_argument("--context-chunk", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -321,7 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
         if args.limit:
             print(f"{TASK_NAME} accuracy: dense {measure.accuracy(model)}", flush=True)
-        for setting in args.explore:
+        weights_by_beta = {}
+        if any(args.context_weight):
+            started = time.perf_counter()
+            depend = context_dependence(model, data.training_windows, args.context_chunk, args.batch_size)
+            print(f"context dependence: {time.perf_counter() - started:.0f} s", flush=True)
+        for beta in args.context_weight:
+            if beta:
+                weights_by_beta[beta] = context_weights(depend, beta)
+                spread = torch.stack(weights_by_beta[beta]).flatten().quantile(QUANTILES)
+                print(f"context weights beta {beta}: quantiles {[round(float(q), 3) for q in spread]}", flush=True)
+        for setting, beta in [(setting, beta) for beta in args.context_weight for setting in args.explore]:
             steps, lr, scope, *rest = setting.split(":")
             # What is measured: the dense model with the plan cut and its fits folded, or a distilled copy.
             if scope == "local":
@@ -340,14 +410,24 @@ def main(argv: list[str] | None = None) -> int:
                 rank = int(rest[0]) if rest else RANK
                 positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
-                    model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions
+                    model,
+                    choice,
+                    data,
+                    teacher,
+                    args,
+                    int(steps),
+                    float(lr),
+                    scope,
+                    rank=rank,
+                    positions=positions,
+                    position_weights=weights_by_beta.get(beta),
                 )
                 measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             got = measure.held_out(*measured)
             accuracy = measure.accuracy(*measured)
             del measured
             print(
-                f"{setting}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
+                f"{setting} context weight {beta}: held-out {got}, validation ppl {summary.linear_perplexity:.3f} -> "
                 f"{summary.distilled_perplexity:.3f}, KL {summary.linear_kl:.4f} -> {summary.distilled_kl:.4f}, "
                 f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}, {seconds:.0f} s = "
                 f"{seconds / capture_s:.1f} x capture, shipped {summary.shipped}"

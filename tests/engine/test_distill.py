@@ -314,6 +314,32 @@ def test_a_loss_on_some_positions_reads_that_many_per_window_and_still_learns() 
     assert summary.last_loss < summary.first_loss
 
 
+def test_per_prediction_weights_scale_each_positions_kl_in_the_loss() -> None:
+    """``position_weights``: each window's prediction at position t counts its KL times its weight, on
+    every position or on the drawn ones; weights of 1 train exactly as none."""
+    model, teacher = _pruned()
+    before = _weights(model)
+    length = TRAIN.input_ids.shape[1] - 1
+
+    def first_loss(weight: float | None, **kwargs) -> tuple[float, dict]:
+        model.load_state_dict(before)
+        weights = None if weight is None else [torch.full((length,), weight)] * TRAIN.num_windows
+        summary = _run(model, teacher, steps=2, batch_size=8, warm_steps=0, position_weights=weights, **kwargs)
+        return summary.first_loss, _weights(model)
+
+    plain, trained = first_loss(None)
+    ones, trained_ones = first_loss(1.0)
+    assert ones == plain and _equal(trained_ones, trained)
+    assert first_loss(2.5)[0] == pytest.approx(2.5 * plain, rel=1e-5)
+    drawn = first_loss(None, positions=6)[0]
+    assert first_loss(3.0, positions=6)[0] == pytest.approx(3.0 * drawn, rel=1e-5)
+    # Weight on the first half of each window only: the loss is that half's share of the KL.
+    half = [torch.cat([torch.ones(length // 2), torch.zeros(length - length // 2)])] * TRAIN.num_windows
+    model.load_state_dict(before)
+    summary = _run(model, teacher, steps=2, batch_size=8, warm_steps=0, position_weights=half)
+    assert 0 < summary.first_loss < plain
+
+
 @pytest.mark.parametrize("asks", [3, WARM_STEPS + 3])  # during the anchor's own steps, during the whole model's
 def test_a_cancel_between_steps_raises_and_leaves_no_adapter(asks: int) -> None:
     """Cancel is asked before each step; the model comes back as it was, the anchor's start undone too."""
