@@ -148,19 +148,9 @@ def context_weights(depend: list[torch.Tensor], beta: float) -> list[torch.Tenso
 
 
 def distilled_copy(
-    model,
-    choice,
-    data,
-    validation_teacher,
-    args,
-    steps,
-    learning_rate,
-    scope,
-    fits=None,
-    rank=RANK,
-    positions=None,
+    model, choice, data, validation_teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None,
     position_weights=None,
-):
+):  # fmt: skip
     """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
     fold) folded, its blocks removed and then distilled; the seconds count the teacher's pass over the
     training windows (``validation_teacher``: the dense final states on the validation windows)."""
@@ -330,11 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         nargs="*",
         default=[0.0],
-        help="--explore: also weight each prediction's KL by its context dependence (context_weights)",
+        help="--explore, SCOPE all / tail / cuts: each prediction's KL weighted by its context dependence",
     )
     parser.add_argument("--context-chunk", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
+    if any(args.context_weight) and any(setting.split(":")[2].startswith("local") for setting in args.explore or []):
+        parser.error("--context-weight weights resident distillation's loss: no local SCOPE with it")
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     loaded = demo_model()
@@ -410,18 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                 rank = int(rest[0]) if rest else RANK
                 positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
-                    model,
-                    choice,
-                    data,
-                    teacher,
-                    args,
-                    int(steps),
-                    float(lr),
-                    scope,
-                    rank=rank,
-                    positions=positions,
+                    model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions,
                     position_weights=weights_by_beta.get(beta),
-                )
+                )  # fmt: skip
                 measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             got = measure.held_out(*measured)
             accuracy = measure.accuracy(*measured)
