@@ -18,9 +18,10 @@ Each method's plans get a section of docs/benchmarks.md of their own (``benchdoc
     python scripts/bench_distill.py [--budgets 4 6 8 10] [--limit 200] [--steps 64] [--ce-weight 0.3]
 
 ``--explore STEPS:LR:SCOPE[:RANK[:POSITIONS]] ...`` distils auto's healed plan (``--explore-method``
-names another method's) at the first budget once per setting and prints held-out figures only (how the
-defaults in lorp.options / lorp.distill / lorp.local_distill were chosen), and ``lorp_cloze``'s accuracy
-where ``--limit`` is not 0; nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident
+names another method's, ``--explore-metric kl`` has it chosen and guarded by the validation KL) at the
+first budget once per setting and prints held-out figures only (how the defaults in lorp.options /
+lorp.distill / lorp.local_distill were chosen), and ``lorp_cloze``'s accuracy where ``--limit`` is not
+0; nothing is written. SCOPE: ``all``, ``tail`` or ``cuts`` (resident
 distillation's adapters, ``lorp.distill.SCOPES``), ``local`` (block-local, STEPS per anchor),
 ``local+all`` (block-local at its defaults, then resident distillation of STEPS from there).
 ``--seed`` seeds the distillations (adapters, window order). ``--context-weight BETA ...`` runs each
@@ -149,7 +150,7 @@ def context_weights(depend: list[torch.Tensor], beta: float) -> list[torch.Tenso
 
 def distilled_copy(
     model, choice, data, validation_teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None,
-    position_weights=None,
+    position_weights=None, metric="perplexity",
 ):  # fmt: skip
     """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
     fold) folded, its blocks removed and then distilled; the seconds count the teacher's pass over the
@@ -174,7 +175,7 @@ def distilled_copy(
         pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
         steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
         positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed, warm_steps=args.warm_steps,
-        position_weights=position_weights,
+        position_weights=position_weights, metric=metric,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
 
@@ -316,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", nargs="*", default=None, metavar="STEPS:LR:SCOPE[:RANK[:POSITIONS]]")
     parser.add_argument("--explore-method", default="auto", help="whose plan --explore distils (chosen healed)")
     parser.add_argument(
+        "--explore-metric", choices=["perplexity", "kl"], default="perplexity",
+        help="--explore: what chooses the plan and guards the distillation (options.selection_metric)",
+    )  # fmt: skip
+    parser.add_argument(
         "--context-weight",
         type=float,
         nargs="*",
@@ -353,13 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         stats = capture_similarity(model, data.capture, batch_size=args.batch_size, keep_states=sink)
         return stats, sink.cache(), time.perf_counter() - started
 
-    def job(stats, heal_cache, method: str, heal: str, n: int):
+    def job(stats, heal_cache, method: str, heal: str, n: int, metric: str = "perplexity"):
         spec = PruneSpec(
             model=ModelSpec(id="demo"),
             method=method,
             target=TargetSpec(num_layers=n),
             calibration=calibration,
-            options=SelectionOptions(heal=heal),  # type: ignore[arg-type]
+            options=SelectionOptions(heal=heal, selection_metric=metric),  # type: ignore[arg-type]
         )
         started = time.perf_counter()
         choice = choose_plan(model, stats.S, stats.D, data, spec, n_blocks, heal_cache=heal_cache)
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.explore is not None:
         n = args.budgets[0]
         stats, heal_cache, capture_s = capture()
-        choice, _ = job(stats, heal_cache, args.explore_method, "linear", n)
+        choice, _ = job(stats, heal_cache, args.explore_method, "linear", n, args.explore_metric)
         linear = measure.held_out(model, choice.chosen.pruned_layers, choice.fits)
         print(f"n={n} plan {choice.chosen.pruned_layers}, capture {capture_s:.1f} s, linear {linear}", flush=True)
         if args.limit:
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
                     model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions,
-                    position_weights=weights_by_beta.get(beta),
+                    position_weights=weights_by_beta.get(beta), metric=args.explore_metric,
                 )  # fmt: skip
                 measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             got = measure.held_out(*measured)
