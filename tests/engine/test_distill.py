@@ -333,7 +333,7 @@ def test_per_prediction_weights_scale_each_positions_kl_in_the_loss() -> None:
     assert first_loss(2.5)[0] == pytest.approx(2.5 * plain, rel=1e-5)
     drawn = first_loss(None, positions=6)[0]
     assert first_loss(3.0, positions=6)[0] == pytest.approx(3.0 * drawn, rel=1e-5)
-    # Weight on the first half of each window only: the loss is that half's share of the KL.
+    # Weight on the first half of each window only: a share of the whole windows' KL, not all of it, not none.
     half = [torch.cat([torch.ones(length // 2), torch.zeros(length - length // 2)])] * TRAIN.num_windows
     model.load_state_dict(before)
     summary = _run(model, teacher, steps=2, batch_size=8, warm_steps=0, position_weights=half)
