@@ -584,16 +584,13 @@ def _train(
                 teacher = runner.logits(batch, finals[w], keep=k, rows=rows)
                 student = runner.head_with_grad(batch, leaf[rows], rows=rows, keep=k)
                 valid = next_token_valid(masks[w])[0]
+                weights = None if position_weights is None else position_weights[w].to(student.device)
                 if k is None:  # every position: the last predicts past the window, the padded ones nothing
                     kl = position_kl(teacher[:, :-1], student[:, :-1])[0]
-                    if position_weights is not None:
-                        kl = kl * position_weights[w].to(kl.device)
-                    loss = kl[valid].sum()
+                    loss = (kl if weights is None else kl * weights)[valid].sum()
                 else:
                     kl = position_kl(teacher, student)[0]
-                    if position_weights is not None:
-                        kl = kl * position_weights[w].to(kl.device)[k]
-                    loss = kl.sum()
+                    loss = (kl if weights is None else kl * weights[k]).sum()
                 if ce_weight:  # the student's own loss on the window's next tokens, beside the KL
                     ids = train.input_ids[w].to(student.device)
                     predicted, following = (

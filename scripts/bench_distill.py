@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 weights_by_beta[beta] = context_weights(depend, beta)
                 spread = torch.stack(weights_by_beta[beta]).flatten().quantile(QUANTILES)
                 print(f"context weights beta {beta}: quantiles {[round(float(q), 3) for q in spread]}", flush=True)
-        for setting, beta in [(setting, beta) for beta in args.context_weight for setting in args.explore]:
+        for beta, setting in itertools.product(args.context_weight, args.explore):
             steps, lr, scope, *rest = setting.split(":")
             # What is measured: the dense model with the plan cut and its fits folded, or a distilled copy.
             if scope == "local":
