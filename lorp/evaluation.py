@@ -83,6 +83,7 @@ def negative_log_likelihood(
     keep: DenseFinals | None = None,
     against: DenseFinals | None = None,
     divergence: Divergence | None = None,
+    on_first_batch: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
@@ -95,6 +96,11 @@ def negative_log_likelihood(
         removed, fits: measure the model with these blocks removed and these heal maps folded (a pruned
             view, ``Runner.pruned``), without changing it: how sequential execution measures the pruned
             model it never holds.
+        keep, against, divergence: the dense pass keeps its final states; the pruned pass, against
+            them, adds its divergence from the dense predictions.
+        on_first_batch: called as ``on_first_batch(view, batch, final)`` with the first batch and the
+            state leaving its last block while the view and its head are held (how a sequential job's
+            reload check takes the pruned model's logits from this pass, ``lorp.export.PrunedLogits``).
     """
     runner = as_runner(model)
     total_nll = 0.0
@@ -112,6 +118,8 @@ def negative_log_likelihood(
                     for i, (batch, final) in enumerate(zip(group, finals, strict=True)):
                         if keep is not None:
                             keep.keep(final)
+                        if on_first_batch is not None and index + i == 0:
+                            on_first_batch(view, batch, final)
                         dense = against.get(index + i, final.shape) if against is not None else None
                         nlls.append(state_nll(view, batch, final, dense=dense, divergence=divergence))
                 index += len(group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +278,13 @@ def _compare_blockwise(
     ids: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
+    *,
+    mask: torch.Tensor | None = None,
+    rows: slice | None = None,
+    keep: torch.Tensor | None = None,
 ) -> dict:
-    """Run the written folder block by block on ``ids`` and compare its logits with ``expected``."""
+    """Run the written folder block by block on ``ids`` (``mask``: all real where omitted) and compare
+    its logits (of the windows ``rows`` at the positions ``keep``, where given) with ``expected``."""
     from transformers import AutoConfig
 
     from lorp.execution import Runner
@@ -300,7 +306,9 @@ def _compare_blockwise(
     max_diff = float("inf")
     if not problems:
         ids = ids.to(reloaded.device)
-        got = reloaded.forward_logits(reloaded.batch(ids, torch.ones_like(ids))).float()
+        batch = reloaded.batch(ids, torch.ones_like(ids) if mask is None else mask.to(reloaded.device))
+        final = reloaded.run(batch)
+        got = reloaded.logits(batch, final if rows is None else final[rows], keep=keep, rows=rows).float()
         max_diff = float((got - expected.to(got.device)).abs().max().item())
         tol = _default_tolerance(dtype, expected)
         if not max_diff <= tol:
@@ -310,7 +318,42 @@ def _compare_blockwise(
             f"the saved model does not reload to the pruned computation (max abs logit diff {max_diff:.3g}): "
             + "; ".join(problems)
         )
-    return {"max_abs_logit_diff": max_diff, "num_layers": num_layers, "generated_tokens": []}
+    return {
+        "max_abs_logit_diff": max_diff,
+        "num_layers": num_layers,
+        "generated_tokens": [],
+        "block_loads": reloaded.block_loads,
+    }
+
+
+@dataclass
+class PrunedLogits:
+    """What the sequential reload check compares the written model with, taken in a pass the job runs
+    anyway: the pruned model's evaluation hands over its first batch (:meth:`take`, a
+    ``negative_log_likelihood(on_first_batch=...)``), whose tokens and the pruned computation's logits
+    (of its first :attr:`windows` windows at its first :attr:`positions` positions) are kept. The check
+    then loads only the written model's blocks, not the pruned view's a second time."""
+
+    windows: int = 2
+    positions: int = 32
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> slice:
+        return slice(0, self.windows)
+
+    @property
+    def keep(self) -> torch.Tensor:
+        assert self.ids is not None
+        return torch.arange(min(self.positions, int(self.ids.shape[1])))
+
+    def take(self, view: Any, batch: Any, final: torch.Tensor) -> None:
+        """Keep ``batch`` (a ``lorp.execution.Batch``) and the logits of ``final``, its state leaving the
+        last block of the pruned ``view`` (a ``Runner.pruned`` view)."""
+        self.ids, self.mask = batch.ids.cpu(), batch.mask.cpu()
+        self.logits = view.logits(batch, final[self.rows], keep=self.keep, rows=self.rows).float().cpu()
 
 
 def verify_reload_sequential(
@@ -319,29 +362,42 @@ def verify_reload_sequential(
     probe_input_ids: torch.Tensor,
     removed: Sequence[int],
     fits: Sequence[Any] = (),
+    taken: PrunedLogits | None = None,
 ) -> dict:
     """The reload check of sequential execution: the written directory, run block by block through the
-    execution layer, gives the logits the engine's pruned computation gives on the probe.
+    execution layer, gives the logits the engine's pruned computation gives.
 
     Args:
         out_dir: the written pruned model.
         runner: the dense model's sequential ``lorp.execution.Runner``; spent afterwards (its weights
             outside the blocks are freed before the written model's are loaded, so that one copy is held).
-        probe_input_ids: ``[batch, seq]`` token ids without padding.
+        probe_input_ids: ``[batch, seq]`` token ids without padding, run through the pruned view here
+            when ``taken`` holds nothing.
         removed, fits: the blocks removed and the heal maps folded (the pruned view that was written).
+        taken: the pruned computation's logits on the first evaluation batch, kept by the pruned
+            model's evaluation pass (:class:`PrunedLogits`): then the pruned view runs no block here.
 
     Checks that the written config builds the kept block count, that every weight it needs is in the
     written files, and that the max abs logit difference is within the dtype's tolerance. Greedy
     generation with the KV cache needs the model whole and is not checked here (``generated_tokens``
-    is empty and ``mode`` says ``sequential``).
+    is empty and ``mode`` says ``sequential``). ``probe`` says which windows were compared;
+    ``block_loads`` counts the written model's blocks brought to the device.
     """
     dtype = runner.onloader.dtype
-    ids = probe_input_ids.to(runner.device)
-    batch = runner.batch(ids, torch.ones_like(ids))
-    with runner.pruned(removed, fits) as view:
-        expected = view.forward_logits(batch).float()
     num_layers = runner.num_blocks - len(set(removed))
+    if taken is not None and taken.logits is not None:
+        assert taken.ids is not None
+        expected, ids, mask, rows, keep = taken.logits, taken.ids, taken.mask, taken.rows, taken.keep
+        probe = "evaluation"
+    else:
+        ids = probe_input_ids.to(runner.device)
+        batch = runner.batch(ids, torch.ones_like(ids))
+        with runner.pruned(removed, fits) as view:
+            expected = view.forward_logits(batch).float()
+        mask, rows, keep, probe = None, None, None, "validation"
     # The job is done with the dense runner: its embeddings and head make room for the written model's.
     runner.onloader.unload_outside()
-    result = _compare_blockwise(out_dir, expected, num_layers, ids, runner.device, dtype)
-    return {**result, "mode": "sequential"}
+    result = _compare_blockwise(
+        out_dir, expected, num_layers, ids, runner.device, dtype, mask=mask, rows=rows, keep=keep
+    )
+    return {**result, "mode": "sequential", "probe": probe}

@@ -45,7 +45,7 @@ from lorp.execution import Runner
 from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.healed import FoldedMap
 from lorp.execution.scratch import StateStore
-from lorp.export import save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
+from lorp.export import PrunedLogits, save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
 from lorp.local_distill import distill_locally, pruned_weight_names
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, folds_maps
@@ -375,10 +375,11 @@ def _measure_sequential(
     fits: Sequence[FoldedMap] = (),
     keep: DenseFinals | None = None,
     against: DenseFinals | None = None,
+    taken: PrunedLogits | None = None,
 ) -> dict[str, Any]:
     """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity (and,
     pruned, the divergence from the dense predictions) through the execution layer, and the block and
-    parameter counts."""
+    parameter counts. ``taken`` keeps the first batch's logits for the reload check."""
     assert loaded.runner is not None
     metrics: dict[str, Any] = {}
     if eval_windows is not None and spec.evaluation.perplexity:
@@ -393,6 +394,7 @@ def _measure_sequential(
                 against=against,
                 removed=removed,
                 fits=fits,
+                on_first_batch=None if taken is None else taken.take,
             )
         )
     blocks = decoder_blocks(loaded.model)
@@ -600,7 +602,9 @@ def _capture_scratch(sources: Sources) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _execution_summary(loaded: LoadedModel, spec: PruneSpec, resumed_at: int | None = None) -> ExecutionSummary:
+def _execution_summary(
+    loaded: LoadedModel, spec: PruneSpec, reload_check: dict[str, Any], resumed_at: int | None = None
+) -> ExecutionSummary:
     choice = loaded.execution
     assert choice is not None
     return ExecutionSummary(
@@ -609,7 +613,9 @@ def _execution_summary(loaded: LoadedModel, spec: PruneSpec, resumed_at: int | N
         reason=choice.reason,
         device=choice.device,
         device_name=choice.device_name,
-        block_loads=loaded.runner.block_loads if loaded.runner is not None else 0,
+        # the job's passes, and the reload check's where it ran the written model block by block
+        block_loads=(loaded.runner.block_loads if loaded.runner is not None else 0)
+        + int(reload_check.get("block_loads", 0)),
         budget_bytes=choice.budget_bytes,
         weights_bytes=choice.weights_bytes,
         working_bytes=choice.working_bytes,
@@ -909,6 +915,7 @@ def execute(
     dense_text: list[str] = []
     pruned_text: list[str] = []
     finals = DenseFinals()  # the dense pass's final states, for the pruned pass's divergence
+    taken = PrunedLogits()  # sequential: the pruned pass's logits on its first batch, for the reload check
     teacher: tuple[DenseFinals, DenseFinals] | None = None
     with stages.stage(Stage.evaluating_dense):
         if prepared.sequential:
@@ -944,6 +951,7 @@ def execute(
                 chosen.pruned_layers,
                 fits,
                 against=finals,
+                taken=taken,
             )
         else:
             pruned, pruned_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_pruned, against=finals)
@@ -954,7 +962,9 @@ def execute(
         validation = planned.data.validation
         probe = validation.input_ids[:2, : min(32, validation.input_ids.shape[1])]
         if loaded.runner is not None:
-            reload_check = verify_reload_sequential(model_dir, loaded.runner, probe, chosen.pruned_layers, fits)
+            reload_check = verify_reload_sequential(
+                model_dir, loaded.runner, probe, chosen.pruned_layers, fits, taken=taken
+            )
         elif _second_copy_fits(loaded):
             reload_check = verify_reload(model_dir, loaded.model, probe)
         else:  # the written model, run block by block: one block beside the pruned model, not a second copy
@@ -1151,7 +1161,7 @@ def report(
                 for prompt, d, p in zip(prompts, executed.dense_text, executed.pruned_text, strict=True)
             ],
             budget_curve=curve,
-            execution=_execution_summary(prepared.loaded, spec, planned.resumed_at_block),
+            execution=_execution_summary(prepared.loaded, spec, executed.reload_check, planned.resumed_at_block),
         )
         write_report(out / "report.json", result.to_json())
     return result

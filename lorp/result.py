@@ -151,8 +151,10 @@ class BudgetCurve:
 class ExecutionSummary:
     """How the model ran (``lorp.execution.choice``): resident or sequential, asked how and why chosen.
 
-    ``block_loads``: decoder blocks brought onto the device over the whole job (sequential; 0 when
-    resident). ``skipped``: what sequential execution did not measure, each with its reason.
+    ``block_loads``: decoder blocks brought onto the device over the whole job: a sequential job's
+    passes, and the reload check's where it runs the written model block by block (0 for a resident
+    job whose check reloads the model whole). ``skipped``: what sequential execution did not measure,
+    each with its reason.
     """
 
     mode: str

@@ -162,7 +162,10 @@ class ExecutionOut(BaseModel):
     reason: str
     device: str = Field(description="the device the passes ran on (cpu, cuda:0, ...)")
     device_name: str | None = Field(default=None, description="the device's own name (a GPU's model)")
-    block_loads: int = Field(default=0, description="decoder blocks loaded onto the device (sequential)")
+    block_loads: int = Field(
+        default=0,
+        description="decoder blocks loaded onto the device (sequential, and a reload check run block by block)",
+    )
     skipped: list[str] = Field(default_factory=list, description="what a sequential run did not measure, and why")
     resumed_at_block: int | None = Field(
         default=None, description="a retried sequential capture went on from the earlier attempt's states here"

@@ -276,6 +276,9 @@ def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint
     assert r.generations and not r.execution.skipped
     assert s.reload_check["mode"] == "sequential"
     assert s.reload_check["max_abs_logit_diff"] <= 1e-4
+    # Compared with the logits the pruned model's evaluation gave, so the check loads only the written
+    # model's 6 blocks (and block 0 again to learn its output); the job's count includes them.
+    assert (s.reload_check["probe"], s.reload_check["block_loads"]) == ("evaluation", 7)
     on_disk = json.loads((sequential.out_dir / "report.json").read_text())["execution"]
     assert on_disk["mode"] == "sequential" and on_disk["block_loads"] == s.execution.block_loads
 

@@ -14,18 +14,22 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
+from lorp.blocks import remove_blocks
 from lorp.calibration import TokenWindows
-from lorp.errors import InvalidRequestError
-from lorp.evaluation import perplexity
+from lorp.errors import InvalidRequestError, ReloadCheckError
+from lorp.evaluation import negative_log_likelihood, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
+from lorp.export import PrunedLogits, verify_reload_sequential
 from lorp.pipeline import working_set
 from lorp.planner import MIN_TOKENS_PER_WIDTH
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
 from lorp.states import StateCache, StoredStateCache, window_store
+from lorp.surgery import write_pruned
 
 from .archs import ARCHS, six_blocks, write_wide_llama
 from .helpers import REFUSED, windows
@@ -299,6 +303,45 @@ def test_plans_scored_together_load_each_block_once_for_all_of_them(tmp_path: Pa
     )
     for plan, score in zip(plans, together, strict=True):
         assert score == pytest.approx(ref.score(plan), rel=1e-6), plan
+
+
+def test_the_sequential_reload_check_compares_with_the_pruned_evaluations_logits_and_loads_only_the_written_blocks(
+    tmp_path: Path,
+) -> None:
+    model = six_blocks("llama")
+    source, written = tmp_path / "source", tmp_path / "pruned"
+    model.save_pretrained(source)
+    removed = [2, 3]
+    write_pruned(source, written, removed)
+    ids = torch.randint(2, 384, (5, 12), generator=torch.Generator().manual_seed(5))
+    data = TokenWindows(input_ids=ids, attention_mask=torch.ones_like(ids))  # evaluation windows: no padding
+
+    config = transformers.AutoConfig.from_pretrained(source)
+    runner = Runner.sequential(source, config, device="cpu", dtype=torch.float32)
+    taken = PrunedLogits(windows=2, positions=8)
+    negative_log_likelihood(runner, data, batch_size=3, removed=removed, on_first_batch=taken.take)
+    # What was taken is the pruned model's computation on the first batch: its first 2 windows, 8 positions.
+    remove_blocks(model, removed)
+    with torch.no_grad():
+        reference = model(input_ids=ids[:3]).logits[:2, :8]
+    assert taken.logits is not None and taken.ids is not None and taken.ids.shape == (3, 12)
+    torch.testing.assert_close(taken.logits, reference, rtol=1e-5, atol=1e-5)
+
+    before = runner.block_loads
+    check = verify_reload_sequential(written, runner, ids[:2, :8], removed, taken=taken)
+    assert runner.block_loads == before  # the pruned view ran no block a second time
+    assert (check["mode"], check["probe"], check["num_layers"]) == ("sequential", "evaluation", 4)
+    assert check["block_loads"] == 4 + 1  # the written model's 4 blocks, and block 0 once to learn its output
+    assert check["max_abs_logit_diff"] <= 1e-5
+
+    # A written checkpoint whose weights are not the pruned model's fails against the same logits.
+    tensors = load_file(written / "model.safetensors")
+    name = next(key for key in tensors if ".layers.1." in key and key.endswith("down_proj.weight"))
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, written / "model.safetensors", metadata={"format": "pt"})
+    spent = Runner.sequential(source, config, device="cpu", dtype=torch.float32)
+    with pytest.raises(ReloadCheckError, match="logits differ"):
+        verify_reload_sequential(written, spent, ids[:2, :8], removed, taken=taken)
 
 
 _PEAK = textwrap.dedent(
