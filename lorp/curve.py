@@ -86,14 +86,12 @@ def budget_curve(
     """
     plans = curve_plans(S, D, budgets, options, structure, searched)
     dense = scorer.score([], metric="perplexity")  # the curve is in perplexity whatever chose the plan
-    points = []
-    for done, n in enumerate(budgets):  # each budget's plans measured together, one pass over the blocks
-        at_n = [(name, pruned) for name, budget, pruned in plans if budget == n]
-        scores = scorer.score_many([p for _, p in at_n], metric="perplexity")
-        for (name, pruned), score in zip(at_n, scores, strict=True):
-            points.append(CurvePoint(name, n, pruned, score))
-        if progress is not None:
-            progress(done + 1, len(budgets))
+    # Every budget's plans measured together: one pass over the blocks from the earliest change of any
+    # of them (the scorer splits it only where the plans' states in flight would exceed its bound).
+    scores = scorer.score_many([pruned for _, _, pruned in plans], metric="perplexity")
+    points = [CurvePoint(name, n, pruned, score) for (name, n, pruned), score in zip(plans, scores, strict=True)]
+    if progress is not None:
+        progress(len(budgets), len(budgets))
     return BudgetCurve(healed=scorer.heals, dense_validation_perplexity=dense, points=points)
 
 

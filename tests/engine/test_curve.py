@@ -15,10 +15,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.image import imread
 
-from lorp.curve import best_points, budget_curve, check_budgets, default_budgets, with_distilled
+from lorp.curve import best_points, budget_curve, check_budgets, curve_plans, default_budgets, with_distilled
 from lorp.errors import InvalidRequestError
+from lorp.execution import Runner
 from lorp.report import plot_budget_curve
 from lorp.result import BudgetCurve, CurvePoint
 from lorp.scoring import PlanScorer
@@ -89,7 +91,27 @@ def test_points_are_the_methods_plans_scored_once_each(scored_model) -> None:
     distinct = {tuple(sorted(p.pruned_layers)) for p in curve.points} | {()}
     # Every distinct block set (and the dense model) measured once; the one scored before was free.
     assert scorer.evaluations - before == len(distinct - {tuple(sorted(already))})
-    assert ticks == [(1, 2), (2, 2)]  # a tick per budget: its plans are measured together
+    assert ticks == [(2, 2)]  # one tick: every budget's plans are measured together
+
+
+def test_every_budgets_plans_take_one_pass_over_the_blocks_in_sequential_mode(tmp_path) -> None:
+    model = build("llama", num_hidden_layers=8)
+    model.save_pretrained(tmp_path)
+    runner = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
+    stats = capture_similarity(runner, windows(batch=4, length=16), batch_size=2)
+    options = SelectionOptions()
+    scorer = PlanScorer(runner, StateCache(runner, windows(batch=4, length=16, seed=5), batch_size=2))
+    scorer.score([])
+    budgets = [1, 2, 3]
+    plans = curve_plans(stats.S, stats.D, budgets, options, analyze_structure(stats.S, options))
+    assert len({n for _, n, _ in plans}) == 3 and min(min(p) for _, _, p in plans) < 5
+    before = runner.block_loads
+    curve = budget_curve(scorer, stats.S, stats.D, budgets, options, analyze_structure(stats.S, options))
+    # One block-major pass for the three budgets' plans (a pass per budget would load the blocks from
+    # each budget's earliest change again), with each plan's score what it scores alone.
+    assert runner.block_loads - before <= 8
+    for point in curve.points:
+        assert point.validation_perplexity == pytest.approx(scorer.score(point.pruned_layers), rel=1e-9)
 
 
 def test_angular_has_no_points_without_d(scored_model) -> None:
