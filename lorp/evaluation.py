@@ -84,6 +84,7 @@ def negative_log_likelihood(
     against: DenseFinals | None = None,
     divergence: Divergence | None = None,
     on_first_batch: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
+    ran: tuple[Sequence[Batch], Sequence[torch.Tensor]] | None = None,
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
@@ -101,6 +102,9 @@ def negative_log_likelihood(
         on_first_batch: called as ``on_first_batch(view, batch, final)`` with the first batch and the
             state leaving its last block while the view and its head are held (how a sequential job's
             reload check takes the pruned model's logits from this pass, ``lorp.export.PrunedLogits``).
+        ran: the windows' batches (of ``batch_size``) and their states leaving the last block, from a
+            pass that ran them already (a sequential job's dense evaluation rides its validation pass,
+            ``lorp.states.store_states``): only the head runs here. The dense model's only.
     """
     runner = as_runner(model)
     total_nll = 0.0
@@ -108,11 +112,16 @@ def negative_log_likelihood(
     count = windows.num_windows
     done = 0
     index = 0  # the batch's position in the whole pass
+    if ran is not None and (
+        removed or fits or sum(batch.num_windows for batch in ran[0]) != count or len(ran[0]) != len(ran[1])
+    ):
+        raise ValueError("the batches that ran already are the dense model's, one final state each, of these windows")
     with torch.inference_mode():
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
-        for group in runner.groups(batches):
+        groups = runner.groups(batches) if ran is None else [list(ran[0])]
+        for group in groups:
             with runner.pruned(removed, fits) as view:
-                finals = view.run_all(group)
+                finals = view.run_all(group) if ran is None else list(ran[1])
                 with view.head():
                     nlls = []
                     for i, (batch, final) in enumerate(zip(group, finals, strict=True)):

@@ -41,7 +41,7 @@ from lorp.divergence import DenseFinals, Divergence
 from lorp.downstream import check_tasks, run_tasks
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import greedy_completions, measure_speed, perplexity
-from lorp.execution import Runner
+from lorp.execution import Batch, Runner
 from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.healed import FoldedMap
 from lorp.execution.scratch import StateStore
@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 AnalysisLookup = Callable[[str], "tuple[SimilarityStats, dict[str, Any]] | None"]
+# Windows' batches and the states leaving their last block, from a pass that ran them already.
+DenseRun = tuple[list[Batch], list[torch.Tensor]]
 
 
 MODEL_SUBDIR = "model"
@@ -376,10 +378,12 @@ def _measure_sequential(
     keep: DenseFinals | None = None,
     against: DenseFinals | None = None,
     taken: PrunedLogits | None = None,
+    ran: DenseRun | None = None,
 ) -> dict[str, Any]:
     """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity (and,
     pruned, the divergence from the dense predictions) through the execution layer, and the block and
-    parameter counts. ``taken`` keeps the first batch's logits for the reload check."""
+    parameter counts. ``taken`` keeps the first batch's logits for the reload check; with ``ran`` (the
+    dense evaluation windows' batches and final states from the validation pass) only the head runs."""
     assert loaded.runner is not None
     metrics: dict[str, Any] = {}
     if eval_windows is not None and spec.evaluation.perplexity:
@@ -395,6 +399,7 @@ def _measure_sequential(
                 removed=removed,
                 fits=fits,
                 on_first_batch=None if taken is None else taken.take,
+                ran=ran,
             )
         )
     blocks = decoder_blocks(loaded.model)
@@ -684,6 +689,7 @@ class Planned:
     curve: BudgetCurve | None
     resumed_at_block: int | None = None  # a sequential capture that went on from an earlier attempt's states
     teacher: tuple[DenseFinals, DenseFinals] | None = None  # drawing the curve distilled kept them for execute
+    dense_ran: DenseRun | None = None  # sequential: the evaluation windows rode the validation pass
 
 
 @dataclass
@@ -799,22 +805,34 @@ def _stored_caches(
     mlp_store: StateStore | None,
     scratch: Path,
     key: str,
-) -> tuple[StateCache | None, StateCache]:
+    eval_windows: cal.TokenWindows | None,
+) -> tuple[StateCache | None, StateCache, DenseRun | None]:
     """A sequential job's dense-state caches on disk: the heal windows' (read from the capture's store,
-    whose first windows they are, when it ran here) and the validation windows'."""
+    whose first windows they are, when it ran here) and the validation windows'. The evaluation windows
+    ride the validation windows' pass where it runs from block 0 (each block loaded once for both):
+    their batches and final states, for the dense evaluation, else None."""
     batch_size = spec.calibration.batch_size
     heal_cache: StateCache | None = None
     if folds_maps(heal) and store is not None:
         heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
         heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.model.dtype, mlp=mlp_store)
     elif folds_maps(heal):
-        heal_cache = stored_cache(
+        heal_cache, _ = stored_cache(
             runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
         )
-    validation_cache = stored_cache(
-        runner, data.validation, scratch / "validation", key, batch_size=batch_size, should_cancel=stages.should_cancel
+    riders: list[Batch] = []
+    if eval_windows is not None and spec.evaluation.perplexity:
+        riders = list(runner.batches(eval_windows, batch_size, should_cancel=stages.should_cancel, doing="evaluating"))
+    validation_cache, finals = stored_cache(
+        runner,
+        data.validation,
+        scratch / "validation",
+        key,
+        batch_size=batch_size,
+        should_cancel=stages.should_cancel,
+        riders=riders,
     )
-    return heal_cache, validation_cache
+    return heal_cache, validation_cache, None if finals is None else (riders, finals)
 
 
 def plan(
@@ -860,9 +878,10 @@ def plan(
         with stages.stage(Stage.selection):
             heal_cache: StateCache | None = sink.cache() if sink is not None and sink.windows else None
             validation_cache: StateCache | None = None
+            dense_ran: DenseRun | None = None
             if runner is not None:
-                heal_cache, validation_cache = _stored_caches(
-                    runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key
+                heal_cache, validation_cache, dense_ran = _stored_caches(
+                    runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key, eval_windows
                 )
             choice = choose_plan(
                 prepared.run_on,
@@ -897,6 +916,7 @@ def plan(
         curve=curve,
         resumed_at_block=resumed_at,
         teacher=teacher,
+        dense_ran=dense_ran,
     )
 
 
@@ -919,7 +939,9 @@ def execute(
     teacher: tuple[DenseFinals, DenseFinals] | None = None
     with stages.stage(Stage.evaluating_dense):
         if prepared.sequential:
-            dense = _measure_sequential(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
+            dense = _measure_sequential(
+                loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals, ran=planned.dense_ran
+            )
         else:
             dense, dense_text = _measure(loaded, eval_windows, spec, stages, Stage.evaluating_dense, keep=finals)
         if choice.heal == "distill" and not prepared.sequential:  # what distillation learns, and is judged by

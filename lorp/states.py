@@ -10,7 +10,7 @@ the last); a pass then runs from any block on its cached state (``Runner.run(sta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,8 @@ def store_states(
     should_cancel: Callable[[], bool] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     mlp: StateStore | None = None,
-) -> None:
+    riders: Sequence[Batch] = (),
+) -> list[torch.Tensor] | None:
     """Run ``batches`` through every block, block-major, writing each state to ``store`` as its block
     finishes (the real tokens' rows, in window order); a store holding an earlier attempt's states goes
     on from the last complete one (its padded positions zero: nothing reads them). ``on_block(done,
@@ -184,8 +185,15 @@ def store_states(
 
     ``mlp``: a store of each block's MLP output on the first of those rows (the heal windows'), written
     as the block runs, before its state; a block whose MLP output a resumed pass did not keep is left
-    out, and so is every block after it (the heal fits then run their anchors again)."""
+    out, and so is every block after it (the heal fits then run their anchors again).
+
+    ``riders``: batches that run through the same blocks beside ``batches`` (each block loaded once for
+    both) without being stored: a sequential job's dense evaluation, which needs only their states
+    leaving the last block. Those are returned; None when there are no riders or the store went on
+    from an earlier attempt's blocks (the riders would start again at block 0: the caller runs them)."""
     n_states = runner.num_blocks + 1
+    ride = list(riders) if store.done <= 1 else []  # a pass from block 0 (none ran yet) can take them along
+    ridden = [batch.entering for batch in ride]
     rows = [batch.real_count for batch in batches]
     offsets = [sum(rows[:i]) for i in range(len(rows))]
 
@@ -213,16 +221,18 @@ def store_states(
                     i: int, block: int, _h: torch.Tensor, kept: list[torch.Tensor] = kept, latest: Any = latest
                 ) -> None:
                     wanted = mlp.shape["tokens"] - sum(int(part.shape[0]) for part in kept)
-                    if wanted > 0:  # the heal windows are the first; later batches' outputs are not kept
+                    if wanted > 0 and i < len(batches):  # the heal windows are the first; later ones not kept
                         kept.append(batches[i].real_rows(latest[block][0])[:wanted].cpu())
 
-                states = runner.run_all(batches, start=j, states=states, stop=j + 1, on_output=keep)
+                out = runner.run_all([*batches, *ride], start=j, states=[*states, *ridden], stop=j + 1, on_output=keep)
             mlp.write(j, kept)
         else:
-            states = runner.run_all(batches, start=j, states=states, stop=j + 1)
+            out = runner.run_all([*batches, *ride], start=j, states=[*states, *ridden], stop=j + 1)
+        states, ridden = out[: len(batches)], out[len(batches) :]
         store.write(j + 1, real_rows(states))
         if on_block is not None:
             on_block(j + 1, n_states - 1)
+    return ridden if ride else None
 
 
 class StoredStateCache(StateCache):
@@ -290,10 +300,12 @@ def stored_cache(
     batch_size: int,
     should_cancel: Callable[[], bool] | None = None,
     on_block: Callable[[int, int], None] | None = None,
-) -> StoredStateCache:
+    riders: Sequence[Batch] = (),
+) -> tuple[StoredStateCache, list[torch.Tensor] | None]:
     """:class:`StateCache` of a sequential runner with the states on disk in ``directory`` (resumed
-    when an earlier attempt left them there)."""
+    when an earlier attempt left them there), and the final states of the ``riders`` that ran beside
+    its windows (:func:`store_states`; None when they did not)."""
     store = window_store(runner, windows, directory, key)
     batches = list(runner.batches(windows, batch_size, should_cancel=should_cancel, doing="caching hidden states"))
-    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block)
-    return StoredStateCache(store, batches, batch_size, runner.model.dtype)
+    ridden = store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, riders=riders)
+    return StoredStateCache(store, batches, batch_size, runner.model.dtype), ridden

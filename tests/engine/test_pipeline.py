@@ -158,13 +158,22 @@ def test_precomputed_analysis_is_reused(tiny_model_dir, corpus_files, tmp_path):
         asked.append(fingerprint)
         return (stats, provenance) if fingerprint == provenance["fingerprint"] else None
 
+    sequential = spec.model_copy(update={"options": spec.options.model_copy(update={"execution": "sequential"})})
     try:
         second = run_prune(spec, tmp_path / "two", lookup_analysis=lookup)
+        # Sequential, no capture ran to keep the heal windows' states: a pass of its own stores them.
+        third = run_prune(sequential, tmp_path / "three", lookup_analysis=lookup)
     finally:
         pipeline.capture_similarity = original
-    assert asked == [provenance["fingerprint"]]
+    assert asked == [provenance["fingerprint"]] * 2
     assert second.report.analysis_reused is True
     assert second.report.chosen == first.report.chosen
+    assert third.report.analysis_reused is True and third.report.execution.mode == "sequential"
+    assert third.report.chosen == first.report.chosen
+    assert third.report.heal.method == first.report.heal.method == "linear" and third.report.heal.spans
+    assert third.report.metrics.pruned["perplexity"] == pytest.approx(
+        first.report.metrics.pruned["perplexity"], rel=1e-4
+    )
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -28,7 +28,7 @@ from lorp.planner import MIN_TOKENS_PER_WIDTH
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
-from lorp.states import StateCache, StoredStateCache, window_store
+from lorp.states import StateCache, StoredStateCache, store_states, stored_cache, window_store
 from lorp.surgery import write_pruned
 
 from .archs import ARCHS, six_blocks, write_wide_llama
@@ -234,6 +234,46 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
     assert other.resumed_from == 0 and other.done == 0
     elsewhere = window_store(again, data, tmp_path / "scratch", key="another model")
     assert elsewhere.resumed_from == 0
+
+
+def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loads_no_block(tmp_path: Path) -> None:
+    resident, sequential = both("llama", tmp_path / "model")
+    validation, evaluation = windows(5), windows(4, seed=9)
+    riders = list(sequential.batches(evaluation, 2))
+    before = sequential.block_loads
+    cache, ridden = stored_cache(sequential, validation, tmp_path / "scratch", "job", batch_size=2, riders=riders)
+    assert sequential.block_loads - before == 6  # each block once, for both sets of windows
+    assert ridden is not None and len(ridden) == len(riders) == 2
+    before = sequential.block_loads
+    got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=(riders, ridden))
+    assert sequential.block_loads == before  # only the head ran
+    expected = negative_log_likelihood(resident, evaluation, batch_size=2)
+    assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6)
+    # The validation windows' states are what a cache without riders holds.
+    plain = StateCache(resident, validation, batch_size=2)
+    for b in range(plain.num_batches):
+        real = plain.batches[b].real
+        torch.testing.assert_close(cache.state(b, 6)[real], plain.state(b, 6)[real], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="dense model"):
+        negative_log_likelihood(sequential, evaluation, batch_size=2, removed=[2], ran=(riders, ridden))
+
+    # A pass that goes on from an earlier attempt's blocks takes no riders: they would start at block 0.
+    _, again = both("llama", tmp_path / "model")
+    dying = window_store(again, validation, tmp_path / "resumed", key="job")
+    write = dying.write
+
+    def write_then_die(index: int, rows: torch.Tensor) -> None:
+        write(index, rows)
+        if index == 3:
+            raise _Killed
+
+    dying.write = write_then_die  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        store_states(again, list(again.batches(validation, 2)), dying)
+    _, third = both("llama", tmp_path / "model")
+    riders = list(third.batches(evaluation, 2))
+    _, ridden = stored_cache(third, validation, tmp_path / "resumed", "job", batch_size=2, riders=riders)
+    assert ridden is None
 
 
 def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> None:
