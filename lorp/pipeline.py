@@ -143,6 +143,8 @@ class _Stages:
         self.progress = progress
         self.should_cancel = should_cancel
         self.timings: dict[str, float] = {}
+        self.runner: Runner | None = None  # a sequential job's: its block loads are counted per stage
+        self.block_loads: dict[str, int] = {}
 
     def check(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -163,8 +165,12 @@ class _Stages:
         if self.progress is not None:
             self.progress(name, 0.0)
         start = time.perf_counter()
+        runner = self.runner
+        loads = runner.block_loads if runner is not None else 0
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
+        if runner is not None:
+            self.block_loads[name] = runner.block_loads - loads
         if self.progress is not None:
             self.progress(name, 1.0)
 
@@ -608,10 +614,17 @@ def _capture_scratch(sources: Sources) -> Iterator[Path]:
 
 
 def _execution_summary(
-    loaded: LoadedModel, spec: PruneSpec, reload_check: dict[str, Any], resumed_at: int | None = None
+    loaded: LoadedModel,
+    spec: PruneSpec,
+    reload_check: dict[str, Any],
+    by_stage: dict[str, int],
+    resumed_at: int | None = None,
 ) -> ExecutionSummary:
     choice = loaded.execution
     assert choice is not None
+    checked = int(reload_check.get("block_loads", 0))  # the written model's, run block by block
+    if checked:
+        by_stage = {**by_stage, Stage.verifying.value: by_stage.get(Stage.verifying.value, 0) + checked}
     return ExecutionSummary(
         mode=choice.mode,
         requested=choice.requested,
@@ -619,8 +632,8 @@ def _execution_summary(
         device=choice.device,
         device_name=choice.device_name,
         # the job's passes, and the reload check's where it ran the written model block by block
-        block_loads=(loaded.runner.block_loads if loaded.runner is not None else 0)
-        + int(reload_check.get("block_loads", 0)),
+        block_loads=(loaded.runner.block_loads if loaded.runner is not None else 0) + checked,
+        block_loads_by_stage=by_stage,
         budget_bytes=choice.budget_bytes,
         weights_bytes=choice.weights_bytes,
         working_bytes=choice.working_bytes,
@@ -721,6 +734,7 @@ def validate(spec: PruneSpec, sources: Sources = _CLI, stages: _Stages | None = 
             spec.model, sources, spec.options.execution, working_set(spec.calibration, num_training_windows(spec))
         )
     n_blocks = len(decoder_blocks(loaded.model))
+    stages.runner = loaded.runner
     opts = spec.options
     if not spec.target.is_quality_bound:
         validate_budget(n_blocks, spec.target.blocks_for(n_blocks), opts)
@@ -1183,7 +1197,9 @@ def report(
                 for prompt, d, p in zip(prompts, executed.dense_text, executed.pruned_text, strict=True)
             ],
             budget_curve=curve,
-            execution=_execution_summary(prepared.loaded, spec, executed.reload_check, planned.resumed_at_block),
+            execution=_execution_summary(
+                prepared.loaded, spec, executed.reload_check, stages.block_loads, planned.resumed_at_block
+            ),
         )
         write_report(out / "report.json", result.to_json())
     return result

@@ -153,8 +153,9 @@ class ExecutionSummary:
 
     ``block_loads``: decoder blocks brought onto the device over the whole job: a sequential job's
     passes, and the reload check's where it runs the written model block by block (0 for a resident
-    job whose check reloads the model whole). ``skipped``: what sequential execution did not measure,
-    each with its reason.
+    job whose check reloads the model whole); ``block_loads_by_stage``: a sequential job's by stage
+    (they add up to ``block_loads``). ``skipped``: what sequential execution did not measure, each with
+    its reason.
     """
 
     mode: str
@@ -163,6 +164,7 @@ class ExecutionSummary:
     device: str
     device_name: str = ""
     block_loads: int = 0
+    block_loads_by_stage: dict[str, int] = field(default_factory=dict)
     budget_bytes: int | None = None
     weights_bytes: int | None = None
     working_bytes: int | None = None

@@ -288,6 +288,11 @@ def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint
     # Compared with the logits the pruned model's evaluation gave, so the check loads only the written
     # model's 6 blocks (and block 0 again to learn its output); the job's count includes them.
     assert (s.reload_check["probe"], s.reload_check["block_loads"]) == ("evaluation", 7)
+    # Where the loads went: they add up to the job's; the dense evaluation rode the validation pass.
+    by_stage = s.execution.block_loads_by_stage
+    assert sum(by_stage.values()) == s.execution.block_loads and by_stage["verifying"] == 7
+    assert by_stage["evaluating_dense"] == 0 and by_stage["evaluating_pruned"] == 6
+    assert by_stage["capture"] == 8 + 1 and r.execution.block_loads_by_stage == {}  # 8 blocks, block 0 again
     on_disk = json.loads((sequential.out_dir / "report.json").read_text())["execution"]
     assert on_disk["mode"] == "sequential" and on_disk["block_loads"] == s.execution.block_loads
 
