@@ -76,7 +76,7 @@ from lorp.selection import Selection, analyze_structure, scored_methods, validat
 from lorp.similarity import SimilarityStats, capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, curve_refusal, execution_refusal
 from lorp.stages import Stage
-from lorp.states import StateCache, StateSink, StoredStateCache, stored_cache, window_store
+from lorp.states import Riders, StateCache, StateSink, StoredStateCache, stored_cache, window_store
 from lorp.surgery import stored_dtypes, stored_tensor_dtypes, write_pruned
 
 log = logging.getLogger(__name__)
@@ -702,7 +702,7 @@ class Planned:
     curve: BudgetCurve | None
     resumed_at_block: int | None = None  # a sequential capture that went on from an earlier attempt's states
     teacher: tuple[DenseFinals, DenseFinals] | None = None  # drawing the curve distilled kept them for execute
-    dense_ran: DenseRun | None = None  # sequential: the evaluation windows rode the validation pass
+    dense_ran: DenseRun | None = None  # sequential: the evaluation windows rode a dense pass of the plan
 
 
 @dataclass
@@ -782,10 +782,12 @@ def _capture(
     sink: StateSink | None,
     folder: Path,
     key: str,
+    dense: _DensePass | None = None,
 ) -> tuple[SimilarityStats, StateStore | None, StateStore | None]:
     """S and D, and in sequential mode the stores the capture wrote its states to (each state as its
     block finishes, so a retry resumes; with a linear heal the heal windows' MLP outputs too, so that
-    fits run no block): (stats, states, MLP outputs)."""
+    fits run no block): (stats, states, MLP outputs). In sequential mode the same pass stores the
+    validation windows' states and carries the evaluation windows (``dense``)."""
     runner = prepared.loaded.runner
     store = mlp_store = None
     if runner is not None:
@@ -804,8 +806,44 @@ def _capture(
         keep_states=sink,
         store=store,
         mlp_store=mlp_store,
+        also=[] if dense is None else [(dense.batches, dense.store)],
+        riders=None if dense is None else dense.riders,
     )
     return stats, store, mlp_store
+
+
+@dataclass
+class _DensePass:
+    """What a sequential job's dense pass carries besides the capture's windows: the validation windows'
+    batches and their state store, and the evaluation windows riding along (:class:`lorp.states.Riders`).
+    The capture runs them all, each block loaded once; where a capture is reused, or an attempt resumed
+    it past the validation store, the validation windows' own pass finishes them."""
+
+    batches: list[Batch]
+    store: StateStore
+    riders: Riders | None
+
+
+def _dense_pass(
+    runner: Runner,
+    data: cal.CalibrationData,
+    eval_windows: cal.TokenWindows | None,
+    spec: PruneSpec,
+    stages: _Stages,
+    scratch: Path,
+    key: str,
+) -> _DensePass:
+    batch_size = spec.calibration.batch_size
+    riders = None
+    if eval_windows is not None and spec.evaluation.perplexity:
+        riders = Riders(
+            list(runner.batches(eval_windows, batch_size, should_cancel=stages.should_cancel, doing="evaluating"))
+        )
+    return _DensePass(
+        batches=list(runner.batches(data.validation, batch_size, should_cancel=stages.should_cancel)),
+        store=window_store(runner, data.validation, scratch / "validation", key),
+        riders=riders,
+    )
 
 
 def _stored_caches(
@@ -819,34 +857,32 @@ def _stored_caches(
     mlp_store: StateStore | None,
     scratch: Path,
     key: str,
-    eval_windows: cal.TokenWindows | None,
-) -> tuple[StateCache | None, StateCache, DenseRun | None]:
+    dense: _DensePass,
+) -> tuple[StateCache | None, StateCache]:
     """A sequential job's dense-state caches on disk: the heal windows' (read from the capture's store,
-    whose first windows they are, when it ran here) and the validation windows'. The evaluation windows
-    ride the validation windows' pass where it runs from block 0 (each block loaded once for both):
-    their batches and final states, for the dense evaluation, else None."""
+    whose first windows they are, when it ran here) and the validation windows' (stored by the capture's
+    pass, else by a pass of their own, which the evaluation windows ride where it runs from block 0)."""
     batch_size = spec.calibration.batch_size
     heal_cache: StateCache | None = None
     if folds_maps(heal) and store is not None:
         heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
         heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.model.dtype, mlp=mlp_store)
     elif folds_maps(heal):
-        heal_cache, _ = stored_cache(
+        heal_cache = stored_cache(
             runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel
         )
-    riders: list[Batch] = []
-    if eval_windows is not None and spec.evaluation.perplexity:
-        riders = list(runner.batches(eval_windows, batch_size, should_cancel=stages.should_cancel, doing="evaluating"))
-    validation_cache, finals = stored_cache(
+    validation_cache = stored_cache(
         runner,
         data.validation,
         scratch / "validation",
         key,
         batch_size=batch_size,
         should_cancel=stages.should_cancel,
-        riders=riders,
+        riders=dense.riders,
+        store=dense.store,
+        batches=dense.batches,
     )
-    return heal_cache, validation_cache, None if finals is None else (riders, finals)
+    return heal_cache, validation_cache
 
 
 def plan(
@@ -874,13 +910,16 @@ def plan(
     resumed_at: int | None = None
     store: StateStore | None = None
     mlp_store: StateStore | None = None
+    dense: _DensePass | None = None  # sequential: the validation and evaluation windows' dense pass
     with _capture_scratch(sources) as scratch:
         if precomputed is not None:
             stats, provenance = _reused(precomputed, n_blocks, loaded, spec.calibration, sources)
         else:
             with stages.stage(Stage.capture):
+                if runner is not None:
+                    dense = _dense_pass(runner, data, eval_windows, spec, stages, scratch, key)
                 stats, store, mlp_store = _capture(
-                    prepared, data, fit_on, heal, spec, stages, sink, scratch / "capture", key
+                    prepared, data, fit_on, heal, spec, stages, sink, scratch / "capture", key, dense
                 )
                 resumed_at = store.resumed_from - 1 if store is not None and store.resumed_from else None
             provenance = capture_provenance(loaded, data, spec.calibration, stats, sources)
@@ -894,9 +933,12 @@ def plan(
             validation_cache: StateCache | None = None
             dense_ran: DenseRun | None = None
             if runner is not None:
-                heal_cache, validation_cache, dense_ran = _stored_caches(
-                    runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key, eval_windows
+                dense = dense or _dense_pass(runner, data, eval_windows, spec, stages, scratch, key)
+                heal_cache, validation_cache = _stored_caches(
+                    runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key, dense
                 )
+                if dense.riders is not None and dense.riders.finals is not None:
+                    dense_ran = (dense.riders.batches, dense.riders.finals)
             choice = choose_plan(
                 prepared.run_on,
                 stats.S,

@@ -16,7 +16,7 @@ resumes from the files of an interrupted attempt, and the host holds one batch's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.scratch import StateStore
-from lorp.states import StateSink, store_states
+from lorp.states import Riders, StateSink, store_states
 
 EPS = 1e-8
 AngularMode = Literal["all_tokens", "last_token"]
@@ -63,6 +63,8 @@ def capture_similarity(
     keep_states: StateSink | None = None,
     store: StateStore | None = None,
     mlp_store: StateStore | None = None,
+    also: Sequence[tuple[list[Batch], StateStore]] = (),
+    riders: Riders | None = None,
 ) -> SimilarityStats:
     """Compute S and D over all calibration tokens in one forward pass per batch.
 
@@ -83,6 +85,8 @@ def capture_similarity(
             S and D are then summed from it a batch at a time (the same sums, in the same order).
         mlp_store: with ``store``, where the blocks' MLP outputs on the first windows go
             (``lorp.states.store_states``' ``mlp``).
+        also, riders: with ``store``, other windows stored by the same pass, and windows run along it
+            unstored (``lorp.states.store_states``): each block loaded once for all of them.
 
     Returns:
         SimilarityStats with S and D as float64 (N+1)x(N+1) arrays.
@@ -103,7 +107,9 @@ def capture_similarity(
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="capturing similarity")
         stored = store is not None and runner.mode == "sequential"
         if store is not None and stored:
-            found = _stored_states(runner, list(batches), store, should_cancel, progress, total, mlp_store)
+            found = _stored_states(
+                runner, list(batches), store, should_cancel, progress, total, mlp_store, also, riders
+            )
         else:
             found = _real_states(runner, batches, keep_states)
         for batch, offset, x, mlp in found:  # x: [tokens, L, d], the batch's real tokens from ``offset``
@@ -140,13 +146,17 @@ def _stored_states(
     progress: Callable[[int, int], None] | None,
     total: int,
     mlp: StateStore | None = None,
+    also: Sequence[tuple[list[Batch], StateStore]] = (),
+    riders: Riders | None = None,
 ) -> Iterator[tuple[Batch, int, torch.Tensor, torch.Tensor | None]]:
     """:func:`_real_states` of a sequential runner through ``store`` (``lorp.states.store_states``), then
     the N + 1 states read back a part of a batch at a time, at most :data:`STORED_READ_BYTES` of them
     (a whole batch's would be 0.4 GB for 4 x 256 tokens of a 48-block model of width 2048; the MLP
     outputs stay in ``mlp``)."""
     on_block = None if progress is None else lambda done, blocks: progress(total * done // (blocks + 1), total)
-    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, mlp=mlp)
+    store_states(
+        runner, batches, store, should_cancel=should_cancel, on_block=on_block, mlp=mlp, also=also, riders=riders
+    )
     n_states = runner.num_blocks + 1
     rows = max(1, STORED_READ_BYTES // (n_states * store.shape["width"] * 4))
     begin = 0

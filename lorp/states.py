@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,39 @@ def window_store(
     return StateStore(directory, key, num_tokens=tokens, width=width, num_states=states, dtype=stored)
 
 
+@dataclass
+class Riders:
+    """Batches that run through a stored pass's blocks beside its windows without being stored (a
+    sequential job's dense evaluation, which needs only their states leaving the last block), and
+    those states once a pass has carried them (:func:`store_states`); None until then."""
+
+    batches: list[Batch]
+    finals: list[torch.Tensor] | None = None
+
+
+def _entering(batches: list[Batch], store: StateStore) -> list[torch.Tensor]:
+    """The states ``batches`` enter the next block to run with: the embedded input of a pass from block
+    0 (written to ``store`` as its state 0 when it is empty), else the last complete state an earlier
+    attempt stored (its padded positions zero: nothing reads them)."""
+    states = [batch.entering for batch in batches]
+    if store.done == 0:
+        store.write(0, _real(states, batches))
+    elif store.done > 1:
+        last = store.read(store.done - 1)
+        states, begin = [], 0
+        for batch in batches:
+            full = torch.zeros((*batch.ids.shape, last.shape[1]), dtype=batch.entering.dtype)
+            full[batch.real.cpu()] = last[begin : begin + batch.real_count].to(full.dtype)
+            states.append(full)
+            begin += batch.real_count
+    return states
+
+
+def _real(states: list[torch.Tensor], batches: list[Batch]) -> list[torch.Tensor]:
+    """Each batch's state rows of its real tokens."""
+    return [h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)]
+
+
 def store_states(
     runner: Runner,
     batches: list[Batch],
@@ -176,40 +210,31 @@ def store_states(
     should_cancel: Callable[[], bool] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     mlp: StateStore | None = None,
-    riders: Sequence[Batch] = (),
-) -> list[torch.Tensor] | None:
+    also: Sequence[tuple[list[Batch], StateStore]] = (),
+    riders: Riders | None = None,
+) -> None:
     """Run ``batches`` through every block, block-major, writing each state to ``store`` as its block
     finishes (the real tokens' rows, in window order); a store holding an earlier attempt's states goes
-    on from the last complete one (its padded positions zero: nothing reads them). ``on_block(done,
-    total)`` follows the blocks.
+    on from the last complete one. ``on_block(done, total)`` follows the blocks.
 
     ``mlp``: a store of each block's MLP output on the first of those rows (the heal windows'), written
     as the block runs, before its state; a block whose MLP output a resumed pass did not keep is left
     out, and so is every block after it (the heal fits then run their anchors again).
 
-    ``riders``: batches that run through the same blocks beside ``batches`` (each block loaded once for
-    both) without being stored: a sequential job's dense evaluation, which needs only their states
-    leaving the last block. Those are returned; None when there are no riders or the store went on
-    from an earlier attempt's blocks (the riders would start again at block 0: the caller runs them)."""
+    ``also``: other windows' batches, each with its own store, run through the same blocks (each
+    block loaded once for all) and stored the same way: a sequential job's validation windows beside
+    its capture's. A store that is not as far as ``store`` (an attempt killed between two writes) is
+    left out: a pass of its own (:func:`stored_cache`) goes on with it.
+
+    ``riders``: batches run through the same blocks without being stored, their states leaving the
+    last block put in ``riders.finals``; only by a pass from block 0 (one that goes on from an earlier
+    attempt's blocks leaves them None: the caller runs them itself)."""
     n_states = runner.num_blocks + 1
-    ride = list(riders) if store.done <= 1 else []  # a pass from block 0 (none ran yet) can take them along
-    ridden = [batch.entering for batch in ride]
-    rows = [batch.real_count for batch in batches]
-    offsets = [sum(rows[:i]) for i in range(len(rows))]
-
-    def real_rows(states: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [h[batch.real.to(h.device)] for h, batch in zip(states, batches, strict=True)]
-
-    states = [batch.entering for batch in batches]
-    if store.done == 0:
-        store.write(0, real_rows(states))
-    elif store.done > 1:
-        last = store.read(store.done - 1)
-        states = []
-        for batch, begin, count in zip(batches, offsets, rows, strict=True):
-            full = torch.zeros((*batch.ids.shape, last.shape[1]), dtype=batch.entering.dtype)
-            full[batch.real.cpu()] = last[begin : begin + count].to(full.dtype)
-            states.append(full)
+    sets = [(list(batches), store), *((list(b), other) for b, other in also if other.done == store.done)]
+    ride = riders.batches if riders is not None and riders.finals is None and store.done <= 1 else []
+    states = [_entering(set_batches, set_store) for set_batches, set_store in sets]
+    every = [batch for set_batches, _ in sets for batch in set_batches] + ride
+    flat = [state for set_states in states for state in set_states] + [batch.entering for batch in ride]
     for j in range(store.done - 1, n_states - 1):
         if should_cancel is not None and should_cancel():
             raise JobCancelled("the job was cancelled while running the model block by block")
@@ -224,15 +249,18 @@ def store_states(
                     if wanted > 0 and i < len(batches):  # the heal windows are the first; later ones not kept
                         kept.append(batches[i].real_rows(latest[block][0])[:wanted].cpu())
 
-                out = runner.run_all([*batches, *ride], start=j, states=[*states, *ridden], stop=j + 1, on_output=keep)
+                flat = runner.run_all(every, start=j, states=flat, stop=j + 1, on_output=keep)
             mlp.write(j, kept)
         else:
-            out = runner.run_all([*batches, *ride], start=j, states=[*states, *ridden], stop=j + 1)
-        states, ridden = out[: len(batches)], out[len(batches) :]
-        store.write(j + 1, real_rows(states))
+            flat = runner.run_all(every, start=j, states=flat, stop=j + 1)
+        at = 0
+        for set_batches, set_store in sets:
+            set_store.write(j + 1, _real(flat[at : at + len(set_batches)], set_batches))
+            at += len(set_batches)
         if on_block is not None:
             on_block(j + 1, n_states - 1)
-    return ridden if ride else None
+    if ride and riders is not None:
+        riders.finals = flat[len(flat) - len(ride) :]
 
 
 class StoredStateCache(StateCache):
@@ -300,12 +328,16 @@ def stored_cache(
     batch_size: int,
     should_cancel: Callable[[], bool] | None = None,
     on_block: Callable[[int, int], None] | None = None,
-    riders: Sequence[Batch] = (),
-) -> tuple[StoredStateCache, list[torch.Tensor] | None]:
+    riders: Riders | None = None,
+    store: StateStore | None = None,
+    batches: list[Batch] | None = None,
+) -> StoredStateCache:
     """:class:`StateCache` of a sequential runner with the states on disk in ``directory`` (resumed
-    when an earlier attempt left them there), and the final states of the ``riders`` that ran beside
-    its windows (:func:`store_states`; None when they did not)."""
-    store = window_store(runner, windows, directory, key)
-    batches = list(runner.batches(windows, batch_size, should_cancel=should_cancel, doing="caching hidden states"))
-    ridden = store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, riders=riders)
-    return StoredStateCache(store, batches, batch_size, runner.model.dtype), ridden
+    when an earlier attempt left them there, and nothing run when another pass completed them:
+    ``store_states(also=...)``); ``riders`` go along where the pass runs from block 0. ``store`` and
+    ``batches``: the windows' store and batches where the caller made them already."""
+    store = store if store is not None else window_store(runner, windows, directory, key)
+    if batches is None:
+        batches = list(runner.batches(windows, batch_size, should_cancel=should_cancel, doing="caching hidden states"))
+    store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, riders=riders)
+    return StoredStateCache(store, batches, batch_size, runner.model.dtype)

@@ -369,8 +369,13 @@ def test_a_sequential_job_stopped_mid_capture_resumes_from_its_scratch(tiny_mode
     assert resumed.execution.resumed_at_block is not None and 3 <= resumed.execution.resumed_at_block < 8
     assert whole.execution.resumed_at_block is None
     assert resumed.chosen == whole.chosen and resumed.plans == whole.plans
-    # The resumed run loaded the blocks from where the first stopped, not all 8, for its capture.
-    assert resumed.execution.block_loads == whole.execution.block_loads - resumed.execution.resumed_at_block
+    # The resumed run loaded the blocks from where the first stopped, not all 8, for its capture (and the
+    # validation windows' states, stored by the same pass); the evaluation windows, which ride only a
+    # pass from block 0, then took a pass of their own (8 loads) instead of riding the capture's.
+    resumed_loads, whole_loads = resumed.execution.block_loads_by_stage, whole.execution.block_loads_by_stage
+    assert resumed_loads["capture"] == whole_loads["capture"] - resumed.execution.resumed_at_block
+    assert (resumed_loads["evaluating_dense"], whole_loads["evaluating_dense"]) == (8, 0)
+    assert resumed.execution.block_loads == whole.execution.block_loads - resumed.execution.resumed_at_block + 8
 
 
 def test_a_sequential_plan_keeps_its_dense_states_on_disk_not_in_memory(tiny_model_dir, corpus_files, tmp_path):

@@ -22,13 +22,14 @@ from lorp.errors import InvalidRequestError, ReloadCheckError
 from lorp.evaluation import negative_log_likelihood, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
+from lorp.execution.scratch import StateStore
 from lorp.export import PrunedLogits, verify_reload_sequential
 from lorp.pipeline import working_set
 from lorp.planner import MIN_TOKENS_PER_WIDTH
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
-from lorp.states import StateCache, StoredStateCache, store_states, stored_cache, window_store
+from lorp.states import Riders, StateCache, StoredStateCache, store_states, stored_cache, window_store
 from lorp.surgery import write_pruned
 
 from .archs import ARCHS, six_blocks, write_wide_llama
@@ -239,13 +240,14 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
 def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loads_no_block(tmp_path: Path) -> None:
     resident, sequential = both("llama", tmp_path / "model")
     validation, evaluation = windows(5), windows(4, seed=9)
-    riders = list(sequential.batches(evaluation, 2))
+    riders = Riders(list(sequential.batches(evaluation, 2)))
     before = sequential.block_loads
-    cache, ridden = stored_cache(sequential, validation, tmp_path / "scratch", "job", batch_size=2, riders=riders)
+    cache = stored_cache(sequential, validation, tmp_path / "scratch", "job", batch_size=2, riders=riders)
     assert sequential.block_loads - before == 6  # each block once, for both sets of windows
-    assert ridden is not None and len(ridden) == len(riders) == 2
+    ran = (riders.batches, riders.finals)
+    assert riders.finals is not None and len(riders.finals) == len(riders.batches) == 2
     before = sequential.block_loads
-    got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=(riders, ridden))
+    got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=ran)
     assert sequential.block_loads == before  # only the head ran
     expected = negative_log_likelihood(resident, evaluation, batch_size=2)
     assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6)
@@ -255,25 +257,91 @@ def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loa
         real = plain.batches[b].real
         torch.testing.assert_close(cache.state(b, 6)[real], plain.state(b, 6)[real], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="dense model"):
-        negative_log_likelihood(sequential, evaluation, batch_size=2, removed=[2], ran=(riders, ridden))
+        negative_log_likelihood(sequential, evaluation, batch_size=2, removed=[2], ran=ran)
 
     # A pass that goes on from an earlier attempt's blocks takes no riders: they would start at block 0.
     _, again = both("llama", tmp_path / "model")
     dying = window_store(again, validation, tmp_path / "resumed", key="job")
-    write = dying.write
-
-    def write_then_die(index: int, rows: torch.Tensor) -> None:
-        write(index, rows)
-        if index == 3:
-            raise _Killed
-
-    dying.write = write_then_die  # type: ignore[method-assign]
+    _die_after_state(dying, 3)
     with pytest.raises(_Killed):
         store_states(again, list(again.batches(validation, 2)), dying)
     _, third = both("llama", tmp_path / "model")
-    riders = list(third.batches(evaluation, 2))
-    _, ridden = stored_cache(third, validation, tmp_path / "resumed", "job", batch_size=2, riders=riders)
-    assert ridden is None
+    riders = Riders(list(third.batches(evaluation, 2)))
+    stored_cache(third, validation, tmp_path / "resumed", "job", batch_size=2, riders=riders)
+    assert riders.finals is None
+
+
+def _die_after_state(store: StateStore, index: int) -> None:
+    """``store`` raises :class:`_Killed` once its state ``index`` is written (a worker killed there)."""
+    write = store.write
+
+    def write_then_die(at: int, rows: torch.Tensor) -> None:
+        write(at, rows)
+        if at == index:
+            raise _Killed
+
+    store.write = write_then_die  # type: ignore[method-assign]
+
+
+def test_the_capture_pass_stores_the_validation_windows_too_and_a_store_left_behind_goes_on_alone(
+    tmp_path: Path,
+) -> None:
+    resident, sequential = both("llama", tmp_path / "model")
+    capture, validation = windows(5), windows(4, seed=9)
+    plain = StateCache(resident, validation, batch_size=2)
+    val_batches = list(sequential.batches(validation, 2))
+    val_store = window_store(sequential, validation, tmp_path / "validation", key="job")
+    store = window_store(sequential, capture, tmp_path / "capture", key="job")
+    before = sequential.block_loads
+    stats = capture_similarity(sequential, capture, batch_size=2, store=store, also=[(val_batches, val_store)])
+    assert sequential.block_loads - before == 6  # one pass for both sets of windows
+    ref = capture_similarity(resident, capture, batch_size=2)
+    np.testing.assert_allclose(stats.S, ref.S, rtol=0, atol=1e-6)
+    before = sequential.block_loads
+    cache = stored_cache(
+        sequential, validation, tmp_path / "validation", "job", batch_size=2, store=val_store, batches=val_batches
+    )
+    assert sequential.block_loads == before  # complete: nothing left to run
+    for b in range(plain.num_batches):
+        real = plain.batches[b].real
+        for j in range(7):
+            torch.testing.assert_close(cache.state(b, j)[real], plain.state(b, j)[real], rtol=0, atol=1e-6)
+
+    # Killed after the capture's state 4 but before the validation windows' (they are written in turn):
+    # the resumed capture leaves the validation store out, whose own pass then goes on from its state 3.
+    _, dying = both("llama", tmp_path / "model")
+    val_store = window_store(dying, validation, tmp_path / "validation-2", key="job")
+    _die_after_state(val_store, 3)
+    with pytest.raises(_Killed):
+        capture_similarity(
+            dying,
+            capture,
+            batch_size=2,
+            store=window_store(dying, capture, tmp_path / "capture-2", key="job"),
+            also=[(list(dying.batches(validation, 2)), val_store)],
+        )
+    _, again = both("llama", tmp_path / "model")
+    store = window_store(again, capture, tmp_path / "capture-2", key="job")
+    val_store = window_store(again, validation, tmp_path / "validation-2", key="job")
+    assert (store.done, val_store.done) == (4, 4)
+    val_batches = list(again.batches(validation, 2))
+    _die_after_state(store, 5)  # now the capture gets one state ahead
+    with pytest.raises(_Killed):
+        capture_similarity(again, capture, batch_size=2, store=store, also=[(val_batches, val_store)])
+    _, third = both("llama", tmp_path / "model")
+    store = window_store(third, capture, tmp_path / "capture-2", key="job")
+    val_store = window_store(third, validation, tmp_path / "validation-2", key="job")
+    assert (store.done, val_store.done) == (6, 5)
+    val_batches = list(third.batches(validation, 2))
+    resumed = capture_similarity(third, capture, batch_size=2, store=store, also=[(val_batches, val_store)])
+    np.testing.assert_allclose(resumed.S, ref.S, rtol=0, atol=1e-6)
+    assert val_store.done == 5  # left out of the capture's pass
+    cache = stored_cache(
+        third, validation, tmp_path / "validation-2", "job", batch_size=2, store=val_store, batches=val_batches
+    )
+    for b in range(plain.num_batches):
+        real = plain.batches[b].real
+        torch.testing.assert_close(cache.state(b, 6)[real], plain.state(b, 6)[real], rtol=0, atol=1e-6)
 
 
 def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> None:
