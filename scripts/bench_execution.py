@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"What a sequential job holds for its whole length: the imports ({base / size:.3f} of the checkpoint), one "
         "block at a time, and one pass's states; the token embeddings and the head, kept in the checkpoint's dtype "
-        f"({outside / 2 / size:.3f} each), are read only while a batch is embedded and while logits are taken (the "
-        "heal fits, where the job peaks, hold neither). The dense states of the "
+        f"({outside / 2 / size:.3f} each), are read only while a batch is embedded and while logits are taken "
+        "(neither is held where the job peaks). The dense states of the "
         "capture, the heal windows' MLP outputs and the validation windows' states wait in the job's scratch on "
         "disk, and so do the candidates' heal maps and M^T M (32 MB each at this width).",
         "",
