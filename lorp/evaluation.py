@@ -103,8 +103,8 @@ def negative_log_likelihood(
             state leaving its last block while the view and its head are held (how a sequential job's
             reload check takes the pruned model's logits from this pass, ``lorp.export.PrunedLogits``).
         ran: the windows' batches (of ``batch_size``) and their states leaving the last block, from a
-            pass that ran them already (a sequential job's dense evaluation rides its validation pass,
-            ``lorp.states.store_states``): only the head runs here. The dense model's only.
+            pass that ran them already (a sequential job's evaluation windows ride its dense pass,
+            ``lorp.states.Riders``): only the head runs here. The dense model's only.
     """
     runner = as_runner(model)
     total_nll = 0.0

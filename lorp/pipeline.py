@@ -389,7 +389,7 @@ def _measure_sequential(
     """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity (and,
     pruned, the divergence from the dense predictions) through the execution layer, and the block and
     parameter counts. ``taken`` keeps the first batch's logits for the reload check; with ``ran`` (the
-    dense evaluation windows' batches and final states from the validation pass) only the head runs."""
+    evaluation windows' batches and final states from the plan's dense pass) only the head runs."""
     assert loaded.runner is not None
     metrics: dict[str, Any] = {}
     if eval_windows is not None and spec.evaluation.perplexity:
@@ -833,6 +833,8 @@ def _dense_pass(
     scratch: Path,
     key: str,
 ) -> _DensePass:
+    """The validation windows' batches and store, and the evaluation windows as riders where the job
+    measures perplexity."""
     batch_size = spec.calibration.batch_size
     riders = None
     if eval_windows is not None and spec.evaluation.perplexity:
