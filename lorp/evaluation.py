@@ -16,6 +16,7 @@ from lorp.divergence import DenseFinals, Divergence, next_token_valid, token_div
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.healed import FoldedMap
+from lorp.states import Riders
 
 
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -84,7 +85,7 @@ def negative_log_likelihood(
     against: DenseFinals | None = None,
     divergence: Divergence | None = None,
     on_first_batch: Callable[[Runner, Batch, torch.Tensor], None] | None = None,
-    ran: tuple[Sequence[Batch], Sequence[torch.Tensor]] | None = None,
+    ran: Riders | None = None,
 ) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and the number of predicted tokens.
 
@@ -102,8 +103,8 @@ def negative_log_likelihood(
         on_first_batch: called as ``on_first_batch(view, batch, final)`` with the first batch and the
             state leaving its last block while the view and its head are held (how a sequential job's
             reload check takes the pruned model's logits from this pass, ``lorp.export.PrunedLogits``).
-        ran: the windows' batches (of ``batch_size``) and their states leaving the last block, from a
-            pass that ran them already (a sequential job's evaluation windows ride its dense pass,
+        ran: the windows' batches (of ``batch_size``) with their states leaving the last block, carried
+            by a pass that ran already (a sequential job's evaluation windows ride its dense pass,
             ``lorp.states.Riders``): only the head runs here. The dense model's only.
     """
     runner = as_runner(model)
@@ -113,15 +114,19 @@ def negative_log_likelihood(
     done = 0
     index = 0  # the batch's position in the whole pass
     if ran is not None and (
-        removed or fits or sum(batch.num_windows for batch in ran[0]) != count or len(ran[0]) != len(ran[1])
+        removed
+        or fits
+        or ran.finals is None
+        or sum(batch.num_windows for batch in ran.batches) != count
+        or len(ran.batches) != len(ran.finals)
     ):
         raise ValueError("the batches that ran already are the dense model's, one final state each, of these windows")
     with torch.inference_mode():
         batches = runner.batches(windows, batch_size, should_cancel=should_cancel, doing="evaluating")
-        groups = runner.groups(batches) if ran is None else [list(ran[0])]
+        groups = runner.groups(batches) if ran is None else [list(ran.batches)]
         for group in groups:
             with runner.pruned(removed, fits) as view:
-                finals = view.run_all(group) if ran is None else list(ran[1])
+                finals = view.run_all(group) if ran is None or ran.finals is None else list(ran.finals)
                 with view.head():
                     nlls = []
                     for i, (batch, final) in enumerate(zip(group, finals, strict=True)):

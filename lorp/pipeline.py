@@ -84,8 +84,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 AnalysisLookup = Callable[[str], "tuple[SimilarityStats, dict[str, Any]] | None"]
-# Windows' batches and the states leaving their last block, from a pass that ran them already.
-DenseRun = tuple[list[Batch], list[torch.Tensor]]
 
 
 MODEL_SUBDIR = "model"
@@ -384,7 +382,7 @@ def _measure_sequential(
     keep: DenseFinals | None = None,
     against: DenseFinals | None = None,
     taken: PrunedLogits | None = None,
-    ran: DenseRun | None = None,
+    ran: Riders | None = None,
 ) -> dict[str, Any]:
     """The metrics a sequential run measures, dense or (``removed``, ``fits``) pruned: perplexity (and,
     pruned, the divergence from the dense predictions) through the execution layer, and the block and
@@ -702,7 +700,7 @@ class Planned:
     curve: BudgetCurve | None
     resumed_at_block: int | None = None  # a sequential capture that went on from an earlier attempt's states
     teacher: tuple[DenseFinals, DenseFinals] | None = None  # drawing the curve distilled kept them for execute
-    dense_ran: DenseRun | None = None  # sequential: the evaluation windows rode a dense pass of the plan
+    dense_ran: Riders | None = None  # sequential: the evaluation windows, carried by the plan's dense pass
 
 
 @dataclass
@@ -933,14 +931,14 @@ def plan(
         with stages.stage(Stage.selection):
             heal_cache: StateCache | None = sink.cache() if sink is not None and sink.windows else None
             validation_cache: StateCache | None = None
-            dense_ran: DenseRun | None = None
+            dense_ran: Riders | None = None
             if runner is not None:
                 dense = dense or _dense_pass(runner, data, eval_windows, spec, stages, scratch, key)
                 heal_cache, validation_cache = _stored_caches(
                     runner, data, fit_on, heal, spec, stages, store, mlp_store, scratch, key, dense
                 )
                 if dense.riders is not None and dense.riders.finals is not None:
-                    dense_ran = (dense.riders.batches, dense.riders.finals)
+                    dense_ran = dense.riders
             choice = choose_plan(
                 prepared.run_on,
                 stats.S,

@@ -182,11 +182,12 @@ class Riders:
 def _entering(batches: list[Batch], store: StateStore) -> list[torch.Tensor]:
     """The states ``batches`` enter the next block to run with: the embedded input of a pass from block
     0 (written to ``store`` as its state 0 when it is empty), else the last complete state an earlier
-    attempt stored (its padded positions zero: nothing reads them)."""
+    attempt stored (its padded positions zero: nothing reads them); a complete store, which no block
+    will run on, is not read."""
     states = [batch.entering for batch in batches]
     if store.done == 0:
         store.write(0, _real(states, batches))
-    elif store.done > 1:
+    elif 1 < store.done < store.shape["states"]:
         last = store.read(store.done - 1)
         states, begin = [], 0
         for batch in batches:

@@ -211,14 +211,7 @@ def test_an_interrupted_capture_resumes_at_the_next_block_with_the_same_result(t
 
     _, interrupted = both("llama", tmp_path / "model")
     dying = window_store(interrupted, data, tmp_path / "scratch", key="job")
-    write = dying.write
-
-    def write_then_die(index: int, rows: torch.Tensor) -> None:
-        write(index, rows)
-        if index == 4:  # states 0..4 are on disk: blocks 0..3 ran
-            raise _Killed
-
-    dying.write = write_then_die  # type: ignore[method-assign]
+    _die_after_state(dying, 4)  # states 0..4 are on disk: blocks 0..3 ran
     with pytest.raises(_Killed):
         capture_similarity(interrupted, data, batch_size=2, store=dying)
     _, again = both("llama", tmp_path / "model")
@@ -244,7 +237,7 @@ def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loa
     before = sequential.block_loads
     cache = stored_cache(sequential, validation, tmp_path / "scratch", "job", batch_size=2, riders=riders)
     assert sequential.block_loads - before == 6  # each block once, for both sets of windows
-    ran = (riders.batches, riders.finals)
+    ran = riders
     assert riders.finals is not None and len(riders.finals) == len(riders.batches) == 2
     before = sequential.block_loads
     got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=ran)
@@ -355,14 +348,7 @@ def test_an_interrupted_capture_resumes_its_mlp_outputs_too(tmp_path: Path) -> N
 
     _, interrupted = both("llama", tmp_path / "model")
     dying = window_store(interrupted, data, tmp_path / "scratch", key="job")
-    write = dying.write
-
-    def write_then_die(index: int, rows: torch.Tensor) -> None:
-        write(index, rows)
-        if index == 4:
-            raise _Killed
-
-    dying.write = write_then_die  # type: ignore[method-assign]
+    _die_after_state(dying, 4)
     mlp = window_store(interrupted, data, tmp_path / "scratch-mlp", key="job", num_states=n)
     with pytest.raises(_Killed):
         capture_similarity(interrupted, data, batch_size=2, store=dying, mlp_store=mlp)
