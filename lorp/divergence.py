@@ -33,6 +33,18 @@ def next_token_valid(mask: torch.Tensor) -> torch.Tensor:
     return (mask[:, 1:] * mask[:, :-1]).bool()
 
 
+LOGIT_ROWS = 64
+"""Positions whose logits a reduction turns into float32 at once. A window's log-probabilities are
+``[tokens, vocabulary]`` float32, 50 MB for 256 tokens of a 49,152-word vocabulary, and a KL writes
+several such temporaries: taken whole, they set a sequential job's peak (docs/benchmarks.md)."""
+
+
+def logit_rows(logits: torch.Tensor) -> list[torch.Tensor]:
+    """``[windows, tokens, vocabulary]`` logits as ``[positions, vocabulary]`` parts of at most
+    :data:`LOGIT_ROWS` positions, window by window, in order: views, not copies."""
+    return [part for window in logits for part in window.split(LOGIT_ROWS)]
+
+
 def token_divergence(
     dense_logits: torch.Tensor, pruned_logits: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +63,18 @@ def token_divergence(
         raise ValueError(f"logits differ in shape: {tuple(dense_logits.shape)} vs {tuple(pruned_logits.shape)}")
     valid = valid.to(dense_logits.device)
     # Every position reduced first, the counted ones picked after: picking rows of the [tokens, vocabulary]
-    # log-probabilities first would copy them twice over for nothing.
-    p_log = torch.log_softmax(dense_logits[:, :-1].float(), dim=-1)
-    q_log = torch.log_softmax(pruned_logits[:, :-1].to(dense_logits.device).float(), dim=-1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1, dtype=torch.float64)[valid].clamp_(min=0.0)
-    agree = (p_log.argmax(dim=-1) == q_log.argmax(dim=-1))[valid]
+    # log-probabilities first would copy them twice over for nothing. :data:`LOGIT_ROWS` at a time.
+    kls, agrees = [], []
+    dense_rows = logit_rows(dense_logits[:, :-1])
+    pruned_rows = logit_rows(pruned_logits[:, :-1].to(dense_logits.device))
+    for dense, pruned in zip(dense_rows, pruned_rows, strict=True):
+        p_log = torch.log_softmax(dense.float(), dim=-1)
+        q_log = torch.log_softmax(pruned.float(), dim=-1)
+        agrees.append(p_log.argmax(dim=-1) == q_log.argmax(dim=-1))
+        p = p_log.exp()
+        kls.append((p * p_log.sub_(q_log)).sum(dim=-1, dtype=torch.float64))
+    kl = torch.cat(kls).reshape(valid.shape)[valid].clamp_(min=0.0)
+    agree = torch.cat(agrees).reshape(valid.shape)[valid]
     return kl, agree
 
 

@@ -12,7 +12,7 @@ import torch
 
 from lorp.blocks import input_device
 from lorp.calibration import TokenWindows
-from lorp.divergence import DenseFinals, Divergence, next_token_valid, token_divergence
+from lorp.divergence import DenseFinals, Divergence, logit_rows, next_token_valid, token_divergence
 from lorp.errors import InvalidRequestError
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.healed import FoldedMap
@@ -24,10 +24,15 @@ def batch_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tu
 
     A target counts only when it and its context position are real (unmasked) tokens.
     """
-    # -log softmax(z)[t] = logsumexp(z) - z[t], without writing the whole log-softmax out
-    z = logits[:, :-1].float()
-    nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # -log softmax(z)[t] = logsumexp(z) - z[t], without writing the whole log-softmax out, and
+    # lorp.divergence.LOGIT_ROWS positions at a time in float32
+    targets = logit_rows(ids[:, 1:].unsqueeze(-1))
+    parts = []
+    for z, target in zip(logit_rows(logits[:, :-1]), targets, strict=True):
+        z = z.float()
+        parts.append(torch.logsumexp(z, dim=-1) - z.gather(-1, target).squeeze(-1))
     valid = next_token_valid(mask)
+    nll = torch.cat(parts).reshape(valid.shape)
     return float(nll[valid].double().sum()), int(valid.sum())
 
 

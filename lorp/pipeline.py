@@ -44,6 +44,7 @@ from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.execution import Batch, Runner
 from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.healed import FoldedMap
+from lorp.execution.onload import trim_heap
 from lorp.execution.scratch import StateStore
 from lorp.export import PrunedLogits, save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
@@ -839,11 +840,15 @@ def _dense_pass(
         riders = Riders(
             list(runner.batches(eval_windows, batch_size, should_cancel=stages.should_cancel, doing="evaluating"))
         )
-    return _DensePass(
+    dense = _DensePass(
         batches=list(runner.batches(data.validation, batch_size, should_cancel=stages.should_cancel)),
         store=window_store(runner, data.validation, scratch / "validation", key),
         riders=riders,
     )
+    # Embedding the batches used and freed the token embeddings (in sequential mode) and the tokenizer's
+    # temporaries: given back here, not held through the pass they ride (docs/benchmarks.md).
+    trim_heap()
+    return dense
 
 
 def _stored_caches(

@@ -10,10 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+import lorp.divergence
 from lorp.blocks import remove_blocks
 from lorp.divergence import DenseFinals, Divergence, next_token_valid, position_kl, token_divergence
-from lorp.evaluation import negative_log_likelihood
+from lorp.evaluation import batch_nll, negative_log_likelihood
 
 from .helpers import tiny_llama, windows_with_padding
 
@@ -64,6 +66,37 @@ def test_position_kl_gives_the_closed_form_and_autograds_gradient():
 def _measure(model, windows, **kwargs) -> float:
     nll, tokens = negative_log_likelihood(model, windows, batch_size=2, **kwargs)
     return nll / tokens
+
+
+def test_logits_are_reduced_a_few_positions_at_a_time_with_the_whole_windows_figures(monkeypatch):
+    # Windows of 50 positions (49 predicting), padded, over a vocabulary of 300, reduced 16 positions at
+    # a time: parts that do not divide the window, and windows that do not share one.
+    vocabulary, rows = 300, 16
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(3, 50, vocabulary, generator=generator).bfloat16()
+    pruned = torch.randn(3, 50, vocabulary, generator=generator).bfloat16()
+    ids = torch.randint(0, vocabulary, (3, 50), generator=generator)
+    mask = torch.ones(3, 50, dtype=torch.long)
+    mask[1, 40:] = 0
+    valid = next_token_valid(mask)
+    p_log, q_log = torch.log_softmax(dense[:, :-1].float(), -1), torch.log_softmax(pruned[:, :-1].float(), -1)
+    whole_kl = (p_log.exp() * (p_log - q_log)).sum(-1, dtype=torch.float64)[valid].clamp(min=0.0)
+    whole_agree = (p_log.argmax(-1) == q_log.argmax(-1))[valid]
+    z = dense[:, :-1].float()
+    whole_nll = (torch.logsumexp(z, -1) - z.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1))[valid].double().sum()
+
+    def largest_allocation(parts: int) -> int:
+        monkeypatch.setattr(lorp.divergence, "LOGIT_ROWS", parts)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
+            kl, agree = token_divergence(dense, pruned, valid)
+            nll, tokens = batch_nll(dense, ids, mask)
+        assert torch.equal(kl, whole_kl) and torch.equal(agree, whole_agree)
+        assert nll == float(whole_nll) and tokens == int(valid.sum()) == 3 * 49 - 10
+        return max(event.cpu_memory_usage for event in run.events())
+
+    float32_row = vocabulary * 4
+    assert largest_allocation(rows) <= 2 * rows * float32_row
+    assert largest_allocation(10**6) >= 49 * float32_row  # a whole window at once, as before
 
 
 def test_a_model_against_itself_is_zero_and_agrees_everywhere():
