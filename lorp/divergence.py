@@ -11,7 +11,8 @@ predicts what the dense one did. Here, on the same held-out windows and position
 The dense side costs no second pass over the dense model: its pass for the perplexity keeps the
 states leaving its last block (:class:`DenseFinals`, ``[windows, tokens, d]`` in the run's dtype, on the
 host), and the pruned pass turns them into the dense logits with the same final norm and head, which
-depth pruning leaves unchanged. Logits are taken a window at a time, as the perplexity takes them.
+depth pruning leaves unchanged. Logits are taken a window at a time, as the perplexity takes them, and
+reduced :data:`LOGIT_ROWS` positions at a time.
 """
 
 from __future__ import annotations

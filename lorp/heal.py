@@ -144,8 +144,12 @@ class FitStatistics:
     def solve(self, ridge: float) -> torch.Tensor:
         width = self.mtm.shape[0]
         lam = ridge * float(torch.trace(self.mtm)) / width or ridge
-        eye = torch.eye(width, dtype=torch.float64, device=self.mtm.device)
-        return torch.linalg.solve(self.mtm + lam * eye, self.mtz + lam * eye)
+        # (M^T M + lam I) T = M^T Z + lam I, with lam added to copies' diagonals: no identity matrix and
+        # no lam * I beside them (two fewer d x d float64 temporaries, 32 MB each at width 2,048).
+        a, b = self.mtm.clone(), self.mtz.clone()
+        a.diagonal().add_(lam)
+        b.diagonal().add_(lam)
+        return torch.linalg.solve(a, b)
 
     def relative(self, squared: float) -> float:
         return math.sqrt(max(squared, 0.0) / self.zz) if self.zz > 0 else 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.errors import InvalidRequestError
@@ -124,6 +125,24 @@ def test_the_fit_recovers_a_known_map_from_the_statistics() -> None:
     torch.testing.assert_close(stats.solve(ridge=1e-10), A, rtol=1e-6, atol=1e-6)
     assert stats.relative(stats.squared_error(A)) < 1e-8
     assert stats.tokens == 500
+
+
+def test_the_solve_allocates_four_d_by_d_matrices_and_gives_the_ridge_solution() -> None:
+    # (M^T M + lam I) T = M^T Z + lam I: the two copies it solves with, the solver's factor and T; not
+    # an identity and lam I besides (7 of them before). At width 2,048 each is 32 MB of float64.
+    width = 128
+    g = torch.Generator().manual_seed(3)
+    stats = FitStatistics(torch.device("cpu"))
+    stats.add(torch.randn(400, width, generator=g), torch.randn(400, width, generator=g))
+    mtm, mtz = stats.mtm.clone(), stats.mtz.clone()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
+        T = stats.solve(ridge=1e-2)
+    allocated = sum(event.self_cpu_memory_usage for event in run.events() if event.self_cpu_memory_usage > 0)
+    assert allocated <= 4.5 * width * width * 8
+    lam = 1e-2 * float(torch.trace(mtm)) / width
+    eye = torch.eye(width, dtype=torch.float64)
+    assert torch.equal(T, torch.linalg.solve(mtm + lam * eye, mtz + lam * eye))
+    assert torch.equal(stats.mtm, mtm) and torch.equal(stats.mtz, mtz)  # the statistics are left alone
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "opt", "falcon", "phi3"])
