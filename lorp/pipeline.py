@@ -44,7 +44,6 @@ from lorp.evaluation import greedy_completions, measure_speed, perplexity
 from lorp.execution import Batch, Runner
 from lorp.execution.choice import WorkingSet, memory_budget
 from lorp.execution.healed import FoldedMap
-from lorp.execution.onload import trim_heap
 from lorp.execution.scratch import StateStore
 from lorp.export import PrunedLogits, save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
@@ -840,15 +839,11 @@ def _dense_pass(
         riders = Riders(
             list(runner.batches(eval_windows, batch_size, should_cancel=stages.should_cancel, doing="evaluating"))
         )
-    dense = _DensePass(
+    return _DensePass(
         batches=list(runner.batches(data.validation, batch_size, should_cancel=stages.should_cancel)),
         store=window_store(runner, data.validation, scratch / "validation", key),
         riders=riders,
     )
-    # Embedding the batches loaded and freed the token embeddings (in sequential mode; 201 MB on the
-    # bench's 4.7 GB model): their memory goes back here, not held through the pass (docs/benchmarks.md).
-    trim_heap()
-    return dense
 
 
 def _stored_caches(

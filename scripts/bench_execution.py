@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if dtype == "bfloat16":
                 target_runs.append(got)
-            big[dtype] = got
+            else:
+                big[dtype] = got
             print(f"sequential {dtype}: peak {got['peak'] / 2**30:.2f} GiB, {got['wall']:.0f} s, chose {got['chosen']}")
         # The peak of one run moves by a tenth of a GiB or more between runs (where glibc's heap happens to
         # stand when a pass's temporaries come): the target's row is the median run.
         big["bfloat16"] = {
-            **big["bfloat16"],
+            **target_runs[-1],
             "peak": statistics.median(r["peak"] for r in target_runs),
             "wall": statistics.median(r["wall"] for r in target_runs),
         }

@@ -237,10 +237,9 @@ def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loa
     before = sequential.block_loads
     cache = stored_cache(sequential, validation, tmp_path / "scratch", "job", batch_size=2, riders=riders)
     assert sequential.block_loads - before == 6  # each block once, for both sets of windows
-    ran = riders
     assert riders.finals is not None and len(riders.finals) == len(riders.batches) == 2
     before = sequential.block_loads
-    got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=ran)
+    got = negative_log_likelihood(sequential, evaluation, batch_size=2, ran=riders)
     assert sequential.block_loads == before  # only the head ran
     expected = negative_log_likelihood(resident, evaluation, batch_size=2)
     assert got[1] == expected[1] and got[0] == pytest.approx(expected[0], rel=1e-6)
@@ -250,7 +249,7 @@ def test_evaluation_windows_ride_the_validation_pass_so_the_dense_evaluation_loa
         real = plain.batches[b].real
         torch.testing.assert_close(cache.state(b, 6)[real], plain.state(b, 6)[real], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="dense model"):
-        negative_log_likelihood(sequential, evaluation, batch_size=2, removed=[2], ran=ran)
+        negative_log_likelihood(sequential, evaluation, batch_size=2, removed=[2], ran=riders)
 
     # A pass that goes on from an earlier attempt's blocks takes no riders: they would start at block 0.
     _, again = both("llama", tmp_path / "model")
