@@ -111,7 +111,12 @@ def contiguous_spans(pruned: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class FitStatistics:
-    """M^T M, M^T Z and the sums of squares a fit and its residuals need (Z = h_e - Y), in float64."""
+    """M^T M, M^T Z and the sums of squares a fit and its residuals need (Z = h_e - Y), in float64.
+
+    ``mtm`` is formed here (``add``) or given (:meth:`use_gram`, from a cache); the solve factors it in
+    place when it is the statistics' own, so a fit holds at most four d x d float64 matrices at once
+    (three when it owns ``mtm``): 32 MB each at width 2,048, 512 MB at 8,192.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -119,9 +124,15 @@ class FitStatistics:
         self.mtz = torch.zeros(0, 0, dtype=torch.float64)
         self.zz = 0.0
         self.tokens = 0
+        self._gram_shared = False
+
+    def use_gram(self, mtm: torch.Tensor, *, shared: bool) -> None:
+        """Take M^T M from elsewhere (then ``add(..., gram=False)``); ``shared``: others read it too,
+        so the solve factors a copy of it rather than it."""
+        self.mtm, self._gram_shared = mtm, shared
 
     def add(self, m: torch.Tensor, z: torch.Tensor, *, gram: bool = True) -> None:
-        """Accumulate one batch's rows; ``gram=False`` leaves ``mtm`` alone (set from a cache)."""
+        """Accumulate one batch's rows; ``gram=False`` leaves ``mtm`` alone (set by :meth:`use_gram`)."""
         m64, z64 = m.to(self.device, torch.float64), z.to(self.device, torch.float64)
         if self.tokens == 0:
             width = m64.shape[-1]
@@ -129,27 +140,42 @@ class FitStatistics:
                 self.mtm = torch.zeros(width, width, dtype=torch.float64, device=self.device)
             self.mtz = torch.zeros(width, width, dtype=torch.float64, device=self.device)
         if gram:
-            self.mtm += m64.T @ m64
-        self.mtz += m64.T @ z64
+            self.mtm.addmm_(m64.T, m64)  # into the sum: no d x d product beside it
+        self.mtz.addmm_(m64.T, z64)
         self.zz += float((z64 * z64).sum())
         self.tokens += m64.shape[0]
 
-    def squared_error(self, T: torch.Tensor | None) -> float:
-        """||M T - Z||^2 (``T=None``: the identity) from the statistics alone."""
-        if T is None:
-            return float(torch.trace(self.mtm) - 2 * torch.trace(self.mtz)) + self.zz
-        quadratic = float(torch.vdot(T.reshape(-1), (self.mtm @ T).reshape(-1)))  # one d x d temporary
-        return quadratic - 2 * float(torch.vdot(T.reshape(-1), self.mtz.reshape(-1))) + self.zz
+    def solve(self, ridge: float) -> tuple[torch.Tensor, float, float]:
+        """``T`` solving (M^T M + lam I) T = M^T Z + lam I, with lam = ``ridge`` x the mean of M^T M's
+        diagonal, and the relative residuals without and with it (:class:`SpanFit`'s).
 
-    def solve(self, ridge: float) -> torch.Tensor:
+        By a Cholesky factor (the matrix is symmetric positive definite for lam > 0) formed in place, in
+        ``mtm`` itself when it is the statistics' own (it is then spent: the statistics solve once), and
+        two triangular solves in place in a copy of ``mtz``. The residual with ``T`` comes from the
+        system it solves, M^T M T = M^T Z + lam (I - T), rather than from another d x d product.
+        """
         width = self.mtm.shape[0]
-        lam = ridge * float(torch.trace(self.mtm)) / width or ridge
-        # (M^T M + lam I) T = M^T Z + lam I, with lam added to copies' diagonals: no identity matrix and
-        # no lam * I beside them (two fewer d x d float64 temporaries, 32 MB each at width 2,048).
-        a, b = self.mtm.clone(), self.mtz.clone()
-        a.diagonal().add_(lam)
-        b.diagonal().add_(lam)
-        return torch.linalg.solve(a, b)
+        trace = float(torch.trace(self.mtm))
+        lam = ridge * trace / width or ridge
+        before = trace - 2 * float(torch.trace(self.mtz)) + self.zz  # ||M - Z||^2: T = I
+        factor = self.mtm.clone() if self._gram_shared else self.mtm
+        factor.diagonal().add_(lam)
+        info = torch.zeros((), dtype=torch.int32, device=factor.device)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info):
+            raise ValueError(f"a heal fit's statistics are not positive definite (minor {int(info)}): non-finite?")
+        if not self._gram_shared:
+            self.mtm = torch.zeros(0, 0, dtype=torch.float64)  # spent: it holds the factor
+        T = self.mtz.clone()
+        T.diagonal().add_(lam)
+        torch.linalg.solve_triangular(factor, T, upper=False, out=T)
+        torch.linalg.solve_triangular(factor.mT, T, upper=True, out=T)
+        del factor
+        # ||M T - Z||^2 = <T, M^T M T> - 2 <T, M^T Z> + Z.Z, with M^T M T = M^T Z + lam (I - T):
+        flat = T.reshape(-1)
+        cross = float(torch.vdot(flat, self.mtz.reshape(-1)))
+        after = self.zz - cross + lam * (float(torch.trace(T)) - float(flat @ flat))
+        return T, self.relative(before), self.relative(after)
 
     def relative(self, squared: float) -> float:
         return math.sqrt(max(squared, 0.0) / self.zz) if self.zz > 0 else 0.0

@@ -165,8 +165,9 @@ class CachedHealer:
             rows.append((m.to(h.device), h))
         return rows
 
-    def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """The anchor's (M, h) on the dense model and M^T M, kept for the most recent anchors: every
+    def _dense_anchor(self, anchor: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, bool]:
+        """The anchor's (M, h) on the dense model, M^T M and whether that tensor is the one kept here
+        (a fit must not write it), kept for the most recent anchors: every
         span that starts after this anchor reuses them (a search grows spans at their end). Rows the
         cache holds (a capture kept the MLP outputs) are read from it again rather than kept twice:
         only M^T M, the costly part, and the rows a pass had to compute are kept here; with ``spill``
@@ -177,7 +178,8 @@ class CachedHealer:
             rows = rows_kept if rows_kept is not None else self._kept_outputs(anchor)
             assert rows is not None
             stored = gram if isinstance(gram, torch.Tensor) else torch.load(gram, weights_only=True)
-            return rows, stored.to(self.runner.device)
+            mtm = stored.to(self.runner.device)
+            return rows, mtm, mtm is gram
         rows = self._kept_outputs(anchor)
         in_cache = rows is not None
         if rows is None:
@@ -189,7 +191,7 @@ class CachedHealer:
         mtm = torch.zeros(m0.shape[-1], m0.shape[-1], dtype=torch.float64, device=self.runner.device)
         for m, _ in rows:
             m64 = m.to(self.runner.device, torch.float64)
-            mtm += m64.T @ m64
+            mtm.addmm_(m64.T, m64)
         kept: torch.Tensor | Path
         if self.spill is not None:
             kept = self.spill / f"mtm-{anchor:05d}.pt"
@@ -199,15 +201,15 @@ class CachedHealer:
         self._anchors[anchor] = (None if in_cache else rows, kept)
         while len(self._anchors) > self.max_cached_anchors:
             self._anchors.popitem(last=False)
-        return rows, mtm
+        return rows, mtm, kept is mtm
 
     def _fit(self, span: tuple[int, int], earlier: list[tuple[int, int]], earlier_fits: list[Fit]) -> Fit:
         start, end = span
         anchor = start - 1
         stats = FitStatistics(self.runner.device)  # statistics and solve on the device (see _dense_anchor)
         if self.mode == "dense" or not earlier:
-            rows, mtm = self._dense_anchor(anchor)
-            stats.mtm = mtm  # read, never written, by the fit
+            rows, mtm, shared = self._dense_anchor(anchor)
+            stats.use_gram(mtm, shared=shared)
         else:
             removed = [b for s, e in earlier for b in range(s, e)]
             rows = self._anchor_outputs(anchor, earlier_fits[0].anchor, removed, earlier_fits)
@@ -215,7 +217,8 @@ class CachedHealer:
         for batch, (m, h) in enumerate(rows):
             target = real_tokens(self.cache.state(batch, end), self.cache.batches[batch].real)
             stats.add(m, target - (h - m), gram=mtm is None)
-        T = stats.solve(self.ridge)
+        del mtm, rows
+        T, before, after = stats.solve(self.ridge)
         return Fit(
             held=T,
             span=SpanFit(
@@ -223,8 +226,8 @@ class CachedHealer:
                 end=end,
                 anchor=anchor,
                 num_tokens=stats.tokens,
-                residual_before=stats.relative(stats.squared_error(None)),
-                residual_after=stats.relative(stats.squared_error(T)),
+                residual_before=before,
+                residual_after=after,
             ),
         )
 

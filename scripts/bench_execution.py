@@ -106,7 +106,7 @@ def imports_peak() -> int:
 
 def projection() -> list[str]:
     """Device, host and disk of a sequential job on Llama-3.1-8B and 70B, from their shapes (bf16)."""
-    from lorp.planner import MIN_TOKENS_PER_WIDTH
+    from lorp.planner import MIN_TOKENS_PER_WIDTH, heal_token_cap
 
     rows = []
     shapes = {
@@ -122,12 +122,18 @@ def projection() -> list[str]:
         # the heal windows are the first of them.
         capture = max(32 * 256, MIN_TOKENS_PER_WIDTH * d)
         validation = 16 * 256
+        heal = min(capture, heal_token_cap(d))  # the heal windows' tokens, the capture's first
         stored = 2 * (blocks + 1) * d  # bytes per token, all N + 1 states, as the store keeps a bf16 run's
-        # (and on the heal windows, here all the capture's, each block's MLP output: blocks x d per token)
-        host = capture * d * 2 + d * d * 8 + (64 << 20)  # a pass's states, one heal map (float64), a read part
+        # (and on the heal windows, each block's MLP output: blocks x d per token)
+        # A heal fit on the device: three d x d float64 matrices (M^T M, factored in place; M^T Z; T) and
+        # one batch of 4 x 256 rows of M and Z in float64.
+        fit = 3 * d * d * 8 + 2 * 4 * 256 * d * 8
+        # The host: a pass's states, the anchor's M and h on the heal windows, one map, a read part.
+        host = capture * d * 2 + 2 * heal * d * 2 + d * d * 8 + (64 << 20)
+        scratch = (capture + validation) * stored + blocks * heal * d * 2
         rows.append(
             f"| {name} | {weights / 1e9:.0f} | {capture:,} ({capture // 256} x 256) | {(head + block) / 1e9:.1f} "
-            f"| {host / 1e9:.1f} | {((capture + validation) * stored + blocks * capture * d * 2) / 1e9:.0f} |"
+            f"| {fit / 1e9:.1f} | {host / 1e9:.1f} | {scratch / 1e9:.0f} |"
         )
     return rows
 
@@ -278,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         "from their shapes, with 16 validation windows of 256 tokens and batches of 4. Its calibration is the "
         "issue's 32 x 256 tokens or, where more, the 4 x d tokens a d x d heal fit needs (lorp.planner: fewer "
         "and the cuts ship unhealed, with the reason). The device holds the final norm and head and one block "
-        "(plus one batch's activations; the token embeddings only while a batch is embedded); the host a "
-        "pass's current state of every window, one d x d heal map in float64 and a 64 MB part of the states "
-        "read back for S and D; the dense states of the capture (whose first windows are the heal windows) "
+        "(plus one batch's activations; the token embeddings only while a batch is embedded), and while a "
+        "heal map is fitted, three d x d float64 matrices and one batch's rows in float64 (lorp.heal); the "
+        "host a pass's current state of every window, the fitted anchor's MLP outputs and block outputs on "
+        "the heal windows, one d x d heal map in float64 and a 64 MB part of the states read back for S and "
+        "D; the dense states of the capture (whose first windows are the heal windows) "
         "and of the validation windows, the heal windows' MLP outputs and the candidates' maps wait in the "
         "job's scratch on disk, the states stored at the run's bf16.",
         "",
-        "| model | weights GB | calibration tokens | device: head + one block GB | host: a pass's states + one map GB "
-        "| scratch on disk GB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | weights GB | calibration tokens | device: head + one block GB | device: + a heal fit GB "
+        "| host: a pass's states + the anchor's rows + one map GB | scratch on disk GB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *projection(),
     ]
     print("\n".join(section))

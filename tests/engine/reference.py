@@ -118,8 +118,7 @@ def reference_heal_cuts(
             for (_, end), stat, (m, h) in zip(group, stats, outputs, strict=True):
                 stat.add(m, targets[end] - (h - m))
         for (start, end), stat in zip(group, stats, strict=True):
-            T = stat.solve(ridge)
-            before, after = stat.relative(stat.squared_error(None)), stat.relative(stat.squared_error(T))
+            T, before, after = stat.solve(ridge)
             span = SpanFit(start, end, start - 1, stat.tokens, residual_before=before, residual_after=after)
             fits.append(Fit(span=span, held=T))
     for fit in fits:

@@ -122,27 +122,51 @@ def test_the_fit_recovers_a_known_map_from_the_statistics() -> None:
     for part in range(5):  # accumulated batch by batch, as over calibration windows
         rows = slice(100 * part, 100 * (part + 1))
         stats.add(m[rows], m[rows] @ A)
-    torch.testing.assert_close(stats.solve(ridge=1e-10), A, rtol=1e-6, atol=1e-6)
-    assert stats.relative(stats.squared_error(A)) < 1e-8
+    T, before, after = stats.solve(ridge=1e-10)
+    torch.testing.assert_close(T, A, rtol=1e-6, atol=1e-6)
+    assert after < 1e-6 and before == pytest.approx(float(torch.linalg.norm(m - m @ A) / torch.linalg.norm(m @ A)))
     assert stats.tokens == 500
 
 
-def test_the_solve_allocates_four_d_by_d_matrices_and_gives_the_ridge_solution() -> None:
-    # (M^T M + lam I) T = M^T Z + lam I: the two copies it solves with, the solver's factor and T; not
-    # an identity and lam I besides (7 of them before). At width 2,048 each is 32 MB of float64.
-    width = 128
-    g = torch.Generator().manual_seed(3)
+def _statistics(width: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M and Z whose fit is neither exact nor the identity, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(tokens, width, generator=g, dtype=torch.float64)
+    mix = torch.eye(width, dtype=torch.float64) + 0.3 * torch.randn(width, width, generator=g, dtype=torch.float64)
+    return m, m @ mix + torch.randn(tokens, width, generator=g, dtype=torch.float64), mix
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_solve_is_the_ridge_solution_with_its_residuals_in_at_most_four_d_by_d_matrices(shared: bool) -> None:
+    # A Cholesky factor formed in place (in M^T M itself when the statistics own it, else in one copy)
+    # and T solved in place in a copy of M^T Z: what the solve allocates is two matrices at most (its
+    # copy of M^T M, shared, and T), where torch.linalg.solve on copies of both allocated four. The
+    # residual with T comes from the system, not from a product M^T M T: it must still be ||M T - Z||.
+    width, ridge = 128, 1e-2
+    m, z, _ = _statistics(width, 400, seed=3)
     stats = FitStatistics(torch.device("cpu"))
-    stats.add(torch.randn(400, width, generator=g), torch.randn(400, width, generator=g))
-    mtm, mtz = stats.mtm.clone(), stats.mtz.clone()
+    if shared:
+        gram = m.T @ m
+        stats.use_gram(gram, shared=True)
+        stats.add(m, z, gram=False)
+    else:
+        stats.add(m, z)
+    mtm, mtz = m.T @ m, stats.mtz.clone()
+    torch.testing.assert_close(stats.mtm, mtm, rtol=1e-12, atol=1e-9)  # accumulated into, as a sum
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
-        T = stats.solve(ridge=1e-2)
+        T, before, after = stats.solve(ridge=ridge)
     allocated = sum(event.self_cpu_memory_usage for event in run.events() if event.self_cpu_memory_usage > 0)
-    assert allocated <= 4.5 * width * width * 8
-    lam = 1e-2 * float(torch.trace(mtm)) / width
+    assert allocated <= (2.5 if shared else 1.5) * width * width * 8
+    lam = ridge * float(torch.trace(mtm)) / width
     eye = torch.eye(width, dtype=torch.float64)
-    assert torch.equal(T, torch.linalg.solve(mtm + lam * eye, mtz + lam * eye))
-    assert torch.equal(stats.mtm, mtm) and torch.equal(stats.mtz, mtz)  # the statistics are left alone
+    torch.testing.assert_close(T, torch.linalg.solve(mtm + lam * eye, mtz + lam * eye), rtol=1e-10, atol=1e-12)
+    zn = float(torch.linalg.norm(z))
+    assert before == pytest.approx(float(torch.linalg.norm(m - z)) / zn, rel=1e-9)
+    assert after == pytest.approx(float(torch.linalg.norm(m @ T - z)) / zn, rel=1e-9)
+    assert 0 < after < before
+    assert torch.equal(stats.mtz, mtz)  # read by the residual after the solve
+    if shared:
+        assert torch.equal(gram, m.T @ m)  # a cache's M^T M is left alone
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "opt", "falcon", "phi3"])
