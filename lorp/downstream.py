@@ -11,6 +11,11 @@ imports it only when a task is asked for.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -21,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from lorp.assets.cache import cache_dir
 from lorp.assets.cloze import TASK_NAME as BUILTIN_TASK
 from lorp.assets.cloze import builtin_task_dir
 from lorp.errors import InvalidRequestError, JobCancelled
@@ -70,24 +76,32 @@ def local_tasks_dir() -> Path | None:
 
 
 @lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...]) -> Any:
+def _task_manager(include: tuple[str, ...], version: str) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include), include_defaults=True)
 
 
 def task_manager() -> Any:
-    """lm-eval's task index: its registry, the operator's folder and the built-in task (kept per process)."""
+    """lm-eval's task index: its registry, the operator's folder and the built-in task (kept per process
+    while those folders stay the same version, :func:`catalogue`)."""
+    include = _include_paths()
+    return _task_manager(tuple(str(path) for path in include), _index_version(include))
+
+
+def _include_paths() -> list[Path]:
+    """The folders lm-eval indexes beside its registry: the built-in task's and the operator's; refuses
+    when lm-eval is missing or the operator's folder is not one."""
     reason = missing_reason()
     if reason is not None:
         raise InvalidRequestError(reason, field="evaluation.tasks")
-    include = [str(builtin_task_dir())]
+    include = [builtin_task_dir()]
     local = local_tasks_dir()
     if local is not None:
         if not local.is_dir():
             raise InvalidRequestError(f"{TASKS_DIR_ENV} names {local}, which is not a folder", field="evaluation.tasks")
-        include.append(str(local))
-    return _task_manager(tuple(include))
+        include.append(local)
+    return include
 
 
 def _source(entry: Any, local: Path | None) -> TaskSource:
@@ -108,16 +122,60 @@ def _metrics(entry: Any) -> list[str]:
     return [str(m["metric"]) for m in listed if isinstance(m, dict) and isinstance(m.get("metric"), str)]
 
 
+_INDEX_FORMAT = 1  # bump when what a remembered catalogue holds changes
+_INDEX_KEPT = 4  # remembered versions kept, the most recent
+
+
 def catalogue() -> list[TaskInfo]:
     """Every task and group this worker can run, built-in and local first, then the registry's by name.
 
-    ``metrics`` lists what the task's own YAML declares (empty where it inherits them).
+    ``metrics`` lists what the task's own YAML declares (empty where it inherits them). Indexing
+    lm-eval's registry parses some 15,000 YAML files (7 s on one core here), which a worker did on every
+    start, so the catalogue is remembered in the cache folder (``cache_dir()/lm-eval-index/``) per version
+    of the folders it is read from: lm-eval's version and, for its task folder, the built-in task's and
+    the operator's, every file's path, size and modification time. A file added, removed or changed in
+    any of them makes a new version, indexed again; an unreadable remembered one is indexed again too.
     """
-    manager = task_manager()
+    include = _include_paths()
+    version = _index_version(include)
+    entry = cache_dir() / "lm-eval-index" / f"{version}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return [_remembered(task) for task in json.loads(entry.read_text())]
+    manager = _task_manager(tuple(str(path) for path in include), version)
     local = local_tasks_dir()
     infos = [TaskInfo(name, _source(entry, local), _metrics(entry)) for name, entry in manager.task_index.items()]
     order = {"built-in": 0, "local": 1, "hub": 2}
-    return sorted(infos, key=lambda info: (order[info.source], info.name))
+    infos.sort(key=lambda info: (order[info.source], info.name))
+    with contextlib.suppress(OSError):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_name(f".{entry.name}.{os.getpid()}")
+        partial.write_text(json.dumps([dataclasses.asdict(info) for info in infos]))
+        partial.replace(entry)
+        for stale in sorted(entry.parent.glob("*.json"), key=lambda path: path.stat().st_mtime)[:-_INDEX_KEPT]:
+            stale.unlink(missing_ok=True)  # versions no longer read (1.3 MB each here)
+    return infos
+
+
+def _remembered(task: dict[str, Any]) -> TaskInfo:
+    if task["source"] not in ("built-in", "local", "hub") or not isinstance(task["metrics"], list):
+        raise ValueError(f"not a remembered task: {task!r}")
+    return TaskInfo(str(task["name"]), task["source"], [str(metric) for metric in task["metrics"]])
+
+
+def _index_version(include: Sequence[Path]) -> str:
+    """A hex digest naming this version of the task folders (see :func:`catalogue`)."""
+    import lm_eval
+
+    digest = hashlib.sha256(f"{_INDEX_FORMAT}\0{importlib.metadata.version('lm_eval')}".encode())
+    for folder in [Path(lm_eval.__file__).parent / "tasks", *include]:
+        digest.update(f"\0{folder}".encode())
+        for directory, dirs, files in os.walk(folder):
+            dirs[:] = sorted(name for name in dirs if name != "__pycache__")  # written by running a task
+            for name in sorted(files):
+                path = os.path.join(directory, name)
+                stat = os.stat(path)
+                digest.update(f"\0{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def check_tasks(tasks: Sequence[TaskSpec]) -> None:

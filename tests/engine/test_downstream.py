@@ -9,11 +9,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
+from typing import Any
 
+import lm_eval.tasks
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorp.assets.cache import cache_dir
 from lorp.assets.cloze import CHOICES, TASK_NAME, build_items, builtin_task_dir
 from lorp.assets.corpus import builtin_corpus
 from lorp.downstream import TASKS_DIR_ENV, catalogue, check_tasks, run_tasks
@@ -89,38 +94,51 @@ def test_run_tasks_scores_the_builtin_task_on_the_model_in_memory(tiny) -> None:
     assert progress == [(1, 1)] and seconds > 0
 
 
-def test_a_local_task_folder_is_indexed_and_run(tiny, tmp_path, monkeypatch) -> None:
-    data = tmp_path / "yesno.jsonl"
-    data.write_text(
-        "".join(json.dumps({"q": f"Is {i} even?", "label": i % 2}) + "\n" for i in range(6)), encoding="utf-8"
+def _yesno_task(folder: Path, name: str) -> None:
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Is {i} even?", "label": i % 2}) + "\n" for i in range(6)))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {json.dumps(str(data))}}}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_choice: ["yes", "no"]\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\nmetadata: {version: 1.0}\n"
     )
-    (tmp_path / "yesno.yaml").write_text(
-        "\n".join(
-            [
-                "task: local_yesno",
-                "dataset_path: json",
-                "dataset_kwargs:",
-                f"  data_files: {{test: {json.dumps(str(data))}}}",
-                "test_split: test",
-                "output_type: multiple_choice",
-                'doc_to_text: "{{q}}"',
-                'doc_to_choice: ["yes", "no"]',
-                "doc_to_target: label",
-                "metric_list:",
-                "  - metric: acc",
-                "metadata: {version: 1.0}",
-                "",
-            ]
-        )
-    )
+
+
+def test_a_local_task_folder_is_indexed_remembered_until_it_changes_and_run(tiny, tmp_path, monkeypatch) -> None:
+    # A worker publishes the catalogue at every start; indexing lm-eval's registry takes seconds, so it
+    # is remembered per version of the task folders. A new task in the operator's folder is a new version.
+    _yesno_task(tmp_path, "local_yesno")
     monkeypatch.setenv(TASKS_DIR_ENV, str(tmp_path))
-    listed = {info.name: info for info in catalogue()}
+    indexed: list[object] = []
+
+    class Counted(lm_eval.tasks.TaskManager):  # lm-eval's own index, counted as it is built
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            indexed.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Counted)
+    first = catalogue()
+    listed = {info.name: info for info in first}
     assert listed["local_yesno"].source == "local" and listed["local_yesno"].metrics == ["acc"]
     assert listed[TASK_NAME].source == "built-in"
     assert listed["hellaswag"].source == "hub"
+    assert len(indexed) == 1
+    assert catalogue() == first and len(indexed) == 1  # read back, not indexed again
+
     model, tokenizer = tiny
-    scores, _ = run_tasks(model, tokenizer, [TaskSpec(name="local_yesno")])
+    scores, _ = run_tasks(model, tokenizer, [TaskSpec(name="local_yesno")])  # the same index, kept
     assert [(s.task, s.metric, s.num_samples) for s in scores] == [("local_yesno", "acc", 6)]
+
+    _yesno_task(tmp_path, "local_second")
+    second = catalogue()
+    assert len(indexed) == 2
+    assert {info.name for info in second} - set(listed) == {"local_second"}
+    assert next(info for info in second if info.name == "local_second").source == "local"
+    remembered = cache_dir() / "lm-eval-index"
+    newest = max(remembered.glob("*.json"), key=lambda path: path.stat().st_mtime)
+    newest.write_text('[{"name": "x"}]')  # unreadable as a catalogue: read from the index again, rewritten
+    assert catalogue() == second and len(indexed) == 2  # (this process keeps that version's index)
+    assert json.loads(newest.read_text()) == [dataclasses.asdict(info) for info in second]
 
 
 def test_an_unknown_task_is_refused_naming_its_field() -> None:
