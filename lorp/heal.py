@@ -154,6 +154,8 @@ class FitStatistics:
         two triangular solves in place in a copy of ``mtz``. The residual with ``T`` comes from the
         system it solves, M^T M T = M^T Z + lam (I - T), rather than from another d x d product.
         """
+        if self.tokens == 0 or self.mtm.numel() == 0:
+            raise ValueError("no statistics to solve: none were added, or their M^T M was spent by a solve")
         width = self.mtm.shape[0]
         trace = float(torch.trace(self.mtm))
         lam = ridge * trace / width or ridge

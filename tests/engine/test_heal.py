@@ -167,6 +167,10 @@ def test_the_solve_is_the_ridge_solution_with_its_residuals_in_at_most_four_d_by
     assert torch.equal(stats.mtz, mtz)  # read by the residual after the solve
     if shared:
         assert torch.equal(gram, m.T @ m)  # a cache's M^T M is left alone
+        assert torch.equal(stats.solve(ridge=ridge)[0], T)  # and can be solved again
+    else:
+        with pytest.raises(ValueError, match="spent"):  # its own M^T M now holds the factor
+            stats.solve(ridge=ridge)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "opt", "falcon", "phi3"])
