@@ -29,6 +29,7 @@ from typing import Any, Literal
 from lorp.assets.cache import cache_dir
 from lorp.assets.cloze import TASK_NAME as BUILTIN_TASK
 from lorp.assets.cloze import builtin_task_dir
+from lorp.atomic import write_atomically
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.spec import TaskSpec
 
@@ -148,9 +149,7 @@ def catalogue() -> list[TaskInfo]:
     infos.sort(key=lambda info: (order[info.source], info.name))
     with contextlib.suppress(OSError):
         entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f".{entry.name}.{os.getpid()}")
-        partial.write_text(json.dumps([dataclasses.asdict(info) for info in infos]))
-        partial.replace(entry)
+        write_atomically(entry, json.dumps([dataclasses.asdict(info) for info in infos]))
         for stale in sorted(entry.parent.glob("*.json"), key=lambda path: path.stat().st_mtime)[:-_INDEX_KEPT]:
             stale.unlink(missing_ok=True)  # versions no longer read (1.3 MB each here)
     return infos

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import IO
 
 import torch
 
+from lorp.atomic import replacing, write_atomically
 from lorp.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -268,18 +268,11 @@ def write_file(
         offset += p.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with partial.open("wb") as fh:
-            fh.write(len(text).to_bytes(8, "little"))
-            fh.write(text)
-            for p in order:
-                _write_tensor(fh, p, produce(p))
-            fh.flush()
-            os.fsync(fh.fileno())
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(path, durable=True) as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for p in order:
+            _write_tensor(fh, p, produce(p))
     return order
 
 
@@ -322,4 +315,4 @@ def write_index(directory: Path, written: Mapping[str, Sequence[Planned]]) -> No
     weight_map = {p.name: file for file, tensors in written.items() for p in tensors}
     total = sum(p.nbytes for tensors in written.values() for p in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_atomically(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n", durable=True)

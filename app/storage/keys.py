@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import unicodedata
 
+from lorp.atomic import PARTIAL_PREFIX
+
 MAX_KEY_LENGTH = 1024  # S3's limit, in UTF-8 bytes; applied to the local backend too so keys stay portable
-# Temp files of in-progress local writes carry this name prefix; keys may not use it, so a listing can
-# tell them apart from objects.
-TMP_MARK = ".lorp-partial-"
+# Temp files of in-progress local writes carry this name prefix (the engine's, for every file written
+# whole or not at all); keys may not use it, so a listing can tell them apart from objects.
+TMP_MARK = PARTIAL_PREFIX
 
 
 def key_problem(key: object) -> str | None:

@@ -3,40 +3,29 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from app.storage.base import CHUNK_SIZE, ObjectNotFound, Storage, StorageError, StoredObject, guess_content_type
 from app.storage.keys import TMP_MARK, validate_key, validate_prefix
+from lorp.atomic import replacing
 
 
 def write_atomically(src: BinaryIO, target: Path) -> tuple[int, str]:
-    """Copy `src` into `target` via a temp file in the same folder; returns (size, sha256)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_MARK, dir=target.parent)
+    """Copy `src` into `target` whole or not at all (a temp file in the same folder, flushed to the disk,
+    renamed over it); returns (size, sha256)."""
     digest = hashlib.sha256()
     size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK_SIZE):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            # fsync before the rename: otherwise a crash can leave a complete-looking but empty file.
-            os.fsync(out.fileno())
-        # mkstemp creates 0600; the API and the worker may run as different users over a shared folder.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    # 0644 whatever the umask: the API and the worker may run as different users over a shared folder.
+    with replacing(target, durable=True, mode=0o644) as out:
+        while chunk := src.read(CHUNK_SIZE):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
     return size, digest.hexdigest()
 
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lorp.atomic import write_atomically
+
 _HASH_CHUNK = 1 << 20
 
 
@@ -73,9 +75,7 @@ def remembered_sha256(path: Path) -> str:
     digest = file_sha256(real)
     with contextlib.suppress(OSError):
         entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f".{entry.name}.{os.getpid()}")
-        partial.write_text(digest + "\n", encoding="ascii")
-        partial.replace(entry)
+        write_atomically(entry, digest + "\n")
     return digest
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lorp.assets.cache import cache_dir, file_lock, texts_sha256
 from lorp.assets.corpus import builtin_corpus
+from lorp.atomic import write_atomically
 
 TASK_NAME = "lorp_cloze"
 # Bump whenever items change for the same corpus: the cache is keyed by it.
@@ -132,12 +133,6 @@ def builtin_task_dir() -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             data = folder / f"{TASK_NAME}.jsonl"
             items = build_items(corpus.evaluation)
-            tmp = data.with_suffix(".jsonl.tmp")
-            tmp.write_text(
-                "".join(json.dumps(item.__dict__, ensure_ascii=False) + "\n" for item in items), encoding="utf-8"
-            )
-            tmp.replace(data)
-            tmp = config.with_suffix(".yaml.tmp")
-            tmp.write_text(_task_yaml(data), encoding="utf-8")
-            tmp.replace(config)
+            write_atomically(data, "".join(json.dumps(item.__dict__, ensure_ascii=False) + "\n" for item in items))
+            write_atomically(config, _task_yaml(data))  # last: its presence says the folder is complete
     return folder

@@ -7,11 +7,8 @@ About 4/5 of the articles calibrate, 1/5 are held out for evaluation; parsed onc
 from __future__ import annotations
 
 import bz2
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ from pathlib import Path
 from lorp.assets.cache import cache_dir, source_sha256, texts_sha256
 from lorp.assets.packaged import corpus_bz2_path
 from lorp.assets.wiki_markup import strip_wiki_markup
+from lorp.atomic import replacing
 from lorp.errors import CalibrationError
 
 CORPUS_NAME = "builtin:enwiki-sample"
@@ -110,15 +108,8 @@ def _write_cached_corpus(path: Path, corpus: Corpus, source_sha256: str) -> None
         "calibration": corpus.calibration,
         "evaluation": corpus.evaluation,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replacing(path, encoding="utf-8") as fh:
+        json.dump(payload, fh, ensure_ascii=False)
 
 
 def _local(tag: str) -> str:

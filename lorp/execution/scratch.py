@@ -19,12 +19,13 @@ kernel's page cache, not in the process.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from lorp.atomic import PARTIAL_PREFIX, replacing, write_atomically
 
 _MANIFEST = "manifest.json"
 # How each stored dtype's bytes are written and read (numpy has no bfloat16: its bits go as int16).
@@ -64,6 +65,8 @@ class StateStore:
         if found is not None and all(found.get(name) == value for name, value in mine.items()):
             self.done = int(found.get("done", 0))
             self.resumed_from = self.done
+            for stale in self.directory.glob(f"{PARTIAL_PREFIX}*"):
+                stale.unlink(missing_ok=True)  # what a killed attempt was writing
         else:
             if self.directory.exists():
                 shutil.rmtree(self.directory)
@@ -78,9 +81,8 @@ class StateStore:
             return None
 
     def _write_manifest(self) -> None:
-        tmp = self.directory / f".{_MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "shape": self.shape, "dtype": self._stored, "done": self.done}))
-        os.replace(tmp, self.directory / _MANIFEST)
+        manifest = {"key": self.key, "shape": self.shape, "dtype": self._stored, "done": self.done}
+        write_atomically(self.directory / _MANIFEST, json.dumps(manifest), durable=True)
 
     def _path(self, index: int) -> Path:
         return self.directory / f"state_{index:05d}.bin"
@@ -100,13 +102,9 @@ class StateStore:
         got = (sum(int(part.shape[0]) for part in parts), *{int(part.shape[-1]) for part in parts})
         if got != expected or any(part.dim() != 2 for part in parts):
             raise ValueError(f"state {index} has shape {got}, the store holds {expected}")
-        tmp = self._path(index).with_suffix(".tmp")
-        with tmp.open("wb") as fh:
+        with replacing(self._path(index), durable=True) as fh:
             for part in parts:
                 fh.write(part.detach().to("cpu", self.dtype).contiguous().view(_BITS[self.dtype]).numpy().data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path(index))
         self.done = index + 1
         self._write_manifest()
 

@@ -535,3 +535,25 @@ def test_a_state_store_writes_a_state_whole_or_in_parts_and_refuses_what_does_no
     with pytest.raises(ValueError, match="out of order"):
         parts.write(0, rows)
     assert parts.done == 1
+
+
+def test_a_resumed_state_store_drops_what_a_killed_attempt_was_writing(tmp_path: Path) -> None:
+    from lorp.atomic import PARTIAL_PREFIX
+    from lorp.execution.scratch import StateStore
+
+    rows = torch.randn(7, 4)
+    shape = {"num_tokens": 7, "width": 4, "num_states": 3}
+    first = StateStore(tmp_path / "store", "k", **shape)
+    first.write(0, rows)
+    # An attempt killed while writing state 1 leaves its temporary file (up to a state's size) behind.
+    leftover = tmp_path / "store" / f"{PARTIAL_PREFIX}state_00001.bin.123.abcd"
+    leftover.write_bytes(b"\0" * 50)
+    again = StateStore(tmp_path / "store", "k", **shape)
+    assert again.resumed_from == 1 and not leftover.exists()
+    assert torch.equal(again.read(0), rows)
+    again.write(1, rows + 1)
+    assert sorted(path.name for path in (tmp_path / "store").iterdir()) == [
+        "manifest.json",
+        "state_00000.bin",
+        "state_00001.bin",
+    ]
