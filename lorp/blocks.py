@@ -58,6 +58,28 @@ _LAYOUTS: dict[str, tuple[str, str]] = {
     "gpt_neox": ("gpt_neox", "gpt_neox.layers"),
     "opt": ("opt", "model.decoder.layers"),
     "falcon": ("falcon", "transformer.h"),
+    "granite": ("granite", "model.layers"),
+    "glm": ("glm", "model.layers"),
+    "glm4": ("glm4", "model.layers"),
+    "cohere": ("cohere", "model.layers"),
+    "cohere2": ("cohere2", "model.layers"),
+    "exaone4": ("exaone4", "model.layers"),
+    "seed_oss": ("seed_oss", "model.layers"),
+    "apertus": ("apertus", "model.layers"),
+    "nemotron": ("nemotron", "model.layers"),
+    "arcee": ("arcee", "model.layers"),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", "model.layers"),
+    "ministral": ("ministral", "model.layers"),
+    "starcoder2": ("starcoder2", "model.layers"),
+    "stablelm": ("stablelm", "model.layers"),
+    "phi": ("phi", "model.layers"),
+    "ernie4_5": ("ernie4_5", "model.layers"),
+    # Mixtures of experts: whole blocks (attention and every expert) are removed like any other.
+    "mixtral": ("mixtral", "model.layers"),
+    "qwen2_moe": ("qwen2_moe", "model.layers"),
+    "qwen3_moe": ("qwen3_moe", "model.layers"),
+    "olmoe": ("olmoe", "model.layers"),
+    "gpt_oss": ("gpt_oss", "model.layers"),
 }
 
 # Architecture class name -> model_type, for configs whose model_type was rewritten or is missing but
@@ -79,6 +101,27 @@ _ARCHITECTURES: dict[str, str] = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "OPTForCausalLM": "opt",
     "FalconForCausalLM": "falcon",
+    "GraniteForCausalLM": "granite",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
+    "CohereForCausalLM": "cohere",
+    "Cohere2ForCausalLM": "cohere2",
+    "Exaone4ForCausalLM": "exaone4",
+    "SeedOssForCausalLM": "seed_oss",
+    "ApertusForCausalLM": "apertus",
+    "NemotronForCausalLM": "nemotron",
+    "ArceeForCausalLM": "arcee",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
+    "MinistralForCausalLM": "ministral",
+    "Starcoder2ForCausalLM": "starcoder2",
+    "StableLmForCausalLM": "stablelm",
+    "PhiForCausalLM": "phi",
+    "Ernie4_5ForCausalLM": "ernie4_5",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 # Config lists with one entry per block, trimmed to the kept blocks. Found in the configuration_*.py
@@ -302,12 +345,27 @@ def prune_config(config: Any, kept: list[int], n_old: int, num_layers_attr: str)
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(config, name, sum(1 for i in range(min(value, n_old)) if i in kept_set))
+    _renumber_dense_mlp_layers(config, kept, n_old)
     setattr(config, num_layers_attr, n_new)
     # Some configs (Qwen3) validate layer_types against the block count only at save time; check now
     # so that an inconsistency surfaces here, next to its cause, not in save_pretrained.
     validate = getattr(config, "validate_layer_type", None)
     if callable(validate):
         validate()
+
+
+def _renumber_dense_mlp_layers(config: Any, kept: list[int], n_old: int) -> None:
+    """Qwen2-MoE and Qwen3-MoE build block ``i`` with a dense MLP when ``i`` is in ``mlp_only_layers``
+    or ``(i + 1) % decoder_sparse_step`` is not 0: both depend on the block's index, which pruning
+    changes. The kept dense blocks are listed at their new indices and the step set to 1, so that a
+    reload builds each kept block as it was."""
+    step = getattr(config, "decoder_sparse_step", None)
+    listed = getattr(config, "mlp_only_layers", None)
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(listed, list | tuple):
+        return
+    dense = {i for i in range(n_old) if i in set(listed) or step < 1 or (i + 1) % step != 0}
+    config.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense]
+    config.decoder_sparse_step = 1
 
 
 def _refresh_model_flags(model: Any, config: Any) -> None:

@@ -418,6 +418,7 @@ def _open_located(
             raise
         raise _load_failure(name, exc, None, {str(location): name}) from exc
     assert runner.onloader is not None
+    runner.onloader.check_layout(name)
     _refuse_missing(name, runner.onloader.missing())
     _finish(tokenizer, provenance, config, dev, torch_dtype)
     log.info("opened %s (%s) to run block by block on %s as %s", name, config.model_type, dev, torch_dtype)

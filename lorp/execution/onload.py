@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lorp.blocks import block_layout, decoder_blocks
-from lorp.errors import ModelLoadError
+from lorp.errors import InvalidRequestError, ModelLoadError
 from lorp.execution.staging import Stager
 from lorp.shards import DTYPES, Checkpoint, TensorInfo
 
@@ -189,6 +189,32 @@ class Onloader:
             except ModelLoadError:
                 gaps.append(name)
         return sorted(gaps)
+
+    def unclaimed(self) -> list[str]:
+        """The checkpoint's tensors that no weight of the model reads, sorted."""
+        claimed = set()
+        for name, _ in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            try:
+                claimed.add(self._stored(name))
+            except ModelLoadError:
+                continue
+        return sorted(set(self.checkpoint.tensors) - claimed)
+
+    def check_layout(self, name: str) -> None:
+        """Refuse, before any pass, a checkpoint that stores some weights in another layout than the model
+        holds them: Mixtral's and Qwen-MoE's experts are one tensor per expert in the files and one
+        stacked tensor per block in the model (transformers converts them when it loads a whole model),
+        so no stored tensor is the one a block reads. (Weights simply missing are the caller's to refuse.)"""
+        missing = self.missing()
+        unclaimed = self.unclaimed() if missing else []
+        if unclaimed:
+            raise InvalidRequestError(
+                f"{name} stores {len(unclaimed)} tensors in another layout than the model holds them (the files "
+                f"hold {unclaimed[0]!r}, the model reads {missing[0]!r}); transformers converts them when it "
+                "loads the whole model, and sequential execution reads tensors as they are stored: use "
+                "options.execution 'resident'",
+                field="options.execution",
+            )
 
     def _staged(self) -> Stager | None:
         """The stager loads go through when staging (made at the first load, its buffers the largest

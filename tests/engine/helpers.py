@@ -14,8 +14,25 @@ from lorp.spec import CalibrationSpec, EvaluationSpec, ModelSpec, PruneSpec, Tar
 from .archs import ARCHS
 
 VOCAB = 384
-REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
+# Families whose MLP output passes a norm (or a mixture of experts) before the residual add.
+REFUSED = {
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "olmo3",
+    "glm4",
+    "exaone4",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "gpt_oss",
+}
 FOLDABLE = [name for name in ARCHS if name not in REFUSED]
+# Families whose checkpoints store each expert apart while the model stacks them (transformers
+# converts on load): sequential execution, which reads tensors as stored, refuses them.
+PER_EXPERT = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
+STREAMED = [name for name in ARCHS if name not in PER_EXPERT]
 
 
 def windows(batch: int = 6, length: int = 12, seed: int = 3) -> TokenWindows:

@@ -23,6 +23,7 @@ from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.errors import InvalidRequestError
 from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
+from lorp.foldable import fold_refusal
 from lorp.heal import FitStatistics, HealMode, contiguous_spans, fold, heal_refusal, output_projection
 from lorp.planner import resolve_heal
 from lorp.scoring import CachedHealer, PlanScorer, apply_fits
@@ -62,17 +63,36 @@ def test_the_fold_is_exact_algebra(name: str) -> None:
     torch.testing.assert_close(h_after.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+# What each refusal names: the norm the MLP output passes, or the experts it is routed through.
+_REFUSED_FOR = {
+    **dict.fromkeys(["gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4"], "post_feedforward_layernorm"),
+    "glm4": "post_mlp_layernorm",
+    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"], "mixture of experts"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_post_norm_architectures_are_refused_by_name(name: str) -> None:
+def test_architectures_whose_mlp_output_cannot_take_a_map_are_refused_by_name(name: str) -> None:
     model = build(name)
-    assert heal_refusal(model) is not None and "post_feedforward_layernorm" in heal_refusal(model)
+    reason = _REFUSED_FOR[name]
+    assert reason in (heal_refusal(model) or "")
     with pytest.raises(InvalidRequestError) as err:
         resolve_heal(model, "linear", heal_tokens=10_000)  # a job asking for it: refused before any pass
-    assert err.value.field == "options.heal" and "post_feedforward_layernorm" in err.value.message
+    assert err.value.field == "options.heal" and reason in err.value.message
     for mode in ("dense", "sequential"):
         with pytest.raises(InvalidRequestError) as err:
             healer(model, mode).fits([2])
-        assert err.value.field == "options.heal" and "normalises the MLP output" in err.value.message
+        assert err.value.field == "options.heal" and reason in err.value.message
+
+
+def test_a_granite_model_that_scales_its_mlp_output_is_refused() -> None:
+    # Granite adds residual_multiplier x the MLP output; at 1 it folds like Llama (FOLDABLE covers it).
+    model = build("granite", residual_multiplier=0.25)
+    with pytest.raises(InvalidRequestError, match=r"residual_multiplier 0\.25") as err:
+        resolve_heal(model, "linear", heal_tokens=10_000)
+    assert err.value.field == "options.heal"
+    assert fold_refusal("granite", {"residual_multiplier": 0.25}) is not None
+    assert fold_refusal("granite", {"residual_multiplier": 1.0}) is None
 
 
 def test_an_opt_model_with_post_layer_norm_is_refused() -> None:

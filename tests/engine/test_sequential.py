@@ -32,8 +32,8 @@ from lorp.similarity import capture_similarity
 from lorp.states import Riders, StateCache, StoredStateCache, store_states, stored_cache, window_store
 from lorp.surgery import write_pruned
 
-from .archs import ARCHS, six_blocks, write_wide_llama
-from .helpers import REFUSED, windows
+from .archs import six_blocks, write_wide_llama
+from .helpers import PER_EXPERT, REFUSED, STREAMED, windows
 
 
 def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
@@ -43,7 +43,7 @@ def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
     return Runner(model), sequential
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("name", sorted(STREAMED))
 def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perplexity(
     name: str, tmp_path: Path
 ) -> None:
@@ -82,7 +82,7 @@ def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perp
     assert sequential.onloader.most_held == 1
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("name", sorted(STREAMED))
 def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(name: str, tmp_path: Path) -> None:
     # A bf16 checkpoint on a CPU runs in float32. Resident casts every weight on load; sequential
     # keeps the token embeddings and the head (the largest weights outside the blocks) as stored and
@@ -557,3 +557,29 @@ def test_a_resumed_state_store_drops_what_a_killed_attempt_was_writing(tmp_path:
         "state_00000.bin",
         "state_00001.bin",
     ]
+
+
+@pytest.mark.parametrize("name", sorted(PER_EXPERT))
+def test_a_checkpoint_that_stores_each_expert_apart_is_refused_before_a_sequential_pass(
+    name: str, tmp_path: Path
+) -> None:
+    model = six_blocks(name)
+    model.save_pretrained(tmp_path)
+    stored = Checkpoint(tmp_path).tensors
+    assert any(".experts.0." in key for key in stored)  # as transformers writes them: one per expert
+    runner = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
+    assert runner.onloader is not None
+    with pytest.raises(InvalidRequestError, match="another layout") as err:
+        runner.onloader.check_layout("the model")
+    assert err.value.field == "options.execution" and "resident" in err.value.message
+    assert runner.onloader.block_loads == 0
+    # Its resident run (transformers converts the experts) is what every other test covers for it.
+
+
+def test_a_checkpoint_in_the_layout_the_model_holds_passes_the_layout_check(tmp_path: Path) -> None:
+    model = six_blocks("gpt_oss")  # experts stacked in the files as in the model
+    model.save_pretrained(tmp_path)
+    runner = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
+    assert runner.onloader is not None
+    runner.onloader.check_layout("the model")
+    assert runner.onloader.missing() == [] and runner.onloader.unclaimed() == []
