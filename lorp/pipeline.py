@@ -866,7 +866,7 @@ def _stored_caches(
     heal_cache: StateCache | None = None
     if folds_maps(heal) and store is not None:
         heal_batches = list(runner.batches(fit_on, batch_size, should_cancel=stages.should_cancel))
-        heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.model.dtype, mlp=mlp_store)
+        heal_cache = StoredStateCache(store, heal_batches, batch_size, runner.dtype, mlp=mlp_store)
     elif folds_maps(heal):
         heal_cache = stored_cache(
             runner, fit_on, scratch / "heal", key, batch_size=batch_size, should_cancel=stages.should_cancel

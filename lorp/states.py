@@ -161,7 +161,7 @@ def window_store(
     digest = hashlib.sha256()
     for part in (windows.input_ids, windows.attention_mask):
         digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
-    dtype = runner.onloader.dtype if runner.onloader is not None else runner.model.dtype
+    dtype = runner.dtype
     key = f"{key}|windows={digest.hexdigest()}|{dtype}|{width}"
     # A 16-bit model's states are 16-bit values: kept as they are, at half float32's bytes.
     stored = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -341,4 +341,4 @@ def stored_cache(
     if batches is None:
         batches = list(runner.batches(windows, batch_size, should_cancel=should_cancel, doing="caching hidden states"))
     store_states(runner, batches, store, should_cancel=should_cancel, on_block=on_block, riders=riders)
-    return StoredStateCache(store, batches, batch_size, runner.model.dtype)
+    return StoredStateCache(store, batches, batch_size, runner.dtype)

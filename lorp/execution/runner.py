@@ -134,6 +134,13 @@ class Runner:
         return "resident" if self.onloader is None else "sequential"
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes its states in. In sequential mode that is the run's, not the
+        skeleton's ``model.dtype``: transformers reads that off the first weight, and a bfloat16
+        checkpoint run in float32 keeps its token embeddings in bfloat16 (``Onloader.load_outside``)."""
+        return self.model.dtype if self.onloader is None else self.onloader.dtype
+
+    @property
     def state_device(self) -> torch.device:
         """Where states are kept between blocks: the device when resident, the host in sequential mode
         (the device holds one block and the batch it runs)."""

@@ -117,6 +117,26 @@ def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(
     assert perplexity(sequential, data, batch_size=2) == pytest.approx(
         perplexity(resident, data, batch_size=2), rel=1e-6
     )
+    # The states a sequential job caches on disk are float32 too, not the narrow embeddings' dtype
+    # (the skeleton's model.dtype says bfloat16: transformers reads it off the first weight), and plans
+    # scored from them, from block 0 and later, are resident's (a norm that casts back to its input's
+    # dtype, Cohere's or gpt-oss's, failed on a bfloat16 state; the others rounded the states).
+    assert (sequential.dtype, resident.dtype) == (torch.float32, torch.float32)
+    cache_s = stored_cache(sequential, data, tmp_path / "scratch", "job", batch_size=2)
+    cache_r = StateCache(resident, data, batch_size=2)
+    for b in range(cache_r.num_batches):
+        assert cache_s.state(b, 1).dtype == torch.float32
+        real = cache_r.batches[b].real
+        torch.testing.assert_close(cache_s.state(b, 1)[real], cache_r.state(b, 1)[real], rtol=0, atol=1e-6)
+    for plan in ([0], [2, 3]):
+        assert PlanScorer(sequential, cache_s).score(plan) == pytest.approx(
+            PlanScorer(resident, cache_r).score(plan), rel=1e-6
+        ), plan
+    if name not in REFUSED:  # sequential rounds a folded weight as the bf16 checkpoint will store it
+        healed_s = PlanScorer(sequential, cache_s, healer=CachedHealer(sequential, cache_s)).score([1])
+        assert healed_s == pytest.approx(
+            PlanScorer(resident, cache_r, healer=CachedHealer(resident, cache_r)).score([1]), rel=1e-3
+        )
     # Untied token embeddings are read only to embed a batch and an untied head only for logits; tied,
     # they are one weight, held.
     assert (embeddings.weight.device.type == "meta") == (not tied), (name, tied)
