@@ -11,6 +11,11 @@ final norm for the whole pass (untied token embeddings only while a batch is emb
 for the length of a ``with``, after which its parameters are on the meta device again and their memory
 is free. It counts the block loads and the most blocks held at once, so tests and the report can say
 what a pass cost.
+
+A weight is read as the checkpoint stores it, under its name or the one transformers renames it from;
+a mixture of experts' stacked weight, stored one piece per expert (Mixtral, Qwen-MoE, OLMoE), is
+assembled from its pieces as the block loads (:class:`Stacked`: what transformers' own load-time
+conversion does).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import functools
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +115,68 @@ def _model_names(model: Any, stored: Any) -> dict[str, str]:
     return names
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """A weight the model holds as one tensor and the checkpoint stores in pieces, one per expert
+    (Mixtral's, Qwen-MoE's and OLMoE's experts): per source, the stored tensors of experts 0..E-1
+    stacked along a new first dimension; several sources' stacks then joined along ``join`` (gate and
+    up into ``gate_up_proj``). What transformers' ``MergeModulelist(dim=0)`` and ``Concatenate`` do when
+    it loads the whole model."""
+
+    parts: tuple[tuple[str, ...], ...]  # per source, the stored names, expert by expert
+    join: int | None
+
+    @property
+    def names(self) -> list[str]:
+        return [name for part in self.parts for name in part]
+
+    def shape(self, stored: dict[str, TensorInfo]) -> tuple[int, ...] | None:
+        """The assembled tensor's shape from the pieces' stored shapes (None: they do not fit together)."""
+        stacks = []
+        for part in self.parts:
+            shapes = {tuple(stored[name].shape) for name in part}
+            if len(shapes) != 1:
+                return None
+            stacks.append((len(part), *shapes.pop()))
+        if self.join is None:
+            return stacks[0] if len(stacks) == 1 else None
+        join = self.join
+        if not 0 <= join < len(stacks[0]) or len({(*stack[:join], *stack[join + 1 :]) for stack in stacks}) != 1:
+            return None
+        return (*stacks[0][:join], sum(stack[join] for stack in stacks), *stacks[0][join + 1 :])
+
+    def assemble(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacks = [torch.stack([pieces[name] for name in part]) for part in self.parts]
+        return stacks[0] if self.join is None else torch.cat(stacks, dim=self.join)
+
+
+def _stacking_rules(model: Any) -> list[tuple[tuple[str, ...], str, int | None]]:
+    """(source patterns, target suffix, join dimension) of the model's load-time conversions that stack
+    experts: transformers' ``MergeModulelist(dim=0)``, alone or followed by one ``Concatenate``, from
+    patterns with one ``*`` (the expert's index). Any other conversion is not read piece by piece."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+        conversions = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return []
+    rules: list[tuple[tuple[str, ...], str, int | None]] = []
+    for conversion in conversions:
+        if type(conversion) is not WeightConverter or len(conversion.target_patterns) != 1:
+            continue
+        ops, sources = list(conversion.operations), tuple(conversion.source_patterns)
+        if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+            continue
+        if any(pattern.count("*") != 1 for pattern in sources):
+            continue
+        if len(ops) == 1 and len(sources) == 1:
+            rules.append((sources, conversion.target_patterns[0], None))
+        elif len(ops) == 2 and type(ops[1]) is Concatenate:
+            rules.append((sources, conversion.target_patterns[0], int(ops[1].dim)))
+    return rules
+
+
 _HEAD_CHUNK_BYTES = 32 << 20  # the head's weights cast at once, at most (a vocabulary slice)
 
 
@@ -151,6 +219,8 @@ class Onloader:
         self.path = block_layout(model).path
         self.blocks = list(decoder_blocks(model))  # by original index, also inside a pruned view
         self.names = _model_names(model, self.checkpoint.tensors)
+        self._rules = _stacking_rules(model)
+        self._shapes = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
         self.block_loads = 0
         self.held: set[int] = set()
         self.most_held = 0
@@ -177,6 +247,40 @@ class Onloader:
                     return stored
         raise ModelLoadError(f"the checkpoint holds no tensor for {name!r}", field="model.id")
 
+    def _stacked(self, name: str) -> Stacked | None:
+        """How the model's weight ``name`` is assembled from stored pieces, one per expert, or None when
+        it is not: no conversion names it, or the checkpoint lacks a piece, or the pieces do not make
+        the weight's shape."""
+        shape = self._shapes.get(name, ())
+        experts = shape[0] if shape else 0
+        for sources, target, join in self._rules:
+            if not name.endswith(target) or not experts:
+                continue
+            prefix = name[: len(name) - len(target)]
+            parts = []
+            for pattern in sources:
+                pieces = [prefix + pattern.replace("*", str(expert)) for expert in range(experts)]
+                part = tuple(self.names.get(piece, piece) for piece in pieces)
+                if any(stored not in self.checkpoint.tensors for stored in part):
+                    break
+                parts.append(part)
+            else:
+                stacked = Stacked(tuple(parts), join)
+                if stacked.shape(self.checkpoint.tensors) == shape:
+                    return stacked
+        return None
+
+    def _sources(self, name: str) -> tuple[list[str], Stacked | None]:
+        """The stored tensors the model's weight ``name`` is read from: the one it is stored as, or the
+        pieces it is assembled from (:class:`Stacked`)."""
+        try:
+            return [self._stored(name)], None
+        except ModelLoadError:
+            stacked = self._stacked(name)
+            if stacked is None:
+                raise
+            return stacked.names, stacked
+
     def missing(self) -> list[str]:
         """The model's weights still on the meta device that the checkpoint holds no tensor for, sorted
         (checked from the names alone, before a pass finds the gap)."""
@@ -185,7 +289,7 @@ class Onloader:
             if tensor.device.type != "meta":
                 continue
             try:
-                self._stored(name)
+                self._sources(name)
             except ModelLoadError:
                 gaps.append(name)
         return sorted(gaps)
@@ -195,16 +299,16 @@ class Onloader:
         claimed = set()
         for name, _ in [*self.model.named_parameters(), *self.model.named_buffers()]:
             try:
-                claimed.add(self._stored(name))
+                claimed.update(self._sources(name)[0])
             except ModelLoadError:
                 continue
         return sorted(set(self.checkpoint.tensors) - claimed)
 
     def check_layout(self, name: str) -> None:
-        """Refuse, before any pass, a checkpoint that stores some weights in another layout than the model
-        holds them: Mixtral's and Qwen-MoE's experts are one tensor per expert in the files and one
-        stacked tensor per block in the model (transformers converts them when it loads a whole model),
-        so no stored tensor is the one a block reads. (Weights simply missing are the caller's to refuse.)"""
+        """Refuse, before any pass, a checkpoint that stores some weights in a layout this reader cannot
+        turn into the model's (a conversion other than stacking experts, or experts' pieces that do not
+        make the stacked weight): stored tensors no weight reads beside weights no stored tensor gives.
+        (Weights simply missing are the caller's to refuse.)"""
         missing = self.missing()
         unclaimed = self.unclaimed() if missing else []
         if unclaimed:
@@ -222,19 +326,22 @@ class Onloader:
         (what a CPU device wants: there is no copy after the read to overlap or speed up)."""
         if self.stager is None and self.stage:
             sizes = [
-                sum(info.nbytes for _, info in self._to_load(block, index)) for index, block in enumerate(self.blocks)
+                sum(info.nbytes for _, infos, _ in self._to_load(block, index) for info in infos)
+                for index, block in enumerate(self.blocks)
             ]
             self.stager = Stager(self.device, max(sizes, default=1))
         return self.stager
 
-    def _to_load(self, block: torch.nn.Module, index: int) -> list[tuple[str, TensorInfo]]:
-        """Block ``index``'s tensors still on the meta device, with where each is stored."""
+    def _to_load(self, block: torch.nn.Module, index: int) -> list[tuple[str, list[TensorInfo], Stacked | None]]:
+        """Block ``index``'s tensors still on the meta device, with the stored tensors each is read from
+        (one, or an expert's pieces each) and how it is assembled from them."""
         prefix = f"{self.path}.{index}."
-        return [
-            (name, self.checkpoint.tensors[self._stored(prefix + name)])
-            for name, tensor in [*block.named_parameters(), *block.named_buffers()]
-            if tensor.device.type == "meta"
-        ]
+        wanted = []
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if tensor.device.type == "meta":
+                stored, stacked = self._sources(prefix + name)
+                wanted.append((name, [self.checkpoint.tensors[piece] for piece in stored], stacked))
+        return wanted
 
     def _read(self, infos: list[TensorInfo]) -> list[torch.Tensor]:
         """Stored tensors on the device, at their stored dtype."""
@@ -246,7 +353,13 @@ class Onloader:
 
     def _load(self, block: torch.nn.Module, index: int) -> None:
         wanted = self._to_load(block, index)
-        for (name, _), value in zip(wanted, self._read([info for _, info in wanted]), strict=True):
+        infos = [info for _, pieces, _ in wanted for info in pieces]
+        read = dict(zip([info.name for info in infos], self._read(infos), strict=True))
+        for name, pieces, stacked in wanted:
+            value = read[pieces[0].name] if stacked is None else stacked.assemble(read)
+            if stacked is not None:
+                for piece in pieces:  # an expert's piece serves one stacked weight: its memory goes now
+                    del read[piece.name]
             _set(block, name, value.to(self.dtype) if value.is_floating_point() else value)
 
     def prefetch(self, index: int) -> None:
@@ -254,7 +367,7 @@ class Onloader:
         elsewhere): its next :meth:`block` then only copies it to the device."""
         stager = self._staged()
         if stager is not None:
-            stager.prefetch([info for _, info in self._to_load(self.blocks[index], index)])
+            stager.prefetch([info for _, infos, _ in self._to_load(self.blocks[index], index) for info in infos])
 
     def round_to_stored(self, index: int, module: torch.nn.Module) -> None:
         """Round the weights of ``module`` (a part of block ``index``, changed in memory: a folded heal

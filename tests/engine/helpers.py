@@ -30,9 +30,8 @@ REFUSED = {
 }
 FOLDABLE = [name for name in ARCHS if name not in REFUSED]
 # Families whose checkpoints store each expert apart while the model stacks them (transformers
-# converts on load): sequential execution, which reads tensors as stored, refuses them.
+# converts on load): sequential execution assembles the stacked weights from the pieces.
 PER_EXPERT = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
-STREAMED = [name for name in ARCHS if name not in PER_EXPERT]
 
 
 def windows(batch: int = 6, length: int = 12, seed: int = 3) -> TokenWindows:

@@ -32,8 +32,8 @@ from lorp.similarity import capture_similarity
 from lorp.states import Riders, StateCache, StoredStateCache, store_states, stored_cache, window_store
 from lorp.surgery import write_pruned
 
-from .archs import six_blocks, write_wide_llama
-from .helpers import PER_EXPERT, REFUSED, STREAMED, windows
+from .archs import ARCHS, six_blocks, write_wide_llama
+from .helpers import PER_EXPERT, REFUSED, windows
 
 
 def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
@@ -43,7 +43,7 @@ def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
     return Runner(model), sequential
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", sorted(ARCHS))
 def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perplexity(
     name: str, tmp_path: Path
 ) -> None:
@@ -82,7 +82,7 @@ def test_sequential_and_resident_give_the_same_statistics_states_scores_and_perp
     assert sequential.onloader.most_held == 1
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", sorted(ARCHS))
 def test_a_bf16_checkpoint_run_in_float32_keeps_its_embeddings_and_head_in_bf16(name: str, tmp_path: Path) -> None:
     # A bf16 checkpoint on a CPU runs in float32. Resident casts every weight on load; sequential
     # keeps the token embeddings and the head (the largest weights outside the blocks) as stored and
@@ -580,20 +580,32 @@ def test_a_resumed_state_store_drops_what_a_killed_attempt_was_writing(tmp_path:
 
 
 @pytest.mark.parametrize("name", sorted(PER_EXPERT))
-def test_a_checkpoint_that_stores_each_expert_apart_is_refused_before_a_sequential_pass(
+def test_experts_stored_apart_are_stacked_as_they_load_and_a_missing_one_is_refused_before_a_pass(
     name: str, tmp_path: Path
 ) -> None:
     model = six_blocks(name)
-    model.save_pretrained(tmp_path)
-    stored = Checkpoint(tmp_path).tensors
-    assert any(".experts.0." in key for key in stored)  # as transformers writes them: one per expert
-    runner = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
-    assert runner.onloader is not None
+    model.save_pretrained(tmp_path / "whole")
+    stored = Checkpoint(tmp_path / "whole").tensors
+    pieces = [key for key in stored if ".experts.0." in key]
+    assert pieces and not any(key.endswith(("experts.gate_up_proj", "experts.down_proj")) for key in stored)
+    # (The sequential tests above run these families from such files: the stacked weights are exact.)
+    runner = Runner.sequential(tmp_path / "whole", model.config, device="cpu", dtype=torch.float32)
+    assert runner.onloader is not None and runner.onloader.missing() == [] and runner.onloader.unclaimed() == []
+    with runner.onloader.block(1) as block:
+        for key, value in model.model.layers[1].state_dict().items():
+            torch.testing.assert_close(block.state_dict()[key], value, rtol=0, atol=0)
+
+    # One expert's piece gone: the stack cannot be formed, and the check says so before any block loads.
+    tensors = load_file(tmp_path / "whole" / "model.safetensors")
+    gone = next(key for key in tensors if ".layers.1." in key and ".experts.1." in key)
+    del tensors[gone]
+    (tmp_path / "gap").mkdir()
+    save_file(tensors, tmp_path / "gap" / "model.safetensors", metadata={"format": "pt"})
+    gap = Runner.sequential(tmp_path / "gap", model.config, device="cpu", dtype=torch.float32)
+    assert gap.onloader is not None
     with pytest.raises(InvalidRequestError, match="another layout") as err:
-        runner.onloader.check_layout("the model")
-    assert err.value.field == "options.execution" and "resident" in err.value.message
-    assert runner.onloader.block_loads == 0
-    # Its resident run (transformers converts the experts) is what every other test covers for it.
+        gap.onloader.check_layout("the model")
+    assert err.value.field == "options.execution" and gap.onloader.block_loads == 0
 
 
 def test_a_checkpoint_in_the_layout_the_model_holds_passes_the_layout_check(tmp_path: Path) -> None:
