@@ -282,8 +282,8 @@ class Onloader:
             return stacked.names, stacked
 
     def missing(self) -> list[str]:
-        """The model's weights still on the meta device that the checkpoint holds no tensor for, sorted
-        (checked from the names alone, before a pass finds the gap)."""
+        """The model's weights still on the meta device that the checkpoint holds no tensor (nor every
+        piece) for, sorted (checked from the names and stored shapes alone, before a pass finds the gap)."""
         gaps = []
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
             if tensor.device.type != "meta":
@@ -315,8 +315,8 @@ class Onloader:
             raise InvalidRequestError(
                 f"{name} stores {len(unclaimed)} tensors in another layout than the model holds them (the files "
                 f"hold {unclaimed[0]!r}, the model reads {missing[0]!r}); transformers converts them when it "
-                "loads the whole model, and sequential execution reads tensors as they are stored: use "
-                "options.execution 'resident'",
+                "loads the whole model, and sequential execution reads tensors as they are stored (experts "
+                "stored one by one it stacks, when every piece is there): use options.execution 'resident'",
                 field="options.execution",
             )
 
