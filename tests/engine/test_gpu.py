@@ -1,6 +1,7 @@
 """The engine on CUDA: capture, auto, removal and the reload check in bfloat16, a sequential job
-(one block on the device at a time) against a resident one, a sequential job distilled
-block-locally and a resident one distilled whole. Skipped without a GPU."""
+(one block on the device at a time) against a resident one, a mixture of experts' experts stacked as
+they load, a sequential job distilled block-locally and a resident one distilled whole. Skipped
+without a GPU."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 
-from .archs import build, probe, write_wide_llama
+from .archs import build, probe, six_blocks, write_wide_llama
 from .helpers import make_spec, tiny_llama, windows_with_padding
 from .reference import brute_force, llama_states
 
@@ -62,6 +63,20 @@ def test_bf16_prune_save_reload_on_cuda(name, tmp_path, tiny_tokenizer):
     out = save_pruned(model, tiny_tokenizer, tmp_path / name)
     report = verify_reload(out, model, probe().cuda())
     assert report["num_layers"] == 3
+
+
+def test_a_sequential_mixture_of_experts_on_cuda_stacks_its_experts_through_the_pinned_buffers(tmp_path):
+    # Mixtral's checkpoint stores each expert apart: the staged pieces are stacked on the device.
+    model = six_blocks("mixtral")
+    model.save_pretrained(tmp_path)
+    runner = Runner.sequential(tmp_path, model.config, device="cuda", dtype=torch.float32)
+    assert runner.onloader is not None and runner.onloader.stage
+    win = windows_with_padding()
+    ref = capture_similarity(model.cuda(), win, batch_size=2)
+    got = capture_similarity(runner, win, batch_size=2)
+    np.testing.assert_allclose(got.S, ref.S, atol=1e-4)
+    np.testing.assert_allclose(got.D, ref.D, atol=1e-4)
+    assert runner.onloader.stager is not None and runner.onloader.stager.prefetched > 0
 
 
 def test_a_sequential_capture_on_cuda_holds_about_one_block_of_device_memory(tmp_path):

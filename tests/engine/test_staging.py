@@ -62,8 +62,10 @@ def test_a_prefetched_load_reads_nothing_more_and_one_of_something_else_is_dropp
         stager.close()
 
 
-def test_a_staged_sequential_runner_reads_each_next_block_early_with_the_same_result(tmp_path: Path) -> None:
-    model = six_blocks("llama")
+# Mixtral: its checkpoint stores each expert apart, so the staged pieces are stacked as the block loads.
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_a_staged_sequential_runner_reads_each_next_block_early_with_the_same_result(name: str, tmp_path: Path) -> None:
+    model = six_blocks(name)
     model.save_pretrained(tmp_path)
     resident = Runner(model)
     staged = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32, stage=True)
@@ -77,8 +79,9 @@ def test_a_staged_sequential_runner_reads_each_next_block_early_with_the_same_re
     assert staged.block_loads == 7 and stager.prefetched == 5
 
     cache_r, cache_s = StateCache(resident, data, batch_size=2), StateCache(staged, data, batch_size=2)
-    scorer_r = PlanScorer(resident, cache_r, healer=CachedHealer(resident, cache_r))
-    scorer_s = PlanScorer(staged, cache_s, healer=CachedHealer(staged, cache_s))
+    heals = name == "llama"  # a mixture of experts takes no folded map
+    scorer_r = PlanScorer(resident, cache_r, healer=CachedHealer(resident, cache_r) if heals else None)
+    scorer_s = PlanScorer(staged, cache_s, healer=CachedHealer(staged, cache_s) if heals else None)
     plans = [[2], [1, 4], [3, 4, 5]]
     assert scorer_s.score_many(plans) == pytest.approx(scorer_r.score_many(plans), rel=1e-6)
     assert stager.prefetched > 5
