@@ -221,6 +221,7 @@ class Onloader:
         self.names = _model_names(model, self.checkpoint.tensors)
         self._rules = _stacking_rules(model)
         self._shapes = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self._resolved: dict[str, tuple[list[str], Stacked | None]] = {}  # see _sources
         self.block_loads = 0
         self.held: set[int] = set()
         self.most_held = 0
@@ -272,14 +273,20 @@ class Onloader:
 
     def _sources(self, name: str) -> tuple[list[str], Stacked | None]:
         """The stored tensors the model's weight ``name`` is read from: the one it is stored as, or the
-        pieces it is assembled from (:class:`Stacked`)."""
+        pieces it is assembled from (:class:`Stacked`). Resolved once per name: a block is loaded many
+        times in a job, and a stacked weight names one piece per expert."""
+        known = self._resolved.get(name)
+        if known is not None:
+            return known
         try:
-            return [self._stored(name)], None
+            found: tuple[list[str], Stacked | None] = ([self._stored(name)], None)
         except ModelLoadError:
             stacked = self._stacked(name)
             if stacked is None:
                 raise
-            return stacked.names, stacked
+            found = (stacked.names, stacked)
+        self._resolved[name] = found
+        return found
 
     def missing(self) -> list[str]:
         """The model's weights still on the meta device that the checkpoint holds no tensor (nor every
