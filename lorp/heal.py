@@ -1,14 +1,16 @@
 """Training-free healing of a cut: a linear map folded into the block before each removed span.
 
 For a removed contiguous span of blocks [s, e), the last kept block before it is b = s - 1. That
-block returns ``h_s = Y + M``: its post-attention residual ``Y`` plus its MLP output ``M``. With the
+block returns ``h_s = Y + M``: its post-attention residual ``Y`` plus its MLP output ``M`` (a
+mixture of experts' routed sum; Granite's scaled by its ``residual_multiplier``). With the
 span gone, its output feeds block e directly, where the dense model had ``h_e``. Healing fits
 
     T = argmin ||M T - (h_e - Y)||^2 + lam ||T - I||^2
 
 on the calibration tokens (a ridge pulled toward the identity, so a span that adds nothing gets
 exactly T = I) and folds it into block b's MLP output projection: ``W <- T^T W`` and ``b <- T^T b``
-for a linear layer (``y = x W^T + b``), ``W <- W T`` for GPT-2's Conv1D (``y = x W + b``). The model
+for a linear layer (``y = x W^T + b``), ``W <- W T`` for GPT-2's Conv1D (``y = x W + b``); in a
+mixture of experts into every expert's down projection and any shared expert's (``lorp.foldable``). The model
 keeps its architecture and costs nothing more at inference (docs/algorithm.md §8a).
 
 The statistics ``M^T M`` and ``M^T (h_e - Y)`` are accumulated in float64 over the real (unpadded)
@@ -18,8 +20,8 @@ all fitted on the dense model (``dense``): ``lorp.scoring.CachedHealer`` fits th
 dense states. This module holds what a fit is (``SpanFit``, ``Fit``, ``FitStatistics``, the spans of
 a plan) and the fold.
 
-Architectures whose MLP output passes a norm before the residual add (Gemma 2/3 and OLMo 2/3's
-post-feedforward norms, OPT with post-layer-norm) cannot take a folded linear map: they are refused.
+Architectures whose MLP output passes a norm before the residual add (Gemma 2/3, OLMo 2/3, GLM-4 and
+EXAONE 4's post-MLP norms, OPT with post-layer-norm) cannot take a folded linear map: they are refused.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ import torch
 
 from lorp.execution.healed import (  # noqa: F401 (re-exported: the fold is part of what a heal is)
     fold,
-    folded_bias,
+    fold_weights,
     folded_weight,
     heal_refusal,
-    output_projection,
+    mlp_output,
 )
 
 HealMode = Literal["sequential", "dense"]

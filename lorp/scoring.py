@@ -29,7 +29,7 @@ from lorp.divergence import Divergence
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.evaluation import mean_to_perplexity, state_nll
 from lorp.execution import PlanPass, as_runner
-from lorp.execution.healed import fold, output_projection
+from lorp.execution.healed import fold
 from lorp.execution.onload import trim_heap
 from lorp.execution.runner import real_tokens
 from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans
@@ -49,19 +49,20 @@ def healable_spans(plan: Sequence[int]) -> list[tuple[int, int]]:
 def apply_fits(model: Any, fits: Sequence[Fit], stored: Mapping[int, torch.dtype] | None = None) -> None:
     """Fold the fits into the model for good (before its blocks are removed).
 
-    ``stored`` maps an anchor block to the dtype its projection is written in; a folded weight is
+    ``stored`` maps an anchor block to the dtype its folded weights are written in; a folded weight is
     rounded to it, so that the model measured is the one the checkpoint holds.
     """
     blocks = decoder_blocks(model)
     for fit in fits:
-        projection, kind = output_projection(model, blocks[fit.anchor])
-        fold(projection, kind, fit.T)
+        block = blocks[fit.anchor]
+        changed = fold(model, block, fit.T)
         dtype = (stored or {}).get(fit.anchor)
         if dtype is None:
             continue
         with torch.no_grad():
-            for tensor in (projection.weight, getattr(projection, "bias", None)):
-                if tensor is not None and tensor.dtype != dtype:
+            for name in changed:
+                tensor = block.get_parameter(name)
+                if tensor.dtype != dtype:
                     tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
@@ -136,7 +137,6 @@ class CachedHealer:
         """Per batch, the anchor's MLP output M and block output h on the real tokens, with the
         blocks before ``first`` and ``removed`` dropped and ``applied`` folded in."""
         runner = self.runner
-        projection, _ = output_projection(runner.model, runner.blocks[anchor])
         batches = self.cache.batches
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(batches)
 
@@ -145,7 +145,8 @@ class CachedHealer:
                 outputs[i] = real_tokens(m[0], batches[i].real)
 
         _check(self.should_cancel)
-        with runner.pruned(removed, applied), runner.watch(projection) as m:
+        with runner.pruned(removed, applied), runner.watch_mlp([anchor]) as watched:
+            m = watched[anchor]
             states = [self.cache.state(b, first) for b in range(len(batches))]
             finals = runner.run_all(batches, start=first, states=states, stop=anchor + 1, on_output=keep_m)
         return [

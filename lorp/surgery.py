@@ -2,7 +2,8 @@
 
 Nothing here builds or holds the model. The source's tensors are read one at a time: a removed
 block's are skipped, a kept block's keys are renumbered to the block's new index, each heal map is
-folded into its anchor block's MLP output projection as that tensor passes (the same float64
+folded into its anchor block's MLP output projection (each expert's, in a mixture of experts, whether
+stored stacked or one per expert) as that tensor passes (the same float64
 computation as the in-memory fold, :func:`lorp.heal.folded_weight`), tensors tied to another (an
 output head sharing the input embeddings) stay tied, and every tensor keeps its stored dtype. The
 config gets the new block count and its per-layer lists sliced (:func:`lorp.blocks.prune_config`);
@@ -28,8 +29,8 @@ import torch
 from lorp.blocks import block_layout, prune_config, validate_indices
 from lorp.errors import InvalidRequestError
 from lorp.execution.healed import FoldedMap
-from lorp.foldable import PROJECTIONS, fold_refusal
-from lorp.heal import folded_bias, folded_weight
+from lorp.foldable import OUTLETS, fold_refusal
+from lorp.heal import folded_weight
 from lorp.shards import DTYPES, Checkpoint, Planned, TensorInfo, plan_shards, shard_names, write_file, write_index
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,7 @@ class _Source:
 
     name: str
     fold: torch.Tensor | FoldedMap | None = None
-    kind: str = "linear"
-    is_bias: bool = False
+    kind: str = "linear"  # how the map folds into it (``lorp.foldable.KINDS``)
 
 
 def meta_skeleton(config: Any) -> Any:
@@ -103,7 +103,7 @@ def _plan(
     layout = block_layout(skeleton)
     key = _block_key(layout.path)
     new_index = {old: new for new, old in enumerate(kept)}
-    projection, kind = PROJECTIONS.get(layout.family, ("", "linear"))
+    outlet = OUTLETS.get(layout.family)
     skip = _tied_targets(skeleton, set(checkpoint.tensors))
     planned: list[Planned] = []
     sources: dict[str, _Source] = {}
@@ -118,35 +118,41 @@ def _plan(
             if old not in new_index:
                 continue
             out_name = f"{match.group('head')}.{new_index[old]}.{match.group('rest')}"
-            rest = match.group("rest")
-            if old in folds and rest in (f"{projection}.weight", f"{projection}.bias"):
-                source = _Source(name, folds[old], kind, is_bias=rest.endswith(".bias"))
-                folded.add(old)
+            kind = outlet.kind(match.group("rest")) if outlet is not None and old in folds else None
+            if kind is not None:
+                source = _Source(name, folds[old], kind)
+                if kind != "bias":
+                    folded.add(old)
         planned.append(Planned(out_name, info.dtype, info.shape))
         sources[out_name] = source
     missing = sorted(set(folds) - folded)
     if missing:
         raise InvalidRequestError(
-            f"blocks {missing} have no MLP output projection ({projection or 'unknown'}) to fold a heal map into",
+            f"blocks {missing} have no MLP output ({outlet.watch if outlet else 'unknown'}) to fold a heal map into",
             field="options.heal",
         )
     return planned, sources
 
 
 def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int, torch.dtype]:
-    """The dtype each anchor block's MLP output projection is stored in (read from the headers only).
+    """The dtype each anchor block's folded weights are stored in (read from the headers only).
 
     The in-memory model may run in another dtype (float32 on a CPU for a bfloat16 checkpoint); a map
     folded in memory is rounded to this dtype so that the model measured is the model written.
     """
     layout = block_layout(model)
-    projection, _ = PROJECTIONS.get(layout.family, ("", "linear"))
+    outlet = OUTLETS.get(layout.family)
     key = _block_key(layout.path)
     wanted = set(anchors)
     found: dict[int, torch.dtype] = {}
     for name, info in Checkpoint(source).tensors.items():
         match = key.match(name)
-        if match and int(match.group("index")) in wanted and match.group("rest") == f"{projection}.weight":
+        if (
+            match
+            and int(match.group("index")) in wanted
+            and outlet
+            and outlet.kind(match.group("rest")) not in (None, "bias")
+        ):
             found[int(match.group("index"))] = DTYPES[info.dtype]
     return found
 
@@ -218,7 +224,7 @@ def _producer(
             return checkpoint.tensors[src.name]
         moved = checkpoint.read(src.name).to(device)
         T = src.fold if isinstance(src.fold, torch.Tensor) else src.fold.T
-        result = folded_bias(moved, T) if src.is_bias else folded_weight(moved, src.kind, T)
+        result = folded_weight(moved, src.kind, T)
         return result.to("cpu")
 
     return produce

@@ -70,10 +70,9 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.heal import fold, output_projection
+from lorp.heal import fold
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-projection, kind = output_projection(model, decoder_blocks(model)[29])
-fold(projection, kind, torch.eye(2048, dtype=torch.float64) + 1e-3)
+fold(model, decoder_blocks(model)[29], torch.eye(2048, dtype=torch.float64) + 1e-3)
 remove_blocks(model, list(range(30, 38)))
 model.save_pretrained(sys.argv[2])
 """

@@ -21,7 +21,7 @@ each decoder block from the safetensors shards only while a pass runs it on ever
 """
 
 from lorp.execution.calls import BlockCall
-from lorp.execution.healed import folded, output_projection
+from lorp.execution.healed import folded, mlp_output
 from lorp.execution.runner import Batch, PlanPass, Runner, as_runner
 
-__all__ = ["Batch", "BlockCall", "PlanPass", "Runner", "as_runner", "folded", "output_projection"]
+__all__ = ["Batch", "BlockCall", "PlanPass", "Runner", "as_runner", "folded", "mlp_output"]

@@ -1,8 +1,9 @@
 """Heal maps folded into a block's MLP output projection: for a pass, or for good.
 
-A heal map ``T`` (d x d, ``lorp.heal``) acts on a block's MLP output; folding it into the output
-projection (``W <- T^T W``, ``b <- b T`` for a linear layer, ``W <- W T`` for GPT-2's Conv1D) makes
-the block compute it at no extra cost. Passes that score a healed plan fold its maps for their length
+A heal map ``T`` (d x d, ``lorp.heal``) acts on a block's MLP output; folding it into the weights
+that compute that output linearly (``lorp.foldable``: ``W <- T^T W``, ``b <- b T`` for a linear layer,
+``W <- W T`` for a Conv1D; each expert's down projection in a mixture of experts) makes the block
+compute it at no extra cost. Passes that score a healed plan fold its maps for their length
 (:func:`folded`); the checkpoint writer folds the stored weights with the same :func:`folded_weight`,
 so a weight stored folded equals the one the engine measured.
 
@@ -22,7 +23,7 @@ import torch
 
 from lorp.blocks import block_layout, decoder_blocks, resolve_path
 from lorp.errors import InvalidRequestError
-from lorp.foldable import PROJECTIONS, fold_refusal
+from lorp.foldable import OUTLETS, Outlet, fold_refusal, outlet_scale
 
 
 class FoldedMap(Protocol):
@@ -67,17 +68,39 @@ def put_weights(block: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> 
 
 
 def heal_refusal(model: Any) -> str | None:
-    """Why this model's cuts cannot be healed by a folded linear map, or None when they can."""
+    """Why this model's cuts cannot be healed by a folded linear map, or None when it can."""
     return fold_refusal(block_layout(model).family, vars(model.config))
 
 
-def output_projection(model: Any, block: torch.nn.Module) -> tuple[Any, str]:
-    """A block's MLP output projection and its kind (``linear`` or ``conv1d``); refuses what cannot fold."""
+def outlet(model: Any) -> Outlet:
+    """Where the model's blocks' MLP output leaves them (``lorp.foldable``); refuses what cannot fold."""
     why = heal_refusal(model)
     if why is not None:
         raise InvalidRequestError(f"healing cannot be applied: {why}", field="options.heal")
-    path, kind = PROJECTIONS[block_layout(model).family]
-    return resolve_path(block, path), kind
+    return OUTLETS[block_layout(model).family]
+
+
+def mlp_output(model: Any, block: torch.nn.Module) -> tuple[torch.nn.Module, float]:
+    """The module of ``block`` whose output is its MLP output M (a heal map acts on it), and the number
+    the block multiplies that output by before the residual add (Granite's ``residual_multiplier``)."""
+    return resolve_path(block, outlet(model).watch), outlet_scale(block_layout(model).family, vars(model.config))
+
+
+def fold_weights(model: Any, block: torch.nn.Module) -> dict[str, str]:
+    """The weights of ``block`` (by name inside it) a map folds into, with their kinds: its MLP output
+    projection and bias, or every expert's down projection (stacked), a shared expert's and their
+    biases. Refuses what cannot fold."""
+    found = {}
+    for name, _ in block.named_parameters():
+        kind = outlet(model).kind(name)
+        if kind is not None:
+            found[name] = kind
+    if not any(kind != "bias" for kind in found.values()):
+        raise InvalidRequestError(
+            f"a block has no MLP output projection ({outlet(model).watch}) to fold a heal map into",
+            field="options.heal",
+        )
+    return found
 
 
 # Columns (rows for Conv1D) folded at a time: the float64 copies a fold makes are d x this, not the
@@ -86,11 +109,19 @@ _FOLD_CHUNK = 1024
 
 
 def folded_weight(weight: torch.Tensor, kind: str, T: torch.Tensor) -> torch.Tensor:
-    """A projection's weight with ``T`` folded into its output, computed in float64, in the weight's dtype.
+    """A weight with ``T`` folded into its output features (``kind``: ``lorp.foldable.KINDS``; leading
+    dimensions are experts, folded one by one), computed in float64, in the weight's dtype.
 
     Computed a slice of input features at a time (a column of ``T^T W`` needs only the same column of
     ``W``), holding a slice in float64, never the whole weight.
     """
+    if kind == "bias":
+        return (weight.to(torch.float64) @ T.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
+    if weight.dim() > 2:
+        out = torch.empty_like(weight)
+        for e in range(weight.shape[0]):
+            out[e] = folded_weight(weight[e], kind, T)
+        return out
     t = T.to(device=weight.device, dtype=torch.float64)
     out = torch.empty_like(weight)
     with torch.no_grad():
@@ -104,18 +135,15 @@ def folded_weight(weight: torch.Tensor, kind: str, T: torch.Tensor) -> torch.Ten
     return out
 
 
-def folded_bias(bias: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """A projection's bias with ``T`` folded into its output (``b <- b T``), in the bias's dtype."""
-    return (bias.to(torch.float64) @ T.to(device=bias.device, dtype=torch.float64)).to(bias.dtype)
-
-
-def fold(projection: Any, kind: str, T: torch.Tensor) -> None:
-    """Make ``projection`` compute ``old_output @ T`` (T is d x d, applied to the output features)."""
+def fold(model: Any, block: torch.nn.Module, T: torch.Tensor) -> list[str]:
+    """Make ``block`` (one of ``model``'s) add ``M @ T`` where it added its MLP output ``M`` (T is d x d):
+    ``T`` folded into each of :func:`fold_weights`. Returns the names of the weights changed."""
+    weights = fold_weights(model, block)
     with torch.no_grad():
-        projection.weight.copy_(folded_weight(projection.weight, kind, T))
-        bias = getattr(projection, "bias", None)
-        if bias is not None:
-            bias.copy_(folded_bias(bias, T))
+        for name, kind in weights.items():
+            parameter = block.get_parameter(name)
+            parameter.copy_(folded_weight(parameter, kind, T))
+    return list(weights)
 
 
 @contextmanager
@@ -127,11 +155,9 @@ def folded(model: Any, fits: Sequence[FoldedMap]) -> Iterator[None]:
     try:
         for fit in fits:
             block = blocks[fit.anchor]
-            projection, kind = output_projection(model, block)
-            touched = [projection.weight, *([projection.bias] if getattr(projection, "bias", None) is not None else [])]
-            touched += [block.get_parameter(name) for name in trained_weights(fit)]
-            saved += [(parameter, parameter.detach().clone()) for parameter in touched]
-            fold(projection, kind, fit.T)
+            names = [*fold_weights(model, block), *trained_weights(fit)]
+            saved += [(block.get_parameter(name), block.get_parameter(name).detach().clone()) for name in names]
+            fold(model, block, fit.T)
             put_weights(block, trained_weights(fit))
         yield
     finally:

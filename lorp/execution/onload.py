@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,21 +376,22 @@ class Onloader:
         if stager is not None:
             stager.prefetch([info for _, infos, _ in self._to_load(self.blocks[index], index) for info in infos])
 
-    def round_to_stored(self, index: int, module: torch.nn.Module) -> None:
-        """Round the weights of ``module`` (a part of block ``index``, changed in memory: a folded heal
+    def round_to_stored(self, index: int, names: Iterable[str]) -> None:
+        """Round block ``index``'s weights ``names`` (inside the block, changed in memory: a folded heal
         map) to the dtype the checkpoint stores them in, so that what runs is what a checkpoint holds."""
         block = self.blocks[index]
-        names = {id(tensor): name for name, tensor in block.named_parameters()}
         with torch.no_grad():
-            for tensor in module.parameters():
-                rounded = self.rounded(index, names[id(tensor)], tensor)
+            for name in names:
+                tensor = block.get_parameter(name)
+                rounded = self.rounded(index, name, tensor)
                 if rounded is not tensor:
                     tensor.copy_(rounded)
 
     def rounded(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value``, a new value of block ``index``'s weight ``name``, rounded to the dtype the
         checkpoint stores that weight in (and back to ``value``'s dtype)."""
-        stored = DTYPES[self.checkpoint.tensors[self._stored(f"{self.path}.{index}.{name}")].dtype]
+        first = self._sources(f"{self.path}.{index}.{name}")[0][0]  # a stacked weight: its pieces share a dtype
+        stored = DTYPES[self.checkpoint.tensors[first].dtype]
         return value if value.dtype == stored else value.to(stored).to(value.dtype)
 
     def _outside(self, name: str) -> bool:

@@ -12,7 +12,8 @@ how the model's own forward calls each block (:mod:`lorp.execution.calls`). On i
 - :meth:`Runner.pruned`: a view of the model with blocks removed (the kept ones renumbered as the
   pruned model numbers them) and heal maps folded, in which the same passes run;
 - :meth:`Runner.watch`: the output of a module inside a block (a block's MLP output) while it runs;
-  :meth:`Runner.watch_mlp` that of each block's MLP output projection (what a heal map folds into).
+  :meth:`Runner.watch_mlp` each block's MLP output M, as it joins the residual stream (what a heal
+  map acts on).
 
 Each block runs on the state it is given with the arguments the dense forward gave it; with blocks
 removed that is what the pruned model gives the same block (its masks and positions do not depend
@@ -41,7 +42,7 @@ from lorp.blocks import decoder_blocks, input_device, pruned_view
 from lorp.calibration import TokenWindows
 from lorp.errors import InvalidRequestError, JobCancelled
 from lorp.execution.calls import BlockCall, OutputForm, head_logits, record_calls
-from lorp.execution.healed import FoldedMap, fold, folded, output_projection, put_weights, trained_weights
+from lorp.execution.healed import FoldedMap, fold, fold_weights, folded, mlp_output, put_weights, trained_weights
 from lorp.execution.onload import Onloader, skeleton
 
 StateCallback = Callable[[int, torch.Tensor], None]
@@ -161,9 +162,8 @@ class Runner:
         with self.onloader.block(index, then) as block:
             fit = self._fits.get(index)
             if fit is not None:
-                projection, kind = output_projection(self.model, block)
-                fold(projection, kind, fit.T)
-                self.onloader.round_to_stored(index, projection)  # as the written checkpoint holds it
+                changed = fold(self.model, block, fit.T)
+                self.onloader.round_to_stored(index, changed)  # as the written checkpoint holds it
                 put_weights(block, trained_weights(fit))  # a distilled anchor's weights, stored-rounded
             yield block
 
@@ -297,7 +297,7 @@ class Runner:
             return
         with folded(self.model, [fit]):
             if self.onloader is not None:
-                self.onloader.round_to_stored(index, output_projection(self.model, block)[0])
+                self.onloader.round_to_stored(index, list(fold_weights(self.model, block)))
             yield
 
     def run_plans(
@@ -440,15 +440,17 @@ class Runner:
                 self._fits = {}
 
     @contextmanager
-    def watch(self, module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-        """A list holding the latest output of ``module`` (a part of a block) while the block is open.
+    def watch(self, module: torch.nn.Module, scale: float = 1.0) -> Iterator[list[torch.Tensor]]:
+        """A list holding the latest output of ``module`` (a part of a block; the first of what it
+        returns when that is a tuple), times ``scale``, while the block is open.
 
         The output is copied: some blocks add into it in place afterwards (Falcon's parallel MLP).
         """
         latest: list[torch.Tensor] = []
 
-        def keep(_module: Any, _args: Any, output: torch.Tensor) -> None:
-            latest[:] = [output.detach().clone()]
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            value = output[0] if isinstance(output, tuple) else output
+            latest[:] = [value.detach().clone() if scale == 1.0 else value.detach() * scale]
 
         handle = module.register_forward_hook(keep)
         try:
@@ -458,10 +460,10 @@ class Runner:
 
     @contextmanager
     def watch_mlp(self, blocks: Iterable[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
-        """:meth:`watch` of the MLP output projection of each of ``blocks`` (their M, ``lorp.heal``): by
-        block, a list holding its latest output."""
+        """The MLP output M of each of ``blocks`` as it joins the residual stream (``lorp.heal``; a
+        mixture of experts' whole routed sum, Granite's scaled): by block, a list holding its latest."""
         with ExitStack() as stack:
-            yield {j: stack.enter_context(self.watch(output_projection(self.model, self.blocks[j])[0])) for j in blocks}
+            yield {j: stack.enter_context(self.watch(*mlp_output(self.model, self.blocks[j]))) for j in blocks}
 
 
 def as_runner(model: Any) -> Runner:

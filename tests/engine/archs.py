@@ -139,7 +139,21 @@ ARCHS: dict[str, tuple[str, dict[str, Any], str, str, str]] = {
         "transformer.h",
         "num_hidden_layers",
     ),
-    "granite": ("GraniteConfig", _LLAMA_LIKE, "granite", "model.layers", "num_hidden_layers"),
+    # Granite scales what each block adds, its embeddings, attention and logits (Granite 3's values):
+    # a heal map acts on the scaled MLP output.
+    "granite": (
+        "GraniteConfig",
+        {
+            **_LLAMA_LIKE,
+            "residual_multiplier": 0.22,
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.0078125,
+            "logits_scaling": 8.0,
+        },
+        "granite",
+        "model.layers",
+        "num_hidden_layers",
+    ),
     "glm": ("GlmConfig", {**_LLAMA_LIKE, "head_dim": 8}, "glm", "model.layers", "num_hidden_layers"),
     "glm4": ("Glm4Config", {**_LLAMA_LIKE, "head_dim": 8}, "glm4", "model.layers", "num_hidden_layers"),
     "cohere": ("CohereConfig", _LLAMA_LIKE, "cohere", "model.layers", "num_hidden_layers"),

@@ -14,20 +14,10 @@ from lorp.spec import CalibrationSpec, EvaluationSpec, ModelSpec, PruneSpec, Tar
 from .archs import ARCHS
 
 VOCAB = 384
-# Families whose MLP output passes a norm (or a mixture of experts) before the residual add.
-REFUSED = {
-    "gemma2",
-    "gemma3_text",
-    "olmo2",
-    "olmo3",
-    "glm4",
-    "exaone4",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "gpt_oss",
-}
+# Families whose MLP output passes a norm before the residual add: a heal map cannot fold.
+REFUSED = {"gemma2", "gemma3_text", "olmo2", "olmo3", "glm4", "exaone4"}
+# Mixtures of experts: a heal map folds into every expert's down projection.
+EXPERTS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
 FOLDABLE = [name for name in ARCHS if name not in REFUSED]
 # Families whose checkpoints store each expert apart while the model stacks them (transformers
 # converts on load): sequential execution assembles the stacked weights from the pieces.

@@ -25,7 +25,17 @@ from lorp.divergence import next_token_valid, token_divergence
 from lorp.evaluation import perplexity
 from lorp.execution import Batch, Runner, as_runner
 from lorp.execution.runner import real_tokens
-from lorp.heal import DEFAULT_RIDGE, Fit, FitStatistics, HealMode, SpanFit, contiguous_spans, fold, output_projection
+from lorp.heal import (
+    DEFAULT_RIDGE,
+    Fit,
+    FitStatistics,
+    HealMode,
+    SpanFit,
+    contiguous_spans,
+    fold,
+    fold_weights,
+    mlp_output,
+)
 from lorp.selection import Selection, SelectionOptions, candidate_plans
 
 
@@ -104,7 +114,7 @@ def reference_heal_cuts(
         return []
     runner = as_runner(model)
     for start, _ in spans:
-        output_projection(runner.model, runner.blocks[start - 1])  # refuses unfoldable architectures before any pass
+        fold_weights(runner.model, runner.blocks[start - 1])  # refuses unfoldable architectures before any pass
     groups = [spans] if mode == "dense" else [[span] for span in spans]
     fits: list[Fit] = []
     for group in groups:
@@ -122,8 +132,7 @@ def reference_heal_cuts(
             span = SpanFit(start, end, start - 1, stat.tokens, residual_before=before, residual_after=after)
             fits.append(Fit(span=span, held=T))
     for fit in fits:
-        projection, kind = output_projection(runner.model, runner.blocks[fit.anchor])
-        fold(projection, kind, fit.T)
+        fold(runner.model, runner.blocks[fit.anchor], fit.T)
     return [fit.span for fit in fits]
 
 
@@ -147,8 +156,7 @@ def anchor_outputs(runner: Runner, batch: Batch, anchors: Sequence[int]) -> list
     state: torch.Tensor | None = None
     at = 0
     for anchor in anchors:
-        projection, _ = output_projection(runner.model, runner.blocks[anchor])
-        with runner.watch(projection) as m:
+        with runner.watch(*mlp_output(runner.model, runner.blocks[anchor])) as m:
             state = runner.run(batch, start=at, state=state, stop=anchor + 1)
         outputs.append((real_tokens(m[0], batch.real), real_tokens(state, batch.real)))
         at = anchor + 1

@@ -18,7 +18,7 @@ import torch
 
 import lorp
 from lorp.blocks import decoder_blocks, remove_blocks
-from lorp.execution import Runner, output_projection
+from lorp.execution import Runner
 
 from .archs import ARCHS, build, probe
 
@@ -101,7 +101,7 @@ def test_per_layer_calls_differ_where_the_architecture_makes_them_differ() -> No
 
 def test_a_healed_view_folds_its_maps_and_restores_the_weights() -> None:
     model = build("llama")
-    projection, _ = output_projection(model, decoder_blocks(model)[1])
+    projection = decoder_blocks(model)[1].mlp.down_proj
     weight = projection.weight.detach().clone()
     width = weight.shape[0]
 

@@ -23,14 +23,13 @@ from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.errors import InvalidRequestError
 from lorp.execution import Runner
 from lorp.export import save_pruned, verify_reload
-from lorp.foldable import fold_refusal
-from lorp.heal import FitStatistics, HealMode, contiguous_spans, fold, heal_refusal, output_projection
+from lorp.heal import FitStatistics, HealMode, contiguous_spans, fold, fold_weights, heal_refusal
 from lorp.planner import resolve_heal
 from lorp.scoring import CachedHealer, PlanScorer, apply_fits
 from lorp.states import StateCache
 
 from .archs import build, probe
-from .helpers import FOLDABLE, REFUSED, windows
+from .helpers import EXPERTS, FOLDABLE, REFUSED, windows
 from .reference import anchor_outputs
 
 
@@ -46,6 +45,8 @@ def test_contiguous_spans() -> None:
 
 @pytest.mark.parametrize("name", FOLDABLE)
 def test_the_fold_is_exact_algebra(name: str) -> None:
+    # M is what the block adds for its MLP: a mixture of experts' routed sum, Granite's projection
+    # output times its residual_multiplier (0.22 here); h - M is then the rest of the block.
     model = build(name)
     anchor = decoder_blocks(model)[1]
     ids = probe()
@@ -55,19 +56,55 @@ def test_the_fold_is_exact_algebra(name: str) -> None:
     width = m.shape[-1]
     g = torch.Generator().manual_seed(5)
     T = torch.eye(width, dtype=torch.float64) + 0.1 * torch.randn(width, width, generator=g, dtype=torch.float64)
-    projection, kind = output_projection(model, anchor)
-    fold(projection, kind, T)
+    fold(model, anchor, T)
     ((m_after, h_after),) = anchor_outputs(runner, batch, [1])
     expected = (h - m).double() + m.double() @ T
     torch.testing.assert_close(m_after.double(), m.double() @ T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h_after.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-# What each refusal names: the norm the MLP output passes, or the experts it is routed through.
+# What a map folds into in a block with experts: the stacked down projection the model holds, a
+# shared expert's, the experts' biases (a block without experts: its MLP's down projection).
+_FOLDED_IN = {
+    "mixtral": ["mlp.experts.down_proj"],
+    "qwen2_moe": ["mlp.experts.down_proj", "mlp.shared_expert.down_proj.weight"],
+    "qwen3_moe": ["mlp.experts.down_proj"],
+    "olmoe": ["mlp.experts.down_proj"],
+    "gpt_oss": ["mlp.experts.down_proj", "mlp.experts.down_proj_bias"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERTS))
+def test_a_map_folds_into_every_experts_output_at_every_block(name: str) -> None:
+    model = build(name)
+    with torch.no_grad():  # biases start at zero (gpt-oss's experts'): make the fold change them
+        for parameter in (p for n, p in model.named_parameters() if n.endswith("bias") and not p.any()):
+            parameter.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    runner = Runner(model)
+    ids = probe()
+    batch = runner.batch(ids, torch.ones_like(ids))
+    width = model.config.hidden_size
+    T = torch.eye(width, dtype=torch.float64) + 0.1 * torch.randn(
+        width, width, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    kinds = set()
+    for index, block in enumerate(decoder_blocks(model)):
+        sparse = hasattr(block.mlp, "experts")
+        kinds.add(sparse)
+        assert sorted(fold_weights(model, block)) == (_FOLDED_IN[name] if sparse else ["mlp.down_proj.weight"])
+        ((m, h),) = anchor_outputs(runner, batch, [index])
+        fold(model, block, T)
+        ((m_after, h_after),) = anchor_outputs(runner, batch, [index])
+        torch.testing.assert_close(m_after.double(), m.double() @ T, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(h_after.double(), (h - m).double() + m.double() @ T, rtol=1e-4, atol=1e-5)
+    # Qwen3-MoE's test model has blocks with experts and without (mlp_only_layers, decoder_sparse_step).
+    assert kinds == ({True, False} if name == "qwen3_moe" else {True})
+
+
+# What each refusal names: the norm the MLP output passes.
 _REFUSED_FOR = {
     **dict.fromkeys(["gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4"], "post_feedforward_layernorm"),
     "glm4": "post_mlp_layernorm",
-    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"], "mixture of experts"),
 }
 
 
@@ -83,16 +120,6 @@ def test_architectures_whose_mlp_output_cannot_take_a_map_are_refused_by_name(na
         with pytest.raises(InvalidRequestError) as err:
             healer(model, mode).fits([2])
         assert err.value.field == "options.heal" and reason in err.value.message
-
-
-def test_a_granite_model_that_scales_its_mlp_output_is_refused() -> None:
-    # Granite adds residual_multiplier x the MLP output; at 1 it folds like Llama (FOLDABLE covers it).
-    model = build("granite", residual_multiplier=0.25)
-    with pytest.raises(InvalidRequestError, match=r"residual_multiplier 0\.25") as err:
-        resolve_heal(model, "linear", heal_tokens=10_000)
-    assert err.value.field == "options.heal"
-    assert fold_refusal("granite", {"residual_multiplier": 0.25}) is not None
-    assert fold_refusal("granite", {"residual_multiplier": 1.0}) is None
 
 
 def test_an_opt_model_with_post_layer_norm_is_refused() -> None:

@@ -23,6 +23,7 @@ from lorp.spec import (
 )
 from lorp.stages import STAGES
 
+from .archs import six_blocks
 from .helpers import make_spec
 
 
@@ -295,6 +296,58 @@ def test_a_sequential_job_gives_the_resident_jobs_plan_statistics_and_checkpoint
     assert by_stage["capture"] == 8 + 1 and r.execution.block_loads_by_stage == {}  # 8 blocks, block 0 again
     on_disk = json.loads((sequential.out_dir / "report.json").read_text())["execution"]
     assert on_disk["mode"] == "sequential" and on_disk["block_loads"] == s.execution.block_loads
+
+
+# Each family's MLP output weights in a checkpoint: every expert's down projection stored apart
+# (Mixtral's w2, Qwen2-MoE's with its shared expert's), or stacked with a bias per expert (gpt-oss).
+_EXPERT_OUTPUTS = {
+    "mixtral": [f"block_sparse_moe.experts.{e}.w2.weight" for e in range(4)],
+    "qwen2_moe": [f"mlp.experts.{e}.down_proj.weight" for e in range(4)] + ["mlp.shared_expert.down_proj.weight"],
+    "gpt_oss": ["mlp.experts.down_proj", "mlp.experts.down_proj_bias"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EXPERT_OUTPUTS))
+def test_a_mixture_of_experts_job_heals_its_cut_into_every_expert_in_both_modes(
+    name, corpus_files, tmp_path, tiny_tokenizer
+):
+    source = tmp_path / "source"
+    model, g = six_blocks(name), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # biases start at zero (gpt-oss's experts'): give the fold something to change
+        for parameter in (p for n, p in model.named_parameters() if n.endswith("bias") and not p.any()):
+            parameter.copy_(0.02 * torch.randn(parameter.shape, generator=g))
+    model.save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    evaluation = EvaluationSpec(dataset=f"{corpus_files[1]}#body", max_windows=6, speed=False, prompts=[])
+    calibration = CalibrationSpec(dataset=str(corpus_files[0]), num_samples=32, seq_len=32, batch_size=8)
+
+    def job(heal: str, mode: str = "auto"):
+        options = SelectionOptions(execution=mode, heal=heal, selection_metric="kl")
+        spec = make_spec(source, corpus_files, method="reverse", options=options, calibration=calibration)
+        return run_prune(spec.model_copy(update={"evaluation": evaluation}), tmp_path / f"{heal}-{mode}").report
+
+    runs = {mode: job("linear", mode) for mode in ("resident", "sequential")}
+    resident, sequential = runs["resident"], runs["sequential"]
+    for report in (resident, sequential):
+        assert report.heal.method == "linear" and report.chosen.pruned_layers == [3, 4], report.heal
+        assert report.reload_check["max_abs_logit_diff"] <= 1e-4  # the checkpoint computes what was measured
+    assert sequential.metrics.pruned["perplexity"] == pytest.approx(resident.metrics.pruned["perplexity"], rel=1e-5)
+    dense = _tensors(source)
+    written = {mode: _tensors(tmp_path / f"linear-{mode}" / "model") for mode in runs}
+    for mode, tensors in written.items():
+        for rest in _EXPERT_OUTPUTS[name]:  # the anchor, block 2: every expert output folded
+            key = f"model.layers.2.{rest}"
+            assert not torch.equal(tensors[key], dense[key]), (mode, key)
+        for key, value in tensors.items():  # nothing else changed: block 5 is now block 3
+            if not any(key == f"model.layers.2.{rest}" for rest in _EXPERT_OUTPUTS[name]):
+                old = key.replace("model.layers.3.", "model.layers.5.")
+                assert torch.equal(value, dense[old]), (mode, key)
+    for key, value in written["sequential"].items():
+        torch.testing.assert_close(value, written["resident"][key], rtol=1e-5, atol=1e-6)
+    # Healing helps: the healed cut is closer to the dense model than the same cut left alone.
+    unhealed = job("none")
+    assert unhealed.chosen.pruned_layers == [3, 4]
+    assert resident.metrics.pruned["kl_mean"] < unhealed.metrics.pruned["kl_mean"]
 
 
 def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budget(

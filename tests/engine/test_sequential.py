@@ -33,7 +33,7 @@ from lorp.states import Riders, StateCache, StoredStateCache, store_states, stor
 from lorp.surgery import write_pruned
 
 from .archs import ARCHS, six_blocks, write_wide_llama
-from .helpers import PER_EXPERT, REFUSED, windows
+from .helpers import EXPERTS, PER_EXPERT, REFUSED, windows
 
 
 def both(name: str, tmp_path: Path) -> tuple[Runner, Runner]:
@@ -173,7 +173,7 @@ def test_a_stored_capture_reads_its_states_back_in_parts_with_the_same_statistic
     assert (got.num_tokens, got.num_sequences) == (ref.num_tokens, ref.num_sequences)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi3", "granite", "qwen2_moe", "gpt_oss"])
 def test_a_stored_capture_keeps_the_heal_windows_mlp_outputs_so_fits_load_no_block(name: str, tmp_path: Path) -> None:
     """The capture writes each block's MLP output on the heal windows (the first ones) beside its
     states; a healer on that store fits as a resident healer does, without loading any block again."""
@@ -190,10 +190,14 @@ def test_a_stored_capture_keeps_the_heal_windows_mlp_outputs_so_fits_load_no_blo
     stored = StoredStateCache(store, heal_batches, 2, torch.float32, mlp=mlp)
     healer_s = CachedHealer(sequential, stored, mode="dense")
     healer_r = CachedHealer(resident, StateCache(resident, heal_on, batch_size=2), mode="dense")
+    # A mixture of experts' output depends on the batch at float32's last bits (the tokens routed to an
+    # expert are gathered per batch: 1e-10 against outputs of 1e-3 here), and a map fitted on 34 tokens
+    # at width 32 is nearly singular, which turns that into 1e-4 relative.
+    rtol, atol = (1e-3, 1e-4) if name in EXPERTS else (1e-5, 1e-7)
     for plan in ([2], [1, 4], [3, 4, 5]):
         for fit_s, fit_r in zip(healer_s.fits(plan), healer_r.fits(plan), strict=True):
             assert fit_s.anchor == fit_r.anchor
-            torch.testing.assert_close(fit_s.T, fit_r.T, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(fit_s.T, fit_r.T, rtol=rtol, atol=atol)
     assert healer_s.anchor_passes == 0 and healer_r.anchor_passes == 4  # anchors 1, 0 and 3, 2
     assert sequential.block_loads == loads  # no block loaded again
 

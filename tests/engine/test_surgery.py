@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lorp.blocks import decoder_blocks, remove_blocks
 from lorp.errors import InvalidRequestError, ModelLoadError
 from lorp.foldable import fold_refusal
-from lorp.heal import fold, output_projection
+from lorp.heal import fold
 from lorp.shards import INDEX_FILE, Checkpoint, read_header
 from lorp.surgery import write_pruned
 
@@ -60,8 +60,7 @@ def test_written_checkpoint_equals_save_pretrained_of_the_pruned_model(
     folds = {}
     if fold_refusal(ARCHS[name][2], model.config.to_dict()) is None:
         folds = {0: _heal_map(model.config.hidden_size if name != "gpt2" else model.config.n_embd)}
-        projection, kind = output_projection(model, decoder_blocks(model)[0])
-        fold(projection, kind, folds[0])
+        fold(model, decoder_blocks(model)[0], folds[0])
     remove_blocks(model, REMOVED)
     reference = tmp_path / "reference"
     model.save_pretrained(reference)
@@ -141,10 +140,9 @@ def test_stored_dtype_is_kept_and_folds_round_like_the_in_memory_model(tmp_path:
 
     assert {info.dtype for info in Checkpoint(written.directory).tensors.values()} == {"BF16"}
     assert _config(written.directory)["dtype"] == "bfloat16"
-    projection, kind = output_projection(model, decoder_blocks(model)[0])
-    fold(projection, kind, T)
+    fold(model, decoder_blocks(model)[0], T)
     got = _tensors(written.directory)["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(got, projection.weight.detach())
+    assert torch.equal(got, decoder_blocks(model)[0].mlp.down_proj.weight.detach())
 
 
 def test_tied_head_stays_tied_and_is_written_once(tmp_path: Path, tiny_tokenizer: Any) -> None:
