@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file as safe_load
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
@@ -348,6 +348,70 @@ def test_a_mixture_of_experts_job_heals_its_cut_into_every_expert_in_both_modes(
     unhealed = job("none")
     assert unhealed.chosen.pruned_layers == [3, 4]
     assert resident.metrics.pruned["kl_mean"] < unhealed.metrics.pruned["kl_mean"]
+
+
+def _upcycled(dense_dir: Path, out: Path, experts: int = 4) -> Path:
+    """A Mixtral made from the Llama in ``dense_dir``: its attention, norms and embeddings, and every
+    expert a copy of the block's MLP under a random router. Top-2 routing weights sum to one, so it
+    computes what the Llama computes (to float rounding), through experts."""
+    dense = LlamaForCausalLM.from_pretrained(dense_dir)
+    c = dense.config
+    config = MixtralConfig(
+        **{key: getattr(c, key) for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")},
+        **{key: getattr(c, key) for key in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+        **{key: getattr(c, key) for key in ("rms_norm_eps", "tie_word_embeddings", "eos_token_id", "pad_token_id")},
+        rope_parameters=dict(c.rope_parameters),
+        sliding_window=None,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(config).eval()
+    own = moe.state_dict()
+    with torch.no_grad():
+        for name, value in dense.state_dict().items():
+            if ".mlp." not in name:
+                own[name].copy_(value)
+        for layer, block in zip(dense.model.layers, moe.model.layers, strict=True):
+            gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
+            down = layer.mlp.down_proj.weight
+            block.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
+            block.mlp.experts.down_proj.copy_(down.expand(experts, *down.shape))
+    moe.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (dense_dir / name).exists():
+            (out / name).write_bytes((dense_dir / name).read_bytes())
+    return out
+
+
+def test_a_mixture_of_experts_made_from_a_trained_model_prunes_and_heals_as_that_model(
+    trained_model_dir, structured_corpus, tmp_path
+):
+    # The heal map of an MoE acts on the routed sum and folds into every expert: a Mixtral whose
+    # experts are all its source's MLP must be cut and healed as the source is, in both modes (a map
+    # folded into one expert, or fitted on one expert's output, would not give the source's figures).
+    moe_dir = _upcycled(trained_model_dir, tmp_path / "moe")
+    calibration = CalibrationSpec(dataset=str(structured_corpus[0]), num_samples=16, seq_len=32, batch_size=8)
+    evaluation = EvaluationSpec(dataset=f"{structured_corpus[1]}#body", max_windows=6, speed=False, prompts=[])
+
+    def job(model_dir: Path, mode: str, name: str):
+        options = SelectionOptions(execution=mode, heal="linear", selection_metric="kl")
+        spec = make_spec(model_dir, structured_corpus, options=options, calibration=calibration)
+        return run_prune(spec.model_copy(update={"evaluation": evaluation}), tmp_path / name).report
+
+    dense = job(trained_model_dir, "resident", "dense")
+    assert dense.heal.method == "linear" and dense.heal.spans
+    for mode in ("resident", "sequential"):
+        moe = job(moe_dir, mode, f"moe-{mode}")
+        assert moe.chosen.pruned_layers == dense.chosen.pruned_layers, mode
+        assert moe.heal.method == "linear", (mode, moe.heal.reason)
+        for got, expected in zip(moe.heal.spans, dense.heal.spans, strict=True):
+            assert [got[k] for k in ("start", "end", "anchor")] == [expected[k] for k in ("start", "end", "anchor")]
+            assert got["residual_after"] == pytest.approx(expected["residual_after"], rel=1e-3, abs=1e-5), mode
+            assert got["residual_after"] < got["residual_before"]
+        for key in ("perplexity", "kl_mean", "top1_agreement"):
+            assert moe.metrics.pruned[key] == pytest.approx(dense.metrics.pruned[key], rel=1e-3, abs=1e-6), (mode, key)
+        assert moe.reload_check["max_abs_logit_diff"] <= 1e-4
 
 
 def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budget(
