@@ -20,7 +20,7 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import InvalidRequestError, ReloadCheckError
 from lorp.evaluation import greedy_tokens
-from lorp.pretrained import PLAIN_MODULES, drop_leftover_quantization
+from lorp.pretrained import drop_leftover_quantization, load_options
 
 # Default tolerance on the max abs logit difference, relative to the largest reference logit (with a
 # floor of 1.0): the same weights on the same device give identical or near-identical logits, so the
@@ -153,7 +153,7 @@ def verify_reload(
     ids = probe_input_ids.to(device)
     was_training = model.training
     model.eval()
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, **PLAIN_MODULES}
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, **load_options(Path(out_dir))}
     attn_impl = getattr(model.config, "_attn_implementation", None)
     if attn_impl:
         load_kwargs["attn_implementation"] = attn_impl

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from lorp.quantization import quant_method
+
 # How a weight's output features are laid out: ``linear`` [..., out, in] (``y = x W^T + b``),
 # ``conv1d`` [..., in, out] (GPT-2's Conv1D, gpt-oss's stacked experts: ``y = x W + b``), ``bias``
 # [..., out]. Leading dimensions are experts.
@@ -124,9 +126,16 @@ def outlet_scale(family: str | None, config: dict[str, Any] | None = None) -> fl
 
 
 def fold_refusal(family: str | None, config: dict[str, Any] | None = None) -> str | None:
-    """Why a model of this family (``model_type``) cannot take a folded map, or None when it can."""
+    """Why a model of this family (``model_type``) and ``config`` (``config.json``'s keys) cannot take
+    a folded map, or None when it can."""
     if family in POST_NORM:
         return POST_NORM[family]
+    method = quant_method((config or {}).get("quantization_config"))
+    if method is not None:
+        return (
+            f"the checkpoint stores its weights quantized ({method}); a map folded into them would have to "
+            "be quantized again, which is not the map that was fitted"
+        )
     if family == "opt" and not (config or {}).get("do_layer_norm_before", True):
         return "this OPT model normalises after the residual add (do_layer_norm_before is false)"
     if family not in OUTLETS:

@@ -37,7 +37,12 @@ from lorp.errors import InvalidRequestError, ModelLoadError, is_out_of_memory
 from lorp.execution import Runner
 from lorp.execution.choice import ExecutionChoice, WorkingSet, choose_execution, working_bytes
 from lorp.gguf_header import block_count, check_gguf
-from lorp.pretrained import PLAIN_MODULES, drop_leftover_quantization
+from lorp.pretrained import (
+    PLAIN_MODULES,
+    drop_leftover_quantization,
+    load_options,
+    remember_stored_quantization,
+)
 from lorp.shards import Checkpoint, read_header
 
 log = logging.getLogger(__name__)
@@ -533,7 +538,8 @@ def _load_located(
 
     dev, device_map = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **PLAIN_MODULES, **extra}
+    plain = load_options(Path(location)) if "gguf_file" not in extra else PLAIN_MODULES
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **plain, **extra}
     if device_map is not None:
         kwargs["device_map"] = device_map
     gguf_file = kwargs.get("gguf_file")
@@ -552,6 +558,8 @@ def _load_located(
 
     _refuse_missing(name, [k for k in (info.get("missing_keys") or []) if k])
     drop_leftover_quantization(model)
+    if gguf_file is None:
+        remember_stored_quantization(model, Path(location))
     if gguf_file is not None and model.dtype != torch_dtype:
         model = model.to(torch_dtype)
     if device_map is None:

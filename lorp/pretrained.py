@@ -1,17 +1,21 @@
 """How the engine uses transformers' ``from_pretrained``: the options every load passes
-(:data:`PLAIN_MODULES`) and the state a loaded model is cleaned of before it is saved
-(:func:`drop_leftover_quantization`). Used by loading, the demo model's conversion and the reload
-check, so that each load of a model is the same load.
+(:data:`PLAIN_MODULES`, :func:`load_options`), the state a loaded model is cleaned of before it is
+saved (:func:`drop_leftover_quantization`), and the quantization its checkpoint stores when the load
+dequantized it (:func:`remember_stored_quantization`). Used by loading, the demo model's conversion
+and the reload check, so that each load of a model is the same load.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorp.errors import InvalidRequestError
+from lorp.quantization import MXFP4, quant_method
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +61,46 @@ def drop_leftover_quantization(model: Any) -> None:
             delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def _stored_config(source: Path) -> Any:
+    """The ``quantization_config`` in ``source``'s ``config.json``, or None (none, or no such file)."""
+    try:
+        return json.loads((source / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_options(source: Path) -> dict[str, Any]:
+    """What every ``from_pretrained`` of the checkpoint in ``source`` passes: :data:`PLAIN_MODULES`,
+    and for experts stored in MXFP4 (gpt-oss) a config that dequantizes them. transformers otherwise
+    fetches MXFP4 kernels from the hub where a GPU can run them (remote code, the network); the engine
+    runs the weights dequantized, as sequential execution does, wherever it runs."""
+    options = dict(PLAIN_MODULES)
+    if quant_method(_stored_config(source)) == MXFP4:
+        from transformers import Mxfp4Config  # type: ignore[attr-defined]
+
+        options["quantization_config"] = Mxfp4Config(dequantize=True)
+    return options
+
+
+_STORED_QUANTIZATION = "lorp_stored_quantization"
+
+
+def remember_stored_quantization(model: Any, source: Path) -> None:
+    """Keep on ``model`` the ``quantization_config`` of the checkpoint in ``source`` when the load left
+    the model without one (transformers dequantizes MXFP4 experts where it has no kernels for them, and
+    then forgets the config): the weights that ship are the stored ones, which a heal map cannot be
+    folded into (``lorp.foldable.fold_refusal``)."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        return
+    stored = _stored_config(source)
+    if stored:
+        setattr(model, _STORED_QUANTIZATION, stored)
+
+
+def stored_quantization(model: Any) -> Any:
+    """The quantization config of the weights ``model`` was loaded from: its own, or the one
+    :func:`remember_stored_quantization` kept; None for weights stored unquantized."""
+    own = getattr(model.config, "quantization_config", None)
+    return own if own is not None else getattr(model, _STORED_QUANTIZATION, None)

@@ -170,12 +170,19 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
     def nbytes_as(self, dtype: torch.dtype) -> int:
-        """The bytes the weights take when their floating-point tensors are cast to ``dtype``."""
+        """The bytes the weights take when their floating-point tensors are cast to ``dtype``, and MXFP4
+        weights (``<name>_blocks`` of packed 4-bit values beside ``<name>_scales``: gpt-oss's experts)
+        dequantized to it, as the engine runs them (``lorp.pretrained.load_options``)."""
         size = torch.empty((), dtype=dtype).element_size()
-        return sum(
-            math.prod(info.shape) * size if DTYPES[info.dtype].is_floating_point else info.nbytes
-            for info in self.tensors.values()
-        )
+        total = 0
+        for name, info in self.tensors.items():
+            if DTYPES[info.dtype].is_floating_point:
+                total += math.prod(info.shape) * size
+            elif name.endswith("_blocks") and f"{name[: -len('_blocks')]}_scales" in self.tensors:
+                total += 2 * math.prod(info.shape) * size  # two values a byte; their scales go with them
+            elif not (name.endswith("_scales") and f"{name[: -len('_scales')]}_blocks" in self.tensors):
+                total += info.nbytes
+        return total
 
     def read(self, name: str, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, read from its file into memory of its own (no memory map), then moved to ``device``."""

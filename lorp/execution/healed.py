@@ -24,6 +24,7 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks, resolve_path
 from lorp.errors import InvalidRequestError
 from lorp.foldable import OUTLETS, Outlet, fold_refusal, outlet_scale
+from lorp.pretrained import stored_quantization
 
 
 class FoldedMap(Protocol):
@@ -68,8 +69,11 @@ def put_weights(block: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> 
 
 
 def heal_refusal(model: Any) -> str | None:
-    """Why this model's cuts cannot be healed by a folded linear map, or None when it can."""
-    return fold_refusal(block_layout(model).family, vars(model.config))
+    """Why this model's cuts cannot be healed by a folded linear map, or None when it can (its family,
+    its config, and the quantization its checkpoint stores its weights in)."""
+    return fold_refusal(
+        block_layout(model).family, {**vars(model.config), "quantization_config": stored_quantization(model)}
+    )
 
 
 def outlet(model: Any) -> Outlet:

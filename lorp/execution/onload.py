@@ -15,7 +15,8 @@ what a pass cost.
 A weight is read as the checkpoint stores it, under its name or the one transformers renames it from;
 a mixture of experts' stacked weight, stored one piece per expert (Mixtral, Qwen-MoE, OLMoE), is
 assembled from its pieces as the block loads (:class:`Stacked`: what transformers' own load-time
-conversion does).
+conversion does), and gpt-oss's experts stored in MXFP4 are dequantized as the block loads
+(:class:`Mxfp4`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import InvalidRequestError, ModelLoadError
 from lorp.execution.staging import Stager
+from lorp.quantization import MXFP4, quant_method
 from lorp.shards import DTYPES, Checkpoint, TensorInfo
 
 
@@ -145,9 +147,40 @@ class Stacked:
             return None
         return (*stacks[0][:join], sum(stack[join] for stack in stacks), *stacks[0][join + 1 :])
 
-    def assemble(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
+    def assemble(self, pieces: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         stacks = [torch.stack([pieces[name] for name in part]) for part in self.parts]
         return stacks[0] if self.join is None else torch.cat(stacks, dim=self.join)
+
+
+@dataclass(frozen=True)
+class Mxfp4:
+    """A weight the checkpoint stores in MXFP4 (gpt-oss's experts, as OpenAI ships them): 4-bit values
+    packed two to a byte (``<name>_blocks``, [experts, out, groups, 16]) and a power-of-two scale per
+    group of 32 (``<name>_scales``, [experts, out, groups]). Dequantized as the block loads by
+    transformers' own conversion (what it does when it loads the whole model without MXFP4 kernels),
+    to [experts, in, out]; exact in bfloat16 and float32."""
+
+    blocks: str
+    scales: str
+
+    @property
+    def names(self) -> list[str]:
+        return [self.blocks, self.scales]
+
+    def shape(self, stored: dict[str, TensorInfo]) -> tuple[int, ...] | None:
+        blocks, scales = tuple(stored[self.blocks].shape), tuple(stored[self.scales].shape)
+        if len(blocks) != 4 or blocks[:3] != scales or stored[self.blocks].dtype != "U8":
+            return None
+        experts, out, groups, width = blocks
+        return (experts, groups * width * 2, out)
+
+    def assemble(self, pieces: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        return convert_moe_packed_tensors(pieces[self.blocks], pieces[self.scales], dtype=dtype)
+
+
+Assembly = Stacked | Mxfp4  # how a weight is made from the stored tensors it is read from
 
 
 def _stacking_rules(model: Any) -> list[tuple[tuple[str, ...], str, int | None]]:
@@ -221,7 +254,8 @@ class Onloader:
         self.names = _model_names(model, self.checkpoint.tensors)
         self._rules = _stacking_rules(model)
         self._shapes = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-        self._resolved: dict[str, tuple[list[str], Stacked | None]] = {}  # see _sources
+        self._resolved: dict[str, tuple[list[str], Assembly | None]] = {}  # see _sources
+        self._mxfp4 = quant_method(getattr(model.config, "quantization_config", None)) == MXFP4
         self.block_loads = 0
         self.held: set[int] = set()
         self.most_held = 0
@@ -271,20 +305,35 @@ class Onloader:
                     return stacked
         return None
 
-    def _sources(self, name: str) -> tuple[list[str], Stacked | None]:
+    def _packed(self, name: str) -> Mxfp4 | None:
+        """How the model's weight ``name`` is dequantized from MXFP4 blocks and scales, or None when the
+        checkpoint does not store it so (or not in the weight's shape)."""
+        if not self._mxfp4:
+            return None
+        parts = name.split(".")
+        for start in range(len(parts)):
+            stored = ".".join(parts[start:])
+            blocks, scales = f"{stored}_blocks", f"{stored}_scales"
+            if blocks in self.checkpoint.tensors and scales in self.checkpoint.tensors:
+                packed = Mxfp4(blocks, scales)
+                return packed if packed.shape(self.checkpoint.tensors) == self._shapes.get(name) else None
+        return None
+
+    def _sources(self, name: str) -> tuple[list[str], Assembly | None]:
         """The stored tensors the model's weight ``name`` is read from: the one it is stored as, or the
-        pieces it is assembled from (:class:`Stacked`). Resolved once per name: a block is loaded many
-        times in a job, and a stacked weight names one piece per expert."""
+        pieces it is assembled from (:class:`Stacked` experts, :class:`Mxfp4` blocks and scales).
+        Resolved once per name: a block is loaded many times in a job, and a stacked weight names one
+        piece per expert."""
         known = self._resolved.get(name)
         if known is not None:
             return known
         try:
-            found: tuple[list[str], Stacked | None] = ([self._stored(name)], None)
+            found: tuple[list[str], Assembly | None] = ([self._stored(name)], None)
         except ModelLoadError:
-            stacked = self._stacked(name)
-            if stacked is None:
+            assembly = self._stacked(name) or self._packed(name)
+            if assembly is None:
                 raise
-            found = (stacked.names, stacked)
+            found = (assembly.names, assembly)
         self._resolved[name] = found
         return found
 
@@ -323,7 +372,8 @@ class Onloader:
                 f"{name} stores {len(unclaimed)} tensors in another layout than the model holds them (the files "
                 f"hold {unclaimed[0]!r}, the model reads {missing[0]!r}); transformers converts them when it "
                 "loads the whole model, and sequential execution reads tensors as they are stored (experts "
-                "stored one by one it stacks, when every piece is there): use options.execution 'resident'",
+                "stored one by one it stacks, when every piece is there; MXFP4 experts it dequantizes): use "
+                "options.execution 'resident'",
                 field="options.execution",
             )
 
@@ -339,7 +389,7 @@ class Onloader:
             self.stager = Stager(self.device, max(sizes, default=1))
         return self.stager
 
-    def _to_load(self, block: torch.nn.Module, index: int) -> list[tuple[str, list[TensorInfo], Stacked | None]]:
+    def _to_load(self, block: torch.nn.Module, index: int) -> list[tuple[str, list[TensorInfo], Assembly | None]]:
         """Block ``index``'s tensors still on the meta device, with the stored tensors each is read from
         (one, or an expert's pieces each) and how it is assembled from them."""
         prefix = f"{self.path}.{index}."
@@ -362,10 +412,10 @@ class Onloader:
         wanted = self._to_load(block, index)
         infos = [info for _, pieces, _ in wanted for info in pieces]
         read = dict(zip([info.name for info in infos], self._read(infos), strict=True))
-        for name, pieces, stacked in wanted:
-            value = read[pieces[0].name] if stacked is None else stacked.assemble(read)
-            if stacked is not None:
-                for piece in pieces:  # an expert's piece serves one stacked weight: its memory goes now
+        for name, pieces, assembly in wanted:
+            value = read[pieces[0].name] if assembly is None else assembly.assemble(read, self.dtype)
+            if assembly is not None:
+                for piece in pieces:  # a piece serves one assembled weight: its memory goes now
                     del read[piece.name]
             _set(block, name, value.to(self.dtype) if value.is_floating_point() else value)
 
@@ -392,6 +442,8 @@ class Onloader:
         checkpoint stores that weight in (and back to ``value``'s dtype)."""
         first = self._sources(f"{self.path}.{index}.{name}")[0][0]  # a stacked weight: its pieces share a dtype
         stored = DTYPES[self.checkpoint.tensors[first].dtype]
+        if not stored.is_floating_point:
+            raise ValueError(f"{name} is stored quantized ({stored}): a changed value cannot be stored as it was")
         return value if value.dtype == stored else value.to(stored).to(value.dtype)
 
     def _outside(self, name: str) -> bool:

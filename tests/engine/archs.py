@@ -289,6 +289,43 @@ def six_blocks(name: str) -> PreTrainedModel:
     return build(name, **overrides)
 
 
+def write_mxfp4_gpt_oss(path: Any, seed: int = 0) -> None:
+    """A six-block gpt-oss checkpoint whose experts are stored as OpenAI ships them, in MXFP4: per
+    weight, random 4-bit values packed two to a byte (``_blocks``) and an exponent per 32 (``_scales``,
+    around 2^-6), with ``quantization_config`` in its config. transformers dequantizes them on load
+    where it has no MXFP4 kernels (here)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    six_blocks("gpt_oss").save_pretrained(path)
+    g = torch.Generator().manual_seed(seed)
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        experts, n_in, n_out = tensors.pop(name).shape  # the model's [experts, in, out]
+        tensors[f"{name}_blocks"] = torch.randint(
+            0, 256, (experts, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8
+        )
+        tensors[f"{name}_scales"] = torch.randint(
+            120, 124, (experts, n_out, n_in // 32), generator=g, dtype=torch.uint8
+        )
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def write_wide_llama(path: Any, num_hidden_layers: int) -> None:
     """A float32 Llama with blocks of 16 MiB (hidden 512, MLP 2048, untied head), saved to ``path``: large
     enough that a process holding it whole shows in its peak memory."""

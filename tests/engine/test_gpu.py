@@ -23,7 +23,7 @@ from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec
 
-from .archs import build, probe, six_blocks, write_wide_llama
+from .archs import build, probe, six_blocks, write_mxfp4_gpt_oss, write_wide_llama
 from .helpers import make_spec, tiny_llama, windows_with_padding
 from .reference import brute_force, llama_states
 
@@ -77,6 +77,21 @@ def test_a_sequential_mixture_of_experts_on_cuda_stacks_its_experts_through_the_
     np.testing.assert_allclose(got.S, ref.S, atol=1e-4)
     np.testing.assert_allclose(got.D, ref.D, atol=1e-4)
     assert runner.onloader.stager is not None and runner.onloader.stager.prefetched > 0
+
+
+def test_a_sequential_gpt_oss_stored_in_mxfp4_dequantizes_its_experts_on_cuda(tmp_path):
+    # The packed bytes and exponents are staged like any tensor and dequantized on the device; the
+    # CPU's sequential pass (which tests/engine/test_sequential.py holds to transformers' load) agrees.
+    write_mxfp4_gpt_oss(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    on_cuda = Runner.sequential(tmp_path, config, device="cuda", dtype=torch.float32)
+    on_cpu = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
+    assert on_cuda.onloader is not None and on_cuda.onloader.stage
+    win = windows_with_padding()
+    ref = capture_similarity(on_cpu, win, batch_size=2)
+    got = capture_similarity(on_cuda, win, batch_size=2)
+    np.testing.assert_allclose(got.S, ref.S, atol=1e-4)
+    np.testing.assert_allclose(got.D, ref.D, atol=1e-4)
 
 
 def test_a_sequential_capture_on_cuda_holds_about_one_block_of_device_memory(tmp_path):

@@ -23,7 +23,7 @@ from lorp.spec import (
 )
 from lorp.stages import STAGES
 
-from .archs import six_blocks
+from .archs import six_blocks, write_mxfp4_gpt_oss
 from .helpers import make_spec
 
 
@@ -412,6 +412,45 @@ def test_a_mixture_of_experts_made_from_a_trained_model_prunes_and_heals_as_that
         for key in ("perplexity", "kl_mean", "top1_agreement"):
             assert moe.metrics.pruned[key] == pytest.approx(dense.metrics.pruned[key], rel=1e-3, abs=1e-6), (mode, key)
         assert moe.reload_check["max_abs_logit_diff"] <= 1e-4
+
+
+def test_a_gpt_oss_stored_in_mxfp4_prunes_in_both_modes_and_ships_its_kept_experts_as_stored(
+    corpus_files, tmp_path, tiny_tokenizer
+):
+    source = tmp_path / "source"
+    write_mxfp4_gpt_oss(source)
+    tiny_tokenizer.save_pretrained(source)
+    evaluation = EvaluationSpec(dataset=f"{corpus_files[1]}#body", max_windows=6, speed=False, prompts=[])
+
+    def spec(mode: str, heal: str | None):
+        options = SelectionOptions(execution=mode, heal=heal)
+        return make_spec(source, corpus_files, method="reverse", options=options, evaluation=evaluation)
+
+    runs = {mode: run_prune(spec(mode, None), tmp_path / mode).report for mode in ("resident", "sequential")}
+    for mode, report in runs.items():
+        assert report.chosen.pruned_layers == [3, 4] and report.execution.mode == mode
+        # Unset, the heal falls back to none and says why; the check ran the written 4-bit checkpoint.
+        assert report.heal.method == "none" and "quantized (mxfp4)" in report.heal.reason
+        assert report.reload_check["max_abs_logit_diff"] <= 1e-5
+    assert runs["sequential"].metrics.pruned["perplexity"] == pytest.approx(
+        runs["resident"].metrics.pruned["perplexity"], rel=1e-6
+    )
+    dense = _tensors(source)
+    for mode in runs:
+        written = _tensors(tmp_path / mode / "model")
+        # The kept experts as stored: the same packed bytes and exponents, renumbered (block 5 is now 3).
+        for suffix in ("blocks", "scales"):
+            for proj in ("gate_up_proj", "down_proj"):
+                key = f"mlp.experts.{proj}_{suffix}"
+                assert written[f"model.layers.3.{key}"].dtype == torch.uint8
+                assert torch.equal(written[f"model.layers.3.{key}"], dense[f"model.layers.5.{key}"])
+        config = json.loads((tmp_path / mode / "model" / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "mxfp4" and config["num_hidden_layers"] == 4
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model").config.num_hidden_layers == 4
+    for mode in ("resident", "sequential"):  # asked for, a heal is refused before the capture
+        with pytest.raises(InvalidRequestError, match=r"quantized \(mxfp4\)") as err:
+            run_prune(spec(mode, "linear"), tmp_path / f"{mode}-linear")
+        assert err.value.field == "options.heal"
 
 
 def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budget(

@@ -22,17 +22,20 @@ from lorp.errors import InvalidRequestError, ReloadCheckError
 from lorp.evaluation import negative_log_likelihood, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
+from lorp.execution.onload import Mxfp4
 from lorp.execution.scratch import StateStore
 from lorp.export import PrunedLogits, verify_reload_sequential
+from lorp.heal import heal_refusal
 from lorp.pipeline import working_set
 from lorp.planner import MIN_TOKENS_PER_WIDTH
+from lorp.pretrained import load_options
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
 from lorp.states import Riders, StateCache, StoredStateCache, store_states, stored_cache, window_store
 from lorp.surgery import write_pruned
 
-from .archs import ARCHS, six_blocks, write_wide_llama
+from .archs import ARCHS, six_blocks, write_mxfp4_gpt_oss, write_wide_llama
 from .helpers import EXPERTS, PER_EXPERT, REFUSED, windows
 
 
@@ -619,3 +622,41 @@ def test_a_checkpoint_in_the_layout_the_model_holds_passes_the_layout_check(tmp_
     assert runner.onloader is not None
     runner.onloader.check_layout("the model")
     assert runner.onloader.missing() == [] and runner.onloader.unclaimed() == []
+
+
+def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_transformers_dequantizes(
+    tmp_path: Path,
+) -> None:
+    # gpt-oss ships its experts in MXFP4 (the 120B model: about 65 GB stored, 230 GB in bfloat16):
+    # sequential execution dequantizes a block's experts as it loads, the way transformers loads the
+    # whole model where it has no MXFP4 kernels, and both give the same states, S, D and perplexity.
+    write_mxfp4_gpt_oss(tmp_path)
+    resident = Runner(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    sequential = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
+    assert sequential.onloader is not None
+    stored, assembly = sequential.onloader._sources("model.layers.2.mlp.experts.down_proj")
+    assert isinstance(assembly, Mxfp4) and stored == [
+        "model.layers.2.mlp.experts.down_proj_blocks",
+        "model.layers.2.mlp.experts.down_proj_scales",
+    ]
+    data = windows(5)
+    ref = capture_similarity(resident, data, batch_size=2)
+    got = capture_similarity(sequential, data, batch_size=2)
+    torch.testing.assert_close(torch.from_numpy(got.S), torch.from_numpy(ref.S), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got.D), torch.from_numpy(ref.D), rtol=0, atol=1e-6)
+    assert perplexity(sequential, data, batch_size=2) == pytest.approx(
+        perplexity(resident, data, batch_size=2), rel=1e-6
+    )
+    assert sequential.onloader.most_held == 1
+    # What auto's choice counts for the weights: the experts dequantized, as the resident model holds them.
+    held = sum(p.numel() * 4 for p in resident.model.parameters())
+    assert Checkpoint(tmp_path).nbytes_as(torch.float32) == held
+    # A resident load asks transformers to dequantize too, wherever it runs (on a GPU it would otherwise
+    # fetch MXFP4 kernels from the hub); a plain checkpoint's loads pass nothing of the kind.
+    assert load_options(tmp_path)["quantization_config"].dequantize
+    six_blocks("gpt_oss").save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in load_options(tmp_path / "plain")
+    # A heal map cannot be folded into the stored 4-bit weights (a job loaded resident is refused the
+    # same: tests/engine/test_pipeline.py).
+    assert "quantized (mxfp4)" in (heal_refusal(sequential.model) or "")

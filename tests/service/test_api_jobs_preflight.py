@@ -179,6 +179,33 @@ def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot
         assert response.status_code == 202, response.text
 
 
+def test_linear_healing_is_refused_at_submission_for_a_checkpoint_stored_quantized(api_settings, rollback_sessionmaker):
+    # gpt-oss as OpenAI ships it: its experts in MXFP4. A map would have to be quantized again.
+    root = api_settings.model_roots[0]
+    config = {"model_type": "gpt_oss", "num_hidden_layers": 24, "quantization_config": {"quant_method": "mxfp4"}}
+    (root / "gpt-oss-mxfp4").mkdir(parents=True)
+    (root / "gpt-oss-mxfp4" / "config.json").write_text(json.dumps(config))
+    before = job_count(rollback_sessionmaker)
+    problem = assert_problem(
+        submit(api_settings, rollback_sessionmaker, str(root / "gpt-oss-mxfp4"), options={"heal": "linear"}),
+        422,
+        "options.heal",
+    )
+    assert "quantized (mxfp4)" in problem["detail"] and job_count(rollback_sessionmaker) == before
+    # The same family stored in bfloat16 heals (a map folds into every expert), as do Mixtral and a
+    # Granite that scales its MLP output.
+    plain = {
+        "gpt-oss-bf16": {"model_type": "gpt_oss", "num_hidden_layers": 24},
+        "mixtral": {"model_type": "mixtral", "num_hidden_layers": 32},
+        "granite": {"model_type": "granite", "num_hidden_layers": 40, "residual_multiplier": 0.22},
+    }
+    for name, config in plain.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(config))
+        response = submit(api_settings, rollback_sessionmaker, str(root / name), options={"heal": "linear"})
+        assert response.status_code == 202, (name, response.text)
+
+
 def test_sequential_execution_is_refused_where_it_cannot_give_what_the_job_asks(api_settings, rollback_sessionmaker):
     root = api_settings.model_roots[0]
     directory = root / "plain-llama"
