@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lorp.quantization import quant_method
+from lorp.quantization import MXFP4, quant_method
 
 # How a weight's output features are laid out: ``linear`` [..., out, in] (``y = x W^T + b``),
 # ``conv1d`` [..., in, out] (GPT-2's Conv1D, gpt-oss's stacked experts: ``y = x W + b``), ``bias``
@@ -131,7 +131,8 @@ def fold_refusal(family: str | None, config: dict[str, Any] | None = None) -> st
     if family in POST_NORM:
         return POST_NORM[family]
     method = quant_method((config or {}).get("quantization_config"))
-    if method is not None:
+    # gpt-oss's MXFP4 experts: the anchor block's are written unquantized with the map folded in.
+    if method is not None and not (family == "gpt_oss" and method == MXFP4):
         return (
             f"the checkpoint stores its weights quantized ({method}); a map folded into them would have to "
             "be quantized again, which is not the map that was fitted"

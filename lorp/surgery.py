@@ -3,7 +3,8 @@
 Nothing here builds or holds the model. The source's tensors are read one at a time: a removed
 block's are skipped, a kept block's keys are renumbered to the block's new index, each heal map is
 folded into its anchor block's MLP output projection (each expert's, in a mixture of experts, whether
-stored stacked or one per expert) as that tensor passes (the same float64
+stored stacked or one per expert; gpt-oss's MXFP4 experts dequantized in the anchor block and listed
+unquantized in the config, :func:`_keep_unpacked`) as that tensor passes (the same float64
 computation as the in-memory fold, :func:`lorp.heal.folded_weight`), tensors tied to another (an
 output head sharing the input embeddings) stay tied, and every tensor keeps its stored dtype. The
 config gets the new block count and its per-layer lists sliced (:func:`lorp.blocks.prune_config`);
@@ -29,9 +30,19 @@ import torch
 from lorp.blocks import block_layout, prune_config, validate_indices
 from lorp.errors import InvalidRequestError
 from lorp.execution.healed import FoldedMap
+from lorp.execution.onload import Mxfp4
 from lorp.foldable import OUTLETS, fold_refusal
 from lorp.heal import folded_weight
-from lorp.shards import DTYPES, Checkpoint, Planned, TensorInfo, plan_shards, shard_names, write_file, write_index
+from lorp.shards import (
+    DTYPES,
+    Checkpoint,
+    Planned,
+    TensorInfo,
+    plan_shards,
+    shard_names,
+    write_file,
+    write_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +81,7 @@ class _Source:
     name: str
     fold: torch.Tensor | FoldedMap | None = None
     kind: str = "linear"  # how the map folds into it (``lorp.foldable.KINDS``)
+    packed: Mxfp4 | None = None  # stored in MXFP4 (``name`` its blocks): dequantized on the way
 
 
 def meta_skeleton(config: Any) -> Any:
@@ -92,6 +104,25 @@ def _tied_targets(skeleton: Any, names: set[str]) -> set[str]:
     # save_pretrained writes a tied pair once, under the source of the tie; do the same.
     tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
     return {target for target, source in tied.items() if target in names and source in names}
+
+
+# An MXFP4 expert weight's stored halves inside a block (gpt-oss): the packed values and their scales.
+_PACKED = re.compile(r"^(?P<weight>mlp\.experts\.(?:gate_up_proj|down_proj))_(?P<half>blocks|scales)$")
+
+
+def _unpacked(checkpoint: Checkpoint, name: str, rest: str) -> tuple[str, Mxfp4 | None, bool]:
+    """For a stored tensor of an anchor block (``rest``: its name inside the block), the weight it is
+    half of when the block's experts are stored in MXFP4 (written dequantized, so that a map can be
+    folded in: ``lorp.foldable``), that weight's halves, and whether this is the half that stands for
+    both (the blocks; the scales go with them)."""
+    match = _PACKED.match(rest)
+    if match is None:
+        return rest, None, True
+    base = name[: len(name) - len(rest)] + match.group("weight")
+    packed = Mxfp4(f"{base}_blocks", f"{base}_scales")
+    if any(half not in checkpoint.tensors for half in packed.names) or packed.shape(checkpoint.tensors) is None:
+        return rest, None, True
+    return match.group("weight"), packed, match.group("half") == "blocks"
 
 
 def _plan(
@@ -117,12 +148,23 @@ def _plan(
             old = int(match.group("index"))
             if old not in new_index:
                 continue
-            out_name = f"{match.group('head')}.{new_index[old]}.{match.group('rest')}"
-            kind = outlet.kind(match.group("rest")) if outlet is not None and old in folds else None
-            if kind is not None:
-                source = _Source(name, folds[old], kind)
-                if kind != "bias":
+            rest, packed = match.group("rest"), None
+            if old in folds:
+                rest, packed, stands = _unpacked(checkpoint, name, rest)
+                if not stands:
+                    continue
+            out_name = f"{match.group('head')}.{new_index[old]}.{rest}"
+            kind = outlet.kind(rest) if outlet is not None and old in folds else None
+            if kind is not None or packed is not None:
+                source = _Source(name, folds[old] if kind is not None else None, kind or "linear", packed)
+                if kind not in (None, "bias"):
                     folded.add(old)
+            if packed is not None:
+                shape = packed.shape(checkpoint.tensors)
+                assert shape is not None  # checked by _unpacked
+                planned.append(Planned(out_name, packed.written_dtype(checkpoint.tensors), shape))
+                sources[out_name] = source
+                continue
         planned.append(Planned(out_name, info.dtype, info.shape))
         sources[out_name] = source
     missing = sorted(set(folds) - folded)
@@ -145,15 +187,15 @@ def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int,
     key = _block_key(layout.path)
     wanted = set(anchors)
     found: dict[int, torch.dtype] = {}
-    for name, info in Checkpoint(source).tensors.items():
+    checkpoint = Checkpoint(source)
+    for name, info in checkpoint.tensors.items():
         match = key.match(name)
-        if (
-            match
-            and int(match.group("index")) in wanted
-            and outlet
-            and outlet.kind(match.group("rest")) not in (None, "bias")
-        ):
-            found[int(match.group("index"))] = DTYPES[info.dtype]
+        if not match or int(match.group("index")) not in wanted or outlet is None:
+            continue
+        rest, packed, _ = _unpacked(checkpoint, name, match.group("rest"))
+        if outlet.kind(rest) not in (None, "bias"):
+            stored = info.dtype if packed is None else packed.written_dtype(checkpoint.tensors)
+            found[int(match.group("index"))] = DTYPES[stored]
     return found
 
 
@@ -220,14 +262,33 @@ def _producer(
         if p.name in replaced:
             return replaced[p.name].detach().to("cpu", DTYPES[p.dtype])
         src = sources[p.name]
-        if src.fold is None:
+        if src.packed is not None:  # dequantized in the dtype it is written in (exact), then folded
+            halves = {name: checkpoint.read(name, device=device) for name in src.packed.names}
+            moved = src.packed.assemble(halves, DTYPES[p.dtype])
+            if src.fold is None:
+                return moved.to("cpu")
+        elif src.fold is None:
             return checkpoint.tensors[src.name]
-        moved = checkpoint.read(src.name).to(device)
+        else:
+            moved = checkpoint.read(src.name).to(device)
         T = src.fold if isinstance(src.fold, torch.Tensor) else src.fold.T
         result = folded_weight(moved, src.kind, T)
         return result.to("cpu")
 
     return produce
+
+
+def _keep_unpacked(config: Any, path: str, unpacked: list[str]) -> None:
+    """List the experts written dequantized (``unpacked``: their weights' names) in the config's
+    ``modules_to_not_convert``, so that transformers loads them as stored and the rest as MXFP4."""
+    modules = sorted({name.rsplit(".", 1)[0] for name in unpacked if name.startswith(f"{path}.")})
+    if not modules:
+        return
+    quantization = config.quantization_config
+    if not isinstance(quantization, dict):  # transformers' config object: written as its dict
+        quantization = config.quantization_config = quantization.to_dict()
+    listed = list(quantization.get("modules_to_not_convert") or [])
+    quantization["modules_to_not_convert"] = listed + [m for m in modules if m not in listed]
 
 
 def write_pruned(
@@ -280,6 +341,7 @@ def write_pruned(
     if len(names) > 1:
         write_index(out, written)
     prune_config(config, kept, n_old, layout.num_layers_attr)
+    _keep_unpacked(config, layout.path, [p.name for p in planned if sources[p.name].packed is not None])
     config.architectures = [type(skeleton).__name__]
     config.save_pretrained(out)
     copied = _copy_files(source, out)

@@ -179,6 +179,15 @@ class Mxfp4:
 
         return convert_moe_packed_tensors(pieces[self.blocks], pieces[self.scales], dtype=dtype)
 
+    def written_dtype(self, stored: dict[str, TensorInfo]) -> str:
+        """The dtype (safetensors' name) this weight is written in once changed (a folded heal map makes
+        the anchor block's experts unquantized, ``lorp.surgery``): its bias's, as stored (gpt-oss
+        stores its experts' biases unquantized), else the checkpoint's first floating-point tensor's."""
+        bias = stored.get(f"{self.blocks[: -len('_blocks')]}_bias")
+        if bias is not None and DTYPES[bias.dtype].is_floating_point:
+            return bias.dtype
+        return next((info.dtype for info in stored.values() if DTYPES[info.dtype].is_floating_point), "BF16")
+
 
 Assembly = Stacked | Mxfp4  # how a weight is made from the stored tensors it is read from
 
@@ -440,8 +449,10 @@ class Onloader:
     def rounded(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value``, a new value of block ``index``'s weight ``name``, rounded to the dtype the
         checkpoint stores that weight in (and back to ``value``'s dtype)."""
-        first = self._sources(f"{self.path}.{index}.{name}")[0][0]  # a stacked weight: its pieces share a dtype
-        stored = DTYPES[self.checkpoint.tensors[first].dtype]
+        names, assembly = self._sources(f"{self.path}.{index}.{name}")
+        stored = DTYPES[self.checkpoint.tensors[names[0]].dtype]  # a stacked weight: its pieces share a dtype
+        if isinstance(assembly, Mxfp4):
+            stored = DTYPES[assembly.written_dtype(self.checkpoint.tensors)]
         if not stored.is_floating_point:
             raise ValueError(f"{name} is stored quantized ({stored}): a changed value cannot be stored as it was")
         return value if value.dtype == stored else value.to(stored).to(value.dtype)

@@ -289,18 +289,18 @@ def six_blocks(name: str) -> PreTrainedModel:
     return build(name, **overrides)
 
 
-def write_mxfp4_gpt_oss(path: Any, seed: int = 0) -> None:
+def write_mxfp4_gpt_oss(path: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
     """A six-block gpt-oss checkpoint whose experts are stored as OpenAI ships them, in MXFP4: per
     weight, random 4-bit values packed two to a byte (``_blocks``) and an exponent per 32 (``_scales``,
     around 2^-6), with ``quantization_config`` in its config. transformers dequantizes them on load
-    where it has no MXFP4 kernels (here)."""
+    where it has no MXFP4 kernels (here). The other weights in ``dtype`` (gpt-oss's own: bfloat16)."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
-    six_blocks("gpt_oss").save_pretrained(path)
+    six_blocks("gpt_oss").to(dtype).save_pretrained(path)
     g = torch.Generator().manual_seed(seed)
     file = path / "model.safetensors"
     tensors = load_file(file)

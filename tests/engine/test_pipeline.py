@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
+from lorp.foldable import fold_refusal
 from lorp.pipeline import NOT_IN_CAPTURE, calibration_fingerprint, run_analysis, run_prune
 from lorp.result import ChosenPlan
 from lorp.spec import (
@@ -414,43 +415,68 @@ def test_a_mixture_of_experts_made_from_a_trained_model_prunes_and_heals_as_that
         assert moe.reload_check["max_abs_logit_diff"] <= 1e-4
 
 
-def test_a_gpt_oss_stored_in_mxfp4_prunes_in_both_modes_and_ships_its_kept_experts_as_stored(
-    corpus_files, tmp_path, tiny_tokenizer
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_gpt_oss_stored_in_mxfp4_prunes_and_heals_in_both_modes_shipping_the_other_experts_as_stored(
+    dtype, corpus_files, tmp_path, tiny_tokenizer
 ):
+    # gpt-oss as OpenAI ships it (bfloat16 beside its MXFP4 experts), run in float32 on this CPU.
     source = tmp_path / "source"
-    write_mxfp4_gpt_oss(source)
+    write_mxfp4_gpt_oss(source, dtype=dtype)
     tiny_tokenizer.save_pretrained(source)
     evaluation = EvaluationSpec(dataset=f"{corpus_files[1]}#body", max_windows=6, speed=False, prompts=[])
 
-    def spec(mode: str, heal: str | None):
-        options = SelectionOptions(execution=mode, heal=heal)
-        return make_spec(source, corpus_files, method="reverse", options=options, evaluation=evaluation)
+    def job(mode: str, heal: str):
+        options = SelectionOptions(execution=mode, heal=heal, selection_metric="kl")
+        spec = make_spec(source, corpus_files, method="reverse", options=options, evaluation=evaluation)
+        return run_prune(spec, tmp_path / f"{mode}-{heal}").report
 
-    runs = {mode: run_prune(spec(mode, None), tmp_path / mode).report for mode in ("resident", "sequential")}
-    for mode, report in runs.items():
-        assert report.chosen.pruned_layers == [3, 4] and report.execution.mode == mode
-        # Unset, the heal falls back to none and says why; the check ran the written 4-bit checkpoint.
-        assert report.heal.method == "none" and "quantized (mxfp4)" in report.heal.reason
-        assert report.reload_check["max_abs_logit_diff"] <= 1e-5
-    assert runs["sequential"].metrics.pruned["perplexity"] == pytest.approx(
-        runs["resident"].metrics.pruned["perplexity"], rel=1e-6
-    )
-    dense = _tensors(source)
-    for mode in runs:
-        written = _tensors(tmp_path / mode / "model")
-        # The kept experts as stored: the same packed bytes and exponents, renumbered (block 5 is now 3).
-        for suffix in ("blocks", "scales"):
-            for proj in ("gate_up_proj", "down_proj"):
-                key = f"mlp.experts.{proj}_{suffix}"
-                assert written[f"model.layers.3.{key}"].dtype == torch.uint8
-                assert torch.equal(written[f"model.layers.3.{key}"], dense[f"model.layers.5.{key}"])
-        config = json.loads((tmp_path / mode / "model" / "config.json").read_text())
+    stored = _tensors(source)
+    for heal in ("none", "linear"):
+        runs = {mode: job(mode, heal) for mode in ("resident", "sequential")}
+        for mode, report in runs.items():
+            assert report.chosen.pruned_layers == [3, 4] and report.heal.method == heal, (mode, report.heal)
+            assert report.reload_check["max_abs_logit_diff"] <= 1e-5  # the written checkpoint computes it
+        assert runs["sequential"].metrics.pruned["perplexity"] == pytest.approx(
+            runs["resident"].metrics.pruned["perplexity"], rel=1e-6
+        )
+        written = {mode: _tensors(tmp_path / f"{mode}-{heal}" / "model") for mode in runs}
+        for key, value in written["sequential"].items():
+            torch.testing.assert_close(value, written["resident"][key], rtol=0, atol=0)
+        tensors = written["resident"]
+        # Kept experts as stored, renumbered (block 5 is now 3): the same packed bytes and exponents.
+        for name in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"):
+            for new, old in ((0, 0), (3, 5)) if heal == "linear" else ((0, 0), (2, 2), (3, 5)):
+                key = f"mlp.experts.{name}"
+                assert torch.equal(tensors[f"model.layers.{new}.{key}"], stored[f"model.layers.{old}.{key}"])
+        config = json.loads((tmp_path / f"resident-{heal}" / "model" / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "mxfp4" and config["num_hidden_layers"] == 4
-        assert AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model").config.num_hidden_layers == 4
-    for mode in ("resident", "sequential"):  # asked for, a heal is refused before the capture
-        with pytest.raises(InvalidRequestError, match=r"quantized \(mxfp4\)") as err:
-            run_prune(spec(mode, "linear"), tmp_path / f"{mode}-linear")
-        assert err.value.field == "options.heal"
+        unquantized = [m for m in config["quantization_config"]["modules_to_not_convert"] if "layers.2" in m]
+        if heal == "none":
+            assert unquantized == []
+            continue
+        # The anchor, block 2: its experts written in the checkpoint's dtype (its biases'), unquantized:
+        # gate and up exactly as transformers dequantizes them, down with the map folded in.
+        assert unquantized == ["model.layers.2.mlp.experts"]
+        assert not any(key.startswith("model.layers.2.") and key.endswith(("_blocks", "_scales")) for key in tensors)
+        dense = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).model.layers[2].mlp.experts
+        assert tensors["model.layers.2.mlp.experts.gate_up_proj"].dtype == dtype
+        assert torch.equal(tensors["model.layers.2.mlp.experts.gate_up_proj"], dense.gate_up_proj.detach())
+        assert not torch.equal(tensors["model.layers.2.mlp.experts.down_proj"], dense.down_proj.detach())
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"resident-{heal}" / "model", dtype=dtype)
+        assert torch.equal(
+            reloaded.model.layers[2].mlp.experts.down_proj, tensors["model.layers.2.mlp.experts.down_proj"]
+        )
+        assert reloaded.config.num_hidden_layers == 4
+
+
+def test_a_heal_is_refused_for_weights_stored_quantized_but_gpt_oss_mxfp4():
+    # A map folded into quantized weights would have to be quantized again; gpt-oss's MXFP4 experts are
+    # written unquantized in the anchor block instead.
+    fp8 = {"quantization_config": {"quant_method": "fp8"}}
+    assert "quantized (fp8)" in (fold_refusal("llama", fp8) or "")
+    assert "quantized (fp8)" in (fold_refusal("gpt_oss", fp8) or "")
+    assert fold_refusal("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}) is None
+    assert "quantized (mxfp4)" in (fold_refusal("mixtral", {"quantization_config": {"quant_method": "mxfp4"}}) or "")
 
 
 def test_auto_execution_runs_sequentially_when_the_model_exceeds_the_memory_budget(

@@ -630,7 +630,7 @@ def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_t
     # gpt-oss ships its experts in MXFP4 (the 120B model: about 65 GB stored, 230 GB in bfloat16):
     # sequential execution dequantizes a block's experts as it loads, the way transformers loads the
     # whole model where it has no MXFP4 kernels, and both give the same states, S, D and perplexity.
-    write_mxfp4_gpt_oss(tmp_path)
+    write_mxfp4_gpt_oss(tmp_path, dtype=torch.bfloat16)  # as shipped: bfloat16 beside the MXFP4 experts
     resident = Runner(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     sequential = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
@@ -657,6 +657,8 @@ def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_t
     assert load_options(tmp_path)["quantization_config"].dequantize
     six_blocks("gpt_oss").save_pretrained(tmp_path / "plain")
     assert "quantization_config" not in load_options(tmp_path / "plain")
-    # A heal map cannot be folded into the stored 4-bit weights (a job loaded resident is refused the
-    # same: tests/engine/test_pipeline.py).
-    assert "quantized (mxfp4)" in (heal_refusal(sequential.model) or "")
+    # A heal map folds into the dequantized experts, rounded as the checkpoint will hold them: written
+    # unquantized, in the dtype of the experts' biases (tests/engine/test_pipeline.py).
+    assert heal_refusal(sequential.model) is None
+    third = torch.full((1,), 1 / 3)
+    assert torch.equal(sequential.onloader.rounded(2, "mlp.experts.down_proj", third), third.bfloat16().float())

@@ -180,22 +180,26 @@ def test_linear_healing_is_refused_at_submission_where_the_config_says_it_cannot
 
 
 def test_linear_healing_is_refused_at_submission_for_a_checkpoint_stored_quantized(api_settings, rollback_sessionmaker):
-    # gpt-oss as OpenAI ships it: its experts in MXFP4. A map would have to be quantized again.
+    # A map folded into FP8 weights would have to be quantized again.
     root = api_settings.model_roots[0]
-    config = {"model_type": "gpt_oss", "num_hidden_layers": 24, "quantization_config": {"quant_method": "mxfp4"}}
-    (root / "gpt-oss-mxfp4").mkdir(parents=True)
-    (root / "gpt-oss-mxfp4" / "config.json").write_text(json.dumps(config))
+    config = {"model_type": "llama", "num_hidden_layers": 32, "quantization_config": {"quant_method": "fp8"}}
+    (root / "llama-fp8").mkdir(parents=True)
+    (root / "llama-fp8" / "config.json").write_text(json.dumps(config))
     before = job_count(rollback_sessionmaker)
     problem = assert_problem(
-        submit(api_settings, rollback_sessionmaker, str(root / "gpt-oss-mxfp4"), options={"heal": "linear"}),
+        submit(api_settings, rollback_sessionmaker, str(root / "llama-fp8"), options={"heal": "linear"}),
         422,
         "options.heal",
     )
-    assert "quantized (mxfp4)" in problem["detail"] and job_count(rollback_sessionmaker) == before
-    # The same family stored in bfloat16 heals (a map folds into every expert), as do Mixtral and a
-    # Granite that scales its MLP output.
+    assert "quantized (fp8)" in problem["detail"] and job_count(rollback_sessionmaker) == before
+    # gpt-oss as OpenAI ships it, experts in MXFP4, heals (the anchor's experts are written unquantized),
+    # as do Mixtral and a Granite that scales its MLP output.
     plain = {
-        "gpt-oss-bf16": {"model_type": "gpt_oss", "num_hidden_layers": 24},
+        "gpt-oss-mxfp4": {
+            "model_type": "gpt_oss",
+            "num_hidden_layers": 24,
+            "quantization_config": {"quant_method": "mxfp4"},
+        },
         "mixtral": {"model_type": "mixtral", "num_hidden_layers": 32},
         "granite": {"model_type": "granite", "num_hidden_layers": 40, "residual_multiplier": 0.22},
     }
