@@ -75,6 +75,7 @@ lint: setup
 bench: setup
 	$(PY) scripts/bench.py --out docs/benchmarks.md
 	$(PY) scripts/bench_heal.py --budgets 4 6 8 --out docs/benchmarks.md
+	$(PY) scripts/bench_moe.py --out docs/benchmarks.md
 	$(PY) scripts/bench_plans.py --out docs/benchmarks.md
 	$(PY) scripts/bench_tasks.py --out docs/benchmarks.md
 	$(PY) scripts/bench_curve.py --out docs/benchmarks.md

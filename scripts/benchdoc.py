@@ -19,6 +19,7 @@ CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"
 EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  # scripts/bench_execution.py
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
+MOE_HEADING = "## Healing a mixture of experts: the demo model and a Mixtral made from it"  # scripts/bench_moe.py
 
 
 def distill_heading(method: str) -> str:

@@ -94,15 +94,11 @@ def fold_weights(model: Any, block: torch.nn.Module) -> dict[str, str]:
     """The weights of ``block`` (by name inside it) a map folds into, with their kinds: its MLP output
     projection and bias, or every expert's down projection (stacked), a shared expert's and their
     biases. Refuses what cannot fold."""
-    found = {}
-    for name, _ in block.named_parameters():
-        kind = outlet(model).kind(name)
-        if kind is not None:
-            found[name] = kind
+    where = outlet(model)
+    found = {name: kind for name, _ in block.named_parameters() if (kind := where.kind(name)) is not None}
     if not any(kind != "bias" for kind in found.values()):
         raise InvalidRequestError(
-            f"a block has no MLP output projection ({outlet(model).watch}) to fold a heal map into",
-            field="options.heal",
+            f"a block has no MLP output projection ({where.watch}) to fold a heal map into", field="options.heal"
         )
     return found
 

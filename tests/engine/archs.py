@@ -326,6 +326,37 @@ def write_mxfp4_gpt_oss(path: Any, seed: int = 0, dtype: torch.dtype = torch.flo
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def upcycled_mixtral(dense: Any, experts: int = 4) -> PreTrainedModel:
+    """A Mixtral made from the Llama ``dense``: its attention, norms and embeddings, and every expert a
+    copy of the block's MLP under a random router (seeded). Top-2 routing weights sum to one, so it
+    computes what the Llama computes (to float rounding), through experts."""
+    c = dense.config
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keys += ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    keys += ("bos_token_id", "eos_token_id", "pad_token_id")
+    config = transformers.MixtralConfig(
+        **{key: getattr(c, key) for key in keys},
+        rope_parameters=dict(c.rope_parameters),
+        sliding_window=None,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        moe = transformers.MixtralForCausalLM(config).to(dense.dtype).eval()
+    own = moe.state_dict()
+    with torch.no_grad():
+        for name, value in dense.state_dict().items():
+            if ".mlp." not in name:
+                own[name].copy_(value)
+        for layer, block in zip(dense.model.layers, moe.model.layers, strict=True):
+            gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
+            down = layer.mlp.down_proj.weight
+            block.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
+            block.mlp.experts.down_proj.copy_(down.expand(experts, *down.shape))
+    return moe
+
+
 def write_wide_llama(path: Any, num_hidden_layers: int) -> None:
     """A float32 Llama with blocks of 16 MiB (hidden 512, MLP 2048, untied head), saved to ``path``: large
     enough that a process holding it whole shows in its peak memory."""

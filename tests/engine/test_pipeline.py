@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file as safe_load
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorp.calibration import CalibrationData, TokenWindows
 from lorp.errors import BudgetError, InvalidRequestError, JobCancelled, ModelLoadError
@@ -24,7 +24,7 @@ from lorp.spec import (
 )
 from lorp.stages import STAGES
 
-from .archs import six_blocks, write_mxfp4_gpt_oss
+from .archs import six_blocks, upcycled_mixtral, write_mxfp4_gpt_oss
 from .helpers import make_spec
 
 
@@ -351,34 +351,9 @@ def test_a_mixture_of_experts_job_heals_its_cut_into_every_expert_in_both_modes(
     assert resident.metrics.pruned["kl_mean"] < unhealed.metrics.pruned["kl_mean"]
 
 
-def _upcycled(dense_dir: Path, out: Path, experts: int = 4) -> Path:
-    """A Mixtral made from the Llama in ``dense_dir``: its attention, norms and embeddings, and every
-    expert a copy of the block's MLP under a random router. Top-2 routing weights sum to one, so it
-    computes what the Llama computes (to float rounding), through experts."""
-    dense = LlamaForCausalLM.from_pretrained(dense_dir)
-    c = dense.config
-    config = MixtralConfig(
-        **{key: getattr(c, key) for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")},
-        **{key: getattr(c, key) for key in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
-        **{key: getattr(c, key) for key in ("rms_norm_eps", "tie_word_embeddings", "eos_token_id", "pad_token_id")},
-        rope_parameters=dict(c.rope_parameters),
-        sliding_window=None,
-        num_local_experts=experts,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    moe = MixtralForCausalLM(config).eval()
-    own = moe.state_dict()
-    with torch.no_grad():
-        for name, value in dense.state_dict().items():
-            if ".mlp." not in name:
-                own[name].copy_(value)
-        for layer, block in zip(dense.model.layers, moe.model.layers, strict=True):
-            gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
-            down = layer.mlp.down_proj.weight
-            block.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
-            block.mlp.experts.down_proj.copy_(down.expand(experts, *down.shape))
-    moe.save_pretrained(out)
+def _upcycled(dense_dir: Path, out: Path) -> Path:
+    """``upcycled_mixtral`` of the Llama in ``dense_dir``, saved with its tokenizer in ``out``."""
+    upcycled_mixtral(LlamaForCausalLM.from_pretrained(dense_dir)).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (dense_dir / name).exists():
             (out / name).write_bytes((dense_dir / name).read_bytes())
