@@ -115,14 +115,14 @@ def folded_weight(weight: torch.Tensor, kind: str, T: torch.Tensor) -> torch.Ten
     Computed a slice of input features at a time (a column of ``T^T W`` needs only the same column of
     ``W``), holding a slice in float64, never the whole weight.
     """
+    t = T.to(device=weight.device, dtype=torch.float64)  # once: every expert's fold reads it
     if kind == "bias":
-        return (weight.to(torch.float64) @ T.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
+        return (weight.to(torch.float64) @ t).to(weight.dtype)
     if weight.dim() > 2:
         out = torch.empty_like(weight)
         for e in range(weight.shape[0]):
-            out[e] = folded_weight(weight[e], kind, T)
+            out[e] = folded_weight(weight[e], kind, t)
         return out
-    t = T.to(device=weight.device, dtype=torch.float64)
     out = torch.empty_like(weight)
     with torch.no_grad():
         if kind == "conv1d":  # y = x W + b, W: [in, out]
