@@ -16,11 +16,14 @@ from celery import Celery
 
 from app.core.config import Settings, get_settings
 from app.queue import broker_config
+from worker.broker import consumer_url
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    shared = broker_config(settings)
     return {
-        **broker_config(settings),
+        **shared,
+        "broker_url": consumer_url(shared["broker_url"]),  # the embedded broker drained in short cycles
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
