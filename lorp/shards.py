@@ -22,6 +22,7 @@ import torch
 
 from lorp.atomic import replacing, write_atomically
 from lorp.errors import ModelLoadError
+from lorp.quantization import mxfp4_half, mxfp4_halves
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -176,11 +177,13 @@ class Checkpoint:
         size = torch.empty((), dtype=dtype).element_size()
         total = 0
         for name, info in self.tensors.items():
+            half = mxfp4_half(name)
             if DTYPES[info.dtype].is_floating_point:
                 total += math.prod(info.shape) * size
-            elif name.endswith("_blocks") and f"{name[: -len('_blocks')]}_scales" in self.tensors:
-                total += 2 * math.prod(info.shape) * size  # two values a byte; their scales go with them
-            elif not (name.endswith("_scales") and f"{name[: -len('_scales')]}_blocks" in self.tensors):
+            elif half is not None and all(part in self.tensors for part in mxfp4_halves(half[0])):
+                if half[1] == "blocks":  # two values a byte; their scales go with them
+                    total += 2 * math.prod(info.shape) * size
+            else:
                 total += info.nbytes
         return total
 

@@ -33,6 +33,7 @@ from lorp.execution.healed import FoldedMap
 from lorp.execution.onload import Mxfp4
 from lorp.foldable import OUTLETS, fold_refusal
 from lorp.heal import folded_weight
+from lorp.quantization import mxfp4_half
 from lorp.shards import (
     DTYPES,
     Checkpoint,
@@ -106,8 +107,8 @@ def _tied_targets(skeleton: Any, names: set[str]) -> set[str]:
     return {target for target, source in tied.items() if target in names and source in names}
 
 
-# An MXFP4 expert weight's stored halves inside a block (gpt-oss): the packed values and their scales.
-_PACKED = re.compile(r"^(?P<weight>mlp\.experts\.(?:gate_up_proj|down_proj))_(?P<half>blocks|scales)$")
+# The expert weights gpt-oss stores in MXFP4, by their names inside a block.
+_PACKED_EXPERTS = re.compile(r"mlp\.experts\.(?:gate_up_proj|down_proj)")
 
 
 def _unpacked(checkpoint: Checkpoint, name: str, rest: str) -> tuple[str, Mxfp4 | None, bool]:
@@ -115,14 +116,13 @@ def _unpacked(checkpoint: Checkpoint, name: str, rest: str) -> tuple[str, Mxfp4 
     half of when the block's experts are stored in MXFP4 (written dequantized, so that a map can be
     folded in: ``lorp.foldable``), that weight's halves, and whether this is the half that stands for
     both (the blocks; the scales go with them)."""
-    match = _PACKED.match(rest)
-    if match is None:
+    half = mxfp4_half(rest)
+    if half is None or not _PACKED_EXPERTS.fullmatch(half[0]):
         return rest, None, True
-    base = name[: len(name) - len(rest)] + match.group("weight")
-    packed = Mxfp4(f"{base}_blocks", f"{base}_scales")
-    if any(half not in checkpoint.tensors for half in packed.names) or packed.shape(checkpoint.tensors) is None:
+    packed = Mxfp4(name[: len(name) - len(rest)] + half[0])
+    if any(part not in checkpoint.tensors for part in packed.names) or packed.shape(checkpoint.tensors) is None:
         return rest, None, True
-    return match.group("weight"), packed, match.group("half") == "blocks"
+    return half[0], packed, half[1] == "blocks"
 
 
 def _plan(

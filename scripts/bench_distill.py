@@ -46,10 +46,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdemo import demo_calibration, demo_model  # noqa: E402
+from benchdemo import demo_calibration, demo_model, held_out_windows  # noqa: E402
 from benchdoc import distill_heading, replace_section  # noqa: E402
 
-from lorp import calibration as cal  # noqa: E402
 from lorp.anchor_training import LOCAL_LEARNING_RATE  # noqa: E402
 from lorp.assets.cloze import TASK_NAME  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view, remove_blocks  # noqa: E402
@@ -341,13 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     # What distillation trains on, as a job draws it (for the longest run asked for).
     most_steps = max([args.steps, *(int(setting.split(":")[0]) for setting in args.explore or [])])
     data = demo_calibration(tokenizer, calibration, num_training=windows_to_read(most_steps, args.batch_size))
-    held_out_windows = cal.evaluation_windows(
-        tokenizer,
-        cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
-        seq_len=args.eval_len,
-        max_windows=args.eval_windows,
+    measure = Measure(
+        model, tokenizer, held_out_windows(tokenizer, args.eval_len, args.eval_windows), args.batch_size, args.limit
     )
-    measure = Measure(model, tokenizer, held_out_windows, args.batch_size, args.limit)
     started = time.perf_counter()
     teacher = dense_finals(model, data.validation, args.batch_size, None)  # its pass on the training windows: per plan
     teacher_s = time.perf_counter() - started  # part of what distilling costs

@@ -19,19 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
+from benchdemo import capture_calibration, demo_model, held_out_windows  # noqa: E402
 from benchdoc import MOE_HEADING, replace_section  # noqa: E402
 
-from lorp import calibration as cal  # noqa: E402
 from lorp.blocks import pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
 from lorp.execution import folded  # noqa: E402
-from lorp.loading import load_model  # noqa: E402
 from lorp.planner import heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import select  # noqa: E402
@@ -72,22 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    loaded = load_model("demo", device="cpu")
+    loaded = demo_model()
     dense_model, tokenizer = loaded.model, loaded.tokenizer
-    data = cal.build_calibration(
-        tokenizer,
-        cal.load_texts(cal.parse_source("builtin"), role="calibration"),
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=0,
-    )
-    held_out = cal.evaluation_windows(
-        tokenizer,
-        cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
-        seq_len=args.eval_len,
-        max_windows=args.eval_windows,
-    )
+    data = capture_calibration(tokenizer, args.num_samples, args.seq_len)
+    held_out = held_out_windows(tokenizer, args.eval_len, args.eval_windows)
     results = {"demo (Llama)": measure(dense_model, data, held_out, args.budgets)}
     results["Mixtral made from it"] = measure(upcycled_mixtral(dense_model), data, held_out, args.budgets)
 

@@ -25,10 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdemo import demo_calibration, demo_model  # noqa: E402
+from benchdemo import demo_calibration, demo_model, held_out_windows  # noqa: E402
 from benchdoc import PLANS_HEADING, replace_section  # noqa: E402
 
-from lorp import calibration as cal  # noqa: E402
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
 from lorp.execution import folded  # noqa: E402
@@ -75,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     n_blocks = len(decoder_blocks(model))
     calibration = CalibrationSpec(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
     data = demo_calibration(tokenizer, calibration)
-    held_out_windows = cal.evaluation_windows(
-        tokenizer,
-        cal.load_texts(cal.parse_source("builtin"), role="evaluation"),
-        seq_len=args.eval_len,
-        max_windows=args.eval_windows,
-    )
-    held_out = HeldOut(model, held_out_windows, args.batch_size)
+    held_out = HeldOut(model, held_out_windows(tokenizer, args.eval_len, args.eval_windows), args.batch_size)
     dense = held_out([])
 
     def capture():

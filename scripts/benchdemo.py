@@ -1,5 +1,6 @@
-"""The setup the plan benches share: the demo model, seeded, and its built-in calibration windows
-built the way a job builds them (``lorp.pipeline``'s validation slice included)."""
+"""The setup the demo benches share: the demo model, seeded; its built-in calibration windows built
+the way a job builds them (``lorp.pipeline``'s validation slice included) or all for the capture
+(the healing benches'); and the held-out windows of the built-in evaluation text."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def demo_calibration(tokenizer: Any, spec: CalibrationSpec, num_training: int = 
         max_validation_windows=spec.validation_windows,
         num_training=num_training,
     )
+
+
+def capture_calibration(tokenizer: Any, num_samples: int, seq_len: int) -> cal.CalibrationData:
+    """The built-in calibration windows, every one captured (no validation slice)."""
+    texts = cal.load_texts(cal.parse_source("builtin"), role="calibration")
+    return cal.build_calibration(tokenizer, texts, num_samples=num_samples, seq_len=seq_len, seed=0)
+
+
+def held_out_windows(tokenizer: Any, seq_len: int, max_windows: int) -> cal.TokenWindows:
+    """The held-out windows of the built-in evaluation text."""
+    texts = cal.load_texts(cal.parse_source("builtin"), role="evaluation")
+    return cal.evaluation_windows(tokenizer, texts, seq_len=seq_len, max_windows=max_windows)

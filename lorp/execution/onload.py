@@ -36,7 +36,7 @@ import torch
 from lorp.blocks import block_layout, decoder_blocks
 from lorp.errors import InvalidRequestError, ModelLoadError
 from lorp.execution.staging import Stager
-from lorp.quantization import MXFP4, quant_method
+from lorp.quantization import MXFP4, mxfp4_halves, quant_method
 from lorp.shards import DTYPES, Checkpoint, TensorInfo
 
 
@@ -160,8 +160,15 @@ class Mxfp4:
     transformers' own conversion (what it does when it loads the whole model without MXFP4 kernels),
     to [experts, in, out]; exact in bfloat16 and float32."""
 
-    blocks: str
-    scales: str
+    weight: str  # the stored name the two halves are named after
+
+    @property
+    def blocks(self) -> str:
+        return mxfp4_halves(self.weight)[0]
+
+    @property
+    def scales(self) -> str:
+        return mxfp4_halves(self.weight)[1]
 
     @property
     def names(self) -> list[str]:
@@ -183,7 +190,7 @@ class Mxfp4:
         """The dtype (safetensors' name) this weight is written in once changed (a folded heal map makes
         the anchor block's experts unquantized, ``lorp.surgery``): its bias's, as stored (gpt-oss
         stores its experts' biases unquantized), else the checkpoint's first floating-point tensor's."""
-        bias = stored.get(f"{self.blocks[: -len('_blocks')]}_bias")
+        bias = stored.get(f"{self.weight}_bias")
         if bias is not None and DTYPES[bias.dtype].is_floating_point:
             return bias.dtype
         return next((info.dtype for info in stored.values() if DTYPES[info.dtype].is_floating_point), "BF16")
@@ -321,10 +328,8 @@ class Onloader:
             return None
         parts = name.split(".")
         for start in range(len(parts)):
-            stored = ".".join(parts[start:])
-            blocks, scales = f"{stored}_blocks", f"{stored}_scales"
-            if blocks in self.checkpoint.tensors and scales in self.checkpoint.tensors:
-                packed = Mxfp4(blocks, scales)
+            packed = Mxfp4(".".join(parts[start:]))
+            if all(half in self.checkpoint.tensors for half in packed.names):
                 return packed if packed.shape(self.checkpoint.tensors) == self._shapes.get(name) else None
         return None
 
