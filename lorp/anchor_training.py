@@ -1,9 +1,11 @@
 """One anchor block's adapters trained toward the dense span's output: the step both distillations share.
 
 For a cut that removes the span [s, e), the anchor is the kept block a = s - 1 (its linear map is folded
-into it). :func:`train_anchor` puts LoRA adapters (peft) on a copy of the anchor's linear layers and
-trains them so that the anchor, run on a state entering it, returns the dense state entering e; the
-copy's weights with the adapters merged come back by name, and the block itself is never changed.
+into it). :func:`train_anchor` puts LoRA adapters on a copy of the anchor's weights (``lorp.adapters``: its
+linear layers, and its experts in a mixture of experts) and trains them so that the anchor, run on a state
+entering it, returns the dense state entering e; the copy's weights with the adapters merged come back by
+name, and the block itself is never changed.
+
 
 - Block-local distillation (``lorp.local_distill``, sequential execution) does this for every healed
   cut and ships it.
@@ -19,27 +21,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
+from lorp.adapters import ALPHA, Adapters
+from lorp.adapters import targets as adapted
 from lorp.execution import Batch
 
-ALPHA = 16
-"""The adapters' LoRA alpha (their update is scaled by alpha / rank), in both distillations."""
 LOCAL_LEARNING_RATE = 1e-2  # chosen with bench_distill.py --explore (docs/benchmarks.md)
 LOCAL_RANK = 8  # the anchor's adapters' rank, measured at it (whole-model distillation: lorp.distill.RANK)
-
-
-def linear_layers(block: torch.nn.Module) -> list[str]:
-    """Names inside ``block`` of its linear layers (``nn.Linear``, GPT-2's ``Conv1D``): what gets adapters."""
-    return [
-        name
-        for name, sub in block.named_modules()
-        if name and (isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D")
-    ]
 
 
 def token_scale(entering: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -56,7 +47,7 @@ def token_scale(entering: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class TrainedAnchor:
-    """An anchor's linear weights with its adapters merged, by name inside the block; its first and last
+    """An anchor's adapted weights with its adapters merged, by name inside the block; its first and last
     step's loss, and the real tokens its steps read."""
 
     weights: dict[str, torch.Tensor]
@@ -79,25 +70,17 @@ def train_anchor(
     device: torch.device,
     keep: torch.device,
     step_done: Callable[[], None],
+    experts: bool = True,
 ) -> TrainedAnchor:
     """LoRA adapters on a copy of the (folded) anchor block ``index``, trained ``steps`` batches so that
-    it maps ``inputs`` to ``targets`` (one state per batch, ``batches``' windows); the copy's linear
+    it maps ``inputs`` to ``targets`` (one state per batch, ``batches``' windows); the copy's adapted
     weights with the adapters merged, by name, on ``keep``. ``step_done`` runs after each step (cancel
-    and progress)."""
-    from peft import LoraConfig, inject_adapter_in_model  # the worker's dependency, imported where it is used
-    from peft.tuners.lora import LoraLayer
-
+    and progress); ``experts``: whether a mixture of experts' experts get adapters too
+    (``lorp.adapters.targets``)."""
     student = copy.deepcopy(block)
-    for parameter in student.parameters():
-        parameter.requires_grad_(False)
     dtype = next(student.parameters()).dtype
-    names = linear_layers(student)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-        torch.manual_seed(seed + index)
-        config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=names)
-        inject_adapter_in_model(config, student)
-    trained = [p for p in student.parameters() if p.requires_grad]
+    adapters = Adapters({"": (student, adapted(student, experts=experts))}, rank=rank, alpha=ALPHA, seed=seed + index)
+    trained = adapters.parameters()
     optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
     scales = [
@@ -125,11 +108,5 @@ def train_anchor(
         losses.append(float(loss.detach()))
         tokens += batch.real_count
         step_done()
-    weights: dict[str, torch.Tensor] = {}
-    for name in names:
-        layer = student.get_submodule(name)
-        if isinstance(layer, LoraLayer):
-            layer.merge()
-            base: Any = layer.get_base_layer()
-            weights[f"{name}.weight"] = base.weight.detach().to(keep)
+    weights = {name: value.detach().to(keep) for name, value in adapters.end(merge=True).items()}
     return TrainedAnchor(weights, losses[0], losses[-1], tokens)

@@ -5,11 +5,11 @@ model's next-token distributions on the calibration windows, merged into the wei
 - The teacher is the dense model's final states on the windows (:class:`DenseFinals`, kept by a dense
   pass before the cut): depth pruning leaves the final norm and head unchanged, so the dense logits
   come from those states through the pruned model's own head, a window at a time.
-- The student is the pruned model with LoRA adapters (peft) on the linear layers of its kept blocks
-  (:data:`SCOPES`): the loss is the mean over counted positions of KL(dense || pruned), the measure the
-  job reports (``lorp.divergence``). Each step is one batch of windows, in an order drawn from the
-  seed, through the blocks together and through the head and the loss a window at a time; adapters
-  start as zero updates.
+- The student is the pruned model with LoRA adapters on its kept blocks (:data:`SCOPES`; on their linear
+  layers, and on their experts in a mixture of experts: ``lorp.adapters``): the loss is the mean over
+  counted positions of KL(dense || pruned), the measure the job reports (``lorp.divergence``). Each step is
+  one batch of windows, in an order drawn from the seed, through the blocks together and through the head
+  and the loss a window at a time; adapters start as zero updates.
 - The steps start from the linear heal with each healed cut's anchor block first trained alone toward
   the dense span's output (:data:`WARM_STEPS`, ``lorp.anchor_training``), on the dense states the
   teacher's pass kept around the cut on the first windows (:func:`plan_teacher`): a head start no step
@@ -33,15 +33,15 @@ import dataclasses
 import itertools
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from lorp.anchor_training import ALPHA, linear_layers, train_anchor
-from lorp.blocks import decoder_blocks, input_device, pruned_view
+from lorp.adapters import ALPHA, Adapters, Targets, targets
+from lorp.anchor_training import train_anchor
+from lorp.blocks import block_layout, decoder_blocks, input_device, pruned_view
 from lorp.calibration import TokenWindows
 from lorp.divergence import CutStates, DenseFinals, Divergence, next_token_valid, position_kl
 from lorp.errors import JobCancelled
@@ -50,6 +50,8 @@ from lorp.execution import Runner, folded
 from lorp.execution.healed import FoldedMap
 from lorp.heal import contiguous_spans
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, SelectionMetric
+from lorp.pretrained import stored_quantization
+from lorp.quantization import MXFP4, quant_method
 
 LEARNING_RATE = 5e-3
 RANK = 32
@@ -300,20 +302,28 @@ def adapted_blocks(num_kept: int, anchors: list[int], scope: Scope) -> list[int]
     return sorted({b for a in anchors for b in (a, a + 1) if 0 <= b < num_kept})
 
 
-def _target_modules(model: Any, blocks: list[int]) -> list[str]:
-    """Full names of the linear layers inside ``blocks``."""
-    wanted = {id(decoder_blocks(model)[b]) for b in blocks}
-    return [
-        f"{name}.{child}"
-        for name, module in model.named_modules()
-        if id(module) in wanted
-        for child in linear_layers(module)
-    ]
+def trains_experts(model: Any, block: int, anchors: Sequence[int]) -> bool:
+    """Whether the experts of the pruned ``model``'s kept ``block`` get adapters (in a mixture of
+    experts): yes, but where the checkpoint stores them in MXFP4 (gpt-oss as OpenAI ships it) only in
+    the cuts' ``anchors``, which the folded map makes unquantized anyway; adapted elsewhere they would
+    be written unquantized too, four times their stored bytes, so there they stay as stored."""
+    return block in anchors or quant_method(stored_quantization(model)) != MXFP4
 
 
-def distilled_weights(model: Any, blocks: list[int]) -> dict[str, torch.Tensor]:
-    """The weights distillation changed (merged into the linear layers of ``blocks``), by name."""
-    return {f"{name}.weight": model.get_submodule(name).weight for name in _target_modules(model, blocks)}
+def _adapted(model: Any, blocks: list[int], anchors: Sequence[int]) -> dict[str, tuple[torch.nn.Module, Targets]]:
+    """The decoder blocks ``blocks`` of ``model`` with what in each gets adapters, by their names."""
+    path, kept = block_layout(model).path, decoder_blocks(model)
+    return {f"{path}.{b}": (kept[b], targets(kept[b], experts=trains_experts(model, b, anchors))) for b in blocks}
+
+
+def distilled_weights(model: Any, blocks: list[int], anchors: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The weights distillation changed (merged into the adapted weights of ``blocks``; ``anchors``: the
+    cuts' anchors, pruned numbering), by name."""
+    return {
+        f"{prefix}.{name}": block.get_parameter(name)
+        for prefix, (block, wanted) in _adapted(model, blocks, anchors).items()
+        for name in wanted.weights
+    }
 
 
 def loss_positions(mask: torch.Tensor, positions: int | None, order: torch.Generator) -> torch.Tensor | None:
@@ -390,33 +400,24 @@ def distill(
     )  # fmt: skip
     if steps == 0:
         return dataclasses.replace(base, seconds=time.perf_counter() - started)
-    from peft import LoraConfig, get_peft_model  # the worker's dependency, imported where it is used
-
     warm = train_finals.cuts if warm_steps else []
     warmed = _warm_start(model, train, warm, warm_steps, seed, should_cancel)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=_target_modules(model, blocks))
-        with warnings.catch_warnings():  # peft asks transformers a question v5 renamed; nothing of ours
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            wrapped = get_peft_model(model, config)
+    adapters = Adapters(_adapted(model, blocks, anchors), rank=rank, alpha=ALPHA, seed=seed)
     try:
         losses, tokens = _train(
-            model, wrapped, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
+            model, adapters, train, train_finals, min(blocks), steps, batch_size, seed, learning_rate, positions,
             autocast, ce_weight, should_cancel, progress, position_weights,
         )  # fmt: skip
-    except BaseException:
+    except BaseException:  # a cancel: the model as it came
+        adapters.end(merge=False)
         _put_back(warmed)
         raise
     distilled_ppl, distilled_kl = _validation(model, validation, validation_finals, batch_size)
     before, after = (linear_ppl, distilled_ppl) if metric == "perplexity" else (linear_kl, distilled_kl)
     better = math.isfinite(after) and after < before
     what = "validation perplexity" if metric == "perplexity" else "validation KL"
-    if better and merge:
-        wrapped.merge_and_unload()
-    else:  # the adapters dropped unmerged and the anchors put back: the linear heal as it was
-        wrapped.unload()
+    adapters.end(merge=better and merge)
+    if not (better and merge):  # the adapters dropped unmerged and the anchors put back: the linear heal as it was
         _put_back(warmed)
     if better:
         reason = f"distillation lowered the {what} from {before:.4g} to {after:.4g}"
@@ -443,7 +444,7 @@ def _warm_start(
     """Each cut's anchor block (pruned numbering) trained ``steps`` toward the dense span's output from the
     dense state entering it, on the first windows (``cuts``: the states the teacher kept), in depth
     order; its linear weights replaced by the trained ones in place. Returns each replaced parameter with
-    its values as they were (:func:`_put_back`; the parameters stay the same objects under peft)."""
+    its values as they were (:func:`_put_back`; the parameters stay the same objects under the adapters)."""
     if not cuts or steps == 0:
         return []
     runner = Runner(model)
@@ -465,6 +466,7 @@ def _warm_start(
             trained = train_anchor(
                 block, cut.anchor, batches, cut.entering, cut.leaving, steps=steps, seed=seed,
                 device=runner.device, keep=runner.device, step_done=step_done,
+                experts=trains_experts(model, cut.anchor, [c.anchor for c in cuts]),
             )  # fmt: skip
             for name, weight in trained.weights.items():
                 target = block.get_parameter(name)
@@ -520,7 +522,7 @@ def _per_window(states: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _train(
     model: Any,
-    wrapped: Any,
+    adapters: Adapters,
     train: TokenWindows,
     train_finals: DenseFinals,
     first: int,
@@ -551,7 +553,7 @@ def _train(
     elif first > 0:  # a batch per window: its calls fit its own mask
         with _autocast(model, autocast):
             entering = list(runner.run_all(list(runner.batches(train, 1)), stop=first))
-    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    trained = adapters.parameters()
     optimiser = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0 - step / steps)
     order = torch.Generator().manual_seed(seed)
@@ -561,7 +563,6 @@ def _train(
     model.train(False)  # no dropout: the adapters learn the deterministic model
     for step in range(steps):
         if should_cancel is not None and should_cancel():
-            wrapped.unload()
             raise JobCancelled("the job was cancelled while distilling the pruned model")
         picked: list[int] = []
         while len(picked) < min(batch_size, len(finals)):

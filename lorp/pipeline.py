@@ -1102,9 +1102,9 @@ def _distill(
     )
     if summary.shipped != "distill":
         return summary, {}
-    weights = distilled_weights(model, summary.blocks)
+    weights = distilled_weights(model, summary.blocks, anchors)
     if loaded.weights is not None:
-        stored = stored_tensor_dtypes(loaded.weights, model, removed, weights)
+        stored = stored_tensor_dtypes(loaded.weights, removed, weights)
         for name, weight in weights.items():
             weight.data = weight.data.to(stored.get(name, weight.dtype)).to(weight.dtype)
     return summary, weights

@@ -9,7 +9,9 @@ computation as the in-memory fold, :func:`lorp.heal.folded_weight`), tensors tie
 output head sharing the input embeddings) stay tied, and every tensor keeps its stored dtype. The
 config gets the new block count and its per-layer lists sliced (:func:`lorp.blocks.prune_config`);
 tokenizer, generation and other small files are copied. Shards are bounded in size and indexed the
-way transformers writes them. Peak memory is about the largest tensor.
+way transformers writes them. Peak memory is about the largest tensor. Weights changed in memory
+(distillation's) are written in the source's layout (``lorp.execution.stored``): an expert stack the
+source stores one piece per expert split into its pieces, an MXFP4 one written unquantized.
 
 GGUF sources are not read here: the loader converts them once to a model in memory, which is saved
 with ``save_pretrained`` (``lorp.export``).
@@ -21,6 +23,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,9 @@ from typing import Any
 import torch
 
 from lorp.blocks import block_layout, prune_config, validate_indices
-from lorp.errors import InvalidRequestError
+from lorp.errors import InvalidRequestError, ModelLoadError
 from lorp.execution.healed import FoldedMap
-from lorp.execution.onload import Mxfp4
+from lorp.execution.stored import Mxfp4, Stacked, StoredLayout
 from lorp.foldable import OUTLETS, fold_refusal
 from lorp.heal import folded_weight
 from lorp.quantization import mxfp4_half
@@ -125,15 +128,44 @@ def _unpacked(checkpoint: Checkpoint, name: str, rest: str) -> tuple[str, Mxfp4 
     return half[0], packed, half[1] == "blocks"
 
 
+class _Renumbering:
+    """Names between the source (every block) and the pruned checkpoint (the ``kept`` blocks, renumbered
+    in order), for blocks under ``path`` (the model's block list, ``lorp.blocks.block_layout``)."""
+
+    def __init__(self, path: str, kept: list[int]) -> None:
+        self.key = _block_key(path)
+        self.kept = kept
+        self.new_index = {old: new for new, old in enumerate(kept)}
+
+    def source(self, name: str) -> str:
+        """The source's name for a pruned checkpoint's ``name``."""
+        match = self.key.match(name)
+        if not match:
+            return name
+        return f"{match.group('head')}.{self.kept[int(match.group('index'))]}.{match.group('rest')}"
+
+    def pruned(self, name: str) -> str:
+        """The pruned checkpoint's name for a kept tensor ``name`` of the source."""
+        match = self.key.match(name)
+        if not match:
+            return name
+        return f"{match.group('head')}.{self.new_index[int(match.group('index'))]}.{match.group('rest')}"
+
+    def block(self, name: str) -> int | None:
+        """The source block a source tensor ``name`` belongs to, or None."""
+        match = self.key.match(name)
+        return int(match.group("index")) if match else None
+
+
 def _plan(
     checkpoint: Checkpoint,
     skeleton: Any,
-    kept: list[int],
+    rename: _Renumbering,
     folds: Mapping[int, torch.Tensor | FoldedMap],
+    unpack: AbstractSet[int] = frozenset(),
 ) -> tuple[list[Planned], dict[str, _Source]]:
     layout = block_layout(skeleton)
-    key = _block_key(layout.path)
-    new_index = {old: new for new, old in enumerate(kept)}
+    key, new_index = rename.key, rename.new_index
     outlet = OUTLETS.get(layout.family)
     skip = _tied_targets(skeleton, set(checkpoint.tensors))
     planned: list[Planned] = []
@@ -149,7 +181,7 @@ def _plan(
             if old not in new_index:
                 continue
             rest, packed = match.group("rest"), None
-            if old in folds:
+            if old in folds or old in unpack:
                 rest, packed, stands = _unpacked(checkpoint, name, rest)
                 if not stands:
                     continue
@@ -199,26 +231,56 @@ def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int,
     return found
 
 
-def stored_tensor_dtypes(
-    source: Path, model: Any, removed: Sequence[int], names: Iterable[str]
-) -> dict[str, torch.dtype]:
-    """The dtype each of ``names`` (tensors of the pruned checkpoint: kept blocks renumbered, as the
-    pruned ``model`` names them) is stored in at the source, read from the headers only."""
-    key = _block_key(block_layout(model).path)
+def stored_tensor_dtypes(source: Path, removed: Sequence[int], names: Iterable[str]) -> dict[str, torch.dtype]:
+    """The dtype each of ``names`` (weights of the pruned model: kept blocks renumbered) is written in
+    (``lorp.execution.stored.StoredLayout.written_dtype``: as stored, or as an expert stored in MXFP4
+    is written once changed), read from the headers only; names the source does not store are left out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    skeleton = meta_skeleton(config)
+    layout = StoredLayout(skeleton, Checkpoint(source))
+    blocks = block_layout(skeleton)
     gone = set(removed)
-    wanted = set(names)
+    kept = [i for i in range(int(getattr(config, blocks.num_layers_attr))) if i not in gone]
+    rename = _Renumbering(blocks.path, kept)
     found: dict[str, torch.dtype] = {}
-    for name, info in Checkpoint(source).tensors.items():
-        out = name
-        match = key.match(name)
-        if match:
-            old = int(match.group("index"))
-            if old in gone:
-                continue
-            out = f"{match.group('head')}.{old - sum(1 for r in gone if r < old)}.{match.group('rest')}"
-        if out in wanted:
-            found[out] = DTYPES[info.dtype]
+    for name in names:
+        try:
+            found[name] = layout.written_dtype(rename.source(name))
+        except ModelLoadError:
+            continue
     return found
+
+
+def _as_stored(
+    checkpoint: Checkpoint, skeleton: Any, rename: _Renumbering, replaced: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], set[int]]:
+    """``replaced`` (weights of the pruned model by its names) as the pruned checkpoint stores them:
+    a weight stored one piece per expert split into its pieces (``Stacked.split``), an expert stored in
+    MXFP4 written unquantized under its own name. Returns the tensors by their names in the pruned
+    checkpoint, and the source blocks whose MXFP4 experts are written unquantized for it."""
+    layout = StoredLayout(skeleton, checkpoint)
+    out: dict[str, torch.Tensor] = {}
+    unpack: set[int] = set()
+    for name, value in replaced.items():
+        try:
+            stored, assembly = layout.sources(rename.source(name))
+        except ModelLoadError:
+            out[name] = value  # not a weight the source stores: refused with the rest (_producer)
+            continue
+        if isinstance(assembly, Stacked):
+            out.update(
+                {rename.pruned(piece): part for piece, part in assembly.split(value, checkpoint.tensors).items()}
+            )
+        elif isinstance(assembly, Mxfp4):
+            out[rename.pruned(assembly.weight)] = value
+            block = rename.block(assembly.weight)
+            if block is not None:
+                unpack.add(block)
+        else:
+            out[rename.pruned(stored[0])] = value
+    return out, unpack
 
 
 def _copy_files(source: Path, out: Path) -> list[str]:
@@ -310,9 +372,9 @@ def write_pruned(
         folds: original index of an anchor block -> the d x d map folded into its MLP output projection,
             or a fit holding it (``lorp.heal.Fit``: its map is read when its tensor is written, so maps kept
             in files are never all in memory at once).
-        replaced: tensors written instead of what the source holds, by their name in the pruned
-            checkpoint (a distilled block's weights, ``lorp.distill``: its fold already in them), cast
-            to the stored dtype.
+        replaced: weights written instead of what the source holds, by their name in the pruned model
+            (a distilled block's weights, ``lorp.distill``: its fold already in them), cast to the stored
+            dtype; one the source stores in pieces is split into them (:func:`_as_stored`).
         max_shard_bytes: the most bytes of tensors one weight file holds (a larger tensor gets a file of its own).
         device: where the folds are computed (the in-memory fold's device gives bit-equal weights).
 
@@ -332,8 +394,10 @@ def write_pruned(
     n_old = int(getattr(config, layout.num_layers_attr))
     kept = _kept_blocks(config, layout.family, n_old, removed, folds)
     checkpoint = Checkpoint(source)
-    planned, sources = _plan(checkpoint, skeleton, kept, folds)
-    produce = _producer(checkpoint, sources, dict(replaced or {}), device)
+    rename = _Renumbering(layout.path, kept)
+    changed, unpack = _as_stored(checkpoint, skeleton, rename, replaced or {})
+    planned, sources = _plan(checkpoint, skeleton, rename, folds, unpack)
+    produce = _producer(checkpoint, sources, changed, device)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(sorted(planned, key=lambda p: p.name), max_shard_bytes)
     names = shard_names(len(shards))

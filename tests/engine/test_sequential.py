@@ -22,8 +22,8 @@ from lorp.errors import InvalidRequestError, ReloadCheckError
 from lorp.evaluation import negative_log_likelihood, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
-from lorp.execution.onload import Mxfp4
 from lorp.execution.scratch import StateStore
+from lorp.execution.stored import Mxfp4
 from lorp.export import PrunedLogits, verify_reload_sequential
 from lorp.heal import heal_refusal
 from lorp.pipeline import working_set
@@ -597,7 +597,7 @@ def test_experts_stored_apart_are_stacked_as_they_load_and_a_missing_one_is_refu
     assert pieces and not any(key.endswith(("experts.gate_up_proj", "experts.down_proj")) for key in stored)
     # (The sequential tests above run these families from such files: the stacked weights are exact.)
     runner = Runner.sequential(tmp_path / "whole", model.config, device="cpu", dtype=torch.float32)
-    assert runner.onloader is not None and runner.onloader.missing() == [] and runner.onloader.unclaimed() == []
+    assert runner.onloader is not None and runner.onloader.missing() == [] and runner.onloader.layout.unclaimed() == []
     with runner.onloader.block(1) as block:
         for key, value in model.model.layers[1].state_dict().items():
             torch.testing.assert_close(block.state_dict()[key], value, rtol=0, atol=0)
@@ -621,7 +621,7 @@ def test_a_checkpoint_in_the_layout_the_model_holds_passes_the_layout_check(tmp_
     runner = Runner.sequential(tmp_path, model.config, device="cpu", dtype=torch.float32)
     assert runner.onloader is not None
     runner.onloader.check_layout("the model")
-    assert runner.onloader.missing() == [] and runner.onloader.unclaimed() == []
+    assert runner.onloader.missing() == [] and runner.onloader.layout.unclaimed() == []
 
 
 def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_transformers_dequantizes(
@@ -635,7 +635,7 @@ def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_t
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     sequential = Runner.sequential(tmp_path, config, device="cpu", dtype=torch.float32)
     assert sequential.onloader is not None
-    stored, assembly = sequential.onloader._sources("model.layers.2.mlp.experts.down_proj")
+    stored, assembly = sequential.onloader.layout.sources("model.layers.2.mlp.experts.down_proj")
     assert isinstance(assembly, Mxfp4) and stored == [
         "model.layers.2.mlp.experts.down_proj_blocks",
         "model.layers.2.mlp.experts.down_proj_scales",

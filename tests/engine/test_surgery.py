@@ -21,7 +21,7 @@ from lorp.heal import fold
 from lorp.shards import INDEX_FILE, Checkpoint, read_header
 from lorp.surgery import write_pruned
 
-from .archs import ARCHS, build, greedy, probe, write_wide_llama
+from .archs import ARCHS, build, greedy, probe, write_mxfp4_gpt_oss, write_wide_llama
 
 REMOVED = [1, 2]  # of 4 blocks: one span, anchored at block 0
 
@@ -143,6 +143,50 @@ def test_stored_dtype_is_kept_and_folds_round_like_the_in_memory_model(tmp_path:
     fold(model, decoder_blocks(model)[0], T)
     got = _tensors(written.directory)["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(got, decoder_blocks(model)[0].mlp.down_proj.weight.detach())
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss", "gpt_oss-mxfp4"])
+def test_replaced_expert_weights_are_written_as_the_checkpoint_stores_them(
+    name: str, tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    # A distilled mixture of experts changes the model's stacked expert weights. The writer splits each
+    # into the pieces the checkpoint stores (one per expert, gate and up apart: Mixtral, Qwen2-MoE), or
+    # writes the changed block's experts unquantized where they are stored in MXFP4; either way
+    # transformers loads back the very values given, and every other weight as it was.
+    src = tmp_path / "source"
+    if name == "gpt_oss-mxfp4":
+        write_mxfp4_gpt_oss(src)
+    else:
+        build(name).save_pretrained(src)
+    stored = Checkpoint(src).tensors
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)  # MXFP4: dequantized, no kernels here
+    remove_blocks(model, REMOVED)
+    g = torch.Generator().manual_seed(5)
+    experts = decoder_blocks(model)[1].mlp.experts  # source block 3
+    replaced = {
+        f"model.layers.1.mlp.experts.{weight}": getattr(experts, weight).detach()
+        + 0.01 * torch.randn(getattr(experts, weight).shape, generator=g)
+        for weight in ("gate_up_proj", "down_proj")
+    }
+
+    written = write_pruned(src, tmp_path / "out", REMOVED, replaced=replaced)
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(written.directory)
+    for weight, value in replaced.items():
+        assert torch.equal(reloaded.get_parameter(weight), value), weight
+    for weight, value in reloaded.named_parameters():
+        if weight not in replaced:
+            assert torch.equal(value, model.get_parameter(weight)), weight
+    keys = set(Checkpoint(written.directory).tensors)
+    if name == "gpt_oss-mxfp4":  # the changed block unquantized and listed so; the others as stored
+        assert {"model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.experts.down_proj_blocks"} <= keys
+        assert not any(key.startswith("model.layers.1.") and key.endswith("_blocks") for key in keys)
+        listed = _config(written.directory)["quantization_config"]["modules_to_not_convert"]
+        assert "model.layers.1.mlp.experts" in listed and "model.layers.0.mlp.experts" not in listed
+    else:  # the source's layout, renumbered: the same names for block 1 as for source block 3
+        assert {key for key in keys if ".layers.1." in key} == {
+            key.replace(".layers.3.", ".layers.1.") for key in stored if ".layers.3." in key
+        }
 
 
 def test_tied_head_stays_tied_and_is_written_once(tmp_path: Path, tiny_tokenizer: Any) -> None:
