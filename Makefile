@@ -76,6 +76,7 @@ bench: setup
 	$(PY) scripts/bench.py --out docs/benchmarks.md
 	$(PY) scripts/bench_heal.py --budgets 4 6 8 --out docs/benchmarks.md
 	$(PY) scripts/bench_moe.py --out docs/benchmarks.md
+	$(PY) scripts/bench_moe_distill.py --out docs/benchmarks.md
 	$(PY) scripts/bench_plans.py --out docs/benchmarks.md
 	$(PY) scripts/bench_tasks.py --out docs/benchmarks.md
 	$(PY) scripts/bench_curve.py --out docs/benchmarks.md

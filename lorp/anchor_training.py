@@ -6,7 +6,6 @@ linear layers, and its experts in a mixture of experts) and trains them so that 
 entering it, returns the dense state entering e; the copy's weights with the adapters merged come back by
 name, and the block itself is never changed.
 
-
 - Block-local distillation (``lorp.local_distill``, sequential execution) does this for every healed
   cut and ships it.
 - Whole-model distillation (``lorp.distill``) does it first, on the states its teacher's pass kept, as

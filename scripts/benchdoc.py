@@ -20,6 +20,7 @@ EXECUTION_HEADING = "## Sequential vs resident: a whole job on a 4.7 GB model"  
 CHOICE_HEADING = "## Choosing the plan relative to one capture"  # scripts/bench_choice.py
 GPU_HEADING = "## On a GPU: a whole job on a model of Llama-3.1-8B's shape"  # scripts/bench_gpu.py
 MOE_HEADING = "## Healing a mixture of experts: the demo model and a Mixtral made from it"  # scripts/bench_moe.py
+MOE_DISTILL_HEADING = "## Distilling a mixture of experts: adapters on the experts"  # scripts/bench_moe_distill.py
 
 
 def distill_heading(method: str) -> str:
@@ -47,6 +48,13 @@ def replace_section(out: Path, heading: str, section: list[str]) -> None:
         lines[span[0] : span[1]] = section
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def section_lines(out: Path, heading: str) -> list[str]:
+    """The lines of the file's section of that heading, heading included (empty when it has none)."""
+    lines = out.read_text().splitlines() if out.is_file() else []
+    span = _span(lines, heading)
+    return lines[span[0] : span[1]] if span else []
 
 
 def other_sections(out: Path, rewritten: tuple[str, ...]) -> list[str]:
