@@ -17,7 +17,10 @@
   heal_steps without distill is refused naming the field;
 - a budget curve drawn distilled (``evaluation.curve_distill``), resident and sequential: each
   budget's best plan carries what distilling it would ship, never worse than its linear score, and
-  the job is bit for bit what it is without it; refused without distill or without a curve.
+  the job is bit for bit what it is without it; refused without distill or without a curve;
+- a mixture of experts, resident and sequential: its experts learn (each its own update) and are
+  written one piece per expert as the source stores them; experts stored in MXFP4 learn only in the
+  cuts' anchors, which are written unquantized anyway.
 """
 
 from __future__ import annotations
