@@ -46,7 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdemo import demo_calibration, demo_model, held_out_windows  # noqa: E402
+from benchdemo import demo_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import distill_heading, replace_section  # noqa: E402
 
 from lorp.anchor_training import LOCAL_LEARNING_RATE  # noqa: E402
@@ -74,11 +74,9 @@ from lorp.execution import Runner, folded  # noqa: E402
 from lorp.execution.healed import put_weights, trained_weights  # noqa: E402
 from lorp.local_distill import distill_locally  # noqa: E402
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS  # noqa: E402
-from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
+from lorp.planner import choose_plan  # noqa: E402
 from lorp.scoring import apply_fits  # noqa: E402
-from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec, TaskSpec  # noqa: E402
-from lorp.states import StateSink  # noqa: E402
 
 HEALS = ("none", "linear", "distill")
 QUANTILES = torch.tensor([0.1, 0.5, 0.9, 0.99])
@@ -348,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_s = time.perf_counter() - started  # part of what distilling costs
 
     def capture():
-        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
-        started = time.perf_counter()
-        stats = capture_similarity(model, data.capture, batch_size=args.batch_size, keep_states=sink)
-        return stats, sink.cache(), time.perf_counter() - started
+        return timed_capture(model, data.capture, args.batch_size)
 
     def job(stats, heal_cache, method: str, heal: str, n: int, metric: str = "perplexity"):
         spec = PruneSpec(

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdemo import capture_calibration, demo_model, held_out_windows  # noqa: E402
+from benchdemo import capture_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import HEAL_HEADING, replace_section  # noqa: E402
 
 from lorp.blocks import pruned_view  # noqa: E402
@@ -31,8 +31,6 @@ from lorp.execution import folded  # noqa: E402
 from lorp.planner import heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import select  # noqa: E402
-from lorp.similarity import capture_similarity  # noqa: E402
-from lorp.states import StateSink  # noqa: E402
 
 METHODS = ("shortgpt", "streamline")
 
@@ -51,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     data = capture_calibration(tokenizer, args.num_samples, args.seq_len)
     held_out = held_out_windows(tokenizer, args.eval_len, args.eval_windows)
-    fit_on = heal_windows(data.capture, hidden_size(model))
-    sink = StateSink(fit_on.num_windows, 4, model.dtype)
-    started = time.perf_counter()
-    stats = capture_similarity(model, data.capture, batch_size=4, keep_states=sink)
-    capture_s = time.perf_counter() - started
-    heal_cache = sink.cache()
+    stats, heal_cache, capture_s = timed_capture(model, data.capture, 4)
+    fit_on = heal_windows(data.capture, hidden_size(model))  # the windows those states cover
     dense = perplexity(model, held_out, batch_size=4)
 
     rows = []

@@ -16,35 +16,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from benchdemo import capture_calibration, demo_model, held_out_windows  # noqa: E402
+from benchdemo import capture_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import MOE_HEADING, replace_section  # noqa: E402
 
 from lorp.blocks import pruned_view  # noqa: E402
 from lorp.evaluation import perplexity  # noqa: E402
 from lorp.execution import folded  # noqa: E402
-from lorp.planner import heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import select  # noqa: E402
-from lorp.similarity import capture_similarity  # noqa: E402
-from lorp.states import StateSink  # noqa: E402
 from tests.engine.archs import upcycled_mixtral  # noqa: E402
 
 
 def measure(model, data, held_out, budgets: list[int]) -> dict:
     """One model's capture time, dense perplexity, and per budget ShortGPT's plan unhealed and healed."""
-    fit_on = heal_windows(data.capture, hidden_size(model))
-    sink = StateSink(fit_on.num_windows, 4, model.dtype)
-    started = time.perf_counter()
-    stats = capture_similarity(model, data.capture, batch_size=4, keep_states=sink)
-    capture_s = time.perf_counter() - started
-    heal_cache = sink.cache()
+    stats, heal_cache, capture_s = timed_capture(model, data.capture, 4)
     rows = {}
     for n in budgets:
         plan = select("shortgpt", stats.S, stats.D, n).pruned_layers

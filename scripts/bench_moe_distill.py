@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 from bench_distill import Measure  # noqa: E402
-from benchdemo import demo_calibration, demo_model, held_out_windows  # noqa: E402
+from benchdemo import demo_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import MOE_DISTILL_HEADING, replace_section, section_lines  # noqa: E402
 
 import lorp.distill  # noqa: E402
@@ -47,12 +47,9 @@ from lorp.distill import (  # noqa: E402
     windows_to_read,
 )
 from lorp.options import DEFAULT_HEAL_STEPS  # noqa: E402
-from lorp.planner import heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer, apply_fits  # noqa: E402
 from lorp.selection import select  # noqa: E402
-from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec  # noqa: E402
-from lorp.states import StateSink  # noqa: E402
 from tests.engine.archs import upcycled_mixtral  # noqa: E402
 
 BATCH = 4
@@ -75,12 +72,8 @@ def cell(figures: dict) -> str:
 
 def runs(model, name: str, data, measure, budgets, steps: int, rates: list[float], variants) -> list[dict]:
     """Per budget, the model's plan healed, then distilled once per (variant, learning rate)."""
-    fit_on = heal_windows(data.capture, hidden_size(model))
-    sink = StateSink(fit_on.num_windows, BATCH, model.dtype)
-    started = time.perf_counter()
-    stats = capture_similarity(model, data.capture, batch_size=BATCH, keep_states=sink)
-    capture_s = time.perf_counter() - started
-    healer = CachedHealer(model, sink.cache(), mode="dense")
+    stats, heal_cache, capture_s = timed_capture(model, data.capture, BATCH)
+    healer = CachedHealer(model, heal_cache, mode="dense")
     autocast = training_autocast(model)
     validation = dense_finals(model, data.validation, BATCH, None)
     rows = []

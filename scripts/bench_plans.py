@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchdemo import demo_calibration, demo_model, held_out_windows  # noqa: E402
+from benchdemo import demo_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import PLANS_HEADING, replace_section  # noqa: E402
 
 from lorp.blocks import decoder_blocks, pruned_view  # noqa: E402
@@ -34,9 +34,7 @@ from lorp.execution import folded  # noqa: E402
 from lorp.planner import choose_plan, heal_windows, hidden_size  # noqa: E402
 from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import candidate_plans  # noqa: E402
-from lorp.similarity import capture_similarity  # noqa: E402
 from lorp.spec import CalibrationSpec, ModelSpec, PruneSpec, SelectionOptions, TargetSpec  # noqa: E402
-from lorp.states import StateSink  # noqa: E402
 
 ONE_PASS = ("lorp", "shortgpt", "streamline", "angular", "reverse")
 
@@ -78,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = held_out([])
 
     def capture():
-        sink = StateSink(heal_windows(data.capture, hidden_size(model)).num_windows, args.batch_size, model.dtype)
-        started = time.perf_counter()
-        stats = capture_similarity(model, data.capture, batch_size=args.batch_size, keep_states=sink)
-        return stats, sink.cache(), time.perf_counter() - started
+        return timed_capture(model, data.capture, args.batch_size)
 
     def job(method: str, heal: str, target: TargetSpec):
         spec = PruneSpec(
