@@ -36,7 +36,6 @@ from lorp.execution.healed import FoldedMap
 from lorp.execution.stored import Mxfp4, Stacked, StoredLayout
 from lorp.foldable import OUTLETS, fold_refusal
 from lorp.heal import folded_weight
-from lorp.quantization import mxfp4_half
 from lorp.shards import (
     DTYPES,
     Checkpoint,
@@ -110,22 +109,16 @@ def _tied_targets(skeleton: Any, names: set[str]) -> set[str]:
     return {target for target, source in tied.items() if target in names and source in names}
 
 
-# The expert weights gpt-oss stores in MXFP4, by their names inside a block.
-_PACKED_EXPERTS = re.compile(r"mlp\.experts\.(?:gate_up_proj|down_proj)")
-
-
-def _unpacked(checkpoint: Checkpoint, name: str, rest: str) -> tuple[str, Mxfp4 | None, bool]:
-    """For a stored tensor of an anchor block (``rest``: its name inside the block), the weight it is
-    half of when the block's experts are stored in MXFP4 (written dequantized, so that a map can be
-    folded in: ``lorp.foldable``), that weight's halves, and whether this is the half that stands for
-    both (the blocks; the scales go with them)."""
-    half = mxfp4_half(rest)
-    if half is None or not _PACKED_EXPERTS.fullmatch(half[0]):
+def _unpacked(layout: StoredLayout, name: str, rest: str) -> tuple[str, Mxfp4 | None, bool]:
+    """For a stored tensor ``name`` of an anchor block (``rest``: its name inside the block), the weight
+    it is half of when that weight is stored in MXFP4 (``StoredLayout.packed``: written dequantized, so
+    that a map can be folded in, ``lorp.foldable``) by its name inside the block, that weight's halves,
+    and whether this is the half that stands for both (the blocks; the scales go with them)."""
+    packed = layout.packed(name)
+    if packed is None:
         return rest, None, True
-    packed = Mxfp4(name[: len(name) - len(rest)] + half[0])
-    if any(part not in checkpoint.tensors for part in packed.names) or packed.shape(checkpoint.tensors) is None:
-        return rest, None, True
-    return half[0], packed, half[1] == "blocks"
+    suffix = len(name) - len(packed.weight)  # "_blocks" or "_scales"
+    return rest[:-suffix], packed, name == packed.blocks
 
 
 class _Renumbering:
@@ -158,16 +151,15 @@ class _Renumbering:
 
 
 def _plan(
-    checkpoint: Checkpoint,
-    skeleton: Any,
+    stored: StoredLayout,
     rename: _Renumbering,
     folds: Mapping[int, torch.Tensor | FoldedMap],
     unpack: AbstractSet[int] = frozenset(),
 ) -> tuple[list[Planned], dict[str, _Source]]:
-    layout = block_layout(skeleton)
+    checkpoint = stored.checkpoint
     key, new_index = rename.key, rename.new_index
-    outlet = OUTLETS.get(layout.family)
-    skip = _tied_targets(skeleton, set(checkpoint.tensors))
+    outlet = OUTLETS.get(block_layout(stored.model).family)
+    skip = _tied_targets(stored.model, set(checkpoint.tensors))
     planned: list[Planned] = []
     sources: dict[str, _Source] = {}
     folded: set[int] = set()
@@ -182,7 +174,7 @@ def _plan(
                 continue
             rest, packed = match.group("rest"), None
             if old in folds or old in unpack:
-                rest, packed, stands = _unpacked(checkpoint, name, rest)
+                rest, packed, stands = _unpacked(stored, name, rest)
                 if not stands:
                     continue
             out_name = f"{match.group('head')}.{new_index[old]}.{rest}"
@@ -193,7 +185,7 @@ def _plan(
                     folded.add(old)
             if packed is not None:
                 shape = packed.shape(checkpoint.tensors)
-                assert shape is not None  # checked by _unpacked
+                assert shape is not None  # checked by StoredLayout.packed
                 planned.append(Planned(out_name, packed.written_dtype(checkpoint.tensors), shape))
                 sources[out_name] = source
                 continue
@@ -220,11 +212,12 @@ def stored_dtypes(source: Path, model: Any, anchors: Sequence[int]) -> dict[int,
     wanted = set(anchors)
     found: dict[int, torch.dtype] = {}
     checkpoint = Checkpoint(source)
+    stored_layout = StoredLayout(model, checkpoint)
     for name, info in checkpoint.tensors.items():
         match = key.match(name)
         if not match or int(match.group("index")) not in wanted or outlet is None:
             continue
-        rest, packed, _ = _unpacked(checkpoint, name, match.group("rest"))
+        rest, packed, _ = _unpacked(stored_layout, name, match.group("rest"))
         if outlet.kind(rest) not in (None, "bias"):
             stored = info.dtype if packed is None else packed.written_dtype(checkpoint.tensors)
             found[int(match.group("index"))] = DTYPES[stored]
@@ -254,13 +247,13 @@ def stored_tensor_dtypes(source: Path, removed: Sequence[int], names: Iterable[s
 
 
 def _as_stored(
-    checkpoint: Checkpoint, skeleton: Any, rename: _Renumbering, replaced: Mapping[str, torch.Tensor]
+    layout: StoredLayout, rename: _Renumbering, replaced: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], set[int]]:
     """``replaced`` (weights of the pruned model by its names) as the pruned checkpoint stores them:
     a weight stored one piece per expert split into its pieces (``Stacked.split``), an expert stored in
     MXFP4 written unquantized under its own name. Returns the tensors by their names in the pruned
     checkpoint, and the source blocks whose MXFP4 experts are written unquantized for it."""
-    layout = StoredLayout(skeleton, checkpoint)
+    checkpoint = layout.checkpoint
     out: dict[str, torch.Tensor] = {}
     unpack: set[int] = set()
     for name, value in replaced.items():
@@ -395,8 +388,9 @@ def write_pruned(
     kept = _kept_blocks(config, layout.family, n_old, removed, folds)
     checkpoint = Checkpoint(source)
     rename = _Renumbering(layout.path, kept)
-    changed, unpack = _as_stored(checkpoint, skeleton, rename, replaced or {})
-    planned, sources = _plan(checkpoint, skeleton, rename, folds, unpack)
+    stored = StoredLayout(skeleton, checkpoint)
+    changed, unpack = _as_stored(stored, rename, replaced or {})
+    planned, sources = _plan(stored, rename, folds, unpack)
     produce = _producer(checkpoint, sources, changed, device)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(sorted(planned, key=lambda p: p.name), max_shard_bytes)

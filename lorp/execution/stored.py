@@ -8,8 +8,9 @@ A mixture of experts' stacked weight may be stored one piece per expert (Mixtral
 back into its pieces. gpt-oss's experts as OpenAI ships them are stored in MXFP4 (:class:`Mxfp4`), and
 dequantized when read.
 
-:class:`StoredLayout` answers for one model and one checkpoint; the onloader reads through it
-(``lorp.execution.onload``) and the checkpoint writer writes changed weights back through it
+:class:`StoredLayout` answers for one model and one checkpoint, and is the one place that decides how a
+weight is stored: the onloader reads through it (``lorp.execution.onload``), and the checkpoint writer
+writes changed weights back through it and asks it which stored tensors are MXFP4 halves
 (``lorp.surgery``).
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from lorp.errors import ModelLoadError
+from lorp.pretrained import stored_quantization
 from lorp.quantization import MXFP4, mxfp4_halves, quant_method
 from lorp.shards import DTYPES, Checkpoint, TensorInfo
 
@@ -182,7 +184,9 @@ class StoredLayout:
         self._rules = _stacking_rules(model)
         self._shapes = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
         self._resolved: dict[str, tuple[list[str], Assembly | None]] = {}  # see sources
-        self._mxfp4 = quant_method(getattr(model.config, "quantization_config", None)) == MXFP4
+        # the checkpoint's quantization, also for a model loaded from it dequantized
+        self._mxfp4 = quant_method(stored_quantization(model)) == MXFP4
+        self._halves: dict[str, Mxfp4] | None = None  # see packed
 
     def stored(self, name: str) -> str:
         """The checkpoint's name for the model's tensor ``name`` (saved from the base model: fewer parts;
@@ -252,6 +256,22 @@ class StoredLayout:
             found = (assembly.names, assembly)
         self._resolved[name] = found
         return found
+
+    def packed(self, stored: str) -> Mxfp4 | None:
+        """The MXFP4 weight of the model that the stored tensor ``stored`` is one half of (its blocks or
+        its scales), or None: the checkpoint stores no weight of the model in MXFP4 with that half."""
+        if not self._mxfp4:
+            return None
+        if self._halves is None:
+            self._halves = {}
+            for name, _ in self.model.named_parameters():
+                try:
+                    assembly = self.sources(name)[1]
+                except ModelLoadError:
+                    continue
+                if isinstance(assembly, Mxfp4):
+                    self._halves.update(dict.fromkeys(assembly.names, assembly))
+        return self._halves.get(stored)
 
     def written_dtype(self, name: str) -> torch.dtype:
         """The dtype a changed value of the model's weight ``name`` is written in: the one it is stored in

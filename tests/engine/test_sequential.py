@@ -23,12 +23,12 @@ from lorp.evaluation import negative_log_likelihood, perplexity
 from lorp.execution import Runner
 from lorp.execution.choice import choose_execution, device_memory, memory_budget, working_bytes
 from lorp.execution.scratch import StateStore
-from lorp.execution.stored import Mxfp4
+from lorp.execution.stored import Mxfp4, StoredLayout
 from lorp.export import PrunedLogits, verify_reload_sequential
 from lorp.heal import heal_refusal
 from lorp.pipeline import working_set
 from lorp.planner import MIN_TOKENS_PER_WIDTH
-from lorp.pretrained import load_options
+from lorp.pretrained import load_options, remember_stored_quantization
 from lorp.scoring import CachedHealer, PlanScorer
 from lorp.shards import Checkpoint
 from lorp.similarity import capture_similarity
@@ -640,6 +640,15 @@ def test_a_gpt_oss_checkpoint_stored_in_mxfp4_runs_sequentially_on_the_weights_t
         "model.layers.2.mlp.experts.down_proj_blocks",
         "model.layers.2.mlp.experts.down_proj_scales",
     ]
+    # The other way round (what the checkpoint writer asks of each stored tensor): either half names its
+    # weight, for the skeleton and for the model transformers loaded dequantized (which forgets its
+    # quantization: the engine's loader keeps it, lorp.pretrained); other tensors none.
+    remember_stored_quantization(resident.model, tmp_path)
+    for layout in (sequential.onloader.layout, StoredLayout(resident.model, Checkpoint(tmp_path))):
+        for half in stored:
+            assert layout.packed(half) == assembly
+        assert layout.packed("model.layers.2.mlp.experts.down_proj_bias") is None
+        assert layout.packed("model.layers.2.self_attn.q_proj.weight") is None
     data = windows(5)
     ref = capture_similarity(resident, data, batch_size=2)
     got = capture_similarity(sequential, data, batch_size=2)
