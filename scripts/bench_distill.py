@@ -146,35 +146,42 @@ def context_weights(depend: list[torch.Tensor], beta: float) -> list[torch.Tenso
 
 
 def distilled_copy(
-    model, choice, data, validation_teacher, args, steps, learning_rate, scope, fits=None, rank=RANK, positions=None,
-    position_weights=None, metric="perplexity",
+    model, fits, removed, data, validation_teacher, *, steps, learning_rate, batch_size, autocast,
+    scope=DEFAULT_SCOPE, rank=RANK, positions=None, position_weights=None, metric="perplexity", ce_weight=CE_WEIGHT,
+    seed=0, warm_steps=WARM_STEPS,
 ):  # fmt: skip
-    """A copy of ``model`` with the choice's maps (or ``fits``, trained anchors' weights put in after their
-    fold) folded, its blocks removed and then distilled; the seconds count the teacher's pass over the
-    training windows (``validation_teacher``: the dense final states on the validation windows)."""
+    """A copy of ``model`` with ``fits`` folded (a trained anchor's weights put in after its fold), the
+    ``removed`` blocks cut, then distilled as a job distils it (``autocast``: the training passes' dtype,
+    None for float32). Returns the copy, the summary and the seconds, which count the teacher's pass over
+    the training windows (``validation_teacher``: the dense final states on the validation windows)."""
     pruned = copy.deepcopy(model)
-    fits = choice.fits if fits is None else fits
     apply_fits(pruned, fits)
     for fit in fits:
         put_weights(decoder_blocks(pruned)[fit.anchor], trained_weights(fit))
-    removed = sorted(choice.chosen.pruned_layers)
+    removed = sorted(removed)
+    anchors = [fit.anchor for fit in fits]
     # The teacher on the training windows, as a job runs it for its plan: timed with the distillation.
     started = time.perf_counter()
-    autocast = training_autocast(model) if args.precision == "auto" else None
     train_teacher = plan_teacher(
-        model, data.training_windows, args.batch_size, removed, [fit.anchor for fit in choice.fits], scope=scope,
-        autocast=autocast,
-    )  # fmt: skip
+        model, data.training_windows, batch_size, removed, anchors, scope=scope, autocast=autocast
+    )
     print(f"teacher: {data.training_windows.num_windows} training windows, {time.perf_counter() - started:.1f} s")
     remove_blocks(pruned, removed)
-    anchors = pruned_anchors([fit.anchor for fit in choice.fits], removed)
     summary = distill(
-        pruned, data.training_windows, train_teacher, data.validation, validation_teacher, anchors=anchors,
-        steps=steps, batch_size=args.batch_size, learning_rate=learning_rate, scope=scope, rank=rank,
-        positions=positions, autocast=autocast, ce_weight=args.ce_weight, seed=args.seed, warm_steps=args.warm_steps,
-        position_weights=position_weights, metric=metric,
+        pruned, data.training_windows, train_teacher, data.validation, validation_teacher,
+        anchors=pruned_anchors(anchors, removed), steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        scope=scope, rank=rank, positions=positions, autocast=autocast, ce_weight=ce_weight, seed=seed,
+        warm_steps=warm_steps, position_weights=position_weights, metric=metric,
     )  # fmt: skip
     return pruned, summary, time.perf_counter() - started
+
+
+def copy_settings(args, model) -> dict:
+    """``distilled_copy``'s settings from this script's arguments."""
+    return {
+        "batch_size": args.batch_size, "ce_weight": args.ce_weight, "seed": args.seed, "warm_steps": args.warm_steps,
+        "autocast": training_autocast(model) if args.precision == "auto" else None,
+    }  # fmt: skip
 
 
 def distilled_locally(model, choice, data, args, steps, learning_rate):
@@ -344,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     teacher = dense_finals(model, data.validation, args.batch_size, None)  # its pass on the training windows: per plan
     teacher_s = time.perf_counter() - started  # part of what distilling costs
+    settings = copy_settings(args, model)
 
     def capture():
         return timed_capture(model, data.capture, args.batch_size)
@@ -389,16 +397,18 @@ def main(argv: list[str] | None = None) -> int:
                     model, choice, data, args, args.local_steps, args.local_learning_rate
                 )
                 pruned, summary, seconds = distilled_copy(
-                    model, choice, data, teacher, args, int(steps), float(lr), "all", fits=shipped
-                )
+                    model, shipped, choice.chosen.pruned_layers, data, teacher, steps=int(steps),
+                    learning_rate=float(lr), scope="all", **settings,
+                )  # fmt: skip
                 seconds += first_s
                 measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             else:
                 rank = int(rest[0]) if rest else RANK
                 positions = int(rest[1]) if len(rest) > 1 else None
                 pruned, summary, seconds = distilled_copy(
-                    model, choice, data, teacher, args, int(steps), float(lr), scope, rank=rank, positions=positions,
-                    position_weights=weights_by_beta.get(beta), metric=args.explore_metric,
+                    model, choice.fits, choice.chosen.pruned_layers, data, teacher, steps=int(steps),
+                    learning_rate=float(lr), scope=scope, rank=rank, positions=positions,
+                    position_weights=weights_by_beta.get(beta), metric=args.explore_metric, **settings,
                 )  # fmt: skip
                 measured, pruned = (pruned, (), ()), None  # the copy held once, by measured
             got = measure.held_out(*measured)
@@ -432,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             key = tuple(healed.chosen.pruned_layers)
             if key not in distilled_by_plan:
                 pruned, summary, seconds = distilled_copy(
-                    model, healed, data, teacher, args, args.steps, args.learning_rate, args.scope
-                )
+                    model, healed.fits, healed.chosen.pruned_layers, data, teacher, steps=args.steps,
+                    learning_rate=args.learning_rate, scope=args.scope, **settings,
+                )  # fmt: skip
                 shipped = pruned if summary.shipped == "distill" else None
                 figures = measure.held_out(pruned) if shipped is not None else cells["linear"]
                 accuracy = measure.accuracy(pruned) if n in args.task_budgets else None

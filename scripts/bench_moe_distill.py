@@ -20,9 +20,7 @@ relative to that model's capture. Writes its section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,23 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from bench_distill import Measure  # noqa: E402
+from bench_distill import Measure, distilled_copy  # noqa: E402
 from benchdemo import demo_calibration, demo_model, held_out_windows, timed_capture  # noqa: E402
 from benchdoc import MOE_DISTILL_HEADING, replace_section, section_lines  # noqa: E402
 
 import lorp.distill  # noqa: E402
-from lorp.blocks import remove_blocks  # noqa: E402
 from lorp.distill import (  # noqa: E402
     LEARNING_RATE,
     dense_finals,
-    distill,
-    plan_teacher,
-    pruned_anchors,
     training_autocast,
     windows_to_read,
 )
 from lorp.options import DEFAULT_HEAL_STEPS  # noqa: E402
-from lorp.scoring import CachedHealer, apply_fits  # noqa: E402
+from lorp.scoring import CachedHealer  # noqa: E402
 from lorp.selection import select  # noqa: E402
 from lorp.spec import CalibrationSpec  # noqa: E402
 from tests.engine.archs import upcycled_mixtral  # noqa: E402
@@ -83,20 +77,18 @@ def runs(model, name: str, data, measure, budgets, steps: int, rates: list[float
         healed = measure.held_out(model, plan, fits)
         for variant, frozen in variants:
             for rate in rates:
-                pruned = copy.deepcopy(model)
-                apply_fits(pruned, fits)
-                started = time.perf_counter()
-                teacher = plan_teacher(
-                    model, data.training_windows, BATCH, plan, [fit.anchor for fit in fits], autocast=autocast
-                )
-                remove_blocks(pruned, plan)
                 with experts_frozen() if frozen else nullcontext():
-                    summary = distill(
-                        pruned, data.training_windows, teacher, data.validation, validation,
-                        anchors=pruned_anchors([fit.anchor for fit in fits], plan), steps=steps, batch_size=BATCH,
-                        learning_rate=rate, autocast=autocast,
-                    )  # fmt: skip
-                seconds = time.perf_counter() - started
+                    pruned, summary, seconds = distilled_copy(
+                        model,
+                        fits,
+                        plan,
+                        data,
+                        validation,
+                        steps=steps,
+                        learning_rate=rate,
+                        batch_size=BATCH,
+                        autocast=autocast,
+                    )
                 row = {
                     "model": name, "adapters": variant, "blocks": n, "plan": plan, "rate": rate, "healed": healed,
                     "distilled": measure.held_out(pruned), "shipped": summary.shipped,
