@@ -132,8 +132,9 @@ class _LocalPass:
                     block, anchor, self.train, s.student, s.dense, steps=steps, device=r.device,
                     keep=r.state_device, step_done=self.tick, **training,
                 )  # fmt: skip
-            self.trained.append(learned)
             self.shipped[anchor] = TrainedFold(fit, r.stored_weights(anchor, learned.weights))
+            self.trained.append(dataclasses.replace(learned, weights={}))  # its figures
+            del learned  # its weights are held once, as they ship
             with r.folded_in(anchor, block, self.shipped[anchor]):
                 self._student(block, anchor, linear=False)
 

@@ -228,10 +228,14 @@ class Onloader:
                 if rounded is not tensor:
                     tensor.copy_(rounded)
 
+    def stored_dtype(self, index: int, name: str) -> torch.dtype:
+        """The dtype a new value of block ``index``'s weight ``name`` is written in (``StoredLayout``)."""
+        return self.layout.written_dtype(f"{self.path}.{index}.{name}")
+
     def rounded(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value``, a new value of block ``index``'s weight ``name``, rounded to the dtype the
         checkpoint stores that weight in (and back to ``value``'s dtype)."""
-        stored = self.layout.written_dtype(f"{self.path}.{index}.{name}")
+        stored = self.stored_dtype(index, name)
         return value if value.dtype == stored else value.to(stored).to(value.dtype)
 
     def _outside(self, name: str) -> bool:

@@ -164,7 +164,7 @@ class Runner:
             if fit is not None:
                 changed = fold(self.model, block, fit.T)
                 self.onloader.round_to_stored(index, changed)  # as the written checkpoint holds it
-                put_weights(block, trained_weights(fit))  # a distilled anchor's weights, stored-rounded
+                put_weights(block, trained_weights(fit))  # a distilled anchor's weights, as stored
             yield block
 
     def block(self, index: int, then: int | None = None) -> AbstractContextManager[torch.nn.Module]:
@@ -174,11 +174,13 @@ class Runner:
         return self._block(index, then)
 
     def stored_weights(self, index: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``weights`` of block ``index`` (by name inside it) rounded to the dtypes the checkpoint stores
-        them in (sequential; resident models run as loaded and are returned as given)."""
+        """``weights`` of block ``index`` (by name inside it) in the dtypes the checkpoint stores them in
+        (sequential: what is written, held until then in its bytes, half a float32 run's for a bfloat16
+        checkpoint; put back into a block in the run's dtype, :func:`put_weights`). Resident models run
+        as loaded: their weights are returned as given."""
         if self.onloader is None:
             return dict(weights)
-        return {name: self.onloader.rounded(index, name, value) for name, value in weights.items()}
+        return {name: value.to(self.onloader.stored_dtype(index, name)) for name, value in weights.items()}
 
     def groups(self, batches: Iterable[Batch]) -> Iterator[list[Batch]]:
         """Batches gathered for block-major passes: one at a time when resident (a batch's states are

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from lorp.errors import JobCancelled
 from lorp.evaluation import perplexity
@@ -99,3 +100,19 @@ def test_a_cancel_between_steps_raises(runners) -> None:
     with pytest.raises(JobCancelled, match="distilling"):
         _distil(resident, fits, steps=10, should_cancel=lambda: next(calls) >= 9)
     assert all(torch.equal(v, resident.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_bfloat16_checkpoint_run_in_float32_holds_its_trained_weights_as_stored(tmp_path) -> None:
+    # A CPU runs a bfloat16 checkpoint in float32: the trained anchors' weights are held until the
+    # checkpoint is written in the dtype it stores them in (half the bytes), and a pass puts them back
+    # into the float32 block, so the scores are those of the weights written.
+    tiny_llama(6).to(torch.bfloat16).save_pretrained(tmp_path)
+    resident = Runner(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+    sequential = Runner.sequential(tmp_path, resident.model.config, device="cpu", dtype=torch.float32)
+    fits = CachedHealer(resident, StateCache(resident, TRAIN, batch_size=4)).fits(PLAN)
+    summary, shipped = _distil(sequential, fits, metric="perplexity")
+    assert summary.shipped == "distill"
+    weights = [value for fit in shipped for value in fit.weights.values()]
+    assert len(weights) == 2 * 7 and {value.dtype for value in weights} == {torch.bfloat16}
+    distilled = perplexity(sequential, VALIDATION, batch_size=4, removed=PLAN, fits=shipped)
+    assert summary.distilled_perplexity == pytest.approx(distilled, rel=1e-5)
