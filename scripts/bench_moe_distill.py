@@ -79,16 +79,9 @@ def runs(model, name: str, data, measure, budgets, steps: int, rates: list[float
             for rate in rates:
                 with experts_frozen() if frozen else nullcontext():
                     pruned, summary, seconds = distilled_copy(
-                        model,
-                        fits,
-                        plan,
-                        data,
-                        validation,
-                        steps=steps,
-                        learning_rate=rate,
-                        batch_size=BATCH,
+                        model, fits, plan, data, validation, steps=steps, learning_rate=rate, batch_size=BATCH,
                         autocast=autocast,
-                    )
+                    )  # fmt: skip
                 row = {
                     "model": name, "adapters": variant, "blocks": n, "plan": plan, "rate": rate, "healed": healed,
                     "distilled": measure.held_out(pruned), "shipped": summary.shipped,

@@ -5,7 +5,8 @@
 - the scores the pass reports are the pruned model's: the linear heal's equal the perplexity of the
   pruned view with the fits, the distilled model's that of the view with the trained folds;
 - no steps, or a harmful learning rate, ship the fits unchanged and say why;
-- a cancel between steps raises ``JobCancelled``.
+- a cancel between steps raises ``JobCancelled``;
+- a bfloat16 checkpoint run in float32 holds its trained weights in bfloat16, as they are written.
 """
 
 from __future__ import annotations
