@@ -7,9 +7,10 @@ rank-r update). Routers, norms and biases stay as they are. Without the experts 
 learn in its attention alone: its MLP, most of its weights, would stay frozen.
 
 :class:`Adapters` puts them on the blocks themselves, one peft tuner per block, rather than through
-peft's wrapper of the whole model: on a transformers MoE model that wrapper reads a target list as
-transformers v4 names (a dense layer's ``down_proj`` taken for every block's experts) and adapts
-weights outside the blocks asked for. Per block, nothing is added that was not named.
+peft's wrapper of the whole model: before peft 0.22, that wrapper read a target list on a transformers
+MoE model as transformers v4 names (a dense layer's ``down_proj`` taken for every block's experts) and
+adapted weights outside the blocks asked for. Per block, nothing is added that was not named, under
+every peft the project admits.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
   expert its own update; routers, norms and biases never;
 - merged, the model computes what it computed with the adapters on, and exactly the targeted weights
   changed; dropped, it is bit for bit as before;
-- only the blocks asked for are adapted, in every family (peft's wrapper of a whole transformers MoE
-  model adapts every block's experts when a dense layer is named);
+- only the blocks asked for are adapted, in every family (before 0.22, peft's wrapper of a whole
+  transformers MoE model adapted every block's experts when a dense layer was named);
 - on a dense model the adapters start as they did under peft's wrapper of the whole model (the same
   draws from the seed), so distillation's figures on dense models are unchanged.
 """
@@ -102,18 +102,26 @@ def test_a_dense_model_gets_the_adapters_peft_s_model_wrapper_gives() -> None:
     assert len(mine) == len(peft_s) and all(torch.equal(a, b) for a, b in zip(mine, peft_s, strict=True))
 
 
-def test_peft_s_model_wrapper_would_adapt_experts_outside_the_blocks_asked_for() -> None:
-    # Why the adapters go on the blocks: on Qwen3-MoE, whose block 3 has a dense MLP, peft's wrapper of the
-    # whole model reads block 3's down_proj as a transformers v4 name and adapts every block's experts.
+def test_on_a_moe_model_with_a_dense_block_only_that_block_is_adapted() -> None:
+    # Qwen3-MoE's block 3 has a dense MLP. Before 0.22, peft's wrapper of the whole model read block 3's
+    # down_proj as a transformers v4 name and adapted every block's experts; from 0.22 it adapts what is
+    # named. The adapters on the blocks adapt what is named under every peft the project admits.
+    import peft
+    from packaging.version import Version
     from peft import LoraConfig, get_peft_model
 
-    model = six_blocks("qwen3_moe")
-    names = [f"model.layers.3.{m}" for m in targets(decoder_blocks(model)[3]).modules]
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=names))
-    outside = {n.split(".mlp.")[0] for n, p in wrapped.named_parameters() if p.requires_grad and ".experts." in n}
-    assert outside and not any(".layers.3" in n for n in outside)
     ours = six_blocks("qwen3_moe")
+    names = [f"model.layers.3.{m}" for m in targets(decoder_blocks(ours)[3]).modules]
     adapters = Adapters(_blocks(ours, [3]), rank=4, alpha=ALPHA, seed=0)
-    lora = [n for n, _ in ours.named_parameters() if "lora" in n]
-    assert lora and all(n.startswith("model.layers.3.") for n in lora)
+    lora = {n for n, _ in ours.named_parameters() if "lora" in n}
+    assert {n.split(".lora_")[0] for n in lora} == set(names)  # block 3's layers, nothing else
     adapters.end(merge=False)
+
+    model = six_blocks("qwen3_moe")
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=names))
+    theirs = {n.removeprefix("base_model.model.") for n, p in wrapped.named_parameters() if p.requires_grad}
+    outside = {n.split(".mlp.")[0] for n in theirs if ".experts." in n}
+    if Version(peft.__version__) < Version("0.22"):
+        assert outside and not any(".layers.3" in n for n in outside)
+    else:
+        assert not outside and theirs == lora
