@@ -11,10 +11,16 @@ peft's wrapper of the whole model: before peft 0.22, that wrapper read a target 
 MoE model as transformers v4 names (a dense layer's ``down_proj`` taken for every block's experts) and
 adapted weights outside the blocks asked for. Per block, nothing is added that was not named, under
 every peft the project admits.
+
+Each adapter starts where peft up to 0.21 started it from the seed (B zero, A kaiming-uniform), but
+drawn here (:func:`_start`), not left to peft: 0.22 builds a block's adapters in another order, and the
+same seed gave a mixture of experts other adapters and other distilled figures. Here every peft gives
+the adapters, and the figures, that the seed gave before.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,7 +76,6 @@ class Adapters:
         self._weights: dict[str, list[str]] = {}
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-            torch.manual_seed(seed)
             for prefix, (block, wanted) in blocks.items():
                 for parameter in block.parameters():
                     parameter.requires_grad_(False)
@@ -83,6 +88,9 @@ class Adapters:
                 )
                 self._tuners[prefix] = LoraModel(block, config, "default")
                 self._weights[prefix] = wanted.weights
+            torch.manual_seed(seed)  # what peft drew is drawn again, in the order of the module's docstring
+            for block, wanted in blocks.values():
+                _start(block, wanted)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The adapters' parameters: what the optimiser steps."""
@@ -102,3 +110,35 @@ class Adapters:
                     merged[f"{prefix}.{name}" if prefix else name] = block.get_parameter(name)
         self._tuners.clear()
         return merged
+
+
+def pairs(block: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every adapter's A and B weights in ``block``, by the name of the weight it adapts inside the
+    block (peft nests the wrappers of one module's several parameters in the order it built them: the
+    name comes from the wrapper's parameter, not from where it sits)."""
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, module in block.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or "default" not in lora_a or lora_b is None:
+            continue
+        owner = ".".join(part for part in path.split(".") if part != "base_layer")
+        weight = getattr(module, "parameter_name", None) or "weight"  # a ParamWrapper names its parameter
+        a, b = lora_a["default"].weight, lora_b["default"].weight
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        found[f"{owner}.{weight}" if owner else weight] = (a, b)
+    return found
+
+
+def _start(block: torch.nn.Module, wanted: Targets) -> None:
+    """Draw the adapters' A of ``block`` from the global generator as peft up to 0.21 did, B left at
+    zero: weight by weight in :attr:`Targets.weights`' order (its linear layers, then its experts'), three
+    kaiming-uniform draws (a = sqrt(5): uniform within 1/sqrt(fan in)) each, an A-shaped and a B-shaped
+    one (what building the two ``nn.Linear`` drew) and then A's own. Drawn on the CPU in float32, then
+    copied to A's device and dtype."""
+    found = pairs(block)
+    for name in wanted.weights:
+        lora_a, lora_b = found[name]
+        for shape in (lora_a.shape, lora_b.shape, lora_a.shape):
+            drawn = torch.nn.init.kaiming_uniform_(torch.empty(shape, dtype=torch.float32), a=math.sqrt(5))
+        with torch.no_grad():
+            lora_a.copy_(drawn)

@@ -7,7 +7,8 @@
 - only the blocks asked for are adapted, in every family (before 0.22, peft's wrapper of a whole
   transformers MoE model adapted every block's experts when a dense layer was named);
 - on a dense model the adapters start as they did under peft's wrapper of the whole model (the same
-  draws from the seed), so distillation's figures on dense models are unchanged.
+  draws from the seed), and in every family as peft up to 0.21 drew them, under every peft: so
+  distillation's figures are what they were.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorp.adapters import ALPHA, Adapters, targets
+from lorp.adapters import ALPHA, Adapters, pairs, targets
 from lorp.blocks import block_layout, decoder_blocks
 
 from .archs import probe, six_blocks
@@ -100,6 +101,26 @@ def test_a_dense_model_gets_the_adapters_peft_s_model_wrapper_gives() -> None:
     mine = adapters.parameters()
     peft_s = [p for p in wrapped.parameters() if p.requires_grad]
     assert len(mine) == len(peft_s) and all(torch.equal(a, b) for a, b in zip(mine, peft_s, strict=True))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_s_adapters_start_as_peft_up_to_0_21_drew_them_from_the_seed(name: str) -> None:
+    # Drawn by the adapters, not by peft: 0.22 builds a block's adapters in another order than 0.21, and
+    # the same seed gave a mixture of experts other adapters (checked here against 0.21.2 and 0.22.0).
+    model = six_blocks(name)
+    chosen = _blocks(model, [1, 4])
+    Adapters(chosen, rank=4, alpha=ALPHA, seed=3)
+    found = {k: pairs(block) for k, (block, _) in chosen.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        for prefix, (_, wanted) in chosen.items():
+            assert set(found[prefix]) == set(wanted.weights)
+            for weight in wanted.weights:  # linear layers, then experts; an A, a B, then A's own draw
+                a, b = found[prefix][weight]
+                for shape in (a.shape, b.shape, a.shape):
+                    drawn = torch.empty(shape)
+                    torch.nn.init.kaiming_uniform_(drawn, a=5**0.5)
+                assert torch.equal(a, drawn) and not b.any(), (prefix, weight)
 
 
 def test_on_a_moe_model_with_a_dense_block_only_that_block_is_adapted() -> None:
