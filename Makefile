@@ -3,13 +3,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup services browser demo demo-cli serve worker reconciler migrate test test-fast reliability soak lint bench clean
+.PHONY: setup lock services browser demo demo-cli serve worker reconciler migrate test test-fast reliability soak lint bench clean
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml client/pyproject.toml scripts/setup.sh
+$(VENV)/.setup-done: pyproject.toml client/pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh into constraints.txt, the exact versions setup installs;
+# then `make test` and commit both.
+lock:
+	bash scripts/lock.sh
 
 # Embedded service (API + worker, SQLite, local artifacts): prune the demo model through the API.
 demo: setup

@@ -8,10 +8,11 @@ COPY app ./app
 COPY lorp ./lorp
 COPY alembic ./alembic
 COPY client ./client
-COPY docker/api-requirements.txt ./
-# The project's own dependency list includes torch for the worker; the API installs its subset.
-# The wire models live in the client package (lorp_client), which the API serves from.
-RUN pip install --no-cache-dir -r api-requirements.txt && pip install --no-cache-dir --no-deps ./client .
+COPY docker/api-requirements.txt constraints.txt ./
+# The project's own dependency list includes torch for the worker; the API installs its subset, at
+# the versions constraints.txt pins. The wire models live in the client package (lorp_client), which
+# the API serves from.
+RUN pip install --no-cache-dir -c constraints.txt -r api-requirements.txt && pip install --no-cache-dir --no-deps ./client .
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

