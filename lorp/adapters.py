@@ -88,7 +88,7 @@ class Adapters:
                 )
                 self._tuners[prefix] = LoraModel(block, config, "default")
                 self._weights[prefix] = wanted.weights
-            torch.manual_seed(seed)  # what peft drew is drawn again, in the order of the module's docstring
+            torch.manual_seed(seed)  # what peft drew is drawn again here, in the order _start gives
             for block, wanted in blocks.values():
                 _start(block, wanted)
 
