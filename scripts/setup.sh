@@ -20,8 +20,10 @@ LOCK=(-c constraints.txt)
 
 "${PIP[@]}" install --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    # Not through the lock: TORCH_SPEC may name another index (a CUDA one), which need not hold the
+    # locked versions of torch's own dependencies; the project's install below moves them to the lock.
     # shellcheck disable=SC2086
-    "${PIP[@]}" install "${LOCK[@]}" $TORCH_SPEC
+    "${PIP[@]}" install $TORCH_SPEC
 fi
 # The client package (client/: the wire models and the Python client) first: the project needs it.
 "${PIP[@]}" install "${LOCK[@]}" -e ./client
