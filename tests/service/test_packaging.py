@@ -1,4 +1,5 @@
-"""Installing the project: the build backend reads pyproject.toml without deprecation warnings."""
+"""Installing the project: the build backend reads pyproject.toml without deprecation warnings, and
+setup and the images install the exact versions constraints.txt pins (scripts/lock.sh)."""
 
 from __future__ import annotations
 
