@@ -17,6 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 LOCK=(-c constraints.txt)
+if [ "${LOCK_OFF:-}" = 1 ]; then LOCK=(); fi  # scripts/lock.sh only: resolve the ranges afresh
 
 "${PIP[@]}" install --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
