@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 BATCH = 100
 # A job the API committed a moment ago may not be enqueued yet; leave it this long first.
 ENQUEUE_GRACE_S = 10.0
-# A queue whose free slot took nothing for this long is idle (a slot freed is taken again within
-# seconds: the gap is the next message's delivery and a fork, worker/pool.py).
-QUIET_S = 30.0
 
 
 def _worker_lost_message(job_attempts: int, max_attempts: int, worker: str | None, heartbeat_at: object) -> str:
@@ -237,7 +234,7 @@ def presumed_lost_before(session: Session, settings: Settings, now: dt.datetime)
     then had to take and refuse one by one (a soak of 1,000 queued jobs ran its second batch at half
     the first's rate). A message older than ``queued_timeout_s`` is taken for lost only when
 
-    - its queue has had a free job slot for ``QUIET_S``: live workers registered that long ago have
+    - its queue has had a free job slot for ``queue_quiet_s``: live workers registered that long ago have
       more slots than jobs run on it, and no job on it started or ended since: a waiting message
       would have been taken; or
     - a job sent after it was claimed more than ``ENQUEUE_GRACE_S`` ago: the queue hands messages out
@@ -247,7 +244,7 @@ def presumed_lost_before(session: Session, settings: Settings, now: dt.datetime)
     holding messages is handled apart, by its last beat).
     """
     cutoff = now - dt.timedelta(seconds=settings.queued_timeout_s)
-    quiet_since = now - dt.timedelta(seconds=QUIET_S)
+    quiet_since = now - dt.timedelta(seconds=settings.queue_quiet_s)
     capacity = workers_repo.capacity_by_queue(session, settings.worker_timeout_s, now, started_before=quiet_since)
     activity = lifecycle.queue_activity(session, claimed_before=now - dt.timedelta(seconds=ENQUEUE_GRACE_S))
     lost: dict[str, dt.datetime] = {}

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
             "free slot, or a message sent after it taken first)"
         ),
     )
+    queue_quiet_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "a queue whose free job slot took nothing for this long counts as idle: a message older than "
+            "queued_timeout_s waiting on it is presumed lost"
+        ),
+    )
     stall_timeout_s: float = Field(
         default=1800.0,
         gt=0,

@@ -103,6 +103,9 @@ def _artifact_sets(client: httpx.Client, ids: list[str]) -> dict[str, int]:
 # -- Redis -------------------------------------------------------------------------------------------------
 
 
+QUEUE_QUIET_S = 8  # the slot's idle time before a waiting message counts as lost (30 s by default)
+
+
 def test_redis_restart_loses_no_job(tmp_path: Path, model_root: Path, processes: Processes) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
@@ -130,6 +133,7 @@ def _redis_scenario(tmp_path: Path, model_root: Path, procs: Processes, redis: R
         database_url=db_url,
         broker_url=redis.url,
         queued_timeout_s=5,
+        queue_quiet_s=QUEUE_QUIET_S,
         reconcile_interval_s=1,
         heartbeat_timeout_s=60,
     )
@@ -211,7 +215,8 @@ def _redis_scenario(tmp_path: Path, model_root: Path, procs: Processes, redis: R
             "The private Redis keeps nothing, so the restart drops the three queued messages, the running job's "
             "unacknowledged one and the deferred submission; the reconciler (LORP_QUEUED_TIMEOUT_S=5) sends the "
             "never-sent submission, then each queued job once a job sent after it was claimed (its message was "
-            "passed over) or its queue's slot sat free for 30 s; the claim refuses duplicates."
+            f"passed over) or its queue's slot sat free for LORP_QUEUE_QUIET_S={QUEUE_QUIET_S}; the claim refuses "
+            "duplicates."
         ),
         figures={
             "outage_s": round(outage_s, 1),

@@ -46,7 +46,6 @@ from sqlalchemy import create_engine, text
 
 from tests.service.conftest import create_test_database, drop_test_database
 from tests.service.moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
-from worker.reconciler import QUIET_S
 
 from .record import full_size, record
 from .servers import (
@@ -313,17 +312,25 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     _record("lorp serve (embedded)", batches, notes, "embedded")
 
 
+QUIET_S = 8
+
+
 def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path: Path, tiny_tokenizer: Any) -> None:
     """One slot, jobs queued behind each other far longer than LORP_QUEUED_TIMEOUT_S: the reconciler
     sends none of them again (each message is delivered once, no claim refused), and all succeed.
 
-    The jobs go in once the worker has been registered for QUIET_S: from then on its slot counts, so it
-    is the slot's activity (a job started or ended within QUIET_S) that must hold the resends back."""
+    The jobs go in once the worker has been registered for LORP_QUEUE_QUIET_S (8 s here, 30 s by default):
+    from then on its slot counts, so it is the slot's activity (a job started or ended within that
+    window) that must hold the resends back: a slot freed between two jobs is taken again in about a
+    second."""
     model_root = tmp_path / "models"
     model = build_tiny_model(model_root, tiny_tokenizer, layers=2)
     jobs = 6 if full_size() else 3  # three already wait behind each other well past the timeout
     with (
-        _serve(tmp_path, model_root, queued_timeout_s="1", reconcile_interval_s="0.5") as (base, procs),
+        _serve(tmp_path, model_root, queued_timeout_s="1", queue_quiet_s=str(QUIET_S), reconcile_interval_s="0.5") as (
+            base,
+            procs,
+        ),
         httpx.Client(base_url=base, timeout=60) as client,
     ):
         dataset = upload_corpus(client)

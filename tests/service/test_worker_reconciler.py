@@ -175,6 +175,27 @@ def test_a_message_waiting_behind_a_busy_queue_is_not_sent_again(settings: Setti
     assert sorted(queued_messages(settings)) == sorted(str(j) for j in waiting[1:])
 
 
+def test_how_long_a_free_slot_must_sit_idle_is_a_setting(settings: Settings) -> None:
+    """LORP_QUEUE_QUIET_S: a slot freed 20 s ago is a gap between jobs under the default 30 s, and an idle
+    queue (the waiting message lost) under 10 s."""
+    _registered_long_ago(settings, _worker_row(settings, beat_at=now(), pid=1, host=f"h-{uuid.uuid4().hex[:6]}"))
+    ended = now() - dt.timedelta(seconds=20)
+    insert_job(
+        settings,
+        status=JobStatus.succeeded,
+        queued_at=now() - LONG_AGO,
+        enqueued_at=now() - LONG_AGO,
+        started_at=ended - dt.timedelta(minutes=5),
+        finished_at=ended,
+        attempts=1,
+    )
+    waiting = insert_job(settings, queued_at=now() - LONG_AGO, enqueued_at=now() - LONG_AGO)
+    assert settings.queue_quiet_s == 30
+    assert sent_here(settings) == 0
+    assert sent_here(settings.model_copy(update={"queue_quiet_s": 10.0})) == 1
+    assert queued_messages(settings) == [str(waiting)]
+
+
 def test_a_message_passed_over_by_a_later_one_is_sent_again(settings: Settings) -> None:
     """The queue hands messages out in order: a job sent after the waiting one was claimed first, so the
     waiting one's message is gone, even though the only slot is busy."""
