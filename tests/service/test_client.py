@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -199,7 +200,11 @@ class CuttingProxy:
             except OSError:
                 pass
             finally:
+                # shutdown, not only close: the other thread is blocked in conn.recv, and a socket closed
+                # under a blocked recv sends no FIN, so the client would wait out its read timeout.
                 for s in (conn, up):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
                     s.close()
 
         threading.Thread(target=upstream_to_client, daemon=True).start()
