@@ -1,4 +1,8 @@
-"""Fixtures the engine tests share: a tiny local Llama, a word corpus, and the same model trained on it."""
+"""Fixtures the engine tests share: a tiny local Llama, a word corpus, and the same model trained on it.
+
+The models and corpora are built once for the whole session (training the Llama takes seconds) and
+only read by the tests; building them draws from a forked RNG, so they leave the tests' own random
+state as they found it."""
 
 from __future__ import annotations
 
@@ -43,9 +47,14 @@ WORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+def _save_tiny_llama(out: Path, tiny_tokenizer) -> Path:
     cfg = LlamaConfig(
         vocab_size=len(tiny_tokenizer),
         hidden_size=32,
@@ -57,13 +66,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
         eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
-    out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus_files(tmp_path_factory) -> tuple[Path, Path]:
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("text")
@@ -75,7 +83,7 @@ def corpus_files(tmp_path_factory) -> tuple[Path, Path]:
     return cal_file, eval_file
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def structured_corpus(tmp_path_factory) -> tuple[Path, Path]:
     """Text a model must read context for: each word mostly follows from the one before it."""
     rng = random.Random(1)
@@ -94,11 +102,18 @@ def structured_corpus(tmp_path_factory) -> tuple[Path, Path]:
     return cal_file, eval_file
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory, tiny_model_dir, structured_corpus, tiny_tokenizer) -> Path:
     """``tiny_model_dir`` after 400 Adam steps on ``structured_corpus``: its blocks now matter, so
     removing them raises perplexity (a random model's perplexity barely moves)."""
-    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("trained-llama")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _train(out, tiny_model_dir, structured_corpus, tiny_tokenizer)
+    return out
+
+
+def _train(out: Path, tiny_model_dir: Path, structured_corpus: tuple[Path, Path], tiny_tokenizer) -> None:
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     ids = tiny_tokenizer(structured_corpus[0].read_text(), return_tensors="pt").input_ids[0]
     windows = ids[: (len(ids) // 64) * 64].view(-1, 64)
@@ -110,10 +125,8 @@ def trained_model_dir(tmp_path_factory, tiny_model_dir, structured_corpus, tiny_
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    out = tmp_path_factory.mktemp("trained-llama")
     model.eval().save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
