@@ -137,12 +137,14 @@ class _Renumbering:
             return name
         return f"{match.group('head')}.{self.kept[int(match.group('index'))]}.{match.group('rest')}"
 
-    def pruned(self, name: str) -> str:
-        """The pruned checkpoint's name for a kept tensor ``name`` of the source."""
+    def pruned(self, name: str, rest: str | None = None) -> str:
+        """The pruned checkpoint's name for a kept tensor ``name`` of the source (with its part inside
+        the block replaced by ``rest`` where given: an unpacked weight's name)."""
         match = self.key.match(name)
         if not match:
             return name
-        return f"{match.group('head')}.{self.new_index[int(match.group('index'))]}.{match.group('rest')}"
+        inside = match.group("rest") if rest is None else rest
+        return f"{match.group('head')}.{self.new_index[int(match.group('index'))]}.{inside}"
 
     def block(self, name: str) -> int | None:
         """The source block a source tensor ``name`` belongs to, or None."""
@@ -157,7 +159,6 @@ def _plan(
     unpack: AbstractSet[int] = frozenset(),
 ) -> tuple[list[Planned], dict[str, _Source]]:
     checkpoint = stored.checkpoint
-    key, new_index = rename.key, rename.new_index
     outlet = OUTLETS.get(block_layout(stored.model).family)
     skip = _tied_targets(stored.model, set(checkpoint.tensors))
     planned: list[Planned] = []
@@ -167,17 +168,17 @@ def _plan(
         if name in skip:
             continue
         out_name, source = name, _Source(name)
-        match = key.match(name)
+        match = rename.key.match(name)
         if match:
             old = int(match.group("index"))
-            if old not in new_index:
+            if old not in rename.new_index:
                 continue
             rest, packed = match.group("rest"), None
             if old in folds or old in unpack:
                 rest, packed, stands = _unpacked(stored, name, rest)
                 if not stands:
                     continue
-            out_name = f"{match.group('head')}.{new_index[old]}.{rest}"
+            out_name = rename.pruned(name, rest)
             kind = outlet.kind(rest) if outlet is not None and old in folds else None
             if kind is not None or packed is not None:
                 source = _Source(name, folds[old] if kind is not None else None, kind or "linear", packed)
