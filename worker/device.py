@@ -1,4 +1,6 @@
-"""What a worker runs jobs on, found without touching CUDA (its pool children fork from this process).
+"""What a worker runs jobs on, found without importing torch or touching CUDA (``lorp.host``): the
+Celery main process that describes it runs no job (its pool children come from a fork server that
+imports the engine, ``worker.pool``), so it never loads torch at all.
 
 A GPU is described by ``nvidia-smi`` (name, memory, count); a CPU-only host by its processor's name
 and its memory. ``budget_bytes`` is ``LORP_DEVICE_MEMORY_GB`` when set: the memory budget the engine
@@ -12,9 +14,8 @@ import shutil
 import subprocess
 from typing import Any
 
-import torch
-
-from lorp.execution.choice import DEVICE_MEMORY_ENV, device_name
+from lorp.errors import InvalidRequestError
+from lorp.host import cpu_name, memory_setting, total_memory
 
 
 def _gpus() -> list[tuple[str, int]]:
@@ -40,26 +41,22 @@ def _gpus() -> list[tuple[str, int]]:
     return found
 
 
-def _host_memory() -> int:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def describe_device() -> dict[str, Any]:
     """``{"kind", "name", "count", "memory_bytes", "budget_bytes"}`` of the device jobs here run on
     (the first GPU when there are any; ``memory_bytes`` is one GPU's, or the host's for the CPU)."""
-    setting = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
     try:
-        budget = int(float(setting) * 1e9) if setting else None
-    except ValueError:
-        budget = None  # the engine refuses it with a message naming the setting, job by job
+        setting = memory_setting()
+    except InvalidRequestError:
+        setting = None  # the engine refuses it with a message naming the setting, job by job
+    budget = setting[0] if setting is not None else None
     gpus = _gpus()
     if gpus:
         name, memory = gpus[0]
         return {"kind": "cuda", "name": name, "count": len(gpus), "memory_bytes": memory, "budget_bytes": budget}
     return {
         "kind": "cpu",
-        "name": device_name(torch.device("cpu")),
+        "name": cpu_name(),
         "count": os.cpu_count() or 1,
-        "memory_bytes": _host_memory(),
+        "memory_bytes": total_memory(),
         "budget_bytes": budget,
     }

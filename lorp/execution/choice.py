@@ -19,7 +19,6 @@ file or pickled weights run resident, and an explicit ``sequential`` for them is
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,8 +26,8 @@ from typing import Any, Literal
 import torch
 
 from lorp.errors import InvalidRequestError
+from lorp.host import available_memory, cpu_name, memory_setting
 
-DEVICE_MEMORY_ENV = "LORP_DEVICE_MEMORY_GB"
 MARGIN = 0.10
 GIB = 2**30
 
@@ -71,40 +70,21 @@ def device_name(device: torch.device) -> str:
     """The device's own name: a GPU's model, or the host's CPU model."""
     if device.type == "cuda":
         return str(torch.cuda.get_device_name(device))
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    return cpu_name()
 
 
 def device_memory(device: torch.device) -> int:
     """What the device reports: a GPU's total memory, or the host's available memory for the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return available_memory()
 
 
 def memory_budget(device: torch.device) -> tuple[int, str]:
     """The bytes a resident run may use on ``device``, and where that figure came from."""
-    setting = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
-    if setting:
-        try:
-            gb = float(setting)
-        except ValueError:
-            gb = -1.0
-        if not gb > 0:
-            raise InvalidRequestError(
-                f"{DEVICE_MEMORY_ENV} must be a positive number of GB, got {setting!r}", field=DEVICE_MEMORY_ENV
-            )
-        return int(gb * 1e9), f"{DEVICE_MEMORY_ENV}={setting}"
+    setting = memory_setting()
+    if setting is not None:
+        return setting
     reported = device_memory(device)
     what = "total memory" if device.type == "cuda" else "available host memory"
     return int(reported * (1 - MARGIN)), f"{int(100 * (1 - MARGIN))}% of the {device.type} device's {what}"

@@ -524,6 +524,18 @@ def test_execution_choice_by_budget_and_by_what_the_weights_allow(monkeypatch: p
     assert 0 < budget < device_memory(cpu) and "available host memory" in source
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "lots", "nan"])
+def test_a_memory_budget_that_is_not_a_positive_number_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", value)
+    with pytest.raises(InvalidRequestError) as err:
+        memory_budget(torch.device("cpu"))
+    assert err.value.field == "LORP_DEVICE_MEMORY_GB" and repr(value) in str(err.value)
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", " 2.5 ")
+    assert memory_budget(torch.device("cpu")) == (2_500_000_000, "LORP_DEVICE_MEMORY_GB=2.5")
+
+
 def test_the_working_set_counts_the_heal_tokens_a_models_width_keeps() -> None:
     """A wide model keeps more heal tokens (4 x d or more, so that an 8B model can heal at all), and
     auto's estimate of what a resident run holds counts them."""

@@ -93,7 +93,7 @@ def test_every_package_installed_is_the_one_the_lock_pins_and_within_the_project
 def test_setup_and_both_images_install_through_the_lock() -> None:
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert "LOCK=(-c constraints.txt)" in setup
-    assert 'LOCK_OFF=1 bash scripts/setup.sh' in (REPO / "scripts" / "lock.sh").read_text()  # the lock's own resolve
+    assert "LOCK_OFF=1 bash scripts/setup.sh" in (REPO / "scripts" / "lock.sh").read_text()  # the lock's own resolve
     installs = [line for line in setup.splitlines() if '"${PIP[@]}" install' in line and "--upgrade pip" not in line]
     project = [line for line in installs if "$TORCH_SPEC" not in line and "--no-deps" not in line]
     assert len(project) == 2 and all('"${LOCK[@]}"' in line for line in project), installs  # the client, the project

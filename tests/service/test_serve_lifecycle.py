@@ -74,6 +74,16 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
+def _registered(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether serve's worker has registered, its device listed by /readyz."""
+    ready = httpx.get(f"{proc.base_url}/readyz", timeout=5)  # type: ignore[attr-defined]
+    return bool(ready.json()["checks"]["workers"].get("devices"))
+
+
+def _maps_torch(process: psutil.Process) -> bool:
+    return "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+
+
 def gone(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE  # exited; only its parent's reaping is left
@@ -158,6 +168,14 @@ def test_pool_children_come_from_a_single_threaded_fork_server_and_go_with_serve
         assert _threads(main) > 1, "the main process is expected to run threads (else this test shows nothing)"
         assert _threads(server) == 1, f"the fork server runs {_threads(server)} threads"
         assert _threads(reaper) == 1
+        # The main process runs no job: once it has registered (its device described, lorp.host), it
+        # has loaded no torch, whose libraries the fork server alone maps.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _registered(proc):
+            time.sleep(0.2)
+        assert _registered(proc), (tmp_path / "serve.log").read_text()
+        assert not _maps_torch(main), "the Celery main process loaded torch"
+        assert _maps_torch(server)
 
         child.kill()
         log_path = tmp_path / "serve.log"

@@ -199,6 +199,21 @@ def test_the_beat_thread_registers_beats_and_says_it_stopped(tmp_path):
         assert workers_repo.presence(session, "gpu", settings.worker_timeout_s).live == 0
 
 
+def test_a_worker_describes_its_device_with_the_budget_set_and_ignores_a_bad_one(monkeypatch):
+    """The budget a worker reports is LORP_DEVICE_MEMORY_GB as the engine reads it (lorp.host); a bad
+    value is reported as none (each job is refused with a message naming the setting)."""
+    from lorp.host import cpu_name
+    from worker.device import describe_device
+
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi: the host's CPU
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "1.5")
+    device = describe_device()
+    assert device["kind"] == "cpu" and device["name"] == cpu_name() and device["memory_bytes"] > 2**30
+    assert device["budget_bytes"] == 1_500_000_000
+    monkeypatch.setenv("LORP_DEVICE_MEMORY_GB", "lots")
+    assert describe_device()["budget_bytes"] is None
+
+
 def test_the_timeout_must_outlast_the_beat_interval():
     with pytest.raises(ValueError, match="LORP_WORKER_TIMEOUT_S"):
         Settings(worker_beat_interval_s=30, worker_timeout_s=20)
