@@ -1,5 +1,7 @@
-"""One start of ``lorp serve`` (embedded) until its worker has published the downstream-task catalogue,
-then a stop (SIGINT): prints the seconds to the catalogue and to the end of the stop.
+"""One start of ``lorp serve`` (embedded) until its worker has published the downstream-task catalogue
+and registered (``/readyz`` lists its device), then a stop (SIGINT): prints the seconds to the
+catalogue, to the registration and to the end of the stop, and the resident memory of the worker's
+Celery main process once registered.
 
 A whole process for ``farm-bench`` to time side by side with another version of the code (each run
 in its own git worktree, with ``PYTHONPATH`` set to it), as docs/benchmarks.md ("Worker start")
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.1)
+        registered, main_mib = None, None
+        while published is not None and registered is None and time.monotonic() - started < args.timeout:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()["checks"]["workers"].get("devices"):
+                    registered = time.monotonic() - started
+                    celery = [p for p in psutil.Process(serve.pid).children() if "celery" in " ".join(p.cmdline())]
+                    main_mib = celery[0].memory_info().rss / 2**20 if celery else None
+            except (httpx.HTTPError, ValueError, KeyError, psutil.Error):
+                pass
+            time.sleep(0.1)
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(timeout=60)
         total = time.monotonic() - started
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no catalogue within {args.timeout:.0f} s", file=sys.stderr)
         return 1
     line = f"catalogue published {published:.2f} s, start and stop {total:.2f} s"
+    if registered is not None and main_mib is not None:
+        line += f", registered {registered:.2f} s, worker main process {main_mib:.0f} MiB"
     print(line)
     if args.log is not None:
         with args.log.open("a") as log:
