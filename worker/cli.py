@@ -25,8 +25,8 @@ from lorp.errors import InvalidRequestError
 def add_service_commands(sub: Any) -> dict[str, Handler]:
     """``serve``, ``worker``, ``reconciler``, ``migrate`` and ``keys`` on ``sub``."""
     serve = sub.add_parser("serve", help="run the API and a worker together (embedded mode by default)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (API keys are required off loopback)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", help="bind address (default LORP_HOST, 127.0.0.1; API keys are required off loopback)")
+    serve.add_argument("--port", type=int, help="default LORP_PORT, 8000")
     serve.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
 
     worker = sub.add_parser("worker", help="run a Celery worker on the job queue")
@@ -100,7 +100,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from worker.service_cli import run_reconciler, start_worker, stop_worker
     from worker.supervisor import WorkerSupervisor
 
-    settings = _service_settings(host=args.host, port=args.port)
+    # The flags win over LORP_HOST and LORP_PORT, which win over the defaults.
+    given = {"host": args.host, "port": args.port}
+    settings = _service_settings(**{name: value for name, value in given.items() if value is not None})
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_head(settings.sqlalchemy_url)
     mode = "embedded" if settings.embedded else "full stack"
@@ -124,10 +126,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     reconciler.start()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, supervised_worker=supervisor), host=args.host, port=args.port, log_level="warning"
+            create_app(settings, supervised_worker=supervisor),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
         )
     )
-    threading.Thread(target=_announce, args=(server, args.host, args.port), daemon=True).start()
+    threading.Thread(target=_announce, args=(server, settings.host, settings.port), daemon=True).start()
     # uvicorn shuts down on SIGINT/SIGTERM, puts back the handlers it found and raises the signal
     # again. Python's SIGINT handler turns that into KeyboardInterrupt; this one does the same for
     # SIGTERM, whose default action would end the process before the worker is stopped.

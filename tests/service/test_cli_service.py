@@ -1,17 +1,21 @@
-"""The service side of the `lorp` CLI (migrate, keys) and the compose file's validity."""
+"""The service side of the `lorp` CLI (migrate, keys, where serve listens) and the compose file's validity."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from ports import free_port
 
 from app.core.config import Settings
 from app.main import create_app
@@ -111,3 +115,52 @@ def test_an_unknown_lorp_env_is_an_error(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "env:" in result.stderr and "'development' or 'production'" in result.stderr, result.stderr
     assert not (tmp_path / "data" / "lorp.db").exists()
+
+
+def test_serve_listens_where_the_settings_say_and_its_flags_win(tmp_path):
+    """`lorp serve` takes its address from LORP_HOST and LORP_PORT like every other setting (its flags
+    used to shadow them with their own defaults), and --port still wins over LORP_PORT."""
+    from_env, flag = free_port(), free_port()
+
+    def serve(extra: list[str], data: Path) -> str:
+        """Where a `lorp serve` with LORP_PORT=from_env and ``extra`` flags answers."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORP_")}
+        env.update(LORP_DATA_DIR=str(data), LORP_PORT=str(from_env), LORP_HOST="127.0.0.1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "serve", "--no-worker", *extra],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                for candidate in (from_env, flag):
+                    try:
+                        if httpx.get(f"http://127.0.0.1:{candidate}/healthz", timeout=1).status_code == 200:
+                            return f"127.0.0.1:{candidate}"
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.2)
+            return "nowhere"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            output = proc.communicate(timeout=30)[0]
+            assert proc.returncode == 0, output
+
+    assert serve([], tmp_path / "a") == f"127.0.0.1:{from_env}"
+    assert serve(["--port", str(flag)], tmp_path / "b") == f"127.0.0.1:{flag}"
+
+
+def test_every_setting_is_in_the_readme_s_table() -> None:
+    """Each field of Settings is an environment variable an operator may set: the README's Settings
+    table names every one (a new setting is documented where people look for it)."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `LORP_")]
+    named = {name for row in rows for name in re.findall(r"`(LORP_[A-Z0-9_]+)`", row.split(" | ")[0])}
+    assert Settings.model_config["env_prefix"] == "LORP_"
+    missing = sorted(f"LORP_{field.upper()}" for field in Settings.model_fields if f"LORP_{field.upper()}" not in named)
+    assert not missing, f"not in README.md's Settings table: {missing}"
