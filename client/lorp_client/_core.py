@@ -6,6 +6,7 @@ import datetime as dt
 import email.utils
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,17 @@ DownloadCallback = Callable[[str, int, int], None]
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 CHUNK = 1024 * 1024
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV, KEY_ENV = "LORP_URL", "LORP_API_KEY"
+
+
+def connection(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """The service's URL and the headers every request carries: each argument as given, else its
+    environment variable (``LORP_URL``, ``LORP_API_KEY``), else the default (the loopback service
+    ``lorp serve`` starts; no key)."""
+    url = base_url or os.environ.get(URL_ENV) or DEFAULT_URL
+    key = api_key or os.environ.get(KEY_ENV)
+    return url.rstrip("/"), {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def job_body(body: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 
 from lorp_client import _core
-from lorp_client.client import DEFAULT_URL
 from lorp_client.errors import ApiError, DownloadError, ServiceUnreachable, WaitTimeout
 from lorp_client.models import (
     ArtifactOut,
@@ -35,22 +34,20 @@ log = logging.getLogger("lorp_client")
 class AsyncClient:
     """The LoRP service over HTTP, for asyncio. Every method raises :class:`~lorp_client.errors.ApiError` for a 4xx/5xx
     answer, after retrying the ones that are safe to retry (connection errors, 429, 502-504; honouring
-    ``Retry-After``) up to ``retries`` times."""
+    ``Retry-After``) up to ``retries`` times. The service and key as :class:`~lorp_client.Client` finds them."""
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
         retries: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        url, headers = _core.connection(base_url, api_key)
         self.retries = retries
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
 
     async def close(self) -> None:
         await self._http.aclose()

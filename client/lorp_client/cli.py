@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorp_client.client import DEFAULT_URL, Client
+from lorp_client._core import DEFAULT_URL
+from lorp_client.client import Client
 from lorp_client.errors import ApiError, LorpError
 from lorp_client.models import JobListItem, JobOut, JobStatus
 
@@ -102,8 +102,7 @@ def add_jobs_command(sub: Any, *, prog: str | None = None) -> dict[str, Handler]
 
 
 def _client(args: argparse.Namespace) -> Client:
-    url = args.url or os.environ.get("LORP_URL") or DEFAULT_URL
-    return Client(url, args.api_key or os.environ.get("LORP_API_KEY") or None)
+    return Client(args.url, args.api_key)  # each else $LORP_URL, $LORP_API_KEY (lorp_client._core.connection)
 
 
 class Bar:

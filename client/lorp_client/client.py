@@ -28,26 +28,26 @@ from lorp_client.models import (
 
 log = logging.getLogger("lorp_client")
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 
 class Client:
     """The LoRP service over HTTP. Every method raises :class:`~lorp_client.errors.ApiError` for a 4xx/5xx
     answer, after retrying the ones that are safe to retry (connection errors, 429, 502-504; honouring
-    ``Retry-After``) up to ``retries`` times."""
+    ``Retry-After``) up to ``retries`` times. The service and key are ``base_url`` and ``api_key``, else
+    ``$LORP_URL`` and ``$LORP_API_KEY`` (as ``lorp jobs`` reads them), else ``http://127.0.0.1:8000``
+    without a key."""
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
         retries: int = 4,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        url, headers = _core.connection(base_url, api_key)
         self.retries = retries
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()

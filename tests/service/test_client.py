@@ -268,6 +268,29 @@ def test_full_stack_downloads_follow_presigned_urls_and_resume(
     assert weights.size_bytes == len(data)
 
 
+def test_a_client_made_without_arguments_finds_the_service_and_key_as_lorp_jobs_does(
+    embedded: dict[str, Any], finished_job: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client() and AsyncClient() read $LORP_URL and $LORP_API_KEY, as `lorp jobs` does; arguments win."""
+    monkeypatch.setenv("LORP_URL", embedded["base"] + "/")
+    monkeypatch.delenv("LORP_API_KEY", raising=False)
+    with Client() as client:
+        assert finished_job["job"].id in {job.id for job in client.list()}
+        assert "authorization" not in client._http.headers
+    monkeypatch.setenv("LORP_API_KEY", "lorp_from_the_environment")
+    with Client() as client, Client("http://127.0.0.1:9", "lorp_given") as given:
+        assert client._http.headers["authorization"] == "Bearer lorp_from_the_environment"
+        assert str(client._http.base_url) == embedded["base"]
+        assert given._http.headers["authorization"] == "Bearer lorp_given"
+        assert str(given._http.base_url) == "http://127.0.0.1:9"
+
+    async def through_async() -> tuple[str, str]:
+        async with AsyncClient() as client:
+            return str(client._http.base_url), client._http.headers["authorization"]
+
+    assert asyncio.run(through_async()) == (embedded["base"], "Bearer lorp_from_the_environment")
+
+
 def test_body_shortcuts_and_retry_after() -> None:
     body = job_body(
         {"options": {"heal": "linear"}},
