@@ -34,6 +34,14 @@ class JobFailure(LorpError):
         self.code = code
 
 
+def time_limit_in(exc: BaseException) -> bool:
+    """Whether Celery's soft time limit is ``exc`` or in its chain. The limit is a signal that lands
+    wherever the job is: inside a library's own error handling it may surface as that library's error
+    (SQLAlchemy's connection ping, interrupted, then failing to put the connection back), with the
+    limit only as its context."""
+    return any(isinstance(e, SoftTimeLimitExceeded) for e in exception_chain(exc))
+
+
 def first_line(exc: BaseException, limit: int = 500) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -115,7 +123,7 @@ def _classify(exc: BaseException, settings: Settings, stage: str | None) -> tupl
             f"the job ran out of memory ({first_line(exc, 300)}); lower calibration.batch_size or "
             "calibration.seq_len, use a smaller dtype (options.dtype), or run it on a GPU with more memory",
         )
-    if isinstance(exc, SoftTimeLimitExceeded):
+    if time_limit_in(exc):
         return (
             "time_limit_exceeded",
             f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s "

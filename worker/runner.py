@@ -35,7 +35,7 @@ from app.storage import Storage, artifact_store
 from lorp.errors import JobCancelled
 from lorp.stages import STAGES
 from worker import outputs
-from worker.failures import classify_failure, is_database_outage
+from worker.failures import classify_failure, is_database_outage, time_limit_in
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
 
@@ -113,7 +113,9 @@ class _JobRun:
             # Celery's time limit lands wherever the job happens to be, this write included: it must
             # end the job, not be taken for a failed write.
             raise
-        except Exception:
+        except Exception as exc:
+            if time_limit_in(exc):  # the limit, turned into the database driver's own error
+                raise SoftTimeLimitExceeded() from exc
             # Progress is advisory; a failed write must not fail the job (the next one may succeed).
             log.warning("could not record progress of job %s", self.job_id, exc_info=True)
             return
@@ -135,7 +137,9 @@ class _JobRun:
                 state = lifecycle.run_state(session, self.job_id, self.attempt)
         except SoftTimeLimitExceeded:
             raise  # the time limit, arriving during this read: not a failed read (see _write_progress)
-        except Exception:
+        except Exception as exc:
+            if time_limit_in(exc):
+                raise SoftTimeLimitExceeded() from exc
             log.warning("could not read the cancel flag of job %s", self.job_id, exc_info=True)
             return self._cancel_seen
         if not state.owned:

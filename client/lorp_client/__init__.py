@@ -7,6 +7,7 @@
         job = lorp.wait(job.id, on_progress=lambda j: print(j.stage, j.progress))
         lorp.download(job.id, "pruned/")  # pruned/model is a Hugging Face model folder
 
+``Client()`` without arguments reads the service and key from ``$LORP_URL`` and ``$LORP_API_KEY``.
 Needs only httpx and pydantic; the models are the ones the API serves (``lorp_client.models``).
 """
 

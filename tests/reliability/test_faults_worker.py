@@ -28,6 +28,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.exc import ProgrammingError
 
 from app.core.config import Settings
 from app.db.models import Analysis, Artifact, Job, JobEvent, JobStatus, Metric, Plan
@@ -428,27 +429,60 @@ def test_time_limit_fails_the_job_and_the_worker_runs_the_next(
     )
 
 
+def _time_limit(shape: str) -> None:
+    """Celery's soft limit as it reaches the runner: itself, or (as once seen in CI) inside SQLAlchemy's
+    connection ping, whose cleanup then fails on the interrupted connection and raises its own error."""
+    if shape == "itself":
+        raise SoftTimeLimitExceeded()
+    try:
+        raise SoftTimeLimitExceeded()
+    except SoftTimeLimitExceeded:  # the driver's error, raised while handling it: the limit is its context
+        cause = Exception("can't change 'autocommit' now: connection in transaction status ACTIVE")
+        raise ProgrammingError("SELECT 1", None, cause)  # noqa: B904
+
+
+@pytest.mark.parametrize("where", ["progress write", "cancel check"])
+@pytest.mark.parametrize("shape", ["itself", "inside the driver's error"])
 def test_time_limit_arriving_during_a_progress_write_still_ends_the_job(
-    settings: Settings, fault_model_root: Path, corpus_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    fault_model_root: Path,
+    corpus_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    shape: str,
 ) -> None:
     """Celery's soft limit is a signal: it can land inside the runner's progress write or cancel check.
 
     Those two swallow their own failures (progress is advisory), so the limit used to be logged as a
     failed write and the job ran on to the hard limit, which kills the child and leaves the job to the
-    reconciler. Here the signal is made to land in the first capture progress write, in this process.
+    reconciler. Here the signal is made to land in the first progress write during the capture (or
+    the first cancel check), in this process: as itself, or turned into the database driver's error
+    with the limit as its context (which CI once caught slipping through as a failed write).
     """
     dataset_id = upload_dataset(settings, corpus_bytes)
     job_id = submit_job(settings, job_request(str(fault_model_root / "tiny-llama"), dataset_id, seed=4500))
-    real = lifecycle.set_progress
     fired: list[str] = []
+    if where == "progress write":
+        real = lifecycle.set_progress
 
-    def set_progress(session: Any, job: uuid.UUID, attempt: int, stage: str, progress: float) -> bool:
-        if stage == "capture" and not fired:
-            fired.append(stage)
-            raise SoftTimeLimitExceeded()
-        return real(session, job, attempt, stage, progress)
+        def set_progress(session: Any, job: uuid.UUID, attempt: int, stage: str, progress: float) -> bool:
+            if stage == "capture" and not fired:
+                fired.append(stage)
+                _time_limit(shape)
+            return real(session, job, attempt, stage, progress)
 
-    monkeypatch.setattr(lifecycle, "set_progress", set_progress)
+        monkeypatch.setattr(lifecycle, "set_progress", set_progress)
+    else:
+        real_state = lifecycle.run_state
+        monkeypatch.setattr(runner, "CANCEL_CHECK_INTERVAL_S", 0.0)
+
+        def run_state(session: Any, job: uuid.UUID, attempt: int) -> Any:
+            if not fired:  # the first check, once the job runs
+                fired.append("cancel check")
+                _time_limit(shape)
+            return real_state(session, job, attempt)
+
+        monkeypatch.setattr(lifecycle, "run_state", run_state)
     assert runner.run_job(job_id, settings, worker="in-process") == "failed"
     job = load_job(settings, job_id)
     assert fired and job.error_code == "time_limit_exceeded", (job.status, job.error_code)
