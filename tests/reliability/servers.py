@@ -237,6 +237,11 @@ class Processes:
                 proc.wait(timeout=10)
 
 
+# LORP_QUEUE_QUIET_S for the scenarios whose queued messages the reconciler must tell lost from waiting
+# (30 s by default): a slot freed between two jobs here is taken again within about a second.
+QUEUE_QUIET_S = 8
+
+
 def service_env(
     data_dir: Path,
     model_root: Path,

@@ -29,6 +29,7 @@ from tests.service.conftest import create_test_database, drop_test_database
 from .record import record
 from .servers import (
     FINAL,
+    QUEUE_QUIET_S,
     PostgresServer,
     Processes,
     RedisServer,
@@ -101,9 +102,6 @@ def _artifact_sets(client: httpx.Client, ids: list[str]) -> dict[str, int]:
 
 
 # -- Redis -------------------------------------------------------------------------------------------------
-
-
-QUEUE_QUIET_S = 8  # the slot's idle time before a waiting message counts as lost (30 s by default)
 
 
 def test_redis_restart_loses_no_job(tmp_path: Path, model_root: Path, processes: Processes) -> None:

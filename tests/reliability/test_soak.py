@@ -51,6 +51,7 @@ from .record import full_size, record
 from .servers import (
     FINAL,
     LORP,
+    QUEUE_QUIET_S,
     Processes,
     RedisServer,
     build_tiny_model,
@@ -312,9 +313,6 @@ def test_soak_embedded(tmp_path: Path, tiny_tokenizer: Any) -> None:
     _record("lorp serve (embedded)", batches, notes, "embedded")
 
 
-QUIET_S = 8
-
-
 def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path: Path, tiny_tokenizer: Any) -> None:
     """One slot, jobs queued behind each other far longer than LORP_QUEUED_TIMEOUT_S: the reconciler
     sends none of them again (each message is delivered once, no claim refused), and all succeed.
@@ -327,7 +325,9 @@ def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path
     model = build_tiny_model(model_root, tiny_tokenizer, layers=2)
     jobs = 6 if full_size() else 3  # three already wait behind each other well past the timeout
     with (
-        _serve(tmp_path, model_root, queued_timeout_s="1", queue_quiet_s=str(QUIET_S), reconcile_interval_s="0.5") as (
+        _serve(
+            tmp_path, model_root, queued_timeout_s="1", queue_quiet_s=str(QUEUE_QUIET_S), reconcile_interval_s="0.5"
+        ) as (
             base,
             procs,
         ),
@@ -339,7 +339,7 @@ def test_a_backlog_older_than_queued_timeout_gets_no_duplicate_messages(tmp_path
             with contextlib.closing(sqlite3.connect(tmp_path / "data" / "lorp.db", timeout=30)) as conn:
                 found = conn.execute("select min(started_at) from workers where stopped_at is null").fetchone()[0]
             age = time.time() - dt.datetime.fromisoformat(found).replace(tzinfo=dt.UTC).timestamp() if found else 0
-            return age > QUIET_S + 1
+            return age > QUEUE_QUIET_S + 1
 
         wait_until("the worker's slot to count", counted, 120, interval=1)
         ids = [client.post("/v1/jobs", json=cheap_job(model, dataset, seed=i)).json()["id"] for i in range(jobs)]
