@@ -91,22 +91,33 @@ def _disk_full_message(exc: BaseException, stage: str | None) -> str:
     )
 
 
-def classify_failure(exc: BaseException, settings: Settings, stage: str | None = None) -> tuple[str, str]:
+def classify_failure(
+    exc: BaseException, settings: Settings, stage: str | None = None, *, time_limit: bool = False
+) -> tuple[str, str]:
     """The job error code and a message a person can act on, for an exception that ended a run.
 
     ``stage`` is the stage the run was in (its last recorded progress), which says what a full disk
-    interrupted. Messages never hold a NUL or an unpaired surrogate (an error may quote the job's
-    input, and the database stores the message).
+    interrupted. ``time_limit`` says that Celery's soft time limit reached the run (``worker.soft_limit``):
+    whatever error it ended with, the limit is why. Messages never hold a NUL or an unpaired surrogate
+    (an error may quote the job's input, and the database stores the message).
     """
-    code, message = _classify(exc, settings, stage)
+    code, message = _classify(exc, settings, stage, time_limit)
     return code, escape_unstorable(message)
 
 
-def _classify(exc: BaseException, settings: Settings, stage: str | None) -> tuple[str, str]:
+def _classify(exc: BaseException, settings: Settings, stage: str | None, time_limit: bool) -> tuple[str, str]:
     # First: a full disk surfaces wrapped (a storage error, an engine error, the database's), and the
     # wrapper's code would hide the only thing that helps.
     if _disk_filled(exc, settings):
         return "disk_full", _disk_full_message(exc, stage)
+    # Then the time limit, which also surfaces wrapped: a model whose loading it interrupted is not a
+    # model that cannot load.
+    if time_limit or time_limit_in(exc):
+        return (
+            "time_limit_exceeded",
+            f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s "
+            "(LORP_JOB_TIME_LIMIT_S); lower calibration.num_samples or evaluation.max_windows, or raise the limit",
+        )
     if isinstance(exc, StorageError):
         return exc.code, f"object storage failed: {exc.message}"
     if isinstance(exc, LorpError):
@@ -122,11 +133,5 @@ def _classify(exc: BaseException, settings: Settings, stage: str | None) -> tupl
             "out_of_memory",
             f"the job ran out of memory ({first_line(exc, 300)}); lower calibration.batch_size or "
             "calibration.seq_len, use a smaller dtype (options.dtype), or run it on a GPU with more memory",
-        )
-    if time_limit_in(exc):
-        return (
-            "time_limit_exceeded",
-            f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s "
-            "(LORP_JOB_TIME_LIMIT_S); lower calibration.num_samples or evaluation.max_windows, or raise the limit",
         )
     return "internal_error", f"unexpected {type(exc).__name__}: {first_line(exc)}"

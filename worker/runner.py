@@ -38,6 +38,7 @@ from worker import outputs
 from worker.failures import classify_failure, is_database_outage, time_limit_in
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
+from worker.soft_limit import SoftLimit
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
@@ -64,12 +65,14 @@ class _JobRun:
         request: dict[str, Any],
         settings: Settings,
         factory: sessionmaker[Session],
+        soft_limit: SoftLimit,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.request_json = request
         self.settings = settings
         self.factory = factory
+        self.soft_limit = soft_limit
         self.work_dir = settings.work_dir / str(job_id)
         self.lost = threading.Event()
         # Set before the final write: from then on the job leaving this attempt is expected.
@@ -94,6 +97,7 @@ class _JobRun:
 
     def progress(self, stage: str, fraction: float) -> None:
         """Engine progress: overall fraction from the stage order; stage changes always written."""
+        self.soft_limit.check()
         if stage in STAGES:
             done = (STAGES.index(stage) + min(max(fraction, 0.0), 1.0)) / len(STAGES)
             self._overall = max(self._overall, done * ENGINE_SHARE)
@@ -109,14 +113,9 @@ class _JobRun:
                 owned = lifecycle.set_progress(session, self.job_id, self.attempt, stage, self._overall)
                 if owned and changed:
                     add_event(session, self.job_id, EventKind.stage, status=JobStatus.running.value, stage=stage)
-        except SoftTimeLimitExceeded:
-            # Celery's time limit lands wherever the job happens to be, this write included: it must
-            # end the job, not be taken for a failed write.
-            raise
         except Exception as exc:
-            if time_limit_in(exc):  # the limit, turned into the database driver's own error
-                raise SoftTimeLimitExceeded() from exc
             # Progress is advisory; a failed write must not fail the job (the next one may succeed).
+            self._raise_if_time_limit(exc)
             log.warning("could not record progress of job %s", self.job_id, exc_info=True)
             return
         self._stage = stage
@@ -126,6 +125,7 @@ class _JobRun:
 
     def should_cancel(self) -> bool:
         """Engine checkpoint: cancelled by a person, or the job was taken from this attempt."""
+        self.soft_limit.check()
         if self.lost.is_set():
             return True
         now = time.monotonic()
@@ -135,11 +135,8 @@ class _JobRun:
         try:
             with session_scope(self.factory) as session:
                 state = lifecycle.run_state(session, self.job_id, self.attempt)
-        except SoftTimeLimitExceeded:
-            raise  # the time limit, arriving during this read: not a failed read (see _write_progress)
         except Exception as exc:
-            if time_limit_in(exc):
-                raise SoftTimeLimitExceeded() from exc
+            self._raise_if_time_limit(exc)
             log.warning("could not read the cancel flag of job %s", self.job_id, exc_info=True)
             return self._cancel_seen
         if not state.owned:
@@ -147,6 +144,15 @@ class _JobRun:
             return True
         self._cancel_seen = state.cancel_requested
         return self._cancel_seen
+
+    def _raise_if_time_limit(self, exc: Exception) -> None:
+        """Celery's time limit lands wherever the job happens to be, a progress write or a cancel check
+        included, where it may come out as the database driver's own error with the limit as its
+        context: it must end the job, not be taken for a failed write or read."""
+        if isinstance(exc, SoftTimeLimitExceeded):
+            raise exc
+        if time_limit_in(exc) or self.soft_limit.fired:
+            raise SoftTimeLimitExceeded() from exc
 
     def lookup_analysis(self, fingerprint: str) -> tuple[SimilarityStats, dict[str, Any]] | None:
         """The stored S and D for this calibration fingerprint, when an earlier job computed them."""
@@ -253,7 +259,7 @@ class _JobRun:
                 # The worker is shutting down hard: leave the job running; the reconciler retries it.
                 log.warning("job %s interrupted by worker shutdown; the reconciler will retry it", self.job_id)
                 raise
-            if is_database_outage(exc):
+            if is_database_outage(exc) and not (self.soft_limit.fired or time_limit_in(exc)):
                 # A database outage is nobody's mistake and no reason to fail the job for good: leave
                 # it running without heartbeats, and the reconciler requeues it (attempts are bounded).
                 log.warning("job %s lost its database (%s); the reconciler will retry it", self.job_id, exc)
@@ -274,7 +280,7 @@ class _JobRun:
 
     def _failed(self, exc: BaseException) -> str:
         self.finishing.set()
-        code, message = classify_failure(exc, self.settings, stage=self._stage)
+        code, message = classify_failure(exc, self.settings, stage=self._stage, time_limit=self.soft_limit.fired)
         message = self.inputs.public_message(message)
         if code == "disk_full":
             # Free the space this attempt took before writing the failure: in the embedded mode the
@@ -327,6 +333,7 @@ def run_job(
     *,
     worker: str | None = None,
     abandon: Callable[[], None] | None = None,
+    soft_limit: SoftLimit | None = None,
 ) -> str:
     """Claim and run one job; returns the outcome (succeeded, failed, cancelled, skipped, deferred or lost).
 
@@ -334,7 +341,8 @@ def run_job(
     cannot record the outcome (the reconciler then retries the job once its heartbeat is stale).
     ``abandon`` is called (from the heartbeat thread) when the job was taken from this attempt and
     the run did not stop (see ``worker.heartbeat.Heartbeat``); a process that runs nothing else
-    passes one that exits.
+    passes one that exits. ``soft_limit`` says whether Celery's soft time limit reached the attempt
+    (``worker.soft_limit``); without one, only a limit that reaches the runner as itself is seen.
     """
     job_id = uuid.UUID(str(job_id))
     worker = worker or default_worker_name()
@@ -358,7 +366,7 @@ def run_job(
         return "skipped"
 
     log.info("job %s: attempt %d on %s", job_id, attempt, worker)
-    run = _JobRun(job_id, attempt, request, settings, factory)
+    run = _JobRun(job_id, attempt, request, settings, factory, soft_limit or SoftLimit())
     heartbeat = Heartbeat(settings, factory, job_id, attempt, lost=run.lost, finishing=run.finishing, abandon=abandon)
     heartbeat.start()
     outcome = "lost"

@@ -106,6 +106,8 @@ def _exit_pool_child() -> None:
 @celery_app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True)
 def run_job(self: Any, job_id: str) -> str:
     """Run the pruning job with this id; a duplicate delivery finds it claimed and does nothing."""
+    from worker import soft_limit
     from worker.runner import run_job as run
 
-    return run(job_id, get_settings(), worker=self.request.hostname, abandon=_exit_pool_child)
+    with soft_limit.watching() as limit:
+        return run(job_id, get_settings(), worker=self.request.hostname, abandon=_exit_pool_child, soft_limit=limit)

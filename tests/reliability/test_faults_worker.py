@@ -19,12 +19,14 @@ import hashlib
 import os
 import random
 import resource
+import signal
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -37,10 +39,11 @@ from app.main import create_app
 from app.repositories import lifecycle
 from app.storage import artifact_store
 from app.storage.keys import job_prefix
+from lorp import loading
 from lorp.stages import STAGES
 from tests.reliability.record import full_size, record
 from tests.service.moto_server import MotoServer
-from worker import retries, runner
+from worker import retries, runner, soft_limit
 
 from .conftest import (
     FAST_TIMINGS,
@@ -486,6 +489,59 @@ def test_time_limit_arriving_during_a_progress_write_still_ends_the_job(
     assert runner.run_job(job_id, settings, worker="in-process") == "failed"
     job = load_job(settings, job_id)
     assert fired and job.error_code == "time_limit_exceeded", (job.status, job.error_code)
+    check_nothing_published(settings, job_id)
+
+
+def test_a_time_limit_the_model_load_wraps_is_still_the_time_limit(
+    settings: Settings, fault_model_root: Path, corpus_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine reports any failure to read a checkpoint as the model's (``model_load_failed``, on the
+    field ``model.id``). The limit landing while the model loads must not read as "your model cannot
+    be loaded": the runner looks through the engine's error to the limit it wraps."""
+    dataset_id = upload_dataset(settings, corpus_bytes)
+    job_id = submit_job(settings, job_request(str(fault_model_root / "tiny-llama"), dataset_id, seed=4510))
+
+    def tokenizer(*_: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(loading, "_tokenizer", tokenizer)
+    assert runner.run_job(job_id, settings, worker="in-process") == "failed"
+    job = load_job(settings, job_id)
+    assert job.error_code == "time_limit_exceeded", (job.error_code, job.error_message)
+    assert "LORP_JOB_TIME_LIMIT_S" in (job.error_message or "")
+
+
+def test_a_time_limit_something_swallowed_ends_the_job_at_its_next_checkpoint(
+    settings: Settings, fault_model_root: Path, corpus_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code that catches ``Exception`` can swallow the limit outright (here: where the model's tokenizer
+    is read, as a library's fallback would). The signal is real, delivered to this process with the
+    handler a pool child has (billiard's, which raises the limit) and watched as the Celery task
+    watches it: the job fails with ``time_limit_exceeded`` at the engine's next checkpoint, instead of
+    running on (to the hard limit, in a worker)."""
+    dataset_id = upload_dataset(settings, corpus_bytes)
+    job_id = submit_job(settings, job_request(str(fault_model_root / "tiny-llama"), dataset_id, seed=4520))
+    real = loading._tokenizer
+    swallowed: list[BaseException] = []
+
+    def tokenizer(*args: Any) -> Any:
+        try:
+            signal.raise_signal(soft_limit.SIGNAL)
+        except Exception as exc:  # the swallowing this test is about
+            swallowed.append(exc)
+        return real(*args)
+
+    monkeypatch.setattr(loading, "_tokenizer", tokenizer)
+    previous = signal.signal(soft_limit.SIGNAL, soft_timeout_sighandler)
+    try:
+        with soft_limit.watching() as limit:
+            outcome = runner.run_job(job_id, settings, worker="in-process", soft_limit=limit)
+    finally:
+        signal.signal(soft_limit.SIGNAL, previous)
+    assert [type(e) for e in swallowed] == [SoftTimeLimitExceeded] and limit.fired
+    job = load_job(settings, job_id)
+    assert outcome == "failed" and job.error_code == "time_limit_exceeded", (outcome, job.error_code)
+    assert job.stage != "reporting", job.stage
     check_nothing_published(settings, job_id)
 
 
