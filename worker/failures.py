@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from app import job_errors
 from app.core.client_json import escape_unstorable
 from app.core.config import Settings
 from app.core.disk import exception_chain, is_disk_full, is_disk_full_at
@@ -109,12 +110,12 @@ def _classify(exc: BaseException, settings: Settings, stage: str | None, time_li
     # First: a full disk surfaces wrapped (a storage error, an engine error, the database's), and the
     # wrapper's code would hide the only thing that helps.
     if _disk_filled(exc, settings):
-        return "disk_full", _disk_full_message(exc, stage)
+        return job_errors.DISK_FULL.code, _disk_full_message(exc, stage)
     # Then the time limit, which also surfaces wrapped: a model whose loading it interrupted is not a
     # model that cannot load.
     if time_limit or time_limit_in(exc):
         return (
-            "time_limit_exceeded",
+            job_errors.TIME_LIMIT_EXCEEDED.code,
             f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s "
             "(LORP_JOB_TIME_LIMIT_S); lower calibration.num_samples or evaluation.max_windows, or raise the limit",
         )
@@ -127,11 +128,11 @@ def _classify(exc: BaseException, settings: Settings, stage: str | None, time_li
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()[:5]
         )
-        return "invalid_request", f"the stored request is not valid for this worker: {problems}"
+        return job_errors.INVALID_REQUEST.code, f"the stored request is not valid for this worker: {problems}"
     if is_out_of_memory(exc):
         return (
-            "out_of_memory",
+            job_errors.OUT_OF_MEMORY.code,
             f"the job ran out of memory ({first_line(exc, 300)}); lower calibration.batch_size or "
             "calibration.seq_len, use a smaller dtype (options.dtype), or run it on a GPU with more memory",
         )
-    return "internal_error", f"unexpected {type(exc).__name__}: {first_line(exc)}"
+    return job_errors.INTERNAL_ERROR.code, f"unexpected {type(exc).__name__}: {first_line(exc)}"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import job_errors
 from app.core.config import Settings
 from app.core.s3ref import S3Location
 from app.db.session import session_scope
@@ -149,26 +150,28 @@ class JobInputs:
         keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
         if not keys:
             raise JobFailure(
-                "model_load_failed", f"no objects under {reference}; upload the model directory there first"
+                job_errors.MODEL_LOAD_FAILED.code,
+                f"no objects under {reference}; upload the model directory there first",
             )
         limit = self.settings.model_s3_max_objects
         if len(keys) > limit:
             raise JobFailure(
-                "model_load_failed",
+                job_errors.MODEL_LOAD_FAILED.code,
                 f"{reference} holds {len(keys)} objects, more than a model folder may (LORP_MODEL_S3_MAX_OBJECTS: "
                 f"{limit}); name the model's own folder",
             )
         for key in keys:
             if key_problem(key) is not None:
                 raise JobFailure(
-                    "model_load_failed", f"{reference} holds an object whose key is not a plain relative file name"
+                    job_errors.MODEL_LOAD_FAILED.code,
+                    f"{reference} holds an object whose key is not a plain relative file name",
                 )
         total = 0
         for key in keys:
             total += with_storage_retries(f"sizing {reference}/{key}", functools.partial(store.size, key))
             if total > self.settings.model_s3_max_bytes:
                 raise JobFailure(
-                    "model_load_failed",
+                    job_errors.MODEL_LOAD_FAILED.code,
                     f"{reference} holds more than {self.settings.model_s3_max_bytes} bytes, more than this "
                     "service copies for a model (LORP_MODEL_S3_MAX_BYTES)",
                 )

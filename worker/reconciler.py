@@ -25,6 +25,7 @@ import uuid
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import job_errors
 from app.core.config import Settings
 from app.db.base import utcnow
 from app.db.models import Job
@@ -151,7 +152,7 @@ def _take_back_running(
             f"attempt {job.attempts + 1} of {job.max_attempts} queued"
         )
         failure = _worker_lost_message(job.attempts, job.max_attempts, job.worker, job.heartbeat_at)
-        _take_back(session, job, counts, finished, requeued, requeue, ("worker_lost", failure))
+        _take_back(session, job, counts, finished, requeued, requeue, (job_errors.WORKER_LOST.code, failure))
 
     stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
     for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
@@ -167,7 +168,7 @@ def _take_back_running(
             "or the data, or a deadlock). Check that the model and data are readable from the worker, "
             "or raise LORP_STALL_TIMEOUT_S if a single step of this model legitimately takes longer."
         )
-        _take_back(session, job, counts, finished, requeued, requeue, ("stalled", failure))
+        _take_back(session, job, counts, finished, requeued, requeue, (job_errors.STALLED.code, failure))
 
 
 def _send_requeued(

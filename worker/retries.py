@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from app import job_errors
 from app.storage import StorageError
 from worker.failures import JobFailure
 
@@ -27,7 +28,7 @@ def with_storage_retries(what: str, fn: Callable[[], T]) -> T:
             if not exc.retryable or attempt == STORAGE_ATTEMPTS:
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
                 raise JobFailure(
-                    "storage_unavailable",
+                    job_errors.STORAGE_UNAVAILABLE.code,
                     f"{what} failed{tries}: {exc}. Check that the object store is reachable and writable, "
                     "then submit the job again.",
                 ) from exc

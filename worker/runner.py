@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import job_errors
 from app.core.config import Settings
 from app.db.models import UPLOADING_STAGE, EventKind, JobStatus
 from app.db.session import session_factory, session_scope
@@ -282,11 +283,11 @@ class _JobRun:
         self.finishing.set()
         code, message = classify_failure(exc, self.settings, stage=self._stage, time_limit=self.soft_limit.fired)
         message = self.inputs.public_message(message)
-        if code == "disk_full":
+        if code == job_errors.DISK_FULL.code:
             # Free the space this attempt took before writing the failure: in the embedded mode the
             # database lives on the same disk, and recording the failure would fail too.
             self.remove_work_dir()
-        if code == "internal_error":
+        if code == job_errors.INTERNAL_ERROR.code:
             log.error("job %s failed unexpectedly", self.job_id, exc_info=exc)
         else:
             # An expected failure (a bad budget, an unknown architecture, storage down): the message

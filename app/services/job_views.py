@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
+from app import job_errors
 from app.core.config import Settings
 from app.db.models import Job, JobStatus, Plan
 from app.repositories import analyses as analyses_repo
@@ -59,7 +60,8 @@ def _links(job: Job) -> JobLinks:
 def _error(job: Job) -> JobError | None:
     if job.error_code is None and job.error_message is None:
         return None
-    return JobError(code=job.error_code or "error", message=job.error_message or "")
+    code = job.error_code or job_errors.UNKNOWN.code
+    return JobError(code=code, message=job.error_message or "", retryable=job_errors.retryable(code))
 
 
 # Metrics that count things (blocks, parameters, bytes): stored as floats like every metric, shown as integers.

@@ -240,7 +240,8 @@ async function refreshJob(jobId, timer) {
     waiting.textContent = job.waiting_for ? "waiting for a worker: none serves this job's queue" : "";
     const failure = document.getElementById("failure");
     failure.hidden = !job.error;
-    failure.textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+    const again = job.error && job.error.retryable ? " (the service's condition, not the request: submitting it again may succeed)" : "";
+    failure.textContent = job.error ? `${job.error.code}: ${job.error.message}${again}` : "";
     fillFacts(job);
     showError("");
     if (!FINAL.includes(job.status)) return;

@@ -148,6 +148,8 @@ def _show_job(job: JobOut | JobListItem, as_json: bool) -> None:
         print(f"  waiting for a worker ({unseen})")
     if job.error is not None:
         print(f"  error {job.error.code}: {job.error.message}")
+        if job.error.retryable:
+            print("  (the service's condition, not the request: submitting it again may succeed)")
     summary = getattr(job, "summary", None)
     if summary is not None and summary.pruned_layers is not None:
         print(f"  removed {summary.pruned_layers} ({summary.chosen_method})")

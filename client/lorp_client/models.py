@@ -56,8 +56,16 @@ class Page(BaseModel, Generic[T]):
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
+    """Why a job failed. The codes, and which are retryable, are listed in the README's "Job error codes"."""
+
+    code: str = Field(description="stable machine-readable error code")
+    message: str = Field(description="what happened and what to do, for a person")
+    retryable: bool | None = Field(
+        default=None,
+        description="whether the same request, submitted again, may succeed: the failure came from the "
+        "service's condition (a worker lost, storage down, a full disk), not from the request; null for a "
+        "code this service does not know",
+    )
 
 
 class JobLinks(BaseModel):

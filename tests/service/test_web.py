@@ -134,3 +134,33 @@ def test_the_page_asks_for_a_key_where_keys_are_required(
         other = page.context.browser.new_page()
         other.goto(f"{stack['base']}/")
         other.wait_for_selector("#key-form:not([hidden])", timeout=10_000)
+
+
+def test_a_failed_job_s_page_says_whether_submitting_it_again_may_succeed(
+    browser: Any, embedded: dict[str, Any]
+) -> None:
+    from app.core.config import Settings
+    from app.db.models import Job, JobStatus
+    from app.db.session import session_factory, session_scope
+
+    settings = Settings(data_dir=embedded["data"])
+    ids = {}
+    with session_scope(session_factory(settings.sqlalchemy_url)) as session:
+        for code in ("worker_lost", "invalid_budget"):
+            job = Job(
+                request={"model": {"id": "demo"}, "target": {"num_layers": 2}}, request_hash="0" * 64,
+                model_source="demo", method="lorp", queue=settings.queue_name, status=JobStatus.failed,
+                error_code=code, error_message=f"the {code} story",
+            )  # fmt: skip
+            session.add(job)
+            session.flush()
+            ids[code] = job.id
+    page = browser.new_page()
+    shown = {}
+    for code, job_id in ids.items():
+        page.goto(f"{embedded['base']}/jobs/{job_id}")
+        page.wait_for_selector("#failure:not([hidden])", timeout=10_000)
+        shown[code] = page.text_content("#failure") or ""
+    assert shown["worker_lost"].startswith("worker_lost: the worker_lost story")
+    assert "submitting it again may succeed" in shown["worker_lost"]
+    assert shown["invalid_budget"] == "invalid_budget: the invalid_budget story"
