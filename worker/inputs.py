@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from lorp.pipeline import Sources
     from lorp.spec import PruneSpec
 
+T = TypeVar("T")
+
 # Hub datasets are cached here, under the service's data folder (never the home folder).
 HUB_CACHE_SUBDIR = ("cache", "hub")
 
@@ -63,12 +65,14 @@ class JobInputs:
         storage: Callable[[], Storage],
         work_dir: Path,
         job_id: uuid.UUID | None = None,
+        should_cancel: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self._storage = storage
         self.work_dir = work_dir
         self.job_id = job_id
+        self.should_cancel = should_cancel
         # Local copies of the job's inputs, by the name the client knows them by (for error messages).
         self._public_names: dict[str, str] = {}
         self.sources: Sources | None = None
@@ -76,6 +80,12 @@ class JobInputs:
     @property
     def storage(self) -> Storage:
         return self._storage()
+
+    def _fetch(self, what: str, fn: Callable[[], T]) -> T:
+        """A storage call of the job's, retried while the store may come back (``LORP_STORAGE_RETRY_S``)."""
+        return with_storage_retries(
+            what, fn, patience_s=self.settings.storage_retry_s, should_cancel=self.should_cancel
+        )
 
     @property
     def model_copy_dir(self) -> Path:
@@ -139,7 +149,7 @@ class JobInputs:
         local = self.work_dir / "data" / f"{dataset_id}{suffix}"
         self._public_names[str(local)] = f"dataset {dataset.name}"
         if not local.exists():
-            with_storage_retries(f"downloading dataset {dataset.name}", lambda: self.storage.download_to(key, local))
+            self._fetch(f"downloading dataset {dataset.name}", lambda: self.storage.download_to(key, local))
         return f"{local}#{text_field or 'text'}" if fmt == "jsonl" else str(local)
 
     def _download_model(self, reference: str, folder: S3Location) -> Path:
@@ -147,7 +157,7 @@ class JobInputs:
         every key a plain relative file name, at most ``LORP_MODEL_S3_MAX_OBJECTS`` objects and
         ``LORP_MODEL_S3_MAX_BYTES`` in all, refused before anything is copied."""
         store = model_folder_store(folder, self.settings)
-        keys = with_storage_retries(f"listing model {reference}", lambda: store.list(""))
+        keys = self._fetch(f"listing model {reference}", lambda: store.list(""))
         if not keys:
             raise JobFailure(
                 job_errors.MODEL_LOAD_FAILED.code,
@@ -168,7 +178,7 @@ class JobInputs:
                 )
         total = 0
         for key in keys:
-            total += with_storage_retries(f"sizing {reference}/{key}", functools.partial(store.size, key))
+            total += self._fetch(f"sizing {reference}/{key}", functools.partial(store.size, key))
             if total > self.settings.model_s3_max_bytes:
                 raise JobFailure(
                     job_errors.MODEL_LOAD_FAILED.code,
@@ -179,7 +189,7 @@ class JobInputs:
         self._public_names[str(dest)] = reference.rstrip("/")
         for key in keys:
             target = dest.joinpath(*key.split("/"))
-            with_storage_retries(f"downloading {reference}/{key}", functools.partial(store.download_to, key, target))
+            self._fetch(f"downloading {reference}/{key}", functools.partial(store.download_to, key, target))
         ggufs = [k for k in keys if k.endswith(".gguf")]
         if "config.json" not in keys and len(ggufs) == 1:
             return dest.joinpath(*ggufs[0].split("/"))

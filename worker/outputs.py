@@ -9,7 +9,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,13 +24,15 @@ from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
 from lorp.result import METRICS, RATIO_UNIT
 from worker.failures import JobFailure
-from worker.retries import with_storage_retries
+from worker.retries import CLEANUP_PATIENCE_S, with_storage_retries
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
     from lorp.result import PruneReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def upload(
@@ -40,14 +42,19 @@ def upload(
     *,
     should_cancel: Callable[[], bool],
     on_progress: Callable[[float], None],
+    patience_s: float,
 ) -> list[ArtifactRow]:
     """Every output file under ``jobs/{job_id}/{relative name}``, replacing what an earlier attempt left.
 
     ``on_progress`` gets the fraction of bytes uploaded after each file; ``should_cancel`` is asked
-    before each one.
+    before each one, and while a failing store is waited for (up to ``patience_s``, ``worker.retries``).
     """
     prefix = job_prefix(job_id)
-    with_storage_retries(f"clearing {prefix}", lambda: storage.delete_prefix(prefix))
+
+    def retried(what: str, fn: Callable[[], T]) -> T:
+        return with_storage_retries(what, fn, patience_s=patience_s, should_cancel=should_cancel)
+
+    retried(f"clearing {prefix}", lambda: storage.delete_prefix(prefix))
     files = sorted(p for p in out_dir.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files) or 1
     sent = 0
@@ -57,7 +64,7 @@ def upload(
             raise JobCancelled("the job was cancelled during upload")
         name = path.relative_to(out_dir).as_posix()
         key = f"{prefix}/{name}"
-        stored = with_storage_retries(f"uploading {name}", functools.partial(storage.put_file, key, path))
+        stored = retried(f"uploading {name}", functools.partial(storage.put_file, key, path))
         rows.append(
             ArtifactRow(
                 name=name,
@@ -76,7 +83,9 @@ def delete_outputs(storage: Storage, job_id: uuid.UUID) -> None:
     """Remove whatever an attempt uploaded (after a failure or a cancel); logged, never raised."""
     prefix = job_prefix(job_id)
     try:
-        removed = with_storage_retries(f"deleting {prefix}", lambda: storage.delete_prefix(prefix))
+        removed = with_storage_retries(
+            f"deleting {prefix}", lambda: storage.delete_prefix(prefix), patience_s=CLEANUP_PATIENCE_S
+        )
     except JobFailure:
         log.error("job %s: uploaded objects under %s could not be removed", job_id, prefix, exc_info=True)
         return

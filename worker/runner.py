@@ -86,7 +86,9 @@ class _JobRun:
         self._cancel_seen = False
         self._fingerprint: str | None = None
         self._reused_analysis_id: uuid.UUID | None = None
-        self.inputs = JobInputs(settings, factory, lambda: self.storage, self.work_dir, job_id=job_id)
+        self.inputs = JobInputs(
+            settings, factory, lambda: self.storage, self.work_dir, job_id=job_id, should_cancel=self.should_cancel
+        )
 
     @property
     def storage(self) -> Storage:
@@ -210,7 +212,12 @@ class _JobRun:
             self._write_progress(UPLOADING_STAGE)
 
         return outputs.upload(
-            self.storage, self.job_id, out_dir, should_cancel=self.should_cancel, on_progress=on_progress
+            self.storage,
+            self.job_id,
+            out_dir,
+            should_cancel=self.should_cancel,
+            on_progress=on_progress,
+            patience_s=self.settings.storage_retry_s,
         )
 
     def delete_outputs(self) -> None:

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         gt=0,
         description="take back a running job whose progress has not moved for this long (its heartbeat alive)",
     )
+    storage_retry_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "how long a job waits for object storage that fails, retrying with backoff, before it fails with "
+            "storage_unavailable: a store away for a minute does not throw away the job's work"
+        ),
+    )
     job_start_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -186,6 +194,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"LORP_WORKER_TIMEOUT_S ({self.worker_timeout_s:g}) must be longer than "
                 f"LORP_WORKER_BEAT_INTERVAL_S ({self.worker_beat_interval_s:g}), or live workers look dead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stall_timeout_covers_storage_waits(self) -> Settings:
+        if self.storage_retry_s >= self.stall_timeout_s:
+            raise ValueError(
+                f"LORP_STORAGE_RETRY_S ({self.storage_retry_s:g}) must be shorter than LORP_STALL_TIMEOUT_S "
+                f"({self.stall_timeout_s:g}), or a job waiting for storage is taken back as stalled"
             )
         return self
 

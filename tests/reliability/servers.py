@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -351,3 +352,74 @@ def cheap_job(model_dir: Path, dataset_id: str, *, seed: int = 0, num_samples: i
 
 
 FINAL = ("succeeded", "failed", "cancelled")
+
+
+class TcpGate:
+    """A loopback relay to a server that can be cut and opened again: a network outage between the
+    service and a server that keeps its state. Cut, it shuts every open connection and refuses new
+    ones (accepted, then shut at once); opened, it relays again."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cuts = 0
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self.server = socket.create_server((HOST, 0))
+        self.url = f"http://{HOST}:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, name="tcp-gate", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                if not self._open.is_set():
+                    raise ConnectionRefusedError("the gate is cut")
+                up = socket.create_connection(self.upstream, timeout=5)
+                up.settimeout(None)
+            except OSError:
+                _shut(conn)
+                continue
+            with self._lock:
+                self._sockets |= {conn, up}
+            threading.Thread(target=self._pump, args=(conn, up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, conn), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                _shut(s)
+                with self._lock:
+                    self._sockets.discard(s)
+
+    def cut(self) -> None:
+        self._open.clear()
+        self.cuts += 1
+        with self._lock:
+            cut, self._sockets = self._sockets, set()
+        for s in cut:
+            _shut(s)
+
+    def reopen(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+def _shut(s: socket.socket) -> None:
+    # shutdown before close: a thread blocked in recv on it sees the end at once (a bare close sends no FIN).
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()
