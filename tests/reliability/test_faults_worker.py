@@ -288,11 +288,15 @@ OUTAGE_S = 5.0
 OUTAGE_PATIENCE_S = 60.0
 
 
-def _catch_uploading(settings: Settings, request_for: Any, tries: list[str]) -> uuid.UUID:
-    """A job (``request_for(n)``, n = 0, 1, ...) caught in its upload; a stage that went by between two
-    polls is tried again with a new job, at most UPLOAD_TRIES times."""
+def _catch_uploading(
+    settings: Settings, model_root: Path, dataset_id: uuid.UUID, seed: int, tries: list[str]
+) -> uuid.UUID:
+    """A job on mid-llama (33 MB to upload) caught in its upload; a stage that went by between two polls
+    is tried again with a new job (the next seed), at most UPLOAD_TRIES times."""
+    model = str(model_root / "mid-llama")
     for n in range(UPLOAD_TRIES):
-        job_id = submit_job(settings, request_for(n))
+        request = job_request(model, dataset_id, seed=seed + n, batch_size=8, eval_windows=1)
+        job_id = submit_job(settings, request)
         try:
             wait_for(lambda j=job_id: stage_reached(settings, j, "uploading")[0], 180, "the upload", 0.01)
         except _Missed as missed:
@@ -313,10 +317,7 @@ def test_storage_unavailable_during_upload_fails_cleanly(
         dataset_id = upload_dataset(settings, corpus_bytes)
         with fleet_of(settings, tmp_path) as fleet:
             worker = fleet.start_worker("w1")
-            model = str(fault_model_root / "mid-llama")
-            job_id = _catch_uploading(
-                settings, lambda n: job_request(model, dataset_id, seed=3000 + n, batch_size=8, eval_windows=1), tries
-            )
+            job_id = _catch_uploading(settings, fault_model_root, dataset_id, 3000, tries)
             stopped = time.monotonic()
             moto.stop()  # the object store is gone in the middle of the upload, for good
             at_stop = load_job(settings, job_id)
@@ -391,10 +392,7 @@ def test_a_store_away_for_seconds_during_the_upload_costs_the_job_nothing(
         dataset_id = upload_dataset(settings, corpus_bytes)
         with fleet_of(settings, tmp_path) as fleet:
             worker = fleet.start_worker("w1")
-            model = str(fault_model_root / "mid-llama")
-            job_id = _catch_uploading(
-                settings, lambda n: job_request(model, dataset_id, seed=3100 + n, batch_size=8, eval_windows=1), tries
-            )
+            job_id = _catch_uploading(settings, fault_model_root, dataset_id, 3100, tries)
             gate.cut()
             cut_at = time.monotonic()
             at_cut = load_job(settings, job_id)
