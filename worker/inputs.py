@@ -38,7 +38,7 @@ from app.repositories import jobs as jobs_repo
 from app.storage import Storage, model_folder_store
 from app.storage.keys import key_problem
 from worker.failures import JobFailure
-from worker.retries import with_storage_retries
+from worker.retries import with_database_retries, with_storage_retries
 
 if TYPE_CHECKING:
     from lorp.pipeline import Sources
@@ -82,10 +82,8 @@ class JobInputs:
         return self._storage()
 
     def _fetch(self, what: str, fn: Callable[[], T]) -> T:
-        """A storage call of the job's, retried while the store may come back (``LORP_STORAGE_RETRY_S``)."""
-        return with_storage_retries(
-            what, fn, patience_s=self.settings.storage_retry_s, should_cancel=self.should_cancel
-        )
+        """A storage call of the job's, retried while the store may come back (``LORP_OUTAGE_WAIT_S``)."""
+        return with_storage_retries(what, fn, patience_s=self.settings.outage_wait_s, should_cancel=self.should_cancel)
 
     @property
     def model_copy_dir(self) -> Path:
@@ -116,10 +114,19 @@ class JobInputs:
         )
 
     def _owner(self) -> uuid.UUID | None:
-        if self.job_id is None:
+        job_id = self.job_id
+        if job_id is None:
             return None
-        with session_scope(self.factory) as session:
-            return jobs_repo.owner_of(session, self.job_id)
+
+        def read() -> uuid.UUID | None:
+            with session_scope(self.factory) as session:
+                return jobs_repo.owner_of(session, job_id)
+
+        return self._read("reading the job's owner", read)
+
+    def _read(self, what: str, fn: Callable[[], T]) -> T:
+        """A database read the job cannot start without, waited for through an outage (``LORP_OUTAGE_WAIT_S``)."""
+        return with_database_retries(what, fn, patience_s=self.settings.outage_wait_s)
 
     def _local_model(self, refs: JobReferences) -> tuple[str, tuple[Path, ...] | None]:
         """What the engine loads and the folders it must stay in: an ``s3://`` model's copy, confined to
@@ -138,13 +145,18 @@ class JobInputs:
         dataset_id = dataset.upload_id
         if dataset_id is None:
             return dataset.name
-        with session_scope(self.factory) as session:
-            row = datasets_repo.get(session, dataset_id)
-            if row is None:
-                raise RequestError(
-                    f"dataset {dataset.name} does not exist; upload it with POST /v1/datasets", dataset.field
-                )
-            fmt, text_field, key = row.format, row.text_field, row.storage_key
+
+        def read() -> tuple[str, str | None, str] | None:
+            with session_scope(self.factory) as session:
+                row = datasets_repo.get(session, dataset_id)
+                return None if row is None else (row.format, row.text_field, row.storage_key)
+
+        found = self._read(f"reading dataset {dataset.name}", read)
+        if found is None:
+            raise RequestError(
+                f"dataset {dataset.name} does not exist; upload it with POST /v1/datasets", dataset.field
+            )
+        fmt, text_field, key = found
         suffix = ".jsonl" if fmt == "jsonl" else ".txt"
         local = self.work_dir / "data" / f"{dataset_id}{suffix}"
         self._public_names[str(local)] = f"dataset {dataset.name}"

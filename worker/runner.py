@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +39,7 @@ from worker import outputs
 from worker.failures import classify_failure, is_database_outage, time_limit_in
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
+from worker.retries import with_database_retries
 from worker.soft_limit import SoftLimit
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from lorp.similarity import SimilarityStats
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CANCEL_CHECK_INTERVAL_S = 1.0
 # The engine's stages fill progress up to this fraction; the upload fills the rest.
@@ -164,22 +167,45 @@ class _JobRun:
         from lorp.similarity import SimilarityStats
 
         self._fingerprint = fingerprint
-        with session_scope(self.factory) as session:
-            analysis = analyses_repo.by_fingerprint(session, fingerprint)
-            if analysis is None:
-                return None
-            provenance = dict(analysis.provenance or {})
-            angular = (provenance.get("calibration") or {}).get("angular", "all_tokens")
-            stats = SimilarityStats(
-                S=np.asarray(analysis.similarity, dtype=np.float64),
-                D=np.asarray(analysis.angular_distance, dtype=np.float64),
-                num_tokens=int(analysis.num_tokens),
-                num_sequences=int(analysis.num_samples),
-                angular_mode=str(angular),
-            )
-            self._reused_analysis_id = analysis.id
-        log.info("job %s reuses analysis %s (fingerprint %s)", self.job_id, analysis.id, fingerprint[:12])
+
+        def read() -> tuple[uuid.UUID, SimilarityStats, dict[str, Any]] | None:
+            with session_scope(self.factory) as session:
+                analysis = analyses_repo.by_fingerprint(session, fingerprint)
+                if analysis is None:
+                    return None
+                provenance = dict(analysis.provenance or {})
+                angular = (provenance.get("calibration") or {}).get("angular", "all_tokens")
+                stats = SimilarityStats(
+                    S=np.asarray(analysis.similarity, dtype=np.float64),
+                    D=np.asarray(analysis.angular_distance, dtype=np.float64),
+                    num_tokens=int(analysis.num_tokens),
+                    num_sequences=int(analysis.num_samples),
+                    angular_mode=str(angular),
+                )
+                return analysis.id, stats, provenance
+
+        found = self._in_database("looking up a stored analysis", read, until_time_limit=True)
+        if found is None:
+            return None
+        self._reused_analysis_id, stats, provenance = found
+        log.info("job %s reuses analysis %s (fingerprint %s)", self.job_id, found[0], fingerprint[:12])
         return stats, provenance
+
+    def _in_database(self, what: str, fn: Callable[[], T], *, until_time_limit: bool = False) -> T:
+        """A read or write the job cannot do without, waited for through a database outage for up to
+        ``LORP_OUTAGE_WAIT_S`` (``worker.retries``): the work done so far is not thrown away on a
+        restart of the database. ``until_time_limit``: the time limit ends the wait (not for the
+        writes that record how the job ended)."""
+        return with_database_retries(
+            what,
+            fn,
+            patience_s=self.settings.outage_wait_s,
+            should_cancel=self._time_limit_reached if until_time_limit else None,
+        )
+
+    def _time_limit_reached(self) -> bool:
+        self.soft_limit.check()  # raises the limit once it fired
+        return False
 
     # -- resolving references -----------------------------------------------------------------------
 
@@ -217,7 +243,7 @@ class _JobRun:
             out_dir,
             should_cancel=self.should_cancel,
             on_progress=on_progress,
-            patience_s=self.settings.storage_retry_s,
+            patience_s=self.settings.outage_wait_s,
         )
 
     def delete_outputs(self) -> None:
@@ -225,15 +251,19 @@ class _JobRun:
 
     def publish(self, request: JobCreate, result: PruneResult, artifacts: list[ArtifactRow]) -> bool:
         """Plans, metrics, the analysis, the artifacts and the status, in one transaction."""
-        return outputs.publish(
-            self.factory,
-            self.job_id,
-            self.attempt,
-            request,
-            result,
-            artifacts,
-            fingerprint=self._fingerprint,
-            reused_analysis_id=self._reused_analysis_id,
+        return self._in_database(
+            "publishing the job",
+            lambda: outputs.publish(
+                self.factory,
+                self.job_id,
+                self.attempt,
+                request,
+                result,
+                artifacts,
+                fingerprint=self._fingerprint,
+                reused_analysis_id=self._reused_analysis_id,
+            ),
+            until_time_limit=True,
         )
 
     # -- the run -----------------------------------------------------------------------------------
@@ -278,8 +308,7 @@ class _JobRun:
         self.finishing.set()
         if self.lost.is_set():
             return self._after_refused_finish()
-        with session_scope(self.factory) as session:
-            done = lifecycle.finish_cancelled(session, self.job_id, self.attempt)
+        done = self._in_database("recording the cancel", self._finish(lifecycle.finish_cancelled))
         if not done:
             return self._after_refused_finish()
         self.delete_outputs()
@@ -300,19 +329,32 @@ class _JobRun:
             # An expected failure (a bad budget, an unknown architecture, storage down): the message
             # says what to do, and a traceback would only bury it.
             log.warning("job %s failed: %s: %s", self.job_id, code, message)
-        with session_scope(self.factory) as session:
-            done = lifecycle.finish_failed(session, self.job_id, self.attempt, code, message)
+        done = self._in_database("recording the failure", self._finish(lifecycle.finish_failed, code, message))
         if not done:
             return self._after_refused_finish()
         self.delete_outputs()
         return "failed"
 
+    def _finish(self, write: Callable[..., bool], *args: Any) -> Callable[[], bool]:
+        """``write(session, job, attempt, *args)`` in a transaction of its own (a callable to retry)."""
+
+        def run() -> bool:
+            with session_scope(self.factory) as session:
+                return write(session, self.job_id, self.attempt, *args)
+
+        return run
+
     def _after_refused_finish(self) -> str:
         """Our final write matched nothing: a cancel arrived, or another attempt owns the job now."""
-        with session_scope(self.factory) as session:
-            state = lifecycle.run_state(session, self.job_id, self.attempt)
-            if state.owned and state.cancel_requested:
-                lifecycle.finish_cancelled(session, self.job_id, self.attempt)
+
+        def settle() -> lifecycle.RunState:
+            with session_scope(self.factory) as session:
+                state = lifecycle.run_state(session, self.job_id, self.attempt)
+                if state.owned and state.cancel_requested:
+                    lifecycle.finish_cancelled(session, self.job_id, self.attempt)
+                return state
+
+        state = self._in_database("reading the job's state", settle)
         if state.owned and state.cancel_requested:
             self.delete_outputs()
             log.info("job %s cancelled just before it was published", self.job_id)

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         gt=0,
         description="take back a running job whose progress has not moved for this long (its heartbeat alive)",
     )
-    storage_retry_s: float = Field(
+    outage_wait_s: float = Field(
         default=300.0,
         ge=0,
         description=(
@@ -199,9 +199,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _stall_timeout_covers_storage_waits(self) -> Settings:
-        if self.storage_retry_s >= self.stall_timeout_s:
+        if self.outage_wait_s >= self.stall_timeout_s:
             raise ValueError(
-                f"LORP_STORAGE_RETRY_S ({self.storage_retry_s:g}) must be shorter than LORP_STALL_TIMEOUT_S "
+                f"LORP_OUTAGE_WAIT_S ({self.outage_wait_s:g}) must be shorter than LORP_STALL_TIMEOUT_S "
                 f"({self.stall_timeout_s:g}), or a job waiting for storage is taken back as stalled"
             )
         return self

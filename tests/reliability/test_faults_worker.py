@@ -281,7 +281,7 @@ def test_kill9_worker_mid_job_finishes_on_another_worker(
 # -- 4. object storage unavailable during the upload ------------------------------------------------
 
 UPLOAD_TRIES = 3
-# How long the job waits for a store that does not come back (LORP_STORAGE_RETRY_S; 300 s by default).
+# How long the job waits for a store that does not come back (LORP_OUTAGE_WAIT_S; 300 s by default).
 GIVE_UP_S = 3.0
 # A store away for this long, while the job waits up to OUTAGE_PATIENCE_S for it, costs the job nothing.
 OUTAGE_S = 5.0
@@ -312,7 +312,7 @@ def test_storage_unavailable_during_upload_fails_cleanly(
     tries: list[str] = []
     with MotoServer() as moto:
         settings = stack_settings(
-            tmp_path, pg_url, reliability_redis_url, moto.endpoint_url, fault_model_root, storage_retry_s=GIVE_UP_S
+            tmp_path, pg_url, reliability_redis_url, moto.endpoint_url, fault_model_root, outage_wait_s=GIVE_UP_S
         )
         dataset_id = upload_dataset(settings, corpus_bytes)
         with fleet_of(settings, tmp_path) as fleet:
@@ -360,7 +360,7 @@ def test_storage_unavailable_during_upload_fails_cleanly(
         command=COMMAND.format("storage_unavailable"),
         notes=(
             "moto's S3 server stopped for good while the worker uploaded a 33 MB model; the upload call is "
-            f"retried with exponential backoff from {retries.BACKOFF_S} s for LORP_STORAGE_RETRY_S={GIVE_UP_S:g} "
+            f"retried with exponential backoff from {retries.BACKOFF_S} s for LORP_OUTAGE_WAIT_S={GIVE_UP_S:g} "
             "(each try also has botocore's own retries), then the job fails with storage_unavailable and a "
             "message saying what to check; no artifact row is written, GET /v1/jobs/{id}/artifacts lists nothing."
         ),
@@ -382,12 +382,12 @@ def test_a_store_away_for_seconds_during_the_upload_costs_the_job_nothing(
 ) -> None:
     """The network to the store is cut in the middle of the upload, for OUTAGE_S, then restored (the
     store keeps what it held, as a real one does across an outage): the job waits for it, within
-    LORP_STORAGE_RETRY_S, and succeeds in its first attempt with one whole artifact set."""
+    LORP_OUTAGE_WAIT_S, and succeeds in its first attempt with one whole artifact set."""
     tries: list[str] = []
     gate = TcpGate(s3_server)
     try:
         settings = stack_settings(
-            tmp_path, pg_url, reliability_redis_url, gate.url, fault_model_root, storage_retry_s=OUTAGE_PATIENCE_S
+            tmp_path, pg_url, reliability_redis_url, gate.url, fault_model_root, outage_wait_s=OUTAGE_PATIENCE_S
         )
         dataset_id = upload_dataset(settings, corpus_bytes)
         with fleet_of(settings, tmp_path) as fleet:
@@ -419,7 +419,7 @@ def test_a_store_away_for_seconds_during_the_upload_costs_the_job_nothing(
         notes=(
             f"the network to moto's S3 server cut for {OUTAGE_S:g} s while the worker uploaded a 33 MB model "
             f"(at progress {at_cut.progress:.3f}), then restored; the upload waits for the store with backoff "
-            f"(LORP_STORAGE_RETRY_S={OUTAGE_PATIENCE_S:g}) and the job succeeds in its first attempt, its "
+            f"(LORP_OUTAGE_WAIT_S={OUTAGE_PATIENCE_S:g}) and the job succeeds in its first attempt, its "
             "artifact rows exactly the objects stored."
         ),
         figures={

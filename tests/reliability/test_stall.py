@@ -49,7 +49,7 @@ def test_a_hung_job_is_taken_back_and_fails_as_stalled(
         s3_server,
         tiny_model_root,
         stall_timeout_s=STALL_S,
-        storage_retry_s=STALL_S / 2,  # shorter than the stall timeout, as the settings require
+        outage_wait_s=STALL_S / 2,  # shorter than the stall timeout, as the settings require
         storage_url=(tmp_path / "artifacts").as_uri(),
     )
     dataset_id = upload_dataset(settings, corpus_bytes)

@@ -25,6 +25,7 @@ import boto3
 import pytest
 import torch
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from tiny import save_tiny_llama
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
@@ -36,7 +37,7 @@ from app.repositories import lifecycle
 from app.storage import Storage, artifact_store, storage_from_url
 from lorp.divergence import DIVERGENCE_METRICS
 from lorp.result import METRICS
-from worker import failures, runner, service_cli
+from worker import failures, retries, runner, service_cli
 
 from .helpers import create_job, job_request, upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
@@ -363,18 +364,21 @@ def test_heartbeat_after_publish_is_quiet(
 def test_database_outage_mid_job_leaves_it_for_the_reconciler(
     local_settings: Settings, model_root: Path, corpus_bytes: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lost database connection is no reason to fail a job for good: it stays running, unrecorded."""
-    from sqlalchemy.exc import OperationalError
-
-    settings = local_settings
+    """A database away for longer than the job waits (``LORP_OUTAGE_WAIT_S``) is no reason to fail the job
+    for good: it stays running, unrecorded, for the reconciler to take back."""
+    settings = local_settings.model_copy(update={"outage_wait_s": 1.0})
+    monkeypatch.setattr(retries, "BACKOFF_S", 0.1)
     dataset_id = upload_dataset(settings, corpus_bytes)
     job_id = create_job(settings, job_request(str(model_root / "tiny-llama"), dataset_id, method="lorp"))
+    tries: list[float] = []
 
     def database_down(*_args: Any, **_kwargs: Any) -> None:
+        tries.append(time.monotonic())
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
     monkeypatch.setattr(runner.analyses_repo, "by_fingerprint", database_down)
     assert runner.run_job(job_id, settings) == "lost"
+    assert len(tries) >= 3 and tries[-1] - tries[0] >= 1.0 - 0.05, tries  # waited for it, then gave up
     job = load_job(settings, job_id)
     assert job.status == JobStatus.running and job.attempts == 1
     assert job.error_code is None and job.error_message is None
@@ -504,6 +508,42 @@ def test_missing_uploaded_dataset_is_an_invalid_request(local_settings: Settings
     job = load_job(settings, job_id)
     assert job.error_code == "invalid_request"
     assert "does not exist" in (job.error_message or "")
+
+
+def _database_away() -> OperationalError:
+    return OperationalError("UPDATE jobs SET ...", None, Exception("server closed the connection unexpectedly"))
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "failed"])
+def test_a_database_away_at_the_job_s_last_write_is_waited_for(
+    local_settings: Settings, model_root: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """The write that ends the job (its publication, or the record of its failure) meets the database
+    away, twice, then back: the attempt waits for it (``LORP_OUTAGE_WAIT_S``) and ends as it would have,
+    in its first attempt. It used to leave the job running for the reconciler to run it all again."""
+    settings = local_settings
+    monkeypatch.setattr(retries, "BACKOFF_S", 0.05)
+    model = "tiny-llama" if ending == "succeeded" else "tiny-bloom"  # no block layout known: it fails
+    job_id = create_job(settings, job_request(str(model_root / model), "builtin", num_layers=1, method="shortgpt"))
+    write = "finish_succeeded" if ending == "succeeded" else "finish_failed"
+    real = getattr(lifecycle, write)
+    refused: list[str] = []
+
+    def away_twice(*args: Any, **kwargs: Any) -> bool:
+        if len(refused) < 2:
+            refused.append(write)
+            raise _database_away()
+        return bool(real(*args, **kwargs))
+
+    monkeypatch.setattr(lifecycle, write, away_twice)
+    outcome = runner.run_job(job_id, settings)
+    job = load_job(settings, job_id)
+    assert refused == [write, write] and outcome == ending, (outcome, job.status, job.error_code)
+    assert job.status == JobStatus(ending) and job.attempts == 1
+    if ending == "succeeded":
+        assert rows(settings, Artifact, job_id), "published without its artifacts"
+    else:
+        assert job.error_code == "unsupported_architecture"
 
 
 def test_failure_classification() -> None:

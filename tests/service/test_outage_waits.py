@@ -1,5 +1,5 @@
 """``worker.retries``: a failing store is waited for, with backoff, for as long as the job may wait
-(``LORP_STORAGE_RETRY_S``), and a cancel ends the wait. The storage errors here are raised on cue:
+(``LORP_OUTAGE_WAIT_S``), and a cancel ends the wait. The storage errors here are raised on cue:
 what is under test is the waiting, not a store (tests/reliability cuts a real one)."""
 
 from __future__ import annotations
@@ -78,6 +78,6 @@ def test_a_cancel_ends_the_wait() -> None:
 
 
 def test_the_wait_must_end_before_the_job_counts_as_stalled() -> None:
-    with pytest.raises(ValidationError, match=r"LORP_STORAGE_RETRY_S .* LORP_STALL_TIMEOUT_S"):
-        Settings(storage_retry_s=600, stall_timeout_s=300)
-    assert Settings().storage_retry_s < Settings().stall_timeout_s
+    with pytest.raises(ValidationError, match=r"LORP_OUTAGE_WAIT_S .* LORP_STALL_TIMEOUT_S"):
+        Settings(outage_wait_s=600, stall_timeout_s=300)
+    assert Settings().outage_wait_s < Settings().stall_timeout_s
