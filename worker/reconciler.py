@@ -7,14 +7,15 @@ or a message sent after it was taken first (:func:`presumed_lost_before`; a mess
 backlog is left alone, and a duplicate is refused by the claim), and takes back running jobs whose
 heartbeat is older than ``heartbeat_timeout_s`` (the worker died) or whose progress has not moved
 for ``stall_timeout_s`` (the worker lives but the job hangs): requeued while attempts remain, else
-failed with ``worker_lost`` or ``stalled``. A worker that died without a warm stop (its liveness
-beats went silent, or its restart found its process gone) may have held a queued job's message,
-prefetched: the queued jobs on its queue whose message went out before it counted as dead are sent
-again at once, rather than after ``queued_timeout_s``. Rows are locked with SKIP LOCKED and every
-change is a conditional update, so passes may run concurrently. Each pass also expires jobs past
-``artifact_ttl_days`` and purges deleted jobs once they stopped (``app.services.deletion``).
-Webhooks go out from a dispatcher of their own (``worker.webhooks``), so a slow receiver never
-delays a pass.
+failed with ``worker_lost`` or ``stalled``; after an outage of the database (nobody could beat),
+only once each timeout has passed again since it came back (:class:`OutageWatch`). A worker that
+died without a warm stop (its liveness beats went silent, or its restart found its process gone) may
+have held a queued job's message, prefetched: the queued jobs on its queue whose message went out
+before it counted as dead are sent again at once, rather than after ``queued_timeout_s``. Rows are
+locked with SKIP LOCKED and every change is a conditional update, so passes may run concurrently.
+Each pass also expires jobs past ``artifact_ttl_days`` and purges deleted jobs once they stopped
+(``app.services.deletion``). Webhooks go out from a dispatcher of their own (``worker.webhooks``),
+so a slow receiver never delays a pass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from app.db.session import session_factory, session_scope
 from app.queue import enqueue_job
 from app.repositories import lifecycle
 from app.repositories import workers as workers_repo
+from worker.failures import is_database_outage
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,17 @@ def _take_back(
             log.error("job %s failed: %s", job.id, message)
 
 
-def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, int]:
-    """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled."""
+def reconcile_once(
+    settings: Settings, *, now: dt.datetime | None = None, database_back_at: dt.datetime | None = None
+) -> dict[str, int]:
+    """One reconciliation pass; returns how many jobs were enqueued, requeued, failed and cancelled.
+
+    ``database_back_at``: when this reconciler last reached the database again after an outage
+    (:class:`OutageWatch`). Nobody could record a heartbeat or progress while it was away, so their
+    absence is judged again only a whole ``LORP_HEARTBEAT_TIMEOUT_S`` (``LORP_STALL_TIMEOUT_S``)
+    after it came back: a live worker has beaten by then, and the jobs that waited the outage out
+    (``worker.retries``) are not taken back to run again.
+    """
     factory = session_factory(settings.sqlalchemy_url)
     now = now or utcnow()
     counts = {
@@ -125,7 +136,7 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     finished: list[uuid.UUID] = []
     requeued: list[tuple[uuid.UUID, str]] = []
     with session_scope(factory) as session:
-        _take_back_running(session, settings, now, counts, finished, requeued)
+        _take_back_running(session, settings, now, counts, finished, requeued, database_back_at)
     _remove_outputs(settings, finished)
     _send_requeued(settings, factory, requeued, counts)
     _resend_after_lost_workers(settings, factory, now, counts)
@@ -136,6 +147,27 @@ def reconcile_once(settings: Settings, *, now: dt.datetime | None = None) -> dic
     return counts
 
 
+class OutageWatch:
+    """Runs reconciliation passes and remembers when the database came back after this reconciler
+    failed to reach it: the first pass that reaches it again marks the time (``reconcile_once``'s
+    ``database_back_at``). A pass that fails for another reason changes nothing."""
+
+    def __init__(self) -> None:
+        self.back_at: dt.datetime | None = None
+        self._away = False
+
+    def run(self, settings: Settings, now: dt.datetime | None = None) -> dict[str, int]:
+        now = now or utcnow()
+        back_at = now if self._away else self.back_at
+        try:
+            counts = reconcile_once(settings, now=now, database_back_at=back_at)
+        except Exception as exc:
+            self._away = self._away or is_database_outage(exc)
+            raise
+        self.back_at, self._away = back_at, False
+        return counts
+
+
 def _take_back_running(
     session: Session,
     settings: Settings,
@@ -143,10 +175,16 @@ def _take_back_running(
     counts: dict[str, int],
     finished: list[uuid.UUID],
     requeued: list[tuple[uuid.UUID, str]],
+    database_back_at: dt.datetime | None = None,
 ) -> None:
     """Running jobs whose worker went silent (no heartbeat) or got stuck (beating, no progress)."""
+
+    def judged(timeout_s: float) -> bool:
+        return database_back_at is None or (now - database_back_at).total_seconds() >= timeout_s
+
     cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
-    for job in lifecycle.stale_running(session, cutoff, limit=BATCH):
+    silent = lifecycle.stale_running(session, cutoff, limit=BATCH) if judged(settings.heartbeat_timeout_s) else []
+    for job in silent:
         requeue = (
             f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
             f"attempt {job.attempts + 1} of {job.max_attempts} queued"
@@ -155,7 +193,8 @@ def _take_back_running(
         _take_back(session, job, counts, finished, requeued, requeue, (job_errors.WORKER_LOST.code, failure))
 
     stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
-    for job in lifecycle.stalled_running(session, stall_cutoff, limit=BATCH):
+    stuck = lifecycle.stalled_running(session, stall_cutoff, limit=BATCH) if judged(settings.stall_timeout_s) else []
+    for job in stuck:
         counts["stalled"] += 1
         quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"
         requeue = (

@@ -173,14 +173,15 @@ def run_reconciler(settings: Settings, *, stop: threading.Event | None = None, o
     The webhook dispatcher (``worker.webhooks``) runs beside it on a thread of its own until ``stop``;
     ``once`` makes one dispatch pass after the reconciliation pass instead.
     """
-    from worker.reconciler import reconcile_once
+    from worker.reconciler import OutageWatch
     from worker.webhooks import deliver_due, start_dispatcher
 
     stop = stop or threading.Event()
     dispatcher = None if once else start_dispatcher(settings, stop)
+    passes = OutageWatch()  # heartbeats missed while the database was away do not count
     while True:
         try:
-            counts = reconcile_once(settings)
+            counts = passes.run(settings)
             if any(counts.values()):
                 log.info("reconciler: %s", counts)
         except Exception:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from app.core.config import Settings
 from app.db.models import Job, JobEvent, JobStatus, Worker
@@ -23,7 +24,7 @@ from app.repositories import analyses as analyses_repo
 from app.repositories import lifecycle
 from app.repositories import workers as workers_repo
 from worker import service_cli
-from worker.reconciler import reconcile_once
+from worker.reconciler import OutageWatch, reconcile_once
 
 LONG_AGO = dt.timedelta(hours=1)
 
@@ -426,3 +427,40 @@ def test_a_warm_stop_or_a_live_worker_sends_nothing_again(settings: Settings) ->
     _worker_row(settings, beat_at=now(), pid=3, host=host, lost=True)
     assert sent_here(settings, "resent_after_lost_worker") == 1
     assert live is not None
+
+
+def test_after_a_database_outage_heartbeats_count_again_only_a_timeout_later(settings: Settings) -> None:
+    """Nobody can beat while the database is away. A pass right after it came back must not take back
+    a job whose worker lives and will beat again (it waited the outage out, ``worker.retries``): the
+    reconciler, which failed to reach the database itself, judges heartbeats again only a whole
+    ``LORP_HEARTBEAT_TIMEOUT_S`` after it did. Then the job whose worker is really gone is taken back."""
+    silent_since = now() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 30)
+    job_id = insert_job(
+        settings,
+        status=JobStatus.running,
+        attempts=1,
+        max_attempts=3,
+        worker="w1",
+        started_at=silent_since,
+        heartbeat_at=silent_since,
+        progress_at=silent_since,
+    )
+    watch = OutageWatch()
+    away = settings.model_copy(update={"database_url": "postgresql+psycopg://lorp@127.0.0.1:1/away"})
+    with pytest.raises(OperationalError):
+        watch.run(away)  # this pass cannot reach the database
+    back = now()
+    for later_s in (0, settings.heartbeat_timeout_s / 2):
+        counts = watch.run(settings, now=back + dt.timedelta(seconds=later_s))
+        assert load(settings, job_id).status == JobStatus.running, (later_s, counts)
+    assert watch.back_at == back
+    watch.run(settings, now=back + dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
+    job = load(settings, job_id)
+    assert job.status == JobStatus.queued and job.attempts == 1, job.status
+    # Without an outage, the same silence is judged at once.
+    other = insert_job(
+        settings, status=JobStatus.running, attempts=1, max_attempts=3, worker="w2", started_at=silent_since,
+        heartbeat_at=silent_since, progress_at=silent_since,
+    )  # fmt: skip
+    OutageWatch().run(settings)
+    assert load(settings, other).status == JobStatus.queued
