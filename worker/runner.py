@@ -355,6 +355,11 @@ class _JobRun:
                 return state
 
         state = self._in_database("reading the job's state", settle)
+        if state.status == JobStatus.succeeded and state.same_attempt:
+            # Only this attempt publishes under its number: a try of its publication had committed,
+            # its answer lost with the connection, and the try that waited the outage out found it done.
+            log.info("job %s succeeded (its publication had committed before the database went away)", self.job_id)
+            return "succeeded"
         if state.owned and state.cancel_requested:
             self.delete_outputs()
             log.info("job %s cancelled just before it was published", self.job_id)

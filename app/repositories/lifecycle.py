@@ -212,6 +212,7 @@ class RunState:
     cancel_requested: bool
     owned: bool  # still running under this attempt
     status: JobStatus | None  # None: the job row is gone
+    same_attempt: bool = False  # the row's attempt is this one, whatever its status
 
 
 def run_state(session: Session, job_id: uuid.UUID, attempt: int) -> RunState:
@@ -225,6 +226,7 @@ def run_state(session: Session, job_id: uuid.UUID, attempt: int) -> RunState:
         cancel_requested=cancel_at is not None,
         owned=status == JobStatus.running and attempts == attempt,
         status=status,
+        same_attempt=attempts == attempt,
     )
 
 

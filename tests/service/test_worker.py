@@ -37,7 +37,7 @@ from app.repositories import lifecycle
 from app.storage import Storage, artifact_store, storage_from_url
 from lorp.divergence import DIVERGENCE_METRICS
 from lorp.result import METRICS
-from worker import failures, retries, runner, service_cli
+from worker import failures, outputs, retries, runner, service_cli
 
 from .helpers import create_job, job_request, upload_dataset
 from .moto_server import ACCESS_KEY, REGION, SECRET_KEY, create_bucket
@@ -544,6 +544,33 @@ def test_a_database_away_at_the_job_s_last_write_is_waited_for(
         assert rows(settings, Artifact, job_id), "published without its artifacts"
     else:
         assert job.error_code == "unsupported_architecture"
+
+
+def test_a_publication_that_committed_as_the_database_went_away_is_not_lost(
+    local_settings: Settings, model_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publication commits, then its answer is lost with the connection: the try that waits the
+    outage out finds the job already succeeded under this attempt, and says so (it used to report the
+    attempt lost, "its result is discarded", about a job it had published)."""
+    settings = local_settings
+    monkeypatch.setattr(retries, "BACKOFF_S", 0.05)
+    job_id = create_job(
+        settings, job_request(str(model_root / "tiny-llama"), "builtin", num_layers=1, method="shortgpt")
+    )
+    real = outputs.publish
+    tries: list[bool] = []
+
+    def committed_then_away(*args: Any, **kwargs: Any) -> bool:
+        tries.append(bool(real(*args, **kwargs)))
+        if len(tries) == 1:
+            raise _database_away()
+        return tries[-1]
+
+    monkeypatch.setattr(outputs, "publish", committed_then_away)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = load_job(settings, job_id)
+    assert tries == [True, False] and job.status == JobStatus.succeeded and job.attempts == 1
+    assert rows(settings, Artifact, job_id), "its artifacts were removed"
 
 
 def test_failure_classification() -> None:
