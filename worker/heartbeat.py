@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.session import session_scope
 from app.repositories import lifecycle
+from worker.failure_log import RepeatedFailure
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Heartbeat(threading.Thread):
         self.abandon = abandon
         self.abandon_after_s = max(ABANDON_AFTER_BEATS * settings.heartbeat_interval_s, MIN_ABANDON_AFTER_S)
         self._stop_event = threading.Event()
+        self._failures = RepeatedFailure(log, f"heartbeat of job {job_id}")
 
     def run(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -54,10 +56,11 @@ class Heartbeat(threading.Thread):
             try:
                 with session_scope(self.factory) as session:
                     owned = lifecycle.heartbeat(session, self.job_id, self.attempt)
-            except Exception:
+            except Exception as exc:
                 # A missed beat is survivable (the reconciler allows heartbeat_timeout_s); keep trying.
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+                self._failures.failed(exc)
                 continue
+            self._failures.succeeded()
             if not owned:
                 if self.finishing.is_set():
                     return  # our own final write got there first

@@ -28,6 +28,7 @@ from app.core.config import Settings
 from app.db.session import make_engine, session_scope
 from app.repositories import workers as workers_repo
 from worker.device import describe_device
+from worker.failure_log import RepeatedFailure
 from worker.startwatch import StartWatch
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class WorkerBeat(threading.Thread):
         self.worker_id: uuid.UUID | None = None
         self.registered = threading.Event()
         self._stop_event = threading.Event()
+        self._failures = RepeatedFailure(log, f"worker {name}: liveness beat")
         self._engine: Engine = make_engine(settings.sqlalchemy_url, pooled=False)
         self._factory: sessionmaker[Session] = sessionmaker(bind=self._engine, expire_on_commit=False)
 
@@ -101,10 +103,12 @@ class WorkerBeat(threading.Thread):
             wait = self.settings.worker_beat_interval_s
             try:
                 self._beat()
-            except Exception:
+            except Exception as exc:
                 # A missed beat is survivable within worker_timeout_s; a first registration is retried.
-                log.warning("worker %s: liveness beat failed", self.worker_name, exc_info=True)
+                self._failures.failed(exc)
                 wait = min(wait, 5.0) if self.worker_id is None else wait
+                continue
+            self._failures.succeeded()
 
     def stop(self) -> None:
         """Stop beating and say so in the row, so the API stops counting this worker at once."""

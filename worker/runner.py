@@ -36,6 +36,7 @@ from app.storage import Storage, artifact_store
 from lorp.errors import JobCancelled
 from lorp.stages import STAGES
 from worker import outputs
+from worker.failure_log import RepeatedFailure
 from worker.failures import classify_failure, is_database_outage, time_limit_in
 from worker.heartbeat import Heartbeat
 from worker.inputs import JobInputs
@@ -89,6 +90,8 @@ class _JobRun:
         self._cancel_seen = False
         self._fingerprint: str | None = None
         self._reused_analysis_id: uuid.UUID | None = None
+        self._progress_failures = RepeatedFailure(log, f"recording the progress of job {job_id}")
+        self._cancel_check_failures = RepeatedFailure(log, f"reading the cancel flag of job {job_id}")
         self.inputs = JobInputs(
             settings, factory, lambda: self.storage, self.work_dir, job_id=job_id, should_cancel=self.should_cancel
         )
@@ -122,8 +125,9 @@ class _JobRun:
         except Exception as exc:
             # Progress is advisory; a failed write must not fail the job (the next one may succeed).
             self._raise_if_time_limit(exc)
-            log.warning("could not record progress of job %s", self.job_id, exc_info=True)
+            self._progress_failures.failed(exc)
             return
+        self._progress_failures.succeeded()
         self._stage = stage
         self._last_write = now
         if not owned:
@@ -143,8 +147,9 @@ class _JobRun:
                 state = lifecycle.run_state(session, self.job_id, self.attempt)
         except Exception as exc:
             self._raise_if_time_limit(exc)
-            log.warning("could not read the cancel flag of job %s", self.job_id, exc_info=True)
+            self._cancel_check_failures.failed(exc)
             return self._cancel_seen
+        self._cancel_check_failures.succeeded()
         if not state.owned:
             self.lost.set()
             return True

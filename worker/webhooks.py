@@ -66,6 +66,7 @@ from app.jobspec import webhook_url_problem
 from app.repositories import webhooks as webhooks_repo
 from app.services.job_views import job_out
 from lorp_client.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, sign
+from worker.failure_log import RepeatedFailure
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ class Dispatcher:
         self.sender = Sender(settings)
         self.counts = {"delivered": 0, "failed": 0}
         self.sending = 0
-        self._failing = False
+        self._claims = RepeatedFailure(log, "looking for due webhooks")
         self._slot_freed = asyncio.Event()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhooks-db")
 
@@ -396,10 +397,9 @@ class Dispatcher:
         try:
             batch = await self._on_db(self.store.claim_due, limit, job_ids, exclude)
         except Exception as exc:  # the database is away: said once with its traceback, then briefly
-            log.warning("could not look for due webhooks (%s); trying again", exc, exc_info=not self._failing)
-            self._failing = True
+            self._claims.failed(exc)
             return Batch([], [])
-        self._failing = False
+        self._claims.succeeded()
         return batch
 
     async def once(self, job_ids: list[uuid.UUID] | None = None) -> dict[str, int]:
