@@ -155,8 +155,15 @@ def _show_job(job: JobOut | JobListItem, as_json: bool) -> None:
         print(f"  removed {summary.pruned_layers} ({summary.chosen_method})")
 
 
-def _outcome(job: JobOut) -> int:
-    return 0 if job.status == JobStatus.succeeded else 1
+# A failed job whose error is retryable (the service's condition, not the request): EX_TEMPFAIL, so a
+# script may submit it again on this status alone.
+RETRYABLE_EXIT = 75
+
+
+def _outcome(job: JobListItem) -> int:
+    if job.status == JobStatus.succeeded:
+        return 0
+    return RETRYABLE_EXIT if job.error is not None and job.error.retryable else 1
 
 
 def _wait(client: Client, job_id: Any, timeout: float | None) -> JobOut:

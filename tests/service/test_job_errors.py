@@ -90,19 +90,23 @@ def test_a_failed_job_says_whether_submitting_it_again_may_succeed(
     assert client.get(f"/v1/jobs/{succeeded}").json()["error"] is None
 
 
+def _failed_job(code: str, retryable: bool | None) -> dict[str, object]:
+    return {
+        "id": str(uuid.uuid4()), "status": "failed", "stage": "capture", "progress": 0.4, "model": "demo",
+        "method": "lorp", "created_at": "2026-12-07T00:00:00Z", "updated_at": "2026-12-07T00:01:00Z",
+        "finished_at": "2026-12-07T00:01:00Z", "links": {"self": "/v1/jobs/x", "cancel": "/v1/jobs/x/cancel"},
+        "error": {"code": code, "message": "what happened", "retryable": retryable},
+    }  # fmt: skip
+
+
 def test_lorp_jobs_says_when_submitting_again_may_succeed(capsys: pytest.CaptureFixture[str]) -> None:
     def shown(code: str, retryable: bool | None) -> str:
-        job = JobListItem.model_validate(
-            {
-                "id": str(uuid.uuid4()), "status": "failed", "stage": "capture", "progress": 0.4, "model": "demo",
-                "method": "lorp", "created_at": "2026-12-07T00:00:00Z", "updated_at": "2026-12-07T00:01:00Z",
-                "finished_at": "2026-12-07T00:01:00Z", "links": {"self": "/v1/jobs/x", "cancel": "/v1/jobs/x/cancel"},
-                "error": {"code": code, "message": "what happened", "retryable": retryable},
-            }
-        )  # fmt: skip
-        jobs_cli._show_job(job, as_json=False)
+        jobs_cli._show_job(JobListItem.model_validate(_failed_job(code, retryable)), as_json=False)
         return capsys.readouterr().out
 
+    for code, retryable, status in (("worker_lost", True, 75), ("invalid_budget", False, 1), ("old_code", None, 1)):
+        job = JobListItem.model_validate({**_failed_job(code, retryable)})
+        assert jobs_cli._outcome(job) == status, code  # the exit status of wait and submit --wait
     assert "error worker_lost: what happened" in shown("worker_lost", True)
     assert "submitting it again may succeed" in shown("worker_lost", True)
     assert "submitting it again" not in shown("invalid_budget", False)
