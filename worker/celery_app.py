@@ -30,7 +30,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": 1,
         # Prefork, replacing each job's exited child at once rather than on a 5 s timer (worker/pool.py).
         "worker_pool": "worker.pool:JobPool",
-        "task_time_limit": settings.job_time_limit_s + 60,
+        "task_time_limit": settings.job_time_limit_s + settings.job_hard_limit_grace_s,
         "task_soft_time_limit": settings.job_time_limit_s,
         "worker_hijack_root_logger": False,
     }

@@ -43,6 +43,18 @@ def time_limit_in(exc: BaseException) -> bool:
     return any(isinstance(e, SoftTimeLimitExceeded) for e in exception_chain(exc))
 
 
+def time_limit_message(settings: Settings, *, killed: bool = False) -> str:
+    """Why a job past ``LORP_JOB_TIME_LIMIT_S`` failed; ``killed``: it did not stop at the limit and its
+    process was killed at the hard limit, ``LORP_JOB_HARD_LIMIT_GRACE_S`` later."""
+    ran = f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s (LORP_JOB_TIME_LIMIT_S)"
+    if killed:
+        ran += (
+            f" and did not stop within {settings.job_hard_limit_grace_s} s of it (LORP_JOB_HARD_LIMIT_GRACE_S: "
+            "a native call that ran all that time, or a stopped process), so its process was killed"
+        )
+    return f"{ran}; lower calibration.num_samples or evaluation.max_windows, or raise the limit"
+
+
 def first_line(exc: BaseException, limit: int = 500) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -114,11 +126,7 @@ def _classify(exc: BaseException, settings: Settings, stage: str | None, time_li
     # Then the time limit, which also surfaces wrapped: a model whose loading it interrupted is not a
     # model that cannot load.
     if time_limit or time_limit_in(exc):
-        return (
-            job_errors.TIME_LIMIT_EXCEEDED.code,
-            f"the job ran longer than the worker's limit of {settings.job_time_limit_s} s "
-            "(LORP_JOB_TIME_LIMIT_S); lower calibration.num_samples or evaluation.max_windows, or raise the limit",
-        )
+        return job_errors.TIME_LIMIT_EXCEEDED.code, time_limit_message(settings)
     if isinstance(exc, StorageError):
         return exc.code, f"object storage failed: {exc.message}"
     if isinstance(exc, LorpError):

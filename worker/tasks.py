@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any
 
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app.core.config import get_settings
@@ -103,7 +105,22 @@ def _exit_pool_child() -> None:
     os._exit(ABANDONED_EXIT_CODE)
 
 
-@celery_app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True)
+class _JobTask(Task):
+    """The job task's class: what happens when Celery kills a job's pool process at the hard limit."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Called in the worker's main process when the pool process was killed at the hard time limit
+        # (in the pool process for anything the task raised, which is not this exception).
+        if isinstance(exc, TimeLimitExceeded) and args:
+            from worker.hard_limit import fail_after_hard_limit
+
+            try:
+                fail_after_hard_limit(args[0], get_settings())
+            except Exception:
+                log.exception("job %s: could not record its hard time limit; the reconciler takes it back", args[0])
+
+
+@celery_app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True, base=_JobTask)
 def run_job(self: Any, job_id: str) -> str:
     """Run the pruning job with this id; a duplicate delivery finds it claimed and does nothing."""
     from worker import soft_limit

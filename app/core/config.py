@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     job_time_limit_s: int = Field(default=6 * 3600, ge=10)
+    job_hard_limit_grace_s: int = Field(
+        default=60,
+        ge=1,
+        description=(
+            "how long after LORP_JOB_TIME_LIMIT_S a job that has not stopped has its process killed (the "
+            "hard limit); the job then fails with time_limit_exceeded"
+        ),
+    )
     heartbeat_interval_s: float = Field(default=15.0, gt=0)
     heartbeat_timeout_s: float = Field(default=180.0, gt=0)
     queued_timeout_s: float = Field(

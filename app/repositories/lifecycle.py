@@ -434,6 +434,13 @@ def queued_sent_before(session: Session, queue: str, before: dt.datetime, *, lim
     return list(session.scalars(stmt))
 
 
+def running_attempt_started_before(session: Session, job_id: uuid.UUID, before: dt.datetime) -> int | None:
+    """The attempt of ``job_id`` that still runs and started before ``before``; None when there is none."""
+    return session.scalars(
+        select(Job.attempts).where(Job.id == job_id, Job.status == JobStatus.running, Job.started_at < before)
+    ).one_or_none()
+
+
 def stale_running(session: Session, heartbeat_older_than: dt.datetime, *, limit: int = 100) -> list[Job]:
     """Running jobs whose heartbeat stopped before the cutoff; locked, skipping rows others hold."""
     stmt = (

@@ -507,6 +507,66 @@ def test_time_limit_fails_the_job_and_the_worker_runs_the_next(
     )
 
 
+def test_a_job_that_does_not_stop_at_its_time_limit_is_killed_and_fails_at_once(
+    tmp_path: Path, pg_url: str, reliability_redis_url: str, s3_server: str, fault_model_root: Path
+) -> None:
+    """The soft limit is a signal the job handles in Python; a pool process that runs no Python (inside
+    a long native call; here stopped with SIGSTOP) never sees it. Celery kills it at the hard limit,
+    LORP_JOB_HARD_LIMIT_GRACE_S later, and the worker's main process fails the job with
+    time_limit_exceeded at once, and removes its work folder. It used to be left running with a silent
+    heartbeat, for the reconciler to run it again past its limit (this test runs no reconciler)."""
+    limit, grace = 10, 2
+    settings = stack_settings(
+        tmp_path,
+        pg_url,
+        reliability_redis_url,
+        s3_server,
+        fault_model_root,
+        job_time_limit_s=limit,
+        job_hard_limit_grace_s=grace,
+    )
+    big_corpus = " ".join(random.Random(4100).choice(WORDS) for _ in range(400_000)).encode()
+    with fleet_of(settings, tmp_path, reconciler=False) as fleet:
+        worker = fleet.start_worker("w1")
+        main_pid = worker.proc.pid
+        big_dataset = upload_dataset(settings, big_corpus)
+        request = job_request(
+            str(fault_model_root / "mid-llama"), big_dataset, num_samples=4096, seq_len=128, batch_size=1, seed=4100
+        )
+        slow = submit_job(settings, request)
+        wait_for(lambda: load_job(settings, slow).stage == "capture", 120, "the slow job's capture", 0.1)
+        (child,) = worker.pool_children()
+        os.kill(child, signal.SIGSTOP)  # runs no Python from now on: the soft limit's signal waits
+        wait_for(lambda: load_job(settings, slow).status.terminal, limit + grace + 30, "the hard limit", 0.1)
+        job = load_job(settings, slow)
+        assert job.status == JobStatus.failed and job.error_code == "time_limit_exceeded", (job.status, job.error_code)
+        assert "LORP_JOB_HARD_LIMIT_GRACE_S" in (job.error_message or "") and job.attempts == 1
+        ran_s = _secs(job.started_at, job.finished_at)
+        assert limit + grace - 1 <= ran_s < limit + grace + 20, ran_s
+        check_nothing_published(settings, slow)
+        assert not (settings.work_dir / str(slow)).exists(), "the killed attempt's work folder was left"
+        assert "Hard time limit" in worker.log(), worker.log()[-3000:]
+        # The worker lives on with a fresh pool process (a next job on it: the soft-limit test above; a
+        # job of seconds could itself pass a 10 s limit on a busy machine).
+        wait_for(lambda: worker.pool_children() not in ([], [child]), 30, "a fresh pool process")
+        assert worker.alive and worker.proc.pid == main_pid
+    record(
+        suite="faults",
+        scenario="job does not stop at its time limit",
+        runs=1,
+        outcomes={"failed_time_limit_exceeded": 1, "attempts": job.attempts, "worker_survived": True},
+        data_lost=0,
+        command=COMMAND.format("does_not_stop"),
+        notes=(
+            f"LORP_JOB_TIME_LIMIT_S={limit}, LORP_JOB_HARD_LIMIT_GRACE_S={grace}; the job's pool process stopped "
+            "with SIGSTOP during its capture, so the soft limit's signal is never handled. Celery killed it at "
+            "the hard limit; the worker's main process failed the job with time_limit_exceeded and removed its "
+            "work folder, with no reconciler running; the worker lived on with a fresh pool process."
+        ),
+        figures={"started_to_failed_s": ran_s, "limit_s": limit, "grace_s": grace},
+    )
+
+
 def _time_limit(shape: str) -> None:
     """Celery's soft limit as it reaches the runner: itself, or (as once seen in CI) inside SQLAlchemy's
     connection ping, whose cleanup then fails on the interrupted connection and raises its own error."""

@@ -24,6 +24,7 @@ from app.repositories import analyses as analyses_repo
 from app.repositories import lifecycle
 from app.repositories import workers as workers_repo
 from worker import service_cli
+from worker.hard_limit import fail_after_hard_limit
 from worker.reconciler import OutageWatch, reconcile_once
 
 LONG_AGO = dt.timedelta(hours=1)
@@ -464,3 +465,21 @@ def test_after_a_database_outage_heartbeats_count_again_only_a_timeout_later(set
     )  # fmt: skip
     OutageWatch().run(settings)
     assert load(settings, other).status == JobStatus.queued
+
+
+def test_the_hard_limit_fails_only_the_attempt_it_killed(settings: Settings) -> None:
+    """``worker.hard_limit``: the worker's main process fails the job whose pool process Celery killed at
+    the hard limit: its running attempt that started at least LORP_JOB_TIME_LIMIT_S ago. An attempt
+    that started since (the job taken back and run again elsewhere) is not that one, and is left alone."""
+    settings = settings.model_copy(update={"job_time_limit_s": 60})
+    killed = insert_job(settings, status=JobStatus.running, attempts=1, started_at=now() - dt.timedelta(seconds=70))
+    later = insert_job(settings, status=JobStatus.running, attempts=2, started_at=now() - dt.timedelta(seconds=5))
+    work = settings.work_dir / str(killed)
+    work.mkdir(parents=True)
+    assert fail_after_hard_limit(killed, settings) is True
+    job = load(settings, killed)
+    assert job.status == JobStatus.failed and job.error_code == "time_limit_exceeded"
+    assert "LORP_JOB_HARD_LIMIT_GRACE_S" in (job.error_message or "") and not work.exists()
+    assert fail_after_hard_limit(killed, settings) is False  # once
+    assert fail_after_hard_limit(later, settings) is False
+    assert load(settings, later).status == JobStatus.running
