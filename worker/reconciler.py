@@ -120,7 +120,8 @@ def reconcile_once(
     (:class:`OutageWatch`). Nobody could record a heartbeat or progress while it was away, so their
     absence is judged again only a whole ``LORP_HEARTBEAT_TIMEOUT_S`` (``LORP_STALL_TIMEOUT_S``)
     after it came back: a live worker has beaten by then, and the jobs that waited the outage out
-    (``worker.retries``) are not taken back to run again.
+    (``worker.retries``) are not taken back to run again. Workers' liveness beats likewise: queued
+    jobs are not sent again for workers that only look dead until ``LORP_WORKER_TIMEOUT_S`` has passed.
     """
     factory = session_factory(settings.sqlalchemy_url)
     now = now or utcnow()
@@ -139,12 +140,19 @@ def reconcile_once(
         _take_back_running(session, settings, now, counts, finished, requeued, database_back_at)
     _remove_outputs(settings, finished)
     _send_requeued(settings, factory, requeued, counts)
-    _resend_after_lost_workers(settings, factory, now, counts)
+    if _judged(now, database_back_at, settings.worker_timeout_s):  # workers could not beat either
+        _resend_after_lost_workers(settings, factory, now, counts)
     _send_due_queued(settings, factory, now, counts)
     counts.update(_purge_deleted(settings, factory))
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts
+
+
+def _judged(now: dt.datetime, database_back_at: dt.datetime | None, timeout_s: float) -> bool:
+    """Whether a silence of ``timeout_s`` means anything: a whole timeout has passed since the database
+    came back (or it was never away), so whoever is alive has written since."""
+    return database_back_at is None or (now - database_back_at).total_seconds() >= timeout_s
 
 
 class OutageWatch:
@@ -178,12 +186,12 @@ def _take_back_running(
     database_back_at: dt.datetime | None = None,
 ) -> None:
     """Running jobs whose worker went silent (no heartbeat) or got stuck (beating, no progress)."""
-
-    def judged(timeout_s: float) -> bool:
-        return database_back_at is None or (now - database_back_at).total_seconds() >= timeout_s
-
     cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
-    silent = lifecycle.stale_running(session, cutoff, limit=BATCH) if judged(settings.heartbeat_timeout_s) else []
+    silent = (
+        lifecycle.stale_running(session, cutoff, limit=BATCH)
+        if _judged(now, database_back_at, settings.heartbeat_timeout_s)
+        else []
+    )
     for job in silent:
         requeue = (
             f"worker {job.worker or 'unknown'} stopped sending heartbeats (last at {job.heartbeat_at}); "
@@ -193,7 +201,11 @@ def _take_back_running(
         _take_back(session, job, counts, finished, requeued, requeue, (job_errors.WORKER_LOST.code, failure))
 
     stall_cutoff = now - dt.timedelta(seconds=settings.stall_timeout_s)
-    stuck = lifecycle.stalled_running(session, stall_cutoff, limit=BATCH) if judged(settings.stall_timeout_s) else []
+    stuck = (
+        lifecycle.stalled_running(session, stall_cutoff, limit=BATCH)
+        if _judged(now, database_back_at, settings.stall_timeout_s)
+        else []
+    )
     for job in stuck:
         counts["stalled"] += 1
         quiet = f"no progress for {settings.stall_timeout_s:.0f} s in stage {job.stage or 'start'}"

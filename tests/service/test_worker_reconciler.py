@@ -414,6 +414,21 @@ def test_a_dead_workers_prefetched_jobs_are_sent_again_at_once(settings: Setting
     assert queued_messages(settings) == [str(held)] and str(later) not in queued_messages(settings)
 
 
+def test_after_a_database_outage_silent_workers_count_as_dead_only_a_timeout_later(settings: Settings) -> None:
+    """Workers could not beat while the database was away either: a pass right after it came back sends
+    no queued job again for a worker that only looks dead; a whole LORP_WORKER_TIMEOUT_S later it does."""
+    settings = settings.model_copy(update={"worker_timeout_s": 20.0})
+    died = now() - dt.timedelta(seconds=settings.worker_timeout_s + 10)
+    held = insert_job(settings, queued_at=died - dt.timedelta(seconds=5), enqueued_at=died - dt.timedelta(seconds=5))
+    _worker_row(settings, beat_at=died, pid=1, host=f"h-{uuid.uuid4().hex[:6]}")
+    back = now()
+    reconcile_once(settings, now=back, database_back_at=back)
+    assert str(held) not in queued_messages(settings)
+    later = back + dt.timedelta(seconds=settings.worker_timeout_s + 1)
+    reconcile_once(settings, now=later, database_back_at=back)
+    assert str(held) in queued_messages(settings)
+
+
 def test_a_warm_stop_or_a_live_worker_sends_nothing_again(settings: Settings) -> None:
     sent = now() - dt.timedelta(seconds=5)
     insert_job(settings, queued_at=sent, enqueued_at=sent)
