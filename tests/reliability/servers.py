@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from ports import free_port
+from ports import free_port, shut
 
 REPO = Path(__file__).resolve().parents[2]
 LORP = str(Path(sys.executable).with_name("lorp"))
@@ -383,7 +383,7 @@ class TcpGate:
                 up = socket.create_connection(self.upstream, timeout=5)
                 up.settimeout(None)
             except OSError:
-                _shut(conn)
+                shut(conn)
                 continue
             with self._lock:
                 self._sockets |= {conn, up}
@@ -398,7 +398,7 @@ class TcpGate:
             pass
         finally:
             for s in (source, sink):
-                _shut(s)
+                shut(s)
                 with self._lock:
                     self._sockets.discard(s)
 
@@ -408,7 +408,7 @@ class TcpGate:
         with self._lock:
             cut, self._sockets = self._sockets, set()
         for s in cut:
-            _shut(s)
+            shut(s)
 
     def reopen(self) -> None:
         self._open.set()
@@ -416,10 +416,3 @@ class TcpGate:
     def close(self) -> None:
         self.server.close()
         self.cut()
-
-
-def _shut(s: socket.socket) -> None:
-    # shutdown before close: a thread blocked in recv on it sees the end at once (a bare close sends no FIN).
-    with contextlib.suppress(OSError):
-        s.shutdown(socket.SHUT_RDWR)
-    s.close()

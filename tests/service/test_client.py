@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import socket
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from ports import shut
 from tiny import save_tiny_llama
 
 from lorp_client import ApiError, AsyncClient, Client, JobStatus, WaitTimeout
@@ -200,12 +200,9 @@ class CuttingProxy:
             except OSError:
                 pass
             finally:
-                # shutdown, not only close: the other thread is blocked in conn.recv, and a socket closed
-                # under a blocked recv sends no FIN, so the client would wait out its read timeout.
+                # The other thread is blocked in conn.recv: shut, not only closed (ports.shut).
                 for s in (conn, up):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
-                    s.close()
+                    shut(s)
 
         threading.Thread(target=upstream_to_client, daemon=True).start()
         try:
