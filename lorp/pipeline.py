@@ -48,6 +48,7 @@ from lorp.execution.scratch import StateStore
 from lorp.export import PrunedLogits, save_pruned, verify_reload, verify_reload_blockwise, verify_reload_sequential
 from lorp.loading import LoadedModel, ModelKind, load_model
 from lorp.local_distill import distill_locally, pruned_weight_names
+from lorp.model_card import CARD_FILE, write_model_card
 from lorp.options import DEFAULT_HEAL_STEPS, DEFAULT_LOCAL_HEAL_STEPS, folds_maps
 from lorp.planner import (
     HEAL_MODE,
@@ -1202,6 +1203,7 @@ def report(
         structure = chosen.structure
         save_analysis(out / "analysis.npz", stats.S, stats.D)
         files = _draw_charts(out, planned, executed, spec, sources, n_blocks)
+        files["model_card"] = f"{MODEL_SUBDIR}/{CARD_FILE}"
         metrics = _metrics(dense, pruned, n_blocks, n)
         prompts = [] if prepared.sequential else list(spec.evaluation.prompts)
         result = PruneReport(
@@ -1244,6 +1246,7 @@ def report(
             ),
         )
         write_report(out / "report.json", result.to_json())
+        write_model_card(executed.model_dir, result)
     return result
 
 
@@ -1259,7 +1262,8 @@ def run_prune(
     """Run a whole pruning job and write its outputs into ``out_dir``: :func:`validate`, :func:`plan`,
     :func:`execute`, :func:`report`.
 
-    Outputs: ``model/`` (the pruned Hugging Face directory, safetensors), ``analysis.npz`` (S, D),
+    Outputs: ``model/`` (the pruned Hugging Face directory, safetensors, with its own model card
+    ``README.md`` and ``pruning.json``, ``lorp.model_card``), ``analysis.npz`` (S, D),
     ``report.json`` (request, provenance, analysis, every plan, the chosen one, metrics, the budget
     curve), ``heatmap.png``, ``plans.png`` (the candidates compared) and ``budgets.png`` (the budget
     curve, unless ``evaluation.curve_budgets`` is ``[]``).

