@@ -9,7 +9,9 @@ round trip, and it works the same over every broker.
 Each beat also runs the start watch (``worker.startwatch``): a pool child that took a job and did not
 start it within ``LORP_JOB_START_TIMEOUT_S`` is killed, its job handed back, and the row says so.
 
-The thread uses an engine without a pool: it holds no connection between beats.
+The thread uses an engine without a pool: it holds no connection between beats. A beat that fails (the
+database away) is tried again every :data:`RETRY_AFTER_FAILED_BEAT_S`, so the worker counts as live
+again about a second after the database is back, not up to an interval later.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from worker.failure_log import RepeatedFailure
 from worker.startwatch import StartWatch
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_FAILED_BEAT_S = 1.0
+"""How soon a beat (or a registration) that failed is tried again, rather than a whole interval later."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -104,9 +109,11 @@ class WorkerBeat(threading.Thread):
             try:
                 self._beat()
             except Exception as exc:
-                # A missed beat is survivable within worker_timeout_s; a first registration is retried.
+                # A missed beat is survivable within worker_timeout_s, but the next one should land as
+                # soon as the database is back: during an outage longer than the timeout this worker
+                # reads as dead (/readyz 503, its queue's jobs held back) until it beats again.
                 self._failures.failed(exc)
-                wait = min(wait, 5.0) if self.worker_id is None else wait
+                wait = min(wait, RETRY_AFTER_FAILED_BEAT_S)
                 continue
             self._failures.succeeded()
 

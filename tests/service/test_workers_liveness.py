@@ -8,6 +8,7 @@ The real Celery worker registering itself is covered by tests/reliability/test_w
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
 
 from app.core.config import Settings
 from app.db.models import JobStatus, Worker
@@ -217,3 +219,51 @@ def test_a_worker_describes_its_device_with_the_budget_set_and_ignores_a_bad_one
 def test_the_timeout_must_outlast_the_beat_interval():
     with pytest.raises(ValueError, match="LORP_WORKER_TIMEOUT_S"):
         Settings(worker_beat_interval_s=30, worker_timeout_s=20)
+
+
+def test_a_beat_that_failed_is_tried_again_within_a_second_not_an_interval_later(pg_url, pg_engine, caplog):
+    """After a database outage the worker counts as live again as soon as the database is back: the
+    beat that failed is tried again every RETRY_AFTER_FAILED_BEAT_S, not a whole interval later (during
+    an outage longer than LORP_WORKER_TIMEOUT_S, /readyz says no worker is live until it beats again)."""
+    from reliability.servers import TcpGate
+    from sqlalchemy.engine import make_url
+
+    from app.db.session import session_scope
+    from worker.liveness import RETRY_AFTER_FAILED_BEAT_S
+
+    url = make_url(pg_url)
+    gate = TcpGate(f"{url.host or '127.0.0.1'}:{url.port or 5432}")
+    gated = url.set(host="127.0.0.1", port=int(gate.url.rsplit(":", 1)[1])).render_as_string(hide_password=False)
+    interval = 4.0
+    settings = Settings(database_url=gated, worker_beat_interval_s=interval, worker_timeout_s=3 * interval)
+    beat = WorkerBeat(settings, name="celery@outage-test", queues=["outage"], concurrency=1)
+    caplog.set_level(logging.INFO, logger="worker.liveness")
+
+    def logged(text: str) -> bool:
+        return any(text in record.getMessage() for record in caplog.records)
+
+    beat.start()
+    try:
+        assert beat.registered.wait(10)
+        gate.cut()  # the next beat (an interval after registering) fails
+        deadline = time.monotonic() + 3 * interval
+        while not logged("liveness beat failed") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert logged("liveness beat failed"), "the beat never failed"
+        with session_scope(sessionmaker(bind=pg_engine)) as session:
+            failed_at = session.get(Worker, beat.worker_id).beat_at
+        gate.reopen()
+        reopened = time.monotonic()
+        landed = None
+        while time.monotonic() - reopened < interval + 2:
+            with session_scope(sessionmaker(bind=pg_engine)) as session:
+                if session.get(Worker, beat.worker_id).beat_at > failed_at:
+                    landed = time.monotonic() - reopened
+                    break
+            time.sleep(0.02)
+        # An interval later would be ~4 s after the failure; one retry wait is 1 s.
+        assert landed is not None and landed < RETRY_AFTER_FAILED_BEAT_S + 1.0 < interval, landed
+        assert logged("liveness beat works again")
+    finally:
+        beat.stop()
+        gate.close()
