@@ -22,34 +22,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from app.core import webhook_policy
 from app.core.config import Settings
 from app.core.errors import Unprocessable
 from app.core.s3ref import S3Location, is_s3_url, parse_s3_location
 from app.storage.keys import JOBS_PREFIX
+from lorp.assets.packaged import DEMO_MODEL
 from lorp.confine import confinement_problem
 from lorp.spec import (
-    BatchSize,
+    CalibrationFields,
     CalibrationSpec,
-    DownstreamFields,
     DType,
+    EvaluationFields,
     EvaluationSpec,
-    MaxWindows,
     Method,
     ModelSpec,
-    NumSamples,
     PruneSpec,
     Revision,
-    Seed,
     SelectionOptions,
-    SeqLen,
+    StrictModel,
     TargetSpec,
 )
 
 BUILTIN = "builtin"
-DEMO_MODEL = "demo"
 # Where app/services/datasets.py keeps uploads in the artifact store (beside JOBS_PREFIX's job outputs).
 DATASETS_PREFIX = "datasets"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -67,10 +64,6 @@ class RequestError(Unprocessable):
         super().__init__(message, field=field)
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ModelRef(StrictModel):
     """Which model: ``demo``, a hub id, a local directory or ``.gguf`` file under the model roots, or ``s3://``."""
 
@@ -86,15 +79,10 @@ class ModelRef(StrictModel):
         return value
 
 
-class CalibrationRef(StrictModel):
+class CalibrationRef(CalibrationFields):  # the sampling fields and their defaults are the engine's
     """Calibration text: the built-in corpus, an uploaded dataset id, or ``hf:DATASET[/CONFIG]:SPLIT#FIELD``."""
 
     dataset: str = Field(default=BUILTIN, max_length=512)
-    num_samples: NumSamples = 64
-    seq_len: SeqLen = 256
-    seed: Seed = 0
-    chat_template: bool = False
-    batch_size: BatchSize = 4
 
     @field_validator("dataset")
     @classmethod
@@ -120,13 +108,10 @@ class OptionsRef(SelectionOptions):
     dtype: DType = "auto"
 
 
-class EvaluationRef(DownstreamFields):
+class EvaluationRef(EvaluationFields):  # the fields and their defaults are the engine's, but the dataset
     """What to measure on the dense and pruned model: perplexity, speed, downstream tasks, completions."""
 
-    perplexity: bool = True
     dataset: str | None = Field(default=None, max_length=512, description="default: built-in evaluation split")
-    max_windows: MaxWindows = 32
-    speed: bool = True
 
     @field_validator("dataset")
     @classmethod

@@ -32,9 +32,11 @@ from lorp.selection import all_methods, check_method
 __all__ = [
     "MAX_SEED",
     "BatchSize",
+    "CalibrationFields",
     "CalibrationSpec",
     "DType",
     "DownstreamFields",
+    "EvaluationFields",
     "EvaluationSpec",
     "Execution",
     "Heal",
@@ -152,8 +154,9 @@ class TargetSpec(StrictModel):
         return n
 
 
-class CalibrationSpec(StrictModel):
-    """The text the similarity pass and plan validation read."""
+class CalibrationFields(StrictModel):
+    """The calibration fields the engine's spec and the service's request share, with their defaults
+    (the request narrows ``dataset`` to the references a client may name)."""
 
     dataset: str = Field(
         default="builtin",
@@ -166,6 +169,11 @@ class CalibrationSpec(StrictModel):
     seed: Seed = 0
     chat_template: bool = False
     batch_size: BatchSize = 4
+
+
+class CalibrationSpec(CalibrationFields):
+    """The text the similarity pass and plan validation read."""
+
     angular: Literal["all_tokens", "last_token"] = "all_tokens"
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     validation_windows: int = Field(default=16, ge=1, le=1024)
@@ -238,8 +246,9 @@ class DownstreamFields(StrictModel):
         return value
 
 
-class EvaluationSpec(DownstreamFields):
-    """What to measure on the dense and the pruned model."""
+class EvaluationFields(DownstreamFields):
+    """The evaluation fields the engine's spec and the service's request share, with their defaults
+    (the request narrows ``dataset`` to the references a client may name)."""
 
     perplexity: bool = True
     dataset: str | None = Field(
@@ -249,6 +258,11 @@ class EvaluationSpec(DownstreamFields):
     )
     max_windows: MaxWindows = 32
     speed: bool = True
+
+
+class EvaluationSpec(EvaluationFields):
+    """What to measure on the dense and the pruned model."""
+
     speed_prompt_len: int = Field(default=128, ge=1, le=32768)
     speed_new_tokens: int = Field(default=32, ge=1, le=4096)
     speed_batch: int = Field(default=1, ge=1, le=256)
