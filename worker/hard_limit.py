@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 import uuid
 
 from app import job_errors
@@ -22,9 +21,8 @@ from app.db.base import utcnow
 from app.db.session import session_factory, session_scope
 from app.repositories import lifecycle
 from app.storage import artifact_store
-from app.storage.keys import job_prefix
-from worker.failures import JobFailure, time_limit_message
-from worker.retries import CLEANUP_PATIENCE_S, with_storage_retries
+from worker import leftovers
+from worker.failures import time_limit_message
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +40,12 @@ def fail_after_hard_limit(job_id: uuid.UUID | str, settings: Settings, *, now: d
         return False
     # What the killed process left goes first (nothing runs there any more): once the job reads as
     # failed, nothing of it is left.
-    _remove_leftovers(job_id, settings)
+    leftovers.delete_outputs(artifact_store(settings), job_id)
+    for folder in (leftovers.work_folder(settings, job_id), leftovers.scratch_folder(settings, job_id)):
+        leftovers.remove_folder(folder)
     message = time_limit_message(settings, killed=True)
     with session_scope(factory) as session:
         done = lifecycle.finish_failed(session, job_id, attempt, job_errors.TIME_LIMIT_EXCEEDED.code, message)
     if done:
         log.error("job %s failed: %s: %s", job_id, job_errors.TIME_LIMIT_EXCEEDED.code, message)
     return done
-
-
-def _remove_leftovers(job_id: uuid.UUID, settings: Settings) -> None:
-    prefix = job_prefix(job_id)
-    try:
-        store = artifact_store(settings)
-        with_storage_retries(f"deleting {prefix}", lambda: store.delete_prefix(prefix), patience_s=CLEANUP_PATIENCE_S)
-    except JobFailure:
-        log.error("job %s: uploaded objects under %s could not be removed", job_id, prefix, exc_info=True)
-    for folder in (settings.work_dir / str(job_id), settings.job_scratch_root / str(job_id)):
-        shutil.rmtree(folder, ignore_errors=True)

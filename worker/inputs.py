@@ -37,6 +37,7 @@ from app.repositories import datasets as datasets_repo
 from app.repositories import jobs as jobs_repo
 from app.storage import Storage, model_folder_store
 from app.storage.keys import key_problem
+from worker import leftovers
 from worker.failures import JobFailure
 from worker.retries import with_database_retries, with_storage_retries
 
@@ -107,7 +108,7 @@ class JobInputs:
             evaluation_name=None if refs.evaluation is None else refs.evaluation.name,
             hub_cache=self.settings.resolved_data_dir.joinpath(*HUB_CACHE_SUBDIR),
             analysis_scope=analysis_scope(self._owner()),
-            scratch=self.settings.job_scratch_root / str(self.job_id) if self.job_id is not None else None,
+            scratch=leftovers.scratch_folder(self.settings, self.job_id) if self.job_id is not None else None,
         )
         return to_prune_spec(
             request, model_source=model_source, calibration_source=calibration, evaluation_source=evaluation

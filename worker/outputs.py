@@ -23,8 +23,7 @@ from app.storage.keys import job_prefix
 from lorp.errors import JobCancelled
 from lorp.jsonable import finite, json_safe
 from lorp.result import METRICS, RATIO_UNIT
-from worker.failures import JobFailure
-from worker.retries import CLEANUP_PATIENCE_S, with_storage_retries
+from worker.retries import with_storage_retries
 
 if TYPE_CHECKING:
     from lorp.pipeline import PruneResult
@@ -77,20 +76,6 @@ def upload(
         sent += stored.size
         on_progress(sent / total)
     return rows
-
-
-def delete_outputs(storage: Storage, job_id: uuid.UUID) -> None:
-    """Remove whatever an attempt uploaded (after a failure or a cancel); logged, never raised."""
-    prefix = job_prefix(job_id)
-    try:
-        removed = with_storage_retries(
-            f"deleting {prefix}", lambda: storage.delete_prefix(prefix), patience_s=CLEANUP_PATIENCE_S
-        )
-    except JobFailure:
-        log.error("job %s: uploaded objects under %s could not be removed", job_id, prefix, exc_info=True)
-        return
-    if removed:
-        log.info("job %s: removed %d uploaded object(s) under %s", job_id, removed, prefix)
 
 
 def publish(

@@ -35,7 +35,7 @@ from app.repositories.lifecycle import ArtifactRow
 from app.storage import Storage, artifact_store
 from lorp.errors import JobCancelled
 from lorp.stages import STAGES
-from worker import outputs
+from worker import leftovers, outputs
 from worker.failure_log import RepeatedFailure
 from worker.failures import classify_failure, is_database_outage, time_limit_in
 from worker.heartbeat import Heartbeat
@@ -78,7 +78,7 @@ class _JobRun:
         self.settings = settings
         self.factory = factory
         self.soft_limit = soft_limit
-        self.work_dir = settings.work_dir / str(job_id)
+        self.work_dir = leftovers.work_folder(settings, job_id)
         self.lost = threading.Event()
         # Set before the final write: from then on the job leaving this attempt is expected.
         self.finishing = threading.Event()
@@ -223,15 +223,10 @@ class _JobRun:
     def remove_scratch(self) -> None:
         """The job's scratch (a sequential run's states, kept so that a retry resumes): removed once the
         job has ended, kept when the attempt leaves it to a retry."""
-        shutil.rmtree(self.settings.job_scratch_root / str(self.job_id), ignore_errors=True)
+        leftovers.remove_folder(leftovers.scratch_folder(self.settings, self.job_id))
 
     def remove_work_dir(self) -> None:
-        try:
-            shutil.rmtree(self.work_dir)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            log.warning("could not remove the work folder %s", self.work_dir, exc_info=True)
+        leftovers.remove_folder(self.work_dir)
 
     # -- outputs -----------------------------------------------------------------------------------
 
@@ -252,7 +247,7 @@ class _JobRun:
         )
 
     def delete_outputs(self) -> None:
-        outputs.delete_outputs(self.storage, self.job_id)
+        leftovers.delete_outputs(self.storage, self.job_id)
 
     def publish(self, request: JobCreate, result: PruneResult, artifacts: list[ArtifactRow]) -> bool:
         """Plans, metrics, the analysis, the artifacts and the status, in one transaction."""
