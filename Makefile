@@ -83,6 +83,7 @@ bench: setup
 	$(PY) scripts/bench_moe.py --out docs/benchmarks.md
 	$(PY) scripts/bench_moe_distill.py --out docs/benchmarks.md
 	$(PY) scripts/bench_plans.py --out docs/benchmarks.md
+	$(PY) scripts/bench_divergence.py --out docs/benchmarks.md
 	$(PY) scripts/bench_tasks.py --out docs/benchmarks.md
 	$(PY) scripts/bench_curve.py --out docs/benchmarks.md
 	$(PY) scripts/bench_checkpoint.py --out docs/benchmarks.md

@@ -13,6 +13,8 @@ WORKER_HEADING = "## Worker: how a job's process starts"  # scripts/bench_worker
 API_HEADING = "## API: server-side cost of a poll"  # scripts/bench_api.py
 HEAL_HEADING = "## Healing a cut: held-out perplexity unhealed vs healed"  # scripts/bench_heal.py
 PLANS_HEADING = "## Healed and searched plans: held-out perplexity and cost"  # scripts/bench_plans.py
+# scripts/bench_divergence.py
+DIVERGENCE_HEADING = "## Every training-free plan by divergence from the dense model, and what distillation ships"
 TASKS_HEADING = "## Downstream: the built-in task, dense and pruned"  # scripts/bench_tasks.py
 CURVE_HEADING = "## The budget curve: each method by blocks removed, and its cost"  # scripts/bench_curve.py
 CHECKPOINT_HEADING = "## Writing the pruned checkpoint: streamed vs from memory"  # scripts/bench_checkpoint.py
