@@ -26,7 +26,7 @@ from typing import Any
 from lorp.assets.packaged import DEMO_BASE_MODEL
 from lorp.atomic import write_atomically
 from lorp.jsonable import json_safe
-from lorp.result import PruneReport
+from lorp.result import METRICS, PruneReport
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def write_model_card(model_dir: str | Path, report: PruneReport) -> None:
     write_atomically(model_dir / CARD_FILE, card_text(report, metadata, source_text))
 
 
+_RECORDED = (*(name for name in METRICS if name != "peak_memory_bytes"), "tasks")
+"""The measurements ``pruning.json`` keeps (``lorp.result.METRICS``'s, less memory, and the tasks)."""
+
+
 def pruning_record(report: PruneReport) -> dict[str, Any]:
     """``pruning.json``: what a program needs to know of how this folder was made from its source."""
     n_blocks = report.analysis.num_blocks
@@ -82,7 +86,7 @@ def pruning_record(report: PruneReport) -> dict[str, Any]:
         },
         "num_blocks": {"source": n_blocks, "pruned": n_blocks - len(removed)},
         "removed": removed,
-        "kept": [i for i in range(n_blocks) if i not in set(removed)],
+        "kept": sorted(set(range(n_blocks)) - set(removed)),
         "method": report.method,
         "plan": report.chosen.candidate,
         "heal": {
@@ -100,20 +104,6 @@ def pruning_record(report: PruneReport) -> dict[str, Any]:
             "pruned": {k: v for k, v in pruned.items() if k in _RECORDED},
         },
     }
-
-
-_RECORDED = (
-    "perplexity",
-    "kl_mean",
-    "kl_p99",
-    "top1_agreement",
-    "num_layers",
-    "num_parameters",
-    "weights_bytes",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-    "tasks",
-)
 
 
 def card_text(report: PruneReport, source_metadata: dict[str, Any], source_text: str) -> str:
